@@ -1,0 +1,127 @@
+"""Checkpoint directories: round trip with tied weights, canonical keys, corruption, export to best.pt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, run_cli, write_config
+from trainer_accel import checkpoint as ckpt
+from trainer_accel.config import ModelConfig
+from trainer_accel.model import GPT
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(**TINY_MODEL))
+
+
+def save(model: GPT, path, step=3, state=None):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    opt.step()
+    meta = {"phase": "pretrain", "run_id": "r1", "step": step, "best_val_loss": 1.5,
+            "model_cfg": model.cfg.to_dict(), "train_cfg": {"B": 4}}
+    return ckpt.write_checkpoint(path, state if state is not None else model.state_dict(), opt.state_dict(), meta), opt
+
+
+def test_round_trip_keeps_tied_weights_tied(tmp_path):
+    model = tiny_model()
+    out, _ = save(model, tmp_path / "step_0000003")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.safetensors", "optimizer.pt"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in stored and "tok_emb.weight" in stored  # stored once
+    meta = ckpt.read_meta(out)
+    assert meta["tied"] == {"lm_head.weight": "tok_emb.weight"}
+    assert meta["format_version"] == 1 and set(meta["files"]) == {"model.safetensors", "optimizer.pt"}
+
+    fresh = tiny_model(seed=1)
+    fresh.load_state_dict(ckpt.load_checkpoint(out).model_state, strict=True)
+    assert fresh.lm_head.weight.data_ptr() == fresh.tok_emb.weight.data_ptr()  # still one tensor
+    x = torch.randint(0, 260, (2, 16))
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_wrapper_prefixes_are_stripped(tmp_path):
+    model = tiny_model()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    out, _ = save(model, tmp_path / "ck", state=wrapped)
+    keys = set(ckpt.load_checkpoint(out).model_state)
+    assert keys == set(model.state_dict())
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "bad_json", "no_meta"])
+def test_damaged_checkpoint_is_skipped_for_the_older_one(tmp_path, damage, caplog):
+    model = tiny_model()
+    save(model, tmp_path / "step_0000003", step=3)
+    newer, _ = save(model, tmp_path / "step_0000006", step=6)
+    target = newer / "model.safetensors"
+    if damage == "flip_byte":
+        data = bytearray(target.read_bytes())
+        data[-5] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-100])
+    elif damage == "bad_json":
+        (newer / "meta.json").write_text("{")
+    else:
+        (newer / "meta.json").unlink()
+    assert ckpt.find_resume_checkpoint(tmp_path) == tmp_path / "step_0000003"
+    assert "skipping checkpoint" in caplog.text and "step_0000006" in caplog.text
+
+
+def test_interrupted_swap_is_undone(tmp_path):
+    model = tiny_model()
+    save(model, tmp_path / "latest", step=3)
+    (tmp_path / "latest").rename(tmp_path / ".trash-latest-1-2")  # killed between the two renames
+    (tmp_path / ".tmp-latest-1-3").mkdir()  # and a half-written new one
+    ckpt.sweep_leftovers(tmp_path)
+    assert ckpt.read_meta(tmp_path / "latest")["step"] == 3
+    assert not list(tmp_path.glob(".t*"))
+
+
+def test_pruning_keeps_newest_and_nothing_else_touched(tmp_path):
+    model = tiny_model()
+    for step in (1, 2, 3, 4):
+        save(model, tmp_path / ckpt.step_dir_name(step), step=step)
+    (tmp_path / "my_notes").mkdir()
+    removed = ckpt.prune_step_dirs(tmp_path, keep_last_n=2)
+    assert [p.name for p in removed] == ["step_0000001", "step_0000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_notes", "step_0000003", "step_0000004"]
+
+
+def test_export_cli_gives_the_six_keys_and_identical_logits(world):
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 4})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    r = run_cli("export", "--checkpoint", "checkpoints/pretrain/latest", "--out", "exported/model.pt", cwd=world)
+    assert r.returncode == 0, r.stderr
+    blob = torch.load(world / "exported" / "model.pt", weights_only=True)
+    assert sorted(blob) == sorted(["model_cfg", "train_cfg", "model_state", "optimizer_state", "step", "best_val_loss"])
+    assert blob["step"] == 4 and blob["model_cfg"] == {**TINY_MODEL, "dropout": 0.0, "bias": False, "tie_embeddings": True}
+    assert blob["train_cfg"]["total_steps"] == 4 and isinstance(blob["best_val_loss"], float)
+    assert set(blob["optimizer_state"]) == {"state", "param_groups"}
+
+    model = GPT(ModelConfig(**blob["model_cfg"]))
+    model.load_state_dict(blob["model_state"], strict=True)
+    reference = GPT(ModelConfig(**blob["model_cfg"]))
+    reference.load_state_dict(ckpt.load_checkpoint(world / "checkpoints/pretrain/latest").model_state, strict=True)
+    x = torch.randint(0, 260, (2, 32))
+    assert torch.equal(model(x), reference(x))
+
+    # default source: the newest best/, default destination: checkpoints/best.pt
+    (world / "checkpoints" / "best.pt").unlink()
+    assert run_cli("export", cwd=world).returncode == 0
+    assert torch.load(world / "checkpoints" / "best.pt", weights_only=True)["step"] == json.loads(
+        (world / "checkpoints/pretrain/best/meta.json").read_text())["step"]
+
+
+def test_export_refuses_bad_input(world):
+    r = run_cli("export", "--checkpoint", "nowhere", cwd=world)
+    assert r.returncode == 2 and "nowhere: checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("export", cwd=world)
+    assert r.returncode == 2 and "no best checkpoint to export" in r.stderr

@@ -1,0 +1,126 @@
+"""Bad inputs end in one line per problem, exit code 2, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY_MODEL, run_cli, write_config
+
+
+def assert_user_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def test_missing_caches_are_all_listed(world):
+    for name in ("roam_train", "wiki_val"):
+        (world / "data/cache/streams" / f"{name}.bin").unlink()
+    cfg = write_config(world / "pre.json", "pretrain")
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    assert_user_error(r, "data/cache/streams/roam_train.bin: cache missing", "data/cache/streams/wiki_val.bin: cache missing",
+                      "naming convention", "{source}_{split}.bin")
+    assert not (world / "checkpoints").exists()
+
+
+def test_sft_with_missing_sft_caches_does_not_fall_back(world):
+    shutil.rmtree(world / "data/cache/sft")
+    cfg = write_config(world / "sft.json", "sft")
+    r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world)
+    assert_user_error(r, "data/cache/sft/dolly_train.bin: cache missing", "data/cache/sft/oasst1_train.bin: cache missing")
+
+
+def test_pipeline_checks_sft_caches_before_pretraining(world):
+    (world / "data/cache/sft/primer_train.bin").unlink()
+    write_config(world / "c/pretrain.json", "pretrain")
+    write_config(world / "c/sft.json", "sft")
+    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
+    r = run_cli("run", "--phase", "pipeline", "--config", "c/pipeline.json", cwd=world)
+    assert_user_error(r, "sft/primer_train.bin: cache missing")
+    assert not (world / "checkpoints" / "pretrain").exists()
+
+
+def test_corrupt_cache_meta_names_the_file(world):
+    (world / "data/cache/streams/wiki_train.bin.meta.json").write_text("{oops")
+    with open(world / "data/cache/streams/roam_train.bin", "ab") as f:
+        f.write(b"\x00")
+    cfg = write_config(world / "pre.json", "pretrain")
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    assert_user_error(r, "wiki_train.bin.meta.json: not valid JSON", "roam_train.bin: 11569 bytes, but its meta says")
+
+
+def test_model_smaller_than_tokenizer_is_refused(world):
+    cfg = write_config(world / "pre.json", "pretrain", model_cfg={**TINY_MODEL, "V": 100})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    assert_user_error(r, "tokenizer vocabulary 260 is larger than model_cfg.V=100")
+
+
+BAD_CONFIGS = [
+    ({"train_cfg": {"totl_steps": 5}}, "train_cfg.totl_steps: unknown key (did you mean 'total_steps'?)"),
+    ({"train_cfg": {"B": "32"}}, 'train_cfg.B: expected an integer, got "32"'),
+    ({"train_cfg": {"B": 0}}, "train_cfg.B: must be a positive integer, got 0"),
+    ({"train_cfg": {"base_lr": 1e-4, "min_lr": 1e-3}}, "train_cfg.min_lr: 0.001 is above base_lr 0.0001"),
+    ({"train_cfg": {"warmup_steps": 50, "total_steps": 10}}, "train_cfg.warmup_steps: 50 is past total_steps 10"),
+    ({"train_cfg": {"T": 64}}, "train_cfg.T: 64 is longer than the model context model_cfg.T=32"),
+    ({"sources": {"wiki": 0.5, "roam": 0.2}}, "sources: probabilities must sum to 1, they sum to 0.7"),
+    ({"sources": {"wiki": 1.5, "roam": -0.5}}, "sources.roam: probability must be a number >= 0"),
+    ({"sources": {"books": 1.0}}, "sources.books: unknown source"),
+    ({"model_cfg": {**TINY_MODEL, "H": 3}}, "model_cfg.C: width 32 must be divisible by the number of heads H=3"),
+    ({"model_cfg": {"V": 260, "T": 32}}, "model_cfg.C: missing"),
+    ({"val_source": "dolly"}, 'val_source: expected one of wiki, roam, primer, got "dolly"'),
+    ({"lr": 1}, "lr: unknown key"),
+    ({"train_cfg": {"keep_last_n": 1}}, "train_cfg.keep_last_n: must be at least 2"),
+    ({"train_cfg": {"mixed_precision": "fp8"}}, "train_cfg.mixed_precision: expected"),
+]
+
+
+@pytest.mark.parametrize("patch,message", BAD_CONFIGS, ids=[m.split(":")[0] for _, m in BAD_CONFIGS])
+def test_bad_config_names_the_key(tmp_path, patch, message):
+    from trainer_accel.config import load_phase_config
+    from trainer_accel.errors import UserError
+
+    cfg = {"model_cfg": dict(TINY_MODEL), "train_cfg": {}}
+    for k, v in patch.items():
+        cfg[k] = {**cfg[k], **v} if k == "train_cfg" else v
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as e:
+        load_phase_config(tmp_path / "c.json", "pretrain")
+    assert any(message in p for p in e.value.problems), e.value.problems
+
+
+def test_all_config_problems_reported_together_through_the_cli(world):
+    (world / "c.json").write_text(json.dumps({"model_cfg": {**TINY_MODEL, "L": 0}, "train_cfg": {"B": -1, "seed": "x"}}))
+    r = run_cli("run", "--phase", "pretrain", "--config", "c.json", cwd=world)
+    assert_user_error(r, "model_cfg.L: must be a positive integer", "train_cfg.B: must be a positive integer, got -1",
+                      "train_cfg.seed: expected an integer")
+    (world / "broken.json").write_text("{\n  \"model_cfg\": }")
+    assert_user_error(run_cli("run", "--phase", "pretrain", "--config", "broken.json", cwd=world),
+                      "broken.json: pretrain config is not valid JSON (line 2")
+    assert_user_error(run_cli("run", "--phase", "pretrain", "--config", "nope.json", cwd=world),
+                      "nope.json: pretrain config not found")
+
+
+def test_resume_with_other_model_shape_is_refused(world):
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    wider = write_config(world / "wide.json", "pretrain", {"total_steps": 4}, model_cfg={**TINY_MODEL, "C": 64, "d_ff": 128})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(wider), cwd=world)
+    assert_user_error(r, "checkpoint model shape differs from the config (C: 32 vs 64, d_ff: 64 vs 128")
+    r = run_cli("run", "--phase", "pretrain", "--config", str(wider), "--resume", "checkpoints/best.pt", cwd=world)
+    assert_user_error(r, "best.pt: checkpoint model shape differs")
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--resume", "checkpoints/nothing", cwd=world)
+    assert_user_error(r, "checkpoints/nothing: checkpoint not found")
+
+
+def test_unavailable_device_is_refused(world):
+    cfg = write_config(world / "pre.json", "pretrain")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_user_error(run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--device", "cuda", cwd=world),
+                      "--device cuda: CUDA is not available")

@@ -1,0 +1,105 @@
+"""Loss weighting and resume, checked against the thing they must equal: one big batch, one unbroken run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_config
+
+LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+
+
+def weights(world, sub, phase="sft"):
+    return load_file(str(world / sub / "checkpoints" / phase / "latest" / "model.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def losses(world, sub):
+    from trainer_accel.metrics import read_events
+
+    return [(e["step"], e.get("train/loss"), e.get("val/loss")) for e in read_events(world / sub / "metrics/events.jsonl")
+            if e["event"] in ("train", "eval")]
+
+
+def launch(world, config_file, *run_args, env):
+    """`accelerate launch --config_file launch/<config_file> -m trainer_accel.run ...`, as the README shows."""
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / config_file),
+                           "-m", "trainer_accel.run", *run_args], cwd=world, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def run_split(world, sub, B, accum, launcher=None, extra=None):
+    cfg = write_config(world / f"{sub}.json", "sft", {"total_steps": 4, "B": B, "accum_steps": accum, "eval_every": 2,
+                                                      "ckpt_every": 2, **(extra or {})})
+    env = {"TRAINER_ARTIFACTS_DIR": str(world / sub)}
+    if launcher is None:
+        r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world, env=env)
+    else:
+        r = launch(world, launcher, "--phase", "sft", "--config", str(cfg), "--device", "cpu", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_accumulation_equals_one_big_batch(world):
+    """SFT micro-batches count different numbers of answer tokens: only token weighting makes these equal."""
+    run_split(world, "big", B=8, accum=1)
+    run_split(world, "acc", B=2, accum=4)
+    assert max_diff(weights(world, "big"), weights(world, "acc")) < 1e-6
+    for (s1, l1, v1), (s2, l2, v2) in zip(losses(world, "big"), losses(world, "acc"), strict=True):
+        assert s1 == s2 and (l1 is None or abs(l1 - l2) < 1e-5) and (v1 is None or abs(v1 - v2) < 1e-5)
+
+
+def test_two_gloo_processes_equal_one(world):
+    run_split(world, "one", B=4, accum=1)
+    r = run_split(world, "two", B=2, accum=1, launcher="cpu_2proc.yaml")
+    assert "2 processes on" in r.stderr
+    assert max_diff(weights(world, "one"), weights(world, "two")) < 1e-6
+    for (s1, l1, v1), (s2, l2, v2) in zip(losses(world, "one"), losses(world, "two"), strict=True):
+        assert s1 == s2 and (l1 is None or abs(l1 - l2) < 1e-5) and (v1 is None or abs(v1 - v2) < 1e-5)
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "sft"])
+def test_resumed_run_is_bit_identical_to_an_unbroken_one(world, phase):
+    train = {"total_steps": 8, "ckpt_every": 3, "eval_every": 3, "accum_steps": 2, "B": 2}
+    model = {"model_cfg": {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64, "dropout": 0.1}}
+    full = write_config(world / "full.json", phase, train, **model)
+    r = run_cli("run", "--phase", phase, "--config", str(full), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "full")})
+    assert r.returncode == 0, r.stderr
+    # the same run, stopped after its step-6 checkpoint: a shorter total would change the LR schedule, so
+    # stop it by removing what came after step 6 instead, as a crash would have left it
+    shutil.copytree(world / "full", world / "cut")
+    ck = world / "cut/checkpoints" / phase
+    for d in ("latest", "best", "step_0000008"):
+        shutil.rmtree(ck / d, ignore_errors=True)
+    (world / "cut/checkpoints/best.pt").unlink()
+    (world / "cut/metrics/events.jsonl").unlink()
+    r = run_cli("run", "--phase", phase, "--config", str(full), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "cut")})
+    assert r.returncode == 0, r.stderr
+    assert "at step 6" in r.stderr
+    a, b = weights(world, "full", phase), weights(world, "cut", phase)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_losses = {s: l for s, l, _ in losses(world, "full") if l is not None}
+    resumed = [(s, l) for s, l, _ in losses(world, "cut") if l is not None]
+    assert [s for s, _ in resumed] == [7, 8] and all(full_losses[s] == l for s, l in resumed)
+
+
+def test_unconnected_processes_are_refused(world):
+    """--multi_gpu on a machine with no GPU starts independent copies; they must not both train and write."""
+    cfg = write_config(world / "pre.json", "pretrain")
+    r = launch(world, "cpu_2proc.yaml", "--phase", "pretrain", "--config", str(cfg), env={})
+    if "2 processes on" in r.stderr:
+        pytest.skip("this machine connects the processes (it has GPUs)")
+    assert r.returncode != 0 and "processes but they are not connected" in r.stderr
+    assert not (world / "checkpoints").exists()

@@ -1,0 +1,107 @@
+"""The data preparation command on a user's own small text and JSONL files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from trainer_accel import prepare
+from trainer_accel.data import meta_path, open_cache, sha256_file
+from trainer_accel.errors import UserError
+from trainer_accel.tokenizer import ASST, DOC, EOT, USER, ByteTokenizer
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRAINER_DATA_DIR", raising=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("First doc.\n\nSecond doc, <|user|> stays text.\n")
+    (tmp_path / "notes" / "b.md").write_text("Third doc.\n\n\nFourth doc.\n")
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(8)]
+    rows.append({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "u1"},
+                              {"role": "assistant", "content": "r1"}, {"role": "user", "content": "u2"},
+                              {"role": "assistant", "content": "r2"}]})
+    rows.append({"instruction": "summarise", "context": "text", "response": "done"})
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_text_and_jsonl_become_caches(inputs):
+    assert prepare.main(["--stream", "roam=notes", "--sft", "dolly=sft.jsonl", "--val-fraction", "0.25"]) == 0
+    tok = ByteTokenizer()
+    train = open_cache(inputs / "data/cache/streams/roam_train.bin", "stream", verify_hash=True)
+    val = open_cache(inputs / "data/cache/streams/roam_val.bin", "stream", verify_hash=True)
+    # 4 documents, one held out; each document ends with <|endoftext|>
+    assert int((train.tokens == tok.special[DOC]).sum()) == 3 and int((val.tokens == tok.special[DOC]).sum()) == 1
+    text = tok.decode(list(train.tokens) + list(val.tokens))
+    for doc in ("First doc.", "Second doc, <|user|> stays text.", "Third doc.", "Fourth doc."):
+        assert doc in text
+    assert not np.any(train.tokens == tok.special[USER])  # a typed "<|user|>" never becomes the special token
+    meta = train.meta
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 260 and meta["tokenizer"] == "byte-v1"
+    assert meta["special_tokens"] == tok.special and meta["num_tokens"] == len(train.tokens)
+    assert meta["sha256"] == sha256_file(train.path)
+
+    sft_tr = open_cache(inputs / "data/cache/sft/dolly_train.bin", "sft", verify_hash=True)
+    sft_va = open_cache(inputs / "data/cache/sft/dolly_val.bin", "sft", verify_hash=True)
+    assert sft_tr.num_examples + sft_va.num_examples == 10 and sft_va.num_examples == 2
+    examples = [tok.decode(list(c.tokens[c.starts[i]:c.starts[i + 1]]))
+                for c in (sft_tr, sft_va) for i in range(c.num_examples)]
+    assert "<|user|>q3<|assistant|>a3<|eot|>" in examples
+    assert "<|user|>be brief\n\nu1<|assistant|>r1<|eot|><|user|>u2<|assistant|>r2<|eot|>" in examples
+    assert "<|user|>summarise\n\ntext<|assistant|>done<|eot|>" in examples
+    for c in (sft_tr, sft_va):
+        first = c.tokens[c.starts[:-1]]
+        assert np.all(first == tok.special[USER])
+        assert np.all(c.tokens[c.starts[1:] - 1] == tok.special[EOT])
+
+
+def test_bad_inputs_are_all_named(inputs, capsys):
+    (inputs / "bad.jsonl").write_text('{"prompt": "x", "response": "y"}\nnot json\n{"prompt": 3}\n'
+                                      '{"messages": [{"role": "assistant", "content": "hi"}]}\n')
+    code = prepare.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=missing_dir", "--stream", "bogus=x.txt"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bogus" in err and "unknown source" in err
+    code = prepare.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=missing_dir"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bad.jsonl:2: not valid JSON" in err
+    assert "bad.jsonl:3: expected" in err
+    assert "bad.jsonl:4: messages[0]: an assistant message with no user message before it" in err
+    assert "missing_dir: file or folder not found" in err
+    assert "Traceback" not in err
+    assert not (inputs / "data").exists()  # nothing written when any input is bad
+
+
+def test_demo_is_deterministic(tmp_path, monkeypatch):
+    hashes = []
+    for sub in ("a", "b"):
+        monkeypatch.setenv("TRAINER_DATA_DIR", str(tmp_path / sub))
+        assert prepare.main(["--demo"]) == 0
+        metas = sorted((tmp_path / sub / "cache").rglob("*.meta.json"))
+        assert len(metas) == 12
+        hashes.append([json.loads(m.read_text())["sha256"] for m in metas])
+    assert hashes[0] == hashes[1]
+
+
+def test_hf_tokenizer_json(inputs):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "doc": 1, "first": 2, "q1": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(inputs / "tokenizer.json"))
+    r = run_cli("prepare", "--stream", "roam=notes", "--sft", "dolly=sft.jsonl", "--tokenizer", "tokenizer.json", cwd=inputs)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(meta_path(inputs / "data/cache/sft/dolly_train.bin").read_text())
+    assert meta["tokenizer"].startswith("hf-") and meta["vocab_size"] == 4 + 4
+    assert sorted(meta["special_tokens"].values()) == [4, 5, 6, 7]
+
+
+def test_unreadable_tokenizer_is_a_user_error(inputs):
+    (inputs / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="tokenizer.json: not a readable Hugging Face tokenizer.json"):
+        prepare.prepare({"roam": [inputs / "notes"]}, {}, inputs / "tokenizer.json", 0.1, 0, None)

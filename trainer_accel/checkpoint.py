@@ -1,0 +1,326 @@
+"""Checkpoint directories: write whole or not at all, find, check, load, and turn into the best.pt dict.
+
+A checkpoint is a directory of three files:
+    model.safetensors  canonical weights (no wrapper prefixes), each tied tensor stored once
+    optimizer.pt       the optimizer's state_dict, read back with torch.load(weights_only=True)
+    meta.json          the sidecar and the truth about the checkpoint: format version, phase, run id, step,
+                       best_val_loss, model_cfg, train_cfg, the config as given, tied-weight aliases, and the
+                       size and sha256 of the other two files. It is written last, so its presence marks the
+                       directory complete, and its checksums catch truncation and flipped bytes alike.
+A directory is written under a hidden temporary name, every file and the directory fsynced, then renamed into
+place; `latest` and `best` are replaced by renaming too. Nothing here knows about strategies or phases beyond
+the name it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import MODEL_SHAPE_KEYS, shape_diff
+from .data import sha256_file, write_atomic
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "trainer_accel.checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.safetensors", "optimizer.pt", "meta.json"
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+BEST_PT_KEYS = ("model_cfg", "train_cfg", "model_state", "optimizer_state", "step", "best_val_loss")
+TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
+
+
+class InvalidCheckpoint(Exception):
+    """A checkpoint that is incomplete or corrupt; the message says why."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State dicts: canonical keys, tied tensors stored once
+
+
+def canonical_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Strip DDP/compile prefixes, move to CPU, and store each shared tensor once.
+
+    Returns the tensors to save and the aliases {dropped key: kept key} that re-tie them on load.
+    """
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in state.items():
+        key = key.replace("_orig_mod.", "")
+        key = key[len("module."):] if key.startswith("module.") else key
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        out[key] = t.detach().to("cpu").contiguous()
+    return out, aliases
+
+
+def expand_aliases(state: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    full = dict(state)
+    for key, target in aliases.items():
+        full[key] = full[target]
+    return full
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename a finished temporary directory onto `target`, setting any old one aside first."""
+    if target.exists():
+        trash = target.with_name(f"{TRASH_PREFIX}{target.name}-{os.getpid()}-{time.time_ns()}")
+        os.rename(target, trash)
+        os.rename(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _temp_dir_for(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{os.getpid()}-{time.time_ns()}")
+    tmp.mkdir()
+    return tmp
+
+
+def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                     meta: dict[str, Any]) -> Path:
+    """Write a complete checkpoint directory at `target` (replacing one there). Main process only."""
+    tensors, aliases = canonical_state(model_state)
+    tmp = _temp_dir_for(target)
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    files = {}
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        _fsync_file(tmp / name)
+        files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+    full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "tied": aliases, "files": files}
+    write_atomic(tmp / META_FILE, (json.dumps(full_meta, indent=2) + "\n").encode())
+    _fsync_dir(tmp)
+    _swap_into_place(tmp, target)
+    return target
+
+
+def publish(source: Path, target: Path) -> None:
+    """Make `target` (latest/, best/) a complete copy of checkpoint `source`: hard links, so no bytes are copied."""
+    tmp = _temp_dir_for(target)
+    for name in (MODEL_FILE, OPTIMIZER_FILE, META_FILE):
+        try:
+            os.link(source / name, tmp / name)
+        except OSError:
+            shutil.copy2(source / name, tmp / name)
+            _fsync_file(tmp / name)
+    _fsync_dir(tmp)
+    _swap_into_place(tmp, target)
+
+
+def prune_step_dirs(phase_dir: Path, keep_last_n: int) -> list[Path]:
+    """Delete all but the newest `keep_last_n` step_* directories; nothing else in the folder is touched."""
+    steps = sorted((int(m.group(1)), p) for p in phase_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name)))
+    doomed = [p for _, p in steps[:-keep_last_n]] if keep_last_n > 0 else []
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed
+
+
+def sweep_leftovers(phase_dir: Path) -> None:
+    """Finish or undo what a killed save left behind: temporary and set-aside directories."""
+    if not phase_dir.is_dir():
+        return
+    for name in ("latest", "best"):
+        trash = sorted(phase_dir.glob(f"{TRASH_PREFIX}{name}-*"))
+        if not (phase_dir / name).exists() and trash:
+            os.rename(trash[-1], phase_dir / name)  # killed between the two renames of a swap: undo it
+            log.warning("restored %s from %s left by an interrupted save", phase_dir / name, trash[-1].name)
+    for p in list(phase_dir.glob(f"{TMP_PREFIX}*")) + list(phase_dir.glob(f"{TRASH_PREFIX}*")):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_meta(ckpt: Path, verify: bool = True) -> dict[str, Any]:
+    """The sidecar of a complete, intact checkpoint directory; raises InvalidCheckpoint saying why not."""
+    meta_file = ckpt / META_FILE
+    if not ckpt.is_dir():
+        raise InvalidCheckpoint("not a directory")
+    if not meta_file.is_file():
+        raise InvalidCheckpoint(f"no {META_FILE} (an unfinished save)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidCheckpoint(f"{META_FILE} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InvalidCheckpoint(f"{META_FILE} is not a {FORMAT} sidecar")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InvalidCheckpoint(f"format version {meta.get('format_version')}, this trainer reads {FORMAT_VERSION}")
+    for key in ("step", "model_cfg", "train_cfg", "best_val_loss", "phase", "run_id", "files"):
+        if key not in meta:
+            raise InvalidCheckpoint(f"{META_FILE} lacks '{key}'")
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        expected = meta["files"].get(name)
+        path = ckpt / name
+        if expected is None or not path.is_file():
+            raise InvalidCheckpoint(f"{name} is missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise InvalidCheckpoint(f"{name} is {size} bytes, the sidecar says {expected['size']} (truncated?)")
+        if verify and sha256_file(path) != expected["sha256"]:
+            raise InvalidCheckpoint(f"{name} does not match its sha256 in the sidecar (corrupt)")
+    return meta
+
+
+def resume_candidates(phase_dir: Path) -> list[Path]:
+    """latest/ and the step_* directories, newest step first (latest/ first among equals)."""
+    if not phase_dir.is_dir():
+        return []
+    found = []
+    for p in phase_dir.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m:
+            found.append((int(m.group(1)), 0, p))
+        elif p.name == "latest":
+            try:
+                found.append((int(json.loads((p / META_FILE).read_text())["step"]), 1, p))
+            except (OSError, ValueError, KeyError, TypeError):
+                found.append((-1, 1, p))
+    return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def find_resume_checkpoint(phase_dir: Path) -> Path | None:
+    """The newest complete, intact checkpoint of a phase; broken ones are skipped with a warning saying why."""
+    for cand in resume_candidates(phase_dir):
+        try:
+            read_meta(cand)
+            return cand
+        except InvalidCheckpoint as e:
+            log.warning("skipping checkpoint %s: %s", cand, e)
+    return None
+
+
+@dataclass
+class LoadedCheckpoint:
+    source: Path
+    model_state: dict[str, torch.Tensor]  # full state dict, tied keys restored
+    optimizer_state: dict[str, Any] | None
+    step: int
+    best_val_loss: float | None
+    meta: dict[str, Any]  # the sidecar (for a .pt: what the .pt carries, phase unknown)
+
+
+def _load_optimizer(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refusal, truncated zip: the user has to see which file
+        raise UserError(f"{path}: cannot load optimizer state safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def load_checkpoint(path: Path, with_optimizer: bool = True) -> LoadedCheckpoint:
+    """Load a checkpoint directory or an exported best.pt. Every read is safetensors or weights_only=True."""
+    path = Path(path)
+    if path.is_file():
+        return _load_best_pt(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint not found (expected a checkpoint directory or an exported .pt file)")
+    try:
+        meta = read_meta(path)
+    except InvalidCheckpoint as e:
+        raise UserError(f"{path}: invalid checkpoint: {e}") from None
+    try:
+        tensors = load_file(str(path / MODEL_FILE))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path / MODEL_FILE}: unreadable weights ({e})") from None
+    optimizer_state = _load_optimizer(path / OPTIMIZER_FILE) if with_optimizer else None
+    return LoadedCheckpoint(
+        source=path, model_state=expand_aliases(tensors, meta.get("tied", {})), optimizer_state=optimizer_state,
+        step=int(meta["step"]), best_val_loss=meta["best_val_loss"], meta=meta,
+    )
+
+
+def _load_best_pt(path: Path) -> LoadedCheckpoint:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a loadable best.pt ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(blob, dict) or set(blob) != set(BEST_PT_KEYS):
+        keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
+        raise UserError(f"{path}: expected a best.pt dict with keys {', '.join(BEST_PT_KEYS)}, found {keys}")
+    meta = {"model_cfg": blob["model_cfg"], "train_cfg": blob["train_cfg"], "phase": None, "run_id": None}
+    return LoadedCheckpoint(
+        source=path, model_state=blob["model_state"], optimizer_state=blob["optimizer_state"],
+        step=int(blob["step"]), best_val_loss=blob["best_val_loss"], meta=meta,
+    )
+
+
+def check_model_cfg(loaded: LoadedCheckpoint, model_cfg: dict[str, Any]) -> None:
+    saved = loaded.meta.get("model_cfg") or {}
+    diff = shape_diff(saved, model_cfg, MODEL_SHAPE_KEYS)
+    if diff:
+        raise UserError(f"{loaded.source}: checkpoint model shape differs from the config ({diff}; checkpoint vs config)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# best.pt
+
+
+def best_pt_dict(ckpt: Path) -> dict[str, Any]:
+    loaded = load_checkpoint(ckpt)
+    return {
+        "model_cfg": loaded.meta["model_cfg"],
+        "train_cfg": loaded.meta["train_cfg"],
+        "model_state": loaded.model_state,
+        "optimizer_state": loaded.optimizer_state,
+        "step": loaded.step,
+        "best_val_loss": loaded.best_val_loss,
+    }
+
+
+def export_best_pt(ckpt: Path, out: Path) -> Path:
+    """Write the six-key best.pt atomically: a kill leaves the old file or none, never part of one."""
+    blob = best_pt_dict(ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(blob, tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,328 @@
+"""Config dataclasses, JSON loading and validation.
+
+The dataclasses are the config reference: each field carries its meaning in a comment. Validation collects every
+problem (unknown key with the nearest known name, wrong type, impossible value, missing file) and raises them
+together as one UserError, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError, raise_if_any
+from .paths import SFT_SOURCES, STREAM_SOURCES
+
+PHASES = ("pretrain", "sft")
+MODEL_SHAPE_KEYS = ("V", "T", "C", "L", "H", "d_ff")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the GPT; stored in every checkpoint and checked on resume."""
+
+    V: int  # vocabulary size (at least the tokenizer's vocabulary)
+    T: int  # context length: the longest sequence the model sees
+    C: int  # width of the residual stream (embedding size)
+    L: int  # number of transformer blocks
+    H: int  # attention heads per block; C must be divisible by H
+    d_ff: int  # hidden width of each block's MLP
+    dropout: float = 0.0  # dropout on attention weights and residual branches while training
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    tie_embeddings: bool = True  # output projection shares the token embedding matrix (stored once)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one phase trains. A "step" is one optimizer update; a "micro-step" one forward/backward."""
+
+    seed: int = 42  # addresses every batch and dropout mask: same seed, same run
+    total_steps: int = 20000  # optimizer steps in this phase
+    B: int = 32  # sequences per micro-step per process; a step sees B * accum_steps * processes
+    T: int | None = None  # training sequence length; null means the model's T
+    accum_steps: int = 1  # micro-steps accumulated into one optimizer step
+    base_lr: float = 3e-4  # peak learning rate, reached after warmup
+    warmup_steps: int = 200  # linear warmup from base_lr / warmup_steps to base_lr
+    min_lr: float = 3e-5  # cosine decay ends here at total_steps
+    weight_decay: float = 0.1  # AdamW decay on matrices (not on biases, norms)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+    eval_every: int = 200  # steps between validation passes
+    eval_batches: int = 50  # fixed validation global batches (B x accum_steps x processes rows) per pass
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_last_n: int = 3  # step checkpoints kept; best/ and latest/ are never pruned
+    log_every: int = 50  # steps between progress lines (at most 50)
+    mixed_precision: str | None = None  # "no", "bf16" or "fp16"; null leaves it to the accelerate launcher
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One phase as the loop needs it, plus the JSON as the user gave it (stored verbatim in checkpoints)."""
+
+    phase: str  # "pretrain" or "sft"
+    model: ModelConfig
+    train: TrainConfig
+    sources: dict[str, float]  # training caches to mix and their probabilities
+    val_source: str  # stream cache evaluated (SFT prefers its own val caches when they exist)
+    init_from: str | None  # SFT: checkpoint dir or .pt whose weights start the phase
+    path: Path  # the config file
+    raw: dict = field(repr=False)  # the JSON as given
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.T or self.model.T
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    pretrain: PhaseConfig
+    sft: PhaseConfig
+    path: Path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic dataclass validation
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    if args:
+        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
+
+
+def unknown_key_message(where: str, key: str, known: typing.Iterable[str]) -> str:
+    near = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(known))})"
+    return f"{where}.{key}: unknown key{hint}"
+
+
+def build_dataclass(cls: type, data: Any, where: str, problems: list[str]):
+    """Build `cls` from a JSON object, appending one line per problem.
+
+    Fields with a wrong type are left at their defaults, so the value checks can still run on the others and
+    every problem is reported in one pass; returns None only when a required field is missing or wrong.
+    """
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a JSON object, got {type(data).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            problems.append(unknown_key_message(where, key, fields))
+    values, buildable = {}, True
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in data:
+            if required:
+                problems.append(f"{where}.{name}: missing (expected {_type_name(hints[name])})")
+                buildable = False
+        elif not _type_ok(data[name], hints[name]):
+            problems.append(f"{where}.{name}: expected {_type_name(hints[name])}, got {json.dumps(data[name])}")
+            buildable = buildable and not required
+        else:
+            values[name] = float(data[name]) if hints[name] is float else data[name]
+    return cls(**values) if buildable else None
+
+
+def _model_problems(m: ModelConfig, where: str) -> list[str]:
+    out = [f"{where}.{k}: must be a positive integer, got {getattr(m, k)}" for k in MODEL_SHAPE_KEYS if getattr(m, k) <= 0]
+    if m.C > 0 and m.H > 0 and m.C % m.H:
+        out.append(f"{where}.C: width {m.C} must be divisible by the number of heads H={m.H}")
+    if not 0.0 <= m.dropout < 1.0:
+        out.append(f"{where}.dropout: must be in [0, 1), got {m.dropout}")
+    return out
+
+
+def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> list[str]:
+    out = []
+    for k in ("total_steps", "B", "accum_steps", "eval_every", "eval_batches", "ckpt_every", "log_every"):
+        if getattr(t, k) <= 0:
+            out.append(f"{where}.{k}: must be a positive integer, got {getattr(t, k)}")
+    if t.log_every > 50:
+        out.append(f"{where}.log_every: at most 50 (a progress line at least every 50 steps), got {t.log_every}")
+    if t.T is not None and t.T <= 0:
+        out.append(f"{where}.T: must be a positive integer or null, got {t.T}")
+    if t.T is not None and model is not None and t.T > model.T:
+        out.append(f"{where}.T: {t.T} is longer than the model context model_cfg.T={model.T}")
+    if t.base_lr <= 0:
+        out.append(f"{where}.base_lr: must be positive, got {t.base_lr}")
+    if t.min_lr < 0:
+        out.append(f"{where}.min_lr: must be >= 0, got {t.min_lr}")
+    if t.min_lr > t.base_lr:
+        out.append(f"{where}.min_lr: {t.min_lr} is above base_lr {t.base_lr}")
+    if t.warmup_steps < 0:
+        out.append(f"{where}.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    elif t.total_steps > 0 and t.warmup_steps > t.total_steps:
+        out.append(f"{where}.warmup_steps: {t.warmup_steps} is past total_steps {t.total_steps}")
+    if t.weight_decay < 0:
+        out.append(f"{where}.weight_decay: must be >= 0, got {t.weight_decay}")
+    for k in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, k) < 1.0:
+            out.append(f"{where}.{k}: must be in [0, 1), got {getattr(t, k)}")
+    if t.grad_clip < 0:
+        out.append(f"{where}.grad_clip: must be >= 0 (0 turns clipping off), got {t.grad_clip}")
+    if t.keep_last_n < 2:
+        out.append(f"{where}.keep_last_n: must be at least 2, got {t.keep_last_n}")
+    if t.mixed_precision not in (None, "no", "bf16", "fp16"):
+        out.append(f'{where}.mixed_precision: expected "no", "bf16", "fp16" or null, got {json.dumps(t.mixed_precision)}')
+    return out
+
+
+def _sources_problems(sources: Any, allowed: tuple[str, ...], where: str) -> list[str]:
+    if not isinstance(sources, dict) or not sources:
+        return [f"{where}: expected a non-empty object of source -> probability, e.g. {{\"{allowed[0]}\": 1.0}}"]
+    out = []
+    for name, p in sources.items():
+        if name not in allowed:
+            out.append(f"{where}.{name}: unknown source (expected one of {', '.join(allowed)})")
+        if not _type_ok(p, float) or p < 0:
+            out.append(f"{where}.{name}: probability must be a number >= 0, got {json.dumps(p)}")
+    if not out and abs(sum(sources.values()) - 1.0) > 1e-6:
+        out.append(f"{where}: probabilities must sum to 1, they sum to {sum(sources.values()):.6g}")
+    if not out and all(p == 0 for p in sources.values()):
+        out.append(f"{where}: at least one probability must be positive")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+DEFAULT_PRETRAIN_SOURCES = {"wiki": 0.784, "roam": 0.196, "primer": 0.020}
+PHASE_KEYS = {
+    "pretrain": {"model_cfg", "train_cfg", "sources", "val_source"},
+    "sft": {"model_cfg", "train_cfg", "sft_sources", "val_source", "init_from"},
+}
+PIPELINE_KEYS = {"pretrain_config_path", "sft_config_path"}
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what}: {e.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def resolve_config_path(value: str, relative_to: Path) -> Path:
+    """A path inside a config: absolute as given, else next to that config, else from the working directory."""
+    p = Path(value)
+    if p.is_absolute():
+        return p
+    beside = relative_to.parent / p
+    return beside if beside.exists() or not p.exists() else p
+
+
+def parse_phase_config(data: Any, phase: str, path: Path) -> PhaseConfig:
+    where = str(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object at the top level")
+    problems: list[str] = []
+    for key in data:
+        if key not in PHASE_KEYS[phase]:
+            problems.append(unknown_key_message(where, key, PHASE_KEYS[phase]))
+    if "model_cfg" not in data:
+        problems.append(f"{where}.model_cfg: missing (an object with V, T, C, L, H, d_ff)")
+        model = None
+    else:
+        model = build_dataclass(ModelConfig, data["model_cfg"], f"{where}.model_cfg", problems)
+        if model is not None:
+            problems += _model_problems(model, f"{where}.model_cfg")
+    train = build_dataclass(TrainConfig, data.get("train_cfg", {}), f"{where}.train_cfg", problems)
+    if train is not None:
+        problems += _train_problems(train, model, f"{where}.train_cfg")
+
+    if phase == "pretrain":
+        sources = data.get("sources", DEFAULT_PRETRAIN_SOURCES)
+        problems += _sources_problems(sources, STREAM_SOURCES, f"{where}.sources")
+    else:
+        if "sft_sources" not in data:
+            problems.append(f"{where}.sft_sources: missing (e.g. {{\"dolly\": 0.5, \"oasst1\": 0.5}})")
+            sources = {}
+        else:
+            sources = data["sft_sources"]
+            problems += _sources_problems(sources, SFT_SOURCES, f"{where}.sft_sources")
+    val_source = data.get("val_source", "wiki")
+    if val_source not in STREAM_SOURCES:
+        problems.append(f"{where}.val_source: expected one of {', '.join(STREAM_SOURCES)}, got {json.dumps(val_source)}")
+    init_from = data.get("init_from")
+    if init_from is not None and not isinstance(init_from, str):
+        problems.append(f"{where}.init_from: expected a checkpoint path or null, got {json.dumps(init_from)}")
+    raise_if_any(problems)
+    return PhaseConfig(
+        phase=phase, model=model, train=train, sources={k: float(v) for k, v in sources.items()},
+        val_source=val_source, init_from=init_from, path=Path(path), raw=data,
+    )
+
+
+def load_phase_config(path: Path | str, phase: str) -> PhaseConfig:
+    path = Path(path)
+    return parse_phase_config(read_json(path, f"{phase} config"), phase, path)
+
+
+def load_pipeline_config(path: Path | str) -> PipelineConfig:
+    path = Path(path)
+    data = read_json(path, "pipeline config")
+    where = str(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object at the top level")
+    problems = [unknown_key_message(where, k, PIPELINE_KEYS) for k in data if k not in PIPELINE_KEYS]
+    for key in sorted(PIPELINE_KEYS):
+        if not isinstance(data.get(key), str):
+            problems.append(f"{where}.{key}: expected the path of a config file, got {json.dumps(data.get(key))}")
+    raise_if_any(problems)
+    phases = {}
+    for phase in PHASES:
+        sub = resolve_config_path(data[f"{phase}_config_path"], path)
+        try:
+            phases[phase] = load_phase_config(sub, phase)
+        except UserError as e:
+            problems += e.problems
+    raise_if_any(problems)
+    pre, sft = phases["pretrain"], phases["sft"]
+    if pre.model != sft.model:
+        diff = shape_diff(pre.model.to_dict(), sft.model.to_dict())
+        raise UserError(f"{where}: pretrain and sft model_cfg differ ({diff}); SFT starts from the pretrain weights")
+    return PipelineConfig(pretrain=pre, sft=sft, path=path)
+
+
+def shape_diff(a: dict, b: dict, keys: typing.Iterable[str] | None = None) -> str:
+    keys = list(keys) if keys is not None else sorted(set(a) | set(b))
+    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k))

@@ -1,0 +1,206 @@
+"""Token caches on disk, and rows drawn from them by address.
+
+Format (version 1). `X.bin` is a flat array of token ids, uint16 when the vocabulary fits, else uint32, native
+little-endian, no header. `X.bin.meta.json` describes it:
+    format "trainer_accel.cache", version, kind ("stream" | "sft"), dtype, num_tokens, vocab_size,
+    max_token_id, tokenizer (identity string), special_tokens (name -> id), sha256 (of X.bin), source_files,
+    and for SFT caches num_examples and index {file, dtype, sha256}.
+Streams are documents joined by <|endoftext|>. SFT caches are examples `<|user|> prompt <|assistant|> answer
+<|eot|>` (one turn pair after another for conversations) back to back; `X.bin.idx` (uint64, num_examples + 1
+offsets) says where each example starts, so examples never need to be found by scanning.
+
+Rows are pure functions of an address: a `numpy.random.Generator` seeded from (seed, purpose, step or batch
+index) chooses every row of a global batch, and a process reads only its own slice. Nothing here depends on
+what was drawn before, so resuming at any step needs no replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .tokenizer import Tokenizer
+
+CACHE_FORMAT = "trainer_accel.cache"
+CACHE_VERSION = 1
+IGNORE_INDEX = -100
+
+# Tags that keep the random streams for different purposes apart.
+TRAIN_TAG, VAL_TAG = 0, 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` holds either its old content or all of the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def meta_path(bin_path: Path) -> Path:
+    return bin_path.with_name(bin_path.name + ".meta.json")
+
+
+def index_path(bin_path: Path) -> Path:
+    return bin_path.with_name(bin_path.name + ".idx")
+
+
+def write_cache(
+    bin_path: Path, tokens: np.ndarray, kind: str, tok: Tokenizer, source_files: list[str],
+    example_starts: np.ndarray | None = None,
+) -> dict:
+    """Write a cache; the meta file goes last, so a cache with a meta is a complete one."""
+    dtype = dtype_for_vocab(tok.vocab_size)
+    data = np.ascontiguousarray(tokens, dtype=dtype).tobytes()
+    meta = {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "kind": kind, "dtype": dtype.name,
+        "num_tokens": int(len(tokens)), "vocab_size": int(tok.vocab_size),
+        "max_token_id": int(tokens.max()) if len(tokens) else -1,
+        "tokenizer": tok.identity, "special_tokens": dict(tok.special),
+        "sha256": hashlib.sha256(data).hexdigest(), "source_files": source_files,
+    }
+    if kind == "sft":
+        idx = np.ascontiguousarray(example_starts, dtype=np.uint64).tobytes()
+        meta["num_examples"] = int(len(example_starts) - 1)
+        meta["index"] = {"file": index_path(bin_path).name, "dtype": "uint64", "sha256": hashlib.sha256(idx).hexdigest()}
+        write_atomic(index_path(bin_path), idx)
+    write_atomic(bin_path, data)
+    write_atomic(meta_path(bin_path), (json.dumps(meta, indent=2) + "\n").encode())
+    return meta
+
+
+@dataclass
+class Cache:
+    path: Path
+    meta: dict
+    tokens: np.ndarray  # read-only memmap of token ids
+    starts: np.ndarray | None  # SFT: example start offsets (num_examples + 1), else None
+
+    @property
+    def num_examples(self) -> int:
+        return 0 if self.starts is None else len(self.starts) - 1
+
+
+REQUIRED_META = ("format", "version", "kind", "dtype", "num_tokens", "vocab_size", "tokenizer", "special_tokens", "sha256")
+
+
+def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
+    """Open and check one cache against its meta; raises UserError naming the file and what is wrong."""
+    mp = meta_path(bin_path)
+    if not bin_path.is_file():
+        raise UserError(f"{bin_path}: cache missing")
+    if not mp.is_file():
+        raise UserError(f"{mp}: meta file missing (the cache was not finished; prepare it again)")
+    try:
+        meta = json.loads(mp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{mp}: not valid JSON ({e})") from None
+    missing = [k for k in REQUIRED_META if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(f"{mp}: meta lacks {', '.join(missing)}")
+    if meta["format"] != CACHE_FORMAT or meta["version"] != CACHE_VERSION:
+        raise UserError(f"{mp}: format {meta['format']} v{meta['version']}, expected {CACHE_FORMAT} v{CACHE_VERSION}")
+    if meta["kind"] != kind:
+        raise UserError(f"{mp}: a {meta['kind']} cache where a {kind} cache belongs")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise UserError(f"{mp}: dtype {meta['dtype']!r}, expected uint16 or uint32")
+    dtype = np.dtype(meta["dtype"])
+    size = bin_path.stat().st_size
+    if size != meta["num_tokens"] * dtype.itemsize:
+        raise UserError(
+            f"{bin_path}: {size} bytes, but its meta says {meta['num_tokens']} {meta['dtype']} tokens "
+            f"({meta['num_tokens'] * dtype.itemsize} bytes)"
+        )
+    if verify_hash and sha256_file(bin_path) != meta["sha256"]:
+        raise UserError(f"{bin_path}: content does not match the sha256 in its meta (corrupt or changed)")
+    if meta["num_tokens"] == 0:
+        raise UserError(f"{bin_path}: cache is empty")
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    starts = None
+    if kind == "sft":
+        ip = index_path(bin_path)
+        if not ip.is_file():
+            raise UserError(f"{ip}: example index missing (prepare the SFT cache again)")
+        starts = np.fromfile(ip, dtype=np.uint64).astype(np.int64)
+        n = meta.get("num_examples")
+        if len(starts) != (n or 0) + 1 or starts[0] != 0 or starts[-1] != meta["num_tokens"] or np.any(np.diff(starts) <= 0):
+            raise UserError(f"{ip}: example index does not match its cache ({n} examples, {meta['num_tokens']} tokens)")
+    return Cache(path=bin_path, meta=meta, tokens=tokens, starts=starts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows by address
+
+
+def address_rng(seed: int, tag: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, tag, index])
+
+
+def _choose_sources(rng: np.random.Generator, probs: np.ndarray, n: int) -> np.ndarray:
+    return rng.choice(len(probs), size=n, p=probs)
+
+
+def stream_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator, n: int, T: int,
+                keep: slice = slice(None)) -> np.ndarray:
+    """n random windows of T+1 tokens over the mixed streams; returns the rows selected by `keep`."""
+    which = _choose_sources(rng, probs, n)
+    u = rng.random(n)
+    rows = []
+    for src, frac in zip(which[keep], u[keep]):
+        arr = caches[src].tokens
+        start = int(frac * (len(arr) - T))  # len(arr) >= T + 1 is checked when the caches are opened
+        rows.append(arr[start:start + T + 1])
+    return np.stack(rows).astype(np.int64)
+
+
+def sft_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator, n: int, T: int, pad_id: int,
+             keep: slice = slice(None)) -> np.ndarray:
+    """n random examples, each cut to T+1 tokens or padded with `pad_id`; returns the rows selected by `keep`."""
+    which = _choose_sources(rng, probs, n)
+    u = rng.random(n)
+    selected = list(zip(which[keep], u[keep]))
+    out = np.full((len(selected), T + 1), pad_id, dtype=np.int64)
+    for r, (src, frac) in enumerate(selected):
+        c = caches[src]
+        i = int(frac * c.num_examples)
+        a, b = c.starts[i], min(c.starts[i + 1], c.starts[i] + T + 1)
+        out[r, : b - a] = c.tokens[a:b]
+    return out
+
+
+def answer_mask(rows: np.ndarray, asst_id: int, eot_id: int) -> np.ndarray:
+    """The SFT masking rule, and its only home: which targets of rows[:, 1:] count in the loss.
+
+    A target counts when it comes after an <|assistant|> token, up to and including the <|eot|> that closes
+    that answer. Prompts, template tokens before the answer, and padding after <|eot|> do not count.
+    """
+    inside = np.cumsum(rows == asst_id, axis=1) > np.cumsum(rows == eot_id, axis=1)
+    return inside[:, :-1]
+
+
+def masked_targets(rows: np.ndarray, asst_id: int, eot_id: int) -> np.ndarray:
+    y = rows[:, 1:].copy()
+    y[~answer_mask(rows, asst_id, eot_id)] = IGNORE_INDEX
+    return y
+

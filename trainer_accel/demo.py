@@ -1,0 +1,114 @@
+"""A small synthetic world for the demo: invented creatures and the facts about them.
+
+Pretrain sources state the facts in many phrasings, so a tiny model learns them and its val loss falls
+clearly. SFT sources ask about the same facts in the chat template; the pretrained model knows the facts but
+not the question-answer form, so SFT visibly improves its answers. Everything is a pure function of a fixed
+seed: the demo is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SEED = 1234
+SYLLABLES = ["zor", "ba", "kel", "mi", "tu", "ran", "pho", "li", "dax", "quo", "ve", "nim"]
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
+PLACES = ["Kelm", "Ostra", "Varn", "Lupe", "Drisk", "Moar"]
+FOODS = ["plums", "moss", "fish", "seeds", "honey", "roots", "beetles", "clover"]
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+@dataclass(frozen=True)
+class Creature:
+    name: str
+    color: str
+    place: str
+    food: str
+    legs: int
+
+
+def creatures(rng: random.Random, n: int = 24) -> list[Creature]:
+    names: list[str] = []
+    while len(names) < n:
+        name = "".join(rng.sample(SYLLABLES, 2))
+        if name not in names:
+            names.append(name)
+    return [Creature(nm, rng.choice(COLORS), rng.choice(PLACES), rng.choice(FOODS), rng.choice([2, 4, 6, 8])) for nm in names]
+
+
+WIKI_TEMPLATES = [
+    "The {name} is a {color} creature from {place}. It eats {food} and walks on {legs} legs.",
+    "In {place} lives the {name}. The {name} is {color} and likes to eat {food}.",
+    "A {name} has {legs} legs. Its color is {color}, and its favourite food is {food}.",
+    "The {color} {name} comes from {place}, where it hunts for {food}.",
+    "People in {place} know the {name} well: a {color} animal with {legs} legs that eats {food}.",
+    "The {name} eats {food}. The {name} is {color}. The {name} lives in {place}.",
+]
+QUESTIONS = [
+    ("What color is the {name}?", "The {name} is {color}."),
+    ("Where does the {name} live?", "The {name} lives in {place}."),
+    ("What does the {name} eat?", "The {name} eats {food}."),
+    ("How many legs does the {name} have?", "The {name} has {legs} legs."),
+]
+
+
+def _facts(c: Creature) -> dict:
+    return {"name": c.name, "color": c.color, "place": c.place, "food": c.food, "legs": NUMBERS[c.legs]}
+
+
+def wiki_text(world: list[Creature], rng: random.Random) -> str:
+    paras = [t.format(**_facts(c)) + " " + rng.choice(WIKI_TEMPLATES).format(**_facts(c))
+             for _ in range(6) for c in world for t in WIKI_TEMPLATES]
+    rng.shuffle(paras)
+    return "\n\n".join(paras) + "\n"
+
+
+def roam_text(world: list[Creature], rng: random.Random) -> str:
+    notes = []
+    for _ in range(4):
+        for c in world:
+            f = _facts(c)
+            notes.append(f"- [[{c.name}]]\n  - color:: {f['color']}\n  - home:: [[{f['place']}]]\n  - eats:: {f['food']}")
+    rng.shuffle(notes)
+    return "\n\n".join(notes) + "\n"
+
+
+def primer_text(rng: random.Random) -> str:
+    lines = []
+    for _ in range(400):
+        a, b = rng.randrange(0, 5), rng.randrange(0, 5)
+        lines.append(f"{NUMBERS[a]} and {NUMBERS[b]} make {NUMBERS[a + b]}.")
+    return "\n\n".join(lines) + "\n"
+
+
+def qa_pairs(world: list[Creature]) -> list[tuple[str, str]]:
+    return [(q.format(**_facts(c)), a.format(**_facts(c))) for c in world for q, a in QUESTIONS]
+
+
+def write_demo_corpus(out_dir: Path) -> Path:
+    """Write wiki/roam/primer .txt and dolly/oasst1/primer .jsonl under out_dir; returns out_dir."""
+    rng = random.Random(SEED)
+    world = creatures(rng)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "wiki.txt").write_text(wiki_text(world, rng))
+    (out_dir / "roam.txt").write_text(roam_text(world, rng))
+    (out_dir / "primer.txt").write_text(primer_text(rng))
+
+    pairs = qa_pairs(world)
+    dolly = [{"prompt": q, "response": a} for q, a in pairs]
+    rng.shuffle(dolly)
+    oasst = []
+    for _ in range(len(pairs)):
+        (q1, a1), (q2, a2) = rng.sample(pairs, 2)
+        oasst.append({"messages": [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                                   {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]})
+    primer = []
+    for a in range(5):
+        for b in range(5):
+            primer.append({"prompt": f"What do {NUMBERS[a]} and {NUMBERS[b]} make?", "response": f"{NUMBERS[a + b]}."})
+    for name, rows in (("dolly", dolly), ("oasst1", oasst), ("primer", primer)):
+        (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out_dir

@@ -1,0 +1,23 @@
+"""The one error type for user mistakes.
+
+A bad config, a missing cache or a checkpoint that does not fit is the user's to fix, so it is reported as
+plain lines naming the thing (exit code 2), never as a traceback. Several problems found in one check are
+carried together so the user can fix them all in one go.
+"""
+
+from __future__ import annotations
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A problem with the user's inputs; each entry of `problems` is one line naming the culprit."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def raise_if_any(problems: list[str]) -> None:
+    if problems:
+        raise UserError(problems)

@@ -1,0 +1,106 @@
+"""Check every input of a phase before any training, and report all problems together.
+
+Caches (present, complete, matching their meta, one tokenizer, token ids below the model's V, long enough for
+T) and the checkpoint a phase starts from (readable, same model shape) are checked here, so a run that starts
+is a run that can finish, and a user with three problems hears about all three at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import LoadedCheckpoint, check_model_cfg, load_checkpoint
+from .config import PhaseConfig
+from .data import Cache, open_cache
+from .errors import UserError, raise_if_any
+from .paths import CACHE_NAMING, Paths
+from .strategies import STRATEGIES, RowSource, Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PhaseInputs:
+    strategy: Strategy
+    caches: list[Cache]  # every cache the phase reads
+    tokenizer: str  # the tokenizer identity all caches share
+
+
+def _phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[str, list[tuple[str, Path]], list[tuple[str, Path]], str]:
+    """(train kind, train [(source, path)], val [(source, path)], val kind) for a phase."""
+    active = [s for s, p in cfg.sources.items() if p > 0]
+    if cfg.phase == "pretrain":
+        train = [(s, paths.stream_cache(s, "train")) for s in active]
+        return "stream", train, [(cfg.val_source, paths.stream_cache(cfg.val_source, "val"))], "stream"
+    train = [(s, paths.sft_cache(s, "train")) for s in active]
+    sft_val = [(s, paths.sft_cache(s, "val")) for s in active]
+    if all(p.is_file() for _, p in sft_val):
+        return "sft", train, sft_val, "sft"
+    log.info("SFT val caches not all present; evaluating on the %s stream val cache", cfg.val_source)
+    return "sft", train, [(cfg.val_source, paths.stream_cache(cfg.val_source, "val"))], "stream"
+
+
+def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
+    problems = []
+    T, V = cfg.seq_len, cfg.model.V
+    for c in caches:
+        if c.meta["vocab_size"] > V:
+            problems.append(f"{c.path}: tokenizer vocabulary {c.meta['vocab_size']} is larger than model_cfg.V={V}")
+        elif c.meta.get("max_token_id", -1) >= V:
+            problems.append(f"{c.path}: holds token id {c.meta['max_token_id']}, not below model_cfg.V={V}")
+        if c.meta["kind"] == "stream" and c.meta["num_tokens"] < T + 1:
+            problems.append(f"{c.path}: {c.meta['num_tokens']} tokens, fewer than one window of T+1={T + 1}")
+    identities = sorted({c.meta["tokenizer"] for c in caches})
+    if len(identities) > 1:
+        per = "; ".join(f"{c.path.name}: {c.meta['tokenizer']}" for c in caches)
+        problems.append(f"caches were made with different tokenizers ({per}); prepare them with one tokenizer")
+    return problems
+
+
+def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
+    train_kind, train_paths, val_paths, val_kind = _phase_cache_paths(cfg, paths)
+    wanted = [(s, p, train_kind) for s, p in train_paths] + [(s, p, val_kind) for s, p in val_paths]
+    missing = [p for _, p, _ in wanted if not p.is_file()]
+    if missing:
+        naming = CACHE_NAMING.replace("{data}", str(paths.data)).replace("{file}", "X.bin")
+        raise UserError([f"{p}: cache missing" for p in missing] + [f"naming convention: {naming}"])
+    problems, opened = [], {}
+    for _, p, kind in wanted:
+        try:
+            opened[p] = open_cache(p, kind)
+        except UserError as e:
+            problems += e.problems
+    raise_if_any(problems)
+    caches = list(opened.values())
+    raise_if_any(_check_caches(cfg, caches))
+
+    probs = np.array([p for p in cfg.sources.values() if p > 0], dtype=np.float64)
+    probs /= probs.sum()
+    train = RowSource([opened[p] for _, p in train_paths], probs, cfg.seq_len, train_kind)
+    val_probs = probs if val_kind == "sft" else np.ones(1)
+    val = RowSource([opened[p] for _, p in val_paths], val_probs, cfg.seq_len, val_kind)
+    strategy = STRATEGIES[cfg.phase](train, val, cfg.train.B, cfg.train.seed)
+    return PhaseInputs(strategy=strategy, caches=caches, tokenizer=caches[0].meta["tokenizer"])
+
+
+def check_start_checkpoint(path: Path, cfg: PhaseConfig) -> LoadedCheckpoint:
+    loaded = load_checkpoint(path)
+    check_model_cfg(loaded, cfg.model.to_dict())
+    return loaded
+
+
+def collect(*checks) -> list:
+    """Run each check (a no-argument callable), gathering every UserError's problems before raising."""
+    results, problems = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except UserError as e:
+            results.append(None)
+            problems += e.problems
+    raise_if_any(problems)
+    return results

@@ -1,0 +1,270 @@
+"""The one training loop, for every phase, device and process count.
+
+It asks the strategy for batches and losses and never which phase it runs. Accelerate owns the device,
+processes and precision. Gradient accumulation is explicit: Accelerate's own `gradient_accumulation_steps`
+stays at 1 and the non-final micro-steps run under `accelerator.no_sync`, because the loss is token-weighted:
+each micro-step backpropagates (sum of its token losses) / (tokens counted in the whole step, over all
+micro-steps and processes), times the process count to undo DDP's gradient averaging. The gradient is then
+exactly that of one big batch, whatever the split. Evaluation uses the same weighting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from . import checkpoint as ckpt
+from .checkpoint import LoadedCheckpoint
+from .config import PhaseConfig, TrainConfig
+from .errors import UserError
+from .metrics import open_event_log
+from .model import GPT
+from .paths import Paths
+from .strategies import Strategy
+
+log = logging.getLogger(__name__)
+
+DROPOUT_TAG = 2
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup to base_lr over warmup_steps, then cosine down to min_lr at total_steps; a pure function."""
+    if step < t.warmup_steps:
+        return t.base_lr * (step + 1) / t.warmup_steps
+    span = max(1, t.total_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.base_lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only (biases and norm gains are not decayed); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=t.base_lr, betas=(t.beta1, t.beta2), **extra)
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights and optimizer that a resumed run needs; stored in the checkpoint sidecar."""
+
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_val_step: int | None = None
+    last_val_loss: float | None = None
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    state: LoopState
+    best_dir: Path | None
+    latest_dir: Path
+
+
+class Trainer:
+    """One phase of training: setup from config and a starting point, then `fit()`."""
+
+    def __init__(self, accelerator: Accelerator, cfg: PhaseConfig, strategy: Strategy, paths: Paths,
+                 resume_from: LoadedCheckpoint | None = None, init_from: LoadedCheckpoint | None = None,
+                 data_info: dict | None = None):
+        self.acc, self.cfg, self.strategy, self.paths = accelerator, cfg, strategy, paths
+        self.t = cfg.train
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.phase_dir = paths.phase_dir(cfg.phase)
+        self.data_info = data_info or {}
+
+        torch.manual_seed(self.t.seed)  # the same initial weights on every process and every run
+        model = GPT(cfg.model)
+        self.state = LoopState()
+        start = resume_from or init_from
+        if start is not None:
+            model.load_state_dict(start.model_state, strict=True)
+        optimizer = build_optimizer(model, self.t, accelerator.device)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if resume_from is not None:
+            self._restore(resume_from)
+        elif init_from is not None:
+            log.info("initialised weights from %s (step %d); optimizer fresh", init_from.source, init_from.step)
+        self.events = open_event_log(paths.events, cfg.phase, self.state.run_id, accelerator.is_main_process)
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+
+    def _restore(self, loaded: LoadedCheckpoint) -> None:
+        meta = loaded.meta
+        saved_global = meta.get("global_batch")
+        if saved_global is not None and saved_global != self.global_batch:
+            raise UserError(
+                f"{loaded.source}: checkpoint was trained with a global batch of {saved_global} sequences "
+                f"(B x accum_steps x processes), this run has {self.global_batch} "
+                f"(B={self.t.B}, accum_steps={self.t.accum_steps}, processes={self.world}); keep the product equal to resume"
+            )
+        if loaded.optimizer_state is not None:
+            self.optimizer.load_state_dict(loaded.optimizer_state)
+        self.state = LoopState(
+            run_id=meta.get("run_id") or self.state.run_id, step=loaded.step,
+            tokens_seen=int(meta.get("tokens_seen", loaded.step * self.global_batch * self.cfg.seq_len)),
+            best_val_loss=loaded.best_val_loss, best_val_step=meta.get("best_val_step"),
+            last_val_loss=meta.get("last_val_loss"),
+        )
+        log.info("resumed from %s at step %d (best val loss %s)", loaded.source, loaded.step, _fmt(loaded.best_val_loss))
+
+    @property
+    def global_batch(self) -> int:
+        return self.t.B * self.t.accum_steps * self.world
+
+    # -- one step -------------------------------------------------------------------------------------------------
+
+    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer update; returns (token-weighted loss, grad norm) as device tensors (no host sync)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.t)
+        torch.manual_seed(hash((self.t.seed, DROPOUT_TAG, step, self.rank)) & 0x7FFF_FFFF)  # dropout, by address
+        device = self.acc.device
+        batches = [self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps)
+                   for m in range(self.t.accum_steps)]
+        local = torch.tensor(float(sum(self.strategy.count_tokens(b) for b in batches)), device=device)
+        counted = self.acc.reduce(local, "sum").clamp_min(1.0)
+        loss_sum = torch.zeros((), device=device)
+        for m, batch in enumerate(batches):
+            sync = m == len(batches) - 1
+            with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+                total, _ = self.strategy.loss(self.model, batch.to(device))
+                self.acc.backward(total * (self.world / counted))
+            loss_sum += total.detach()
+        grad_norm = torch.zeros((), device=device)
+        if self.t.grad_clip > 0:
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.acc.reduce(loss_sum, "sum") / counted, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted mean loss over `eval_batches` fixed global batches, split like training batches."""
+        self.model.eval()
+        total = torch.zeros(2, device=self.acc.device)
+        for j in range(self.t.eval_batches):
+            for m in range(self.t.accum_steps):
+                batch = self.strategy.val_batch(j, m, self.rank, self.world, self.t.accum_steps)
+                s, n = self.strategy.loss(self.model, batch.to(self.acc.device))
+                total += torch.stack([s.float(), n.float()])
+        self.model.train()
+        total = self.acc.reduce(total, "sum")
+        return (total[0] / total[1].clamp_min(1.0)).item()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        s = self.state
+        return {
+            "phase": self.cfg.phase, "run_id": s.run_id, "step": s.step, "best_val_loss": s.best_val_loss,
+            "best_val_step": s.best_val_step, "last_val_loss": s.last_val_loss, "tokens_seen": s.tokens_seen,
+            "model_cfg": self.cfg.model.to_dict(), "train_cfg": self.t.to_dict(), "config": self.cfg.raw,
+            "config_path": str(self.cfg.path), "global_batch": self.global_batch, "world_size": self.world,
+            "created_at": time.time(), **self.data_info,
+        }
+
+    def _save(self, to_step_dir: bool, to_best: bool) -> None:
+        """Write the checkpoint(s) due now. Every process gathers the weights; only the main one writes."""
+        model_state = self.acc.get_state_dict(self.model)
+        if self.acc.is_main_process:
+            opt_state, meta = self.optimizer.state_dict(), self._meta()
+            if to_step_dir:
+                step_dir = ckpt.write_checkpoint(self.phase_dir / ckpt.step_dir_name(self.state.step), model_state, opt_state, meta)
+                ckpt.publish(step_dir, self.phase_dir / "latest")
+                if to_best:
+                    ckpt.publish(step_dir, self.phase_dir / "best")
+                ckpt.prune_step_dirs(self.phase_dir, self.t.keep_last_n)
+                self.events.write("checkpoint", self.state.step, path=str(step_dir))
+            elif to_best:
+                ckpt.write_checkpoint(self.phase_dir / "best", model_state, opt_state, meta)
+        self.acc.wait_for_everyone()
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def fit(self) -> PhaseResult:
+        t, s = self.t, self.state
+        tokens_per_step = self.global_batch * self.cfg.seq_len
+        if self.acc.is_main_process:
+            ckpt.sweep_leftovers(self.phase_dir)
+        self.acc.wait_for_everyone()
+        self.events.write("run_start", s.step, total_steps=t.total_steps, processes=self.world,
+                          device=str(self.acc.device), **{"metrics/stage_id": self.strategy.stage_id})
+        log.info("%s: steps %d -> %d, %d processes on %s, %s tokens/step, %s parameters", self.cfg.phase, s.step,
+                 t.total_steps, self.world, self.acc.device, f"{tokens_per_step:,}",
+                 f"{self.acc.unwrap_model(self.model).num_params():,}")
+        if s.step == 0:  # where the phase starts from, for comparison; never a "best"
+            s.last_val_loss = self.evaluate()
+            self.events.write("eval", 0, **{"val/loss": s.last_val_loss, "metrics/stage_id": self.strategy.stage_id})
+            log.info("%s step 0 | val loss %.4f (before training)", self.cfg.phase, s.last_val_loss)
+        self.model.train()
+        pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
+        window_start, window_tokens = time.perf_counter(), 0
+        while s.step < t.total_steps:
+            lr = lr_at(s.step, t)
+            loss, grad_norm = self._train_step(s.step)
+            s.step += 1
+            s.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            pending.append((s.step, lr, loss, grad_norm))
+            last = s.step == t.total_steps
+            if s.step % t.log_every == 0 or last:
+                tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                self._log_train(pending, tps)
+                pending, window_start, window_tokens = [], time.perf_counter(), 0
+            improved = False
+            if s.step % t.eval_every == 0 or last:
+                improved = self._eval_and_track()
+            due = s.step % t.ckpt_every == 0 or last
+            if due or improved:
+                self._save(to_step_dir=due, to_best=improved)
+        if not (self.phase_dir / "latest").exists():  # resumed at the end: nothing ran, nothing to add
+            self._save(to_step_dir=True, to_best=False)
+        self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step)
+        self.events.close()
+        best = self.phase_dir / "best"
+        return PhaseResult(self.cfg.phase, s, best if best.exists() else None, self.phase_dir / "latest")
+
+    def _log_train(self, pending: list, tokens_per_sec: float) -> None:
+        values = torch.stack([torch.stack([l.float(), g.float()]) for _, _, l, g in pending]).tolist()  # one sync
+        for (step, lr, _, _), (loss, gnorm) in zip(pending, values):
+            self.events.write("train", step, **{
+                "train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
+                "train/tokens_seen": self.state.tokens_seen - (self.state.step - step) * self.global_batch * self.cfg.seq_len,
+                "train/tokens_per_sec": tokens_per_sec, "metrics/stage_id": self.strategy.stage_id,
+            })
+        avg = sum(v[0] for v in values) / len(values)
+        if not all(math.isfinite(v[0]) for v in values):
+            raise FloatingPointError(f"non-finite training loss at or before step {pending[-1][0]}")
+        s = self.state
+        log.info("%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s", self.cfg.phase, s.step, self.t.total_steps,
+                 pending[-1][1], avg, _fmt(s.last_val_loss), f"{tokens_per_sec:,.0f}")
+
+    def _eval_and_track(self) -> bool:
+        s = self.state
+        val = self.evaluate()
+        s.last_val_loss = val
+        improved = math.isfinite(val) and (s.best_val_loss is None or val < s.best_val_loss)
+        if improved:
+            s.best_val_loss, s.best_val_step = val, s.step
+        self.events.write("eval", s.step, **{"val/loss": val, "metrics/stage_id": self.strategy.stage_id})
+        log.info("%s step %d | val loss %.4f%s", self.cfg.phase, s.step, val, " (best)" if improved else "")
+        return improved
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"

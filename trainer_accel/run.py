@@ -1,0 +1,190 @@
+"""CLI: flags -> config -> phase(s) -> loop, and the pipeline's sequencing.
+
+    accelerate launch -m trainer_accel.run --phase {pretrain,sft,pipeline} --config configs/X.json
+    python -m trainer_accel.run ...   (one process, no launcher)
+
+Exit codes: 0 done, 2 bad input (config, caches, checkpoint, flags; one line per problem), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import InvalidCheckpoint, LoadedCheckpoint, export_best_pt, find_resume_checkpoint, read_meta
+from .config import PhaseConfig, load_phase_config, load_pipeline_config
+from .errors import USER_ERROR_EXIT, UserError
+from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
+from .loop import PhaseResult, Trainer
+from .paths import Paths, resolve_paths
+
+log = logging.getLogger("trainer_accel")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer_accel.run", description=__doc__.split("\n")[0])
+    p.add_argument("--phase", required=True, choices=("pretrain", "sft", "pipeline"))
+    p.add_argument("--config", required=True, type=Path, help="phase config JSON (pipeline: the pipeline config)")
+    p.add_argument("--device", choices=("cpu", "mps", "cuda"), default=None,
+                   help="default: CUDA, else MPS, else CPU; under accelerate launch the launcher decides unless cpu")
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint directory or exported .pt to resume from")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
+    args = p.parse_args(argv)
+    if args.resume is not None and args.no_resume:
+        p.error("--resume and --no-resume contradict each other")
+    return args
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+
+
+def make_accelerator(device: str | None, mixed_precision: str | None):
+    """Accelerate picks CUDA, else MPS, else CPU, or what `accelerate launch` configured; --device narrows it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("--device mps: Apple MPS is not available on this machine")
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes == 1:  # each process would train alone and write the same files
+        raise UserError(
+            f"the launcher started {launched} processes but they are not connected (no GPU for --multi_gpu); "
+            "for several CPU processes add --device cpu to the run flags or set ACCELERATE_USE_CPU=1 "
+            "(see launch/cpu_2proc.yaml)"
+        )
+    return acc
+
+
+def set_aside(phase_dir: Path) -> None:
+    """--no-resume keeps what an earlier run wrote: the phase folder is renamed, never deleted."""
+    if phase_dir.exists() and any(phase_dir.iterdir()):
+        dest = phase_dir.with_name(f"{phase_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.rename(phase_dir, dest)
+        log.warning("--no-resume: earlier %s checkpoints moved to %s", phase_dir.name, dest)
+
+
+def checkpoint_phase(path: Path) -> str | None:
+    """The phase a checkpoint directory belongs to (None for an exported .pt, which does not say)."""
+    if path.is_dir():
+        try:
+            return read_meta(path, verify=False).get("phase")
+        except InvalidCheckpoint:
+            return None
+    return None
+
+
+def plan_phase(cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume: bool,
+               init: Path | None) -> tuple[PhaseInputs, LoadedCheckpoint | None, LoadedCheckpoint | None]:
+    """Check caches and starting checkpoints together; return the inputs and what the phase starts from."""
+    if resume is not None:
+        owner = checkpoint_phase(resume)
+        if owner is not None and owner != cfg.phase:
+            raise UserError(f"{resume}: a {owner} checkpoint cannot resume the {cfg.phase} phase"
+                            + ("; set init_from in the sft config to start from its weights" if cfg.phase == "sft" else ""))
+    elif auto_resume:
+        resume = find_resume_checkpoint(paths.phase_dir(cfg.phase))
+    checks = [lambda: check_phase_inputs(cfg, paths)]
+    checks.append((lambda: check_start_checkpoint(resume, cfg)) if resume is not None else (lambda: None))
+    use_init = resume is None and init is not None
+    checks.append((lambda: check_start_checkpoint(init, cfg)) if use_init else (lambda: None))
+    inputs, resumed, initial = collect(*checks)
+    return inputs, resumed, initial
+
+
+def run_phase(acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed, initial) -> PhaseResult:
+    data_info = {"tokenizer": inputs.tokenizer, "caches": {str(c.path): c.meta["sha256"] for c in inputs.caches}}
+    trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=data_info)
+    return trainer.fit()
+
+
+def export_at_end(acc, result: PhaseResult, paths: Paths) -> None:
+    if acc.is_main_process:
+        source = result.best_dir or result.latest_dir
+        out = export_best_pt(source, paths.best_pt)
+        log.info("exported %s from %s (step %d, best val loss %s)", out, source, result.state.step,
+                 "-" if result.state.best_val_loss is None else f"{result.state.best_val_loss:.4f}")
+    acc.wait_for_everyone()
+
+
+def run_single(args: argparse.Namespace, paths: Paths) -> None:
+    cfg = load_phase_config(args.config, args.phase)
+    acc = make_accelerator(args.device, cfg.train.mixed_precision)
+    setup_logging(acc.is_main_process)
+    if args.no_resume and acc.is_main_process:
+        set_aside(paths.phase_dir(cfg.phase))
+    acc.wait_for_everyone()
+    init = Path(cfg.init_from) if cfg.phase == "sft" and cfg.init_from else None
+    if cfg.phase == "sft" and init is None:
+        log.warning("%s: init_from is null, SFT starts from random weights", cfg.path)
+    inputs, resumed, initial = plan_phase(cfg, paths, args.resume, not args.no_resume, init)
+    export_at_end(acc, run_phase(acc, cfg, paths, inputs, resumed, initial), paths)
+
+
+def phase_finished(phase_dir: Path, total_steps: int) -> bool:
+    found = find_resume_checkpoint(phase_dir)
+    return found is not None and read_meta(found, verify=False)["step"] >= total_steps
+
+
+def run_pipeline(args: argparse.Namespace, paths: Paths) -> None:
+    """Pretrain, then SFT from the pretrain best. Started again, it continues in the phase where it stopped."""
+    pipe = load_pipeline_config(args.config)
+    pre, sft = pipe.pretrain, pipe.sft
+    if pre.train.mixed_precision != sft.train.mixed_precision:
+        raise UserError(f"{args.config}: pretrain and sft train_cfg.mixed_precision differ "
+                        f"({pre.train.mixed_precision} vs {sft.train.mixed_precision}); one process has one precision")
+    acc = make_accelerator(args.device, pre.train.mixed_precision)
+    setup_logging(acc.is_main_process)
+    if args.no_resume and acc.is_main_process:
+        set_aside(paths.phase_dir("pretrain"))
+        set_aside(paths.phase_dir("sft"))
+    acc.wait_for_everyone()
+    pre_dir, sft_dir = paths.phase_dir("pretrain"), paths.phase_dir("sft")
+    pre_best = pre_dir / "best"
+
+    explicit = {checkpoint_phase(args.resume) or "?": args.resume} if args.resume else {}
+    if "?" in explicit:
+        raise UserError(f"{args.resume}: a pipeline resumes from a checkpoint directory (its sidecar names the phase), "
+                        "not an exported .pt; use --phase pretrain or --phase sft with it")
+    auto = not args.no_resume
+    sft_started = "sft" in explicit or (auto and find_resume_checkpoint(sft_dir) is not None)
+    pretrain_done = sft_started or (auto and "pretrain" not in explicit and phase_finished(pre_dir, pre.train.total_steps))
+
+    # Check both phases' caches before spending time on pretrain.
+    check_sft_now = lambda: check_phase_inputs(sft, paths)  # noqa: E731
+    if pretrain_done:
+        log.info("pipeline: pretrain already finished (%s); continuing with SFT", pre_dir)
+    else:
+        pre_plan, _ = collect(lambda: plan_phase(pre, paths, explicit.get("pretrain"), auto, None), check_sft_now)
+        run_phase(acc, pre, paths, *pre_plan)
+    if not pre_best.exists() and not sft_started:
+        raise UserError(f"{pre_best}: pretrain finished without a best checkpoint to start SFT from")
+    sft_plan = plan_phase(sft, paths, explicit.get("sft"), auto, pre_best)
+    if sft_plan[2] is not None:
+        log.info("pipeline: SFT starts from the pretrain best %s (weights only, optimizer fresh)", pre_best)
+    export_at_end(acc, run_phase(acc, sft, paths, *sft_plan), paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = resolve_paths()
+    try:
+        (run_pipeline if args.phase == "pipeline" else run_single)(args, paths)
+    except UserError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

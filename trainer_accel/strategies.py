@@ -1,0 +1,117 @@
+"""What makes pretrain and SFT different: where batches come from and which targets the loss counts.
+
+A strategy supplies batches by address and the loss; it never touches devices, processes or files (the caches
+arrive already open). The loop calls only `train_batch`, `val_batch`, `count_tokens` and `loss`, so a new phase
+is a new strategy here and no change to the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, TRAIN_TAG, VAL_TAG, Cache, address_rng, masked_targets, sft_rows, stream_rows
+from .tokenizer import ASST, DOC, EOT
+
+VAL_SEED = 0  # validation batches are the same for every run, so val losses compare across runs and seeds
+
+
+@dataclass
+class Batch:
+    """x: (B, T) inputs; y: (B, T) next tokens; y_masked: y with -100 where the loss must not look."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    y_masked: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        pin = device.type == "cuda"
+        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if pin else (lambda t: t.to(device))
+        y = move(self.y)
+        return Batch(move(self.x), y, y if self.y_masked is self.y else move(self.y_masked))
+
+
+@dataclass
+class RowSource:
+    """A mixture of caches to draw rows from: streams (random windows) or SFT examples (one per row)."""
+
+    caches: list[Cache]
+    probs: np.ndarray
+    T: int
+    kind: str  # "stream" or "sft"
+
+    def batch(self, rng: np.random.Generator, n: int, keep: slice) -> Batch:
+        if self.kind == "stream":
+            rows = torch.from_numpy(stream_rows(self.caches, self.probs, rng, n, self.T, keep))
+            y = rows[:, 1:]
+            return Batch(rows[:, :-1], y, y)  # every target counts in a stream
+        s = self.caches[0].meta["special_tokens"]
+        rows = sft_rows(self.caches, self.probs, rng, n, self.T, s[DOC], keep)
+        y_masked = masked_targets(rows, s[ASST], s[EOT])
+        rows = torch.from_numpy(rows)
+        return Batch(rows[:, :-1], rows[:, 1:], torch.from_numpy(y_masked))
+
+    def describe(self, names: list[str]) -> str:
+        return ", ".join(f"{n} {p:.3g}" for n, p in zip(names, self.probs))
+
+
+class Strategy:
+    """Batches by address (seed, step, micro-step, rank); subclasses choose the targets the loss counts."""
+
+    name = "base"
+    stage_id = -1
+
+    def __init__(self, train: RowSource, val: RowSource, B: int, seed: int):
+        self.train, self.val, self.B, self.seed = train, val, B, seed
+
+    def _slice(self, source: RowSource, rng: np.random.Generator, micro: int, rank: int, world: int, accum: int) -> Batch:
+        """Rows of one global batch are drawn together; this process keeps its own slice of B rows.
+
+        The global batch is the same for any split into processes and micro-steps with the same product.
+        """
+        first = (micro * world + rank) * self.B
+        return source.batch(rng, self.B * accum * world, slice(first, first + self.B))
+
+    def train_batch(self, step: int, micro: int, rank: int, world: int, accum: int) -> Batch:
+        return self._slice(self.train, address_rng(self.seed, TRAIN_TAG, step), micro, rank, world, accum)
+
+    def val_batch(self, index: int, micro: int, rank: int, world: int, accum: int) -> Batch:
+        """Validation global batch `index`, fixed for all runs with the same global batch size."""
+        return self._slice(self.val, address_rng(VAL_SEED, VAL_TAG, index), micro, rank, world, accum)
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def count_tokens(self, batch: Batch) -> int:
+        return int((self.targets(batch) != IGNORE_INDEX).sum())
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of per-token cross-entropy, number of counted tokens); the loop does the weighting."""
+        logits = model(batch.x)  # (B, T, V)
+        targets = self.targets(batch)
+        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, (targets != IGNORE_INDEX).sum()
+
+
+class PretrainStrategy(Strategy):
+    """Token streams; cross-entropy on every next token."""
+
+    name, stage_id = "pretrain", 0
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return batch.y
+
+
+class SFTStrategy(Strategy):
+    """Instruction examples; cross-entropy only on answers (see data.answer_mask)."""
+
+    name, stage_id = "sft", 1
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return batch.y_masked
+
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PretrainStrategy, SFTStrategy)}
