@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY_MODEL, run_cli, write_config
+from conftest import TINY_MODEL, events, run_cli, write_config
 
 
 def assert_user_error(r, *needles):
@@ -124,3 +124,21 @@ def test_unavailable_device_is_refused(world):
         pytest.skip("this machine has CUDA")
     assert_user_error(run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--device", "cuda", cwd=world),
                       "--device cuda: CUDA is not available")
+
+
+def test_diverging_run_stops_without_saving_non_finite_weights(world):
+    cfg = write_config(world / "pre.json", "pretrain", {"base_lr": 1e12, "min_lr": 1e11, "log_every": 4, "ckpt_every": 3,
+                                                       "total_steps": 8, "grad_clip": 0.0})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "error: training loss is not finite at step" in r.stderr
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    for d in (world / "checkpoints" / "pretrain").glob("step_*"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(d / "model.safetensors")).values()), d
+    assert not (world / "checkpoints" / "best.pt").exists()
+    recorded = [e["train/loss"] for e in events(world, "train")]
+    assert None in recorded and all(math.isfinite(x) for x in recorded[:recorded.index(None)])  # null = not finite

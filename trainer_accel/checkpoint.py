@@ -194,6 +194,8 @@ def read_meta(ckpt: Path, verify: bool = True) -> dict[str, Any]:
     for key in ("step", "model_cfg", "train_cfg", "best_val_loss", "phase", "run_id", "files"):
         if key not in meta:
             raise InvalidCheckpoint(f"{META_FILE} lacks '{key}'")
+    if not isinstance(meta["files"], dict) or not isinstance(meta["step"], int):
+        raise InvalidCheckpoint(f"{META_FILE} has a malformed 'files' or 'step'")
     for name in (MODEL_FILE, OPTIMIZER_FILE):
         expected = meta["files"].get(name)
         path = ckpt / name
@@ -290,8 +292,9 @@ def _load_best_pt(path: Path) -> LoadedCheckpoint:
 
 
 def check_model_cfg(loaded: LoadedCheckpoint, model_cfg: dict[str, Any]) -> None:
-    saved = loaded.meta.get("model_cfg") or {}
-    diff = shape_diff(saved, model_cfg, MODEL_SHAPE_KEYS)
+    """Refuse weights that do not fit: shape, biases and tying all change the state dict (dropout does not)."""
+    saved = {"bias": False, "tie_embeddings": True, **(loaded.meta.get("model_cfg") or {})}
+    diff = shape_diff(saved, model_cfg, (*MODEL_SHAPE_KEYS, "bias", "tie_embeddings"))
     if diff:
         raise UserError(f"{loaded.source}: checkpoint model shape differs from the config ({diff}; checkpoint vs config)")
 

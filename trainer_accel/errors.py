@@ -7,6 +7,8 @@ carried together so the user can fix them all in one go.
 
 from __future__ import annotations
 
+import sys
+
 USER_ERROR_EXIT = 2
 
 
@@ -21,3 +23,10 @@ class UserError(Exception):
 def raise_if_any(problems: list[str]) -> None:
     if problems:
         raise UserError(problems)
+
+
+def report(e: UserError) -> int:
+    """What every CLI does with a UserError: one `error:` line per problem on stderr, exit code 2."""
+    for line in e.problems:
+        print(f"error: {line}", file=sys.stderr)
+    return USER_ERROR_EXIT

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint import InvalidCheckpoint, export_best_pt, read_meta
 from .config import PHASES
-from .errors import USER_ERROR_EXIT, UserError
+from .errors import UserError, report
 from .paths import Paths, resolve_paths
 
 log = logging.getLogger("trainer_accel")
@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         source = args.checkpoint or newest_best(paths)
         out = export_best_pt(source, args.out or paths.best_pt)
     except UserError as e:
-        for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return report(e)
     log.info("exported %s from %s", out, source)
     return 0
 

@@ -87,8 +87,11 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     return PhaseInputs(strategy=strategy, caches=caches, tokenizer=caches[0].meta["tokenizer"])
 
 
-def check_start_checkpoint(path: Path, cfg: PhaseConfig) -> LoadedCheckpoint:
-    loaded = load_checkpoint(path)
+def check_start_checkpoint(path: Path | None, cfg: PhaseConfig, with_optimizer: bool = True) -> LoadedCheckpoint | None:
+    """Load the checkpoint a phase starts from (if any) and check that its weights fit the model config."""
+    if path is None:
+        return None
+    loaded = load_checkpoint(path, with_optimizer=with_optimizer)
     check_model_cfg(loaded, cfg.model.to_dict())
     return loaded
 

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -33,6 +34,11 @@ from .strategies import Strategy
 log = logging.getLogger(__name__)
 
 DROPOUT_TAG = 2
+
+
+def address_seed(*address: int) -> int:
+    """A torch seed that is a pure function of an address such as (seed, tag, step, rank)."""
+    return int(np.random.SeedSequence(list(address)).generate_state(1)[0])
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -132,7 +138,7 @@ class Trainer:
         """One optimizer update; returns (token-weighted loss, grad norm) as device tensors (no host sync)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.t)
-        torch.manual_seed(hash((self.t.seed, DROPOUT_TAG, step, self.rank)) & 0x7FFF_FFFF)  # dropout, by address
+        torch.manual_seed(address_seed(self.t.seed, DROPOUT_TAG, step, self.rank))  # dropout masks, by address
         device = self.acc.device
         batches = [self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps)
                    for m in range(self.t.accum_steps)]
@@ -163,8 +169,11 @@ class Trainer:
                 s, n = self.strategy.loss(self.model, batch.to(self.acc.device))
                 total += torch.stack([s.float(), n.float()])
         self.model.train()
-        total = self.acc.reduce(total, "sum")
-        return (total[0] / total[1].clamp_min(1.0)).item()
+        loss_sum, count = self.acc.reduce(total, "sum").tolist()
+        if count == 0:
+            log.warning("%s: the validation batches hold no counted tokens (every answer cut off by T?)", self.cfg.phase)
+            return float("nan")
+        return loss_sum / count
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
@@ -204,15 +213,15 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.events.write("run_start", s.step, total_steps=t.total_steps, processes=self.world,
                           device=str(self.acc.device), **{"metrics/stage_id": self.strategy.stage_id})
-        log.info("%s: steps %d -> %d, %d processes on %s, %s tokens/step, %s parameters", self.cfg.phase, s.step,
-                 t.total_steps, self.world, self.acc.device, f"{tokens_per_step:,}",
-                 f"{self.acc.unwrap_model(self.model).num_params():,}")
+        log.info("%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters",
+                 self.cfg.phase, s.step, t.total_steps, self.world, self.acc.device, self.acc.mixed_precision,
+                 torch.get_num_threads(), f"{tokens_per_step:,}", f"{self.acc.unwrap_model(self.model).num_params():,}")
         if s.step == 0:  # where the phase starts from, for comparison; never a "best"
             s.last_val_loss = self.evaluate()
             self.events.write("eval", 0, **{"val/loss": s.last_val_loss, "metrics/stage_id": self.strategy.stage_id})
             log.info("%s step 0 | val loss %.4f (before training)", self.cfg.phase, s.last_val_loss)
         self.model.train()
-        pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
+        pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor]] = []  # step, tokens, lr, loss, norm
         window_start, window_tokens = time.perf_counter(), 0
         while s.step < t.total_steps:
             lr = lr_at(s.step, t)
@@ -220,16 +229,15 @@ class Trainer:
             s.step += 1
             s.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            pending.append((s.step, lr, loss, grad_norm))
-            last = s.step == t.total_steps
-            if s.step % t.log_every == 0 or last:
+            pending.append((s.step, s.tokens_seen, lr, loss, grad_norm))
+            due = s.step % t.ckpt_every == 0 or s.step == t.total_steps
+            if s.step % t.log_every == 0 or due:  # also checks the losses are finite before a checkpoint
                 tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 self._log_train(pending, tps)
                 pending, window_start, window_tokens = [], time.perf_counter(), 0
             improved = False
-            if s.step % t.eval_every == 0 or last:
+            if s.step % t.eval_every == 0 or s.step == t.total_steps:
                 improved = self._eval_and_track()
-            due = s.step % t.ckpt_every == 0 or last
             if due or improved:
                 self._save(to_step_dir=due, to_best=improved)
         if not (self.phase_dir / "latest").exists():  # resumed at the end: nothing ran, nothing to add
@@ -240,19 +248,20 @@ class Trainer:
         return PhaseResult(self.cfg.phase, s, best if best.exists() else None, self.phase_dir / "latest")
 
     def _log_train(self, pending: list, tokens_per_sec: float) -> None:
-        values = torch.stack([torch.stack([l.float(), g.float()]) for _, _, l, g in pending]).tolist()  # one sync
-        for (step, lr, _, _), (loss, gnorm) in zip(pending, values):
+        values = torch.stack([torch.stack([l.float(), g.float()]) for *_, l, g in pending]).tolist()  # one host sync
+        for (step, tokens, lr, _, _), (loss, gnorm) in zip(pending, values):
             self.events.write("train", step, **{
-                "train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
-                "train/tokens_seen": self.state.tokens_seen - (self.state.step - step) * self.global_batch * self.cfg.seq_len,
+                "train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm, "train/tokens_seen": tokens,
                 "train/tokens_per_sec": tokens_per_sec, "metrics/stage_id": self.strategy.stage_id,
             })
         avg = sum(v[0] for v in values) / len(values)
         if not all(math.isfinite(v[0]) for v in values):
-            raise FloatingPointError(f"non-finite training loss at or before step {pending[-1][0]}")
+            bad = next(p[0] for p, v in zip(pending, values) if not math.isfinite(v[0]))
+            raise FloatingPointError(f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
+                                     "(try a lower base_lr or grad_clip)")
         s = self.state
         log.info("%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s", self.cfg.phase, s.step, self.t.total_steps,
-                 pending[-1][1], avg, _fmt(s.last_val_loss), f"{tokens_per_sec:,.0f}")
+                 pending[-1][2], avg, _fmt(s.last_val_loss), f"{tokens_per_sec:,.0f}")
 
     def _eval_and_track(self) -> bool:
         s = self.state

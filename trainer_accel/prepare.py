@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import write_cache
-from .errors import USER_ERROR_EXIT, UserError, raise_if_any
+from .errors import UserError, raise_if_any, report
 from .paths import SFT_SOURCES, STREAM_SOURCES, Paths, resolve_paths
 from .tokenizer import DOC, Tokenizer, encode_chat, load_tokenizer
 
@@ -221,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("nothing to prepare: give --stream SOURCE=PATH, --sft SOURCE=PATH or --demo")
         prepare(streams, sfts, args.tokenizer, args.val_fraction, args.seed, paths)
     except UserError as e:
-        for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return report(e)
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import InvalidCheckpoint, LoadedCheckpoint, export_best_pt, find_resume_checkpoint, read_meta
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
-from .errors import USER_ERROR_EXIT, UserError
+from .errors import UserError, report
 from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
 from .loop import PhaseResult, Trainer
 from .paths import Paths, resolve_paths
@@ -93,11 +93,9 @@ def plan_phase(cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume:
                             + ("; set init_from in the sft config to start from its weights" if cfg.phase == "sft" else ""))
     elif auto_resume:
         resume = find_resume_checkpoint(paths.phase_dir(cfg.phase))
-    checks = [lambda: check_phase_inputs(cfg, paths)]
-    checks.append((lambda: check_start_checkpoint(resume, cfg)) if resume is not None else (lambda: None))
-    use_init = resume is None and init is not None
-    checks.append((lambda: check_start_checkpoint(init, cfg)) if use_init else (lambda: None))
-    inputs, resumed, initial = collect(*checks)
+    init = init if resume is None else None  # a resumed phase continues its own weights
+    inputs, resumed, initial = collect(lambda: check_phase_inputs(cfg, paths), lambda: check_start_checkpoint(resume, cfg),
+                                       lambda: check_start_checkpoint(init, cfg, with_optimizer=False))
     return inputs, resumed, initial
 
 
@@ -135,6 +133,17 @@ def phase_finished(phase_dir: Path, total_steps: int) -> bool:
     return found is not None and read_meta(found, verify=False)["step"] >= total_steps
 
 
+def pipeline_resume_phase(resume: Path | None) -> str | None:
+    """Which phase an explicit --resume of a pipeline continues: the one its sidecar names."""
+    if resume is None:
+        return None
+    phase = checkpoint_phase(resume)
+    if phase is None:
+        raise UserError(f"{resume}: a pipeline resumes from a checkpoint directory whose sidecar names its phase "
+                        "(not an exported .pt); use --phase pretrain or --phase sft with it")
+    return phase
+
+
 def run_pipeline(args: argparse.Namespace, paths: Paths) -> None:
     """Pretrain, then SFT from the pretrain best. Started again, it continues in the phase where it stopped."""
     pipe = load_pipeline_config(args.config)
@@ -142,33 +151,29 @@ def run_pipeline(args: argparse.Namespace, paths: Paths) -> None:
     if pre.train.mixed_precision != sft.train.mixed_precision:
         raise UserError(f"{args.config}: pretrain and sft train_cfg.mixed_precision differ "
                         f"({pre.train.mixed_precision} vs {sft.train.mixed_precision}); one process has one precision")
+    resume_phase = pipeline_resume_phase(args.resume)
     acc = make_accelerator(args.device, pre.train.mixed_precision)
     setup_logging(acc.is_main_process)
     if args.no_resume and acc.is_main_process:
         set_aside(paths.phase_dir("pretrain"))
         set_aside(paths.phase_dir("sft"))
     acc.wait_for_everyone()
-    pre_dir, sft_dir = paths.phase_dir("pretrain"), paths.phase_dir("sft")
-    pre_best = pre_dir / "best"
+    auto = not args.no_resume and resume_phase is None
+    pre_best = paths.phase_dir("pretrain") / "best"
 
-    explicit = {checkpoint_phase(args.resume) or "?": args.resume} if args.resume else {}
-    if "?" in explicit:
-        raise UserError(f"{args.resume}: a pipeline resumes from a checkpoint directory (its sidecar names the phase), "
-                        "not an exported .pt; use --phase pretrain or --phase sft with it")
-    auto = not args.no_resume
-    sft_started = "sft" in explicit or (auto and find_resume_checkpoint(sft_dir) is not None)
-    pretrain_done = sft_started or (auto and "pretrain" not in explicit and phase_finished(pre_dir, pre.train.total_steps))
-
-    # Check both phases' caches before spending time on pretrain.
-    check_sft_now = lambda: check_phase_inputs(sft, paths)  # noqa: E731
+    # SFT only ever starts after pretrain finished, so an SFT checkpoint means pretrain is done.
+    sft_started = resume_phase == "sft" or (auto and find_resume_checkpoint(paths.phase_dir("sft")) is not None)
+    pretrain_done = sft_started or (auto and phase_finished(paths.phase_dir("pretrain"), pre.train.total_steps))
     if pretrain_done:
-        log.info("pipeline: pretrain already finished (%s); continuing with SFT", pre_dir)
+        log.info("pipeline: pretrain already finished; continuing with SFT")
     else:
-        pre_plan, _ = collect(lambda: plan_phase(pre, paths, explicit.get("pretrain"), auto, None), check_sft_now)
+        pre_resume = args.resume if resume_phase == "pretrain" else None
+        # both phases' inputs are checked before any time is spent on pretrain
+        pre_plan, _ = collect(lambda: plan_phase(pre, paths, pre_resume, auto, None), lambda: check_phase_inputs(sft, paths))
         run_phase(acc, pre, paths, *pre_plan)
-    if not pre_best.exists() and not sft_started:
+    if not sft_started and not pre_best.exists():
         raise UserError(f"{pre_best}: pretrain finished without a best checkpoint to start SFT from")
-    sft_plan = plan_phase(sft, paths, explicit.get("sft"), auto, pre_best)
+    sft_plan = plan_phase(sft, paths, args.resume if resume_phase == "sft" else None, auto, pre_best)
     if sft_plan[2] is not None:
         log.info("pipeline: SFT starts from the pretrain best %s (weights only, optimizer fresh)", pre_best)
     export_at_end(acc, run_phase(acc, sft, paths, *sft_plan), paths)
@@ -180,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (run_pipeline if args.phase == "pipeline" else run_single)(args, paths)
     except UserError as e:
-        for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return report(e)
+    except FloatingPointError as e:  # training diverged: not a bug in the trainer, so no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
