@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from .config import MODEL_SHAPE_KEYS, shape_diff
 from .data import sha256_file, write_atomic
 from .errors import UserError
+from .faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     if target.exists():
         trash = target.with_name(f"{TRASH_PREFIX}{target.name}-{os.getpid()}-{time.time_ns()}")
         os.rename(target, trash)
+        fault_point("mid_swap")
         os.rename(tmp, target)
         shutil.rmtree(trash, ignore_errors=True)
     else:
@@ -124,15 +126,25 @@ def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], optimiz
     """Write a complete checkpoint directory at `target` (replacing one there). Main process only."""
     tensors, aliases = canonical_state(model_state)
     tmp = _temp_dir_for(target)
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
-    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    writers = {
+        MODEL_FILE: ("model", lambda path: save_file(tensors, str(path), metadata={"format": FORMAT})),
+        OPTIMIZER_FILE: ("optimizer", lambda path: torch.save(optimizer_state, path)),
+    }
     files = {}
-    for name in (MODEL_FILE, OPTIMIZER_FILE):
+    for name, (point, write) in writers.items():
+        fault_point(f"before_{point}")
+        write(tmp / name)
+        fault_point(f"while_{point}", partial=tmp / name)
         _fsync_file(tmp / name)
+        fault_point(f"after_{point}")
         files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
     full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "tied": aliases, "files": files}
+    fault_point("before_meta")
     write_atomic(tmp / META_FILE, (json.dumps(full_meta, indent=2) + "\n").encode())
+    fault_point("while_meta", partial=tmp / META_FILE)
+    fault_point("after_meta")
     _fsync_dir(tmp)
+    fault_point("before_rename")
     _swap_into_place(tmp, target)
     return target
 
@@ -147,6 +159,7 @@ def publish(source: Path, target: Path) -> None:
             shutil.copy2(source / name, tmp / name)
             _fsync_file(tmp / name)
     _fsync_dir(tmp)
+    fault_point(f"before_{target.name}")  # before_latest, before_best
     _swap_into_place(tmp, target)
 
 
@@ -156,11 +169,14 @@ def prune_step_dirs(phase_dir: Path, keep_last_n: int) -> list[Path]:
     doomed = [p for _, p in steps[:-keep_last_n]] if keep_last_n > 0 else []
     for p in doomed:
         shutil.rmtree(p)
+        fault_point("pruning")
     return doomed
 
 
 def sweep_leftovers(phase_dir: Path) -> None:
-    """Finish or undo what a killed save left behind: temporary and set-aside directories."""
+    """Finish or undo what a killed save left behind: temporary and set-aside directories, export temp files."""
+    for tmp in phase_dir.parent.glob(".*.pt.tmp-*"):
+        tmp.unlink(missing_ok=True)
     if not phase_dir.is_dir():
         return
     for name in ("latest", "best"):
@@ -224,6 +240,26 @@ def resume_candidates(phase_dir: Path) -> list[Path]:
             except (OSError, ValueError, KeyError, TypeError):
                 found.append((-1, 1, p))
     return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def set_aside_broken(phase_dir: Path) -> list[Path]:
+    """Move checkpoints newer than the newest intact one to {phase}/rejected/, with the reason beside each.
+
+    They are kept for a post-mortem, never deleted, and no longer shadow the good checkpoint. Main process only.
+    """
+    moved = []
+    for cand in resume_candidates(phase_dir):
+        try:
+            read_meta(cand)
+            break
+        except InvalidCheckpoint as e:
+            dest = phase_dir / "rejected" / f"{cand.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(cand, dest)
+            (dest.parent / f"{dest.name}.reason.txt").write_text(f"{e}\n")
+            log.warning("checkpoint %s is broken (%s); set aside as %s", cand, e, dest)
+            moved.append(dest)
+    return moved
 
 
 def find_resume_checkpoint(phase_dir: Path) -> Path | None:
@@ -322,6 +358,7 @@ def export_best_pt(ckpt: Path, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         torch.save(blob, tmp)
+        fault_point("export", partial=tmp)
         _fsync_file(tmp)
         os.replace(tmp, out)
     finally:

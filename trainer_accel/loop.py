@@ -208,9 +208,6 @@ class Trainer:
     def fit(self) -> PhaseResult:
         t, s = self.t, self.state
         tokens_per_step = self.global_batch * self.cfg.seq_len
-        if self.acc.is_main_process:
-            ckpt.sweep_leftovers(self.phase_dir)
-        self.acc.wait_for_everyone()
         self.events.write("run_start", s.step, total_steps=t.total_steps, processes=self.world,
                           device=str(self.acc.device), **{"metrics/stage_id": self.strategy.stage_id})
         log.info("%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters",

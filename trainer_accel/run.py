@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import InvalidCheckpoint, LoadedCheckpoint, export_best_pt, find_resume_checkpoint, read_meta
+from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, export_best_pt, find_resume_checkpoint, read_meta,
+                         set_aside_broken, sweep_leftovers)
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
 from .errors import UserError, report
 from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
@@ -83,6 +84,16 @@ def checkpoint_phase(path: Path) -> str | None:
     return None
 
 
+def tidy_phase_dir(acc, phase_dir: Path, auto_resume: bool) -> None:
+    """Before anything reads a phase's checkpoints: clean up after killed saves and, when resuming on our own,
+    set broken checkpoints aside (an explicit --resume of a broken one is an error instead)."""
+    if acc.is_main_process:
+        sweep_leftovers(phase_dir)
+        if auto_resume:
+            set_aside_broken(phase_dir)
+    acc.wait_for_everyone()
+
+
 def plan_phase(cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume: bool,
                init: Path | None) -> tuple[PhaseInputs, LoadedCheckpoint | None, LoadedCheckpoint | None]:
     """Check caches and starting checkpoints together; return the inputs and what the phase starts from."""
@@ -120,7 +131,7 @@ def run_single(args: argparse.Namespace, paths: Paths) -> None:
     setup_logging(acc.is_main_process)
     if args.no_resume and acc.is_main_process:
         set_aside(paths.phase_dir(cfg.phase))
-    acc.wait_for_everyone()
+    tidy_phase_dir(acc, paths.phase_dir(cfg.phase), auto_resume=args.resume is None and not args.no_resume)
     init = Path(cfg.init_from) if cfg.phase == "sft" and cfg.init_from else None
     if cfg.phase == "sft" and init is None:
         log.warning("%s: init_from is null, SFT starts from random weights", cfg.path)
@@ -154,10 +165,10 @@ def run_pipeline(args: argparse.Namespace, paths: Paths) -> None:
     resume_phase = pipeline_resume_phase(args.resume)
     acc = make_accelerator(args.device, pre.train.mixed_precision)
     setup_logging(acc.is_main_process)
-    if args.no_resume and acc.is_main_process:
-        set_aside(paths.phase_dir("pretrain"))
-        set_aside(paths.phase_dir("sft"))
-    acc.wait_for_everyone()
+    for phase in ("pretrain", "sft"):
+        if args.no_resume and acc.is_main_process:
+            set_aside(paths.phase_dir(phase))
+        tidy_phase_dir(acc, paths.phase_dir(phase), auto_resume=args.resume is None and not args.no_resume)
     auto = not args.no_resume and resume_phase is None
     pre_best = paths.phase_dir("pretrain") / "best"
 

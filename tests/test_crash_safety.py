@@ -1,0 +1,91 @@
+"""Kill the trainer inside every step of a save, start it again, and get the model of an unbroken run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_config
+from trainer_accel import checkpoint as ckpt
+from trainer_accel.faults import POINTS
+
+TRAIN = {"total_steps": 6, "ckpt_every": 2, "eval_every": 2, "keep_last_n": 2, "warmup_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run: its final weights are what every interrupted run must end with."""
+    root = tmp_path_factory.mktemp("reference")
+    from trainer_accel import prepare
+
+    env = {"TRAINER_DATA_DIR": str(root / "data"), "TRAINER_ARTIFACTS_DIR": str(root)}
+    r = run_cli("prepare", "--demo", cwd=root, env=env)
+    assert r.returncode == 0, r.stderr
+    cfg = write_config(root / "pre.json", "pretrain", TRAIN)
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=root, env=env)
+    assert r.returncode == 0, r.stderr
+    return load_file(str(root / "checkpoints/pretrain/latest/model.safetensors")), torch.load(
+        root / "checkpoints/best.pt", weights_only=True)["step"]
+
+
+def leftovers(root):
+    return [p for p in root.rglob("*") if p.name.startswith((".tmp-", ".trash-")) or ".pt.tmp-" in p.name]
+
+
+CASES = [(p, 1) for p in POINTS] + [(p, 2) for p in ("while_model", "after_meta", "before_rename", "mid_swap", "before_latest")]
+
+
+@pytest.mark.parametrize("point,nth", CASES, ids=[f"{p}:{n}" for p, n in CASES])
+def test_crash_at_every_save_point(world, reference, point, nth):
+    ref_weights, ref_best_step = reference
+    cfg = write_config(world / "pre.json", "pretrain", TRAIN)
+    killed = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"TRAINER_FAULT": f"{point}:{nth}"})
+    assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
+    ck = world / "checkpoints" / "pretrain"
+    for d in ck.iterdir() if ck.exists() else []:  # whatever a killed save left, no visible checkpoint is partial
+        if not d.name.startswith("."):
+            try:
+                ckpt.read_meta(d)
+            except ckpt.InvalidCheckpoint as e:  # only a kill between the two renames of a swap may leave none
+                raise AssertionError(f"{d} is visible but broken after a kill at {point}: {e}")
+    if (world / "checkpoints/best.pt").exists():
+        torch.load(world / "checkpoints/best.pt", weights_only=True)
+
+    again = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    assert again.returncode == 0, again.stderr[-2000:]
+    final = load_file(str(ck / "latest" / "model.safetensors"))
+    assert all(torch.equal(final[k], ref_weights[k]) for k in ref_weights)
+    assert torch.load(world / "checkpoints/best.pt", weights_only=True)["step"] == ref_best_step
+    assert leftovers(world) == []
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == ["step_0000004", "step_0000006"]
+    for d in ("latest", "best", "step_0000004", "step_0000006"):
+        ckpt.read_meta(ck / d)
+
+
+def test_broken_latest_is_set_aside_and_the_older_one_resumed(world):
+    cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 4})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    ck = world / "checkpoints" / "pretrain"
+    for d in ("latest", "step_0000004"):  # one flipped byte inside the tensor data
+        f = ck / d / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-7] ^= 0x01
+        f.unlink()  # latest and the step dir share the file (hard link): give each its own damaged copy
+        f.write_bytes(bytes(data))
+    more = write_config(world / "pre6.json", "pretrain", TRAIN)
+    r = run_cli("run", "--phase", "pretrain", "--config", str(more), cwd=world)
+    assert r.returncode == 0, r.stderr
+    assert "does not match its sha256" in r.stderr and "at step 2" in r.stderr
+    rejected = sorted(p.name for p in (ck / "rejected").iterdir())
+    assert len([n for n in rejected if n.endswith(".reason.txt")]) == 2
+    assert any(n.startswith("latest-") for n in rejected) and any(n.startswith("step_0000004-") for n in rejected)
+
+    # an explicit --resume of a broken checkpoint is an error, not a skip
+    bad = ck / "step_0000006" / "optimizer.pt"
+    bad.write_bytes(bad.read_bytes()[:-10])
+    r = run_cli("run", "--phase", "pretrain", "--config", str(more), "--resume", str(ck / "step_0000006"), cwd=world)
+    assert r.returncode == 2 and "invalid checkpoint: optimizer.pt is" in r.stderr

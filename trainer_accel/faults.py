@@ -1,0 +1,34 @@
+"""Test-only fault injection: kill the process at a named point of a save, to prove saves are crash-safe.
+
+Set TRAINER_FAULT=POINT (the first time POINT is reached) or POINT:N (the N-th time) and the process SIGKILLs
+itself there, as a power cut or the OOM killer would. `while_*` points first cut the file being written to half
+its length, so a torn write is simulated too. Unset (always, outside tests) this costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+ENV = "TRAINER_FAULT"
+FILE_POINTS = tuple(f"{when}_{what}" for what in ("model", "optimizer", "meta") for when in ("before", "while", "after"))
+POINTS = FILE_POINTS + ("before_rename", "before_latest", "before_best", "mid_swap", "pruning", "export")
+_reached: Counter = Counter()
+
+
+def fault_point(name: str, partial: Path | None = None) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _reached[name] += 1
+    if _reached[name] != int(nth or 1):
+        return
+    if partial is not None and partial.exists():
+        with open(partial, "r+b") as f:
+            f.truncate(partial.stat().st_size // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
