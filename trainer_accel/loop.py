@@ -29,6 +29,7 @@ from .errors import UserError
 from .metrics import open_event_log
 from .model import GPT
 from .paths import Paths
+from .stopping import Interrupted, StopRequest
 from .strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,17 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def fit(self) -> PhaseResult:
+        with StopRequest() as stop:
+            return self._fit(stop)
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop; all processes must stop after the same step."""
+        if self.world == 1:
+            return stop.requested
+        flag = torch.tensor(1.0 if stop.requested else 0.0, device=self.acc.device)
+        return self.acc.reduce(flag, "sum").item() > 0
+
+    def _fit(self, stop: StopRequest) -> PhaseResult:
         t, s = self.t, self.state
         tokens_per_step = self.global_batch * self.cfg.seq_len
         self.events.write("run_start", s.step, total_steps=t.total_steps, processes=self.world,
@@ -227,7 +239,8 @@ class Trainer:
             s.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             pending.append((s.step, s.tokens_seen, lr, loss, grad_norm))
-            due = s.step % t.ckpt_every == 0 or s.step == t.total_steps
+            stopping = self._stop_agreed(stop) and s.step < t.total_steps  # at the end, just finish
+            due = s.step % t.ckpt_every == 0 or s.step == t.total_steps or stopping
             if s.step % t.log_every == 0 or due:  # also checks the losses are finite before a checkpoint
                 tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 self._log_train(pending, tps)
@@ -237,6 +250,11 @@ class Trainer:
                 improved = self._eval_and_track()
             if due or improved:
                 self._save(to_step_dir=due, to_best=improved)
+            if stopping:
+                self.events.write("stopped", s.step, signal=stop.signum)
+                self.events.close()
+                raise Interrupted(f"{self.cfg.phase} stopped by a signal after step {s.step}; its checkpoint is "
+                                  f"{self.phase_dir / ckpt.step_dir_name(s.step)} (run the same command to resume)")
         if not (self.phase_dir / "latest").exists():  # resumed at the end: nothing ran, nothing to add
             self._save(to_step_dir=True, to_best=False)
         self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step)

@@ -3,7 +3,8 @@
     accelerate launch -m trainer_accel.run --phase {pretrain,sft,pipeline} --config configs/X.json
     python -m trainer_accel.run ...   (one process, no launcher)
 
-Exit codes: 0 done, 2 bad input (config, caches, checkpoint, flags; one line per problem), 1 anything else.
+Exit codes: 0 done, 2 bad input (config, caches, checkpoint, flags; one line per problem), 3 stopped by
+SIGTERM/SIGINT after writing a checkpoint, 1 anything else.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .errors import UserError, report
 from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
 from .loop import PhaseResult, Trainer
 from .paths import Paths, resolve_paths
+from .stopping import INTERRUPTED_EXIT, Interrupted
 
 log = logging.getLogger("trainer_accel")
 
@@ -200,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # training diverged: not a bug in the trainer, so no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return INTERRUPTED_EXIT
     return 0
 
 

@@ -1,0 +1,73 @@
+"""SIGTERM / SIGINT: finish the step, write a checkpoint, exit 3; started again, the run continues exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import events, run_cli, write_config
+from trainer_accel.checkpoint import read_meta
+
+TRAIN = {"total_steps": 400, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
+
+
+def wait_for_training(world, proc, timeout=120):
+    """Await the first logged step (the run is inside its loop), polling the event log the run writes."""
+    path = world / "metrics" / "events.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+        if path.exists() and '"event": "train"' in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError("run never started training")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_and_resume_is_exact(world, sig):
+    cfg = write_config(world / "pre.json", "pretrain", TRAIN)
+    ref = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "ref")})
+    assert ref.returncode == 0, ref.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg)],
+                            cwd=world, stderr=subprocess.PIPE, text=True)
+    wait_for_training(world, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "stopped: pretrain stopped by a signal after step" in err and "Traceback" not in err
+    stopped = events(world, "stopped")
+    assert len(stopped) == 1 and stopped[0]["signal"] == int(sig)
+    step = stopped[0]["step"]
+    assert 0 < step < 400
+    assert read_meta(world / "checkpoints/pretrain/latest")["step"] == step
+
+    again = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    assert again.returncode == 0, again.stderr
+    assert f"at step {step}" in again.stderr
+    a = load_file(str(world / "checkpoints/pretrain/latest/model.safetensors"))
+    b = load_file(str(world / "ref/checkpoints/pretrain/latest/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["step"] for e in events(world, "train")] == list(range(1, 401))
+
+
+def test_second_signal_exits_at_once(monkeypatch):
+    from trainer_accel import stopping
+
+    exits = []
+    monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
+    with stopping.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and exits == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [128 + signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
