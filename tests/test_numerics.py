@@ -103,3 +103,59 @@ def test_unconnected_processes_are_refused(world):
         pytest.skip("this machine connects the processes (it has GPUs)")
     assert r.returncode != 0 and "processes but they are not connected" in r.stderr
     assert not (world / "checkpoints").exists()
+
+
+def test_micro_batches_without_answer_tokens_count_nothing_and_never_nan(world):
+    """With T=8 every demo answer lies past the window: all labels are -100."""
+    cfg = write_config(world / "sft.json", "sft", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2},
+                       model_cfg={"V": 260, "T": 8, "C": 32, "L": 2, "H": 2, "d_ff": 64})
+    r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world)
+    assert r.returncode == 0, r.stderr
+    assert "micro-batches up to step 2 had no counted tokens" in r.stderr
+    assert "validation batches hold no counted tokens" in r.stderr
+    from conftest import events
+
+    assert [e["train/loss"] for e in events(world, "train")] == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_skip_mode_skips_non_finite_updates_then_stops(world):
+    cfg = write_config(world / "pre.json", "pretrain", {"base_lr": 1e12, "min_lr": 1e11, "grad_clip": 0.0, "on_nonfinite": "skip",
+                                                       "max_nonfinite_skips": 3, "total_steps": 8, "ckpt_every": 1})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    assert r.returncode == 1 and "3 non-finite updates in a row" in r.stderr and "Traceback" not in r.stderr
+    from conftest import events
+
+    skipped = [e["step"] for e in events(world, "skipped")]
+    assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
+    for d in (world / "checkpoints/pretrain").glob("step_*"):  # skipped updates never reach the weights
+        assert all(torch.isfinite(t).all() for t in load_file(str(d / "model.safetensors")).values())
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(world):
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    from trainer_accel import prepare
+
+    (world / "more.txt").write_text("\n\n".join(f"Paragraph {i} of some other text entirely." for i in range(20)))
+    assert prepare.main(["--stream", "roam=more.txt"]) == 0
+    longer = write_config(world / "pre4.json", "pretrain", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(longer), cwd=world)
+    assert r.returncode == 2 and "the caches differ from those this checkpoint was trained on (streams/roam_train.bin:" in r.stderr
+    allowed = write_config(world / "pre4a.json", "pretrain", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2,
+                                                               "allow_data_change": True})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(allowed), cwd=world)
+    assert r.returncode == 0 and "RESUMING ON CHANGED DATA" in r.stderr
+
+
+def test_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from trainer_accel import checkpoint as ckpt
+    from trainer_accel.errors import UserError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(100 << 20, 60 << 20, 40 << 20))
+    with pytest.raises(UserError, match=r"MiB free, a checkpoint needs about .* nothing was written"):
+        ckpt.ensure_free_space(tmp_path / "checkpoints" / "pretrain", 50 << 20)
+    ckpt.ensure_free_space(tmp_path, 1 << 20)  # room enough: no error
+    assert list(tmp_path.iterdir()) == []

@@ -149,6 +149,29 @@ def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], optimiz
     return target
 
 
+def state_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a (nested) state dict: what a checkpoint of it takes on disk, near enough."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def ensure_free_space(directory: Path, needed: int, copies: int = 1) -> None:
+    """Refuse to start a save that cannot finish: a full disk must not leave a partial file behind."""
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    want = int(needed * copies * 1.05) + (16 << 20)
+    if free < want:
+        raise UserError(f"{directory}: {free / 2**20:,.0f} MiB free, a checkpoint needs about {want / 2**20:,.0f} MiB; "
+                        "nothing was written and the earlier checkpoints are intact (free some space and resume)")
+
+
 def publish(source: Path, target: Path) -> None:
     """Make `target` (latest/, best/) a complete copy of checkpoint `source`: hard links, so no bytes are copied."""
     tmp = _temp_dir_for(target)

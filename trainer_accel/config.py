@@ -64,6 +64,9 @@ class TrainConfig:
     keep_last_n: int = 3  # step checkpoints kept; best/ and latest/ are never pruned
     log_every: int = 50  # steps between progress lines (at most 50)
     mixed_precision: str | None = None  # "no", "bf16" or "fp16"; null leaves it to the accelerate launcher
+    on_nonfinite: str = "stop"  # a NaN/inf loss or grad norm: "stop" with an error, or "skip" that update
+    max_nonfinite_skips: int = 10  # with "skip": stop after this many skipped updates in a row
+    allow_data_change: bool = False  # resume even if the caches differ from the checkpoint's (logged loudly)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,6 +199,10 @@ def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> li
         out.append(f"{where}.grad_clip: must be >= 0 (0 turns clipping off), got {t.grad_clip}")
     if t.keep_last_n < 2:
         out.append(f"{where}.keep_last_n: must be at least 2, got {t.keep_last_n}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        out.append(f'{where}.on_nonfinite: expected "stop" or "skip", got {json.dumps(t.on_nonfinite)}')
+    if t.max_nonfinite_skips <= 0:
+        out.append(f"{where}.max_nonfinite_skips: must be a positive integer, got {t.max_nonfinite_skips}")
     if t.mixed_precision not in (None, "no", "bf16", "fp16"):
         out.append(f'{where}.mixed_precision: expected "no", "bf16", "fp16" or null, got {json.dumps(t.mixed_precision)}')
     return out

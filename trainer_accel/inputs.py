@@ -7,6 +7,8 @@ is a run that can finish, and a user with three problems hears about all three a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,12 @@ class PhaseInputs:
     strategy: Strategy
     caches: list[Cache]  # every cache the phase reads
     tokenizer: str  # the tokenizer identity all caches share
+
+    def data_info(self) -> dict:
+        """What a checkpoint records of its data: each cache's sha256 by name, and one fingerprint of them all."""
+        caches = {f"{c.path.parent.name}/{c.path.name}": c.meta["sha256"] for c in self.caches}
+        fingerprint = hashlib.sha256(json.dumps(caches, sort_keys=True).encode()).hexdigest()
+        return {"tokenizer": self.tokenizer, "caches": caches, "data_fingerprint": fingerprint}
 
 
 def _phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[str, list[tuple[str, Path]], list[tuple[str, Path]], str]:

@@ -72,6 +72,7 @@ class LoopState:
     best_val_loss: float | None = None
     best_val_step: int | None = None
     last_val_loss: float | None = None
+    skipped_steps: int = 0  # updates skipped for a non-finite loss (on_nonfinite = "skip")
 
 
 @dataclass
@@ -93,6 +94,8 @@ class Trainer:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.phase_dir = paths.phase_dir(cfg.phase)
         self.data_info = data_info or {}
+        self.empty_micro_batches = 0  # since the last progress line
+        self.nonfinite_in_a_row = 0
 
         torch.manual_seed(self.t.seed)  # the same initial weights on every process and every run
         model = GPT(cfg.model)
@@ -119,15 +122,29 @@ class Trainer:
                 f"(B x accum_steps x processes), this run has {self.global_batch} "
                 f"(B={self.t.B}, accum_steps={self.t.accum_steps}, processes={self.world}); keep the product equal to resume"
             )
+        self._check_same_data(loaded)
         if loaded.optimizer_state is not None:
             self.optimizer.load_state_dict(loaded.optimizer_state)
+        if self.acc.scaler is not None and meta.get("grad_scaler"):
+            self.acc.scaler.load_state_dict(meta["grad_scaler"])
         self.state = LoopState(
             run_id=meta.get("run_id") or self.state.run_id, step=loaded.step,
             tokens_seen=int(meta.get("tokens_seen", loaded.step * self.global_batch * self.cfg.seq_len)),
             best_val_loss=loaded.best_val_loss, best_val_step=meta.get("best_val_step"),
-            last_val_loss=meta.get("last_val_loss"),
+            last_val_loss=meta.get("last_val_loss"), skipped_steps=int(meta.get("skipped_steps", 0)),
         )
         log.info("resumed from %s at step %d (best val loss %s)", loaded.source, loaded.step, _fmt(loaded.best_val_loss))
+
+    def _check_same_data(self, loaded: LoadedCheckpoint) -> None:
+        saved, now = loaded.meta.get("caches"), self.data_info.get("caches")
+        if not saved or not now or saved == now:
+            return
+        diff = "; ".join(f"{k}: {saved.get(k, 'absent')[:12]} -> {now.get(k, 'absent')[:12]}"
+                         for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+        if not self.t.allow_data_change:
+            raise UserError(f"{loaded.source}: the caches differ from those this checkpoint was trained on ({diff}); "
+                            "set train_cfg.allow_data_change to resume anyway")
+        log.warning("RESUMING ON CHANGED DATA (train_cfg.allow_data_change is set): %s", diff)
 
     @property
     def global_batch(self) -> int:
@@ -143,8 +160,9 @@ class Trainer:
         device = self.acc.device
         batches = [self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps)
                    for m in range(self.t.accum_steps)]
-        local = torch.tensor(float(sum(self.strategy.count_tokens(b) for b in batches)), device=device)
-        counted = self.acc.reduce(local, "sum").clamp_min(1.0)
+        counts = [self.strategy.count_tokens(b) for b in batches]
+        self.empty_micro_batches += counts.count(0)  # they add nothing to loss or gradient; reported in the log
+        counted = self.acc.reduce(torch.tensor(float(sum(counts)), device=device), "sum").clamp_min(1.0)
         loss_sum = torch.zeros((), device=device)
         for m, batch in enumerate(batches):
             sync = m == len(batches) - 1
@@ -152,12 +170,26 @@ class Trainer:
                 total, _ = self.strategy.loss(self.model, batch.to(device))
                 self.acc.backward(total * (self.world / counted))
             loss_sum += total.detach()
-        grad_norm = torch.zeros((), device=device)
-        if self.t.grad_clip > 0:
-            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
-        self.optimizer.step()
+        max_norm = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")  # inf: measure, do not clip
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss = self.acc.reduce(loss_sum, "sum") / counted
+        if self.t.on_nonfinite == "skip" and not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # host sync
+            self._skip_update(step)
+        else:
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
-        return self.acc.reduce(loss_sum, "sum") / counted, grad_norm
+        return loss, grad_norm
+
+    def _skip_update(self, step: int) -> None:
+        self.nonfinite_in_a_row += 1
+        self.state.skipped_steps += 1
+        self.events.write("skipped", step + 1, reason="non-finite loss or gradient norm")
+        log.warning("%s step %d: non-finite loss or gradient norm, update skipped (%d in a row)",
+                    self.cfg.phase, step + 1, self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.t.max_nonfinite_skips:
+            raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite updates in a row up to step {step + 1} "
+                                     "(train_cfg.max_nonfinite_skips); the last checkpoint is kept as it was")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -183,16 +215,22 @@ class Trainer:
         return {
             "phase": self.cfg.phase, "run_id": s.run_id, "step": s.step, "best_val_loss": s.best_val_loss,
             "best_val_step": s.best_val_step, "last_val_loss": s.last_val_loss, "tokens_seen": s.tokens_seen,
+            "skipped_steps": s.skipped_steps,
             "model_cfg": self.cfg.model.to_dict(), "train_cfg": self.t.to_dict(), "config": self.cfg.raw,
             "config_path": str(self.cfg.path), "global_batch": self.global_batch, "world_size": self.world,
             "created_at": time.time(), **self.data_info,
+            "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
 
     def _save(self, to_step_dir: bool, to_best: bool) -> None:
         """Write the checkpoint(s) due now. Every process gathers the weights; only the main one writes."""
         model_state = self.acc.get_state_dict(self.model)
+        opt_state = self.optimizer.state_dict()
+        # every process checks (one filesystem), so all stop together rather than leave the others waiting
+        ckpt.ensure_free_space(self.phase_dir, ckpt.state_bytes(model_state) + ckpt.state_bytes(opt_state),
+                               copies=int(to_step_dir) + int(to_best and not to_step_dir))
         if self.acc.is_main_process:
-            opt_state, meta = self.optimizer.state_dict(), self._meta()
+            meta = self._meta()
             if to_step_dir:
                 step_dir = ckpt.write_checkpoint(self.phase_dir / ckpt.step_dir_name(self.state.step), model_state, opt_state, meta)
                 ckpt.publish(step_dir, self.phase_dir / "latest")
@@ -269,8 +307,13 @@ class Trainer:
                 "train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm, "train/tokens_seen": tokens,
                 "train/tokens_per_sec": tokens_per_sec, "metrics/stage_id": self.strategy.stage_id,
             })
-        avg = sum(v[0] for v in values) / len(values)
-        if not all(math.isfinite(v[0]) for v in values):
+        if self.empty_micro_batches:
+            log.warning("%s: %d micro-batches up to step %d had no counted tokens (every label -100); they "
+                        "contributed nothing", self.cfg.phase, self.empty_micro_batches, pending[-1][0])
+            self.empty_micro_batches = 0
+        finite = [v[0] for v in values if math.isfinite(v[0])]
+        avg = sum(finite) / len(finite) if finite else float("nan")
+        if self.t.on_nonfinite == "stop" and len(finite) < len(values):
             bad = next(p[0] for p, v in zip(pending, values) if not math.isfinite(v[0]))
             raise FloatingPointError(f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
                                      "(try a lower base_lr or grad_clip)")

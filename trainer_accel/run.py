@@ -113,8 +113,7 @@ def plan_phase(cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume:
 
 
 def run_phase(acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed, initial) -> PhaseResult:
-    data_info = {"tokenizer": inputs.tokenizer, "caches": {str(c.path): c.meta["sha256"] for c in inputs.caches}}
-    trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=data_info)
+    trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=inputs.data_info())
     return trainer.fit()
 
 
