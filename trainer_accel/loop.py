@@ -156,7 +156,6 @@ class Trainer:
         """One optimizer update; returns (token-weighted loss, grad norm) as device tensors (no host sync)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.t)
-        torch.manual_seed(address_seed(self.t.seed, DROPOUT_TAG, step, self.rank))  # dropout masks, by address
         device = self.acc.device
         batches = [self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps)
                    for m in range(self.t.accum_steps)]
@@ -165,6 +164,8 @@ class Trainer:
         counted = self.acc.reduce(torch.tensor(float(sum(counts)), device=device), "sum").clamp_min(1.0)
         loss_sum = torch.zeros((), device=device)
         for m, batch in enumerate(batches):
+            # dropout masks by address: the global slice (micro * processes + rank), so any split draws the same
+            torch.manual_seed(address_seed(self.t.seed, DROPOUT_TAG, step, m * self.world + self.rank))
             sync = m == len(batches) - 1
             with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
                 total, _ = self.strategy.loss(self.model, batch.to(device))

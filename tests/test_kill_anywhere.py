@@ -1,0 +1,10 @@
+"""The short CI version of tests/kill_anywhere.py: SIGKILL at random moments, restart, compare."""
+
+from __future__ import annotations
+
+from kill_anywhere import kill_anywhere
+
+
+def test_random_sigkills_lose_nothing(tmp_path):
+    result = kill_anywhere(kills=6, workdir=tmp_path, seed=1)
+    assert result["kills"] == 6 and result["restarts"] == 7
