@@ -92,6 +92,38 @@ def test_bad_config_names_the_key(tmp_path, patch, message):
     assert any(message in p for p in e.value.problems), e.value.problems
 
 
+SFT_AND_PIPELINE = [
+    ("sft", {"model_cfg": TINY_MODEL}, "sft_sources: missing"),
+    ("sft", {"model_cfg": TINY_MODEL, "sft_sources": {"dolly": 1.0}, "init_from": 5}, "init_from: expected a checkpoint path or null"),
+    ("sft", {"model_cfg": TINY_MODEL, "sft_sources": {"wiki": 1.0}}, "sft_sources.wiki: unknown source (expected one of dolly, oasst1, primer)"),
+    ("pipeline", {"pretrain_config_path": "p.json", "sft_cfg_path": "s.json"}, "sft_cfg_path: unknown key (did you mean 'sft_config_path'?)"),
+    ("pipeline", {"pretrain_config_path": "missing.json", "sft_config_path": "s.json"}, "missing.json: pretrain config not found"),
+    ("pretrain", [1, 2], "expected a JSON object at the top level"),
+]
+
+
+@pytest.mark.parametrize("kind,data,message", SFT_AND_PIPELINE, ids=[m.split(":")[0] for _, _, m in SFT_AND_PIPELINE])
+def test_bad_sft_and_pipeline_configs_name_the_key(tmp_path, kind, data, message):
+    from trainer_accel.config import load_phase_config, load_pipeline_config
+    from trainer_accel.errors import UserError
+
+    (tmp_path / "s.json").write_text(json.dumps({"model_cfg": TINY_MODEL, "sft_sources": {"dolly": 1.0}}))
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(UserError) as e:
+        load_pipeline_config(tmp_path / "c.json") if kind == "pipeline" else load_phase_config(tmp_path / "c.json", kind)
+    assert any(message in p for p in e.value.problems), e.value.problems
+
+
+def test_cache_hash_checked_on_demand(world):
+    f = world / "data/cache/streams/wiki_val.bin"
+    data = bytearray(f.read_bytes())
+    data[10] ^= 0x01  # same size, different content
+    f.write_bytes(bytes(data))
+    cfg = write_config(world / "pre.json", "pretrain", {"verify_cache_hash": True, "total_steps": 2, "eval_every": 2})
+    assert_user_error(run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world),
+                      "wiki_val.bin: content does not match the sha256 in its meta")
+
+
 def test_all_config_problems_reported_together_through_the_cli(world):
     (world / "c.json").write_text(json.dumps({"model_cfg": {**TINY_MODEL, "L": 0}, "train_cfg": {"B": -1, "seed": "x"}}))
     r = run_cli("run", "--phase", "pretrain", "--config", "c.json", cwd=world)

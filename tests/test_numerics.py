@@ -33,6 +33,12 @@ def losses(world, sub):
             if e["event"] in ("train", "eval")]
 
 
+def grad_norms(world, sub):
+    from trainer_accel.metrics import read_events
+
+    return [e["train/grad_norm"] for e in read_events(world / sub / "metrics/events.jsonl") if e["event"] == "train"]
+
+
 def launch(world, config_file, *run_args, env):
     """`accelerate launch --config_file launch/<config_file> -m trainer_accel.run ...`, as the README shows."""
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / config_file),
@@ -57,6 +63,8 @@ def test_accumulation_equals_one_big_batch(world):
     run_split(world, "big", B=8, accum=1)
     run_split(world, "acc", B=2, accum=4)
     assert max_diff(weights(world, "big"), weights(world, "acc")) < 1e-6
+    # Adam hides a uniform scale error in the gradient; the (pre-clip) gradient norm does not
+    assert grad_norms(world, "big") == pytest.approx(grad_norms(world, "acc"), rel=1e-5)
     for (s1, l1, v1), (s2, l2, v2) in zip(losses(world, "big"), losses(world, "acc"), strict=True):
         assert s1 == s2 and (l1 is None or abs(l1 - l2) < 1e-5) and (v1 is None or abs(v1 - v2) < 1e-5)
 
@@ -66,6 +74,7 @@ def test_two_gloo_processes_equal_one(world):
     r = run_split(world, "two", B=2, accum=1, launcher="cpu_2proc.yaml")
     assert "2 processes on" in r.stderr
     assert max_diff(weights(world, "one"), weights(world, "two")) < 1e-6
+    assert grad_norms(world, "one") == pytest.approx(grad_norms(world, "two"), rel=1e-5)
     for (s1, l1, v1), (s2, l2, v2) in zip(losses(world, "one"), losses(world, "two"), strict=True):
         assert s1 == s2 and (l1 is None or abs(l1 - l2) < 1e-5) and (v1 is None or abs(v1 - v2) < 1e-5)
 
@@ -159,3 +168,27 @@ def test_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
         ckpt.ensure_free_space(tmp_path / "checkpoints" / "pretrain", 50 << 20)
     ckpt.ensure_free_space(tmp_path, 1 << 20)  # room enough: no error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_first_gradient_equals_a_hand_computed_big_batch(world):
+    """Step 1 of an accumulated run against the mean cross-entropy over all answer tokens of its global batch."""
+    import torch.nn.functional as F
+
+    from trainer_accel.config import load_phase_config
+    from trainer_accel.inputs import check_phase_inputs
+    from trainer_accel.model import GPT
+    from trainer_accel.paths import resolve_paths
+
+    run_split(world, "acc", B=2, accum=4, extra={"grad_clip": 0.0})
+    cfg = load_phase_config(world / "acc.json", "sft")
+    strategy = check_phase_inputs(cfg, resolve_paths()).strategy
+    strategy.B = 8
+    batch = strategy.train_batch(0, 0, 0, 1, 1)  # the whole global batch of step 0, as one batch
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    logits = model(batch.x)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.y_masked.flatten(), ignore_index=-100)  # mean over counted tokens
+    loss.backward()
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    assert grad_norms(world, "acc")[0] == pytest.approx(norm, rel=1e-5)
+    assert losses(world, "acc")[1][1] == pytest.approx(loss.item(), rel=1e-6)  # [0] is the step-0 eval

@@ -67,6 +67,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf loss or grad norm: "stop" with an error, or "skip" that update
     max_nonfinite_skips: int = 10  # with "skip": stop after this many skipped updates in a row
     allow_data_change: bool = False  # resume even if the caches differ from the checkpoint's (logged loudly)
+    verify_cache_hash: bool = False  # re-hash every cache against its meta at start (slow on big caches)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

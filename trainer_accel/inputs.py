@@ -79,7 +79,7 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     problems, opened = [], {}
     for _, p, kind in wanted:
         try:
-            opened[p] = open_cache(p, kind)
+            opened[p] = open_cache(p, kind, verify_hash=cfg.train.verify_cache_hash)
         except UserError as e:
             problems += e.problems
     raise_if_any(problems)
