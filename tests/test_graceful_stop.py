@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import events, run_cli, write_config
 from trainer_accel.checkpoint import read_meta
 
-TRAIN = {"total_steps": 400, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
+TRAIN = {"total_steps": 200, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
 
 
 def wait_for_training(world, proc, timeout=120):
@@ -32,11 +31,21 @@ def wait_for_training(world, proc, timeout=120):
     raise AssertionError("run never started training")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_gracefully_and_resume_is_exact(world, sig):
-    cfg = write_config(world / "pre.json", "pretrain", TRAIN)
-    ref = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "ref")})
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Final weights of the run never interrupted."""
+    root = tmp_path_factory.mktemp("ref")
+    env = {"TRAINER_DATA_DIR": str(root / "data"), "TRAINER_ARTIFACTS_DIR": str(root)}
+    assert run_cli("prepare", "--demo", cwd=root, env=env).returncode == 0
+    cfg = write_config(root / "pre.json", "pretrain", TRAIN)
+    ref = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=root, env=env)
     assert ref.returncode == 0, ref.stderr
+    return load_file(str(root / "checkpoints/pretrain/latest/model.safetensors"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_and_resume_is_exact(world, reference, sig):
+    cfg = write_config(world / "pre.json", "pretrain", TRAIN)
 
     proc = subprocess.Popen([sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg)],
                             cwd=world, stderr=subprocess.PIPE, text=True)
@@ -48,16 +57,15 @@ def test_signal_stops_gracefully_and_resume_is_exact(world, sig):
     stopped = events(world, "stopped")
     assert len(stopped) == 1 and stopped[0]["signal"] == int(sig)
     step = stopped[0]["step"]
-    assert 0 < step < 400
+    assert 0 < step < 200
     assert read_meta(world / "checkpoints/pretrain/latest")["step"] == step
 
     again = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
     assert again.returncode == 0, again.stderr
     assert f"at step {step}" in again.stderr
     a = load_file(str(world / "checkpoints/pretrain/latest/model.safetensors"))
-    b = load_file(str(world / "ref/checkpoints/pretrain/latest/model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [e["step"] for e in events(world, "train")] == list(range(1, 401))
+    assert all(torch.equal(a[k], reference[k]) for k in a)
+    assert [e["step"] for e in events(world, "train")] == list(range(1, 201))
 
 
 def test_second_signal_exits_at_once(monkeypatch):

@@ -203,10 +203,17 @@ def sweep_leftovers(phase_dir: Path) -> None:
     if not phase_dir.is_dir():
         return
     for name in ("latest", "best"):
-        trash = sorted(phase_dir.glob(f"{TRASH_PREFIX}{name}-*"))
-        if not (phase_dir / name).exists() and trash:
-            os.rename(trash[-1], phase_dir / name)  # killed between the two renames of a swap: undo it
-            log.warning("restored %s from %s left by an interrupted save", phase_dir / name, trash[-1].name)
+        if (phase_dir / name).exists():
+            continue
+        # killed between the two renames of a swap: the new copy if it is complete, else the old one
+        for cand in sorted(phase_dir.glob(f"{TMP_PREFIX}{name}-*"), reverse=True) + sorted(phase_dir.glob(f"{TRASH_PREFIX}{name}-*")):
+            try:
+                read_meta(cand)
+            except InvalidCheckpoint:
+                continue
+            os.rename(cand, phase_dir / name)
+            log.warning("restored %s from %s left by an interrupted save", phase_dir / name, cand.name)
+            break
     for p in list(phase_dir.glob(f"{TMP_PREFIX}*")) + list(phase_dir.glob(f"{TRASH_PREFIX}*")):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -283,6 +290,33 @@ def set_aside_broken(phase_dir: Path) -> list[Path]:
             log.warning("checkpoint %s is broken (%s); set aside as %s", cand, e, dest)
             moved.append(dest)
     return moved
+
+
+def reconcile_pointers(phase_dir: Path) -> None:
+    """Make latest/ and best/ agree with the newest intact checkpoint's sidecar. Main process only.
+
+    A step directory is always complete before latest/ and best/ move, so a kill in between leaves them behind
+    it; a run that then resumes at its last step would otherwise finish with a stale latest/ or best/.
+    """
+    newest = find_resume_checkpoint(phase_dir)
+    if newest is None:
+        return
+    meta = read_meta(newest, verify=False)
+    if _intact_step(phase_dir / "latest") != meta["step"]:
+        publish(newest, phase_dir / "latest")
+        log.warning("latest/ was behind step %d (an interrupted save); brought up to date", meta["step"])
+    best_step = meta.get("best_val_step")
+    source = phase_dir / step_dir_name(best_step) if best_step is not None else None
+    if source is not None and _intact_step(phase_dir / "best") != best_step and _intact_step(source) == best_step:
+        publish(source, phase_dir / "best")
+        log.warning("best/ was behind step %d (an interrupted save); brought up to date", best_step)
+
+
+def _intact_step(ckpt: Path) -> int | None:
+    try:
+        return read_meta(ckpt)["step"]
+    except InvalidCheckpoint:
+        return None
 
 
 def find_resume_checkpoint(phase_dir: Path) -> Path | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, export_best_pt, find_resume_checkpoint, read_meta,
-                         set_aside_broken, sweep_leftovers)
+                         reconcile_pointers, set_aside_broken, sweep_leftovers)
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
 from .errors import UserError, report
 from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
@@ -93,6 +93,7 @@ def tidy_phase_dir(acc, phase_dir: Path, auto_resume: bool) -> None:
         sweep_leftovers(phase_dir)
         if auto_resume:
             set_aside_broken(phase_dir)
+            reconcile_pointers(phase_dir)
     acc.wait_for_everyone()
 
 
