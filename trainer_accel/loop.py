@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint as ckpt
 from .checkpoint import LoadedCheckpoint
 from .config import PhaseConfig, TrainConfig
 from .errors import UserError
-from .metrics import open_event_log
+from .metrics import open_metrics
 from .model import GPT
 from .paths import Paths
 from .stopping import Interrupted, StopRequest
@@ -109,7 +112,12 @@ class Trainer:
             self._restore(resume_from)
         elif init_from is not None:
             log.info("initialised weights from %s (step %d); optimizer fresh", init_from.source, init_from.step)
-        self.events = open_event_log(paths.events, cfg.phase, self.state.run_id, accelerator.is_main_process)
+        self.events = open_metrics(paths.metrics, paths.events, cfg.phase, self.state.run_id, strategy.stage_id,
+                                   accelerator.is_main_process)
+        if resume_from is not None:  # the same history goes on: what an earlier process logged past here is superseded
+            superseded = self.events.continue_from(self.state.step)
+            self.events.write("resume", self.state.step, source=str(resume_from.source), superseded=superseded)
+        self._bar = None
 
     # -- resume ---------------------------------------------------------------------------------------------------
 
@@ -246,8 +254,20 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def fit(self) -> PhaseResult:
-        with StopRequest() as stop:
-            return self._fit(stop)
+        """Train to total_steps. A progress bar on a terminal, else a plain progress line every log_every steps."""
+        show_bar = self.acc.is_main_process and sys.stderr.isatty()
+        with StopRequest() as stop, logging_redirect_tqdm(), tqdm(
+                total=self.t.total_steps, initial=self.state.step, desc=self.cfg.phase, unit="step",
+                disable=not show_bar, dynamic_ncols=True) as self._bar:
+            try:
+                return self._fit(stop)
+            except Interrupted:
+                raise
+            except BaseException as e:
+                self.events.write("failure", self.state.step, error=f"{type(e).__name__}: {e}")
+                raise
+            finally:
+                self.events.close()
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """Whether any process was asked to stop; all processes must stop after the same step."""
@@ -260,24 +280,25 @@ class Trainer:
         t, s = self.t, self.state
         tokens_per_step = self.global_batch * self.cfg.seq_len
         self.events.write("run_start", s.step, total_steps=t.total_steps, processes=self.world,
-                          device=str(self.acc.device), **{"metrics/stage_id": self.strategy.stage_id})
+                          device=str(self.acc.device), stage_id=self.strategy.stage_id)
         log.info("%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters",
                  self.cfg.phase, s.step, t.total_steps, self.world, self.acc.device, self.acc.mixed_precision,
                  torch.get_num_threads(), f"{tokens_per_step:,}", f"{self.acc.unwrap_model(self.model).num_params():,}")
         if s.step == 0:  # where the phase starts from, for comparison; never a "best"
             s.last_val_loss = self.evaluate()
-            self.events.write("eval", 0, **{"val/loss": s.last_val_loss, "metrics/stage_id": self.strategy.stage_id})
+            self.events.write("eval", 0, **{"val/loss": s.last_val_loss})
             log.info("%s step 0 | val loss %.4f (before training)", self.cfg.phase, s.last_val_loss)
         self.model.train()
         pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor]] = []  # step, tokens, lr, loss, norm
         window_start, window_tokens = time.perf_counter(), 0
         while s.step < t.total_steps:
-            lr = lr_at(s.step, t)
             loss, grad_norm = self._train_step(s.step)
+            lr = self.optimizer.param_groups[0]["lr"]
             s.step += 1
             s.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             pending.append((s.step, s.tokens_seen, lr, loss, grad_norm))
+            self._bar.update(1)
             stopping = self._stop_agreed(stop) and s.step < t.total_steps  # at the end, just finish
             due = s.step % t.ckpt_every == 0 or s.step == t.total_steps or stopping
             if s.step % t.log_every == 0 or due:  # also checks the losses are finite before a checkpoint
@@ -291,13 +312,11 @@ class Trainer:
                 self._save(to_step_dir=due, to_best=improved)
             if stopping:
                 self.events.write("stopped", s.step, signal=stop.signum)
-                self.events.close()
                 raise Interrupted(f"{self.cfg.phase} stopped by a signal after step {s.step}; its checkpoint is "
                                   f"{self.phase_dir / ckpt.step_dir_name(s.step)} (run the same command to resume)")
         if not (self.phase_dir / "latest").exists():  # resumed at the end: nothing ran, nothing to add
             self._save(to_step_dir=True, to_best=False)
         self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step)
-        self.events.close()
         best = self.phase_dir / "best"
         return PhaseResult(self.cfg.phase, s, best if best.exists() else None, self.phase_dir / "latest")
 
@@ -306,7 +325,7 @@ class Trainer:
         for (step, tokens, lr, _, _), (loss, gnorm) in zip(pending, values):
             self.events.write("train", step, **{
                 "train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm, "train/tokens_seen": tokens,
-                "train/tokens_per_sec": tokens_per_sec, "metrics/stage_id": self.strategy.stage_id,
+                "train/tokens_per_sec": tokens_per_sec,
             })
         if self.empty_micro_batches:
             log.warning("%s: %d micro-batches up to step %d had no counted tokens (every label -100); they "
@@ -319,6 +338,10 @@ class Trainer:
             raise FloatingPointError(f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
                                      "(try a lower base_lr or grad_clip)")
         s = self.state
+        if self._bar is not None and not self._bar.disable:
+            self._bar.set_postfix(loss=f"{avg:.4f}", lr=f"{pending[-1][2]:.2e}", val=_fmt(s.last_val_loss),
+                                  tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            return
         log.info("%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s", self.cfg.phase, s.step, self.t.total_steps,
                  pending[-1][2], avg, _fmt(s.last_val_loss), f"{tokens_per_sec:,.0f}")
 
@@ -329,7 +352,7 @@ class Trainer:
         improved = math.isfinite(val) and (s.best_val_loss is None or val < s.best_val_loss)
         if improved:
             s.best_val_loss, s.best_val_step = val, s.step
-        self.events.write("eval", s.step, **{"val/loss": val, "metrics/stage_id": self.strategy.stage_id})
+        self.events.write("eval", s.step, **{"val/loss": val})
         log.info("%s step %d | val loss %.4f%s", self.cfg.phase, s.step, val, " (best)" if improved else "")
         return improved
 
