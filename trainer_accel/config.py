@@ -74,6 +74,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SamplePrompt:
+    """A prompt the model completes at every checkpoint (see samples.py)."""
+
+    prompt: str  # the text the model continues (or answers, for task "chat")
+    seed: int | None = None  # sampling seed; null uses the config's sample_seed
+    max_new_tokens: int = 64  # tokens generated at most
+    temperature: float = 0.8  # 0 is greedy
+    top_k: int | None = 50  # sample from the k most likely tokens; null for all
+    task: str = "completion"  # "completion" or "chat" (wrapped in the SFT template)
+
+
+@dataclass(frozen=True)
 class PhaseConfig:
     """One phase as the loop needs it, plus the JSON as the user gave it (stored verbatim in checkpoints)."""
 
@@ -85,6 +97,8 @@ class PhaseConfig:
     init_from: str | None  # SFT: checkpoint dir or .pt whose weights start the phase
     path: Path  # the config file
     raw: dict = field(repr=False)  # the JSON as given
+    sample_prompts: list[SamplePrompt] = field(default_factory=list)  # completions written at every checkpoint
+    sample_seed: int = 1234  # sampling seed of prompts that name none
 
     @property
     def seq_len(self) -> int:
@@ -225,13 +239,36 @@ def _sources_problems(sources: Any, allowed: tuple[str, ...], where: str) -> lis
     return out
 
 
+TASKS = ("completion", "chat")
+
+
+def parse_sample_prompts(value: object, where: str, problems: list[str]) -> list[SamplePrompt]:
+    """`sample_prompts`: strings or SamplePrompt objects; problems are appended, like every config check."""
+    if not isinstance(value, list):
+        problems.append(f"{where}: expected a list of prompts (strings or objects)")
+        return []
+    out = []
+    for i, item in enumerate(value):
+        spec = build_dataclass(SamplePrompt, {"prompt": item} if isinstance(item, str) else item, f"{where}[{i}]", problems)
+        if spec is None:
+            continue
+        if spec.task not in TASKS:
+            problems.append(f'{where}[{i}].task: expected "completion" or "chat", got {json.dumps(spec.task)}')
+        if spec.max_new_tokens <= 0 or spec.temperature < 0 or (spec.top_k is not None and spec.top_k <= 0):
+            problems.append(f"{where}[{i}]: max_new_tokens and top_k must be positive, temperature >= 0")
+        out.append(spec)
+    return out
+
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
 DEFAULT_PRETRAIN_SOURCES = {"wiki": 0.784, "roam": 0.196, "primer": 0.020}
+SAMPLE_KEYS = {"sample_prompts", "sample_seed"}
 PHASE_KEYS = {
-    "pretrain": {"model_cfg", "train_cfg", "sources", "val_source"},
-    "sft": {"model_cfg", "train_cfg", "sft_sources", "val_source", "init_from"},
+    "pretrain": {"model_cfg", "train_cfg", "sources", "val_source"} | SAMPLE_KEYS,
+    "sft": {"model_cfg", "train_cfg", "sft_sources", "val_source", "init_from"} | SAMPLE_KEYS,
 }
 PIPELINE_KEYS = {"pretrain_config_path", "sft_config_path"}
 
@@ -293,10 +330,15 @@ def parse_phase_config(data: Any, phase: str, path: Path) -> PhaseConfig:
     init_from = data.get("init_from")
     if init_from is not None and not isinstance(init_from, str):
         problems.append(f"{where}.init_from: expected a checkpoint path or null, got {json.dumps(init_from)}")
+    prompts = parse_sample_prompts(data.get("sample_prompts", []), f"{where}.sample_prompts", problems)
+    sample_seed = data.get("sample_seed", 1234)
+    if not _type_ok(sample_seed, int):
+        problems.append(f"{where}.sample_seed: expected an integer, got {json.dumps(sample_seed)}")
     raise_if_any(problems)
     return PhaseConfig(
         phase=phase, model=model, train=train, sources={k: float(v) for k, v in sources.items()},
-        val_source=val_source, init_from=init_from, path=Path(path), raw=data,
+        val_source=val_source, init_from=init_from, path=Path(path), raw=data, sample_prompts=prompts,
+        sample_seed=sample_seed,
     )
 
 

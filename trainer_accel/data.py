@@ -77,7 +77,7 @@ def write_cache(
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "kind": kind, "dtype": dtype.name,
         "num_tokens": int(len(tokens)), "vocab_size": int(tok.vocab_size),
         "max_token_id": int(tokens.max()) if len(tokens) else -1,
-        "tokenizer": tok.identity, "special_tokens": dict(tok.special),
+        "tokenizer": tok.identity, "tokenizer_path": getattr(tok, "path", None), "special_tokens": dict(tok.special),
         "sha256": hashlib.sha256(data).hexdigest(), "source_files": source_files,
     }
     if kind == "sft":

@@ -21,6 +21,7 @@ from .data import Cache, open_cache
 from .errors import UserError, raise_if_any
 from .paths import CACHE_NAMING, Paths
 from .strategies import STRATEGIES, RowSource, Strategy
+from .tokenizer import Tokenizer, tokenizer_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ class PhaseInputs:
     strategy: Strategy
     caches: list[Cache]  # every cache the phase reads
     tokenizer: str  # the tokenizer identity all caches share
+
+    def decoder(self) -> Tokenizer | None:
+        """The caches' tokenizer, to turn samples back into text (None if it cannot be found any more)."""
+        return tokenizer_from_meta(self.caches[0].meta)
 
     def data_info(self) -> dict:
         """What a checkpoint records of its data: each cache's sha256 by name, and one fingerprint of them all."""

@@ -32,8 +32,10 @@ from .errors import UserError
 from .metrics import open_metrics
 from .model import GPT
 from .paths import Paths
+from .samples import write_samples
 from .stopping import Interrupted, StopRequest
 from .strategies import Strategy
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,15 @@ class Trainer:
 
     def __init__(self, accelerator: Accelerator, cfg: PhaseConfig, strategy: Strategy, paths: Paths,
                  resume_from: LoadedCheckpoint | None = None, init_from: LoadedCheckpoint | None = None,
-                 data_info: dict | None = None):
+                 data_info: dict | None = None, tokenizer: Tokenizer | None = None):
         self.acc, self.cfg, self.strategy, self.paths = accelerator, cfg, strategy, paths
         self.t = cfg.train
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.phase_dir = paths.phase_dir(cfg.phase)
         self.data_info = data_info or {}
+        self.tokenizer = tokenizer
+        if cfg.sample_prompts and tokenizer is None:
+            log.warning("%s: sample_prompts are set but the caches' tokenizer cannot be found; no samples", cfg.path)
         self.empty_micro_batches = 0  # since the last progress line
         self.nonfinite_in_a_row = 0
 
@@ -247,9 +252,17 @@ class Trainer:
                     ckpt.publish(step_dir, self.phase_dir / "best")
                 ckpt.prune_step_dirs(self.phase_dir, self.t.keep_last_n)
                 self.events.write("checkpoint", self.state.step, path=str(step_dir))
+                self._write_samples()
             elif to_best:
                 ckpt.write_checkpoint(self.phase_dir / "best", model_state, opt_state, meta)
         self.acc.wait_for_everyone()
+
+    def _write_samples(self) -> None:
+        if not self.cfg.sample_prompts or self.tokenizer is None:
+            return
+        written = write_samples(self.acc.unwrap_model(self.model), self.tokenizer, self.cfg.sample_prompts,
+                                self.cfg.sample_seed, self.state.step, self.paths.samples)
+        self.events.write("samples", self.state.step, files=[str(p) for p in written])
 
     # -- the loop -------------------------------------------------------------------------------------------------
 

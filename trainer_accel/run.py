@@ -114,7 +114,8 @@ def plan_phase(cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume:
 
 
 def run_phase(acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed, initial) -> PhaseResult:
-    trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=inputs.data_info())
+    trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=inputs.data_info(),
+                      tokenizer=inputs.decoder())
     return trainer.fit()
 
 

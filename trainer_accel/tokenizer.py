@@ -81,6 +81,7 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
         self.identity = f"hf-{digest}"
+        self.path = str(Path(path).resolve())  # recorded in cache metas, so samples can be decoded later
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -96,6 +97,20 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
     if not path.is_file():
         raise UserError(f"{path}: tokenizer file not found (expected a Hugging Face tokenizer.json)")
     return HFTokenizer(path)
+
+
+def tokenizer_from_meta(meta: dict) -> Tokenizer | None:
+    """The tokenizer a cache was made with, when it can still be had (for decoding samples); else None."""
+    if meta.get("tokenizer") == ByteTokenizer.identity:
+        return ByteTokenizer()
+    path = meta.get("tokenizer_path")
+    if path and Path(path).is_file():
+        try:
+            tok = HFTokenizer(Path(path))
+        except UserError:
+            return None
+        return tok if tok.identity == meta.get("tokenizer") else None
+    return None
 
 
 def encode_chat(tok: Tokenizer, turns: list[tuple[str, str]]) -> list[int]:

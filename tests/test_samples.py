@@ -1,0 +1,59 @@
+"""What the model says at each checkpoint: files, settings, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import TINY_MODEL, events, run_cli, write_config
+
+PROMPTS = ["The zorba is", {"prompt": "What color is the zorba?", "task": "chat", "seed": 5, "max_new_tokens": 12,
+                            "temperature": 0.0},
+           {"prompt": "one and two make", "max_new_tokens": 8, "top_k": 3, "temperature": 1.0}]
+
+
+def test_samples_at_every_checkpoint_are_deterministic(world):
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 4, "ckpt_every": 2}, sample_prompts=PROMPTS, sample_seed=9)
+    texts = []
+    for sub in ("a", "b"):
+        r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"TRAINER_ARTIFACTS_DIR": sub})
+        assert r.returncode == 0, r.stderr
+        files = sorted((world / sub / "samples").iterdir())
+        assert [f.name for f in files] == [f"step-{s:08d}-{i:02d}.json" for s in (2, 4) for i in range(3)]
+        recs = [json.loads(f.read_text()) for f in files]
+        texts.append([r["text"] for r in recs])
+    assert texts[0] == texts[1]
+    first, chat, third = recs[3:]
+    assert first["prompt"] == "The zorba is" and first["seed"] == 9 and first["task"] == "completion" and first["step"] == 4
+    assert chat["seed"] == 5 and chat["task"] == "chat" and "<|eot|>" not in chat["text"]
+    assert third["top_k"] == 3 and third["max_new_tokens"] == 8
+    assert len(events(world / "a", "samples")) == 2
+
+
+def test_sample_text_works_on_an_exported_model(world):
+    from trainer_accel.config import ModelConfig, SamplePrompt
+    from trainer_accel.model import GPT
+    from trainer_accel.samples import sample_text
+    from trainer_accel.tokenizer import ByteTokenizer
+
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "ckpt_every": 2}, sample_prompts=["The"])
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    blob = torch.load(world / "checkpoints/best.pt", weights_only=True)
+    model = GPT(ModelConfig(**blob["model_cfg"]))
+    model.load_state_dict(blob["model_state"])
+    saved = json.loads((world / "samples/step-00000002-00.json").read_text())
+    assert sample_text(model, ByteTokenizer(), SamplePrompt("The"), 1234) == saved["text"]
+
+
+def test_bad_sample_prompts_are_named(tmp_path):
+    import pytest
+
+    from trainer_accel.config import load_phase_config
+    from trainer_accel.errors import UserError
+
+    (tmp_path / "c.json").write_text(json.dumps({"model_cfg": TINY_MODEL, "sample_prompts": [3, {"prompt": "x", "task": "poem"}]}))
+    with pytest.raises(UserError) as e:
+        load_phase_config(tmp_path / "c.json", "pretrain")
+    assert any("sample_prompts[0]: expected a JSON object" in p for p in e.value.problems)
+    assert any('sample_prompts[1].task: expected "completion" or "chat", got "poem"' in p for p in e.value.problems)
