@@ -29,7 +29,8 @@ def world(tmp_path, monkeypatch):
 
 
 def write_config(path: Path, phase: str, train: dict | None = None, **top) -> Path:
-    cfg = {"model_cfg": dict(TINY_MODEL), "train_cfg": {**TINY_TRAIN, **(train or {})}}
+    cfg = {"model_cfg": dict(TINY_MODEL), "train_cfg": {**TINY_TRAIN, **(train or {})},
+           "tracking": {"log_with": []}}  # trackers cost seconds per run; test_trackers.py turns them on
     if phase == "sft":
         cfg["sft_sources"] = {"dolly": 0.5, "oasst1": 0.4, "primer": 0.1}
         cfg["init_from"] = None

@@ -85,6 +85,20 @@ class SamplePrompt:
     task: str = "completion"  # "completion" or "chat" (wrapped in the SFT template)
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs are tracked besides metrics/events.jsonl and metrics.csv (always on)."""
+
+    log_with: tuple[str, ...] = TRACKERS  # Accelerate trackers: any of "tensorboard", "wandb"; [] for none
+    project: str = "trainer_accel"  # wandb project
+    group: str | None = None  # wandb group; null: the config file's folder and name (one experiment)
+    run_name: str | None = None  # run name; null: "{phase}-{run_id}"
+    tags: tuple[str, ...] = ()  # wandb tags; the phase is always added
+
+
 @dataclass(frozen=True)
 class PhaseConfig:
     """One phase as the loop needs it, plus the JSON as the user gave it (stored verbatim in checkpoints)."""
@@ -99,6 +113,7 @@ class PhaseConfig:
     raw: dict = field(repr=False)  # the JSON as given
     sample_prompts: list[SamplePrompt] = field(default_factory=list)  # completions written at every checkpoint
     sample_seed: int = 1234  # sampling seed of prompts that name none
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def seq_len(self) -> int:
@@ -261,11 +276,30 @@ def parse_sample_prompts(value: object, where: str, problems: list[str]) -> list
 
 
 
+def parse_tracking(value: Any, where: str, problems: list[str]) -> TrackingConfig:
+    if not isinstance(value, dict):
+        problems.append(f"{where}: expected an object like {{\"log_with\": [\"tensorboard\", \"wandb\"]}}")
+        return TrackingConfig()
+    lists = {}
+    for key in ("log_with", "tags"):
+        items = value.get(key, list(getattr(TrackingConfig, key)))
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            problems.append(f"{where}.{key}: expected a list of strings, got {json.dumps(items)}")
+            items = []
+        lists[key] = tuple(items)
+    for name in lists["log_with"]:
+        if name not in TRACKERS:
+            problems.append(f"{where}.log_with: unknown tracker {json.dumps(name)} (expected {', '.join(TRACKERS)})")
+    rest = {k: v for k, v in value.items() if k not in lists}
+    built = build_dataclass(TrackingConfig, rest, where, problems)
+    return dataclasses.replace(built or TrackingConfig(), **lists)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
 DEFAULT_PRETRAIN_SOURCES = {"wiki": 0.784, "roam": 0.196, "primer": 0.020}
-SAMPLE_KEYS = {"sample_prompts", "sample_seed"}
+SAMPLE_KEYS = {"sample_prompts", "sample_seed", "tracking"}
 PHASE_KEYS = {
     "pretrain": {"model_cfg", "train_cfg", "sources", "val_source"} | SAMPLE_KEYS,
     "sft": {"model_cfg", "train_cfg", "sft_sources", "val_source", "init_from"} | SAMPLE_KEYS,
@@ -331,6 +365,7 @@ def parse_phase_config(data: Any, phase: str, path: Path) -> PhaseConfig:
     if init_from is not None and not isinstance(init_from, str):
         problems.append(f"{where}.init_from: expected a checkpoint path or null, got {json.dumps(init_from)}")
     prompts = parse_sample_prompts(data.get("sample_prompts", []), f"{where}.sample_prompts", problems)
+    tracking = parse_tracking(data.get("tracking", {}), f"{where}.tracking", problems)
     sample_seed = data.get("sample_seed", 1234)
     if not _type_ok(sample_seed, int):
         problems.append(f"{where}.sample_seed: expected an integer, got {json.dumps(sample_seed)}")
@@ -338,7 +373,7 @@ def parse_phase_config(data: Any, phase: str, path: Path) -> PhaseConfig:
     return PhaseConfig(
         phase=phase, model=model, train=train, sources={k: float(v) for k, v in sources.items()},
         val_source=val_source, init_from=init_from, path=Path(path), raw=data, sample_prompts=prompts,
-        sample_seed=sample_seed,
+        sample_seed=sample_seed, tracking=tracking,
     )
 
 

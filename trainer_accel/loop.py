@@ -36,6 +36,7 @@ from .samples import write_samples
 from .stopping import Interrupted, StopRequest
 from .strategies import Strategy
 from .tokenizer import Tokenizer
+from .trackers import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,11 @@ class Trainer:
             log.info("initialised weights from %s (step %d); optimizer fresh", init_from.source, init_from.step)
         self.events = open_metrics(paths.metrics, paths.events, cfg.phase, self.state.run_id, strategy.stage_id,
                                    accelerator.is_main_process)
+        if accelerator.is_main_process and cfg.tracking.log_with:
+            run_info = {"parameters": model.num_params(), "processes": self.world, "global_batch": self.global_batch,
+                        "tokenizer": self.data_info.get("tokenizer"), "data_fingerprint": self.data_info.get("data_fingerprint")}
+            self.events.sinks += open_trackers(cfg, paths.metrics, self.state.run_id,
+                                               resume_from.step if resume_from is not None else None, run_info)
         if resume_from is not None:  # the same history goes on: what an earlier process logged past here is superseded
             superseded = self.events.continue_from(self.state.step)
             self.events.write("resume", self.state.step, source=str(resume_from.source), superseded=superseded)
