@@ -71,7 +71,9 @@ def wandb_run(world, run_id):
 
 
 def test_tensorboard_and_wandb_record_the_run(world):
-    cfg = write_config(world / "exp" / "pre.json", "pretrain", {"total_steps": 4, "eval_every": 2, "log_every": 1}, tracking=TRACKED)
+    cfg = write_config(world / "exp" / "pre.json", "pretrain", {"total_steps": 4, "eval_every": 2, "log_every": 1, "ckpt_every": 2},
+                       tracking=TRACKED,
+                       sample_prompts=["The", {"prompt": "Who?", "task": "chat", "max_new_tokens": 4}])
     import subprocess
     import sys
 
@@ -87,6 +89,16 @@ def test_tensorboard_and_wandb_record_the_run(world):
     assert sorted(history) == [0, 1, 2, 3, 4] and all("train/loss" in history[s] for s in (1, 2, 3, 4))
     assert history[4]["val/loss"] == pytest.approx(events(world, "eval")[-1]["val/loss"])
     assert {"train_cfg.B", "model_cfg.C", "parameters", "data_fingerprint", "sources.wiki"} <= config
+    # samples of the step-2 and step-4 checkpoints: a wandb table each, TensorBoard text
+    assert [s for s in history if "samples/_type" in history[s]] == [2, 4]
+    assert history[4]["samples/_type"] == "table-file" and history[4]["samples/nrows"] == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(world / "metrics" / "tensorboard" / f"pretrain-{run_id}"))
+    acc.Reload()
+    text = [e for e in acc.Tensors("samples/text_summary")]
+    assert [e.step for e in text] == [2, 4]
+    assert "| 1 | chat | Who? |" in text[-1].tensor_proto.string_val[0].decode()
 
 
 def test_a_resumed_run_continues_the_same_tracker_history(world):

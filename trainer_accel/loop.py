@@ -268,7 +268,7 @@ class Trainer:
             return
         written = write_samples(self.acc.unwrap_model(self.model), self.tokenizer, self.cfg.sample_prompts,
                                 self.cfg.sample_seed, self.state.step, self.paths.samples)
-        self.events.write("samples", self.state.step, files=[str(p) for p in written])
+        self.events.write("samples", self.state.step, samples=written)
 
     # -- the loop -------------------------------------------------------------------------------------------------
 

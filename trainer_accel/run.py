@@ -38,15 +38,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default: CUDA, else MPS, else CPU; under accelerate launch the launcher decides unless cpu")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint directory or exported .pt to resume from")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (Accelerate, trackers, checkpoints)")
     args = p.parse_args(argv)
     if args.resume is not None and args.no_resume:
         p.error("--resume and --no-resume contradict each other")
     return args
 
 
-def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+def setup_logging(is_main: bool, verbose: bool = False) -> None:
+    """INFO on the main process (DEBUG with -v), WARNING on the others: one process speaks for the run."""
+    level = (logging.DEBUG if verbose else logging.INFO) if is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else
+                        "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
 def make_accelerator(device: str | None, mixed_precision: str | None):
@@ -131,7 +134,7 @@ def export_at_end(acc, result: PhaseResult, paths: Paths) -> None:
 def run_single(args: argparse.Namespace, paths: Paths) -> None:
     cfg = load_phase_config(args.config, args.phase)
     acc = make_accelerator(args.device, cfg.train.mixed_precision)
-    setup_logging(acc.is_main_process)
+    setup_logging(acc.is_main_process, args.verbose)
     if args.no_resume and acc.is_main_process:
         set_aside(paths.phase_dir(cfg.phase))
     tidy_phase_dir(acc, paths.phase_dir(cfg.phase), auto_resume=args.resume is None and not args.no_resume)
@@ -167,7 +170,7 @@ def run_pipeline(args: argparse.Namespace, paths: Paths) -> None:
                         f"({pre.train.mixed_precision} vs {sft.train.mixed_precision}); one process has one precision")
     resume_phase = pipeline_resume_phase(args.resume)
     acc = make_accelerator(args.device, pre.train.mixed_precision)
-    setup_logging(acc.is_main_process)
+    setup_logging(acc.is_main_process, args.verbose)
     for phase in ("pretrain", "sft"):
         if args.no_resume and acc.is_main_process:
             set_aside(paths.phase_dir(phase))

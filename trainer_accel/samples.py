@@ -38,12 +38,13 @@ def sample_text(model: GPT, tok: Tokenizer, spec: SamplePrompt, default_seed: in
 
 
 def write_samples(model: GPT, tok: Tokenizer, specs: list[SamplePrompt], default_seed: int, step: int,
-                  samples_dir: Path) -> list[Path]:
-    paths = []
+                  samples_dir: Path) -> list[dict]:
+    """Generate and write every prompt's sample; returns the records (each with its file's path)."""
+    records = []
     for i, spec in enumerate(specs):
         record = {"step": step, **asdict(spec), "seed": spec.seed if spec.seed is not None else default_seed,
                   "text": sample_text(model, tok, spec, default_seed)}
         path = samples_dir / f"step-{step:08d}-{i:02d}.json"
         write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
-        paths.append(path)
-    return paths
+        records.append({**record, "path": str(path)})
+    return records

@@ -28,10 +28,24 @@ class TrackerSink:
         self.tracker = tracker
 
     def write(self, record: dict) -> None:
-        if record["event"] in METRIC_EVENTS:
+        if record["event"] == "samples":
+            self._samples(record["step"], record.get("samples", []))
+        elif record["event"] in METRIC_EVENTS:
             values = {k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
             if values:
                 self.tracker.log(values, step=record["step"])
+
+    def _samples(self, step: int, samples: list[dict]) -> None:
+        """wandb: a table per checkpoint; TensorBoard: a markdown table as text."""
+        columns = ["i", "task", "prompt", "text"]
+        rows = [[i, s["task"], s["prompt"], s["text"]] for i, s in enumerate(samples)]
+        if hasattr(self.tracker, "log_table") and self.tracker.name == "wandb":
+            self.tracker.log_table("samples", columns=columns, data=rows, step=step)
+        elif self.tracker.name == "tensorboard":
+            cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            table = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                              + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+            self.tracker.writer.add_text("samples", table, step)
 
     def supersede_after(self, run_id: str, phase: str, step: int) -> int:
         return 0  # done when the tracker starts (purge_step, run id)
