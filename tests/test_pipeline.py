@@ -78,3 +78,14 @@ def test_no_resume_sets_earlier_checkpoints_aside(world):
     assert len(kept) == 1 and read_meta(kept[0] / "latest")["step"] == 2
     assert steps_of(world, "pretrain") == [1, 2, 1, 2]
     assert len({e["run_id"] for e in events(world, "run_start")}) == 2
+
+
+def test_pipeline_samples_of_both_phases_are_kept(world):
+    write_config(world / "c/pretrain.json", "pretrain", sample_prompts=["The"])
+    write_config(world / "c/sft.json", "sft", init_from="checkpoints/pretrain/best", sample_prompts=[{"prompt": "Hi", "task": "chat"}])
+    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
+    assert run_cli("run", "--phase", "pipeline", "--config", "c/pipeline.json", cwd=world).returncode == 0
+    for phase, prompt in (("pretrain", "The"), ("sft", "Hi")):
+        files = sorted((world / "samples" / phase).iterdir())
+        assert [f.name for f in files] == ["step-00000004-00.json", "step-00000008-00.json"]
+        assert all(json.loads(f.read_text())["prompt"] == prompt for f in files)

@@ -19,7 +19,7 @@ def test_samples_at_every_checkpoint_are_deterministic(world):
     for sub in ("a", "b"):
         r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"TRAINER_ARTIFACTS_DIR": sub})
         assert r.returncode == 0, r.stderr
-        files = sorted((world / sub / "samples").iterdir())
+        files = sorted((world / sub / "samples" / "pretrain").iterdir())
         assert [f.name for f in files] == [f"step-{s:08d}-{i:02d}.json" for s in (2, 4) for i in range(3)]
         recs = [json.loads(f.read_text()) for f in files]
         texts.append([r["text"] for r in recs])
@@ -42,7 +42,7 @@ def test_sample_text_works_on_an_exported_model(world):
     blob = torch.load(world / "checkpoints/best.pt", weights_only=True)
     model = GPT(ModelConfig(**blob["model_cfg"]))
     model.load_state_dict(blob["model_state"])
-    saved = json.loads((world / "samples/step-00000002-00.json").read_text())
+    saved = json.loads((world / "samples/pretrain/step-00000002-00.json").read_text())
     assert sample_text(model, ByteTokenizer(), SamplePrompt("The"), 1234) == saved["text"]
 
 

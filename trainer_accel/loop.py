@@ -267,7 +267,7 @@ class Trainer:
         if not self.cfg.sample_prompts or self.tokenizer is None:
             return
         written = write_samples(self.acc.unwrap_model(self.model), self.tokenizer, self.cfg.sample_prompts,
-                                self.cfg.sample_seed, self.state.step, self.paths.samples)
+                                self.cfg.sample_seed, self.state.step, self.paths.samples / self.cfg.phase)
         self.events.write("samples", self.state.step, samples=written)
 
     # -- the loop -------------------------------------------------------------------------------------------------

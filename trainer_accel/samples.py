@@ -4,7 +4,8 @@ Each prompt is a string or an object {prompt, seed, max_new_tokens, temperature,
 "completion" (default) or "chat" (the prompt is wrapped in the SFT template and the answer read up to <|eot|>).
 Sampling uses its own generator seeded per prompt (`seed`, else the config's `sample_seed`), so a sample is a
 function of the weights and its settings, and it never touches the training randomness.
-Files: samples/step-{step:08d}-{i:02d}.json with the prompt, the settings, the step and the text.
+Files: samples/{phase}/step-{step:08d}-{i:02d}.json with the prompt, the settings, the step and the text (one
+folder per phase, because a pipeline's pretrain and SFT both reach, say, step 200).
 """
 
 from __future__ import annotations
