@@ -125,3 +125,21 @@ def test_export_refuses_bad_input(world):
     assert r.returncode == 2 and "nowhere: checkpoint not found" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("export", cwd=world)
     assert r.returncode == 2 and "no best checkpoint to export" in r.stderr
+
+
+def test_start_up_checks_hash_each_file_once(tmp_path, monkeypatch):
+    """latest/ shares the step directory's files (hard links); repeated checks must not re-read them."""
+    model = tiny_model()
+    step, _ = save(model, tmp_path / "step_0000003")
+    ckpt.publish(step, tmp_path / "latest")
+    calls = []
+    real = ckpt.sha256_file
+    monkeypatch.setattr(ckpt, "sha256_file", lambda p: calls.append(p) or real(p))
+    for _ in range(3):
+        ckpt.read_meta(step)
+        ckpt.read_meta(tmp_path / "latest")
+    assert len(calls) == 2  # model.safetensors and optimizer.pt, once each
+    (tmp_path / "latest" / "optimizer.pt").unlink()  # a changed file is a new file: hashed again
+    (tmp_path / "latest" / "optimizer.pt").write_bytes((step / "optimizer.pt").read_bytes())
+    ckpt.read_meta(tmp_path / "latest")
+    assert len(calls) == 3

@@ -222,6 +222,19 @@ def sweep_leftovers(phase_dir: Path) -> None:
 # Reading
 
 
+_hashes: dict[tuple[int, int, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a checkpoint file, hashed once per process: files are never changed in place, and latest/ and
+    best/ are hard links to a step directory's files (same inode), so start-up checks do not re-read them."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        _hashes[key] = sha256_file(path)
+    return _hashes[key]
+
+
 def read_meta(ckpt: Path, verify: bool = True) -> dict[str, Any]:
     """The sidecar of a complete, intact checkpoint directory; raises InvalidCheckpoint saying why not."""
     meta_file = ckpt / META_FILE
@@ -250,7 +263,7 @@ def read_meta(ckpt: Path, verify: bool = True) -> dict[str, Any]:
         size = path.stat().st_size
         if size != expected["size"]:
             raise InvalidCheckpoint(f"{name} is {size} bytes, the sidecar says {expected['size']} (truncated?)")
-        if verify and sha256_file(path) != expected["sha256"]:
+        if verify and file_sha256(path) != expected["sha256"]:
             raise InvalidCheckpoint(f"{name} does not match its sha256 in the sidecar (corrupt)")
     return meta
 
