@@ -171,8 +171,9 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------------
 
-    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer update; returns (token-weighted loss, grad norm) as device tensors (no host sync)."""
+    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer update. Returns this process's loss sum, the step's global token count and the grad norm,
+        as device tensors: no host sync, and the loss is reduced over processes only at progress lines."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.t)
         device = self.acc.device
@@ -192,14 +193,15 @@ class Trainer:
             loss_sum += total.detach()
         max_norm = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")  # inf: measure, do not clip
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss = self.acc.reduce(loss_sum, "sum") / counted
-        if self.t.on_nonfinite == "skip" and not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # host sync
+        # a non-finite loss on any process makes the all-reduced gradient non-finite, so grad_norm (the same on
+        # every process) decides for all of them alike
+        if self.t.on_nonfinite == "skip" and not bool(torch.isfinite(grad_norm)):  # host sync, "skip" mode only
             self._skip_update(step)
         else:
             self.optimizer.step()
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm
+        return loss_sum, counted, grad_norm
 
     def _skip_update(self, step: int) -> None:
         self.nonfinite_in_a_row += 1
@@ -308,15 +310,15 @@ class Trainer:
             self.events.write("eval", 0, **{"val/loss": s.last_val_loss})
             log.info("%s step 0 | val loss %.4f (before training)", self.cfg.phase, s.last_val_loss)
         self.model.train()
-        pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor]] = []  # step, tokens, lr, loss, norm
+        pending: list[tuple] = []  # (step, tokens seen, lr, local loss sum, global token count, grad norm)
         window_start, window_tokens = time.perf_counter(), 0
         while s.step < t.total_steps:
-            loss, grad_norm = self._train_step(s.step)
+            loss_sum, counted, grad_norm = self._train_step(s.step)
             lr = self.optimizer.param_groups[0]["lr"]
             s.step += 1
             s.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            pending.append((s.step, s.tokens_seen, lr, loss, grad_norm))
+            pending.append((s.step, s.tokens_seen, lr, loss_sum, counted, grad_norm))
             self._bar.update(1)
             stopping = self._stop_agreed(stop) and s.step < t.total_steps  # at the end, just finish
             due = s.step % t.ckpt_every == 0 or s.step == t.total_steps or stopping
@@ -340,8 +342,10 @@ class Trainer:
         return PhaseResult(self.cfg.phase, s, best if best.exists() else None, self.phase_dir / "latest")
 
     def _log_train(self, pending: list, tokens_per_sec: float) -> None:
-        values = torch.stack([torch.stack([l.float(), g.float()]) for *_, l, g in pending]).tolist()  # one host sync
-        for (step, tokens, lr, _, _), (loss, gnorm) in zip(pending, values):
+        sums = self.acc.reduce(torch.stack([p[3].float() for p in pending]), "sum")  # one collective per progress line
+        losses = sums / torch.stack([p[4].float() for p in pending])
+        values = torch.stack([losses, torch.stack([p[5].float() for p in pending])], dim=1).tolist()  # one host sync
+        for (step, tokens, lr, *_), (loss, gnorm) in zip(pending, values):
             self.events.write("train", step, **{
                 "train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm, "train/tokens_seen": tokens,
                 "train/tokens_per_sec": tokens_per_sec,

@@ -94,6 +94,7 @@ class CsvSink:
         if path.exists() and path.stat().st_size:
             with open(path, newline="", encoding="utf-8") as f:
                 self.columns = next(csv.reader(f))
+        self._f = None  # opened on the first row, reopened after a rewrite
 
     def _rows(self) -> list[dict]:
         if not self.path.exists():
@@ -102,6 +103,7 @@ class CsvSink:
             return list(csv.DictReader(f))
 
     def _rewrite(self, rows: list[dict]) -> None:
+        self.close()
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
         writer.writeheader()
@@ -116,11 +118,14 @@ class CsvSink:
             rows = self._rows()
             self.columns = (self.columns or list(ID_COLUMNS)) + [k for k in new if k not in ID_COLUMNS]
             self._rewrite(rows)
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
-                {k: "" if v is None else v for k, v in record.items()})
+        if self._f is None:
+            self._f = open(self.path, "a", newline="", encoding="utf-8")
+        csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="ignore").writerow(
+            {k: "" if v is None else v for k, v in record.items()})
+        self._f.flush()
 
     def supersede_after(self, run_id: str, phase: str, step: int) -> int:
+        self.close()
         rows = self._rows()
         keep = [r for r in rows if not _superseded(r, run_id, phase, step)]
         if len(keep) != len(rows):
@@ -128,7 +133,9 @@ class CsvSink:
         return len(rows) - len(keep)
 
     def close(self) -> None:
-        pass
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 class MetricsLog:
