@@ -66,7 +66,7 @@ def canonical_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     for key, t in state.items():
         key = key.replace("_orig_mod.", "")
         key = key[len("module."):] if key.startswith("module.") else key
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        ident = (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
         if ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -149,15 +149,20 @@ def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], optimiz
     return target
 
 
-def state_bytes(obj: Any) -> int:
-    """Bytes of all tensors in a (nested) state dict: what a checkpoint of it takes on disk, near enough."""
+def cpu_copy(obj: Any, _copies: dict | None = None) -> Any:
+    """A copy of a (nested) state dict with every tensor copied to CPU memory: a snapshot that training can no
+    longer change while it is written. Views of one tensor (tied weights) stay one copy, so they stay tied."""
+    copies = {} if _copies is None else _copies
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        ident = (obj.device, obj.dtype, obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()))
+        if ident not in copies:
+            copies[ident] = obj.detach().to("cpu", copy=True)
+        return copies[ident]
     if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
+        return {k: cpu_copy(v, copies) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v) for v in obj)
-    return 0
+        return type(obj)(cpu_copy(v, copies) for v in obj)
+    return obj
 
 
 def ensure_free_space(directory: Path, needed: int, copies: int = 1) -> None:

@@ -59,11 +59,13 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
     eval_every: int = 200  # steps between validation passes
-    eval_batches: int = 50  # fixed validation global batches (B x accum_steps x processes rows) per pass
+    eval_batches: int = 50  # fixed validation batches of B rows per pass, the same whatever the process count
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_last_n: int = 3  # step checkpoints kept; best/ and latest/ are never pruned
     log_every: int = 50  # steps between progress lines (at most 50)
     mixed_precision: str | None = None  # "no", "bf16" or "fp16"; null leaves it to the accelerate launcher
+    compile: bool = False  # torch.compile the model (faster steps on GPU after a compile of tens of seconds)
+    tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls (about 1e-3 relative precision, much faster)
     on_nonfinite: str = "stop"  # a NaN/inf loss or grad norm: "stop" with an error, or "skip" that update
     max_nonfinite_skips: int = 10  # with "skip": stop after this many skipped updates in a row
     allow_data_change: bool = False  # resume even if the caches differ from the checkpoint's (logged loudly)

@@ -92,14 +92,26 @@ def write_cache(
 
 @dataclass
 class Cache:
+    """An open cache. Its tokens are memory-mapped afresh for each batch and unmapped after it: a long-lived
+    map of a random-access file keeps every page it ever touched in the process's resident memory, so training
+    on a cache of many GB would grow to its size (nanoGPT re-creates its memmap per batch for the same reason)."""
+
     path: Path
     meta: dict
-    tokens: np.ndarray  # read-only memmap of token ids
     starts: np.ndarray | None  # SFT: example start offsets (num_examples + 1), else None
 
     @property
     def num_examples(self) -> int:
         return 0 if self.starts is None else len(self.starts) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["num_tokens"])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """A read-only memmap of all token ids; drop it when done (see the class note)."""
+        return np.memmap(self.path, dtype=np.dtype(self.meta["dtype"]), mode="r")
 
 
 REQUIRED_META = ("format", "version", "kind", "dtype", "num_tokens", "vocab_size", "tokenizer", "special_tokens", "sha256")
@@ -136,7 +148,6 @@ def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
         raise UserError(f"{bin_path}: content does not match the sha256 in its meta (corrupt or changed)")
     if meta["num_tokens"] == 0:
         raise UserError(f"{bin_path}: cache is empty")
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
     starts = None
     if kind == "sft":
         ip = index_path(bin_path)
@@ -146,7 +157,7 @@ def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
         n = meta.get("num_examples")
         if len(starts) != (n or 0) + 1 or starts[0] != 0 or starts[-1] != meta["num_tokens"] or np.any(np.diff(starts) <= 0):
             raise UserError(f"{ip}: example index does not match its cache ({n} examples, {meta['num_tokens']} tokens)")
-    return Cache(path=bin_path, meta=meta, tokens=tokens, starts=starts)
+    return Cache(path=bin_path, meta=meta, starts=starts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,9 +177,11 @@ def stream_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator
     """n random windows of T+1 tokens over the mixed streams; returns the rows selected by `keep`."""
     which = _choose_sources(rng, probs, n)
     u = rng.random(n)
-    rows = []
+    rows, maps = [], {}
     for src, frac in zip(which[keep], u[keep]):
-        arr = caches[src].tokens
+        arr = maps.get(src)
+        if arr is None:
+            arr = maps[src] = caches[src].tokens
         start = int(frac * (len(arr) - T))  # len(arr) >= T + 1 is checked when the caches are opened
         rows.append(arr[start:start + T + 1])
     return np.stack(rows).astype(np.int64)
@@ -181,11 +194,14 @@ def sft_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator, n
     u = rng.random(n)
     selected = list(zip(which[keep], u[keep]))
     out = np.full((len(selected), T + 1), pad_id, dtype=np.int64)
+    maps: dict[int, np.ndarray] = {}
     for r, (src, frac) in enumerate(selected):
         c = caches[src]
         i = int(frac * c.num_examples)
         a, b = c.starts[i], min(c.starts[i + 1], c.starts[i] + T + 1)
-        out[r, : b - a] = c.tokens[a:b]
+        if src not in maps:
+            maps[src] = c.tokens
+        out[r, : b - a] = maps[src][a:b]
     return out
 
 

@@ -10,6 +10,7 @@ exactly that of one big batch, whatever the split. Evaluation uses the same weig
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -29,6 +30,7 @@ from . import checkpoint as ckpt
 from .checkpoint import LoadedCheckpoint
 from .config import PhaseConfig, TrainConfig
 from .errors import UserError
+from .full_state import checkpoint_bytes, full_model_state, full_optimizer_state, load_full_optimizer_state
 from .metrics import open_metrics
 from .model import GPT
 from .paths import Paths
@@ -103,8 +105,13 @@ class Trainer:
         self.tokenizer = tokenizer
         if cfg.sample_prompts and tokenizer is None:
             log.warning("%s: sample_prompts are set but the caches' tokenizer cannot be found; no samples", cfg.path)
-        self.empty_micro_batches = 0  # since the last progress line
+        self.empty_micro_batches = torch.zeros((), dtype=torch.long, device=accelerator.device)  # since the last line
         self.nonfinite_in_a_row = 0
+        self._stop_flag: torch.Tensor | None = None  # all-reduced stop request of the previous step
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # the checkpoint writer thread, when saving
+        self._pending_save: tuple[int, concurrent.futures.Future] | None = None  # (step, its write)
+        if accelerator.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.t.tf32
 
         torch.manual_seed(self.t.seed)  # the same initial weights on every process and every run
         model = GPT(cfg.model)
@@ -114,6 +121,8 @@ class Trainer:
             model.load_state_dict(start.model_state, strict=True)
         optimizer = build_optimizer(model, self.t, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if self.t.compile:  # after wrapping, as Accelerate's own dynamo plugin does; weights are saved uncompiled
+            self.model = torch.compile(self.model)
         if resume_from is not None:
             self._restore(resume_from)
         elif init_from is not None:
@@ -143,7 +152,7 @@ class Trainer:
             )
         self._check_same_data(loaded)
         if loaded.optimizer_state is not None:
-            self.optimizer.load_state_dict(loaded.optimizer_state)
+            load_full_optimizer_state(self.acc, self.model, self.optimizer, loaded.optimizer_state)
         if self.acc.scaler is not None and meta.get("grad_scaler"):
             self.acc.scaler.load_state_dict(meta["grad_scaler"])
         self.state = LoopState(
@@ -177,18 +186,18 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.t)
         device = self.acc.device
-        batches = [self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps)
+        batches = [self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps).to(device)
                    for m in range(self.t.accum_steps)]
-        counts = [self.strategy.count_tokens(b) for b in batches]
-        self.empty_micro_batches += counts.count(0)  # they add nothing to loss or gradient; reported in the log
-        counted = self.acc.reduce(torch.tensor(float(sum(counts)), device=device), "sum").clamp_min(1.0)
+        counts = torch.stack([self.strategy.count_tokens(b) for b in batches])  # on the device: no host sync
+        self.empty_micro_batches += (counts == 0).sum()  # they add nothing to loss or gradient; reported in the log
+        counted = self.acc.reduce(counts.sum().float(), "sum").clamp_min(1.0)
         loss_sum = torch.zeros((), device=device)
         for m, batch in enumerate(batches):
             # dropout masks by address: the global slice (micro * processes + rank), so any split draws the same
             torch.manual_seed(address_seed(self.t.seed, DROPOUT_TAG, step, m * self.world + self.rank))
             sync = m == len(batches) - 1
             with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
-                total, _ = self.strategy.loss(self.model, batch.to(device))
+                total, _ = self.strategy.loss(self.model, batch)
                 self.acc.backward(total * (self.world / counted))
             loss_sum += total.detach()
         max_norm = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")  # inf: measure, do not clip
@@ -215,13 +224,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted mean loss over `eval_batches` fixed global batches, split like training batches."""
+        """Token-weighted mean loss over the `eval_batches` fixed validation batches of B rows.
+
+        The batches are the same whatever the process count or accumulation; process r evaluates batches
+        r, r + processes, ... A process with none left in the last round repeats batch 0 with weight 0, so every
+        process runs the same number of forward passes (FSDP gathers weights collectively in each).
+        """
         self.model.eval()
         total = torch.zeros(2, device=self.acc.device)
-        for j in range(self.t.eval_batches):
-            for m in range(self.t.accum_steps):
-                batch = self.strategy.val_batch(j, m, self.rank, self.world, self.t.accum_steps)
-                s, n = self.strategy.loss(self.model, batch.to(self.acc.device))
+        for first in range(0, self.t.eval_batches, self.world):
+            index = first + self.rank
+            batch = self.strategy.val_batch(index if index < self.t.eval_batches else 0)
+            s, n = self.strategy.loss(self.model, batch.to(self.acc.device))
+            if index < self.t.eval_batches:
                 total += torch.stack([s.float(), n.float()])
         self.model.train()
         loss_sum, count = self.acc.reduce(total, "sum").tolist()
@@ -244,31 +259,53 @@ class Trainer:
             "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
 
-    def _save(self, to_step_dir: bool, to_best: bool) -> None:
-        """Write the checkpoint(s) due now. Every process gathers the weights; only the main one writes."""
-        model_state = self.acc.get_state_dict(self.model)
-        opt_state = self.optimizer.state_dict()
-        # every process checks (one filesystem), so all stop together rather than leave the others waiting
-        ckpt.ensure_free_space(self.phase_dir, ckpt.state_bytes(model_state) + ckpt.state_bytes(opt_state),
+    def save(self, to_step_dir: bool, to_best: bool) -> None:
+        """Checkpoint the state of now; training goes on while the main process writes it in the background.
+
+        The loop pays only for a CPU copy of the state (the gather too, under FSDP). The write, fsync, hashing and
+        publishing run on one writer thread, one save at a time, and a checkpoint still appears only when it is
+        complete, so a crash at any moment leaves the newest complete checkpoint to resume from. A failed write
+        surfaces at the next save or at the end of the phase.
+        """
+        # every process checks (one filesystem) the same figure, so all stop together rather than leave some waiting
+        ckpt.ensure_free_space(self.phase_dir, checkpoint_bytes(self.acc.unwrap_model(self.model, keep_torch_compile=False)),
                                copies=int(to_step_dir) + int(to_best and not to_step_dir))
+        model_state = full_model_state(self.acc, self.model)  # collectives under FSDP: every process takes part
+        opt_state = full_optimizer_state(self.acc, self.model, self.optimizer)
         if self.acc.is_main_process:
-            meta = self._meta()
+            self.wait_for_save()
+            snapshot = (ckpt.cpu_copy(model_state), ckpt.cpu_copy(opt_state), self._meta())
+            if self._writer is None:
+                self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            self._pending_save = (self.state.step, self._writer.submit(self._write, *snapshot, to_step_dir, to_best))
             if to_step_dir:
-                step_dir = ckpt.write_checkpoint(self.phase_dir / ckpt.step_dir_name(self.state.step), model_state, opt_state, meta)
-                ckpt.publish(step_dir, self.phase_dir / "latest")
-                if to_best:
-                    ckpt.publish(step_dir, self.phase_dir / "best")
-                ckpt.prune_step_dirs(self.phase_dir, self.t.keep_last_n)
-                self.events.write("checkpoint", self.state.step, path=str(step_dir))
                 self._write_samples()
-            elif to_best:
-                ckpt.write_checkpoint(self.phase_dir / "best", model_state, opt_state, meta)
         self.acc.wait_for_everyone()
+
+    def _write(self, model_state: dict, opt_state: dict, meta: dict, to_step_dir: bool, to_best: bool) -> Path:
+        """On the writer thread: files only (the metric sinks belong to the training thread)."""
+        if not to_step_dir:
+            return ckpt.write_checkpoint(self.phase_dir / "best", model_state, opt_state, meta)
+        step_dir = ckpt.write_checkpoint(self.phase_dir / ckpt.step_dir_name(meta["step"]), model_state, opt_state, meta)
+        ckpt.publish(step_dir, self.phase_dir / "latest")
+        if to_best:
+            ckpt.publish(step_dir, self.phase_dir / "best")
+        ckpt.prune_step_dirs(self.phase_dir, self.t.keep_last_n)
+        return step_dir
+
+    def wait_for_save(self) -> None:
+        """Block until the checkpoint being written is complete (re-raising its error), and log it."""
+        if self._pending_save is None:
+            return
+        step, future = self._pending_save
+        self._pending_save = None
+        path = future.result()
+        self.events.write("checkpoint", step, path=str(path))
 
     def _write_samples(self) -> None:
         if not self.cfg.sample_prompts or self.tokenizer is None:
             return
-        written = write_samples(self.acc.unwrap_model(self.model), self.tokenizer, self.cfg.sample_prompts,
+        written = write_samples(self.acc.unwrap_model(self.model, keep_torch_compile=False), self.tokenizer, self.cfg.sample_prompts,
                                 self.cfg.sample_seed, self.state.step, self.paths.samples / self.cfg.phase)
         self.events.write("samples", self.state.step, samples=written)
 
@@ -288,14 +325,25 @@ class Trainer:
                 self.events.write("failure", self.state.step, error=f"{type(e).__name__}: {e}")
                 raise
             finally:
-                self.events.close()
+                try:  # a checkpoint in flight holds a good earlier state: finish it whatever happened
+                    self.wait_for_save()
+                finally:
+                    if self._writer is not None:
+                        self._writer.shutdown()
+                        self._writer = None
+                    self.events.close()
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
-        """Whether any process was asked to stop; all processes must stop after the same step."""
+        """Whether any process was asked to stop; all processes must stop after the same step.
+
+        With several processes the request is all-reduced each step and read one step later: by then the next
+        step is queued, so reading it waits only for work already done and never stalls the device.
+        """
         if self.world == 1:
             return stop.requested
-        flag = torch.tensor(1.0 if stop.requested else 0.0, device=self.acc.device)
-        return self.acc.reduce(flag, "sum").item() > 0
+        previous = self._stop_flag
+        self._stop_flag = self.acc.reduce(torch.full((), float(stop.requested), device=self.acc.device), "sum")
+        return previous is not None and previous.item() > 0
 
     def _fit(self, stop: StopRequest) -> PhaseResult:
         t, s = self.t, self.state
@@ -330,13 +378,16 @@ class Trainer:
             if s.step % t.eval_every == 0 or s.step == t.total_steps:
                 improved = self._eval_and_track()
             if due or improved:
-                self._save(to_step_dir=due, to_best=improved)
+                self.save(to_step_dir=due, to_best=improved)
             if stopping:
+                self.wait_for_save()
                 self.events.write("stopped", s.step, signal=stop.signum)
                 raise Interrupted(f"{self.cfg.phase} stopped by a signal after step {s.step}; its checkpoint is "
                                   f"{self.phase_dir / ckpt.step_dir_name(s.step)} (run the same command to resume)")
+        self.wait_for_save()
         if not (self.phase_dir / "latest").exists():  # resumed at the end: nothing ran, nothing to add
-            self._save(to_step_dir=True, to_best=False)
+            self.save(to_step_dir=True, to_best=False)
+            self.wait_for_save()
         self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step)
         best = self.phase_dir / "best"
         return PhaseResult(self.cfg.phase, s, best if best.exists() else None, self.phase_dir / "latest")
@@ -350,10 +401,11 @@ class Trainer:
                 "train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm, "train/tokens_seen": tokens,
                 "train/tokens_per_sec": tokens_per_sec,
             })
-        if self.empty_micro_batches:
+        empty = int(self.empty_micro_batches)
+        if empty:
             log.warning("%s: %d micro-batches up to step %d had no counted tokens (every label -100); they "
-                        "contributed nothing", self.cfg.phase, self.empty_micro_batches, pending[-1][0])
-            self.empty_micro_batches = 0
+                        "contributed nothing", self.cfg.phase, empty, pending[-1][0])
+            self.empty_micro_batches.zero_()
         finite = [v[0] for v in values if math.isfinite(v[0])]
         avg = sum(finite) / len(finite) if finite else float("nan")
         if self.t.on_nonfinite == "stop" and len(finite) < len(values):

@@ -22,6 +22,7 @@ from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, export_best_pt, fi
                          reconcile_pointers, set_aside_broken, sweep_leftovers)
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
 from .errors import UserError, report
+from .hardware import compute_warnings
 from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
 from .loop import PhaseResult, Trainer
 from .paths import Paths, resolve_paths
@@ -71,6 +72,15 @@ def make_accelerator(device: str | None, mixed_precision: str | None):
     return acc
 
 
+def announce_compute(acc) -> None:
+    """Log the device, processes, precision and threads once, and warn about set-ups that waste the machine."""
+    log.info("compute: %d process(es) on %s, precision %s, %d CPU threads per process", acc.num_processes, acc.device,
+             acc.mixed_precision, torch.get_num_threads())
+    if acc.is_main_process:
+        for warning in compute_warnings(acc.device, acc.mixed_precision, acc.num_processes):
+            log.warning("%s", warning)
+
+
 def set_aside(phase_dir: Path) -> None:
     """--no-resume keeps what an earlier run wrote: the phase folder is renamed, never deleted."""
     if phase_dir.exists() and any(phase_dir.iterdir()):
@@ -116,7 +126,19 @@ def plan_phase(cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume:
     return inputs, resumed, initial
 
 
+def check_same_start(acc, resumed: LoadedCheckpoint | None) -> None:
+    """Every process must continue the same checkpoint; on several machines that needs one shared filesystem."""
+    if acc.num_processes == 1:
+        return
+    steps = acc.gather(torch.tensor([-1 if resumed is None else resumed.step], device=acc.device)).tolist()
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"process {r}: {'no checkpoint' if s < 0 else f'step {s}'}" for r, s in enumerate(steps))
+        raise UserError(f"the processes found different checkpoints to resume from ({seen}); the checkpoints dir "
+                        "must be one filesystem that every machine sees")
+
+
 def run_phase(acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed, initial) -> PhaseResult:
+    check_same_start(acc, resumed)
     trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=inputs.data_info(),
                       tokenizer=inputs.decoder())
     return trainer.fit()
@@ -135,6 +157,7 @@ def run_single(args: argparse.Namespace, paths: Paths) -> None:
     cfg = load_phase_config(args.config, args.phase)
     acc = make_accelerator(args.device, cfg.train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
+    announce_compute(acc)
     if args.no_resume and acc.is_main_process:
         set_aside(paths.phase_dir(cfg.phase))
     tidy_phase_dir(acc, paths.phase_dir(cfg.phase), auto_resume=args.resume is None and not args.no_resume)
@@ -171,6 +194,7 @@ def run_pipeline(args: argparse.Namespace, paths: Paths) -> None:
     resume_phase = pipeline_resume_phase(args.resume)
     acc = make_accelerator(args.device, pre.train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
+    announce_compute(acc)
     for phase in ("pretrain", "sft"):
         if args.no_resume and acc.is_main_process:
             set_aside(paths.phase_dir(phase))

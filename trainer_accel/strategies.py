@@ -78,15 +78,16 @@ class Strategy:
     def train_batch(self, step: int, micro: int, rank: int, world: int, accum: int) -> Batch:
         return self._slice(self.train, address_rng(self.seed, TRAIN_TAG, step), micro, rank, world, accum)
 
-    def val_batch(self, index: int, micro: int, rank: int, world: int, accum: int) -> Batch:
-        """Validation global batch `index`, fixed for all runs with the same global batch size."""
-        return self._slice(self.val, address_rng(VAL_SEED, VAL_TAG, index), micro, rank, world, accum)
+    def val_batch(self, index: int) -> Batch:
+        """Validation batch `index` (B rows): fixed for all runs with the same B, whatever the process count."""
+        return self.val.batch(address_rng(VAL_SEED, VAL_TAG, index), self.B, slice(0, self.B))
 
     def targets(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
-    def count_tokens(self, batch: Batch) -> int:
-        return int((self.targets(batch) != IGNORE_INDEX).sum())
+    def count_tokens(self, batch: Batch) -> torch.Tensor:
+        """Counted targets, as a tensor on the batch's device (reading it would be a host sync)."""
+        return (self.targets(batch) != IGNORE_INDEX).sum()
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of per-token cross-entropy, number of counted tokens); the loop does the weighting."""

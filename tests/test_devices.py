@@ -1,0 +1,105 @@
+"""Launch files, start-up warnings, FSDP checkpoint state, memory-mapped caches and the bench command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH_FILES = ["cpu.yaml", "cpu_2proc.yaml", "mps.yaml", "gpu_bf16.yaml", "ddp.yaml", "fsdp.yaml", "multi_node.yaml"]
+
+
+@pytest.mark.parametrize("name", LAUNCH_FILES)
+def test_launch_files_load_and_are_documented(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "launch" / name))  # Accelerate's own parser: unknown keys are errors
+    header = (ROOT / "launch" / name).read_text().split("\n")
+    assert header[0].startswith("# ") and any(f"--config_file launch/{name}" in line for line in header if line.startswith("#"))
+    assert f"--config_file launch/{name}" in (ROOT / "README.md").read_text()
+    expected = {"fsdp.yaml": "FSDP", "ddp.yaml": "MULTI_GPU", "multi_node.yaml": "MULTI_GPU", "cpu_2proc.yaml": "MULTI_GPU"}
+    assert cfg.distributed_type.value == expected.get(name, "NO")
+    if name == "multi_node.yaml":
+        assert cfg.num_machines == 2 and cfg.main_process_ip and cfg.main_process_port
+    if name in ("gpu_bf16.yaml", "ddp.yaml", "fsdp.yaml"):
+        assert cfg.mixed_precision == "bf16"
+
+
+def test_start_up_warnings(monkeypatch):
+    from trainer_accel import hardware
+
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 8)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    try:
+        torch.set_num_threads(1)
+        lone = hardware.compute_warnings(cpu, "no", processes=1)
+        assert len(lone) == 1 and "1 CPU thread of 8 cores" in lone[0] and "launch/cpu.yaml" in lone[0]
+        torch.set_num_threads(8)
+        assert hardware.compute_warnings(cpu, "no", processes=1) == []
+        bf16 = hardware.compute_warnings(cpu, "bf16", processes=1)
+        assert len(bf16) == 1 and "without bf16 instructions" in bf16[0] and "mixed_precision" in bf16[0]
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+        assert hardware.compute_warnings(cpu, "bf16", processes=1) == []
+        assert hardware.compute_warnings(torch.device("cuda"), "bf16", processes=1) == []
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_run_logs_its_compute_plan_and_warns_about_one_thread(world):
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "compute: 1 process(es) on cpu, precision no, 1 CPU threads per process" in r.stderr
+    from trainer_accel.hardware import usable_cores
+
+    assert ("trains on 1 CPU thread" in r.stderr) == (usable_cores() > 1)
+
+
+def test_fsdp_sharded_optimizer_state_round_trips_to_the_checkpoint_form(world):
+    """FSDP2 on 2 gloo CPU processes (torch's own launcher: Accelerate runs FSDP on GPUs only)."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        str(ROOT / "tests" / "fsdp_state_roundtrip.py")], cwd=world, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "FSDP STATE ROUNDTRIP OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_caches_are_unmapped_after_each_batch(world):
+    """A map kept open would hold every page it touched in resident memory; no map outlives a batch."""
+    from trainer_accel.data import open_cache, stream_rows
+
+    path = world / "data/cache/streams/wiki_train.bin"
+    cache = open_cache(path, "stream")
+    rows = stream_rows([cache], np.ones(1), np.random.default_rng(0), 8, 16)
+    assert rows.shape == (8, 17)
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(path.resolve()) not in maps.read_text()
+
+
+def test_bench_prints_and_writes_every_figure(world):
+    cfg = write_config(world / "bench.json", "pretrain", {"log_every": 2, "eval_batches": 1})
+    out = world / "figures.json"
+    r = run_cli("bench", "--config", str(cfg), "--windows", "1", "--json", str(out), cwd=world)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for loop in ("plain loop", "trainer"):
+        f = figures[loop]
+        assert f["ms_per_step"] > 0 and f["tokens_per_sec"] > 0 and 0 < f["mfu"] and f["peak_memory"] > 0
+        assert len(f["window_ms"]) == 1
+    assert figures["ratio"] > 0 and figures["peak_flops"] > 0 and figures["sampling_tokens_per_sec"] > 0
+    t = figures["trainer"]
+    assert t["save_s"] > 0 and t["save_durable_s"] > 0 and t["load_s"] > 0 and t["torch_save_s"] > 0
+    for line in ("trainer / plain step time <= 1.02", "checkpoint save", "checkpoint load", "data sampling",
+                 "peak memory", "MFU"):
+        assert line in r.stdout
+    assert "ms/step" in r.stdout and "tokens/s" in r.stdout
