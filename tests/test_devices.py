@@ -89,7 +89,7 @@ def test_caches_are_unmapped_after_each_batch(world):
 def test_bench_prints_and_writes_every_figure(world):
     cfg = write_config(world / "bench.json", "pretrain", {"log_every": 2, "eval_batches": 1})
     out = world / "figures.json"
-    r = run_cli("bench", "--config", str(cfg), "--windows", "1", "--json", str(out), cwd=world)
+    r = run_cli("bench", "--config", str(cfg), "--windows", "1", "--rounds", "1", "--json", str(out), cwd=world)
     assert r.returncode == 0, r.stderr[-3000:]
     figures = json.loads(out.read_text())
     for loop in ("plain loop", "trainer"):
