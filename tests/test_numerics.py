@@ -68,3 +68,119 @@ def test_accumulation_equals_one_big_batch(world):
     # train losses only: the validation batches hold B rows, so B=8 and B=2 validate on different rows
     for (s1, l1, _), (s2, l2, _) in zip(losses(world, "big"), losses(world, "acc"), strict=True):
         assert s1 == s2 and (l1 is None or abs(l1 - l2) < 1e-5)
+
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "sft"])
+def test_resumed_run_is_bit_identical_to_an_unbroken_one(world, phase):
+    train = {"total_steps": 8, "ckpt_every": 3, "eval_every": 3, "accum_steps": 2, "B": 2}
+    model = {"model_cfg": {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64, "dropout": 0.1}}
+    full = write_config(world / "full.json", phase, train, **model)
+    r = run_cli("run", "--phase", phase, "--config", str(full), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "full")})
+    assert r.returncode == 0, r.stderr
+    # the same run, stopped after its step-6 checkpoint: a shorter total would change the LR schedule, so
+    # stop it by removing what came after step 6 instead, as a crash would have left it
+    shutil.copytree(world / "full", world / "cut")
+    ck = world / "cut/checkpoints" / phase
+    for d in ("latest", "best", "step_0000008"):
+        shutil.rmtree(ck / d, ignore_errors=True)
+    (world / "cut/checkpoints/best.pt").unlink()
+    (world / "cut/metrics/events.jsonl").unlink()
+    r = run_cli("run", "--phase", phase, "--config", str(full), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "cut")})
+    assert r.returncode == 0, r.stderr
+    assert "at step 6" in r.stderr
+    a, b = weights(world, "full", phase), weights(world, "cut", phase)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_losses = {s: l for s, l, _ in losses(world, "full") if l is not None}
+    resumed = [(s, l) for s, l, _ in losses(world, "cut") if l is not None]
+    assert [s for s, _ in resumed] == [7, 8] and all(full_losses[s] == l for s, l in resumed)
+
+
+def test_unconnected_processes_are_refused(world):
+    """--multi_gpu on a machine with no GPU starts independent copies; they must not both train and write."""
+    cfg = write_config(world / "pre.json", "pretrain")
+    r = launch(world, "cpu_2proc.yaml", "--phase", "pretrain", "--config", str(cfg), env={})
+    if "2 processes on" in r.stderr:
+        pytest.skip("this machine connects the processes (it has GPUs)")
+    assert r.returncode != 0 and "processes but they are not connected" in r.stderr
+    assert not (world / "checkpoints").exists()
+
+
+def test_micro_batches_without_answer_tokens_count_nothing_and_never_nan(world):
+    """With T=8 every demo answer lies past the window: all labels are -100."""
+    cfg = write_config(world / "sft.json", "sft", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2},
+                       model_cfg={"V": 260, "T": 8, "C": 32, "L": 2, "H": 2, "d_ff": 64})
+    r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world)
+    assert r.returncode == 0, r.stderr
+    assert "micro-batches up to step 2 had no counted tokens" in r.stderr
+    assert "validation batches hold no counted tokens" in r.stderr
+    from conftest import events
+
+    assert [e["train/loss"] for e in events(world, "train")] == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_skip_mode_skips_non_finite_updates_then_stops(world):
+    cfg = write_config(world / "pre.json", "pretrain", {"base_lr": 1e12, "min_lr": 1e11, "grad_clip": 0.0, "on_nonfinite": "skip",
+                                                       "max_nonfinite_skips": 3, "total_steps": 8, "ckpt_every": 1})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    assert r.returncode == 1 and "3 non-finite updates in a row" in r.stderr and "Traceback" not in r.stderr
+    from conftest import events
+
+    skipped = [e["step"] for e in events(world, "skipped")]
+    assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
+    for d in (world / "checkpoints/pretrain").glob("step_*"):  # skipped updates never reach the weights
+        assert all(torch.isfinite(t).all() for t in load_file(str(d / "model.safetensors")).values())
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(world):
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    from trainer_accel import prepare
+
+    (world / "more.txt").write_text("\n\n".join(f"Paragraph {i} of some other text entirely." for i in range(20)))
+    assert prepare.main(["--stream", "roam=more.txt"]) == 0
+    longer = write_config(world / "pre4.json", "pretrain", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(longer), cwd=world)
+    assert r.returncode == 2 and "the caches differ from those this checkpoint was trained on (streams/roam_train.bin:" in r.stderr
+    allowed = write_config(world / "pre4a.json", "pretrain", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2,
+                                                               "allow_data_change": True})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(allowed), cwd=world)
+    assert r.returncode == 0 and "RESUMING ON CHANGED DATA" in r.stderr
+
+
+def test_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from trainer_accel import checkpoint as ckpt
+    from trainer_accel.errors import UserError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(100 << 20, 60 << 20, 40 << 20))
+    with pytest.raises(UserError, match=r"MiB free, a checkpoint needs about .* nothing was written"):
+        ckpt.ensure_free_space(tmp_path / "checkpoints" / "pretrain", 50 << 20)
+    ckpt.ensure_free_space(tmp_path, 1 << 20)  # room enough: no error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_first_gradient_equals_a_hand_computed_big_batch(world):
+    """Step 1 of an accumulated run against the mean cross-entropy over all answer tokens of its global batch."""
+    import torch.nn.functional as F
+
+    from trainer_accel.config import load_phase_config
+    from trainer_accel.inputs import check_phase_inputs
+    from trainer_accel.model import GPT
+    from trainer_accel.paths import resolve_paths
+
+    run_split(world, "acc", B=2, accum=4, extra={"grad_clip": 0.0})
+    cfg = load_phase_config(world / "acc.json", "sft")
+    strategy = check_phase_inputs(cfg, resolve_paths()).strategy
+    strategy.B = 8
+    batch = strategy.train_batch(0, 0, 0, 1, 1)  # the whole global batch of step 0, as one batch
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    logits = model(batch.x)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.y_masked.flatten(), ignore_index=-100)  # mean over counted tokens
+    loss.backward()
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    assert grad_norms(world, "acc")[0] == pytest.approx(norm, rel=1e-5)
+    assert losses(world, "acc")[1][1] == pytest.approx(loss.item(), rel=1e-6)  # [0] is the step-0 eval
