@@ -79,3 +79,29 @@ def test_second_signal_exits_at_once(monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
         assert exits == [128 + signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_two_processes_stop_after_the_same_step_when_one_is_signalled(world):
+    """The request is all-reduced and read a step later: whichever process gets the signal, both stop together."""
+    import psutil
+
+    from test_numerics import LAUNCH
+
+    cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "B": 2})
+    args = ["-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "cpu_2proc.yaml"), "-m", "trainer_accel.run",
+            "--phase", "pretrain", "--config", str(cfg), "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=world, stderr=subprocess.PIPE, text=True)
+    wait_for_training(world, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "trainer_accel.run" in p.cmdline()
+               and "accelerate.commands.launch" not in p.cmdline()]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGTERM)  # one process only
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped: pretrain stopped by a signal after step" in err, err[-3000:]
+    stopped = events(world, "stopped")
+    assert len(stopped) == 1 and 0 < stopped[0]["step"] < 200
+    assert read_meta(world / "checkpoints/pretrain/latest", verify=True)["step"] == stopped[0]["step"]
+
+    again = subprocess.run([sys.executable, *args], cwd=world, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"at step {stopped[0]['step']}" in again.stderr, again.stderr[-3000:]
+    assert [e["step"] for e in events(world, "train")] == list(range(1, 201))

@@ -42,7 +42,8 @@ def assert_valid_run(artifacts, processes):
     for phase in ("pretrain", "sft"):
         for pointer in ("latest", "best"):
             meta = read_meta(artifacts / "checkpoints" / phase / pointer, verify=True)  # sizes and sha256 of every file
-            assert meta["world_size"] == processes and meta["step"] == TRAIN["total_steps"] or pointer == "best"
+            assert meta["world_size"] == processes and meta["phase"] == phase
+            assert meta["step"] == TRAIN["total_steps"] if pointer == "latest" else meta["step"] == meta["best_val_step"]
     best = torch.load(artifacts / "checkpoints/best.pt", weights_only=True)
     assert set(best) == {"model_cfg", "train_cfg", "model_state", "optimizer_state", "step", "best_val_loss"}
     assert len(best["optimizer_state"]["state"]) == len(best["model_state"]) - 1  # lm_head is tied to tok_emb

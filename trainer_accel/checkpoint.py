@@ -55,6 +55,11 @@ def step_dir_name(step: int) -> str:
 # State dicts: canonical keys, tied tensors stored once
 
 
+def same_tensor_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors exactly when they are the same view of the same memory (tied weights)."""
+    return (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
 def canonical_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Strip DDP/compile prefixes, move to CPU, and store each shared tensor once.
 
@@ -66,7 +71,7 @@ def canonical_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     for key, t in state.items():
         key = key.replace("_orig_mod.", "")
         key = key[len("module."):] if key.startswith("module.") else key
-        ident = (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        ident = same_tensor_key(t)
         if ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -154,7 +159,7 @@ def cpu_copy(obj: Any, _copies: dict | None = None) -> Any:
     longer change while it is written. Views of one tensor (tied weights) stay one copy, so they stay tied."""
     copies = {} if _copies is None else _copies
     if isinstance(obj, torch.Tensor):
-        ident = (obj.device, obj.dtype, obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()))
+        ident = same_tensor_key(obj)
         if ident not in copies:
             copies[ident] = obj.detach().to("cpu", copy=True)
         return copies[ident]

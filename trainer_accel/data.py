@@ -105,10 +105,6 @@ class Cache:
         return 0 if self.starts is None else len(self.starts) - 1
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.meta["num_tokens"])
-
-    @property
     def tokens(self) -> np.ndarray:
         """A read-only memmap of all token ids; drop it when done (see the class note)."""
         return np.memmap(self.path, dtype=np.dtype(self.meta["dtype"]), mode="r")
@@ -177,11 +173,10 @@ def stream_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator
     """n random windows of T+1 tokens over the mixed streams; returns the rows selected by `keep`."""
     which = _choose_sources(rng, probs, n)
     u = rng.random(n)
-    rows, maps = [], {}
+    maps = {src: caches[src].tokens for src in set(which[keep])}  # one map per cache for this batch only
+    rows = []
     for src, frac in zip(which[keep], u[keep]):
-        arr = maps.get(src)
-        if arr is None:
-            arr = maps[src] = caches[src].tokens
+        arr = maps[src]
         start = int(frac * (len(arr) - T))  # len(arr) >= T + 1 is checked when the caches are opened
         rows.append(arr[start:start + T + 1])
     return np.stack(rows).astype(np.int64)
@@ -194,13 +189,11 @@ def sft_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator, n
     u = rng.random(n)
     selected = list(zip(which[keep], u[keep]))
     out = np.full((len(selected), T + 1), pad_id, dtype=np.int64)
-    maps: dict[int, np.ndarray] = {}
+    maps = {src: caches[src].tokens for src, _ in selected}  # one map per cache for this batch only
     for r, (src, frac) in enumerate(selected):
         c = caches[src]
         i = int(frac * c.num_examples)
         a, b = c.starts[i], min(c.starts[i + 1], c.starts[i] + T + 1)
-        if src not in maps:
-            maps[src] = c.tokens
         out[r, : b - a] = maps[src][a:b]
     return out
 
