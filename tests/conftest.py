@@ -20,7 +20,7 @@ def world(tmp_path, monkeypatch):
     """A working directory with demo caches; the trainer's env points inside it."""
     monkeypatch.chdir(tmp_path)
     for var in ("TRAINER_DATA_DIR", "TRAINER_ARTIFACTS_DIR", "TRAINER_CHECKPOINTS_DIR", "TRAINER_SAMPLES_DIR",
-                "TRAINER_METRICS_DIR", "TRAINER_EVENTS_PATH"):
+                "TRAINER_METRICS_DIR", "TRAINER_EVENTS_PATH", "TRAINER_RUNS_DIR"):
         monkeypatch.delenv(var, raising=False)
     from trainer_accel import prepare
 

@@ -39,7 +39,7 @@ from .config import PhaseConfig, load_phase_config
 from .data import CACHE_FORMAT, CACHE_VERSION, Cache, stream_rows
 from .errors import UserError, report
 from .hardware import gpu_peak_flops, measured_matmul_flops
-from .paths import Paths, resolve_paths
+from .paths import resolve_paths
 
 MIB = 2**20
 
@@ -135,8 +135,7 @@ def _setup(job: Job):
                             eval_every=10**9, ckpt_every=10**9)  # measured windows hold training steps only
     cfg = dataclasses.replace(cfg, train=t)
     work = Path(job.workdir)
-    paths = Paths(data=Path(job.data_dir), checkpoints=work / "checkpoints", samples=work / "samples",
-                  metrics=work / "metrics", events=work / "metrics" / "events.jsonl")
+    paths = resolve_paths({"TRAINER_DATA_DIR": job.data_dir, "TRAINER_ARTIFACTS_DIR": str(work)})
     return cfg, paths, check_phase_inputs(cfg, paths)
 
 

@@ -444,3 +444,18 @@ def export_best_pt(ckpt: Path, out: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def record_path(best_pt: Path) -> Path:
+    return best_pt.with_name(best_pt.name + ".json")
+
+
+def read_export_record(best_pt: Path) -> dict | None:
+    """The record beside an exported .pt, if there is one and it belongs to this file (same size as written)."""
+    try:
+        record = json.loads(record_path(best_pt).read_text())
+        size = best_pt.stat().st_size
+    except (OSError, json.JSONDecodeError):
+        return None
+    ours = isinstance(record, dict) and record.get("format") == "trainer_accel.export"
+    return record if ours and record.get("best_pt_size") == size else None

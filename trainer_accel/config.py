@@ -8,7 +8,7 @@ together as one UserError, so a user fixes a config in one pass.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import hashlib
 import json
 import math
 import types
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, raise_if_any
+from . import overrides as ov
+from .errors import UserError, raise_if_any, unknown_key_message
 from .paths import SFT_SOURCES, STREAM_SOURCES
 
 PHASES = ("pretrain", "sft")
@@ -70,6 +71,7 @@ class TrainConfig:
     max_nonfinite_skips: int = 10  # with "skip": stop after this many skipped updates in a row
     allow_data_change: bool = False  # resume even if the caches differ from the checkpoint's (logged loudly)
     verify_cache_hash: bool = False  # re-hash every cache against its meta at start (slow on big caches)
+    forgetting_tolerance: float = 0.1  # SFT promotion gate: how much any pretrain val loss may rise (nats/token)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,14 +114,34 @@ class PhaseConfig:
     val_source: str  # stream cache evaluated (SFT prefers its own val caches when they exist)
     init_from: str | None  # SFT: checkpoint dir or .pt whose weights start the phase
     path: Path  # the config file
-    raw: dict = field(repr=False)  # the JSON as given
+    raw: dict = field(repr=False)  # the JSON as given, with the --set overrides applied
     sample_prompts: list[SamplePrompt] = field(default_factory=list)  # completions written at every checkpoint
     sample_seed: int = 1234  # sampling seed of prompts that name none
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    overrides: tuple[str, ...] = ()  # the --set KEY=VALUE texts that reached this phase, in order
+    provenance: dict[str, str] = field(default_factory=dict, repr=False)  # dotted key -> default | file | override
 
     @property
     def seq_len(self) -> int:
         return self.train.T or self.model.T
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting as the run uses it, defaults filled in: what manifests and trackers record."""
+        return {
+            "phase": self.phase, "model_cfg": self.model.to_dict(), "train_cfg": self.train.to_dict(),
+            "sources" if self.phase == "pretrain" else "sft_sources": dict(self.sources), "val_source": self.val_source, "init_from": self.init_from,
+            "sample_prompts": [dataclasses.asdict(p) for p in self.sample_prompts], "sample_seed": self.sample_seed,
+            "tracking": dataclasses.asdict(self.tracking),
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.resolved())
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of an object's canonical JSON (sorted keys, no whitespace): equal settings, equal fingerprint."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -155,12 +177,6 @@ def _type_name(annotation: Any) -> str:
     if args:
         return " or ".join("null" if a is type(None) else a.__name__ for a in args)
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
-
-
-def unknown_key_message(where: str, key: str, known: typing.Iterable[str]) -> str:
-    near = difflib.get_close_matches(key, list(known), n=1)
-    hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(known))})"
-    return f"{where}.{key}: unknown key{hint}"
 
 
 def build_dataclass(cls: type, data: Any, where: str, problems: list[str]):
@@ -229,6 +245,8 @@ def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> li
             out.append(f"{where}.{k}: must be in [0, 1), got {getattr(t, k)}")
     if t.grad_clip < 0:
         out.append(f"{where}.grad_clip: must be >= 0 (0 turns clipping off), got {t.grad_clip}")
+    if t.forgetting_tolerance < 0:
+        out.append(f"{where}.forgetting_tolerance: must be >= 0, got {t.forgetting_tolerance}")
     if t.keep_last_n < 2:
         out.append(f"{where}.keep_last_n: must be at least 2, got {t.keep_last_n}")
     if t.on_nonfinite not in ("stop", "skip"):
@@ -309,6 +327,17 @@ PHASE_KEYS = {
 PIPELINE_KEYS = {"pretrain_config_path", "sft_config_path"}
 
 
+def phase_schema(phase: str) -> ov.Schema:
+    """The keys a phase config may hold, for checking --set keys: sections list their fields."""
+    schema: dict = {key: None for key in PHASE_KEYS[phase]}
+    for key, cls in (("model_cfg", ModelConfig), ("train_cfg", TrainConfig), ("tracking", TrackingConfig)):
+        schema[key] = frozenset(f.name for f in dataclasses.fields(cls))
+    for key in ("sources", "sft_sources"):
+        if key in schema:
+            schema[key] = ov.MAPPING
+    return schema
+
+
 def read_json(path: Path, what: str) -> Any:
     try:
         text = Path(path).read_text()
@@ -331,10 +360,12 @@ def resolve_config_path(value: str, relative_to: Path) -> Path:
     return beside if beside.exists() or not p.exists() else p
 
 
-def parse_phase_config(data: Any, phase: str, path: Path) -> PhaseConfig:
+def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[ov.Override] = ()) -> PhaseConfig:
     where = str(path)
-    if not isinstance(data, dict):
+    if not isinstance(file_data, dict):
         raise UserError(f"{where}: expected a JSON object at the top level")
+    schema = phase_schema(phase)
+    data = ov.apply(file_data, list(overrides), schema)
     problems: list[str] = []
     for key in data:
         if key not in PHASE_KEYS[phase]:
@@ -371,20 +402,22 @@ def parse_phase_config(data: Any, phase: str, path: Path) -> PhaseConfig:
     sample_seed = data.get("sample_seed", 1234)
     if not _type_ok(sample_seed, int):
         problems.append(f"{where}.sample_seed: expected an integer, got {json.dumps(sample_seed)}")
-    raise_if_any(problems)
+    raise_if_any(ov.blame(problems, where, list(overrides)))
     return PhaseConfig(
         phase=phase, model=model, train=train, sources={k: float(v) for k, v in sources.items()},
         val_source=val_source, init_from=init_from, path=Path(path), raw=data, sample_prompts=prompts,
-        sample_seed=sample_seed, tracking=tracking,
+        sample_seed=sample_seed, tracking=tracking, overrides=tuple(o.text for o in overrides),
+        provenance=ov.provenance(file_data, list(overrides), schema),
     )
 
 
-def load_phase_config(path: Path | str, phase: str) -> PhaseConfig:
+def load_phase_config(path: Path | str, phase: str, overrides: list[ov.Override] = ()) -> PhaseConfig:
+    """Defaults < the JSON file < the --set overrides."""
     path = Path(path)
-    return parse_phase_config(read_json(path, f"{phase} config"), phase, path)
+    return parse_phase_config(read_json(path, f"{phase} config"), phase, path, overrides)
 
 
-def load_pipeline_config(path: Path | str) -> PipelineConfig:
+def load_pipeline_config(path: Path | str, overrides: list[ov.Override] = ()) -> PipelineConfig:
     path = Path(path)
     data = read_json(path, "pipeline config")
     where = str(path)
@@ -399,9 +432,9 @@ def load_pipeline_config(path: Path | str) -> PipelineConfig:
     for phase in PHASES:
         sub = resolve_config_path(data[f"{phase}_config_path"], path)
         try:
-            phases[phase] = load_phase_config(sub, phase)
+            phases[phase] = load_phase_config(sub, phase, ov.for_phase(list(overrides), phase))
         except UserError as e:
-            problems += e.problems
+            problems += [line for line in e.problems if line not in problems]  # a --set reaches both phases
     raise_if_any(problems)
     pre, sft = phases["pretrain"], phases["sft"]
     if pre.model != sft.model:

@@ -7,7 +7,9 @@ carried together so the user can fix them all in one go.
 
 from __future__ import annotations
 
+import difflib
 import sys
+from typing import Iterable
 
 USER_ERROR_EXIT = 2
 
@@ -30,3 +32,10 @@ def report(e: UserError) -> int:
     for line in e.problems:
         print(f"error: {line}", file=sys.stderr)
     return USER_ERROR_EXIT
+
+
+def unknown_key_message(where: str, key: str, known: Iterable[str]) -> str:
+    """`where.key: unknown key (did you mean 'x'?)`, or the known keys when none is close."""
+    near = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(known))})"
+    return f"{where}.{key}: unknown key{hint}"

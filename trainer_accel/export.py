@@ -1,21 +1,28 @@
 """CLI: checkpoint directory -> the six-key best.pt dict downstream code loads.
 
-    python -m trainer_accel.export [--checkpoint PATH] [--out PATH]
+    python -m trainer_accel.export [--checkpoint PATH] [--out PATH] [--deployable-only]
 
 Without --checkpoint, the most recently written best/ among the phases is exported; without --out, it goes to
-checkpoints/best.pt. The file is written atomically. Exit codes: 0 done, 2 bad input.
+checkpoints/best.pt. The file is written atomically, and beside it `best.pt.json` records where it came from
+(checkpoint, run, step, fingerprints, the eval verdict), since the six-key dict itself has no room for that:
+`python -m trainer_accel.runs lineage checkpoints/best.pt` follows it. --deployable-only refuses a checkpoint
+whose weights have no `pass` verdict (see evaluation.py). Exit codes: 0 done, 2 bad input or not deployable.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
-from .checkpoint import InvalidCheckpoint, export_best_pt, read_meta
+from .checkpoint import InvalidCheckpoint, export_best_pt, read_export_record, read_meta, record_path
 from .config import PHASES
+from .data import sha256_file, write_atomic
 from .errors import UserError, report
+from .evaluation import find_verdict, require_deployable
+from .manifest import model_sha256, now_iso
 from .paths import Paths, resolve_paths
 
 log = logging.getLogger("trainer_accel")
@@ -36,19 +43,43 @@ def newest_best(paths: Paths) -> Path:
     return max(found)[1]
 
 
+def export(source: Path, out: Path, paths: Paths) -> dict:
+    """Write best.pt from a checkpoint directory and its record beside it; returns the record."""
+    out = export_best_pt(source, out)
+    record = {"format": "trainer_accel.export", "best_pt": str(out.resolve()), "best_pt_sha256": sha256_file(out),
+              "best_pt_size": out.stat().st_size,
+              "exported_at": now_iso(), "source": str(Path(source).resolve())}
+    if Path(source).is_dir():
+        meta = read_meta(source, verify=False)
+        summary = find_verdict(paths, meta.get("run_id"), model_sha256(meta))
+        record.update({k: meta.get(k) for k in ("phase", "run_id", "step", "best_val_loss", "data_fingerprint",
+                                                "config_fingerprint", "parent")})
+        record.update(model_sha256=model_sha256(meta), verdict=summary["verdict"] if summary else None)
+    else:  # re-exporting a .pt keeps what its own record knew
+        earlier = read_export_record(Path(source)) or {}
+        record.update({k: v for k, v in earlier.items() if k not in record})
+    write_atomic(record_path(out), (json.dumps(record, indent=2) + "\n").encode())
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (or a .pt to re-export)")
     p.add_argument("--out", type=Path, help="where to write (default: checkpoints/best.pt)")
+    p.add_argument("--deployable-only", action="store_true",
+                   help="refuse unless the checkpoint's weights passed the SFT promotion gate")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = resolve_paths()
     try:
         source = args.checkpoint or newest_best(paths)
-        out = export_best_pt(source, args.out or paths.best_pt)
+        if args.deployable_only:
+            require_deployable(paths, source)
+        out = args.out or paths.best_pt
+        record = export(source, out, paths)
     except UserError as e:
         return report(e)
-    log.info("exported %s from %s", out, source)
+    log.info("exported %s from %s (verdict: %s)", out, source, record.get("verdict") or "not evaluated")
     return 0
 
 

@@ -43,7 +43,7 @@ class PhaseInputs:
         return {"tokenizer": self.tokenizer, "caches": caches, "data_fingerprint": fingerprint}
 
 
-def _phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[str, list[tuple[str, Path]], list[tuple[str, Path]], str]:
+def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[str, list[tuple[str, Path]], list[tuple[str, Path]], str]:
     """(train kind, train [(source, path)], val [(source, path)], val kind) for a phase."""
     active = [s for s, p in cfg.sources.items() if p > 0]
     if cfg.phase == "pretrain":
@@ -75,7 +75,7 @@ def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
 
 
 def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
-    train_kind, train_paths, val_paths, val_kind = _phase_cache_paths(cfg, paths)
+    train_kind, train_paths, val_paths, val_kind = phase_cache_paths(cfg, paths)
     wanted = [(s, p, train_kind) for s, p in train_paths] + [(s, p, val_kind) for s, p in val_paths]
     missing = [p for _, p, _ in wanted if not p.is_file()]
     if missing:

@@ -31,6 +31,7 @@ from .checkpoint import LoadedCheckpoint
 from .config import PhaseConfig, TrainConfig
 from .errors import UserError
 from .full_state import checkpoint_bytes, full_model_state, full_optimizer_state, load_full_optimizer_state
+from .manifest import ManifestSink, code_version, parent_record, run_facts
 from .metrics import open_metrics
 from .model import GPT
 from .paths import Paths
@@ -127,8 +128,21 @@ class Trainer:
             self._restore(resume_from)
         elif init_from is not None:
             log.info("initialised weights from %s (step %d); optimizer fresh", init_from.source, init_from.step)
+        # lineage: a resumed run keeps the parent its checkpoint names; a run from an exported .pt is a new run
+        if init_from is not None:
+            self.parent = parent_record(init_from, "initialised")
+        elif resume_from is not None and resume_from.meta.get("run_id") is None:
+            self.parent = parent_record(resume_from, "resumed")
+        else:
+            self.parent = resume_from.meta.get("parent") if resume_from is not None else None
         self.events = open_metrics(paths.metrics, paths.events, cfg.phase, self.state.run_id, strategy.stage_id,
                                    accelerator.is_main_process)
+        if accelerator.is_main_process:
+            facts = run_facts(run_id=self.state.run_id, cfg=cfg, data_info=self.data_info, device=str(accelerator.device),
+                              processes=self.world, precision=accelerator.mixed_precision, parent=self.parent,
+                              wandb_run_id=self.state.run_id if "wandb" in cfg.tracking.log_with else None)
+            self.events.sinks.append(ManifestSink(paths.manifest(self.state.run_id), facts, self.state.step,
+                                                  str(resume_from.source) if resume_from is not None else None))
         if accelerator.is_main_process and cfg.tracking.log_with:
             run_info = {"parameters": model.num_params(), "processes": self.world, "global_batch": self.global_batch,
                         "tokenizer": self.data_info.get("tokenizer"), "data_fingerprint": self.data_info.get("data_fingerprint")}
@@ -255,7 +269,8 @@ class Trainer:
             "skipped_steps": s.skipped_steps,
             "model_cfg": self.cfg.model.to_dict(), "train_cfg": self.t.to_dict(), "config": self.cfg.raw,
             "config_path": str(self.cfg.path), "global_batch": self.global_batch, "world_size": self.world,
-            "created_at": time.time(), **self.data_info,
+            "created_at": time.time(), **self.data_info, "config_fingerprint": self.cfg.fingerprint,
+            "overrides": list(self.cfg.overrides), "code": code_version(), "parent": self.parent,
             "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
 

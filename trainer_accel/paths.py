@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 STREAM_SOURCES = ("wiki", "roam", "primer")
 SFT_SOURCES = ("dolly", "oasst1", "primer")
@@ -21,18 +22,15 @@ CACHE_NAMING = (
 )
 
 
-def _env_path(name: str, default: Path) -> Path:
-    value = os.environ.get(name)
-    return Path(value) if value else default
-
-
 @dataclass(frozen=True)
 class Paths:
     data: Path
+    artifacts: Path  # what runs write goes under here unless one of the overrides below moves it
     checkpoints: Path
     samples: Path
     metrics: Path
     events: Path
+    runs: Path  # the run registry: runs/{run_id}/run.json
 
     def stream_cache(self, source: str, split: str) -> Path:
         return self.data / "cache" / "streams" / f"{source}_{split}.bin"
@@ -47,16 +45,31 @@ class Paths:
     def best_pt(self) -> Path:
         return self.checkpoints / "best.pt"
 
+    def manifest(self, run_id: str) -> Path:
+        return self.runs / run_id / "run.json"
 
-def resolve_paths() -> Paths:
-    """Read the environment now (not at import), so each run and each test sees its own layout."""
-    data = _env_path("TRAINER_DATA_DIR", Path("data"))
-    artifacts = _env_path("TRAINER_ARTIFACTS_DIR", Path("."))
-    metrics = _env_path("TRAINER_METRICS_DIR", artifacts / "metrics")
+    @property
+    def queue_db(self) -> Path:
+        return self.artifacts / "queue.db"
+
+
+def resolve_paths(env: Mapping[str, str] | None = None) -> Paths:
+    """Read the environment now (not at import), so each run and each test sees its own layout. `env` lets the
+    queue resolve a job's layout from the environment the job will run in."""
+    env = os.environ if env is None else env
+
+    def get(name: str, default: Path) -> Path:
+        return Path(env[name]) if env.get(name) else default
+
+    data = get("TRAINER_DATA_DIR", Path("data"))
+    artifacts = get("TRAINER_ARTIFACTS_DIR", Path("."))
+    metrics = get("TRAINER_METRICS_DIR", artifacts / "metrics")
     return Paths(
         data=data,
-        checkpoints=_env_path("TRAINER_CHECKPOINTS_DIR", artifacts / "checkpoints"),
-        samples=_env_path("TRAINER_SAMPLES_DIR", artifacts / "samples"),
+        artifacts=artifacts,
+        checkpoints=get("TRAINER_CHECKPOINTS_DIR", artifacts / "checkpoints"),
+        samples=get("TRAINER_SAMPLES_DIR", artifacts / "samples"),
         metrics=metrics,
-        events=_env_path("TRAINER_EVENTS_PATH", metrics / "events.jsonl"),
+        events=get("TRAINER_EVENTS_PATH", metrics / "events.jsonl"),
+        runs=get("TRAINER_RUNS_DIR", artifacts / "runs"),
     )

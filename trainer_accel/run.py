@@ -4,7 +4,8 @@
     python -m trainer_accel.run ...   (one process, no launcher)
 
 Exit codes: 0 done, 2 bad input (config, caches, checkpoint, flags; one line per problem), 3 stopped by
-SIGTERM/SIGINT after writing a checkpoint, 1 anything else.
+SIGTERM/SIGINT after writing a checkpoint, 1 anything else. `--result-json PATH` also writes them down for
+orchestrators (result.py); `--plan` prints what the run would do and trains nothing (plan.py).
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, export_best_pt, find_resume_checkpoint, read_meta,
-                         reconcile_pointers, set_aside_broken, sweep_leftovers)
+from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, find_resume_checkpoint, read_meta, reconcile_pointers,
+                         set_aside_broken, sweep_leftovers)
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
 from .errors import UserError, report
+from .evaluation import evaluate_checkpoints, format_summary
+from .export import export
 from .hardware import compute_warnings
 from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
 from .loop import PhaseResult, Trainer
+from .overrides import Override, parse_overrides
 from .paths import Paths, resolve_paths
-from .stopping import INTERRUPTED_EXIT, Interrupted
+from .plan import format_phase_plan, phase_plan, plan_problems_text
+from .result import EXIT_CODES, Outcome
+from .stopping import Interrupted
 
 log = logging.getLogger("trainer_accel")
 
@@ -39,6 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default: CUDA, else MPS, else CPU; under accelerate launch the launcher decides unless cpu")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint directory or exported .pt to resume from")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train_cfg.base_lr=1e-3 (repeatable; VALUE is JSON; "
+                        "in a pipeline prefix pretrain. or sft. to reach one phase)")
+    p.add_argument("--plan", action="store_true", help="print what the run would do (config, compute, data, "
+                   "checkpoints, resume) and exit without training")
+    p.add_argument("--result-json", type=Path, default=None, metavar="PATH",
+                   help="write a machine-readable result here when the run exits, also on failure")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (Accelerate, trackers, checkpoints)")
     args = p.parse_args(argv)
     if args.resume is not None and args.no_resume:
@@ -137,24 +150,47 @@ def check_same_start(acc, resumed: LoadedCheckpoint | None) -> None:
                         "must be one filesystem that every machine sees")
 
 
-def run_phase(acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed, initial) -> PhaseResult:
+def run_phase(acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed, initial, outcome: Outcome) -> PhaseResult:
     check_same_start(acc, resumed)
     trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=inputs.data_info(),
                       tokenizer=inputs.decoder())
-    return trainer.fit()
+    outcome.started(trainer)
+    result = trainer.fit()
+    if cfg.phase == "sft":
+        outcome.verdict = promotion_gate(acc, paths, result, trainer.parent)
+    return result
 
 
-def export_at_end(acc, result: PhaseResult, paths: Paths) -> None:
+def promotion_gate(acc, paths: Paths, result: PhaseResult, parent: dict | None) -> str | None:
+    """The end of SFT: the eval summary of its best against the checkpoint it started from (evaluation.py)."""
+    verdict = None
+    if acc.is_main_process:
+        baseline = Path(parent["checkpoint"]) if parent and parent.get("relation") == "initialised" else None
+        if baseline is None or not baseline.exists():
+            log.warning("sft: no starting checkpoint to compare with%s; no eval summary, not deployable",
+                        f" ({baseline} is gone)" if baseline else "")
+        else:
+            candidate = result.best_dir or result.latest_dir
+            summary = evaluate_checkpoints(paths, candidate, baseline, None, acc.device)
+            verdict = summary["verdict"]
+            log.info("eval summary of %s against %s:\n%s", candidate, baseline, format_summary(summary))
+    acc.wait_for_everyone()
+    return verdict
+
+
+def export_at_end(acc, result: PhaseResult, paths: Paths, outcome: Outcome) -> None:
     if acc.is_main_process:
         source = result.best_dir or result.latest_dir
-        out = export_best_pt(source, paths.best_pt)
-        log.info("exported %s from %s (step %d, best val loss %s)", out, source, result.state.step,
-                 "-" if result.state.best_val_loss is None else f"{result.state.best_val_loss:.4f}")
+        record = export(source, paths.best_pt, paths)
+        outcome.best_pt = paths.best_pt
+        log.info("exported %s from %s (step %d, best val loss %s, verdict %s)", paths.best_pt, source, result.state.step,
+                 "-" if result.state.best_val_loss is None else f"{result.state.best_val_loss:.4f}",
+                 record.get("verdict") or ("not evaluated" if result.phase == "sft" else "none (pretrain)"))
     acc.wait_for_everyone()
 
 
-def run_single(args: argparse.Namespace, paths: Paths) -> None:
-    cfg = load_phase_config(args.config, args.phase)
+def run_single(args: argparse.Namespace, paths: Paths, overrides: list[Override], outcome: Outcome) -> None:
+    cfg = load_phase_config(args.config, args.phase, overrides)
     acc = make_accelerator(args.device, cfg.train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
     announce_compute(acc)
@@ -165,7 +201,7 @@ def run_single(args: argparse.Namespace, paths: Paths) -> None:
     if cfg.phase == "sft" and init is None:
         log.warning("%s: init_from is null, SFT starts from random weights", cfg.path)
     inputs, resumed, initial = plan_phase(cfg, paths, args.resume, not args.no_resume, init)
-    export_at_end(acc, run_phase(acc, cfg, paths, inputs, resumed, initial), paths)
+    export_at_end(acc, run_phase(acc, cfg, paths, inputs, resumed, initial, outcome), paths, outcome)
 
 
 def phase_finished(phase_dir: Path, total_steps: int) -> bool:
@@ -184,9 +220,9 @@ def pipeline_resume_phase(resume: Path | None) -> str | None:
     return phase
 
 
-def run_pipeline(args: argparse.Namespace, paths: Paths) -> None:
+def run_pipeline(args: argparse.Namespace, paths: Paths, overrides: list[Override], outcome: Outcome) -> None:
     """Pretrain, then SFT from the pretrain best. Started again, it continues in the phase where it stopped."""
-    pipe = load_pipeline_config(args.config)
+    pipe = load_pipeline_config(args.config, overrides)
     pre, sft = pipe.pretrain, pipe.sft
     if pre.train.mixed_precision != sft.train.mixed_precision:
         raise UserError(f"{args.config}: pretrain and sft train_cfg.mixed_precision differ "
@@ -211,29 +247,73 @@ def run_pipeline(args: argparse.Namespace, paths: Paths) -> None:
         pre_resume = args.resume if resume_phase == "pretrain" else None
         # both phases' inputs are checked before any time is spent on pretrain
         pre_plan, _ = collect(lambda: plan_phase(pre, paths, pre_resume, auto, None), lambda: check_phase_inputs(sft, paths))
-        run_phase(acc, pre, paths, *pre_plan)
+        run_phase(acc, pre, paths, *pre_plan, outcome)
     if not sft_started and not pre_best.exists():
         raise UserError(f"{pre_best}: pretrain finished without a best checkpoint to start SFT from")
     sft_plan = plan_phase(sft, paths, args.resume if resume_phase == "sft" else None, auto, pre_best)
     if sft_plan[2] is not None:
         log.info("pipeline: SFT starts from the pretrain best %s (weights only, optimizer fresh)", pre_best)
-    export_at_end(acc, run_phase(acc, sft, paths, *sft_plan), paths)
+    export_at_end(acc, run_phase(acc, sft, paths, *sft_plan, outcome), paths, outcome)
+
+
+def print_plan(args: argparse.Namespace, paths: Paths, overrides: list[Override]) -> int:
+    """--plan: what this command would do, on the main process; exit 2 if something would stop it."""
+    if args.phase == "pipeline":
+        pipe = load_pipeline_config(args.config, overrides)
+        configs = [pipe.pretrain, pipe.sft]
+    else:
+        configs = [load_phase_config(args.config, args.phase, overrides)]
+    acc = make_accelerator(args.device, configs[0].train.mixed_precision)
+    setup_logging(acc.is_main_process, args.verbose)
+    plans = []
+    for cfg in configs:
+        explicit = args.resume if args.phase != "pipeline" or checkpoint_phase(args.resume or Path()) == cfg.phase else None
+        init, pending = None, False
+        if args.phase == "pipeline" and cfg.phase == "sft":
+            init = paths.phase_dir("pretrain") / "best"
+            pending = not init.exists() or not phase_finished(paths.phase_dir("pretrain"), configs[0].train.total_steps)
+        elif cfg.phase == "sft" and cfg.init_from:
+            init = Path(cfg.init_from)
+        plans.append(phase_plan(cfg, paths, acc.num_processes, explicit, not args.no_resume and args.resume is None,
+                                init, pending))
+    if acc.is_main_process:
+        print(f"compute: {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}, "
+              f"{torch.get_num_threads()} CPU threads per process")
+        for warning in compute_warnings(acc.device, acc.mixed_precision, acc.num_processes):
+            print(f"warning: {warning}")
+        for plan in plans:
+            print(format_phase_plan(plan, paths))
+        print(plan_problems_text(plans))
+    return 2 if any(plan.problems for plan in plans) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     paths = resolve_paths()
+    outcome = Outcome(args.phase, args.config, args.sets, paths)
+    status, failure = "failed", None
     try:
-        (run_pipeline if args.phase == "pipeline" else run_single)(args, paths)
+        overrides = parse_overrides(args.sets)
+        if args.plan:
+            return print_plan(args, paths, overrides)
+        (run_pipeline if args.phase == "pipeline" else run_single)(args, paths, overrides, outcome)
+        status = "completed"
     except UserError as e:
+        status, failure = "bad_input", "; ".join(e.problems)
         return report(e)
     except FloatingPointError as e:  # training diverged: not a bug in the trainer, so no traceback
+        failure = str(e)
         print(f"error: {e}", file=sys.stderr)
-        return 1
     except Interrupted as e:
+        status, failure = "interrupted", str(e)
         print(f"stopped: {e}", file=sys.stderr)
-        return INTERRUPTED_EXIT
-    return 0
+    except BaseException as e:  # a bug: the traceback is printed, and the result still says what happened
+        failure = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if args.result_json is not None and not args.plan and int(os.environ.get("RANK", "0")) == 0:
+            outcome.write(args.result_json, status, failure)
+    return EXIT_CODES[status]
 
 
 if __name__ == "__main__":

@@ -97,9 +97,8 @@ def open_trackers(cfg: PhaseConfig, metrics_dir: Path, run_id: str, resume_step:
         trackers.append(WandBTracker(t.project, name=name, id=run_id, resume="allow", group=group,
                                      tags=[cfg.phase, *t.tags], dir=str(metrics_dir), job_type=cfg.phase))
         log.info("wandb: %s mode, run %s (%s)", os.environ.get("WANDB_MODE", "online"), run_id, metrics_dir / "wandb")
-    config = _flat({"phase": cfg.phase, "run_id": run_id, "config_path": str(cfg.path), **run_info,
-                    "model_cfg": cfg.model.to_dict(), "train_cfg": cfg.train.to_dict(),
-                    "sources": cfg.sources, "val_source": cfg.val_source})
+    config = _flat({"run_id": run_id, "config_path": str(cfg.path), **run_info, **cfg.resolved(),
+                    "overrides": list(cfg.overrides), "config_fingerprint": cfg.fingerprint})
     for tracker in trackers:
         tracker.start()
         tracker.store_init_configuration(config)

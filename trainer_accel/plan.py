@@ -1,0 +1,166 @@
+"""What a run would do, before it spends hours: `run --plan` and `queue plan`.
+
+Everything here reads and nothing writes: the resolved config with each value's origin, the compute, model size,
+tokens and FLOPs, the caches, the checkpoints it would write and keep, and whether it would resume. Problems
+that would stop the run (missing or broken caches, a starting checkpoint that does not fit) are listed too.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import find_resume_checkpoint
+from .config import PhaseConfig
+from .data import open_cache
+from .errors import UserError
+from .full_state import checkpoint_bytes
+from .inputs import check_phase_inputs, check_start_checkpoint, phase_cache_paths
+from .model import GPT
+from .paths import Paths
+
+
+def flops_per_token(cfg: PhaseConfig) -> float:
+    """6N for the weights' matmuls (forward and backward) plus the attention scores, as in the PaLM paper and
+    nanoGPT; N leaves out the position embeddings, which are looked up, not multiplied."""
+    m = cfg.model
+    n = m.V * m.C + m.L * (4 * m.C * m.C + 2 * m.C * m.d_ff)  # token embedding = tied output layer, blocks
+    return 6 * n + 12 * m.L * m.C * cfg.seq_len
+
+
+@dataclass
+class PhasePlan:
+    cfg: PhaseConfig
+    processes: int
+    parameters: int
+    checkpoint_bytes: int
+    start_step: int
+    start: str  # "fresh", or where it resumes / initialises from
+    caches: list[dict[str, Any]] = field(default_factory=list)
+    data_fingerprint: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.B * t.accum_steps * self.processes * self.cfg.seq_len
+
+    @property
+    def steps_to_run(self) -> int:
+        return max(0, self.cfg.train.total_steps - self.start_step)
+
+    @property
+    def flops_per_step(self) -> float:
+        return flops_per_token(self.cfg) * self.tokens_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phase": self.cfg.phase, "parameters": self.parameters, "tokens_per_step": self.tokens_per_step,
+                "steps_to_run": self.steps_to_run, "tokens_to_run": self.tokens_per_step * self.steps_to_run,
+                "flops_per_step": self.flops_per_step, "flops_to_run": self.flops_per_step * self.steps_to_run,
+                "checkpoint_bytes": self.checkpoint_bytes, "start": self.start, "start_step": self.start_step,
+                "data_fingerprint": self.data_fingerprint, "problems": self.problems}
+
+
+def _describe_caches(cfg: PhaseConfig, paths: Paths) -> list[dict[str, Any]]:
+    train_kind, train, val, val_kind = phase_cache_paths(cfg, paths)
+    out = []
+    for split, kind, pairs in (("train", train_kind, train), ("val", val_kind, val)):
+        for source, path in pairs:
+            row = {"split": split, "source": source, "path": str(path), "status": "missing"}
+            if path.is_file():
+                try:
+                    meta = open_cache(path, kind).meta
+                    row.update(status="found", tokens=meta["num_tokens"], examples=meta.get("num_examples"))
+                except UserError as e:
+                    row.update(status=f"invalid: {e.problems[0]}")
+            out.append(row)
+    return out
+
+
+def phase_plan(cfg: PhaseConfig, paths: Paths, processes: int, resume: Path | None = None, auto_resume: bool = True,
+               init: Path | None = None, init_pending: bool = False) -> PhasePlan:
+    """The plan of one phase. `init_pending`: the start checkpoint is written by an earlier phase of a pipeline."""
+    with torch.device("meta"):  # shapes only: no memory for the weights, however big the model
+        model = GPT(cfg.model)
+    problems: list[str] = []
+    found = resume if resume is not None else find_resume_checkpoint(paths.phase_dir(cfg.phase)) if auto_resume else None
+    start_step, start = 0, "fresh (random weights)"
+    if found is not None:
+        try:
+            loaded = check_start_checkpoint(found, cfg)
+            start_step, start = loaded.step, f"resume from {found} at step {loaded.step}"
+        except UserError as e:
+            problems += e.problems
+    elif init is not None:
+        start = f"initialise from {init} (weights only{', once the pretrain phase has written it' if init_pending else ''})"
+        if not init_pending:
+            try:
+                check_start_checkpoint(init, cfg, with_optimizer=False)
+            except UserError as e:
+                problems += e.problems
+    plan = PhasePlan(cfg=cfg, processes=processes, parameters=model.num_params(), checkpoint_bytes=checkpoint_bytes(model),
+                     start_step=start_step, start=start, caches=_describe_caches(cfg, paths))
+    try:
+        plan.data_fingerprint = check_phase_inputs(cfg, paths).data_info()["data_fingerprint"]
+    except UserError as e:
+        problems += e.problems
+    plan.problems = list(dict.fromkeys(problems))
+    return plan
+
+
+def _value(resolved: dict, dotted: str) -> Any:
+    node: Any = resolved
+    for k in dotted.split("."):
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def format_phase_plan(plan: PhasePlan, paths: Paths) -> str:
+    cfg, t = plan.cfg, plan.cfg.train
+    resolved = cfg.resolved()
+    lines = [f"== {cfg.phase}: {cfg.path}" + (f"  (--set {' '.join(cfg.overrides)})" if cfg.overrides else ""),
+             "config (value, origin):"]
+    for key, origin in cfg.provenance.items():
+        value = str(_value(resolved, key))
+        lines.append(f"  {key:<32} {value if len(value) <= 40 else value[:37] + '...':<40} {origin}")
+    kept = t.keep_last_n + 1  # step dirs kept, plus best/ when it is an older step (latest/ is a hard link)
+    written = math.ceil(plan.steps_to_run / t.ckpt_every) if plan.steps_to_run else 0
+    probe = paths.checkpoints
+    while not probe.exists():
+        probe = probe.parent
+    lines += [
+        f"model: {plan.parameters:,} parameters (V={cfg.model.V} T={cfg.model.T} C={cfg.model.C} L={cfg.model.L} "
+        f"H={cfg.model.H} d_ff={cfg.model.d_ff})",
+        f"tokens: {plan.tokens_per_step:,} per step (B={t.B} x accum_steps={t.accum_steps} x processes={plan.processes} "
+        f"x T={cfg.seq_len}); {plan.steps_to_run:,} steps to run = {_si(plan.tokens_per_step * plan.steps_to_run)} tokens",
+        f"compute: {_si(plan.flops_per_step)}FLOP per step, {_si(plan.flops_per_step * plan.steps_to_run)}FLOP to run",
+        "caches:",
+        *(f"  {c['split']:<5} {c['source']:<7} {c['status']:<8} {c['path']}"
+          + (f"  {c['tokens']:,} tokens" if "tokens" in c else "") + (f", {c['examples']:,} examples" if c.get("examples") else "")
+          for c in plan.caches),
+        f"  data fingerprint: {plan.data_fingerprint or '- (caches missing or invalid)'}",
+        f"checkpoints: {plan.checkpoint_bytes / 2**20:,.1f} MiB each in {paths.phase_dir(cfg.phase)}; {written} to write "
+        f"(every {t.ckpt_every} steps and at the end); at most {kept} kept ({t.keep_last_n} newest step dirs + best), "
+        f"{kept * plan.checkpoint_bytes / 2**20:,.1f} MiB; {shutil.disk_usage(probe).free / 2**30:,.1f} GiB free",
+        f"start: {plan.start}",
+    ]
+    return "\n".join(lines)
+
+
+def plan_problems_text(plans: list[PhasePlan]) -> str:
+    problems = [p for plan in plans for p in plan.problems]
+    if not problems:
+        return "plan: ok, nothing found that would stop this run"
+    return "plan: this run would stop at once:\n" + "\n".join(f"  - {p}" for p in problems)
