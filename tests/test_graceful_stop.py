@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -47,8 +48,8 @@ def reference(tmp_path_factory):
 def test_signal_stops_gracefully_and_resume_is_exact(world, reference, sig):
     cfg = write_config(world / "pre.json", "pretrain", TRAIN)
 
-    proc = subprocess.Popen([sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg)],
-                            cwd=world, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg),
+                             "--result-json", "result.json"], cwd=world, stderr=subprocess.PIPE, text=True)
     wait_for_training(world, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -59,10 +60,19 @@ def test_signal_stops_gracefully_and_resume_is_exact(world, reference, sig):
     step = stopped[0]["step"]
     assert 0 < step < 200
     assert read_meta(world / "checkpoints/pretrain/latest")["step"] == step
+    result = json.loads((world / "result.json").read_text())  # the result protocol: what an orchestrator reads
+    assert (result["status"], result["exit_code"], result["final_step"]) == ("interrupted", 3, step)
+    assert result["latest"] == str((world / "checkpoints/pretrain/latest").resolve())
+    manifest = json.loads((world / "runs" / result["run_ids"][0] / "run.json").read_text())
+    assert (manifest["status"], manifest["final_step"]) == ("interrupted", step)
 
-    again = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    again = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--result-json", "result.json", cwd=world)
     assert again.returncode == 0, again.stderr
     assert f"at step {step}" in again.stderr
+    result = json.loads((world / "result.json").read_text())
+    assert (result["status"], result["exit_code"], result["final_step"]) == ("completed", 0, 200)
+    manifest = json.loads((world / "runs" / result["run_ids"][0] / "run.json").read_text())
+    assert manifest["status"] == "completed" and [s["start_step"] for s in manifest["sessions"]] == [0, step]
     a = load_file(str(world / "checkpoints/pretrain/latest/model.safetensors"))
     assert all(torch.equal(a[k], reference[k]) for k in a)
     assert [e["step"] for e in events(world, "train")] == list(range(1, 201))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# torch.distributed.checkpoint is imported only when a sharded state is gathered or scattered: importing it costs
+# about half a second at every start, which every run that is not FSDP would pay for nothing.
 
 
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -57,7 +57,9 @@ def gather_sharded_optimizer_state(model: torch.nn.Module, canonical: torch.nn.M
                                    opt: torch.optim.Optimizer) -> dict:
     """Index-keyed full state of a sharded optimizer on the main process ({} on the others). `model` is what was
     sharded (and possibly wrapped), `canonical` the plain module whose parameter names the checkpoint uses."""
-    by_name = get_optimizer_state_dict(model, opt, options=_FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not by_name:
         return {}
     index = {n: i for i, n in enumerate(parameter_names(canonical, opt))}
@@ -68,6 +70,8 @@ def gather_sharded_optimizer_state(model: torch.nn.Module, canonical: torch.nn.M
 def scatter_sharded_optimizer_state(model: torch.nn.Module, canonical: torch.nn.Module, opt: torch.optim.Optimizer,
                                     state: dict) -> None:
     """Each process keeps its shard of an index-keyed full optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     names = parameter_names(canonical, opt)
     by_name = {"state": {names[i]: s for i, s in state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}

@@ -243,7 +243,7 @@ def run_attempt(queue: JobQueue, job: Job, signals: Signals) -> tuple[int | None
         sent = 0
         while True:
             try:
-                proc.wait(timeout=1.0)
+                proc.wait(timeout=0.25)
                 break
             except subprocess.TimeoutExpired:
                 pass

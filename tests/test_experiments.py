@@ -1,0 +1,173 @@
+"""Running experiments: --set overrides, --plan, doctor, run manifests and lineage, the promotion gate, and the
+result protocol (exit codes and --result-json)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli, write_config
+from trainer_accel import doctor, export, run, runs
+from trainer_accel.checkpoint import read_meta
+from trainer_accel.config import fingerprint, load_phase_config
+from trainer_accel.errors import UserError
+from trainer_accel.overrides import parse_overrides
+
+
+def pipeline_config(world, **sft_top):
+    write_config(world / "c/pretrain.json", "pretrain")
+    write_config(world / "c/sft.json", "sft", **sft_top)
+    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
+    return world / "c/pipeline.json"
+
+
+def setting(plan_text: str, key: str) -> list[str]:
+    """(value, origin) of one line of the plan's config table."""
+    line = next(line for line in plan_text.splitlines() if line.split()[:1] == [key])
+    return line.split()[1:]
+
+
+def test_overrides_beat_the_file_which_beats_the_defaults(world):
+    cfg_path = write_config(world / "pre.json", "pretrain", {"base_lr": 2e-3})
+    cfg = load_phase_config(cfg_path, "pretrain", parse_overrides(["train_cfg.base_lr=1e-3", "train_cfg.seed=3",
+                                                                   "val_source=roam", "tracking.tags=[\"sweep\"]"]))
+    assert (cfg.train.base_lr, cfg.train.seed, cfg.val_source, cfg.tracking.tags) == (1e-3, 3, "roam", ("sweep",))
+    assert cfg.train.B == 4 and cfg.train.beta1 == 0.9  # file, default
+    assert (cfg.provenance["train_cfg.base_lr"], cfg.provenance["train_cfg.B"], cfg.provenance["train_cfg.beta1"],
+            cfg.provenance["val_source"]) == ("override", "file", "default", "override")
+    assert cfg.fingerprint == fingerprint(cfg.resolved()) != load_phase_config(cfg_path, "pretrain").fingerprint
+    assert json.loads(cfg_path.read_text())["train_cfg"]["base_lr"] == 2e-3  # the file is not touched
+
+    for sets, message in [(["train_cfg.bse_lr=1"], "--set train_cfg.bse_lr=1: train_cfg.bse_lr: unknown key (did you mean 'base_lr'?)"),
+                          (["trian_cfg.B=2"], "config.trian_cfg: unknown key (did you mean 'train_cfg'?)"),
+                          (["train_cfg.B"], "expected KEY=VALUE"),
+                          (["train_cfg.B=two"], 'train_cfg.B: expected an integer, got "two" (from --set train_cfg.B=two)')]:
+        with pytest.raises(UserError) as e:
+            load_phase_config(cfg_path, "pretrain", parse_overrides(sets))
+        assert message in str(e.value)
+
+
+def test_pipeline_overrides_reach_both_or_one_phase(world, capsys):
+    path = pipeline_config(world)
+    assert run.main(["--phase", "pipeline", "--config", str(path), "--plan", "--set", "train_cfg.seed=5",
+                     "--set", "sft.train_cfg.base_lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    pre, sft = out.split("== sft:")
+    assert setting(pre, "train_cfg.seed") == setting(sft, "train_cfg.seed") == ["5", "override"]
+    assert setting(pre, "train_cfg.base_lr") == ["0.003", "file"] and setting(sft, "train_cfg.base_lr") == ["0.001", "override"]
+    assert run.main(["--phase", "pretrain", "--config", str(path.parent / "pretrain.json"), "--set", "train_cfg.nope=1"]) == 2
+    assert "train_cfg.nope: unknown key" in capsys.readouterr().err
+
+
+def test_plan_prints_the_whole_plan_and_writes_nothing(world, capsys):
+    cfg = write_config(world / "pre.json", "pretrain", {"keep_last_n": 2})
+    assert run.main(["--phase", "pretrain", "--config", str(cfg), "--plan", "--set", "train_cfg.total_steps=12"]) == 0
+    out = capsys.readouterr().out
+    assert setting(out, "train_cfg.total_steps") == ["12", "override"] and setting(out, "train_cfg.B") == ["4", "file"]
+    assert setting(out, "train_cfg.beta2") == ["0.95", "default"]
+    for needle in ["compute: 1 process(es) on cpu", "model: 25,888 parameters", "tokens: 128 per step (B=4 x accum_steps=1 x processes=1 x T=32); "
+                   "12 steps to run = 1.54k tokens", "FLOP per step", "found    data/cache/streams/wiki_train.bin",
+                   "data fingerprint: ", "3 to write (every 4 steps and at the end); at most 3 kept",
+                   "start: fresh (random weights)", "plan: ok"]:
+        assert needle in out, (needle, out)
+    assert not any((world / d).exists() for d in ("checkpoints", "runs", "metrics", "samples"))
+
+    assert run.main(["--phase", "pretrain", "--config", str(cfg)]) == 0  # then it would resume, and says from where
+    (world / "data/cache/streams/roam_train.bin").unlink()
+    assert run.main(["--phase", "pretrain", "--config", str(cfg), "--plan", "--set", "train_cfg.total_steps=12"]) == 2
+    out = capsys.readouterr().out
+    assert "start: resume from checkpoints/pretrain/latest at step 8" in out and "4 steps to run" in out
+    assert "missing  data/cache/streams/roam_train.bin" in out and "this run would stop at once" in out
+
+
+def test_doctor_on_a_good_and_a_broken_setup(world, capsys):
+    cfg = write_config(world / "pre.json", "pretrain")
+    assert doctor.main(["--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    for needle in ["ok    python", "ok    torch", "ok    accelerate   ", "ok    safetensors", "ok    wandb        ",
+                   "ok    cuda", "ok    mps", "ok    cache        data/cache/streams/wiki_val.bin", "sha256 matches",
+                   "ok    disk", "ok    writable     checkpoints", "doctor: 0 failed"]:
+        assert needle in out, (needle, out)
+
+    (world / "data/cache/streams/roam_train.bin").unlink()
+    (world / "data/cache/sft/dolly_val.bin.meta.json").write_text('{"format": ')
+    with open(world / "data/cache/streams/wiki_val.bin", "r+b") as f:  # same size, other bytes: only the hash sees it
+        f.write(b"\x01\x00")
+    assert doctor.main(["--config", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert "fail  cache        data/cache/streams/roam_train.bin: missing, needed by" in out
+    assert "fail  cache        data/cache/sft/dolly_val.bin.meta.json: not valid JSON" in out
+    assert "fail  cache        data/cache/streams/wiki_val.bin: content does not match the sha256" in out
+    assert "doctor: 3 failed" in out
+
+
+def test_pipeline_manifests_lineage_promotion_and_result(world, capsys):
+    path = pipeline_config(world)
+    assert run.main(["--phase", "pipeline", "--config", str(path), "--result-json", "out/result.json"]) == 0
+    result = json.loads((world / "out/result.json").read_text())
+    assert (result["status"], result["exit_code"], result["final_step"], result["verdict"]) == ("completed", 0, 8, "pass")
+    assert result["best_pt"] == str((world / "checkpoints/best.pt").resolve()) and result["failure"] is None
+    pre_id, sft_id = result["run_ids"]
+
+    pre_m, sft_m = (json.loads((world / "runs" / i / "run.json").read_text()) for i in (pre_id, sft_id))
+    pre_best, sft_best = read_meta(world / "checkpoints/pretrain/best"), read_meta(world / "checkpoints/sft/best")
+    for m, best in ((pre_m, pre_best), (sft_m, sft_best)):
+        assert (m["status"], m["start_step"], m["final_step"], m["processes"], m["device"]) == ("completed", 0, 8, 1, "cpu")
+        assert m["best_val_loss"] == best["best_val_loss"] and m["best_val_step"] == best["best_val_step"]
+        assert m["config_fingerprint"] == fingerprint(m["config"]) == best["config_fingerprint"]
+        assert m["data_fingerprint"] == best["data_fingerprint"] and best["run_id"] == m["run_id"]
+        assert m["code"]["package"] == "0.1.0" and m["started_at"] <= m["finished_at"]
+        assert [c["step"] for c in m["checkpoints"]] == [4, 8]
+    assert pre_m["parent"] is None
+    assert sft_m["parent"]["run_id"] == pre_id and sft_m["parent"]["relation"] == "initialised"
+    assert sft_m["parent"]["data_fingerprint"] == pre_best["data_fingerprint"] != sft_best["data_fingerprint"]
+
+    summary = sft_m["eval_summary"]  # baseline = the pretrain best SFT started from, on every val cache
+    assert summary["verdict"] == "pass" and summary["baseline"]["run_id"] == pre_id
+    assert {s["name"] for s in summary["sets"]} == {"streams/wiki", "streams/roam", "streams/primer", "sft/dolly",
+                                                    "sft/oasst1", "sft/primer"}
+    assert all(s["delta"] == pytest.approx(s["candidate"] - s["baseline"]) for s in summary["sets"])
+
+    assert runs.main(["lineage", "checkpoints/best.pt", "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert [n["kind"] for n in chain] == ["export", "checkpoint", "run", "checkpoint", "run"]
+    assert chain[0]["intact"] and chain[0]["verdict"] == "pass"
+    assert (chain[2]["run_id"], chain[4]["run_id"]) == (sft_id, pre_id)
+    assert chain[4]["data_fingerprint"] == pre_best["data_fingerprint"] and "streams/wiki_train.bin" in chain[4]["caches"]
+    assert runs.main(["show", sft_id[:6]]) == 0 and json.loads(capsys.readouterr().out)["run_id"] == sft_id
+    assert runs.main(["list"]) == 0
+    table = capsys.readouterr().out
+    assert f"{sft_id}  sft       completed  8/8" in table and "pass" in table
+
+    # the gate: only weights with a pass verdict export with --deployable-only; a newer fail verdict wins
+    assert export.main(["--checkpoint", "checkpoints/sft/best", "--out", "dep.pt", "--deployable-only"]) == 0
+    assert export.main(["--checkpoint", "checkpoints/pretrain/best", "--out", "x.pt", "--deployable-only"]) == 2
+    assert "not deployable: never evaluated" in capsys.readouterr().err
+    assert runs.main(["evaluate", "checkpoints/sft/best", "--baseline", "checkpoints/sft/best"]) == 1
+    assert "verdict: fail" in capsys.readouterr().out
+    assert export.main(["--checkpoint", "checkpoints/sft/best", "--out", "x.pt", "--deployable-only"]) == 2
+    err = capsys.readouterr().err
+    assert "not deployable: verdict fail (sft/dolly: SFT val loss did not improve" in err and "sft/dolly +0.0000" in err
+    assert not (world / "x.pt").exists()
+
+
+def test_exit_codes_and_result_for_bad_input_and_a_crash(world):
+    cfg = write_config(world / "pre.json", "pretrain")
+    bad = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.B=0", "--result-json", "r.json",
+                  cwd=world)
+    result = json.loads((world / "r.json").read_text())
+    assert bad.returncode == 2 and (result["status"], result["exit_code"]) == ("bad_input", 2)
+    assert "train_cfg.B: must be a positive integer, got 0 (from --set train_cfg.B=0)" in result["failure"]
+    assert result["run_ids"] == [] and not (world / "checkpoints").exists()
+
+    (world / "checkpoints").mkdir()
+    (world / "checkpoints/pretrain").write_text("a file where the phase's folder belongs")  # the first save fails
+    crash = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--result-json", "r.json", cwd=world)
+    result = json.loads((world / "r.json").read_text())
+    assert crash.returncode == 1 and "Traceback" in crash.stderr  # a bug-like failure keeps its traceback
+    # the save of step 4 fails on the writer thread and surfaces at the next save, step 8
+    assert (result["status"], result["exit_code"], result["final_step"]) == ("failed", 1, 8)
+    assert result["failure"].startswith(("FileExistsError", "NotADirectoryError"))
+    manifest = json.loads((world / "runs" / result["run_ids"][0] / "run.json").read_text())
+    assert manifest["status"] == "failed" and manifest["failure"] == result["failure"]
