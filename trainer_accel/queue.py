@@ -330,8 +330,7 @@ def plan_jobs(queue: JobQueue) -> str:
     for order, job in enumerate(queue.runnable_in_order(), 1):
         lines.append(f"{order}. job {job.id} ({job.status}): {job.phase} {job.config}"
                      + (f" --set {' '.join(job.sets)}" if job.sets else "") + f", artifacts {job.artifacts}")
-        env = {**os.environ, **job.env, "TRAINER_ARTIFACTS_DIR": job.artifacts}
-        paths = resolve_paths(env)
+        paths = resolve_paths(job.run_env(queue.runs))
         cwd = os.getcwd()
         try:
             os.chdir(job.cwd)  # relative paths in the job's config resolve as they will when it runs

@@ -28,6 +28,7 @@ from .export import export
 from .hardware import compute_warnings
 from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
 from .loop import PhaseResult, Trainer
+from .manifest import model_sha256
 from .overrides import Override, parse_overrides
 from .paths import Paths, resolve_paths
 from .plan import format_phase_plan, phase_plan, plan_problems_text
@@ -166,9 +167,9 @@ def promotion_gate(acc, paths: Paths, result: PhaseResult, parent: dict | None) 
     verdict = None
     if acc.is_main_process:
         baseline = Path(parent["checkpoint"]) if parent and parent.get("relation") == "initialised" else None
-        if baseline is None or not baseline.exists():
-            log.warning("sft: no starting checkpoint to compare with%s; no eval summary, not deployable",
-                        f" ({baseline} is gone)" if baseline else "")
+        if baseline is None or not baseline.exists() or not same_weights(baseline, parent.get("model_sha256")):
+            log.warning("sft: the checkpoint it started from is not there to compare with%s; no eval summary, "
+                        "not deployable", f" ({baseline} is gone or holds other weights now)" if baseline else "")
         else:
             candidate = result.best_dir or result.latest_dir
             summary = evaluate_checkpoints(paths, candidate, baseline, None, acc.device)
@@ -176,6 +177,16 @@ def promotion_gate(acc, paths: Paths, result: PhaseResult, parent: dict | None) 
             log.info("eval summary of %s against %s:\n%s", candidate, baseline, format_summary(summary))
     acc.wait_for_everyone()
     return verdict
+
+
+def same_weights(checkpoint: Path, weights_sha256: str | None) -> bool:
+    """Whether a checkpoint still holds the weights a run recorded (a .pt or an old record: not checkable, trusted)."""
+    if weights_sha256 is None or not checkpoint.is_dir():
+        return True
+    try:
+        return model_sha256(read_meta(checkpoint, verify=False)) == weights_sha256
+    except InvalidCheckpoint:
+        return False
 
 
 def export_at_end(acc, result: PhaseResult, paths: Paths, outcome: Outcome) -> None:
