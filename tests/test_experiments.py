@@ -142,6 +142,7 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys):
 
     # the gate: only weights with a pass verdict export with --deployable-only; a newer fail verdict wins
     assert export.main(["--checkpoint", "checkpoints/sft/best", "--out", "dep.pt", "--deployable-only"]) == 0
+    assert export.main(["--checkpoint", "dep.pt", "--out", "dep2.pt", "--deployable-only"]) == 0  # via its record
     assert export.main(["--checkpoint", "checkpoints/pretrain/best", "--out", "x.pt", "--deployable-only"]) == 2
     assert "not deployable: never evaluated" in capsys.readouterr().err
     assert runs.main(["evaluate", "checkpoints/sft/best", "--baseline", "checkpoints/sft/best"]) == 1

@@ -95,10 +95,12 @@ def test_two_workers_never_take_the_same_job(world):
     assert all(row["status"] == "completed" and row["attempts"] == 1 for row in jobs(world).values())
 
 
-def test_a_stopped_worker_leaves_its_job_resumable(world):
-    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 200, "ckpt_every": 1000, "eval_every": 1000,
-                                                         "log_every": 1, "warmup_steps": 10})
-    job = add(world, "--phase", "pretrain", "--config", str(cfg))
+LONG = {"total_steps": 200, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
+
+
+def start_worker_on_one_job(world) -> tuple[int, subprocess.Popen]:
+    """A worker running a 200-step job, returned once the job is inside its training loop."""
+    job = add(world, "--phase", "pretrain", "--config", str(write_config(world / "pre.json", "pretrain", LONG)))
     worker = subprocess.Popen([sys.executable, "-m", "trainer_accel.queue", "run"], cwd=world,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     events = world / "jobs" / str(job) / "metrics" / "events.jsonl"
@@ -106,6 +108,21 @@ def test_a_stopped_worker_leaves_its_job_resumable(world):
     while not (events.exists() and '"event": "train"' in events.read_text()):
         assert worker.poll() is None and time.monotonic() < deadline, worker.stdout.read()
         time.sleep(0.05)
+    return job, worker
+
+
+def test_cancelling_a_running_job_stops_it_gracefully(world, capsys):
+    job, worker = start_worker_on_one_job(world)
+    assert queue.main(["cancel", str(job)]) == 0
+    assert "cancelling" in capsys.readouterr().out
+    out, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0 and "queue: empty" in out, out  # the worker goes on to the next job: none
+    assert jobs(world)[job]["status"] == "cancelled"
+    assert 0 < read_meta(world / "jobs" / str(job) / "checkpoints/pretrain/latest")["step"] < 200
+
+
+def test_a_stopped_worker_leaves_its_job_resumable(world):
+    job, worker = start_worker_on_one_job(world)
     worker.send_signal(signal.SIGTERM)
     out, _ = worker.communicate(timeout=120)
     assert worker.returncode == 3, out

@@ -129,7 +129,8 @@ class PhaseConfig:
         """Every setting as the run uses it, defaults filled in: what manifests and trackers record."""
         return {
             "phase": self.phase, "model_cfg": self.model.to_dict(), "train_cfg": self.train.to_dict(),
-            "sources" if self.phase == "pretrain" else "sft_sources": dict(self.sources), "val_source": self.val_source, "init_from": self.init_from,
+            "sources" if self.phase == "pretrain" else "sft_sources": dict(self.sources),
+            "val_source": self.val_source, "init_from": self.init_from,
             "sample_prompts": [dataclasses.asdict(p) for p in self.sample_prompts], "sample_seed": self.sample_seed,
             "tracking": dataclasses.asdict(self.tracking),
         }

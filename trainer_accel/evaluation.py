@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import InvalidCheckpoint, LoadedCheckpoint, load_checkpoint, read_meta
+from .checkpoint import InvalidCheckpoint, LoadedCheckpoint, load_checkpoint, read_export_record, read_meta
 from .config import ModelConfig
 from .data import open_cache
 from .errors import UserError
@@ -129,12 +129,20 @@ def find_verdict(paths: Paths, run_id: str | None, weights_sha256: str | None) -
 
 
 def require_deployable(paths: Paths, checkpoint: Path) -> dict[str, Any]:
-    """The passing evaluation of a checkpoint directory, or a UserError that shows why it is not deployable."""
-    try:
-        meta = read_meta(checkpoint)
-    except InvalidCheckpoint as e:
-        raise UserError(f"{checkpoint}: not a checkpoint directory to check for deployment ({e})") from None
-    summary = find_verdict(paths, meta.get("run_id"), model_sha256(meta))
+    """The passing evaluation of a checkpoint (a directory, or an exported .pt through its record), or a UserError
+    that shows why it is not deployable."""
+    if Path(checkpoint).is_file():
+        record = read_export_record(Path(checkpoint))
+        if record is None:
+            raise UserError(f"{checkpoint}: no export record beside it to find its evaluation; pass its checkpoint directory")
+        run_id, weights = record.get("run_id"), record.get("model_sha256")
+    else:
+        try:
+            meta = read_meta(checkpoint)
+        except InvalidCheckpoint as e:
+            raise UserError(f"{checkpoint}: not a checkpoint to check for deployment ({e})") from None
+        run_id, weights = meta.get("run_id"), model_sha256(meta)
+    summary = find_verdict(paths, run_id, weights)
     if summary is None:
         raise UserError(f"{checkpoint}: not deployable: never evaluated (run: python -m trainer_accel.runs evaluate "
                         f"{checkpoint} --baseline BASELINE_CHECKPOINT)")
