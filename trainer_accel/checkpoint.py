@@ -353,6 +353,22 @@ def find_resume_checkpoint(phase_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_phase(path: Path) -> str | None:
+    """The phase a checkpoint directory belongs to (None for an exported .pt, which does not say)."""
+    if path.is_dir():
+        try:
+            return read_meta(path, verify=False).get("phase")
+        except InvalidCheckpoint:
+            return None
+    return None
+
+
+def phase_finished(phase_dir: Path, total_steps: int) -> bool:
+    """Whether a phase's newest intact checkpoint has reached total_steps."""
+    found = find_resume_checkpoint(phase_dir)
+    return found is not None and read_meta(found, verify=False)["step"] >= total_steps
+
+
 @dataclass
 class LoadedCheckpoint:
     source: Path

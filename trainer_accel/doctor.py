@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import PhaseConfig, load_phase_config, load_pipeline_config, read_json
 from .data import open_cache
 from .errors import UserError, report
-from .paths import SFT_SOURCES, SPLITS, STREAM_SOURCES, Paths, resolve_paths
+from .paths import Paths, resolve_paths
 
 PACKAGES = ("torch", "accelerate", "safetensors", "wandb")
 
@@ -95,8 +95,7 @@ def check_caches(paths: Paths, configs: list[PhaseConfig], quick: bool) -> list[
     """Every cache present (meta matches the bin: size, dtype, hash), and the ones the config needs."""
     from .inputs import phase_cache_paths
 
-    present = [(p, "stream") for s in STREAM_SOURCES for split in SPLITS if (p := paths.stream_cache(s, split)).is_file()]
-    present += [(p, "sft") for s in SFT_SOURCES for split in SPLITS if (p := paths.sft_cache(s, split)).is_file()]
+    present = [(path, kind) for kind, _, path in paths.caches() if path.is_file()]
     out = []
     for path, kind in present:
         try:

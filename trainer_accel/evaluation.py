@@ -21,9 +21,9 @@ from .checkpoint import InvalidCheckpoint, LoadedCheckpoint, load_checkpoint, re
 from .config import ModelConfig
 from .data import open_cache
 from .errors import UserError
-from .manifest import model_sha256, now_iso, read_manifest, update_manifest
+from .manifest import model_sha256, now_iso, read_manifest, write_manifest
 from .model import GPT
-from .paths import SFT_SOURCES, STREAM_SOURCES, Paths
+from .paths import Paths
 from .strategies import STRATEGIES, RowSource
 
 KIND_PHASE = {"stream": "pretrain", "sft": "sft"}
@@ -31,12 +31,11 @@ KIND_PHASE = {"stream": "pretrain", "sft": "sft"}
 
 def val_sets(paths: Paths, V: int, T: int, B: int) -> list[tuple[str, Any]]:
     """(name, strategy) for every validation cache present that the model can read, streams first."""
-    found = [(f"streams/{s}", paths.stream_cache(s, "val"), "stream") for s in STREAM_SOURCES]
-    found += [(f"sft/{s}", paths.sft_cache(s, "val"), "sft") for s in SFT_SOURCES]
     out = []
-    for name, path, kind in found:
+    for kind, source, path in paths.caches("val"):
         if not path.is_file():
             continue
+        name = f"{path.parent.name}/{source}"  # streams/wiki, sft/dolly
         cache = open_cache(path, kind)
         if cache.meta["vocab_size"] > V or (kind == "stream" and cache.meta["num_tokens"] < T + 1):
             continue  # another tokenizer's cache, or too short for one window: not comparable
@@ -112,10 +111,7 @@ def record_summary(paths: Paths, summary: dict[str, Any]) -> Path | None:
         return None
     path = paths.manifest(run_id)
     manifest = read_manifest(path) or {"run_id": run_id, "phase": summary["candidate"]["phase"], "status": "unknown"}
-    fields = {"eval_summary": summary, "evaluations": [*manifest.get("evaluations", []), summary]}
-    if summary["verdict"] == "pass":
-        fields["deployable"] = sorted({*manifest.get("deployable", []), summary["candidate"]["model_sha256"]})
-    update_manifest(path, **{**manifest, **fields})
+    write_manifest(path, {**manifest, "eval_summary": summary, "evaluations": [*manifest.get("evaluations", []), summary]})
     return path
 
 

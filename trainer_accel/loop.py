@@ -110,7 +110,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self._stop_flag: torch.Tensor | None = None  # all-reduced stop request of the previous step
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # the checkpoint writer thread, when saving
-        self._pending_save: tuple[int, concurrent.futures.Future] | None = None  # (step, its write)
+        self._pending_save: tuple[dict, concurrent.futures.Future] | None = None  # (its sidecar, its write)
         if accelerator.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.t.tf32
 
@@ -292,7 +292,7 @@ class Trainer:
             snapshot = (ckpt.cpu_copy(model_state), ckpt.cpu_copy(opt_state), self._meta())
             if self._writer is None:
                 self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-            self._pending_save = (self.state.step, self._writer.submit(self._write, *snapshot, to_step_dir, to_best))
+            self._pending_save = (snapshot[2], self._writer.submit(self._write, *snapshot, to_step_dir, to_best))
             if to_step_dir:
                 self._write_samples()
         self.acc.wait_for_everyone()
@@ -312,10 +312,11 @@ class Trainer:
         """Block until the checkpoint being written is complete (re-raising its error), and log it."""
         if self._pending_save is None:
             return
-        step, future = self._pending_save
+        meta, future = self._pending_save
         self._pending_save = None
         path = future.result()
-        self.events.write("checkpoint", step, path=str(path))
+        self.events.write("checkpoint", meta["step"], path=str(path), best_val_loss=meta["best_val_loss"],
+                          best_val_step=meta["best_val_step"])
 
     def _write_samples(self) -> None:
         if not self.cfg.sample_prompts or self.tokenizer is None:

@@ -19,11 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint import MODEL_FILE, InvalidCheckpoint, LoadedCheckpoint, read_export_record, read_meta
+from .checkpoint import MODEL_FILE, LoadedCheckpoint, read_export_record
 from .data import write_atomic
-
-STATUSES = ("running", "completed", "failed", "interrupted")
-
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -64,23 +61,15 @@ def parent_record(loaded: LoadedCheckpoint, relation: str) -> dict[str, Any]:
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest, or None when there is none (written atomically, so never a torn one)."""
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError):  # atomic writes make this a foreign file, not a torn one
+    except (OSError, json.JSONDecodeError):
         return None
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
-
-
-def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:
-    manifest = read_manifest(path) or {}
-    manifest.update(fields)
-    write_manifest(path, manifest)
-    return manifest
 
 
 class ManifestSink:
@@ -113,11 +102,7 @@ class ManifestSink:
             path = str(Path(record["path"]).resolve())
             self.m["checkpoints"] = [c for c in self.m["checkpoints"] if c["path"] != path] + [
                 {"path": path, "step": step, "written_at": now_iso()}]
-            try:
-                meta = read_meta(Path(path), verify=False)
-                self.m["best_val_loss"], self.m["best_val_step"] = meta.get("best_val_loss"), meta.get("best_val_step")
-            except InvalidCheckpoint:
-                pass
+            self.m["best_val_loss"], self.m["best_val_step"] = record["best_val_loss"], record["best_val_step"]
         elif event == "run_end":
             self.m.update(status="completed", finished_at=now_iso(), best_val_loss=record.get("best_val_loss"),
                           best_val_step=record.get("best_val_step"))

@@ -38,6 +38,12 @@ class Paths:
     def sft_cache(self, source: str, split: str) -> Path:
         return self.data / "cache" / "sft" / f"{source}_{split}.bin"
 
+    def caches(self, split: str | None = None) -> list[tuple[str, str, Path]]:
+        """(kind, source, path) of every cache the naming convention allows, streams first."""
+        splits = SPLITS if split is None else (split,)
+        return ([("stream", s, self.stream_cache(s, sp)) for s in STREAM_SOURCES for sp in splits]
+                + [("sft", s, self.sft_cache(s, sp)) for s in SFT_SOURCES for sp in splits])
+
     def phase_dir(self, phase: str) -> Path:
         return self.checkpoints / phase
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import find_resume_checkpoint
-from .config import PhaseConfig
+from .checkpoint import checkpoint_phase, find_resume_checkpoint, phase_finished
+from .config import PhaseConfig, load_phase_config, load_pipeline_config
 from .data import open_cache
 from .errors import UserError
 from .full_state import checkpoint_bytes
@@ -111,6 +111,30 @@ def phase_plan(cfg: PhaseConfig, paths: Paths, processes: int, resume: Path | No
         problems += e.problems
     plan.problems = list(dict.fromkeys(problems))
     return plan
+
+
+def load_configs(phase: str, config: Path, overrides: list) -> list[PhaseConfig]:
+    """The phase configs a `run --phase PHASE --config CONFIG` command trains, in order."""
+    if phase == "pipeline":
+        pipe = load_pipeline_config(config, overrides)
+        return [pipe.pretrain, pipe.sft]
+    return [load_phase_config(config, phase, overrides)]
+
+
+def command_plans(phase: str, configs: list[PhaseConfig], paths: Paths, processes: int, resume: Path | None = None,
+                  auto_resume: bool = True) -> list[PhasePlan]:
+    """The plan of each phase of one `run` command, starting where that command would start it."""
+    plans = []
+    for cfg in configs:
+        explicit = resume if resume is not None and (phase != "pipeline" or checkpoint_phase(resume) == cfg.phase) else None
+        init, pending = None, False
+        if phase == "pipeline" and cfg.phase == "sft":  # SFT starts from what pretrain leaves in best/
+            init = paths.phase_dir("pretrain") / "best"
+            pending = not init.exists() or not phase_finished(paths.phase_dir("pretrain"), configs[0].train.total_steps)
+        elif cfg.phase == "sft" and cfg.init_from:
+            init = Path(cfg.init_from)
+        plans.append(phase_plan(cfg, paths, processes, explicit, auto_resume, init, pending))
+    return plans
 
 
 def _value(resolved: dict, dotted: str) -> Any:

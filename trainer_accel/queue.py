@@ -328,9 +328,8 @@ def format_jobs(jobs: list[Job]) -> str:
 
 def plan_jobs(queue: JobQueue) -> str:
     """What `queue run` would do next, in order, with each job's --plan estimates."""
-    from .config import load_phase_config, load_pipeline_config
     from .overrides import parse_overrides
-    from .plan import phase_plan
+    from .plan import command_plans, load_configs
 
     lines = []
     for order, job in enumerate(queue.runnable_in_order(), 1):
@@ -340,19 +339,11 @@ def plan_jobs(queue: JobQueue) -> str:
         cwd = os.getcwd()
         try:
             os.chdir(job.cwd)  # relative paths in the job's config resolve as they will when it runs
-            overrides = parse_overrides(job.sets)
-            if job.phase == "pipeline":
-                pipe = load_pipeline_config(job.config, overrides)
-                cfgs = [pipe.pretrain, pipe.sft]
-            else:
-                cfgs = [load_phase_config(job.config, job.phase, overrides)]
             processes = _launch_processes(job.launch)
-            for cfg in cfgs:
-                init = paths.phase_dir("pretrain") / "best" if job.phase == "pipeline" and cfg.phase == "sft" else (
-                    Path(cfg.init_from) if cfg.phase == "sft" and cfg.init_from else None)
-                p = phase_plan(cfg, paths, processes, init=init, init_pending=job.phase == "pipeline")
+            for p in command_plans(job.phase, load_configs(job.phase, job.config, parse_overrides(job.sets)), paths,
+                                   processes):
                 d = p.to_dict()
-                lines.append(f"   {cfg.phase}: {d['parameters']:,} params, {processes} process(es), {d['steps_to_run']:,} "
+                lines.append(f"   {p.cfg.phase}: {d['parameters']:,} params, {processes} process(es), {d['steps_to_run']:,} "
                              f"steps, {d['tokens_to_run']:,} tokens, {d['flops_to_run']:.3g} FLOP, "
                              f"{d['checkpoint_bytes'] / 2**20:,.1f} MiB per checkpoint; {p.start}")
                 lines += [f"   problem: {problem}" for problem in p.problems]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, find_resume_checkpoint, read_meta, reconcile_pointers,
-                         set_aside_broken, sweep_leftovers)
+from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, checkpoint_phase, find_resume_checkpoint, phase_finished,
+                         read_meta, reconcile_pointers, set_aside_broken, sweep_leftovers)
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
 from .errors import UserError, report
 from .evaluation import evaluate_checkpoints, format_summary
@@ -31,7 +31,7 @@ from .loop import PhaseResult, Trainer
 from .manifest import model_sha256
 from .overrides import Override, parse_overrides
 from .paths import Paths, resolve_paths
-from .plan import format_phase_plan, phase_plan, plan_problems_text
+from .plan import command_plans, format_phase_plan, load_configs, plan_problems_text
 from .result import EXIT_CODES, Outcome
 from .stopping import Interrupted
 
@@ -101,16 +101,6 @@ def set_aside(phase_dir: Path) -> None:
         dest = phase_dir.with_name(f"{phase_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         os.rename(phase_dir, dest)
         log.warning("--no-resume: earlier %s checkpoints moved to %s", phase_dir.name, dest)
-
-
-def checkpoint_phase(path: Path) -> str | None:
-    """The phase a checkpoint directory belongs to (None for an exported .pt, which does not say)."""
-    if path.is_dir():
-        try:
-            return read_meta(path, verify=False).get("phase")
-        except InvalidCheckpoint:
-            return None
-    return None
 
 
 def tidy_phase_dir(acc, phase_dir: Path, auto_resume: bool) -> None:
@@ -215,11 +205,6 @@ def run_single(args: argparse.Namespace, paths: Paths, overrides: list[Override]
     export_at_end(acc, run_phase(acc, cfg, paths, inputs, resumed, initial, outcome), paths, outcome)
 
 
-def phase_finished(phase_dir: Path, total_steps: int) -> bool:
-    found = find_resume_checkpoint(phase_dir)
-    return found is not None and read_meta(found, verify=False)["step"] >= total_steps
-
-
 def pipeline_resume_phase(resume: Path | None) -> str | None:
     """Which phase an explicit --resume of a pipeline continues: the one its sidecar names."""
     if resume is None:
@@ -269,24 +254,11 @@ def run_pipeline(args: argparse.Namespace, paths: Paths, overrides: list[Overrid
 
 def print_plan(args: argparse.Namespace, paths: Paths, overrides: list[Override]) -> int:
     """--plan: what this command would do, on the main process; exit 2 if something would stop it."""
-    if args.phase == "pipeline":
-        pipe = load_pipeline_config(args.config, overrides)
-        configs = [pipe.pretrain, pipe.sft]
-    else:
-        configs = [load_phase_config(args.config, args.phase, overrides)]
+    configs = load_configs(args.phase, args.config, overrides)
     acc = make_accelerator(args.device, configs[0].train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
-    plans = []
-    for cfg in configs:
-        explicit = args.resume if args.phase != "pipeline" or checkpoint_phase(args.resume or Path()) == cfg.phase else None
-        init, pending = None, False
-        if args.phase == "pipeline" and cfg.phase == "sft":
-            init = paths.phase_dir("pretrain") / "best"
-            pending = not init.exists() or not phase_finished(paths.phase_dir("pretrain"), configs[0].train.total_steps)
-        elif cfg.phase == "sft" and cfg.init_from:
-            init = Path(cfg.init_from)
-        plans.append(phase_plan(cfg, paths, acc.num_processes, explicit, not args.no_resume and args.resume is None,
-                                init, pending))
+    plans = command_plans(args.phase, configs, paths, acc.num_processes, args.resume,
+                          auto_resume=not args.no_resume and args.resume is None)
     if acc.is_main_process:
         print(f"compute: {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}, "
               f"{torch.get_num_threads()} CPU threads per process")
