@@ -35,12 +35,15 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.Popen:
 
 
 def _last_completed_checkpoint(events: Path) -> int:
-    """The step of the last checkpoint the run reported complete (the event is written after the rename)."""
+    """The step of the last resumable checkpoint the run reported complete (the event is written after the rename).
+
+    A save of best/ alone (an eval that improved between two step checkpoints) is complete too, but runs resume
+    from latest/ or a step_* directory, so it does not count here."""
     if not events.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in events.read_text().splitlines()
-             if line.strip().endswith("}") and '"event": "checkpoint"' in line]
-    return max(steps, default=0)
+    records = [json.loads(line) for line in events.read_text().splitlines()
+               if line.strip().endswith("}") and '"event": "checkpoint"' in line]
+    return max((r["step"] for r in records if Path(r["path"]).name.startswith("step_")), default=0)
 
 
 def _await_training(events: Path, proc: subprocess.Popen, seen: int) -> bool:
