@@ -42,7 +42,8 @@ def test_history_is_continuous_across_a_crash_and_resume(world):
     assert [e["step"] for e in recs if e["event"] == "train"] == list(range(1, 10))
     assert [e["step"] for e in recs if e["event"] == "eval"] == [0, 3, 6, 9]
     resume = [e for e in recs if e["event"] == "resume"]
-    assert len(resume) == 1 and resume[0]["step"] == 3 and resume[0]["superseded"] == 4  # steps 4, 5, 6 and eval 6
+    assert [e["step"] for e in recs if e["event"] == "progress"] == list(range(1, 10))  # log_every 1
+    assert len(resume) == 1 and resume[0]["step"] == 3 and resume[0]["superseded"] == 7  # steps 4-6, their progress, eval 6
     assert len({e["run_id"] for e in recs}) == 1
     for e in recs:
         assert {"event", "step", "phase", "run_id", "time"} <= set(e)

@@ -1,4 +1,4 @@
-"""TensorBoard and wandb, read back with their own readers: every step once, one run id across a resume."""
+"""TensorBoard and wandb, read back with their own readers: every progress line once, one run id across a resume."""
 
 from __future__ import annotations
 
@@ -19,12 +19,16 @@ def env_without_wandb_credentials(world):
     return {**env, "HOME": str(world)}  # no ~/.netrc with a wandb key
 
 
-def tb_steps(world, run_id, tag):
+def tb_scalars(world, run_id, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(world / "metrics" / "tensorboard" / f"pretrain-{run_id}"))
     acc.Reload()
-    return [e.step for e in acc.Scalars(tag)]
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def tb_steps(world, run_id, tag):
+    return list(tb_scalars(world, run_id, tag))
 
 
 def wandb_records(path):
@@ -71,7 +75,7 @@ def wandb_run(world, run_id):
 
 
 def test_tensorboard_and_wandb_record_the_run(world):
-    cfg = write_config(world / "exp" / "pre.json", "pretrain", {"total_steps": 4, "eval_every": 2, "log_every": 1, "ckpt_every": 2},
+    cfg = write_config(world / "exp" / "pre.json", "pretrain", {"total_steps": 4, "eval_every": 2, "log_every": 2, "ckpt_every": 2},
                        tracking=TRACKED,
                        sample_prompts=["The", {"prompt": "Who?", "task": "chat", "max_new_tokens": 4}])
     import subprocess
@@ -82,11 +86,18 @@ def test_tensorboard_and_wandb_record_the_run(world):
     assert r.returncode == 0, r.stderr
     assert "wandb: offline mode" in r.stderr
     run_id = events(world, "run_start")[0]["run_id"]
-    assert tb_steps(world, run_id, "train/loss") == [1, 2, 3, 4] and tb_steps(world, run_id, "val/loss") == [0, 2, 4]
+    # a point per progress line (every 2 steps): the mean of its steps' losses, as events.jsonl holds them
+    steps = {e["step"]: e["train/loss"] for e in events(world, "train")}
+    assert sorted(steps) == [1, 2, 3, 4]
+    window_means = {2: (steps[1] + steps[2]) / 2, 4: (steps[3] + steps[4]) / 2}
+    loss = tb_scalars(world, run_id, "train/loss")
+    assert list(loss) == [2, 4] and all(loss[s] == pytest.approx(window_means[s], rel=1e-6) for s in (2, 4))
+    assert tb_steps(world, run_id, "val/loss") == [0, 2, 4]
+    assert {e["step"]: e["train/loss"] for e in events(world, "progress")} == window_means
     run, history, config = wandb_run(world, run_id)
     assert run.run_id == run_id and run.display_name == f"pretrain-{run_id}" and list(run.tags) == ["pretrain", "smoke"]
     assert run.run_group == "exp/pre"
-    assert sorted(history) == [0, 1, 2, 3, 4] and all("train/loss" in history[s] for s in (1, 2, 3, 4))
+    assert sorted(history) == [0, 2, 4] and all(history[s]["train/loss"] == pytest.approx(window_means[s]) for s in (2, 4))
     assert history[4]["val/loss"] == pytest.approx(events(world, "eval")[-1]["val/loss"])
     assert {"train_cfg.B", "model_cfg.C", "parameters", "data_fingerprint", "sources.wiki"} <= config
     # samples of the step-2 and step-4 checkpoints: a wandb table each, TensorBoard text
@@ -119,4 +130,4 @@ def test_a_resumed_run_continues_the_same_tracker_history(world):
     assert tb_steps(world, run_id, "val/loss") == [0, 3, 6]
     run, history, _ = wandb_run(world, run_id)
     assert run.run_id == run_id  # the same wandb run, resumed
-    assert [s for s in history if s > 3] == [4, 5, 6]  # after the resume step, every step once
+    assert [s for s in history if s > 3] == [4, 5, 6]  # after the resume step, every progress line once

@@ -409,6 +409,7 @@ class Trainer:
         return PhaseResult(self.cfg.phase, s, best if best.exists() else None, self.phase_dir / "latest")
 
     def _log_train(self, pending: list, tokens_per_sec: float) -> None:
+        """Every step's values to the event log and CSV; the window's summary to the progress line and trackers."""
         sums = self.acc.reduce(torch.stack([p[3].float() for p in pending]), "sum")  # one collective per progress line
         losses = sums / torch.stack([p[4].float() for p in pending])
         values = torch.stack([losses, torch.stack([p[5].float() for p in pending])], dim=1).tolist()  # one host sync
@@ -422,19 +423,23 @@ class Trainer:
             log.warning("%s: %d micro-batches up to step %d had no counted tokens (every label -100); they "
                         "contributed nothing", self.cfg.phase, empty, pending[-1][0])
             self.empty_micro_batches.zero_()
-        finite = [v[0] for v in values if math.isfinite(v[0])]
-        avg = sum(finite) / len(finite) if finite else float("nan")
+        finite = [v for v in values if math.isfinite(v[0])]
         if self.t.on_nonfinite == "stop" and len(finite) < len(values):
             bad = next(p[0] for p, v in zip(pending, values) if not math.isfinite(v[0]))
             raise FloatingPointError(f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
                                      "(try a lower base_lr or grad_clip)")
-        s = self.state
+        avg = sum(v[0] for v in finite) / len(finite) if finite else float("nan")
+        step, tokens, lr = pending[-1][:3]
+        self.events.write("progress", step, steps=len(pending), **{
+            "train/loss": avg, "train/lr": lr, "train/tokens_seen": tokens, "train/tokens_per_sec": tokens_per_sec,
+            "train/grad_norm": sum(v[1] for v in finite) / len(finite) if finite else float("nan"),
+        })
         if self._bar is not None and not self._bar.disable:
-            self._bar.set_postfix(loss=f"{avg:.4f}", lr=f"{pending[-1][2]:.2e}", val=_fmt(s.last_val_loss),
+            self._bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", val=_fmt(self.state.last_val_loss),
                                   tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
             return
-        log.info("%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s", self.cfg.phase, s.step, self.t.total_steps,
-                 pending[-1][2], avg, _fmt(s.last_val_loss), f"{tokens_per_sec:,.0f}")
+        log.info("%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s", self.cfg.phase, step, self.t.total_steps,
+                 lr, avg, _fmt(self.state.last_val_loss), f"{tokens_per_sec:,.0f}")
 
     def _eval_and_track(self) -> bool:
         s = self.state

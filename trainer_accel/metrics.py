@@ -5,9 +5,13 @@ Canonical names: `train/loss`, `train/lr`, `train/grad_norm`, `train/tokens_per_
 Aliases are folded into them here and nowhere else. Every record carries `event`, `step`, `phase`, `run_id`
 and `time` (unix seconds).
 
-Sinks: `metrics/events.jsonl` (every event: run_start, train, eval, checkpoint, skipped, resume, stopped,
-failure, run_end) and `metrics/metrics.csv` (train and eval records, one column per metric name, columns
-added as new names appear without losing earlier rows). A resumed run continues the same history: records its
+Sinks: `metrics/events.jsonl` (every event: run_start, train, progress, eval, checkpoint, skipped, resume,
+stopped, failure, run_end), `metrics/metrics.csv` (train and eval records, one column per metric name, columns
+added as new names appear without losing earlier rows) and the trackers. `train` holds one step's values;
+`progress` sums up a progress line's window of steps (mean loss and grad norm, the lr and tokens at its last
+step) and is what the trackers chart, with `eval`: a point per window, not per step, because a tracker call
+costs about 0.3 ms (wandb) and a flush (Accelerate's TensorBoard tracker flushes at every call), which every
+step would pay while the device waits. A resumed run continues the same history: records its
 earlier process wrote after the resume step are superseded (removed) before it logs again, so every step
 appears once. Only the main process gets real sinks; the others get a log that drops everything.
 """
@@ -27,7 +31,8 @@ ALIASES = {
     "loss": "train/loss", "train_loss": "train/loss",
     "lr": "train/lr", "learning_rate": "train/lr", "train_lr": "train/lr",
 }
-METRIC_EVENTS = ("train", "eval")  # the events whose values are metrics (the CSV holds these)
+METRIC_EVENTS = ("train", "eval")  # every step's and every evaluation's values: the CSV holds these
+TRACKED_EVENTS = ("progress", "eval")  # what TensorBoard and wandb chart: a point per progress line, per evaluation
 ID_COLUMNS = ["event", "step", "phase", "run_id", "time"]
 
 
@@ -146,7 +151,7 @@ class MetricsLog:
 
     def write(self, event: str, step: int, **fields: Any) -> None:
         record = {"event": event, "step": step, "phase": self.phase, "run_id": self.run_id, "time": time.time()}
-        if event in METRIC_EVENTS:
+        if event in METRIC_EVENTS or event in TRACKED_EVENTS:
             fields = {**canonical(fields, self.phase), "metrics/stage_id": self.stage_id}
         record.update({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()})
         for sink in self.sinks:

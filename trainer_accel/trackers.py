@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import PhaseConfig
-from .metrics import METRIC_EVENTS
+from .metrics import TRACKED_EVENTS
 
 log = logging.getLogger(__name__)
 
 
 class TrackerSink:
-    """Metric records (train, eval) to one Accelerate tracker; other events are the event log's business."""
+    """Progress lines and evaluations to one Accelerate tracker; other events are the event log's business."""
 
     def __init__(self, tracker):
         self.tracker = tracker
@@ -30,7 +30,7 @@ class TrackerSink:
     def write(self, record: dict) -> None:
         if record["event"] == "samples":
             self._samples(record["step"], record.get("samples", []))
-        elif record["event"] in METRIC_EVENTS:
+        elif record["event"] in TRACKED_EVENTS:
             values = {k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
             if values:
                 self.tracker.log(values, step=record["step"])
