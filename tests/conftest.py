@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,10 @@ def events(world: Path, kind: str | None = None) -> list[dict]:
 
     recs = read_events(world / "metrics" / "events.jsonl")
     return [r for r in recs if kind is None or r["event"] == kind]
+
+
+def free_port() -> int:
+    """A port for a multi-process launch: launches in parallel test workers must not share the config's port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, write_config
+from conftest import free_port, run_cli, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_FILES = ["cpu.yaml", "cpu_2proc.yaml", "mps.yaml", "gpu_bf16.yaml", "ddp.yaml", "fsdp.yaml", "multi_node.yaml"]
@@ -67,7 +68,7 @@ def test_run_logs_its_compute_plan_and_warns_about_one_thread(world):
 
 def test_fsdp_sharded_optimizer_state_round_trips_to_the_checkpoint_form(world):
     """FSDP2 on 2 gloo CPU processes (torch's own launcher: Accelerate runs FSDP on GPUs only)."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                         str(ROOT / "tests" / "fsdp_state_roundtrip.py")], cwd=world, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "FSDP STATE ROUNDTRIP OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
@@ -89,17 +90,36 @@ def test_caches_are_unmapped_after_each_batch(world):
 def test_bench_prints_and_writes_every_figure(world):
     cfg = write_config(world / "bench.json", "pretrain", {"log_every": 2, "eval_batches": 1})
     out = world / "figures.json"
-    r = run_cli("bench", "--config", str(cfg), "--windows", "1", "--rounds", "1", "--json", str(out), cwd=world)
+    r = run_cli("bench", "--config", str(cfg), "--windows", "2", "--json", str(out), cwd=world)
     assert r.returncode == 0, r.stderr[-3000:]
     figures = json.loads(out.read_text())
     for loop in ("plain loop", "trainer"):
         f = figures[loop]
         assert f["ms_per_step"] > 0 and f["tokens_per_sec"] > 0 and 0 < f["mfu"] and f["peak_memory"] > 0
-        assert len(f["window_ms"]) == 1
-    assert figures["ratio"] > 0 and figures["peak_flops"] > 0 and figures["sampling_tokens_per_sec"] > 0
+        assert f["eval_s"] > 0 and len(f["alone_window_ms"]) == 2
+    # paired windows after the warm-up one: on CPU the plain loop ran one step per trainer step inside each,
+    # with a matmul peak measured in each
+    windows = figures["windows"]
+    assert len(windows) == 2 and all(w["steps"] == w["plain_steps"] == 2 for w in windows)
+    assert all(w["trainer_ms"] > 0 and w["plain_ms"] > 0 and w["peak_flops"] > 0 for w in windows)
+    assert figures["ratio"] == pytest.approx(statistics.median(w["ratio"] for w in windows))
+    assert figures["peak_flops"] > 0 and figures["sampling_tokens_per_sec"] > 0
     t = figures["trainer"]
     assert t["save_s"] > 0 and t["save_durable_s"] > 0 and t["load_s"] > 0 and t["torch_save_s"] > 0
     for line in ("trainer / plain step time <= 1.02", "checkpoint save", "checkpoint load", "data sampling",
                  "peak memory", "MFU"):
         assert line in r.stdout
     assert "ms/step" in r.stdout and "tokens/s" in r.stdout
+
+
+def test_bench_window_interleave_pairs_each_window_with_as_many_plain_steps(world):
+    """A GPU's default pairing, run on CPU: the plain loop runs one window's worth of steps inside each window."""
+    from trainer_accel import bench
+
+    cfg = write_config(world / "bench.json", "pretrain", {"log_every": 4, "eval_batches": 1})
+    job = bench.Job(str(cfg), "pretrain", "cpu", "cpu", 2, str(world / "data"), str(world / "paired"), "window")
+    out = bench.in_fresh_process(bench.paired_run, job)
+    windows = out["windows"]
+    assert len(windows) == 2 and all(w["steps"] == w["plain_steps"] == 4 for w in windows)
+    assert all(w["trainer_ms"] > 0 and w["plain_ms"] > 0 and w["peak_flops"] > 0 for w in windows)
+    assert out["eval_s"]["trainer"] > 0 and out["eval_s"]["plain"] > 0

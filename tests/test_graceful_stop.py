@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import events, run_cli, write_config
+from conftest import events, free_port, run_cli, write_config
 from trainer_accel.checkpoint import read_meta
 
 TRAIN = {"total_steps": 200, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
@@ -98,7 +98,8 @@ def test_two_processes_stop_after_the_same_step_when_one_is_signalled(world):
     from test_numerics import LAUNCH
 
     cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "B": 2})
-    args = ["-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "cpu_2proc.yaml"), "-m", "trainer_accel.run",
+    args = ["-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "cpu_2proc.yaml"),
+            "--main_process_port", str(free_port()), "-m", "trainer_accel.run",
             "--phase", "pretrain", "--config", str(cfg), "--device", "cpu"]
     proc = subprocess.Popen([sys.executable, *args], cwd=world, stderr=subprocess.PIPE, text=True)
     wait_for_training(world, proc)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import run_cli, write_config
+from conftest import free_port, run_cli, write_config
 from test_numerics import LAUNCH, launch, max_diff, weights
 
 # 2 processes x B=2 and 1 process x B=2 x accum_steps=2 train on the same rows with the same dropout masks and
@@ -70,12 +69,6 @@ def test_two_process_pipeline_resumes_and_matches_one_process(world):
     assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 6  # steps 0, 2, 4 of both phases
     assert all(abs(x[2] - y[2]) < VAL_TOLERANCE for x, y in zip(a, b))
     assert max_diff(weights(world, "one"), weights(world, "two")) < 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_machines_on_loopback_train_one_run(world):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_config
+from conftest import free_port, run_cli, write_config
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 
@@ -42,7 +42,7 @@ def grad_norms(world, sub):
 def launch(world, config_file, *run_args, env):
     """`accelerate launch --config_file launch/<config_file> -m trainer_accel.run ...`, as the README shows."""
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / config_file),
-                           "-m", "trainer_accel.run", *run_args], cwd=world, env={**os.environ, **env},
+                           "--main_process_port", str(free_port()), "-m", "trainer_accel.run", *run_args], cwd=world, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=300)
 
 
