@@ -8,8 +8,8 @@ Step time is measured in a paired run: one fresh process runs the trainer's own 
 metric sinks and trackers) and, interleaved with it, a plain PyTorch loop written below (no Accelerate, no
 logging, no checkpointing), so both see the machine at the same moments (see `Pacer`). Each window of
 `log_every` trainer steps after a warm-up window is compared with the plain steps run inside it; the median
-over windows counts. Evaluation (both loops) and checkpointing (the trainer) are timed after training and
-amortised at the config's cadence (eval_every, ckpt_every). Also measured: FLOP/s and MFU against the device's
+over windows counts. Evaluation (paired batch by batch) and checkpointing (the trainer's) are timed after
+training and amortised at the config's cadence (eval_every, ckpt_every). Also measured: FLOP/s and MFU against the device's
 peak (a matmul peak measured in each window on CPU, a datasheet table on GPU), checkpoint save and load next to
 a plain torch.save / torch.load of the same state, the peak memory of each loop alone in a fresh process, and
 how much faster the data sampling is than the model consumes tokens. Figures only: timing is no test (shared
@@ -145,11 +145,11 @@ class PlainLoop:
             self.last_loss.item()
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def eval_batch(self, index: int) -> torch.Tensor:
         self.fwd.eval()
-        total = sum(self._loss(self.strategy.val_batch(j)) for j in range(self.t.eval_batches))
+        loss = self._loss(self.strategy.val_batch(index))
         self.fwd.train()
-        return total.item()
+        return loss
 
 
 # -- the paired run: both loops in one process, interleaved -------------------------------------------------------
@@ -163,8 +163,8 @@ class Pacer:
     steps run inside it: both see the same machine at the same moments. `interleave="step"` (the default on CPU)
     alternates the two step by step. `"window"` (the default on a GPU) runs a window's worth of plain steps
     mid-window with the device synchronised around them, so the trainer's steps stay asynchronous (one drain of
-    its queue per window). On CPU a matmul peak is measured mid-window too, for that window's MFU. Time spent
-    here is excluded from the trainer's windows.
+    its queue per window). On CPU a matmul peak is measured mid-window too, for that window's MFU. Evaluation
+    is paired batch by batch. Time spent here is excluded from the trainer's timings.
     """
 
     def __init__(self, strategy, device: torch.device, cfg: PhaseConfig, interleave: str | None = None):
@@ -173,7 +173,7 @@ class Pacer:
         self.interleave = interleave or default_interleave(device)
         self.chunk = 1 if self.interleave == "step" else self.log_every
         self.plain_step = 0
-        self.plain_s = self.excluded_s = 0.0
+        self.plain_s = self.plain_eval_s = self.excluded_s = 0.0
         self.peaks: list[tuple[int, float]] = []  # (trainer step, measured matmul FLOP/s)
 
     def __getattr__(self, name: str):
@@ -183,6 +183,17 @@ class Pacer:
         if micro == 0 and (self.chunk == 1 or step % self.log_every == self.log_every // 2):
             self._interlude(step)
         return self.strategy.train_batch(step, micro, rank, world, accum)
+
+    def val_batch(self, index: int):
+        """Evaluation is paired batch by batch: the plain loop's forward on the same batch first."""
+        sync(self.device)
+        start = time.perf_counter()
+        self.plain.eval_batch(index)
+        sync(self.device)
+        spent = time.perf_counter() - start
+        self.plain_eval_s += spent
+        self.excluded_s += spent
+        return self.strategy.val_batch(index)
 
     def _interlude(self, step: int) -> None:
         sync(self.device)  # the trainer's queued work belongs to the trainer
@@ -298,17 +309,21 @@ def paired_run(job: Job) -> dict:
 
     trainer, cfg, paths = _trainer(job, wrap=functools.partial(Pacer, interleave=job.interleave))
     pacer: Pacer = trainer.strategy
-    acc, plain = trainer.acc, pacer.plain
+    acc = trainer.acc
     clock = WindowClock(cfg.train.log_every, pacer)
     trainer.events.sinks.append(clock)
     trainer.fit()
     trainer.events.sinks = []  # fit() closed them; the timings below log nothing
     out = {"windows": clock.windows()}
-    evals = {"trainer": [], "plain": []}
-    for _ in range(5):
-        evals["trainer"].append(median_seconds(trainer.evaluate, repeats=1, device=acc.device))
-        evals["plain"].append(median_seconds(plain.evaluate, repeats=1, device=acc.device))
-    out["eval_s"] = {name: statistics.median(times) for name, times in evals.items()}
+    # evaluation, paired batch by batch (see Pacer.val_batch): the trainer's pass less the plain loop's batches in it
+    passes = []
+    for _ in range(3):
+        excluded, plain_eval = pacer.excluded_s, pacer.plain_eval_s
+        wall = median_seconds(trainer.evaluate, repeats=1, device=acc.device)
+        passes.append((wall - (pacer.excluded_s - excluded), pacer.plain_eval_s - plain_eval))
+    plain_eval = statistics.median(p for _, p in passes)
+    out["eval_ratio"] = statistics.median(t / p for t, p in passes)
+    out["eval_s"] = {"trainer": plain_eval * out["eval_ratio"], "plain": plain_eval}
 
     # checkpoints: what the loop pays (gather, CPU snapshot) and until the background write is durable (written,
     # fsynced, hashed, published as latest), vs torch.save of the same state
@@ -506,7 +521,8 @@ def run_bench(args: argparse.Namespace) -> int:
                          "flops": flops_per_step / (train_ms / 1e3), "mfu": median_of(f"{key}_mfu"),
                          "eval_s": paired["eval_s"][key], "peak_memory": alone[name]["peak_memory"],
                          "alone_window_ms": alone[name]["window_ms"], "alone_train_ms": alone_ms}
-    figures["trainer"].update({k: v for k, v in paired.items() if k not in ("windows", "eval_s")})
+    figures["trainer"].update({k: v for k, v in paired.items() if k not in ("windows", "eval_s", "eval_ratio")})
+    figures["eval_ratio"] = paired["eval_ratio"]
     a, b = figures["plain loop"], figures["trainer"]
     ratios = [w["ratio"] for w in windows]
     ratio = statistics.median(ratios)
@@ -525,6 +541,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"each loop alone in its own process (the memory runs, unpaired: the machine's drift shows): trainer "
               f"{b['alone_train_ms']:.1f}, plain loop {a['alone_train_ms']:.1f} ms/step")
     peak = figures["peak_flops"]
+    print(f"evaluation ({t.eval_batches} batches, paired batch by batch): plain loop {a['eval_s']:.3f} s, trainer/plain "
+          f"{paired['eval_ratio']:.3f} (median of 3 passes)")
     print(f"peak FLOP/s {peak / 1e12 if peak else float('nan'):.3f} T ({peak_src}); "
           f"{flops_per_token(cfg) / 1e6:.2f} MFLOP/token, {tokens_per_step:,} tokens/step; eval every {t.eval_every}, "
           f"checkpoint every {t.ckpt_every} steps")
