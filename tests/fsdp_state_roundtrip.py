@@ -61,6 +61,9 @@ def main() -> int:
         ok = ok and len(weights) == len(plain.state_dict()) and all(
             torch.allclose(final[k], v, atol=1e-5) for k, v in plain.state_dict().items())
         print("FSDP STATE ROUNDTRIP", "OK" if ok else "MISMATCH", flush=True)
+    # both ranks done before either tears down: a rank destroying its gloo group while the other still works
+    # aborted it ("terminate called without an active exception") once under load
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
 
