@@ -303,7 +303,7 @@ def _trainer(job: Job, wrap=None):
 
 
 def paired_run(job: Job) -> dict:
-    """Both loops interleaved: step time per window, then evaluation (alternating) and the trainer's checkpoints."""
+    """Both loops interleaved: step time per window, then evaluation (paired batch by batch) and the trainer's checkpoints."""
     from . import checkpoint as ckpt
     from .full_state import full_model_state, full_optimizer_state
 
