@@ -93,7 +93,9 @@ def test_tensorboard_and_wandb_record_the_run(world):
     loss = tb_scalars(world, run_id, "train/loss")
     assert list(loss) == [2, 4] and all(loss[s] == pytest.approx(window_means[s], rel=1e-6) for s in (2, 4))
     assert tb_steps(world, run_id, "val/loss") == [0, 2, 4]
-    assert {e["step"]: e["train/loss"] for e in events(world, "progress")} == window_means
+    progress = events(world, "progress")
+    assert {e["step"]: e["train/loss"] for e in progress} == window_means
+    assert all(k.startswith(("train/", "metrics/")) for e in progress for k in e if "/" in k)  # metric names only
     run, history, config = wandb_run(world, run_id)
     assert run.run_id == run_id and run.display_name == f"pretrain-{run_id}" and list(run.tags) == ["pretrain", "smoke"]
     assert run.run_group == "exp/pre"

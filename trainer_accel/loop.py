@@ -430,7 +430,7 @@ class Trainer:
                                      "(try a lower base_lr or grad_clip)")
         avg = sum(v[0] for v in finite) / len(finite) if finite else float("nan")
         step, tokens, lr = pending[-1][:3]
-        self.events.write("progress", step, steps=len(pending), **{
+        self.events.write("progress", step, **{
             "train/loss": avg, "train/lr": lr, "train/tokens_seen": tokens, "train/tokens_per_sec": tokens_per_sec,
             "train/grad_norm": sum(v[1] for v in finite) / len(finite) if finite else float("nan"),
         })
