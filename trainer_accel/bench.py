@@ -186,29 +186,31 @@ class Pacer:
 
     def val_batch(self, index: int):
         """Evaluation is paired batch by batch: the plain loop's forward on the same batch first."""
-        sync(self.device)
-        start = time.perf_counter()
-        self.plain.eval_batch(index)
-        sync(self.device)
-        spent = time.perf_counter() - start
-        self.plain_eval_s += spent
-        self.excluded_s += spent
+        self.plain_eval_s += self._excluded(lambda: self.plain.eval_batch(index))
         return self.strategy.val_batch(index)
 
     def _interlude(self, step: int) -> None:
-        sync(self.device)  # the trainer's queued work belongs to the trainer
-        start = time.perf_counter()
         if self.device.type == "cpu" and step % self.log_every == self.log_every // 2:
-            self.peaks.append((step, measured_matmul_flops(self.device, self.plain.half or torch.float32, seconds=0.6)))
-        plain_start = time.perf_counter()
+            self._excluded(lambda: self.peaks.append(
+                (step, measured_matmul_flops(self.device, self.plain.half or torch.float32, seconds=0.6))))
+        self.plain_s += self._excluded(self._plain_steps)
+
+    def _plain_steps(self) -> None:
         for _ in range(self.chunk):
             self.plain.step(self.plain_step)
             self.plain_step += 1
         self.plain.sync()
+
+    def _excluded(self, work) -> float:
+        """Run `work` between device syncs (the trainer's queued work stays the trainer's); its seconds are
+        left out of the trainer's timings."""
         sync(self.device)
-        end = time.perf_counter()
-        self.plain_s += end - plain_start
-        self.excluded_s += end - start
+        start = time.perf_counter()
+        work()
+        sync(self.device)
+        spent = time.perf_counter() - start
+        self.excluded_s += spent
+        return spent
 
 
 def default_interleave(device: torch.device) -> str:
