@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The suite means the CPU, also on a machine with a GPU: commands without --device would otherwise train on CUDA
+# there (TF32, non-deterministic kernels) and the exact-equality checks could fail. Set before torch sees a GPU;
+# every command a test starts inherits it.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 import pytest
 
 TINY_MODEL = {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64}

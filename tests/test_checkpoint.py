@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_MODEL, run_cli, write_config
 from trainer_accel import checkpoint as ckpt
 from trainer_accel.config import ModelConfig
+from trainer_accel.full_state import tied_aliases
 from trainer_accel.model import GPT
 
 
@@ -24,7 +25,8 @@ def save(model: GPT, path, step=3, state=None):
     opt.step()
     meta = {"phase": "pretrain", "run_id": "r1", "step": step, "best_val_loss": 1.5,
             "model_cfg": model.cfg.to_dict(), "train_cfg": {"B": 4}}
-    return ckpt.write_checkpoint(path, state if state is not None else model.state_dict(), opt.state_dict(), meta), opt
+    state = state if state is not None else model.state_dict()
+    return ckpt.write_checkpoint(path, state, tied_aliases(model), opt.state_dict(), meta), opt
 
 
 def test_round_trip_keeps_tied_weights_tied(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import free_port, run_cli, write_config
+from trainer_accel.metrics import read_events
 from test_numerics import LAUNCH, launch, max_diff, weights
 
 # 2 processes x B=2 and 1 process x B=2 x accum_steps=2 train on the same rows with the same dropout masks and
@@ -69,6 +70,25 @@ def test_two_process_pipeline_resumes_and_matches_one_process(world):
     assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 6  # steps 0, 2, 4 of both phases
     assert all(abs(x[2] - y[2]) < VAL_TOLERANCE for x, y in zip(a, b))
     assert max_diff(weights(world, "one"), weights(world, "two")) < 1e-5
+
+
+def test_processes_agree_at_the_end_of_each_phase_with_cpu_2proc_as_written(world):
+    """launch/cpu_2proc.yaml as the README writes it (no --device cpu) connects 2 CPU processes over gloo. Each phase
+    ends with a checkpoint at its last step (total_steps == ckpt_every), written by the main process in the
+    background: a process that decided by looking for latest/ or the pretrain best/ on disk could find it absent
+    mid-swap, save again or refuse alone, and the processes' collectives no longer pair up (rank 1 died with
+    "Connection closed by peer"). Every such decision is the loop's counters or the main process's answer."""
+    args = pipeline(world, "race", {"total_steps": 2, "B": 2, "eval_every": 2, "ckpt_every": 2, "warmup_steps": 1})
+    r = launch(world, "cpu_2proc.yaml", *args, env={"TRAINER_ARTIFACTS_DIR": str(world / "race")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compute: 2 process(es) on cpu" in r.stderr and "connected over gloo (no CUDA or MPS here)" in r.stderr
+    from trainer_accel.checkpoint import read_meta
+
+    for phase in ("pretrain", "sft"):
+        names = sorted(p.name for p in (world / "race/checkpoints" / phase).iterdir())
+        assert names == ["best", "latest", "step_0000002"]
+        assert read_meta(world / "race/checkpoints" / phase / "latest")["world_size"] == 2
+    assert len([e for e in read_events(world / "race/metrics/events.jsonl") if e["event"] == "checkpoint"]) == 2
 
 
 def test_two_machines_on_loopback_train_one_run(world):

@@ -109,6 +109,8 @@ class PlainLoop:
 
         self.t, self.strategy, self.device = cfg.train, strategy, device
         t = self.t
+        if device.type == "cuda":  # as the trainer sets them
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.base_lr, betas=(t.beta1, t.beta2),
@@ -491,7 +493,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     windows = paired["windows"]
     if device.type == "cuda":
-        datasheet, peak_src = gpu_peak_flops(device, precision)
+        datasheet, peak_src = gpu_peak_flops(device, precision, t.tf32)
         for w in windows:
             w["peak_flops"] = datasheet
     else:

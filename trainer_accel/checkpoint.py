@@ -55,29 +55,16 @@ def step_dir_name(step: int) -> str:
 # State dicts: canonical keys, tied tensors stored once
 
 
-def same_tensor_key(t: torch.Tensor) -> tuple:
-    """Equal for two tensors exactly when they are the same view of the same memory (tied weights)."""
-    return (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-
-
-def canonical_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Strip DDP/compile prefixes, move to CPU, and store each shared tensor once.
-
-    Returns the tensors to save and the aliases {dropped key: kept key} that re-tie them on load.
-    """
+def canonical_state(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Strip DDP/compile prefixes, move to CPU, and leave out the tied aliases (`tied`: {dropped key: kept key},
+    found from the model by `full_state.tied_aliases`), which `expand_aliases` restores on load."""
     out: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
     for key, t in state.items():
         key = key.replace("_orig_mod.", "")
         key = key[len("module."):] if key.startswith("module.") else key
-        ident = same_tensor_key(t)
-        if ident in seen:
-            aliases[key] = seen[ident]
-            continue
-        seen[ident] = key
-        out[key] = t.detach().to("cpu").contiguous()
-    return out, aliases
+        if key not in tied:
+            out[key] = t.detach().to("cpu").contiguous()
+    return out
 
 
 def expand_aliases(state: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -126,10 +113,10 @@ def _temp_dir_for(target: Path) -> Path:
     return tmp
 
 
-def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                     meta: dict[str, Any]) -> Path:
+def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], tied: dict[str, str],
+                     optimizer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write a complete checkpoint directory at `target` (replacing one there). Main process only."""
-    tensors, aliases = canonical_state(model_state)
+    tensors = canonical_state(model_state, tied)
     tmp = _temp_dir_for(target)
     writers = {
         MODEL_FILE: ("model", lambda path: save_file(tensors, str(path), metadata={"format": FORMAT})),
@@ -143,7 +130,7 @@ def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], optimiz
         _fsync_file(tmp / name)
         fault_point(f"after_{point}")
         files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-    full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "tied": aliases, "files": files}
+    full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "tied": dict(tied), "files": files}
     fault_point("before_meta")
     write_atomic(tmp / META_FILE, (json.dumps(full_meta, indent=2) + "\n").encode())
     fault_point("while_meta", partial=tmp / META_FILE)
@@ -154,19 +141,15 @@ def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], optimiz
     return target
 
 
-def cpu_copy(obj: Any, _copies: dict | None = None) -> Any:
+def cpu_copy(obj: Any) -> Any:
     """A copy of a (nested) state dict with every tensor copied to CPU memory: a snapshot that training can no
-    longer change while it is written. Views of one tensor (tied weights) stay one copy, so they stay tied."""
-    copies = {} if _copies is None else _copies
+    longer change while it is written (tied weights are already left out, so nothing is copied twice)."""
     if isinstance(obj, torch.Tensor):
-        ident = same_tensor_key(obj)
-        if ident not in copies:
-            copies[ident] = obj.detach().to("cpu", copy=True)
-        return copies[ident]
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: cpu_copy(v, copies) for k, v in obj.items()}
+        return {k: cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v, copies) for v in obj)
+        return type(obj)(cpu_copy(v) for v in obj)
     return obj
 
 

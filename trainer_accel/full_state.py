@@ -28,11 +28,49 @@ def parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return [names[id(p)] for group in _torch_optimizer(optimizer).param_groups for p in group["params"]]
 
 
-def full_model_state(acc: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every process must call this; under FSDP only the main process gets the tensors (the others an empty dict)."""
-    if acc.distributed_type == DistributedType.FSDP:
-        return acc.get_state_dict(model)
-    return acc.unwrap_model(model, keep_torch_compile=False).state_dict()
+def tied_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """{name: the name it is tied to} for each parameter registered under a second name (`lm_head.weight` ->
+    `tok_emb.weight`), read from the module itself. A state dict cannot tell: FSDP's gathered full state holds a
+    separate copy under each name, so a tie found by tensor identity would be missed there."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def full_model_state(acc: Accelerator, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The full weights with each tied tensor once, and the aliases that re-tie them (`tied_aliases`).
+
+    Every process must call this; under FSDP only the main process gets the tensors (the others an empty dict).
+    """
+    canonical = acc.unwrap_model(model, keep_torch_compile=False)
+    aliases = tied_aliases(canonical)
+    state = acc.get_state_dict(model) if acc.distributed_type == DistributedType.FSDP else canonical.state_dict()
+    return {k: v for k, v in state.items() if k not in aliases}, aliases
+
+
+def plain_model(model_cfg, state: dict[str, torch.Tensor], aliases: dict[str, str], device: torch.device):
+    """A plain GPT on `device` holding a full state: what the main process alone may run (sampling) while the
+    training model is sharded, whose forward all-gathers with every process. Built on the meta device, so it
+    draws no random numbers and allocates once."""
+    from .checkpoint import expand_aliases
+    from .model import GPT
+
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    model.to_empty(device=device)
+    model.load_state_dict(expand_aliases(state, aliases), strict=True)
+    return model.eval()
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a value that FSDP2 returns as a replicated DTensor (the clipped gradient norm), so it
+    can be stacked with plain tensors and read; a plain tensor is returned as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def full_optimizer_state(acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -43,10 +81,23 @@ def full_optimizer_state(acc: Accelerator, model: torch.nn.Module, optimizer: to
     return gather_sharded_optimizer_state(model, acc.unwrap_model(model, keep_torch_compile=False), opt)
 
 
+# Implementation choices of torch's optimizers that belong to the device a run trains on, not to the training:
+# `Optimizer.load_state_dict` would otherwise keep the saved ones (a run started on CPU, resumed on CUDA, would
+# silently keep the slower non-fused AdamW).
+DEVICE_FLAGS = ("fused", "foreach", "capturable")
+
+
 def load_full_optimizer_state(acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                               state: dict) -> None:
-    """Load an index-keyed full optimizer state (every process holds it) into a plain or sharded optimizer."""
+    """Load an index-keyed full optimizer state (every process holds it) into a plain or sharded optimizer.
+
+    The optimizer keeps the device flags it was built with (DEVICE_FLAGS); they are set in the state before
+    loading, so that the loaded step counters land where those flags want them (on the GPU for fused AdamW).
+    """
     opt = _torch_optimizer(optimizer)
+    if len(state.get("param_groups", [])) == len(opt.param_groups):
+        state = {**state, "param_groups": [{**saved, **{k: now[k] for k in DEVICE_FLAGS if k in now}}
+                                           for saved, now in zip(state["param_groups"], opt.param_groups)]}
     if acc.distributed_type != DistributedType.FSDP:
         opt.load_state_dict(state)
     else:

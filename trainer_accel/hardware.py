@@ -9,30 +9,35 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import time
 
 import torch
 
-# Dense tensor-core peaks from the vendors' datasheets, in TFLOP/s: (bf16/fp16, tf32). Matched against
-# torch.cuda.get_device_name() by substring, most specific first.
-GPU_PEAK_TFLOPS: list[tuple[str, float, float]] = [
-    ("H200", 989.0, 494.0),
-    ("H100 PCIe", 756.0, 378.0),
-    ("H100", 989.0, 494.0),  # SXM
-    ("GH200", 989.0, 494.0),
-    ("B200", 2250.0, 1100.0),
-    ("A100", 312.0, 156.0),
-    ("A10G", 125.0, 62.5),
-    ("A10", 125.0, 62.5),
-    ("L40S", 362.0, 183.0),
-    ("L40", 181.0, 90.5),
-    ("L4", 121.0, 60.0),
-    ("A6000", 155.0, 77.4),
-    ("RTX 4090", 165.0, 82.6),
-    ("RTX 3090", 71.0, 35.6),
-    ("V100", 125.0, 15.7),  # fp16 tensor cores; no bf16 or tf32
-    ("T4", 65.0, 8.1),
+# Dense peaks from the vendors' datasheets, in TFLOP/s: (bf16/fp16 tensor cores, tf32 tensor cores, fp32 without
+# tensor cores). A key matches torch.cuda.get_device_name() as whole words ("H100" is in "NVIDIA H100 80GB HBM3",
+# not in "NVIDIA GH200"); the longest matching key wins ("H100 NVL" over "H100"). Datasheets quote tensor-core
+# rates with sparsity: these are half of those.
+GPU_PEAK_TFLOPS: list[tuple[str, float, float, float]] = [
+    ("B200", 2250.0, 1100.0, 80.0),
+    ("GH200", 989.0, 494.0, 67.0),
+    ("H200", 989.0, 494.0, 67.0),  # SXM
+    ("H200 NVL", 835.0, 418.0, 60.0),
+    ("H100", 989.0, 494.0, 67.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H100 PCIe", 756.0, 378.0, 51.0),
+    ("H100 NVL", 835.0, 418.0, 60.0),
+    ("A100", 312.0, 156.0, 19.5),
+    ("A10G", 125.0, 62.5, 31.2),
+    ("A10", 125.0, 62.5, 31.2),
+    ("L40S", 362.0, 183.0, 91.6),
+    ("L40", 181.0, 90.5, 90.5),
+    ("L4", 121.0, 60.0, 30.3),
+    ("A6000", 155.0, 77.4, 38.7),
+    ("RTX 4090", 165.0, 82.6, 82.6),
+    ("RTX 3090", 71.0, 35.6, 35.6),
+    ("V100", 125.0, 15.7, 15.7),  # fp16 tensor cores; no bf16 or tf32
+    ("T4", 65.0, 8.1, 8.1),
 ]
 
 
@@ -85,14 +90,27 @@ def compute_warnings(device: torch.device, mixed_precision: str, processes: int)
     return out
 
 
-def gpu_peak_flops(device: torch.device, mixed_precision: str) -> tuple[float | None, str]:
-    """Datasheet peak FLOP/s of this GPU at the training precision, and where the figure comes from."""
+def gpu_peak_flops(device: torch.device, mixed_precision: str, tf32: bool) -> tuple[float | None, str]:
+    """Datasheet peak FLOP/s of this GPU at the precision its matmuls run in, and where the figure comes from:
+    bf16/fp16 tensor cores under mixed precision, else tf32 tensor cores when train_cfg.tf32 allows them, else
+    plain fp32."""
     name = torch.cuda.get_device_name(device)
-    for key, half, tf32 in GPU_PEAK_TFLOPS:
-        if key in name:
-            peak = half if mixed_precision in ("bf16", "fp16") else tf32
-            return peak * 1e12, f"datasheet {key} {'bf16/fp16' if peak == half else 'tf32'} dense"
-    return None, f"no datasheet peak known for {name!r}"
+    words = _words(name)
+    matches = [row for row in GPU_PEAK_TFLOPS if _has_words(words, _words(row[0]))]
+    if not matches:
+        return None, f"no datasheet peak known for {name!r}"
+    key, half, tf32_peak, fp32_peak = max(matches, key=lambda row: len(row[0]))
+    peak, kind = ((half, "bf16/fp16") if mixed_precision in ("bf16", "fp16") else
+                  (tf32_peak, "tf32") if tf32 else (fp32_peak, "fp32"))
+    return peak * 1e12, f"datasheet {key} {kind} dense"
+
+
+def _words(name: str) -> list[str]:
+    return re.findall(r"[A-Za-z0-9]+", name)  # "NVIDIA A100-SXM4-80GB" -> NVIDIA, A100, SXM4, 80GB
+
+
+def _has_words(words: list[str], key: list[str]) -> bool:
+    return any(words[i:i + len(key)] == key for i in range(len(words) - len(key) + 1))
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:

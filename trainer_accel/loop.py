@@ -23,14 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint as ckpt
 from .checkpoint import LoadedCheckpoint
+from .collective import main_process_decides
 from .config import PhaseConfig, TrainConfig
 from .errors import UserError
-from .full_state import checkpoint_bytes, full_model_state, full_optimizer_state, load_full_optimizer_state
+from .full_state import (checkpoint_bytes, full_model_state, full_optimizer_state, load_full_optimizer_state, local_value,
+                         plain_model)
 from .manifest import ManifestSink, code_version, parent_record, run_facts
 from .metrics import open_metrics
 from .model import GPT
@@ -215,18 +218,30 @@ class Trainer:
                 self.acc.backward(total * (self.world / counted))
             loss_sum += total.detach()
         max_norm = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")  # inf: measure, do not clip
-        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        # a non-finite loss on any process makes the all-reduced gradient non-finite, so grad_norm (the same on
-        # every process) decides for all of them alike
-        if self.t.on_nonfinite == "skip" and not bool(torch.isfinite(grad_norm)):  # host sync, "skip" mode only
+        grad_norm = local_value(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))  # FSDP2: a DTensor
+        if self.t.on_nonfinite == "skip" and self._update_is_nonfinite(loss_sum, grad_norm):  # host sync, "skip" only
             self._skip_update(step)
         else:
-            self.optimizer.step()
+            self.optimizer.step()  # under fp16 the loss scaler skips an overflowed update and lowers its scale itself
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, counted, grad_norm
 
+    def _update_is_nonfinite(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the trainer skips this update ("skip" mode); the same answer on every process.
+
+        Without a loss scaler, a non-finite loss on any process makes the all-reduced gradient non-finite
+        everywhere, so the gradient norm decides for all alike. Under fp16 a non-finite gradient with a finite
+        loss is a routine overflow and the scaler's to handle (it skips the update and lowers its scale), so there
+        the loss decides, all-reduced.
+        """
+        if self.acc.scaler is None:
+            return not bool(torch.isfinite(grad_norm))
+        return bool(self.acc.reduce((~torch.isfinite(loss_sum)).float(), "sum") > 0)
+
     def _skip_update(self, step: int) -> None:
+        if self.acc.scaler is not None:  # it unscaled this step's gradients; without update() the next step fails
+            self.acc.scaler.update()
         self.nonfinite_in_a_row += 1
         self.state.skipped_steps += 1
         self.events.write("skipped", step + 1, reason="non-finite loss or gradient norm")
@@ -282,26 +297,29 @@ class Trainer:
         complete, so a crash at any moment leaves the newest complete checkpoint to resume from. A failed write
         surfaces at the next save or at the end of the phase.
         """
-        # every process checks (one filesystem) the same figure, so all stop together rather than leave some waiting
-        ckpt.ensure_free_space(self.phase_dir, checkpoint_bytes(self.acc.unwrap_model(self.model, keep_torch_compile=False)),
-                               copies=int(to_step_dir) + int(to_best and not to_step_dir))
-        model_state = full_model_state(self.acc, self.model)  # collectives under FSDP: every process takes part
+        # the main process's free space (it writes, and its writer thread may be using space right now) decides for
+        # all, so all stop together rather than leave some waiting in the gather below
+        needed = checkpoint_bytes(self.acc.unwrap_model(self.model, keep_torch_compile=False))
+        main_process_decides(self.acc, lambda: ckpt.ensure_free_space(
+            self.phase_dir, needed, copies=int(to_step_dir) + int(to_best and not to_step_dir)))
+        model_state, tied = full_model_state(self.acc, self.model)  # collectives under FSDP: every process takes part
         opt_state = full_optimizer_state(self.acc, self.model, self.optimizer)
         if self.acc.is_main_process:
             self.wait_for_save()
-            snapshot = (ckpt.cpu_copy(model_state), ckpt.cpu_copy(opt_state), self._meta())
+            snapshot = (ckpt.cpu_copy(model_state), tied, ckpt.cpu_copy(opt_state), self._meta())
             if self._writer is None:
                 self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-            self._pending_save = (snapshot[2], self._writer.submit(self._write, *snapshot, to_step_dir, to_best))
+            self._pending_save = (snapshot[3], self._writer.submit(self._write, *snapshot, to_step_dir, to_best))
             if to_step_dir:
-                self._write_samples()
+                self._write_samples(model_state, tied)
         self.acc.wait_for_everyone()
 
-    def _write(self, model_state: dict, opt_state: dict, meta: dict, to_step_dir: bool, to_best: bool) -> Path:
+    def _write(self, model_state: dict, tied: dict, opt_state: dict, meta: dict, to_step_dir: bool, to_best: bool) -> Path:
         """On the writer thread: files only (the metric sinks belong to the training thread)."""
         if not to_step_dir:
-            return ckpt.write_checkpoint(self.phase_dir / "best", model_state, opt_state, meta)
-        step_dir = ckpt.write_checkpoint(self.phase_dir / ckpt.step_dir_name(meta["step"]), model_state, opt_state, meta)
+            return ckpt.write_checkpoint(self.phase_dir / "best", model_state, tied, opt_state, meta)
+        step_dir = ckpt.write_checkpoint(self.phase_dir / ckpt.step_dir_name(meta["step"]), model_state, tied, opt_state,
+                                         meta)
         ckpt.publish(step_dir, self.phase_dir / "latest")
         if to_best:
             ckpt.publish(step_dir, self.phase_dir / "best")
@@ -318,11 +336,17 @@ class Trainer:
         self.events.write("checkpoint", meta["step"], path=str(path), best_val_loss=meta["best_val_loss"],
                           best_val_step=meta["best_val_step"])
 
-    def _write_samples(self) -> None:
+    def _write_samples(self, model_state: dict, tied: dict) -> None:
+        """On the main process alone. A sharded (FSDP) model cannot run there, since its forward all-gathers with
+        every process, so samples come from a plain copy built from the full state the save just gathered."""
         if not self.cfg.sample_prompts or self.tokenizer is None:
             return
-        written = write_samples(self.acc.unwrap_model(self.model, keep_torch_compile=False), self.tokenizer, self.cfg.sample_prompts,
-                                self.cfg.sample_seed, self.state.step, self.paths.samples / self.cfg.phase)
+        if self.acc.distributed_type == DistributedType.FSDP:
+            model = plain_model(self.cfg.model, model_state, tied, self.acc.device)
+        else:
+            model = self.acc.unwrap_model(self.model, keep_torch_compile=False)
+        written = write_samples(model, self.tokenizer, self.cfg.sample_prompts, self.cfg.sample_seed, self.state.step,
+                                self.paths.samples / self.cfg.phase)
         self.events.write("samples", self.state.step, samples=written)
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -376,6 +400,7 @@ class Trainer:
         self.model.train()
         pending: list[tuple] = []  # (step, tokens seen, lr, local loss sum, global token count, grad norm)
         window_start, window_tokens = time.perf_counter(), 0
+        first_step = s.step
         while s.step < t.total_steps:
             loss_sum, counted, grad_norm = self._train_step(s.step)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -397,16 +422,20 @@ class Trainer:
                 self.save(to_step_dir=due, to_best=improved)
             if stopping:
                 self.wait_for_save()
+                self.acc.wait_for_everyone()  # a process that exits first would have the launcher kill the writer
                 self.events.write("stopped", s.step, signal=stop.signum)
                 raise Interrupted(f"{self.cfg.phase} stopped by a signal after step {s.step}; its checkpoint is "
                                   f"{self.phase_dir / ckpt.step_dir_name(s.step)} (run the same command to resume)")
+        # A step ran: the last one was due and saved. None ran (resumed at the end): save only if this phase has
+        # no latest/ yet (resumed from elsewhere), as the main process sees it once its writes are done.
+        latest, best = self.phase_dir / "latest", self.phase_dir / "best"
         self.wait_for_save()
-        if not (self.phase_dir / "latest").exists():  # resumed at the end: nothing ran, nothing to add
+        if s.step == first_step and main_process_decides(self.acc, lambda: not latest.exists()):
             self.save(to_step_dir=True, to_best=False)
             self.wait_for_save()
+        self.acc.wait_for_everyone()  # every process returns with the phase's checkpoints complete on disk
         self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step)
-        best = self.phase_dir / "best"
-        return PhaseResult(self.cfg.phase, s, best if best.exists() else None, self.phase_dir / "latest")
+        return PhaseResult(self.cfg.phase, s, best if main_process_decides(self.acc, best.exists) else None, latest)
 
     def _log_train(self, pending: list, tokens_per_sec: float) -> None:
         """Every step's values to the event log and CSV; the window's summary to the progress line and trackers."""
@@ -429,11 +458,17 @@ class Trainer:
             raise FloatingPointError(f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
                                      "(try a lower base_lr or grad_clip)")
         avg = sum(v[0] for v in finite) / len(finite) if finite else float("nan")
+        norms = [v[1] for v in finite if math.isfinite(v[1])]
         step, tokens, lr = pending[-1][:3]
-        self.events.write("progress", step, **{
-            "train/loss": avg, "train/lr": lr, "train/tokens_seen": tokens, "train/tokens_per_sec": tokens_per_sec,
-            "train/grad_norm": sum(v[1] for v in finite) / len(finite) if finite else float("nan"),
-        })
+        progress = {"train/loss": avg, "train/lr": lr, "train/tokens_seen": tokens, "train/tokens_per_sec": tokens_per_sec,
+                    "train/grad_norm": sum(norms) / len(norms) if norms else float("nan")}
+        if self.acc.scaler is not None:  # fp16: updates the scaler skipped (finite loss, overflowed gradient)
+            progress["train/loss_scale"] = self.acc.scaler.get_scale()
+            progress["train/scaler_skips"] = len(finite) - len(norms)
+            if len(finite) > len(norms):
+                log.info("%s: the fp16 loss scaler skipped %d of the last %d updates (gradient overflow); scale now %g",
+                         self.cfg.phase, len(finite) - len(norms), len(values), progress["train/loss_scale"])
+        self.events.write("progress", step, **progress)
         if self._bar is not None and not self._bar.disable:
             self._bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", val=_fmt(self.state.last_val_loss),
                                   tok_s=f"{tokens_per_sec:,.0f}", refresh=False)

@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, checkpoint_phase, find_resume_checkpoint, phase_finished,
                          read_meta, reconcile_pointers, set_aside_broken, sweep_leftovers)
+from .collective import main_process_decides
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
 from .errors import UserError, report
 from .evaluation import evaluate_checkpoints, format_summary
@@ -67,29 +69,79 @@ def setup_logging(is_main: bool, verbose: bool = False) -> None:
                         "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
+def mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
 def make_accelerator(device: str | None, mixed_precision: str | None):
-    """Accelerate picks CUDA, else MPS, else CPU, or what `accelerate launch` configured; --device narrows it."""
+    """Accelerate picks CUDA, else MPS, else CPU, or what `accelerate launch` configured; --device narrows it.
+
+    Several launched processes on a machine with neither CUDA nor MPS are connected on the CPU over gloo: the
+    launcher starts several processes only through its multi-GPU path (launch/cpu_2proc.yaml), and left to
+    itself Accelerate would leave them unconnected there.
+    """
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
-    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+    if device == "mps" and not mps_available():
         raise UserError("--device mps: Apple MPS is not available on this machine")
     from accelerate import Accelerator
 
-    acc = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not mps_available())
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and (cpu or not torch.cuda.is_available()):
+        raise UserError("FSDP was asked for (launch/fsdp.yaml) without a CUDA GPU; Accelerate shards with FSDP on GPUs "
+                        "only: use launch/cpu_2proc.yaml for several CPU processes")
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin(mixed_precision) if fsdp else None)
     if launched > 1 and acc.num_processes == 1:  # each process would train alone and write the same files
         raise UserError(
-            f"the launcher started {launched} processes but they are not connected (no GPU for --multi_gpu); "
-            "for several CPU processes add --device cpu to the run flags or set ACCELERATE_USE_CPU=1 "
-            "(see launch/cpu_2proc.yaml)"
+            f"the launcher started {launched} processes but they are not connected (several processes train together "
+            "on CUDA GPUs or on the CPU, not on Apple MPS); add --device cpu to connect them on the CPU over gloo, or "
+            "launch one process"
         )
     return acc
 
 
-def announce_compute(acc) -> None:
+def fsdp_plugin(mixed_precision: str | None):
+    """The launch file's FSDP settings (from the launcher's environment), with fp32 gradient reduction.
+
+    Under FSDP2 Accelerate turns bf16 / fp16 into a policy that also reduces gradients in half precision, and
+    (unlike one GPU or DDP) adds no autocast. Here parameters are gathered and computed in half precision, but
+    gradients are reduced in fp32, as DDP reduces them; the master weights and the optimizer state stay fp32 and
+    the loss is computed in fp32 from the logits (the strategies upcast them). Outputs stay in half precision: an
+    fp32 output_dtype would also apply to Accelerate's separate unit for the final norm, whose fp32 output then
+    meets the half-precision output layer ("expected m1 and m2 to have the same dtype").
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise UserError(f"FSDP version {plugin.fsdp_version} was asked for; this trainer runs FSDP2 "
+                        "(fsdp_version: 2, as in launch/fsdp.yaml)")
+    precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if half is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+    return plugin
+
+
+def announce_compute(acc, device_flag: str | None = None) -> None:
     """Log the device, processes, precision and threads once, and warn about set-ups that waste the machine."""
-    log.info("compute: %d process(es) on %s, precision %s, %d CPU threads per process", acc.num_processes, acc.device,
-             acc.mixed_precision, torch.get_num_threads())
+    how = ""
+    if acc.num_processes > 1 and acc.device.type == "cpu":
+        how = " connected over gloo" + ("" if device_flag == "cpu" else " (no CUDA or MPS here)")
+    log.info("compute: %d process(es) on %s%s, precision %s, %d CPU threads per process", acc.num_processes, acc.device,
+             how, acc.mixed_precision, torch.get_num_threads())
+    if acc.distributed_type == DistributedType.FSDP:
+        policy = acc.state.fsdp_plugin.mixed_precision_policy
+
+        def name(dtype) -> str:
+            return str(dtype or torch.float32).removeprefix("torch.")
+
+        log.info("FSDP2: parameters gathered and computed in %s, gradients reduced in %s; weights, optimizer state "
+                 "and the loss float32", name(policy and policy.param_dtype), name(policy and policy.reduce_dtype))
     if acc.is_main_process:
         for warning in compute_warnings(acc.device, acc.mixed_precision, acc.num_processes):
             log.warning("%s", warning)
@@ -114,16 +166,23 @@ def tidy_phase_dir(acc, phase_dir: Path, auto_resume: bool) -> None:
     acc.wait_for_everyone()
 
 
-def plan_phase(cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume: bool,
-               init: Path | None) -> tuple[PhaseInputs, LoadedCheckpoint | None, LoadedCheckpoint | None]:
-    """Check caches and starting checkpoints together; return the inputs and what the phase starts from."""
+def resume_point(cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume: bool) -> Path | None:
+    """The checkpoint a phase resumes from: an explicit --resume of this phase, or its newest intact checkpoint."""
     if resume is not None:
         owner = checkpoint_phase(resume)
         if owner is not None and owner != cfg.phase:
             raise UserError(f"{resume}: a {owner} checkpoint cannot resume the {cfg.phase} phase"
                             + ("; set init_from in the sft config to start from its weights" if cfg.phase == "sft" else ""))
-    elif auto_resume:
-        resume = find_resume_checkpoint(paths.phase_dir(cfg.phase))
+        return resume
+    return find_resume_checkpoint(paths.phase_dir(cfg.phase)) if auto_resume else None
+
+
+def plan_phase(acc, cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume: bool,
+               init: Path | None) -> tuple[PhaseInputs, LoadedCheckpoint | None, LoadedCheckpoint | None]:
+    """Check caches and starting checkpoints together; return the inputs and what the phase starts from.
+
+    Which checkpoint to resume from is the main process's answer; then every process loads it."""
+    resume = main_process_decides(acc, lambda: resume_point(cfg, paths, resume, auto_resume))
     init = init if resume is None else None  # a resumed phase continues its own weights
     inputs, resumed, initial = collect(lambda: check_phase_inputs(cfg, paths), lambda: check_start_checkpoint(resume, cfg),
                                        lambda: check_start_checkpoint(init, cfg, with_optimizer=False))
@@ -194,14 +253,14 @@ def run_single(args: argparse.Namespace, paths: Paths, overrides: list[Override]
     cfg = load_phase_config(args.config, args.phase, overrides)
     acc = make_accelerator(args.device, cfg.train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
-    announce_compute(acc)
+    announce_compute(acc, args.device)
     if args.no_resume and acc.is_main_process:
         set_aside(paths.phase_dir(cfg.phase))
     tidy_phase_dir(acc, paths.phase_dir(cfg.phase), auto_resume=args.resume is None and not args.no_resume)
     init = Path(cfg.init_from) if cfg.phase == "sft" and cfg.init_from else None
     if cfg.phase == "sft" and init is None:
         log.warning("%s: init_from is null, SFT starts from random weights", cfg.path)
-    inputs, resumed, initial = plan_phase(cfg, paths, args.resume, not args.no_resume, init)
+    inputs, resumed, initial = plan_phase(acc, cfg, paths, args.resume, not args.no_resume, init)
     export_at_end(acc, run_phase(acc, cfg, paths, inputs, resumed, initial, outcome), paths, outcome)
 
 
@@ -223,10 +282,10 @@ def run_pipeline(args: argparse.Namespace, paths: Paths, overrides: list[Overrid
     if pre.train.mixed_precision != sft.train.mixed_precision:
         raise UserError(f"{args.config}: pretrain and sft train_cfg.mixed_precision differ "
                         f"({pre.train.mixed_precision} vs {sft.train.mixed_precision}); one process has one precision")
-    resume_phase = pipeline_resume_phase(args.resume)
     acc = make_accelerator(args.device, pre.train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
-    announce_compute(acc)
+    announce_compute(acc, args.device)
+    resume_phase = main_process_decides(acc, lambda: pipeline_resume_phase(args.resume))
     for phase in ("pretrain", "sft"):
         if args.no_resume and acc.is_main_process:
             set_aside(paths.phase_dir(phase))
@@ -234,19 +293,23 @@ def run_pipeline(args: argparse.Namespace, paths: Paths, overrides: list[Overrid
     auto = not args.no_resume and resume_phase is None
     pre_best = paths.phase_dir("pretrain") / "best"
 
-    # SFT only ever starts after pretrain finished, so an SFT checkpoint means pretrain is done.
-    sft_started = resume_phase == "sft" or (auto and find_resume_checkpoint(paths.phase_dir("sft")) is not None)
-    pretrain_done = sft_started or (auto and phase_finished(paths.phase_dir("pretrain"), pre.train.total_steps))
+    def progress() -> tuple[bool, bool]:
+        # SFT only ever starts after pretrain finished, so an SFT checkpoint means pretrain is done.
+        sft_started = resume_phase == "sft" or (auto and find_resume_checkpoint(paths.phase_dir("sft")) is not None)
+        return sft_started, sft_started or (auto and phase_finished(paths.phase_dir("pretrain"), pre.train.total_steps))
+
+    sft_started, pretrain_done = main_process_decides(acc, progress)
     if pretrain_done:
         log.info("pipeline: pretrain already finished; continuing with SFT")
     else:
         pre_resume = args.resume if resume_phase == "pretrain" else None
         # both phases' inputs are checked before any time is spent on pretrain
-        pre_plan, _ = collect(lambda: plan_phase(pre, paths, pre_resume, auto, None), lambda: check_phase_inputs(sft, paths))
+        pre_plan, _ = collect(lambda: plan_phase(acc, pre, paths, pre_resume, auto, None),
+                              lambda: check_phase_inputs(sft, paths))
         run_phase(acc, pre, paths, *pre_plan, outcome)
-    if not sft_started and not pre_best.exists():
+    if not sft_started and not main_process_decides(acc, pre_best.exists):
         raise UserError(f"{pre_best}: pretrain finished without a best checkpoint to start SFT from")
-    sft_plan = plan_phase(sft, paths, args.resume if resume_phase == "sft" else None, auto, pre_best)
+    sft_plan = plan_phase(acc, sft, paths, args.resume if resume_phase == "sft" else None, auto, pre_best)
     if sft_plan[2] is not None:
         log.info("pipeline: SFT starts from the pretrain best %s (weights only, optimizer fresh)", pre_best)
     export_at_end(acc, run_phase(acc, sft, paths, *sft_plan, outcome), paths, outcome)
