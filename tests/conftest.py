@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,16 +22,31 @@ TINY_TRAIN = {"seed": 7, "total_steps": 8, "B": 4, "base_lr": 3e-3, "warmup_step
               "eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 2}
 
 
-@pytest.fixture
-def world(tmp_path, monkeypatch):
-    """A working directory with demo caches; the trainer's env points inside it."""
-    monkeypatch.chdir(tmp_path)
-    for var in ("TRAINER_DATA_DIR", "TRAINER_ARTIFACTS_DIR", "TRAINER_CHECKPOINTS_DIR", "TRAINER_SAMPLES_DIR",
-                "TRAINER_METRICS_DIR", "TRAINER_EVENTS_PATH", "TRAINER_RUNS_DIR"):
-        monkeypatch.delenv(var, raising=False)
+TRAINER_ENV = ("TRAINER_DATA_DIR", "TRAINER_ARTIFACTS_DIR", "TRAINER_CHECKPOINTS_DIR", "TRAINER_SAMPLES_DIR",
+               "TRAINER_METRICS_DIR", "TRAINER_EVENTS_PATH", "TRAINER_RUNS_DIR")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """`prepare --demo` once per test process; each world gets its own copy (its files record relative paths)."""
     from trainer_accel import prepare
 
-    assert prepare.main(["--demo"]) == 0
+    root = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for var in TRAINER_ENV:
+            mp.delenv(var, raising=False)
+        assert prepare.main(["--demo"]) == 0
+    return root / "data"
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch, demo_data):
+    """A working directory with demo caches; the trainer's env points inside it."""
+    monkeypatch.chdir(tmp_path)
+    for var in TRAINER_ENV:
+        monkeypatch.delenv(var, raising=False)
+    shutil.copytree(demo_data, tmp_path / "data")
     return tmp_path
 
 

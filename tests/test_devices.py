@@ -25,7 +25,7 @@ def test_launch_files_load_and_are_documented(name):
     cfg = load_config_from_file(str(ROOT / "launch" / name))  # Accelerate's own parser: unknown keys are errors
     header = (ROOT / "launch" / name).read_text().split("\n")
     assert header[0].startswith("# ") and any(f"--config_file launch/{name}" in line for line in header if line.startswith("#"))
-    assert f"--config_file launch/{name}" in (ROOT / "README.md").read_text()
+    assert f"--config_file launch/{name}" in (ROOT / "docs" / "devices.md").read_text()
     expected = {"fsdp.yaml": "FSDP", "ddp.yaml": "MULTI_GPU", "multi_node.yaml": "MULTI_GPU", "cpu_2proc.yaml": "MULTI_GPU"}
     assert cfg.distributed_type.value == expected.get(name, "NO")
     if name == "multi_node.yaml":

@@ -337,7 +337,8 @@ def paired_run(job: Job) -> dict:
     step_dir = paths.phase_dir(cfg.phase) / ckpt.step_dir_name(trainer.state.step)
     out["ckpt_bytes"] = sum((step_dir / f).stat().st_size for f in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE))
     out["load_s"] = median_seconds(lambda: ckpt.load_checkpoint(step_dir))
-    state = {"model": full_model_state(acc, trainer.model), "optimizer": full_optimizer_state(acc, trainer.model, trainer.optimizer)}
+    state = {"model": full_model_state(acc, trainer.model)[0],  # each tied tensor once, as the checkpoint holds it
+             "optimizer": full_optimizer_state(acc, trainer.model, trainer.optimizer)}
     plain_file = Path(job.workdir) / "plain.pt"
     out["torch_save_s"] = median_seconds(lambda: torch.save(state, plain_file))
     out["torch_save_fsync_s"] = median_seconds(lambda: _save_and_fsync(state, plain_file))

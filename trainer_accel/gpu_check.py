@@ -1,6 +1,6 @@
 """Every CUDA path of the trainer, run for real on the GPU at hand, in one command, with a table at the end.
 
-    python -m trainer_accel.gpu_check [--workdir DIR] [--json PATH] [--no-tests] [--no-bench]
+    python -m trainer_accel.gpu_check [--workdir DIR] [--json PATH] [--no-tests] [--no-bench] [--time-limit S]
 
 The CPU test suite proves the loop, checkpoints and resume; what only a GPU can show is checked here, each as a
 user runs it (the real CLI, in fresh processes, on small models of the demo data): bf16 + torch.compile
@@ -9,8 +9,9 @@ with on_nonfinite "stop" and "skip" (an overflow forced early: the loss scaler s
 and the trainer counts no skip of its own), FSDP2 on one process with samples and a resume, fused AdamW after a
 resume from a CPU checkpoint, flash attention under bf16, the CPU test suite on this machine, and
 `trainer_accel.bench` on GPT-2 small (configs/bench/gpt2_124m.json) with MFU against this GPU's datasheet peak.
-With two or more GPUs it adds DDP and FSDP across all of them. About 8 minutes on one H100. On a machine
-without CUDA it says so in one line and exits 0.
+With two or more GPUs it adds DDP and FSDP across all of them. On one H200 with 16 cores the checks took 7
+minutes with the test suite running beside them and the bench 5 more (docs/devices.md). On a machine without
+CUDA it says so in one line and exits 0.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Runner:
         cmd = [*head, "-m", "trainer_accel.run", *args]
         r = subprocess.run(cmd, cwd=self.workdir, capture_output=True, text=True, timeout=timeout,
                            env={**self.env, "TRAINER_ARTIFACTS_DIR": str(self.workdir / artifacts), **(env or {})})
-        (self.workdir / f"{artifacts}.log").open("a").write(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}\n")
+        with (self.workdir / f"{artifacts}.log").open("a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}\n")
         if r.returncode != 0:
             raise CheckFailed(f"exit {r.returncode}: {last_error(r.stderr)} (log: {artifacts}.log)")
         return r
@@ -320,7 +322,8 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
     tests = None
     if not args.no_tests and (REPO / "tests").is_dir():
         tests_started = time.perf_counter()
-        tests = run_tests(max(2, min(8, (os.cpu_count() or 4) // 2)), workdir / "tests.log")
+        # most of the suite waits on process starts, so it takes all but a few cores; the checks beside it need few
+        tests = run_tests(max(2, (os.cpu_count() or 4) - 4), workdir / "tests.log")
     checks = [
         ("bf16 + compile pretrain, ckpt at last step, resume", lambda: check_bf16_compile(run)),
         ("SFT bf16 + compile from that pretrain", lambda: check_sft_compile(run)),
