@@ -7,7 +7,6 @@ itself (NCCL, CUDA kernels, fused AdamW, flash attention) is `python -m trainer_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from conftest import events, free_port, run_cli, write_config
+from trainer_accel.data import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATED = ROOT / "tests" / "emulated_run.py"
@@ -39,10 +39,6 @@ def emulated_fp16(world: Path, cfg: Path, init_scale: float) -> subprocess.Compl
     return subprocess.run([sys.executable, str(EMULATED), "fp16", "--phase", "pretrain", "--config", str(cfg)], cwd=world,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TEST_INIT_SCALE": str(init_scale)})
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def samples(artifacts: Path) -> dict[str, str]:
@@ -69,8 +65,8 @@ def test_fsdp2_trains_samples_resumes_and_saves_the_same_checkpoint_as_ddp(world
     for pointer in ("latest", "best", "step_0000004"):
         fsdp_meta = json.loads((a / "checkpoints/pretrain" / pointer / "meta.json").read_text())
         assert fsdp_meta["tied"] == {"lm_head.weight": "tok_emb.weight"}
-        assert sha256(a / "checkpoints/pretrain" / pointer / "model.safetensors") == \
-            sha256(b / "checkpoints/pretrain" / pointer / "model.safetensors")
+        assert sha256_file(a / "checkpoints/pretrain" / pointer / "model.safetensors") == \
+            sha256_file(b / "checkpoints/pretrain" / pointer / "model.safetensors")
     assert sorted(samples(a)) == ["step-00000002-00.json", "step-00000004-00.json", "step-00000006-00.json"]
     assert samples(a) == samples(b)
     best = torch.load(a / "checkpoints/best.pt", weights_only=True)
