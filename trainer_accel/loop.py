@@ -433,9 +433,10 @@ class Trainer:
         if s.step == first_step and main_process_decides(self.acc, lambda: not latest.exists()):
             self.save(to_step_dir=True, to_best=False)
             self.wait_for_save()
-        self.acc.wait_for_everyone()  # every process returns with the phase's checkpoints complete on disk
+        # the main process answers once its writes are done, so every process returns with them complete on disk
+        best_dir = best if main_process_decides(self.acc, best.exists) else None
         self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step)
-        return PhaseResult(self.cfg.phase, s, best if main_process_decides(self.acc, best.exists) else None, latest)
+        return PhaseResult(self.cfg.phase, s, best_dir, latest)
 
     def _log_train(self, pending: list, tokens_per_sec: float) -> None:
         """Every step's values to the event log and CSV; the window's summary to the progress line and trackers."""
