@@ -9,14 +9,15 @@ with on_nonfinite "stop" and "skip" (an overflow forced early: the loss scaler s
 and the trainer counts no skip of its own), FSDP2 on one process with samples and a resume, fused AdamW after a
 resume from a CPU checkpoint, flash attention under bf16, the CPU test suite on this machine, and
 `trainer_accel.bench` on GPT-2 small (configs/bench/gpt2_124m.json) with MFU against this GPU's datasheet peak.
-With two or more GPUs it adds DDP and FSDP across all of them. On one H200 with 16 cores the checks took 7
-minutes with the test suite running beside them and the bench 5 more (docs/devices.md). On a machine without
-CUDA it says so in one line and exits 0.
+With two or more GPUs it adds DDP and FSDP across all of them. The checks run at once with the test suite beside
+them, then the bench alone: 6:47 on one H200 with 16 cores (docs/devices.md). On a machine without CUDA it says
+so in one line and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -93,6 +94,19 @@ class CheckFailed(Exception):
     pass
 
 
+def run_chain(chain: list[tuple]) -> list[Result]:
+    """Run (label, check) pairs in order; a check that breaks is a failed check and the next still runs."""
+    results = []
+    for label, check in chain:
+        t0 = time.perf_counter()
+        try:
+            results.append(Result(label, "pass", check()))
+        except Exception as e:
+            results.append(Result(label, "FAIL", failure(e)))
+        print(f"  {results[-1].status:<5} {label} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return results
+
+
 def last_error(stderr: str) -> str:
     """The line that says what went wrong: the trainer's `error:` line, else the last exception, else the last line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
@@ -113,7 +127,11 @@ def expect(condition: bool, message: str) -> None:
 
 
 def recompiles(r: subprocess.CompletedProcess) -> int:
-    return len(re.findall(r"Recompiling function", r.stderr))
+    """The most recompiles of any one compiled function (TORCH_LOGS=recompiles names each)."""
+    counts: dict[str, int] = {}
+    for where in re.findall(r"Recompiling function (\S+ in \S+)", r.stderr):
+        counts[where] = counts.get(where, 0) + 1
+    return max(counts.values(), default=0)
 
 
 def tokens_per_sec(run: Runner, artifacts: str) -> str:
@@ -266,10 +284,13 @@ def check_bench(run: Runner, windows: int, out: Path, timeout: float) -> tuple[s
 
 
 def run_tests(workers: int, log: Path) -> subprocess.Popen:
-    """The CPU test suite on this machine (its conftest hides the GPU), in the background."""
+    """The CPU test suite on this machine (its conftest hides the GPU), in the background. Each test process and
+    each command it starts would take a thread per core: workers x cores threads fighting for the cores."""
+    threads = str(max(1, (os.cpu_count() or 2) // (2 * workers)))
     return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-n", str(workers), "-p", "no:cacheprovider", "tests"],
                             cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+                            env={**os.environ, "OMP_NUM_THREADS": threads,
+                                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
 
 
 def tests_result(proc: subprocess.Popen, log: Path, started: float, timeout: float) -> Result:
@@ -291,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--no-tests", action="store_true", help="skip the CPU test suite")
     p.add_argument("--no-bench", action="store_true", help="skip the GPT-2 small bench")
-    p.add_argument("--bench-windows", type=int, default=3, help="measured bench windows (default 3)")
+    p.add_argument("--bench-windows", type=int, default=2, help="measured bench windows (default 2)")
     p.add_argument("--time-limit", type=float, default=900.0, metavar="SECONDS",
                    help="stop waiting for the test suite and the bench when this much time has passed, so that the "
                         "table is still printed (default 900)")
@@ -322,28 +343,25 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
     tests = None
     if not args.no_tests and (REPO / "tests").is_dir():
         tests_started = time.perf_counter()
-        # most of the suite waits on process starts, so it takes all but a few cores; the checks beside it need few
-        tests = run_tests(max(2, (os.cpu_count() or 4) - 4), workdir / "tests.log")
-    checks = [
-        ("bf16 + compile pretrain, ckpt at last step, resume", lambda: check_bf16_compile(run)),
-        ("SFT bf16 + compile from that pretrain", lambda: check_sft_compile(run)),
-        ("fp16, on_nonfinite stop", lambda: check_fp16_stop(run)),
-        ("fp16, on_nonfinite skip, forced overflow", lambda: check_fp16_skip(run)),
-        ("FSDP2 1 process: samples, resume, best.pt", lambda: check_fsdp(run, 1, "fsdp1")),
-        ("fused AdamW after a resume from CPU", lambda: check_fused_after_cpu(run)),
-        ("flash attention under bf16", lambda: check_flash(run)),
+        # most of the suite waits on process starts, so it takes half the cores; the checks beside it need few
+        tests = run_tests(max(2, (os.cpu_count() or 4) // 2), workdir / "tests.log")
+    # Each chain runs its checks in order (SFT starts from the bf16 pretrain's best); the chains run at once, since
+    # each check is a few small trainer processes that wait on start-up and compilation, not on the GPU. The
+    # launched checks share a chain: `accelerate launch` listens on one port.
+    chains = [
+        [("bf16 + compile pretrain, ckpt at last step, resume", lambda: check_bf16_compile(run)),
+         ("SFT bf16 + compile from that pretrain", lambda: check_sft_compile(run))],
+        [("fp16, on_nonfinite stop", lambda: check_fp16_stop(run))],
+        [("fp16, on_nonfinite skip, forced overflow", lambda: check_fp16_skip(run))],
+        [("FSDP2 1 process: samples, resume, best.pt", lambda: check_fsdp(run, 1, "fsdp1"))]
+        + ([(f"DDP across {gpus} GPUs", lambda: check_ddp(run, gpus)),
+            (f"FSDP2 across {gpus} GPUs", lambda: check_fsdp(run, gpus, "fsdpN"))] if gpus >= 2 else []),
+        [("fused AdamW after a resume from CPU", lambda: check_fused_after_cpu(run))],
+        [("flash attention under bf16", lambda: check_flash(run))],
     ]
-    if gpus >= 2:
-        checks += [(f"DDP across {gpus} GPUs", lambda: check_ddp(run, gpus)),
-                   (f"FSDP2 across {gpus} GPUs", lambda: check_fsdp(run, gpus, "fsdpN"))]
-    results = []
-    for label, check in checks:
-        t0 = time.perf_counter()
-        try:
-            results.append(Result(label, "pass", check()))
-        except Exception as e:  # a check that breaks is a failed check; the others still run
-            results.append(Result(label, "FAIL", failure(e)))
-        print(f"  {results[-1].status:<5} {label} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(chains)) as pool:
+        done = pool.map(run_chain, chains)
+        results = [r for chain in done for r in chain]
     if tests is not None:  # before the bench: its timings should not share the CPU with the tests
         results.append(tests_result(tests, workdir / "tests.log", tests_started, left()))
     if not args.no_bench and (REPO / "configs/bench/gpt2_124m.json").is_file():
