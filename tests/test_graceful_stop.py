@@ -25,7 +25,7 @@ def wait_for_training(world, proc, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+            raise AssertionError(f"run ended early: {proc.stderr.read() if proc.stderr else ''}")
         if path.exists() and '"event": "train"' in path.read_text():
             return
         time.sleep(0.05)
@@ -116,3 +116,78 @@ def test_two_processes_stop_after_the_same_step_when_one_is_signalled(world):
     again = subprocess.run([sys.executable, *args], cwd=world, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"at step {stopped[0]['step']}" in again.stderr, again.stderr[-3000:]
     assert [e["step"] for e in events(world, "train")] == list(range(1, 201))
+
+
+def trainer_processes(launcher: subprocess.Popen) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True)
+            if "trainer_accel.run" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
+
+
+@pytest.mark.parametrize("launch_file", ["cpu.yaml", "cpu_2proc.yaml"])
+def test_a_signalled_launcher_stops_its_trainers_gracefully(world, launch_file):
+    """`docker stop` signals the launcher only. With one process `accelerate launch` dies and used to leave the
+    trainer training as an orphan, with no checkpoint and no result; with several, torchrun passes the signal on."""
+    import psutil
+
+    from test_numerics import LAUNCH
+
+    cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 100000, "B": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / launch_file),
+                             "--main_process_port", str(free_port()), "-m", "trainer_accel.run", "--phase", "pretrain",
+                             "--config", str(cfg), "--result-json", "result.json"],
+                            cwd=world, stderr=(world / "launch.log").open("w"))  # a pipe would outlive the launcher
+    wait_for_training(world, proc)
+    trainers = trainer_processes(proc)
+    assert len(trainers) == (2 if "2proc" in launch_file else 1)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(trainers, timeout=120)
+        assert alive == [], "a trainer is still running after its launcher was stopped"
+    finally:
+        for p in trainers:
+            if p.is_running():
+                p.kill()
+    result = json.loads((world / "result.json").read_text())
+    assert (result["status"], result["exit_code"]) == ("interrupted", 3)
+    stopped = events(world, "stopped")
+    assert len(stopped) == 1 and stopped[0]["step"] == result["final_step"] > 0
+    assert read_meta(world / "checkpoints/pretrain/latest", verify=True)["step"] == result["final_step"]
+
+
+def test_a_second_run_in_the_same_artifacts_dir_is_refused_while_the_first_trains(world):
+    """Two runs used to train into one checkpoints/{phase}/ and interleave their events; a killed owner's lock is
+    taken over with a warning; the commands that only read keep working beside a run."""
+    import socket
+
+    cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 100000, "ckpt_every": 5})
+    cmd = ("run", "--phase", "pretrain", "--config", str(cfg))
+    first = subprocess.Popen([sys.executable, "-m", "trainer_accel.run", *cmd[1:]], cwd=world,
+                             stderr=(world / "first.log").open("w"))
+    try:
+        wait_for_training(world, first)
+        second = run_cli(*cmd, cwd=world)
+        assert second.returncode == 2, second.stderr
+        line = [x for x in second.stderr.splitlines() if x.startswith("error:")]
+        assert len(line) == 1 and "another run is training this phase here" in line[0]
+        assert f"pid {first.pid} on {socket.gethostname()}" in line[0] and "trainer_accel" in line[0]
+        assert "Traceback" not in second.stderr
+        assert {e["run_id"] for e in events(world) if "run_id" in e} == {events(world, "train")[0]["run_id"]}
+        plan = run_cli(*cmd, "--plan", cwd=world)  # it works beside the run, and says the run would be refused
+        assert plan.returncode == 2 and f"another run is training this phase here (pid {first.pid}" in plan.stdout
+        while not (world / "checkpoints/pretrain/latest").exists():
+            time.sleep(0.1)
+        exported = run_cli("export", "--checkpoint", "checkpoints/pretrain/latest", "--out", "copy.pt", cwd=world)
+        assert exported.returncode == 0, exported.stderr
+        assert run_cli("runs", "list", cwd=world).returncode == 0
+    finally:
+        first.kill()
+        first.wait()
+    again = run_cli(*cmd, "--no-resume", "--set", "train_cfg.total_steps=12", cwd=world)
+    assert again.returncode == 0, again.stderr
+    assert f"taking over the lock left by pid {first.pid}" in again.stderr and "no longer running" in again.stderr
+    assert (world / "checkpoints/pretrain.lock").read_text() == ""  # a clean end leaves nothing to take over
+    clean = run_cli(*cmd, "--no-resume", "--set", "train_cfg.total_steps=12", cwd=world)
+    assert clean.returncode == 0 and "taking over" not in clean.stderr, clean.stderr

@@ -89,3 +89,20 @@ def test_pipeline_samples_of_both_phases_are_kept(world):
         files = sorted((world / "samples" / phase).iterdir())
         assert [f.name for f in files] == ["step-00000004-00.json", "step-00000008-00.json"]
         assert all(json.loads(f.read_text())["prompt"] == prompt for f in files)
+
+
+def test_init_from_of_a_standalone_sft_lies_under_the_artifacts_dir(world):
+    """`init_from: checkpoints/pretrain/best` with TRAINER_ARTIFACTS_DIR=elsewhere used to read ./checkpoints (a
+    silent start from whatever pretrain the working directory held); --plan must show what the run will do."""
+    env = {"TRAINER_ARTIFACTS_DIR": "elsewhere"}
+    pre = write_config(world / "pre.json", "pretrain", {"total_steps": 4})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world, env=env).returncode == 0
+    pre_run = read_meta(world / "elsewhere/checkpoints/pretrain/best")["run_id"]
+    sft = write_config(world / "sft.json", "sft", {"total_steps": 4}, init_from="checkpoints/pretrain/best")
+    plan = run_cli("run", "--phase", "sft", "--config", str(sft), "--plan", cwd=world, env=env)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert f"initialise from elsewhere/checkpoints/pretrain/best (weights only; step 4, run {pre_run})" in plan.stdout
+    r = run_cli("run", "--phase", "sft", "--config", str(sft), cwd=world, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"initialised weights from elsewhere/checkpoints/pretrain/best (step 4, run {pre_run})" in r.stderr
+    assert not (world / "checkpoints").exists()

@@ -133,7 +133,8 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         elif init_from is not None:
-            log.info("initialised weights from %s (step %d); optimizer fresh", init_from.source, init_from.step)
+            log.info("initialised weights from %s (step %d, run %s); optimizer fresh", init_from.source, init_from.step,
+                     init_from.meta.get("run_id") or "not recorded")
         # lineage: a resumed run keeps the parent its checkpoint names; a run from an exported .pt is a new run
         if init_from is not None:
             self.parent = parent_record(init_from, "initialised")

@@ -44,6 +44,17 @@ class Paths:
         return ([("stream", s, self.stream_cache(s, sp)) for s in STREAM_SOURCES for sp in splits]
                 + [("sft", s, self.sft_cache(s, sp)) for s in SFT_SOURCES for sp in splits])
 
+    def config_checkpoint(self, value: str) -> Path:
+        """A checkpoint a config names (`init_from`): an absolute path as written; a relative one lies under the
+        artifacts dir, and `checkpoints/...` under the checkpoints dir (wherever TRAINER_CHECKPOINTS_DIR puts it),
+        so a run with its own TRAINER_ARTIFACTS_DIR starts from its own pretrain, not the working directory's."""
+        path = Path(value)
+        if path.is_absolute():
+            return path
+        if path.parts[:1] == ("checkpoints",):
+            return self.checkpoints.joinpath(*path.parts[1:])
+        return self.artifacts / path
+
     def phase_dir(self, phase: str) -> Path:
         return self.checkpoints / phase
 

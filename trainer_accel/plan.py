@@ -22,6 +22,7 @@ from .errors import UserError
 from .full_state import checkpoint_bytes
 from .inputs import check_phase_inputs, check_start_checkpoint, phase_cache_paths
 from .model import GPT
+from .ownership import in_use
 from .paths import Paths
 
 
@@ -100,7 +101,9 @@ def phase_plan(cfg: PhaseConfig, paths: Paths, processes: int, resume: Path | No
         start = f"initialise from {init} (weights only{', once the pretrain phase has written it' if init_pending else ''})"
         if not init_pending:
             try:
-                check_start_checkpoint(init, cfg, with_optimizer=False)
+                loaded = check_start_checkpoint(init, cfg, with_optimizer=False)
+                start = (f"initialise from {init} (weights only; step {loaded.step}, run "
+                         f"{loaded.meta.get('run_id') or 'not recorded'})")
             except UserError as e:
                 problems += e.problems
     plan = PhasePlan(cfg=cfg, processes=processes, parameters=model.num_params(), checkpoint_bytes=checkpoint_bytes(model),
@@ -109,7 +112,8 @@ def phase_plan(cfg: PhaseConfig, paths: Paths, processes: int, resume: Path | No
         plan.data_fingerprint = check_phase_inputs(cfg, paths).data_info()["data_fingerprint"]
     except UserError as e:
         problems += e.problems
-    plan.problems = list(dict.fromkeys(problems))
+    owner = in_use(paths, cfg.phase)
+    plan.problems = list(dict.fromkeys(problems + ([owner] if owner else [])))
     return plan
 
 
@@ -132,7 +136,7 @@ def command_plans(phase: str, configs: list[PhaseConfig], paths: Paths, processe
             init = paths.phase_dir("pretrain") / "best"
             pending = not init.exists() or not phase_finished(paths.phase_dir("pretrain"), configs[0].train.total_steps)
         elif cfg.phase == "sft" and cfg.init_from:
-            init = Path(cfg.init_from)
+            init = paths.config_checkpoint(cfg.init_from)
         plans.append(phase_plan(cfg, paths, processes, explicit, auto_resume, init, pending))
     return plans
 

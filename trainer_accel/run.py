@@ -32,6 +32,7 @@ from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, col
 from .loop import PhaseResult, Trainer
 from .manifest import model_sha256
 from .overrides import Override, parse_overrides
+from .ownership import own_phases
 from .paths import Paths, resolve_paths
 from .plan import command_plans, format_phase_plan, load_configs, plan_problems_text
 from .result import EXIT_CODES, Outcome
@@ -254,14 +255,15 @@ def run_single(args: argparse.Namespace, paths: Paths, overrides: list[Override]
     acc = make_accelerator(args.device, cfg.train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
     announce_compute(acc, args.device)
-    if args.no_resume and acc.is_main_process:
-        set_aside(paths.phase_dir(cfg.phase))
-    tidy_phase_dir(acc, paths.phase_dir(cfg.phase), auto_resume=args.resume is None and not args.no_resume)
-    init = Path(cfg.init_from) if cfg.phase == "sft" and cfg.init_from else None
-    if cfg.phase == "sft" and init is None:
-        log.warning("%s: init_from is null, SFT starts from random weights", cfg.path)
-    inputs, resumed, initial = plan_phase(acc, cfg, paths, args.resume, not args.no_resume, init)
-    export_at_end(acc, run_phase(acc, cfg, paths, inputs, resumed, initial, outcome), paths, outcome)
+    with own_phases(acc, paths, (cfg.phase,)):
+        if args.no_resume and acc.is_main_process:
+            set_aside(paths.phase_dir(cfg.phase))
+        tidy_phase_dir(acc, paths.phase_dir(cfg.phase), auto_resume=args.resume is None and not args.no_resume)
+        init = paths.config_checkpoint(cfg.init_from) if cfg.phase == "sft" and cfg.init_from else None
+        if cfg.phase == "sft" and init is None:
+            log.warning("%s: init_from is null, SFT starts from random weights", cfg.path)
+        inputs, resumed, initial = plan_phase(acc, cfg, paths, args.resume, not args.no_resume, init)
+        export_at_end(acc, run_phase(acc, cfg, paths, inputs, resumed, initial, outcome), paths, outcome)
 
 
 def pipeline_resume_phase(resume: Path | None) -> str | None:
@@ -285,6 +287,12 @@ def run_pipeline(args: argparse.Namespace, paths: Paths, overrides: list[Overrid
     acc = make_accelerator(args.device, pre.train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
     announce_compute(acc, args.device)
+    with own_phases(acc, paths, ("pretrain", "sft")):
+        pipeline_phases(acc, args, paths, pre, sft, outcome)
+
+
+def pipeline_phases(acc, args: argparse.Namespace, paths: Paths, pre: PhaseConfig, sft: PhaseConfig,
+                    outcome: Outcome) -> None:
     resume_phase = main_process_decides(acc, lambda: pipeline_resume_phase(args.resume))
     for phase in ("pretrain", "sft"):
         if args.no_resume and acc.is_main_process:

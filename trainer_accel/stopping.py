@@ -3,6 +3,11 @@
 The first signal asks the loop to finish its current optimizer step, write a checkpoint and exit with
 INTERRUPTED_EXIT; a second one exits at once. Handlers are installed only while a phase trains, and only in
 the main thread (where Python delivers signals).
+
+A launcher's death is a stop request too. `accelerate launch` with one process does not pass on a SIGTERM or
+SIGINT it gets: it dies and leaves the trainer training as an orphan, and `docker stop`, Kubernetes and most
+schedulers signal only the first process. So a trainer started by a launcher (`accelerate launch`, torchrun)
+watches its parent and stops as on SIGTERM when the parent is gone.
 """
 
 from __future__ import annotations
@@ -22,10 +27,27 @@ class Interrupted(Exception):
     """Raised after the checkpoint of a graceful stop is written."""
 
 
+LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")  # set by accelerate launch / torchrun
+WATCH_EVERY_S = 0.5
+
+
+def started_by_a_launcher() -> bool:
+    return any(var in os.environ for var in LAUNCHER_ENV)
+
+
 class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._done = threading.Event()
+
+    def _watch_launcher(self, launcher: int) -> None:
+        while not self._done.wait(WATCH_EVERY_S):
+            if os.getppid() != launcher:
+                if self.signum is None:  # a signal already asked: this is not a second one
+                    self.signum = signal.SIGTERM
+                    log.warning("the launcher (pid %d) is gone: finishing this step and writing a checkpoint", launcher)
+                return
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
@@ -42,8 +64,12 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        if started_by_a_launcher():
+            threading.Thread(target=self._watch_launcher, args=(os.getppid(),), name="launcher-watch",
+                             daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._done.set()
         for s, handler in self._previous.items():
             signal.signal(s, handler)
