@@ -145,3 +145,46 @@ def test_start_up_checks_hash_each_file_once(tmp_path, monkeypatch):
     (tmp_path / "latest" / "optimizer.pt").write_bytes((step / "optimizer.pt").read_bytes())
     ckpt.read_meta(tmp_path / "latest")
     assert len(calls) == 3
+
+
+def test_an_exported_pt_is_checked_like_a_checkpoint_directory(world):
+    """A .pt used to resume without the checks a folder gets: any phase, any data, any bytes (re-exporting then
+    hid the damage). Its record (best.pt.json) now says its phase, caches and sha256; without one, a warning."""
+    import shutil
+
+    from trainer_accel import prepare
+
+    pre = write_config(world / "pre.json", "pretrain", {"total_steps": 4})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world).returncode == 0
+    best = world / "checkpoints/best.pt"
+    sft = write_config(world / "sft.json", "sft", {"total_steps": 4})
+    r = run_cli("run", "--phase", "sft", "--config", str(sft), "--resume", str(best), cwd=world)
+    assert r.returncode == 2 and "a pretrain checkpoint cannot resume the sft phase" in r.stderr, r.stderr
+
+    unverified = world / "copy.pt"  # no record beside it: accepted, said
+    shutil.copy(best, unverified)
+    longer = write_config(world / "pre8.json", "pretrain", {"total_steps": 8})
+    r = run_cli("run", "--phase", "pretrain", "--config", str(longer), "--resume", str(unverified),
+                cwd=world, env={"TRAINER_ARTIFACTS_DIR": "other"})
+    assert r.returncode == 0 and "copy.pt: no copy.pt.json beside it, so nothing could verify this file" in r.stderr
+
+    (world / "more.txt").write_text("\n\n".join(f"Paragraph {i} of some other text entirely." for i in range(20)))
+    data = world / "data"
+    shutil.copytree(data, world / "data_before")
+    assert prepare.main(["--stream", "roam=more.txt"]) == 0
+    r = run_cli("run", "--phase", "pretrain", "--config", str(longer), "--resume", str(best), cwd=world,
+                env={"TRAINER_ARTIFACTS_DIR": "third"})
+    assert r.returncode == 2 and "the caches differ from those this checkpoint was trained on" in r.stderr, r.stderr
+    shutil.rmtree(data)
+    shutil.move(world / "data_before", data)
+
+    raw = bytearray(best.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte in the weights, same size
+    best.write_bytes(bytes(raw))
+    for args in (("run", "--phase", "pretrain", "--config", str(longer), "--resume", str(best)),
+                 ("export", "--checkpoint", str(best), "--out", "again.pt")):
+        r = run_cli(*args, cwd=world, env={"TRAINER_ARTIFACTS_DIR": "fourth"})
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1, r.stderr
+        assert "best.pt: sha256" in errors[0] and "the file is damaged or was replaced without its record" in errors[0]
+    assert not (world / "fourth/again.pt").exists() and not (world / "again.pt").exists()

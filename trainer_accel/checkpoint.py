@@ -337,12 +337,14 @@ def find_resume_checkpoint(phase_dir: Path) -> Path | None:
 
 
 def checkpoint_phase(path: Path) -> str | None:
-    """The phase a checkpoint directory belongs to (None for an exported .pt, which does not say)."""
+    """The phase a checkpoint belongs to: its sidecar's, or for an exported .pt its record's (None if unknown)."""
     if path.is_dir():
         try:
             return read_meta(path, verify=False).get("phase")
         except InvalidCheckpoint:
             return None
+    if path.is_file():
+        return (read_export_record(path) or {}).get("phase")
     return None
 
 
@@ -399,7 +401,11 @@ def _load_best_pt(path: Path) -> LoadedCheckpoint:
     if not isinstance(blob, dict) or set(blob) != set(BEST_PT_KEYS):
         keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
         raise UserError(f"{path}: expected a best.pt dict with keys {', '.join(BEST_PT_KEYS)}, found {keys}")
-    meta = {"model_cfg": blob["model_cfg"], "train_cfg": blob["train_cfg"], "phase": None, "run_id": None}
+    # what the record knows of the run that wrote it (phase, caches, batch) is checked as a sidecar's is; the run id
+    # is not carried: a run started from a .pt is a new run whose parent is that .pt (manifest.parent_record)
+    record = verified_export_record(path) or {}
+    meta = {"model_cfg": blob["model_cfg"], "train_cfg": blob["train_cfg"], "phase": record.get("phase"), "run_id": None,
+            **{k: record[k] for k in RECORD_CHECKS if record.get(k) is not None}}
     return LoadedCheckpoint(
         source=path, model_state=blob["model_state"], optimizer_state=blob["optimizer_state"],
         step=int(blob["step"]), best_val_loss=blob["best_val_loss"], meta=meta,
@@ -447,6 +453,34 @@ def export_best_pt(ckpt: Path, out: Path) -> Path:
 
 def record_path(best_pt: Path) -> Path:
     return best_pt.with_name(best_pt.name + ".json")
+
+
+def verified_export_record(best_pt: Path) -> dict | None:
+    """The record beside an exported .pt once the file's sha256 matches it; without one, a warning.
+
+    A .pt whose bytes were damaged loads (torch checks nothing), resumes and, exported again, would get a fresh
+    record that hides the damage: the record written with it is what can tell."""
+    if not record_path(best_pt).exists():
+        log.warning("%s: no %s beside it, so nothing could verify this file (its bytes, its phase, its data)",
+                    best_pt, record_path(best_pt).name)
+        return None
+    try:
+        record = json.loads(record_path(best_pt).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{record_path(best_pt)}: unreadable export record ({e}); move it away to use {best_pt} "
+                        "unverified") from None
+    if not isinstance(record, dict) or record.get("format") != "trainer_accel.export":
+        raise UserError(f"{record_path(best_pt)}: not an export record of this trainer; move it away to use {best_pt} "
+                        "unverified")
+    digest = sha256_file(best_pt)
+    if digest != record.get("best_pt_sha256"):
+        raise UserError(f"{best_pt}: sha256 {digest[:12]} differs from the {str(record.get('best_pt_sha256'))[:12]} its "
+                        f"record {record_path(best_pt).name} holds: the file is damaged or was replaced without its "
+                        "record; export it again from its checkpoint directory")
+    return record
+
+
+RECORD_CHECKS = ("caches", "global_batch", "data_fingerprint", "config_fingerprint")  # carried into a .pt's meta
 
 
 def read_export_record(best_pt: Path) -> dict | None:

@@ -53,7 +53,7 @@ def export(source: Path, out: Path, paths: Paths) -> dict:
         meta = read_meta(source, verify=False)
         summary = find_verdict(paths, meta.get("run_id"), model_sha256(meta))
         record.update({k: meta.get(k) for k in ("phase", "run_id", "step", "best_val_loss", "data_fingerprint",
-                                                "config_fingerprint", "parent")})
+                                                "config_fingerprint", "parent", "caches", "global_batch")})
         record.update(model_sha256=model_sha256(meta), verdict=summary["verdict"] if summary else None)
     else:  # re-exporting a .pt keeps what its own record knew
         earlier = read_export_record(Path(source)) or {}
