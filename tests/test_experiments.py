@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, write_config
+from conftest import TINY_MODEL, run_cli, write_config
 from trainer_accel import doctor, export, run, runs
 from trainer_accel.checkpoint import read_meta
 from trainer_accel.config import fingerprint, load_phase_config
@@ -102,7 +102,7 @@ def test_doctor_on_a_good_and_a_broken_setup(world, capsys):
     assert "doctor: 3 failed" in out
 
 
-def test_pipeline_manifests_lineage_promotion_and_result(world, capsys):
+def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypatch):
     path = pipeline_config(world)
     assert run.main(["--phase", "pipeline", "--config", str(path), "--result-json", "out/result.json"]) == 0
     result = json.loads((world / "out/result.json").read_text())
@@ -151,6 +151,25 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys):
     err = capsys.readouterr().err
     assert "not deployable: verdict fail (sft/dolly: SFT val loss did not improve" in err and "sft/dolly +0.0000" in err
     assert not (world / "x.pt").exists()
+
+    # the baseline must be the model SFT started from: another one passes nothing, another shape is not compared
+    pre_dir = world / "checkpoints/pretrain"
+    other = next(d for d in pre_dir.glob("step_*") if read_meta(d)["step"] != pre_best["step"])
+    assert runs.main(["evaluate", "checkpoints/sft/best", "--baseline", str(other), "--tolerance", "100"]) == 1
+    out = capsys.readouterr().out
+    assert "verdict: pass" in out and f"NOT DEPLOYABLE whatever the verdict: the baseline {other.resolve()} is not" in out
+    assert export.main(["--checkpoint", "checkpoints/sft/best", "--out", "x.pt", "--deployable-only"]) == 2
+    assert "not deployable: its pass was against another model" in capsys.readouterr().err
+    assert runs.main(["evaluate", "checkpoints/sft/best", "--baseline", "checkpoints/pretrain/best", "--tolerance", "-1"]) == 2
+    assert "--tolerance: expected a number >= 0" in capsys.readouterr().err
+    wide = write_config(world / "wide.json", "pretrain", {"total_steps": 2}, model_cfg={**TINY_MODEL, "C": 48})
+    monkeypatch.setenv("TRAINER_ARTIFACTS_DIR", "wide")
+    assert run.main(["--phase", "pretrain", "--config", str(wide)]) == 0
+    monkeypatch.delenv("TRAINER_ARTIFACTS_DIR")
+    assert runs.main(["evaluate", "checkpoints/sft/best", "--baseline", "wide/checkpoints/pretrain/best"]) == 2
+    assert "cannot be compared with checkpoints/sft/best: the models differ (C: 48 vs 32" in capsys.readouterr().err
+    assert runs.main(["evaluate", "checkpoints/sft/best", "--baseline", "checkpoints/pretrain/best"]) == 0
+    assert export.main(["--checkpoint", "checkpoints/sft/best", "--out", "x.pt", "--deployable-only"]) == 0
 
 
 def test_exit_codes_and_result_for_bad_input_and_a_crash(world):

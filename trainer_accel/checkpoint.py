@@ -480,7 +480,8 @@ def verified_export_record(best_pt: Path) -> dict | None:
     return record
 
 
-RECORD_CHECKS = ("caches", "global_batch", "data_fingerprint", "config_fingerprint")  # carried into a .pt's meta
+RECORD_CHECKS = ("caches", "global_batch", "data_fingerprint", "config_fingerprint", "model_sha256",
+                 "parent")  # carried from its record into a .pt's meta
 
 
 def read_export_record(best_pt: Path) -> dict | None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoint import InvalidCheckpoint, LoadedCheckpoint, load_checkpoint, read_export_record, read_meta
-from .config import ModelConfig
+from .config import MODEL_SHAPE_KEYS, ModelConfig, shape_diff
 from .data import open_cache
 from .errors import UserError
 from .manifest import model_sha256, now_iso, read_manifest, write_manifest
@@ -101,6 +101,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for s in summary["sets"]:
         lines.append(f"{s['name']:<18}{s['baseline']:>10.4f}{s['candidate']:>11.4f}{s['delta']:>+10.4f}")
     lines.append(f"verdict: {summary['verdict']}" + "".join(f"\n  - {r}" for r in summary["reasons"]))
+    if not_its_parent(summary):
+        lines.append(f"NOT DEPLOYABLE whatever the verdict: {not_its_parent(summary)}")
     return "\n".join(lines)
 
 
@@ -146,15 +148,45 @@ def require_deployable(paths: Paths, checkpoint: Path) -> dict[str, Any]:
         deltas = ", ".join(f"{s['name']} {s['delta']:+.4f}" for s in summary["sets"])
         raise UserError(f"{checkpoint}: not deployable: verdict {summary['verdict']} ({'; '.join(summary['reasons'])}); "
                         f"deltas candidate - baseline: {deltas}")
+    if not_its_parent(summary):
+        raise UserError(f"{checkpoint}: not deployable: its pass was against another model ({not_its_parent(summary)}); "
+                        "evaluate it against the checkpoint it started from")
     return summary
+
+
+def baseline_is_parent(candidate: LoadedCheckpoint, baseline: LoadedCheckpoint) -> bool | None:
+    """Whether the baseline holds the weights the candidate's run started from (None: it recorded none)."""
+    started_from = (candidate.meta.get("parent") or {}).get("model_sha256")
+    return None if not started_from else model_sha256(baseline.meta) == started_from
 
 
 def evaluate_checkpoints(paths: Paths, candidate: Path, baseline: Path, tolerance: float | None,
                          device: torch.device) -> dict[str, Any]:
-    """`runs evaluate` and the end of an SFT phase: load both, compare, record in the candidate's manifest."""
+    """`runs evaluate` and the end of an SFT phase: load both, compare, record in the candidate's manifest.
+
+    The gate measures what SFT cost the model it started from, so only that model is a baseline that can make
+    the candidate deployable; another one is compared (and said to be another), models of other shapes are not."""
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UserError(f"--tolerance: expected a number >= 0 (how far a pretrain val loss may rise, nats/token), "
+                        f"got {tolerance:g}")
     cand, base = load_checkpoint(candidate, with_optimizer=False), load_checkpoint(baseline, with_optimizer=False)
+    diff = shape_diff(base.meta["model_cfg"], cand.meta["model_cfg"], MODEL_SHAPE_KEYS)
+    if diff:
+        raise UserError(f"{baseline}: cannot be compared with {candidate}: the models differ ({diff}; baseline vs "
+                        "candidate); the baseline is the checkpoint the candidate started from")
     t = cand.meta.get("train_cfg") or {}
     tol = tolerance if tolerance is not None else t.get("forgetting_tolerance", 0.1)
     summary = eval_summary(cand, base, paths, tol, int(t.get("eval_batches", 8)), int(t.get("B", 8)), device)
+    summary["baseline_is_parent"] = baseline_is_parent(cand, base)
     record_summary(paths, summary)
     return summary
+
+
+def not_its_parent(summary: dict[str, Any]) -> str | None:
+    """Why a summary cannot make its candidate deployable, if it cannot: its baseline is not the candidate's parent."""
+    known = summary.get("baseline_is_parent", True)  # summaries from before this was recorded were the gate's own
+    if known is True:
+        return None
+    if known is None:
+        return f"{summary['candidate']['checkpoint']} records no checkpoint it started from, so no baseline is known to be its parent"
+    return f"the baseline {summary['baseline']['checkpoint']} is not the checkpoint the candidate started from"

@@ -44,7 +44,8 @@ def code_version() -> dict[str, Any]:
 
 
 def model_sha256(meta: dict) -> str | None:
-    return (meta.get("files") or {}).get(MODEL_FILE, {}).get("sha256")
+    """The weights' identity: the sha256 of model.safetensors (for an exported .pt, the one its record carries)."""
+    return (meta.get("files") or {}).get(MODEL_FILE, {}).get("sha256") or meta.get("model_sha256")
 
 
 def parent_record(loaded: LoadedCheckpoint, relation: str) -> dict[str, Any]:

@@ -9,7 +9,8 @@
 checkpoint that run started from, that checkpoint's run, and so on, with the data and config fingerprints of
 each. Files that are gone (pruned step directories) are still named from what their children recorded.
 `evaluate` runs the SFT promotion gate (evaluation.py) and records it in the candidate run's manifest.
-Exit codes: 0 done (evaluate: verdict pass), 1 evaluate: verdict fail, 2 bad input.
+Exit codes: 0 done (evaluate: verdict pass against the checkpoint the candidate started from), 1 evaluate: verdict
+fail or another baseline, 2 bad input.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from .checkpoint import InvalidCheckpoint, read_export_record, read_meta
 from .data import sha256_file
 from .errors import UserError, report
-from .evaluation import evaluate_checkpoints, format_summary
+from .evaluation import evaluate_checkpoints, format_summary, not_its_parent
 from .manifest import model_sha256, read_manifest
 from .paths import Paths, resolve_paths
 
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summary = evaluate_checkpoints(paths, args.checkpoint, args.baseline, args.tolerance, torch.device(args.device))
             print(format_summary(summary))
-            return 0 if summary["verdict"] == "pass" else 1
+            return 0 if summary["verdict"] == "pass" and not not_its_parent(summary) else 1
     except UserError as e:
         return report(e)
     return 0
