@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import TINY_MODEL, run_cli, write_config
 from trainer_accel import doctor, export, run, runs
@@ -170,6 +171,18 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypa
     assert "cannot be compared with checkpoints/sft/best: the models differ (C: 48 vs 32" in capsys.readouterr().err
     assert runs.main(["evaluate", "checkpoints/sft/best", "--baseline", "checkpoints/pretrain/best"]) == 0
     assert export.main(["--checkpoint", "checkpoints/sft/best", "--out", "x.pt", "--deployable-only"]) == 0
+
+    # a later run of another phase replaces best.pt; the deployable SFT export is kept, per phase and as deployable
+    ck = world / "checkpoints"
+    assert run.main(["--phase", "pretrain", "--config", str(world / "c/pretrain.json")]) == 0
+    assert json.loads((ck / "best.pt.json").read_text())["phase"] == "pretrain"
+    assert (ck / "best.pt").samefile(ck / "best.pretrain.pt")
+    assert (ck / "best.sft.pt").samefile(ck / "best.deployable.pt")
+    kept = json.loads((ck / "best.deployable.pt.json").read_text())
+    assert (kept["phase"], kept["verdict"], kept["run_id"]) == ("sft", "pass", sft_id)
+    assert torch.load(ck / "best.deployable.pt", weights_only=True)["step"] == sft_best["step"]
+    capsys.readouterr()
+    assert export.main(["--checkpoint", str(ck / "best.deployable.pt"), "--out", "back.pt", "--deployable-only"]) == 0
 
 
 def test_exit_codes_and_result_for_bad_input_and_a_crash(world):

@@ -3,7 +3,8 @@
     python -m trainer_accel.export [--checkpoint PATH] [--out PATH] [--deployable-only]
 
 Without --checkpoint, the most recently written best/ among the phases is exported; without --out, it goes to
-checkpoints/best.pt. The file is written atomically, and beside it `best.pt.json` records where it came from
+checkpoints/best.pt, and is kept as well per phase (best.pretrain.pt, best.sft.pt) and, with a `pass` verdict, as
+best.deployable.pt (see `publish`). The file is written atomically, and beside it `best.pt.json` records where it came from
 (checkpoint, run, step, fingerprints, the eval verdict), since the six-key dict itself has no room for that:
 `python -m trainer_accel.runs lineage checkpoints/best.pt` follows it. --deployable-only refuses a checkpoint
 whose weights have no `pass` verdict (see evaluation.py). Exit codes: 0 done, 2 bad input or not deployable.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,6 +65,35 @@ def export(source: Path, out: Path, paths: Paths) -> dict:
     return record
 
 
+def publish(source: Path, paths: Paths) -> dict:
+    """Export to checkpoints/best.pt, as every run's end does, and keep what a later export would take away.
+
+    best.pt is replaced by every run, whatever its phase: a pretrain run after a pipeline used to take the
+    deployable SFT model with it. So each export is also kept as best.{phase}.pt, and the newest one with a `pass`
+    verdict as best.deployable.pt, each with its record. Names that hold the same export are hard links to one
+    file: the history costs disk only once the files differ."""
+    record = export(source, paths.best_pt, paths)
+    kept = [f"best.{record['phase']}.pt"] if record.get("phase") in PHASES else []
+    kept += ["best.deployable.pt"] if record.get("verdict") == "pass" else []
+    for name in kept:
+        link_export(paths.best_pt, paths.checkpoints / name, record)
+    return record
+
+
+def link_export(exported: Path, name: Path, record: dict) -> None:
+    """`name` becomes the same file as `exported` (a copy where links are not possible), then its record."""
+    tmp = name.with_name(f".{name.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            os.link(exported, tmp)
+        except OSError:
+            shutil.copyfile(exported, tmp)
+        os.replace(tmp, name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_atomic(record_path(name), (json.dumps({**record, "best_pt": str(name.resolve())}, indent=2) + "\n").encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (or a .pt to re-export)")
@@ -76,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.deployable_only:
             require_deployable(paths, source)
         out = args.out or paths.best_pt
-        record = export(source, out, paths)
+        record = export(source, out, paths) if args.out else publish(source, paths)
     except UserError as e:
         return report(e)
     log.info("exported %s from %s (verdict: %s)", out, source, record.get("verdict") or "not evaluated")

@@ -26,7 +26,7 @@ from .collective import main_process_decides
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
 from .errors import UserError, report
 from .evaluation import evaluate_checkpoints, format_summary
-from .export import export
+from .export import publish
 from .hardware import compute_warnings
 from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
 from .loop import PhaseResult, Trainer
@@ -242,7 +242,7 @@ def same_weights(checkpoint: Path, weights_sha256: str | None) -> bool:
 def export_at_end(acc, result: PhaseResult, paths: Paths, outcome: Outcome) -> None:
     if acc.is_main_process:
         source = result.best_dir or result.latest_dir
-        record = export(source, paths.best_pt, paths)
+        record = publish(source, paths)
         outcome.best_pt = paths.best_pt
         log.info("exported %s from %s (step %d, best val loss %s, verdict %s)", paths.best_pt, source, result.state.step,
                  "-" if result.state.best_val_loss is None else f"{result.state.best_val_loss:.4f}",
