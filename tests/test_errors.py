@@ -174,3 +174,30 @@ def test_diverging_run_stops_without_saving_non_finite_weights(world):
     assert not (world / "checkpoints" / "best.pt").exists()
     recorded = [e["train/loss"] for e in events(world, "train")]
     assert None in recorded and all(math.isfinite(x) for x in recorded[:recorded.index(None)])  # null = not finite
+
+
+def test_sft_answers_beyond_t_and_token_ids_beyond_v_stop_the_start(world):
+    """Answers that all begin after T trained on loss 0 and exported a model that learnt nothing; a cache whose meta
+    does not declare its largest id died mid-run with an IndexError. Both are bad input, found before training."""
+    import numpy as np
+
+    sft = write_config(world / "sft.json", "sft", model_cfg={**TINY_MODEL, "T": 4})
+    for extra in ((), ("--plan",)):
+        r = run_cli("run", "--phase", "sft", "--config", str(sft), *extra, cwd=world)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "sft/dolly_train.bin: no example keeps any of its answer within T=4 tokens (all " in r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+
+    cache = world / "data/cache/streams/wiki_train.bin"
+    meta_file = cache.with_name(cache.name + ".meta.json")
+    meta = json.loads(meta_file.read_text())
+    del meta["max_token_id"]  # as a cache written by another tool may be
+    meta_file.write_text(json.dumps(meta))
+    tokens = np.memmap(cache, dtype=np.uint16, mode="r+")
+    tokens[len(tokens) // 2] = 300
+    tokens.flush()
+    del tokens
+    pre = write_config(world / "pre.json", "pretrain")
+    r = run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and errors == [f"error: {cache.relative_to(world)}: holds token id 300, not below model_cfg.V=260"], r.stderr

@@ -17,11 +17,11 @@ import numpy as np
 
 from .checkpoint import LoadedCheckpoint, check_model_cfg, load_checkpoint
 from .config import PhaseConfig
-from .data import Cache, open_cache
+from .data import Cache, answer_mask, open_cache
 from .errors import UserError, raise_if_any
 from .paths import CACHE_NAMING, Paths
 from .strategies import STRATEGIES, RowSource, Strategy
-from .tokenizer import Tokenizer, tokenizer_from_meta
+from .tokenizer import ASST, DOC, EOT, Tokenizer, tokenizer_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,27 @@ def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[str, list[tuple[s
     return "sft", train, [(cfg.val_source, paths.stream_cache(cfg.val_source, "val"))], "stream"
 
 
+def max_token_id(cache: Cache) -> int:
+    """The largest token id, from the meta; a meta without it (written by another tool) costs one pass over the
+    cache, said in the log: an id at or above V would otherwise end the run with an IndexError mid-training."""
+    if "max_token_id" not in cache.meta:
+        tokens, chunk = cache.tokens, 1 << 24
+        cache.meta["max_token_id"] = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)),
+                                         default=-1)
+        del tokens
+        log.warning("%s: its meta has no max_token_id; read the whole cache to find it (%d)", cache.path,
+                    cache.meta["max_token_id"])
+    return int(cache.meta["max_token_id"])
+
+
 def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
     problems = []
     T, V = cfg.seq_len, cfg.model.V
     for c in caches:
         if c.meta["vocab_size"] > V:
             problems.append(f"{c.path}: tokenizer vocabulary {c.meta['vocab_size']} is larger than model_cfg.V={V}")
-        elif c.meta.get("max_token_id", -1) >= V:
-            problems.append(f"{c.path}: holds token id {c.meta['max_token_id']}, not below model_cfg.V={V}")
+        elif max_token_id(c) >= V:
+            problems.append(f"{c.path}: holds token id {max_token_id(c)}, not below model_cfg.V={V}")
         if c.meta["kind"] == "stream" and c.meta["num_tokens"] < T + 1:
             problems.append(f"{c.path}: {c.meta['num_tokens']} tokens, fewer than one window of T+1={T + 1}")
     identities = sorted({c.meta["tokenizer"] for c in caches})
@@ -72,6 +85,36 @@ def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
         per = "; ".join(f"{c.path.name}: {c.meta['tokenizer']}" for c in caches)
         problems.append(f"caches were made with different tokenizers ({per}); prepare them with one tokenizer")
     return problems
+
+
+ANSWER_SAMPLE = 4096  # SFT examples looked at per cache for cut answers: all of a small cache, a sample of a big one
+
+
+def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
+    """Whether the SFT rows of T+1 tokens keep their answers. An example cut before its answer trains nothing (its
+    row counts no target); a cache where every answer is cut trains on loss 0 and validates to nan. Looks at the
+    first T+1 tokens of at most ANSWER_SAMPLE examples, so the check costs the same for any cache size."""
+    T, n = cfg.seq_len, cache.num_examples
+    lengths = np.diff(cache.starts)
+    picked = np.arange(n) if n <= ANSWER_SAMPLE else np.sort(np.random.default_rng(0).choice(n, ANSWER_SAMPLE, replace=False))
+    s = cache.meta["special_tokens"]
+    rows = np.full((len(picked), T + 1), s[DOC], dtype=np.int64)
+    tokens = cache.tokens
+    for r, i in enumerate(picked):
+        a = cache.starts[i]
+        b = min(cache.starts[i + 1], a + T + 1)
+        rows[r, : b - a] = tokens[a:b]
+    del tokens
+    answered = answer_mask(rows, s[ASST], s[EOT]).any(axis=1)
+    of = f"{len(picked):,} of {n:,}" if n > len(picked) else f"all {n:,}"
+    if not answered.any():
+        return (f"{cache.path}: no example keeps any of its answer within T={T} tokens ({of} examples looked at); "
+                "raise model_cfg.T or shorten the prompts")
+    lost, cut = 1 - answered.mean(), (lengths > T + 1).mean()
+    if lost > 0.1 or cut > 0.5:
+        log.warning("%s: %.0f%% of examples are longer than T+1=%d tokens and cut; %.0f%% lose their whole answer and "
+                    "train nothing (%s examples looked at)", cache.path, 100 * cut, T + 1, 100 * lost, of)
+    return None
 
 
 def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
@@ -90,6 +133,7 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     raise_if_any(problems)
     caches = list(opened.values())
     raise_if_any(_check_caches(cfg, caches))
+    raise_if_any([p for c in caches if c.meta["kind"] == "sft" and (p := _check_answers(cfg, c))])
 
     probs = np.array([p for p in cfg.sources.values() if p > 0], dtype=np.float64)
     probs /= probs.sum()
