@@ -201,3 +201,48 @@ def test_sft_answers_beyond_t_and_token_ids_beyond_v_stop_the_start(world):
     r = run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and errors == [f"error: {cache.relative_to(world)}: holds token id 300, not below model_cfg.V=260"], r.stderr
+
+
+def test_outputs_that_cannot_be_written_stop_the_start(world):
+    """An unwritable checkpoints dir used to train the whole phase and end in a PermissionError traceback; the same
+    for the run registry, --result-json, export --out and prepare's caches. (A path under a file cannot be written
+    even by root, which the permission bits would not stop.)"""
+    (world / "blocker").write_text("a file, not a directory")
+    cfg = write_config(world / "pre.json", "pretrain")
+    run = ("run", "--phase", "pretrain", "--config", str(cfg))
+    r = run_cli(*run, cwd=world, env={"TRAINER_ARTIFACTS_DIR": "blocker/art"})
+    assert_user_error(r, "error: blocker/art/checkpoints: cannot write checkpoints here",
+                      "error: blocker/art/runs: cannot write the run registry here")
+    plan = run_cli(*run, "--plan", cwd=world, env={"TRAINER_RUNS_DIR": "blocker/runs"})
+    assert plan.returncode == 2 and "blocker/runs: cannot write the run registry here" in plan.stdout
+    (world / "out").mkdir()
+    assert_user_error(run_cli(*run, "--result-json", "out", cwd=world), "--result-json out: is a directory")
+    assert_user_error(run_cli("export", "--checkpoint", "nowhere", "--out", "out", cwd=world),
+                      "--out out: is a directory")
+    assert_user_error(run_cli("prepare", "--demo", cwd=world, env={"TRAINER_DATA_DIR": "blocker/data"}),
+                      "blocker/data/cache: cannot write caches here")
+    assert not list(world.rglob("meta.json")) and not list(world.rglob("events.jsonl"))  # nothing trained
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_step(world, monkeypatch, capsys):
+    from trainer_accel import checkpoint as ckpt
+    from trainer_accel import run
+
+    real, calls = ckpt.write_checkpoint, []
+
+    def failing(target, *args, **kwargs):
+        calls.append(target.name)
+        if target.name == "step_0000008":
+            raise OSError(28, "No space left on device")
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", failing)
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 40, "ckpt_every": 4, "eval_every": 100})
+    assert run.main(["--phase", "pretrain", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "writing the checkpoint of step 8 failed (OSError: [Errno 28] No space left" in line[0]
+    stopped_at = int(line[0].split("training stopped at step ")[1].split(",")[0])
+    assert 8 < stopped_at < 12, line[0]  # before the next save (step 12), not at it or at the end (step 40)
+    assert calls == ["step_0000004", "step_0000008"] and "Traceback" not in err
+    assert ckpt.read_meta(world / "checkpoints/pretrain/latest")["step"] == 4  # what was written before is intact

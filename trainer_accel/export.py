@@ -23,10 +23,10 @@ from pathlib import Path
 from .checkpoint import InvalidCheckpoint, export_best_pt, read_export_record, read_meta, record_path
 from .config import PHASES
 from .data import sha256_file, write_atomic
-from .errors import UserError, report
+from .errors import UserError, raise_if_any, report
 from .evaluation import find_verdict, require_deployable
 from .manifest import model_sha256, now_iso
-from .paths import Paths, resolve_paths
+from .paths import Paths, output_file_problem, resolve_paths
 
 log = logging.getLogger("trainer_accel")
 
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.deployable_only:
             require_deployable(paths, source)
         out = args.out or paths.best_pt
+        raise_if_any(output_file_problem("--out", out))
         record = export(source, out, paths) if args.out else publish(source, paths)
     except UserError as e:
         return report(e)

@@ -299,17 +299,17 @@ class Trainer:
         The loop pays only for a CPU copy of the state (the gather too, under FSDP). The write, fsync, hashing and
         publishing run on one writer thread, one save at a time, and a checkpoint still appears only when it is
         complete, so a crash at any moment leaves the newest complete checkpoint to resume from. A failed write
-        surfaces at the next save or at the end of the phase.
+        stops the run at the next step (`_stop_agreed`).
         """
         # the main process's free space (it writes, and its writer thread may be using space right now) decides for
         # all, so all stop together rather than leave some waiting in the gather below
+        main_process_decides(self.acc, self.wait_for_save)  # one save at a time; a failed one stops every process
         needed = checkpoint_bytes(self.acc.unwrap_model(self.model, keep_torch_compile=False))
         main_process_decides(self.acc, lambda: ckpt.ensure_free_space(
             self.phase_dir, needed, copies=int(to_step_dir) + int(to_best and not to_step_dir)))
         model_state, tied = full_model_state(self.acc, self.model)  # collectives under FSDP: every process takes part
         opt_state = full_optimizer_state(self.acc, self.model, self.optimizer)
         if self.acc.is_main_process:
-            self.wait_for_save()
             snapshot = (ckpt.cpu_copy(model_state), tied, ckpt.cpu_copy(opt_state), self._meta())
             if self._writer is None:
                 self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
@@ -336,7 +336,11 @@ class Trainer:
             return
         meta, future = self._pending_save
         self._pending_save = None
-        path = future.result()
+        try:
+            path = future.result()
+        except OSError as e:  # a disk or a permission: the user's to fix, in one line
+            raise UserError(f"{self.phase_dir}: writing the checkpoint of step {meta['step']} failed "
+                            f"({type(e).__name__}: {e}); the checkpoints written before it are intact") from None
         self.events.write("checkpoint", meta["step"], path=str(path), best_val_loss=meta["best_val_loss"],
                           best_val_step=meta["best_val_step"])
 
@@ -383,11 +387,35 @@ class Trainer:
         With several processes the request is all-reduced each step and read one step later: by then the next
         step is queued, so reading it waits only for work already done and never stalls the device.
         """
+        failed = self.acc.is_main_process and self._failed_save() is not None
         if self.world == 1:
+            if failed:
+                self._raise_failed_save()
             return stop.requested
         previous = self._stop_flag
-        self._stop_flag = self.acc.reduce(torch.full((), float(stop.requested), device=self.acc.device), "sum")
-        return previous is not None and previous.item() > 0
+        flags = torch.tensor([float(stop.requested), float(failed)], device=self.acc.device)
+        self._stop_flag = self.acc.reduce(flags, "sum")
+        if previous is None:
+            return False
+        requested, save_failed = previous.tolist()
+        if save_failed > 0:  # every process raises the main process's error together
+            main_process_decides(self.acc, self._raise_failed_save)
+        return requested > 0
+
+    def _failed_save(self) -> BaseException | None:
+        """The error of the background write, once it has failed; checked every step, never waited for."""
+        future = self._pending_save[1] if self._pending_save is not None else None
+        return future.exception() if future is not None and future.done() else None
+
+    def _raise_failed_save(self) -> None:
+        """A write that failed stops the run at the next step (it used to surface only at the next save, maybe
+        hours later), as a one-line error: the checkpoints written before it are intact."""
+        meta, _ = self._pending_save
+        e = self._failed_save()
+        self._pending_save = None  # reported here; fit()'s cleanup must not raise it again as a traceback
+        raise UserError(f"{self.phase_dir}: writing the checkpoint of step {meta['step']} failed "
+                        f"({type(e).__name__}: {e}); training stopped at step {self.state.step}, the checkpoints "
+                        "written before it are intact")
 
     def _fit(self, stop: StopRequest) -> PhaseResult:
         t, s = self.t, self.state
@@ -424,19 +452,18 @@ class Trainer:
                 improved = self._eval_and_track()
             if due or improved:
                 self.save(to_step_dir=due, to_best=improved)
-            if stopping:
-                self.wait_for_save()
-                self.acc.wait_for_everyone()  # a process that exits first would have the launcher kill the writer
+            if stopping:  # everyone waits for the write: a process that exits first would have the launcher kill it
+                main_process_decides(self.acc, self.wait_for_save)
                 self.events.write("stopped", s.step, signal=stop.signum)
                 raise Interrupted(f"{self.cfg.phase} stopped by a signal after step {s.step}; its checkpoint is "
                                   f"{self.phase_dir / ckpt.step_dir_name(s.step)} (run the same command to resume)")
         # A step ran: the last one was due and saved. None ran (resumed at the end): save only if this phase has
         # no latest/ yet (resumed from elsewhere), as the main process sees it once its writes are done.
         latest, best = self.phase_dir / "latest", self.phase_dir / "best"
-        self.wait_for_save()
+        main_process_decides(self.acc, self.wait_for_save)
         if s.step == first_step and main_process_decides(self.acc, lambda: not latest.exists()):
             self.save(to_step_dir=True, to_best=False)
-            self.wait_for_save()
+            main_process_decides(self.acc, self.wait_for_save)
         # the main process answers once its writes are done, so every process returns with them complete on disk
         best_dir = best if main_process_decides(self.acc, best.exists) else None
         self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step)

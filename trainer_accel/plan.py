@@ -187,8 +187,8 @@ def format_phase_plan(plan: PhasePlan, paths: Paths) -> str:
     return "\n".join(lines)
 
 
-def plan_problems_text(plans: list[PhasePlan]) -> str:
-    problems = [p for plan in plans for p in plan.problems]
+def plan_problems_text(plans: list[PhasePlan], more: list[str] = ()) -> str:
+    problems = [p for plan in plans for p in plan.problems] + list(more)
     if not problems:
         return "plan: ok, nothing found that would stop this run"
     return "plan: this run would stop at once:\n" + "\n".join(f"  - {p}" for p in problems)

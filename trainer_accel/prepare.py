@@ -24,7 +24,7 @@ import numpy as np
 
 from .data import write_cache
 from .errors import UserError, raise_if_any, report
-from .paths import SFT_SOURCES, STREAM_SOURCES, Paths, resolve_paths
+from .paths import SFT_SOURCES, STREAM_SOURCES, Paths, resolve_paths, unwritable
 from .tokenizer import DOC, Tokenizer, encode_chat, load_tokenizer
 
 log = logging.getLogger("trainer_accel")
@@ -211,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--val-fraction: must be between 0 and 1, got {args.val_fraction}")
         streams = _parse_sources(args.stream, STREAM_SOURCES, "--stream")
         sfts = _parse_sources(args.sft, SFT_SOURCES, "--sft")
+        if not streams and not sfts and not args.demo:
+            raise UserError("nothing to prepare: give --stream SOURCE=PATH, --sft SOURCE=PATH or --demo")
+        raise_if_any(unwritable([("caches", paths.data / "cache")]
+                                + ([("the demo corpus", paths.data / "raw" / "demo")] if args.demo else [])))
         if args.demo:
             from .demo import write_demo_corpus
 
             raw = write_demo_corpus(paths.data / "raw" / "demo")
             streams = {**{s: [raw / f"{s}.txt"] for s in STREAM_SOURCES}, **streams}
             sfts = {**{s: [raw / f"{s}.jsonl"] for s in SFT_SOURCES}, **sfts}
-        if not streams and not sfts:
-            raise UserError("nothing to prepare: give --stream SOURCE=PATH, --sft SOURCE=PATH or --demo")
         prepare(streams, sfts, args.tokenizer, args.val_fraction, args.seed, paths)
     except UserError as e:
         return report(e)

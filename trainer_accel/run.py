@@ -24,7 +24,7 @@ from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, checkpoint_phase, 
                          read_meta, reconcile_pointers, set_aside_broken, sweep_leftovers)
 from .collective import main_process_decides
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
-from .errors import UserError, report
+from .errors import UserError, raise_if_any, report
 from .evaluation import evaluate_checkpoints, format_summary
 from .export import publish
 from .hardware import compute_warnings
@@ -33,7 +33,7 @@ from .loop import PhaseResult, Trainer
 from .manifest import model_sha256
 from .overrides import Override, parse_overrides
 from .ownership import own_phases
-from .paths import Paths, resolve_paths
+from .paths import Paths, output_file_problem, resolve_paths, unwritable
 from .plan import command_plans, format_phase_plan, load_configs, plan_problems_text
 from .result import EXIT_CODES, Outcome
 from .stopping import Interrupted
@@ -203,6 +203,8 @@ def check_same_start(acc, resumed: LoadedCheckpoint | None) -> None:
 
 def run_phase(acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed, initial, outcome: Outcome) -> PhaseResult:
     check_same_start(acc, resumed)
+    if cfg.sample_prompts:
+        raise_if_any(unwritable([("samples", paths.samples)]))
     trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=inputs.data_info(),
                       tokenizer=inputs.decoder())
     outcome.started(trainer)
@@ -337,8 +339,16 @@ def print_plan(args: argparse.Namespace, paths: Paths, overrides: list[Override]
             print(f"warning: {warning}")
         for plan in plans:
             print(format_phase_plan(plan, paths))
-        print(plan_problems_text(plans))
-    return 2 if any(plan.problems for plan in plans) else 0
+        outputs = output_problems(args, paths, create=False)
+        print(plan_problems_text(plans, outputs))
+    return 2 if any(plan.problems for plan in plans) or output_problems(args, paths, create=False) else 0
+
+
+def output_problems(args: argparse.Namespace, paths: Paths, create: bool) -> list[str]:
+    """Everything a run writes, checked before it trains (samples: where a config asks for them, in run_phase)."""
+    return (unwritable([("checkpoints", paths.checkpoints), ("the run registry", paths.runs),
+                        ("metrics", paths.metrics), ("the event log", paths.events.parent)], create=create)
+            + output_file_problem("--result-json", args.result_json, create=create))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.sets)
         if args.plan:
             return print_plan(args, paths, overrides)
+        raise_if_any(output_problems(args, paths, create=True))
         (run_pipeline if args.phase == "pipeline" else run_single)(args, paths, overrides, outcome)
         status = "completed"
     except UserError as e:
@@ -366,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         if args.result_json is not None and not args.plan and int(os.environ.get("RANK", "0")) == 0:
-            outcome.write(args.result_json, status, failure)
+            try:
+                outcome.write(args.result_json, status, failure)
+            except OSError as e:  # a directory there, or no room: said at start too when it can be known then
+                print(f"error: --result-json {args.result_json}: cannot write the result ({e.strerror or e})",
+                      file=sys.stderr)
     return EXIT_CODES[status]
 
 
