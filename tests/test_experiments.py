@@ -13,6 +13,7 @@ from trainer_accel import doctor, export, run, runs
 from trainer_accel.checkpoint import read_meta
 from trainer_accel.config import fingerprint, load_phase_config
 from trainer_accel.errors import UserError
+from trainer_accel.loop import Trainer
 from trainer_accel.overrides import parse_overrides
 
 
@@ -185,7 +186,7 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypa
     assert export.main(["--checkpoint", str(ck / "best.deployable.pt"), "--out", "back.pt", "--deployable-only"]) == 0
 
 
-def test_exit_codes_and_result_for_bad_input_and_a_crash(world):
+def test_exit_codes_and_result_for_bad_input_and_a_crash(world, monkeypatch):
     cfg = write_config(world / "pre.json", "pretrain")
     bad = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.B=0", "--result-json", "r.json",
                   cwd=world)
@@ -195,12 +196,20 @@ def test_exit_codes_and_result_for_bad_input_and_a_crash(world):
     assert result["run_ids"] == [] and not (world / "checkpoints").exists()
 
     (world / "checkpoints").mkdir()
-    (world / "checkpoints/pretrain").write_text("a file where the phase's folder belongs")  # the first save fails
-    crash = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--result-json", "r.json", cwd=world)
+    (world / "checkpoints/pretrain").write_text("a file where the phase's folder belongs")  # found at start
+    blocked = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--result-json", "r.json", cwd=world)
+    assert blocked.returncode == 2 and "a file where the pretrain checkpoints folder belongs" in blocked.stderr
+    assert json.loads((world / "r.json").read_text())["status"] == "bad_input"
+    (world / "checkpoints/pretrain").unlink()
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug in the progress line")
+
+    monkeypatch.setattr(Trainer, "_log_train", bug)  # a bug-like failure keeps its traceback and exit 1
+    with pytest.raises(RuntimeError, match="a bug in the progress line"):
+        run.main(["--phase", "pretrain", "--config", str(cfg), "--result-json", "r.json"])
     result = json.loads((world / "r.json").read_text())
-    assert crash.returncode == 1 and "Traceback" in crash.stderr  # a bug-like failure keeps its traceback
-    # the save of step 4 fails on the writer thread and surfaces at the next save, step 8
-    assert (result["status"], result["exit_code"], result["final_step"]) == ("failed", 1, 8)
-    assert result["failure"].startswith(("FileExistsError", "NotADirectoryError"))
+    assert (result["status"], result["exit_code"], result["final_step"]) == ("failed", 1, 2)
+    assert result["failure"] == "RuntimeError: a bug in the progress line"
     manifest = json.loads((world / "runs" / result["run_ids"][0] / "run.json").read_text())
     assert manifest["status"] == "failed" and manifest["failure"] == result["failure"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,16 +100,23 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(world, phase):
 
 
 def test_micro_batches_without_answer_tokens_count_nothing_and_never_nan(world):
-    """With T=8 every demo answer lies past the window: all labels are -100."""
-    cfg = write_config(world / "sft.json", "sft", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2},
-                       model_cfg={"V": 260, "T": 8, "C": 32, "L": 2, "H": 2, "d_ff": 64})
+    """With T=8, only the short examples keep an answer inside the window: a micro-batch of long ones has every
+    label -100 and must add nothing (no nan). A cache where every answer is cut is refused at start (test_errors)."""
+    from trainer_accel import prepare
+
+    rows = [{"prompt": "a", "response": "b"}] * 30 + [{"prompt": f"a long question number {i}?", "response": "x"}
+                                                      for i in range(30)]
+    (world / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert prepare.main(["--sft", "dolly=mixed.jsonl"]) == 0
+    cfg = write_config(world / "sft.json", "sft", {"total_steps": 8, "B": 2, "eval_every": 4, "ckpt_every": 4},
+                       model_cfg={"V": 260, "T": 8, "C": 32, "L": 2, "H": 2, "d_ff": 64}, sft_sources={"dolly": 1.0})
     r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world)
     assert r.returncode == 0, r.stderr
-    assert "micro-batches up to step 2 had no counted tokens" in r.stderr
-    assert "validation batches hold no counted tokens" in r.stderr
+    assert re.search(r"\d+ micro-batches up to step \d+ had no counted tokens", r.stderr), r.stderr
     from conftest import events
 
-    assert [e["train/loss"] for e in events(world, "train")] == [0.0, 0.0, 0.0, 0.0]
+    losses = [e["train/loss"] for e in events(world, "train")]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and any(x > 0 for x in losses)
 
 
 def test_skip_mode_skips_non_finite_updates_then_stops(world):

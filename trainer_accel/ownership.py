@@ -67,6 +67,8 @@ def in_use(paths: Paths, phase: str) -> str | None:
 def take(paths: Paths, phase: str):
     """Lock the phase folder for this process, or raise UserError naming the run that holds it."""
     path = lock_path(paths, phase)
+    if paths.phase_dir(phase).exists() and not paths.phase_dir(phase).is_dir():
+        raise UserError(f"{paths.phase_dir(phase)}: a file where the {phase} checkpoints folder belongs; move it away")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")
@@ -94,16 +96,21 @@ def take(paths: Paths, phase: str):
 def own_phases(acc, paths: Paths, phases: tuple[str, ...]) -> Iterator[None]:
     """Hold the locks of `phases` while the block runs (the main process holds them for all processes)."""
     held = []
+    made_dir = not paths.checkpoints.exists()
 
     def take_all() -> None:
         for phase in phases:
-            held.append(take(paths, phase))
+            held.append((phase, take(paths, phase)))
 
     try:
         main_process_decides(acc, take_all)
         yield
     finally:
-        for handle in held:  # a clean end: no record left to take over
+        for phase, handle in held:  # a clean end: no record left to take over
             handle.seek(0)
             handle.truncate()
+            if not paths.phase_dir(phase).exists():  # refused before it trained: leave no trace
+                lock_path(paths, phase).unlink(missing_ok=True)
             handle.close()
+        if held and made_dir and not any(paths.checkpoints.iterdir()):
+            paths.checkpoints.rmdir()

@@ -92,33 +92,31 @@ def resolve_paths(env: Mapping[str, str] | None = None) -> Paths:
     )
 
 
-def unwritable(targets: list[tuple[str, Path]], create: bool = True) -> list[str]:
-    """Where a command will write and cannot, one problem each, checked before it does any work: an unwritable
-    checkpoints dir used to train a whole phase and fail at its end. `create` makes each directory and writes a
-    file in it; without it (--plan) the nearest existing parent is checked and nothing is made."""
+def unwritable(targets: list[tuple[str, Path]]) -> list[str]:
+    """Where a command will write and cannot, one problem each, checked before it does any work (an unwritable
+    checkpoints dir used to train a whole phase and fail at its end). Nothing is made: an existing directory gets a
+    file written in it and removed, a missing one needs its nearest existing parent to be a writable directory."""
     problems = []
     for what, directory in targets:
+        existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
         try:
-            if create:
-                directory.mkdir(parents=True, exist_ok=True)
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is a file")
+            if existing == directory:
                 probe = directory / f".write-test-{os.getpid()}"
                 probe.write_bytes(b"")
                 probe.unlink()
-            else:
-                existing = next(p for p in (directory, *directory.parents) if p.exists() or p == Path(p.anchor))
-                if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-                    raise PermissionError(f"{existing} is not a writable directory")
-        except (OSError, StopIteration) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            problems.append(f"{directory}: cannot write {what} here ({reason})")
+            elif not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(f"{existing} is not writable")
+        except OSError as e:
+            problems.append(f"{directory}: cannot write {what} here ({e.strerror or e})")
     return problems
 
 
-def output_file_problem(flag: str, path: Path | None, create: bool = True) -> list[str]:
+def output_file_problem(flag: str, path: Path | None) -> list[str]:
     """A file a command writes (--result-json, --out): a directory there, or an unwritable parent, is a problem."""
     if path is None:
         return []
     if path.is_dir():
         return [f"{flag} {path}: is a directory; give the path of a file"]
-    return unwritable([(flag, path.parent)], create=create)
-
+    return unwritable([(flag, path.parent)])

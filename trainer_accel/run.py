@@ -339,16 +339,15 @@ def print_plan(args: argparse.Namespace, paths: Paths, overrides: list[Override]
             print(f"warning: {warning}")
         for plan in plans:
             print(format_phase_plan(plan, paths))
-        outputs = output_problems(args, paths, create=False)
-        print(plan_problems_text(plans, outputs))
-    return 2 if any(plan.problems for plan in plans) or output_problems(args, paths, create=False) else 0
+        print(plan_problems_text(plans, output_problems(args, paths)))
+    return 2 if any(plan.problems for plan in plans) or output_problems(args, paths) else 0
 
 
-def output_problems(args: argparse.Namespace, paths: Paths, create: bool) -> list[str]:
+def output_problems(args: argparse.Namespace, paths: Paths) -> list[str]:
     """Everything a run writes, checked before it trains (samples: where a config asks for them, in run_phase)."""
     return (unwritable([("checkpoints", paths.checkpoints), ("the run registry", paths.runs),
-                        ("metrics", paths.metrics), ("the event log", paths.events.parent)], create=create)
-            + output_file_problem("--result-json", args.result_json, create=create))
+                        ("metrics", paths.metrics), ("the event log", paths.events.parent)])
+            + output_file_problem("--result-json", args.result_json))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.sets)
         if args.plan:
             return print_plan(args, paths, overrides)
-        raise_if_any(output_problems(args, paths, create=True))
+        raise_if_any(output_problems(args, paths))
         (run_pipeline if args.phase == "pipeline" else run_single)(args, paths, overrides, outcome)
         status = "completed"
     except UserError as e:
