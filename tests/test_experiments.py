@@ -71,9 +71,20 @@ def test_plan_prints_the_whole_plan_and_writes_nothing(world, capsys):
     for needle in ["compute: 1 process(es) on cpu", "model: 25,888 parameters", "tokens: 128 per step (B=4 x accum_steps=1 x processes=1 x T=32); "
                    "12 steps to run = 1.54k tokens", "FLOP per step", "found    data/cache/streams/wiki_train.bin",
                    "data fingerprint: ", "3 to write (every 4 steps and at the end); at most 3 kept",
-                   "start: fresh (random weights)", "plan: ok"]:
+                   "start: fresh (random weights)", "plan: ok", "at an assumed 50% of ", "a matmul peak measured now",
+                   "per process, a rough upper estimate (weights, gradients, AdamW state 0.4 MiB"]:
         assert needle in out, (needle, out)
     assert not any((world / d).exists() for d in ("checkpoints", "runs", "metrics", "samples"))
+    # 12 steps x 128 tokens, by the sources' shares (write_config keeps the configs' 0.784 / 0.196 / 0.02)
+    tokens = {s: json.loads((world / f"data/cache/streams/{s}_train.bin.meta.json").read_text())["num_tokens"]
+              for s in ("wiki", "roam", "primer")}
+    passes = {s: 12 * 128 * share / tokens[s] for s, share in (("wiki", 0.784), ("roam", 0.196), ("primer", 0.02))}
+    line = next(x for x in out.splitlines() if x.startswith("passes over the training caches: "))
+    assert line == "passes over the training caches: " + ", ".join(f"{s} {n:.2g}" for s, n in passes.items()), line
+    assert "warning:" not in out
+    run.main(["--phase", "pretrain", "--config", str(cfg), "--plan", "--set", "train_cfg.total_steps=200000"])
+    out = capsys.readouterr().out
+    assert "warning: wiki: " in out and "passes over its training cache; the model will have memorised it" in out
 
     assert run.main(["--phase", "pretrain", "--config", str(cfg)]) == 0  # then it would resume, and says from where
     (world / "data/cache/streams/roam_train.bin").unlink()

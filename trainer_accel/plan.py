@@ -34,6 +34,27 @@ def flops_per_token(cfg: PhaseConfig) -> float:
     return 6 * n + 12 * m.L * m.C * cfg.seq_len
 
 
+MANY_PASSES = 100  # over a training cache: past this the run mostly memorises
+ASSUMED_MFU = {"cuda": 0.4, "cpu": 0.5}  # of the peak below; what the bench measured (GPU: 44-47%, CPU: 55%)
+
+
+def assumed_flops(device, precision: str, tf32: bool) -> tuple[float | None, str]:
+    """The FLOP/s a step-time estimate assumes on this machine, and what it rests on (None where nothing does)."""
+    from .hardware import gpu_peak_flops, measured_matmul_flops
+
+    if device.type == "cuda":
+        peak, source = gpu_peak_flops(device, precision, tf32)
+    elif device.type == "cpu":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        peak, source = measured_matmul_flops(device, dtype, seconds=0.6), "a matmul peak measured now"
+    else:
+        return None, f"no peak known for {device.type}"
+    if not peak:
+        return None, source
+    mfu = ASSUMED_MFU[device.type]
+    return peak * mfu, f"{mfu:.0%} of {_si(peak)}FLOP/s, {source}"
+
+
 @dataclass
 class PhasePlan:
     cfg: PhaseConfig
@@ -58,6 +79,40 @@ class PhasePlan:
     @property
     def flops_per_step(self) -> float:
         return flops_per_token(self.cfg) * self.tokens_per_step
+
+    def memory_bytes(self, precision: str) -> dict[str, float]:
+        """A rough upper estimate of one process's peak memory: fp32 weights, gradients and AdamW state (16 bytes a
+        parameter); the activations a micro-batch keeps for its backward (after Korthikanti et al. 2022, with flash
+        attention: (18 C + 4 d_ff) bytes per token and layer in 16-bit); the logits and their gradient (in the
+        compute precision when compiled, with fp32 copies when not). For GPT-2 small at B=64, bf16 + compile it says
+        35.7 GB where the bench measured 29.2 GB on an H200."""
+        m, t = self.cfg.model, self.cfg.train
+        half = precision in ("bf16", "fp16")
+        tokens = t.B * self.cfg.seq_len
+        out = {"weights, gradients, AdamW state": 16.0 * self.parameters,
+               "activations": tokens * m.L * (18 * m.C + 4 * m.d_ff) * (1 if half else 2),
+               "logits": tokens * m.V * (4 if half and t.compile else 12)}
+        return {**out, "total": sum(out.values())}
+
+    def passes(self) -> dict[str, float]:
+        """How many times the run reads each training source over: rows drawn by its share, against the cache's
+        tokens (streams) or examples (SFT)."""
+        t, out = self.cfg.train, {}
+        total = sum(p for p in self.cfg.sources.values() if p > 0)
+        for c in self.caches:
+            share = self.cfg.sources.get(c["source"], 0) / total
+            if c["split"] != "train" or c["status"] != "found" or share <= 0:
+                continue
+            if c.get("examples"):
+                out[c["source"]] = self.steps_to_run * t.B * t.accum_steps * self.processes * share / c["examples"]
+            else:
+                out[c["source"]] = self.steps_to_run * self.tokens_per_step * share / c["tokens"]
+        return out
+
+    def warnings(self) -> list[str]:
+        return [f"{source}: {n:,.0f} passes over its training cache; the model will have memorised it long before "
+                f"the end (add data, or lower train_cfg.total_steps)" for source, n in self.passes().items()
+                if n > MANY_PASSES]
 
     def to_dict(self) -> dict[str, Any]:
         return {"phase": self.cfg.phase, "parameters": self.parameters, "tokens_per_step": self.tokens_per_step,
@@ -155,7 +210,7 @@ def _si(n: float) -> str:
     return f"{n:.3g}"
 
 
-def format_phase_plan(plan: PhasePlan, paths: Paths) -> str:
+def format_phase_plan(plan: PhasePlan, paths: Paths, precision: str = "no", rate: tuple[float | None, str] = (None, "")) -> str:
     cfg, t = plan.cfg, plan.cfg.train
     resolved = cfg.resolved()
     lines = [f"== {cfg.phase}: {cfg.path}" + (f"  (--set {' '.join(cfg.overrides)})" if cfg.overrides else ""),
@@ -174,6 +229,13 @@ def format_phase_plan(plan: PhasePlan, paths: Paths) -> str:
         f"tokens: {plan.tokens_per_step:,} per step (B={t.B} x accum_steps={t.accum_steps} x processes={plan.processes} "
         f"x T={cfg.seq_len}); {plan.steps_to_run:,} steps to run = {_si(plan.tokens_per_step * plan.steps_to_run)} tokens",
         f"compute: {_si(plan.flops_per_step)}FLOP per step, {_si(plan.flops_per_step * plan.steps_to_run)}FLOP to run",
+        "time: " + (f"about {plan.flops_per_step / rate[0]:.3g} s per step, {_duration(plan.flops_per_step * plan.steps_to_run / rate[0])} "
+                    f"to run, at an assumed {rate[1]}" if rate[0] else f"no estimate ({rate[1] or 'no FLOP/s given'})"),
+        "memory: about {total} per process, a rough upper estimate ({parts})".format(
+            total=_bytes(plan.memory_bytes(precision)["total"]),
+            parts=", ".join(f"{k} {_bytes(v)}" for k, v in plan.memory_bytes(precision).items() if k != "total")),
+        "passes over the training caches: " + (", ".join(f"{s} {n:,.0f}" if n >= 10 else f"{s} {n:.2g}"
+                                                         for s, n in plan.passes().items()) or "-"),
         "caches:",
         *(f"  {c['split']:<5} {c['source']:<7} {c['status']:<8} {c['path']}"
           + (f"  {c['tokens']:,} tokens" if "tokens" in c else "") + (f", {c['examples']:,} examples" if c.get("examples") else "")
@@ -183,8 +245,20 @@ def format_phase_plan(plan: PhasePlan, paths: Paths) -> str:
         f"(every {t.ckpt_every} steps and at the end); at most {kept} kept ({t.keep_last_n} newest step dirs + best), "
         f"{kept * plan.checkpoint_bytes / 2**20:,.1f} MiB; {shutil.disk_usage(probe).free / 2**30:,.1f} GiB free",
         f"start: {plan.start}",
+        *(f"warning: {w}" for w in plan.warnings()),
     ]
     return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
 
 
 def plan_problems_text(plans: list[PhasePlan], more: list[str] = ()) -> str:

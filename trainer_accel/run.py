@@ -34,7 +34,7 @@ from .manifest import model_sha256
 from .overrides import Override, parse_overrides
 from .ownership import own_phases
 from .paths import Paths, output_file_problem, resolve_paths, unwritable
-from .plan import command_plans, format_phase_plan, load_configs, plan_problems_text
+from .plan import assumed_flops, command_plans, format_phase_plan, load_configs, plan_problems_text
 from .result import EXIT_CODES, Outcome
 from .stopping import Interrupted
 
@@ -337,8 +337,9 @@ def print_plan(args: argparse.Namespace, paths: Paths, overrides: list[Override]
               f"{torch.get_num_threads()} CPU threads per process")
         for warning in compute_warnings(acc.device, acc.mixed_precision, acc.num_processes):
             print(f"warning: {warning}")
+        rate = assumed_flops(acc.device, acc.mixed_precision, configs[0].train.tf32)
         for plan in plans:
-            print(format_phase_plan(plan, paths))
+            print(format_phase_plan(plan, paths, acc.mixed_precision, rate))
         print(plan_problems_text(plans, output_problems(args, paths)))
     return 2 if any(plan.problems for plan in plans) or output_problems(args, paths) else 0
 
