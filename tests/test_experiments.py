@@ -71,7 +71,7 @@ def test_plan_prints_the_whole_plan_and_writes_nothing(world, capsys):
     for needle in ["compute: 1 process(es) on cpu", "model: 25,888 parameters", "tokens: 128 per step (B=4 x accum_steps=1 x processes=1 x T=32); "
                    "12 steps to run = 1.54k tokens", "FLOP per step", "found    data/cache/streams/wiki_train.bin",
                    "data fingerprint: ", "3 to write (every 4 steps and at the end); at most 3 kept",
-                   "start: fresh (random weights)", "plan: ok", "at an assumed 50% of ", "a matmul peak measured now",
+                   "start: fresh (random weights)", "plan: ok", "at an assumed 50% of ", "an fp32 matmul peak measured now",
                    "per process, a rough upper estimate (weights, gradients, AdamW state 0.4 MiB"]:
         assert needle in out, (needle, out)
     assert not any((world / d).exists() for d in ("checkpoints", "runs", "metrics", "samples"))
