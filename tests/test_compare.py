@@ -28,6 +28,16 @@ def test_compare_two_runs(world):
         assert row[2] == "pretrain" and row[3] == "8" and row[4] == f"{8 * 4 * 32:,}"
         assert row[5] == f"{best['val/loss']:.4f}" and row[6] == str(best["step"])
 
+    # without matplotlib the table still prints (it used to refuse everything); asked for a picture, exit 2
+    (world / "nomatplotlib/matplotlib").mkdir(parents=True)
+    (world / "nomatplotlib/matplotlib/__init__.py").write_text("raise ImportError('matplotlib is not installed')")
+    env = {"PYTHONPATH": str(world / "nomatplotlib")}
+    bare = run_cli("compare", "slow", "fast", cwd=world, env=env)
+    assert bare.returncode == 0 and bare.stdout.splitlines()[2].split()[0] == "slow", bare.stderr
+    assert "no picture (drawing needs matplotlib" in bare.stderr and not (world / "compare.png").exists()
+    asked = run_cli("compare", "slow", "fast", "--out", "x.png", cwd=world, env=env)
+    assert asked.returncode == 2 and "--out: drawing needs matplotlib" in asked.stderr and "slow" in asked.stdout
+
 
 def test_compare_names_what_is_missing(world):
     (world / "empty.jsonl").write_text(json.dumps({"event": "run_start", "step": 0}) + "\n")

@@ -113,13 +113,24 @@ def _temp_dir_for(target: Path) -> Path:
     return tmp
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; read at import, before any writer thread exists
+
+
 def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], tied: dict[str, str],
                      optimizer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write a complete checkpoint directory at `target` (replacing one there). Main process only."""
     tensors = canonical_state(model_state, tied)
     tmp = _temp_dir_for(target)
     writers = {
-        MODEL_FILE: ("model", lambda path: save_file(tensors, str(path), metadata={"format": FORMAT})),
+        # safetensors writes its file 0600; the checkpoint's other files get the usual mode, so this one too
+        MODEL_FILE: ("model", lambda path: (save_file(tensors, str(path), metadata={"format": FORMAT}),
+                                            os.chmod(path, FILE_MODE))),
         OPTIMIZER_FILE: ("optimizer", lambda path: torch.save(optimizer_state, path)),
     }
     files = {}

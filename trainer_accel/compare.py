@@ -5,7 +5,8 @@
 A RUN is an artifacts directory (its metrics/events.jsonl is read) or an events file. The picture has train and
 val loss against step and against tokens seen, one colour per RUN and one line style per phase; the table has,
 per run id: phase, steps, tokens seen, best val loss and its step, mean tokens/s and wall time.
-Needs matplotlib (pip install -e '.[plot]'). Exit codes: 0 done, 2 bad input.
+The picture needs matplotlib (pip install -e '.[plot]'); without it the table is still printed (exit 2 only
+when --out asked for the picture). Exit codes: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError, raise_if_any, report
+from .errors import UserError, exit_with, raise_if_any, report
 from .metrics import read_events
 
 STYLES = {"pretrain": "-", "sft": "--"}
@@ -122,17 +123,24 @@ def format_table(series: list[RunSeries]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.compare", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="artifacts dir or events.jsonl")
-    p.add_argument("--out", type=Path, default=Path("compare.png"), help="the PNG to draw (default compare.png)")
+    p.add_argument("--out", type=Path, default=None, help="the PNG to draw (default compare.png, when matplotlib is "
+                   "installed)")
     args = p.parse_args(argv)
     try:
         series = load_runs(args.runs)
-        plot(series, args.out)
     except UserError as e:
         return report(e)
-    print(format_table(series))
-    print(f"wrote {args.out}")
+    print(format_table(series))  # the table needs nothing more; the picture needs matplotlib
+    try:
+        plot(series, args.out or Path("compare.png"))
+    except UserError as e:
+        if args.out is not None:
+            return report(e)
+        print("compare: no picture (drawing needs matplotlib: pip install -e '.[plot]')", file=sys.stderr)
+        return 0
+    print(f"wrote {args.out or 'compare.png'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .config import PhaseConfig, load_phase_config, load_pipeline_config, read_json
 from .data import open_cache
-from .errors import UserError, report
+from .errors import UserError, exit_with, report
 from .paths import Paths, resolve_paths
 
 PACKAGES = ("torch", "accelerate", "safetensors", "wandb")
@@ -197,4 +197,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -8,6 +8,8 @@ carried together so the user can fix them all in one go.
 from __future__ import annotations
 
 import difflib
+import os
+import signal
 import sys
 from typing import Iterable
 
@@ -25,6 +27,18 @@ class UserError(Exception):
 def raise_if_any(problems: list[str]) -> None:
     if problems:
         raise UserError(problems)
+
+
+def exit_with(main) -> None:
+    """`sys.exit(main())` for a CLI whose output may go into a pipe that closes early (`runs show X | head`):
+    the reader has what it wanted, so no BrokenPipeError traceback; exit 141 as a shell's own commands do."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        code = 128 + signal.SIGPIPE
+    sys.exit(code)
 
 
 def report(e: UserError) -> int:

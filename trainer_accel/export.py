@@ -23,7 +23,7 @@ from pathlib import Path
 from .checkpoint import InvalidCheckpoint, export_best_pt, read_export_record, read_meta, record_path
 from .config import PHASES
 from .data import sha256_file, write_atomic
-from .errors import UserError, raise_if_any, report
+from .errors import UserError, exit_with, raise_if_any, report
 from .evaluation import find_verdict, require_deployable
 from .manifest import model_sha256, now_iso
 from .paths import Paths, output_file_problem, resolve_paths
@@ -117,4 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -425,6 +425,9 @@ class Trainer:
         log.info("%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters",
                  self.cfg.phase, s.step, t.total_steps, self.world, self.acc.device, self.acc.mixed_precision,
                  torch.get_num_threads(), f"{tokens_per_step:,}", f"{self.acc.unwrap_model(self.model).num_params():,}")
+        if s.step > t.total_steps:
+            log.warning("%s: resumed at step %d, past train_cfg.total_steps=%d: nothing to train (raise total_steps to "
+                        "go on, or --no-resume to start again)", self.cfg.phase, s.step, t.total_steps)
         if s.step == 0:  # where the phase starts from, for comparison; never a "best"
             s.last_val_loss = self.evaluate()
             self.events.write("eval", 0, **{"val/loss": s.last_val_loss})

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from .errors import UserError, unknown_key_message
+from .errors import UserError, raise_if_any, unknown_key_message
 
 PIPELINE_PHASES = ("pretrain", "sft")
 MAPPING = "mapping"  # a schema entry for an object of free keys (sources -> probability)
@@ -45,12 +45,23 @@ def parse_override(text: str) -> Override:
 
 
 def parse_overrides(texts: list[str] | None) -> list[Override]:
-    return [parse_override(t) for t in texts or []]
+    """Every --set parsed; all malformed ones reported together."""
+    out, problems = [], []
+    for t in texts or []:
+        try:
+            out.append(parse_override(t))
+        except UserError as e:
+            problems += e.problems
+    raise_if_any(problems)
+    return out
 
 
 def _check_keys(keys: tuple[str, ...], schema: Schema, text: str) -> None:
     """Raise naming the key when `keys` does not name a setting of the config."""
     top, kind = keys[0], schema.get(keys[0])
+    if top in PIPELINE_PHASES and top not in schema:  # a pipeline's phase prefix in a single-phase run
+        raise UserError(f"--set {text}: a phase prefix ({top}.) is for --phase pipeline; in a run of one phase "
+                        f"write {'.'.join(keys[1:]) or 'the key alone'}=...")
     if top not in schema:
         raise UserError(f"--set {text}: " + unknown_key_message("config", top, schema))
     if isinstance(kind, frozenset):
@@ -68,8 +79,14 @@ def _check_keys(keys: tuple[str, ...], schema: Schema, text: str) -> None:
 def apply(data: dict, overrides: list[Override], schema: Schema) -> dict:
     """The config's JSON with the overrides applied, in order (a copy; the file's dict is left as it was)."""
     out = copy.deepcopy(data)
+    problems = []
+    for o in overrides:  # every unknown key at once, not the first only
+        try:
+            _check_keys(o.keys, schema, o.text)
+        except UserError as e:
+            problems += e.problems
+    raise_if_any(problems)
     for o in overrides:
-        _check_keys(o.keys, schema, o.text)
         node = out
         for k in o.keys[:-1]:
             if not isinstance(node.setdefault(k, {}), dict):
@@ -83,7 +100,10 @@ def blame(problems: list[str], where: str, overrides: list[Override]) -> list[st
     """Problems about an overridden value say so: the file does not hold the value the message quotes."""
     out = []
     for line in problems:
-        culprit = next((o for o in reversed(overrides) if line.startswith(f"{where}.{o.dotted}")), None)
+        # the problem's key: "sources" in "cfg.json.sources: probabilities must sum to 1" (--set sources.wiki=1)
+        key = line[len(where) + 1:].split(":")[0] if line.startswith(f"{where}.") else None
+        culprit = next((o for o in reversed(overrides) if key is not None and (
+            o.dotted == key or o.dotted.startswith(f"{key}.") or key.startswith(f"{o.dotted}."))), None)
         out.append(line if culprit is None else f"{line} (from --set {culprit.text})")
     return out
 

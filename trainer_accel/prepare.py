@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import write_cache
-from .errors import UserError, raise_if_any, report
+from .errors import UserError, exit_with, raise_if_any, report
 from .paths import SFT_SOURCES, STREAM_SOURCES, Paths, resolve_paths, unwritable
 from .tokenizer import DOC, Tokenizer, encode_chat, load_tokenizer
 
@@ -48,7 +48,7 @@ def read_documents(path: Path) -> list[str]:
     docs = []
     for f in _files(path, TEXT_SUFFIXES):
         try:
-            text = f.read_text(encoding="utf-8")
+            text = f.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
             raise UserError(f"{f}: not UTF-8 text (byte {e.start})") from None
         docs += [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
@@ -97,7 +97,7 @@ def _turns_of(obj: object) -> list[tuple[str, str]]:
 def read_examples(path: Path) -> list[list[tuple[str, str]]]:
     examples, problems = [], []
     for f in _files(path, (".jsonl",)):
-        with open(f, encoding="utf-8") as fh:
+        with open(f, encoding="utf-8-sig") as fh:  # a byte-order mark, as some editors write, is not content
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -228,4 +228,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError, report
+from .errors import UserError, exit_with, report
 from .manifest import now_iso
 from .paths import Paths, resolve_paths
 
@@ -430,4 +430,4 @@ def _add(queue: JobQueue, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -24,7 +24,7 @@ from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, checkpoint_phase, 
                          read_meta, reconcile_pointers, set_aside_broken, sweep_leftovers)
 from .collective import main_process_decides
 from .config import PhaseConfig, load_phase_config, load_pipeline_config
-from .errors import UserError, raise_if_any, report
+from .errors import UserError, exit_with, raise_if_any, report
 from .evaluation import evaluate_checkpoints, format_summary
 from .export import publish
 from .hardware import compute_warnings
@@ -386,4 +386,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -28,7 +28,7 @@ import torch
 
 from .checkpoint import InvalidCheckpoint, read_export_record, read_meta
 from .data import sha256_file
-from .errors import UserError, report
+from .errors import UserError, exit_with, report
 from .evaluation import evaluate_checkpoints, format_summary, not_its_parent
 from .manifest import model_sha256, read_manifest
 from .paths import Paths, resolve_paths
@@ -202,4 +202,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)
