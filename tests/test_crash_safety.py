@@ -111,6 +111,28 @@ def test_stale_latest_and_best_are_brought_up_to_date(world):
     (world / "checkpoints/best.pt").unlink()
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
     assert r.returncode == 0, r.stderr
-    assert "latest/ was behind step 4" in r.stderr
+    assert "latest/ was behind (an interrupted save); now step 4" in r.stderr
     assert ckpt.read_meta(ck / "latest")["step"] == 4 and ckpt.read_meta(ck / "best")["step"] == best_step
     assert torch.load(world / "checkpoints/best.pt", weights_only=True)["step"] == best_step
+
+
+def test_a_damaged_latest_is_reported_as_damage_not_as_an_interrupted_save(world):
+    """latest/ shares its files with step_N/ by hard link: one flipped byte damages both, which must be said."""
+    cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 4})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    ck = world / "checkpoints" / "pretrain"
+    model = ck / "latest" / "model.safetensors"
+    raw = bytearray(model.read_bytes())
+    raw[-1] ^= 0xFF
+    model.write_bytes(bytes(raw))
+    assert ckpt.read_meta(ck / "step_0000004", verify=False) and (ck / "step_0000004/model.safetensors").samefile(model)
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
+    assert r.returncode == 0, r.stderr
+    broken = [line for line in r.stderr.splitlines() if " is broken (" in line]
+    assert {line.split("checkpoint ")[1].split(" is broken")[0] for line in broken} == {
+        "checkpoints/pretrain/latest", "checkpoints/pretrain/step_0000004"}, r.stderr
+    assert all("does not match its sha256" in line and "a damaged file, not an interrupted save" in line
+               for line in broken)
+    assert "best/ was DAMAGED (model.safetensors does not match its sha256" in r.stderr  # best was step 4 too
+    assert ckpt.read_meta(ck / "latest")["step"] == 4  # trained again from step 2
+

@@ -304,7 +304,9 @@ def set_aside_broken(phase_dir: Path) -> list[Path]:
             dest.parent.mkdir(exist_ok=True)
             os.rename(cand, dest)
             (dest.parent / f"{dest.name}.reason.txt").write_text(f"{e}\n")
-            log.warning("checkpoint %s is broken (%s); set aside as %s", cand, e, dest)
+            shared = (" (a damaged file, not an interrupted save: step directories, latest/ and best/ of one step share "
+                      "their files by hard link, so the same damage shows in each)" if "sha256" in str(e) else "")
+            log.warning("checkpoint %s is broken (%s); set aside as %s%s", cand, e, dest, shared)
             moved.append(dest)
     return moved
 
@@ -320,13 +322,28 @@ def reconcile_pointers(phase_dir: Path) -> None:
         return
     meta = read_meta(newest, verify=False)
     if _intact_step(phase_dir / "latest") != meta["step"]:
+        why = _why_not_current(phase_dir / "latest")
         publish(newest, phase_dir / "latest")
-        log.warning("latest/ was behind step %d (an interrupted save); brought up to date", meta["step"])
+        log.warning("latest/ %s; now step %d", why, meta["step"])
     best_step = meta.get("best_val_step")
     source = phase_dir / step_dir_name(best_step) if best_step is not None else None
     if source is not None and _intact_step(phase_dir / "best") != best_step and _intact_step(source) == best_step:
+        why = _why_not_current(phase_dir / "best")
         publish(source, phase_dir / "best")
-        log.warning("best/ was behind step %d (an interrupted save); brought up to date", best_step)
+        log.warning("best/ %s; now step %d", why, best_step)
+
+
+def _why_not_current(pointer: Path) -> str:
+    """An older but intact pointer is what an interrupted save leaves; a damaged one is damage, and its files are
+    hard links shared with the step directory (and best/ or latest/) of the same step, which it damaged too."""
+    if not pointer.exists():
+        return "was missing (an interrupted save, or set aside as broken above)"
+    try:
+        read_meta(pointer)
+        return "was behind (an interrupted save)"
+    except InvalidCheckpoint as e:
+        return (f"was DAMAGED ({e}), not interrupted: its files are hard links shared with the step directory of "
+                "its step (and latest/ or best/ when they are that step), damaged with it")
 
 
 def _intact_step(ckpt: Path) -> int | None:
