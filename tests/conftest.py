@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest
+from zygote import read_line
 
 TINY_MODEL = {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64}
 TINY_TRAIN = {"seed": 7, "total_steps": 8, "B": 4, "base_lr": 3e-3, "warmup_steps": 2, "min_lr": 3e-4,
@@ -121,14 +122,14 @@ class Zygote:
         request = {"module": module, "args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
         with self._connect() as conn:
             conn.sendall((json.dumps(request) + "\n").encode())
-            pid = int(recv_line(conn))
+            pid = int(read_line(conn, 1))
             conn.settimeout(timeout)
             try:
-                code = int(recv_line(conn))
+                code = int(read_line(conn, 1))
             except TimeoutError:  # as subprocess.run: kill it, wait for it, raise
                 os.kill(pid, signal.SIGKILL)
                 conn.settimeout(None)
-                recv_line(conn)
+                read_line(conn, 1)
                 raise subprocess.TimeoutExpired([module, *args], timeout)
         cmd = [sys.executable, "-m", module, *args]
         result = subprocess.CompletedProcess(cmd, code, read_text(out), read_text(err))
@@ -143,16 +144,6 @@ class Zygote:
             cls._instance.proc.wait()
             shutil.rmtree(cls._instance.dir, ignore_errors=True)
             cls._instance = None
-
-
-def recv_line(conn: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(64)
-        if not chunk:
-            raise RuntimeError("the fork server (tests/zygote.py) went away")
-        data += chunk
-    return data
 
 
 def read_text(path: Path) -> str:

@@ -22,12 +22,13 @@ import socket
 import sys
 
 
-def read_line(conn: socket.socket) -> bytes:
+def read_line(conn: socket.socket, chunk_size: int = 65536) -> bytes:
+    """One line; `chunk_size` 1 where a second line may follow it on the same connection."""
     data = b""
     while not data.endswith(b"\n"):
-        chunk = conn.recv(65536)
+        chunk = conn.recv(chunk_size)
         if not chunk:
-            raise ConnectionError("the client went away")
+            raise ConnectionError("the other end closed the connection")
         data += chunk
     return data
 
