@@ -393,7 +393,8 @@ class Trainer:
                 self._raise_failed_save()
             return stop.requested
         previous = self._stop_flag
-        flags = torch.tensor([float(stop.requested), float(failed)], device=self.acc.device)
+        flags = torch.zeros(2, device=self.acc.device)  # filled on the device: a tensor from a list would copy from
+        flags[0], flags[1] = float(stop.requested), float(failed)  # the host and wait for the GPU's queue every step
         self._stop_flag = self.acc.reduce(flags, "sum")
         if previous is None:
             return False

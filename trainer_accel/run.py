@@ -295,6 +295,7 @@ def run_pipeline(args: argparse.Namespace, paths: Paths, overrides: list[Overrid
 
 def pipeline_phases(acc, args: argparse.Namespace, paths: Paths, pre: PhaseConfig, sft: PhaseConfig,
                     outcome: Outcome) -> None:
+    """The pipeline once it holds both phases' folders (ownership.own_phases)."""
     resume_phase = main_process_decides(acc, lambda: pipeline_resume_phase(args.resume))
     for phase in ("pretrain", "sft"):
         if args.no_resume and acc.is_main_process:
@@ -332,6 +333,7 @@ def print_plan(args: argparse.Namespace, paths: Paths, overrides: list[Override]
     setup_logging(acc.is_main_process, args.verbose)
     plans = command_plans(args.phase, configs, paths, acc.num_processes, args.resume,
                           auto_resume=not args.no_resume and args.resume is None)
+    outputs = output_problems(args, paths)
     if acc.is_main_process:
         print(f"compute: {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}, "
               f"{torch.get_num_threads()} CPU threads per process")
@@ -340,8 +342,8 @@ def print_plan(args: argparse.Namespace, paths: Paths, overrides: list[Override]
         rate = assumed_flops(acc.device, acc.mixed_precision, configs[0].train.tf32)
         for plan in plans:
             print(format_phase_plan(plan, paths, acc.mixed_precision, rate))
-        print(plan_problems_text(plans, output_problems(args, paths)))
-    return 2 if any(plan.problems for plan in plans) or output_problems(args, paths) else 0
+        print(plan_problems_text(plans, outputs))
+    return 2 if any(plan.problems for plan in plans) or outputs else 0
 
 
 def output_problems(args: argparse.Namespace, paths: Paths) -> list[str]:
