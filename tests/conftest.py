@@ -17,10 +17,6 @@ from pathlib import Path
 # there (TF32, non-deterministic kernels) and the exact-equality checks could fail. Set before torch sees a GPU;
 # every command a test starts inherits it.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-# Each test worker and every command it starts would take a thread per core: on 2 cores with 2 workers, twice as
-# many busy threads as cores, spinning against each other. Each gets its share (a user's own setting wins).
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ.get(
-    "PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 import pytest
 from zygote import read_line
