@@ -84,6 +84,69 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout
     return zygote.run(f"trainer_accel.{module}", list(args), cwd, full_env, timeout)
 
 
+def start_cli(module: str, *args: str, cwd: Path, env: dict | None = None):
+    """Start `python -m trainer_accel.<module> ...` and return at once, like subprocess.Popen with stdout and stderr
+    captured: a child of the fork server (a `Forked`) where run_cli would use one, else a real Popen."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    zygote = Zygote.get()
+    if any(full_env.get(k) != zygote.env.get(k) for k in IMPORT_TIME_ENV):
+        return subprocess.Popen([sys.executable, "-m", f"trainer_accel.{module}", *args], cwd=cwd, env=full_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return zygote.start(f"trainer_accel.{module}", list(args), cwd, full_env)
+
+
+class Forked:
+    """A command running in a child of the fork server, with the part of subprocess.Popen the tests use: pid,
+    poll, wait, send_signal, kill, communicate, returncode, and stderr.read() once it has ended."""
+
+    def __init__(self, conn: socket.socket, pid: int, out: Path, err: Path):
+        self.conn, self.pid, self.out, self.err = conn, pid, out, err
+        self.returncode: int | None = None
+        self._buf = b""
+        self.stderr = self  # proc.stderr.read(), as with stderr=PIPE
+
+    def _finish(self, block: bool, timeout: float | None = None) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        self.conn.settimeout(timeout if block else 0.0)
+        try:
+            while not self._buf.endswith(b"\n"):
+                chunk = self.conn.recv(64)
+                if not chunk:
+                    raise ConnectionError("the fork server closed the connection")
+                self._buf += chunk
+        except (BlockingIOError, TimeoutError):
+            if block:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout) from None
+            return None
+        self.returncode = int(self._buf)
+        self.conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._finish(block=False)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._finish(block=True, timeout=timeout)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def read(self) -> str:
+        return read_text(self.err)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return read_text(self.out), read_text(self.err)
+
+
 class Zygote:
     """The client of this test process's fork server (tests/zygote.py), started on first use."""
 
@@ -117,25 +180,24 @@ class Zygote:
                 time.sleep(0.05)
 
     def run(self, module: str, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        proc = self.start(module, args, cwd, env)
+        try:
+            out, err = proc.communicate(timeout)
+        except subprocess.TimeoutExpired:  # as subprocess.run: kill it, wait for it, raise
+            proc.kill()
+            proc.wait()
+            raise subprocess.TimeoutExpired([module, *args], timeout) from None
+        proc.out.unlink(missing_ok=True)
+        proc.err.unlink(missing_ok=True)
+        return subprocess.CompletedProcess([sys.executable, "-m", module, *args], proc.returncode, out, err)
+
+    def start(self, module: str, args: list[str], cwd: Path, env: dict) -> Forked:
         self.calls += 1
         out, err = self.dir / f"{self.calls}.out", self.dir / f"{self.calls}.err"
         request = {"module": module, "args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
-        with self._connect() as conn:
-            conn.sendall((json.dumps(request) + "\n").encode())
-            pid = int(read_line(conn, 1))
-            conn.settimeout(timeout)
-            try:
-                code = int(read_line(conn, 1))
-            except TimeoutError:  # as subprocess.run: kill it, wait for it, raise
-                os.kill(pid, signal.SIGKILL)
-                conn.settimeout(None)
-                read_line(conn, 1)
-                raise subprocess.TimeoutExpired([module, *args], timeout)
-        cmd = [sys.executable, "-m", module, *args]
-        result = subprocess.CompletedProcess(cmd, code, read_text(out), read_text(err))
-        out.unlink()
-        err.unlink()
-        return result
+        conn = self._connect()
+        conn.sendall((json.dumps(request) + "\n").encode())
+        return Forked(conn, int(read_line(conn, 1)), out, err)
 
     @classmethod
     def stop(cls) -> None:

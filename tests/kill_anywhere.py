@@ -30,6 +30,7 @@ def _train(total_steps: int) -> dict:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    """`python -m trainer_accel.run CMD`, started; the suite passes its fork server's version instead."""
     return subprocess.Popen([sys.executable, "-m", "trainer_accel.run", *cmd], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -55,13 +56,14 @@ def _await_training(events: Path, proc: subprocess.Popen, seen: int) -> bool:
     return False
 
 
-def kill_anywhere(kills: int, workdir: Path, seed: int = 0, max_delay: float = 0.6, log=print) -> dict:
+def kill_anywhere(kills: int, workdir: Path, seed: int = 0, max_delay: float = 0.6, log=print,
+                  total_steps: int | None = None, start=_run) -> dict:
     from safetensors.torch import load_file
 
     from trainer_accel.checkpoint import find_resume_checkpoint, read_meta
 
     rng = random.Random(seed)
-    total = max(60, kills * 40)
+    total = total_steps or max(60, kills * 40)
     workdir.mkdir(parents=True, exist_ok=True)
     base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINER_DATA_DIR": str(workdir / "data")}
     if not (workdir / "data").exists():
@@ -72,9 +74,10 @@ def kill_anywhere(kills: int, workdir: Path, seed: int = 0, max_delay: float = 0
     cmd = ["--phase", "pretrain", "--config", str(cfg), "--device", "cpu"]
 
     ref_env = {**base_env, "TRAINER_ARTIFACTS_DIR": str(workdir / "reference")}
-    ref = subprocess.run([sys.executable, "-m", "trainer_accel.run", *cmd], cwd=workdir, env=ref_env, capture_output=True, text=True)
+    ref = start(cmd, workdir, ref_env)
+    _, ref_err = ref.communicate()
     if ref.returncode != 0:
-        raise RuntimeError(f"reference run failed: {ref.stderr[-2000:]}")
+        raise RuntimeError(f"reference run failed: {ref_err[-2000:]}")
 
     art = workdir / "killed"
     env = {**base_env, "TRAINER_ARTIFACTS_DIR": str(art)}
@@ -86,7 +89,7 @@ def kill_anywhere(kills: int, workdir: Path, seed: int = 0, max_delay: float = 0
         if found is not None:
             expected_resume = read_meta(found)["step"]
         seen = events.read_text().count('"event": "train"') if events.exists() else 0
-        proc = _run(cmd, workdir, env)
+        proc = start(cmd, workdir, env)
         restarts += 1
         if done_kills < kills and _await_training(events, proc, seen):
             time.sleep(rng.uniform(0.0, max_delay))

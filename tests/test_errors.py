@@ -23,7 +23,7 @@ def test_missing_caches_are_all_listed(world):
     cfg = write_config(world / "pre.json", "pretrain")
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
     assert_user_error(r, "data/cache/streams/roam_train.bin: cache missing", "data/cache/streams/wiki_val.bin: cache missing",
-                      "naming convention", "{source}_{split}.bin")
+                      "naming convention", "{source}_{split}.bin", "a source name is 1-64 lowercase letters, digits and _")
     assert not (world / "checkpoints").exists()
 
 
@@ -50,7 +50,7 @@ def test_corrupt_cache_meta_names_the_file(world):
         f.write(b"\x00")
     cfg = write_config(world / "pre.json", "pretrain")
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
-    assert_user_error(r, "wiki_train.bin.meta.json: not valid JSON", "roam_train.bin: 11569 bytes, but its meta says")
+    assert_user_error(r, "wiki_train.bin.meta.json: not valid JSON", "roam_train.bin: ", "bytes, but its meta says")
 
 
 def test_model_smaller_than_tokenizer_is_refused(world):
@@ -68,10 +68,10 @@ BAD_CONFIGS = [
     ({"train_cfg": {"T": 64}}, "train_cfg.T: 64 is longer than the model context model_cfg.T=32"),
     ({"sources": {"wiki": 0.5, "roam": 0.2}}, "sources: probabilities must sum to 1, they sum to 0.7"),
     ({"sources": {"wiki": 1.5, "roam": -0.5}}, "sources.roam: probability must be a number >= 0"),
-    ({"sources": {"books": 1.0}}, "sources.books: unknown source"),
+    ({"sources": {"My Books": 1.0}}, "sources.My Books: 'My Books' is not a source name (a source name is 1-64"),
     ({"model_cfg": {**TINY_MODEL, "H": 3}}, "model_cfg.C: width 32 must be divisible by the number of heads H=3"),
     ({"model_cfg": {"V": 260, "T": 32}}, "model_cfg.C: missing"),
-    ({"val_source": "dolly"}, 'val_source: expected one of wiki, roam, primer, got "dolly"'),
+    ({"val_source": "wiki/val"}, "val_source: 'wiki/val' is not a source name"),
     ({"lr": 1}, "lr: unknown key"),
     ({"train_cfg": {"keep_last_n": 1}}, "train_cfg.keep_last_n: must be at least 2"),
     ({"train_cfg": {"mixed_precision": "fp8"}}, "train_cfg.mixed_precision: expected"),
@@ -95,7 +95,7 @@ def test_bad_config_names_the_key(tmp_path, patch, message):
 SFT_AND_PIPELINE = [
     ("sft", {"model_cfg": TINY_MODEL}, "sft_sources: missing"),
     ("sft", {"model_cfg": TINY_MODEL, "sft_sources": {"dolly": 1.0}, "init_from": 5}, "init_from: expected a checkpoint path or null"),
-    ("sft", {"model_cfg": TINY_MODEL, "sft_sources": {"wiki": 1.0}}, "sft_sources.wiki: unknown source (expected one of dolly, oasst1, primer)"),
+    ("sft", {"model_cfg": TINY_MODEL, "sft_sources": {"qa-set": 1.0}}, "sft_sources.qa-set: 'qa-set' is not a source name"),
     ("pipeline", {"pretrain_config_path": "p.json", "sft_cfg_path": "s.json"}, "sft_cfg_path: unknown key (did you mean 'sft_config_path'?)"),
     ("pipeline", {"pretrain_config_path": "missing.json", "sft_config_path": "s.json"}, "missing.json: pretrain config not found"),
     ("pretrain", [1, 2], "expected a JSON object at the top level"),

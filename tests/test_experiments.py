@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, run_cli, write_config
-from trainer_accel import doctor, export, run, runs
+from trainer_accel import doctor, export, prepare, run, runs
 from trainer_accel.checkpoint import read_meta
 from trainer_accel.config import fingerprint, load_phase_config
 from trainer_accel.errors import UserError
@@ -17,8 +17,8 @@ from trainer_accel.loop import Trainer
 from trainer_accel.overrides import parse_overrides
 
 
-def pipeline_config(world, **sft_top):
-    write_config(world / "c/pretrain.json", "pretrain")
+def pipeline_config(world, pretrain_top: dict | None = None, **sft_top):
+    write_config(world / "c/pretrain.json", "pretrain", **(pretrain_top or {}))
     write_config(world / "c/sft.json", "sft", **sft_top)
     (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
     return world / "c/pipeline.json"
@@ -116,8 +116,24 @@ def test_doctor_on_a_good_and_a_broken_setup(world, capsys):
 
 
 def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypatch):
-    path = pipeline_config(world)
-    assert run.main(["--phase", "pipeline", "--config", str(path), "--result-json", "out/result.json"]) == 0
+    """With the user's own sources beside the demo's: a fourth stream and a fourth SFT set under names of their own,
+    through prepare, --set, --plan, doctor, training, the gate and lineage."""
+    (world / "my notes.md").write_text("".join(f"Note {i}: the zorba eats plums in Kelm.\n\n" for i in range(60)))
+    (world / "qa.jsonl").write_text("".join(json.dumps({"prompt": f"Note {i}?", "response": "Plums."}) + "\n"
+                                            for i in range(20)))
+    assert prepare.main(["--stream", "my_notes_2=my notes.md", "--sft", "qa_set=qa.jsonl"]) == 0
+    path = pipeline_config(world, {"sources": {"wiki": 0.5, "roam": 0.2, "primer": 0.1, "my_notes_2": 0.2}},
+                           sft_sources={"dolly": 0.4, "oasst1": 0.3, "primer": 0.1, "qa_set": 0.2})
+    free = ["--set", "pretrain.sources.roam=0.1", "--set", "pretrain.sources.my_notes_2=0.3"]
+    assert run.main(["--phase", "pipeline", "--config", str(path), "--plan", *free]) == 0
+    out = capsys.readouterr().out
+    assert "found    data/cache/streams/my_notes_2_train.bin" in out and "found    data/cache/sft/qa_set_val.bin" in out
+    assert setting(out, "sources")[-1] == "override", out
+    passes = next(x for x in out.splitlines() if x.startswith("passes over the training caches: "))
+    assert "my_notes_2 " in passes and "roam " in passes, passes
+    assert doctor.main(["--config", str(path)]) == 0
+    assert "ok    cache        data/cache/sft/qa_set_train.bin" in capsys.readouterr().out
+    assert run.main(["--phase", "pipeline", "--config", str(path), "--result-json", "out/result.json", *free]) == 0
     result = json.loads((world / "out/result.json").read_text())
     assert (result["status"], result["exit_code"], result["final_step"], result["verdict"]) == ("completed", 0, 8, "pass")
     assert result["best_pt"] == str((world / "checkpoints/best.pt").resolve()) and result["failure"] is None
@@ -138,8 +154,9 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypa
 
     summary = sft_m["eval_summary"]  # baseline = the pretrain best SFT started from, on every val cache
     assert summary["verdict"] == "pass" and summary["baseline"]["run_id"] == pre_id
-    assert {s["name"] for s in summary["sets"]} == {"streams/wiki", "streams/roam", "streams/primer", "sft/dolly",
-                                                    "sft/oasst1", "sft/primer"}
+    assert {s["name"] for s in summary["sets"]} == {"streams/wiki", "streams/roam", "streams/primer", "streams/my_notes_2",
+                                                    "sft/dolly", "sft/oasst1", "sft/primer", "sft/qa_set"}
+    assert sft_m["config"]["sft_sources"]["qa_set"] == 0.2 and pre_m["config"]["sources"]["my_notes_2"] == 0.3
     assert all(s["delta"] == pytest.approx(s["candidate"] - s["baseline"]) for s in summary["sets"])
 
     assert runs.main(["lineage", "checkpoints/best.pt", "--json"]) == 0

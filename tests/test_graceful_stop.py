@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import events, free_port, run_cli, write_config
+from conftest import events, free_port, run_cli, start_cli, write_config
 from trainer_accel.checkpoint import read_meta
 
-TRAIN = {"total_steps": 200, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
+STEPS = 120  # long enough that a signal sent once training has begun always lands inside the loop
+TRAIN = {"total_steps": STEPS, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
 
 
 def wait_for_training(world, proc, timeout=120):
@@ -48,8 +49,7 @@ def reference(tmp_path_factory):
 def test_signal_stops_gracefully_and_resume_is_exact(world, reference, sig):
     cfg = write_config(world / "pre.json", "pretrain", TRAIN)
 
-    proc = subprocess.Popen([sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg),
-                             "--result-json", "result.json"], cwd=world, stderr=subprocess.PIPE, text=True)
+    proc = start_cli("run", "--phase", "pretrain", "--config", str(cfg), "--result-json", "result.json", cwd=world)
     wait_for_training(world, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -58,7 +58,7 @@ def test_signal_stops_gracefully_and_resume_is_exact(world, reference, sig):
     stopped = events(world, "stopped")
     assert len(stopped) == 1 and stopped[0]["signal"] == int(sig)
     step = stopped[0]["step"]
-    assert 0 < step < 200
+    assert 0 < step < STEPS
     assert read_meta(world / "checkpoints/pretrain/latest")["step"] == step
     result = json.loads((world / "result.json").read_text())  # the result protocol: what an orchestrator reads
     assert (result["status"], result["exit_code"], result["final_step"]) == ("interrupted", 3, step)
@@ -70,12 +70,12 @@ def test_signal_stops_gracefully_and_resume_is_exact(world, reference, sig):
     assert again.returncode == 0, again.stderr
     assert f"at step {step}" in again.stderr
     result = json.loads((world / "result.json").read_text())
-    assert (result["status"], result["exit_code"], result["final_step"]) == ("completed", 0, 200)
+    assert (result["status"], result["exit_code"], result["final_step"]) == ("completed", 0, STEPS)
     manifest = json.loads((world / "runs" / result["run_ids"][0] / "run.json").read_text())
     assert manifest["status"] == "completed" and [s["start_step"] for s in manifest["sessions"]] == [0, step]
     a = load_file(str(world / "checkpoints/pretrain/latest/model.safetensors"))
     assert all(torch.equal(a[k], reference[k]) for k in a)
-    assert [e["step"] for e in events(world, "train")] == list(range(1, 201))
+    assert [e["step"] for e in events(world, "train")] == list(range(1, STEPS + 1))
 
 
 def test_second_signal_exits_at_once(monkeypatch):
@@ -110,12 +110,12 @@ def test_two_processes_stop_after_the_same_step_when_one_is_signalled(world):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "stopped: pretrain stopped by a signal after step" in err, err[-3000:]
     stopped = events(world, "stopped")
-    assert len(stopped) == 1 and 0 < stopped[0]["step"] < 200
+    assert len(stopped) == 1 and 0 < stopped[0]["step"] < STEPS
     assert read_meta(world / "checkpoints/pretrain/latest", verify=True)["step"] == stopped[0]["step"]
 
     again = subprocess.run([sys.executable, *args], cwd=world, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"at step {stopped[0]['step']}" in again.stderr, again.stderr[-3000:]
-    assert [e["step"] for e in events(world, "train")] == list(range(1, 201))
+    assert [e["step"] for e in events(world, "train")] == list(range(1, STEPS + 1))
 
 
 def trainer_processes(launcher: subprocess.Popen) -> list:
@@ -164,8 +164,7 @@ def test_a_second_run_in_the_same_artifacts_dir_is_refused_while_the_first_train
 
     cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 100000, "ckpt_every": 5})
     cmd = ("run", "--phase", "pretrain", "--config", str(cfg))
-    first = subprocess.Popen([sys.executable, "-m", "trainer_accel.run", *cmd[1:]], cwd=world,
-                             stderr=(world / "first.log").open("w"))
+    first = start_cli(*cmd, cwd=world)
     try:
         wait_for_training(world, first)
         second = run_cli(*cmd, cwd=world)

@@ -104,8 +104,8 @@ def test_micro_batches_without_answer_tokens_count_nothing_and_never_nan(world):
     label -100 and must add nothing (no nan). A cache where every answer is cut is refused at start (test_errors)."""
     from trainer_accel import prepare
 
-    rows = [{"prompt": "a", "response": "b"}] * 30 + [{"prompt": f"a long question number {i}?", "response": "x"}
-                                                      for i in range(30)]
+    rows = [{"prompt": "a", "response": f"{i}"} for i in range(30)] + [  # distinct: equal rows share a split side
+        {"prompt": f"a long question number {i}?", "response": "x"} for i in range(30)]
     (world / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert prepare.main(["--sft", "dolly=mixed.jsonl"]) == 0
     cfg = write_config(world / "sft.json", "sft", {"total_steps": 8, "B": 2, "eval_every": 4, "ckpt_every": 4},

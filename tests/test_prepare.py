@@ -31,24 +31,29 @@ def inputs(tmp_path, monkeypatch):
 
 
 def test_text_and_jsonl_become_caches(inputs):
-    assert prepare.main(["--stream", "roam=notes", "--sft", "dolly=sft.jsonl", "--val-fraction", "0.25"]) == 0
+    assert prepare.main(["--stream", "roam=notes", "--sft", "dolly=sft.jsonl", "--val-fraction", "0.25",
+                         "--documents", "blank-lines"]) == 0
     tok = ByteTokenizer()
     train = open_cache(inputs / "data/cache/streams/roam_train.bin", "stream", verify_hash=True)
     val = open_cache(inputs / "data/cache/streams/roam_val.bin", "stream", verify_hash=True)
-    # 4 documents, one held out; each document ends with <|endoftext|>
-    assert int((train.tokens == tok.special[DOC]).sum()) == 3 and int((val.tokens == tok.special[DOC]).sum()) == 1
+    # 4 documents between blank lines, each ending with <|endoftext|>, on both sides of the split
+    docs_train, docs_val = int((train.tokens == tok.special[DOC]).sum()), int((val.tokens == tok.special[DOC]).sum())
+    assert docs_train + docs_val == 4 and docs_train and docs_val
     text = tok.decode(list(train.tokens) + list(val.tokens))
-    for doc in ("First doc.", "Second doc, <|user|> stays text.", "Third doc.", "Fourth doc."):
+    for doc in ("First doc.<|endoftext|>", "Second doc, <|user|> stays text.\n<|endoftext|>", "Third doc.<|endoftext|>",
+                "Fourth doc.\n<|endoftext|>"):
         assert doc in text
     assert not np.any(train.tokens == tok.special[USER])  # a typed "<|user|>" never becomes the special token
     meta = train.meta
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 260 and meta["tokenizer"] == "byte-v1"
     assert meta["special_tokens"] == tok.special and meta["num_tokens"] == len(train.tokens)
     assert meta["sha256"] == sha256_file(train.path)
+    assert meta["documents"] == {"notes/a.txt": "blank-lines", "notes/b.md": "blank-lines"}
+    assert meta["split"] == {"rule": "hash", "val_fraction": 0.25, "seed": 0}
 
     sft_tr = open_cache(inputs / "data/cache/sft/dolly_train.bin", "sft", verify_hash=True)
     sft_va = open_cache(inputs / "data/cache/sft/dolly_val.bin", "sft", verify_hash=True)
-    assert sft_tr.num_examples + sft_va.num_examples == 10 and sft_va.num_examples == 2
+    assert sft_tr.num_examples + sft_va.num_examples == 10 and sft_va.num_examples >= 1
     examples = [tok.decode(list(c.tokens[c.starts[i]:c.starts[i + 1]]))
                 for c in (sft_tr, sft_va) for i in range(c.num_examples)]
     assert "<|user|>q3<|assistant|>a3<|eot|>" in examples
@@ -65,17 +70,24 @@ def test_bad_inputs_are_all_named(inputs, capsys):
                                       '{"messages": [{"role": "assistant", "content": "hi"}]}\n')
     code = prepare.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=missing_dir", "--stream", "bogus=x.txt"])
     err = capsys.readouterr().err
+    assert code == 2 and "x.txt: file or folder not found" in err
+    assert "--stream bogus=x.txt" not in err  # any short name is a source now
+    code = prepare.main(["--stream", "My-Notes=notes", "--sft", "=x.jsonl"])
+    err = capsys.readouterr().err
     assert code == 2
-    assert "bogus" in err and "unknown source" in err
+    assert "--stream My-Notes=notes: 'My-Notes' is not a source name (a source name is 1-64 lowercase letters" in err
+    assert "--sft =x.jsonl: expected SOURCE=PATH" in err
     code = prepare.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=missing_dir"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing_dir: file or folder not found" in err  # found before any data is read
+    code = prepare.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=notes"])
     err = capsys.readouterr().err
     assert code == 2
     assert "bad.jsonl:2: not valid JSON" in err
     assert "bad.jsonl:3: expected" in err
     assert "bad.jsonl:4: messages[0]: an assistant message with no user message before it" in err
-    assert "missing_dir: file or folder not found" in err
     assert "Traceback" not in err
-    assert not (inputs / "data").exists()  # nothing written when any input is bad
+    assert not list((inputs / "data").rglob("*.bin*"))  # nothing written when any input is bad
 
 
 def test_demo_is_deterministic(tmp_path, monkeypatch):
@@ -104,4 +116,5 @@ def test_hf_tokenizer_json(inputs):
 def test_unreadable_tokenizer_is_a_user_error(inputs):
     (inputs / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="tokenizer.json: not a readable Hugging Face tokenizer.json"):
-        prepare.prepare({"roam": [inputs / "notes"]}, {}, inputs / "tokenizer.json", 0.1, 0, None)
+        prepare.prepare([prepare.Source("roam", "stream", (inputs / "notes",))], inputs / "tokenizer.json",
+                        prepare.Split(), None)

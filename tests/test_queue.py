@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_cli, write_config
+from conftest import run_cli, start_cli, write_config
 from trainer_accel import queue
 from trainer_accel.checkpoint import read_meta
 
@@ -95,18 +95,18 @@ def test_two_workers_never_take_the_same_job(world):
     assert all(row["status"] == "completed" and row["attempts"] == 1 for row in jobs(world).values())
 
 
-LONG = {"total_steps": 200, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
+STEPS = 200  # long enough that a cancel, polled by the worker every 0.2 s, always lands inside the loop
+LONG = {"total_steps": STEPS, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
 
 
-def start_worker_on_one_job(world) -> tuple[int, subprocess.Popen]:
-    """A worker running a 200-step job, returned once the job is inside its training loop."""
+def start_worker_on_one_job(world):
+    """A worker running a STEPS-step job, returned once the job is inside its training loop."""
     job = add(world, "--phase", "pretrain", "--config", str(write_config(world / "pre.json", "pretrain", LONG)))
-    worker = subprocess.Popen([sys.executable, "-m", "trainer_accel.queue", "run"], cwd=world,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = start_cli("queue", "run", cwd=world)
     events = world / "jobs" / str(job) / "metrics" / "events.jsonl"
     deadline = time.monotonic() + 120
     while not (events.exists() and '"event": "train"' in events.read_text()):
-        assert worker.poll() is None and time.monotonic() < deadline, worker.stdout.read()
+        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()
         time.sleep(0.05)
     return job, worker
 
@@ -115,25 +115,25 @@ def test_cancelling_a_running_job_stops_it_gracefully(world, capsys):
     job, worker = start_worker_on_one_job(world)
     assert queue.main(["cancel", str(job)]) == 0
     assert "cancelling" in capsys.readouterr().out
-    out, _ = worker.communicate(timeout=120)
+    out = "".join(worker.communicate(timeout=120))
     assert worker.returncode == 0 and "queue: empty" in out, out  # the worker goes on to the next job: none
     assert jobs(world)[job]["status"] == "cancelled"
-    assert 0 < read_meta(world / "jobs" / str(job) / "checkpoints/pretrain/latest")["step"] < 200
+    assert 0 < read_meta(world / "jobs" / str(job) / "checkpoints/pretrain/latest")["step"] < STEPS
 
 
 def test_a_stopped_worker_leaves_its_job_resumable(world):
     job, worker = start_worker_on_one_job(world)
     worker.send_signal(signal.SIGTERM)
-    out, _ = worker.communicate(timeout=120)
+    out = "".join(worker.communicate(timeout=120))
     assert worker.returncode == 3, out
     row = jobs(world)[job]
     assert (row["status"], row["exit_code"]) == ("interrupted", 3), out
     stopped = read_meta(world / "jobs" / str(job) / "checkpoints/pretrain/latest")["step"]
-    assert 0 < stopped < 200
+    assert 0 < stopped < STEPS
 
     again = run_cli("queue", "run", cwd=world)
     assert again.returncode == 0, again.stdout + again.stderr
     row = jobs(world)[job]
     assert (row["status"], row["attempts"]) == ("completed", 2)
     manifest = json.loads((world / "runs" / json.loads(row["run_ids"])[0] / "run.json").read_text())
-    assert [s["start_step"] for s in manifest["sessions"]] == [0, stopped] and manifest["final_step"] == 200
+    assert [s["start_step"] for s in manifest["sessions"]] == [0, stopped] and manifest["final_step"] == STEPS

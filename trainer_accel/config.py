@@ -19,7 +19,7 @@ from typing import Any
 
 from . import overrides as ov
 from .errors import UserError, raise_if_any, unknown_key_message
-from .paths import SFT_SOURCES, STREAM_SOURCES
+from .paths import source_name_problem
 
 PHASES = ("pretrain", "sft")
 MODEL_SHAPE_KEYS = ("V", "T", "C", "L", "H", "d_ff")
@@ -259,13 +259,13 @@ def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> li
     return out
 
 
-def _sources_problems(sources: Any, allowed: tuple[str, ...], where: str) -> list[str]:
+def _sources_problems(sources: Any, example: str, where: str) -> list[str]:
     if not isinstance(sources, dict) or not sources:
-        return [f"{where}: expected a non-empty object of source -> probability, e.g. {{\"{allowed[0]}\": 1.0}}"]
+        return [f"{where}: expected a non-empty object of source -> probability, e.g. {{\"{example}\": 1.0}}"]
     out = []
     for name, p in sources.items():
-        if name not in allowed:
-            out.append(f"{where}.{name}: unknown source (expected one of {', '.join(allowed)})")
+        if problem := source_name_problem(name):
+            out.append(f"{where}.{name}: {problem}")
         if not _type_ok(p, float) or p < 0:
             out.append(f"{where}.{name}: probability must be a number >= 0, got {json.dumps(p)}")
     if not out and abs(sum(sources.values()) - 1.0) > 1e-6:
@@ -384,17 +384,17 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
 
     if phase == "pretrain":
         sources = data.get("sources", DEFAULT_PRETRAIN_SOURCES)
-        problems += _sources_problems(sources, STREAM_SOURCES, f"{where}.sources")
+        problems += _sources_problems(sources, "wiki", f"{where}.sources")
     else:
         if "sft_sources" not in data:
             problems.append(f"{where}.sft_sources: missing (e.g. {{\"dolly\": 0.5, \"oasst1\": 0.5}})")
             sources = {}
         else:
             sources = data["sft_sources"]
-            problems += _sources_problems(sources, SFT_SOURCES, f"{where}.sft_sources")
+            problems += _sources_problems(sources, "dolly", f"{where}.sft_sources")
     val_source = data.get("val_source", "wiki")
-    if val_source not in STREAM_SOURCES:
-        problems.append(f"{where}.val_source: expected one of {', '.join(STREAM_SOURCES)}, got {json.dumps(val_source)}")
+    if problem := source_name_problem(val_source):
+        problems.append(f"{where}.val_source: {problem}")
     init_from = data.get("init_from")
     if init_from is not None and not isinstance(init_from, str):
         problems.append(f"{where}.init_from: expected a checkpoint path or null, got {json.dumps(init_from)}")

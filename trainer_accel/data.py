@@ -3,8 +3,10 @@
 Format (version 1). `X.bin` is a flat array of token ids, uint16 when the vocabulary fits, else uint32, native
 little-endian, no header. `X.bin.meta.json` describes it:
     format "trainer_accel.cache", version, kind ("stream" | "sft"), dtype, num_tokens, vocab_size,
-    max_token_id, tokenizer (identity string), special_tokens (name -> id), sha256 (of X.bin), source_files,
-    and for SFT caches num_examples and index {file, dtype, sha256}.
+    max_token_id, tokenizer (identity string), special_tokens (name -> id), sha256 (of X.bin), source,
+    source_files, documents (input file -> what one document of it is: file, blank-lines, separator '...', row),
+    split {rule: hash | tail, val_fraction, seed}, and for SFT caches num_examples and index {file, dtype, sha256}.
+    Written by prepare.py through cache_writer.py.
 Streams are documents joined by <|endoftext|>. SFT caches are examples `<|user|> prompt <|assistant|> answer
 <|eot|>` (one turn pair after another for conversations) back to back; `X.bin.idx` (uint64, num_examples + 1
 offsets) says where each example starts, so examples never need to be found by scanning.
@@ -64,30 +66,6 @@ def meta_path(bin_path: Path) -> Path:
 
 def index_path(bin_path: Path) -> Path:
     return bin_path.with_name(bin_path.name + ".idx")
-
-
-def write_cache(
-    bin_path: Path, tokens: np.ndarray, kind: str, tok: Tokenizer, source_files: list[str],
-    example_starts: np.ndarray | None = None,
-) -> dict:
-    """Write a cache; the meta file goes last, so a cache with a meta is a complete one."""
-    dtype = dtype_for_vocab(tok.vocab_size)
-    data = np.ascontiguousarray(tokens, dtype=dtype).tobytes()
-    meta = {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "kind": kind, "dtype": dtype.name,
-        "num_tokens": int(len(tokens)), "vocab_size": int(tok.vocab_size),
-        "max_token_id": int(tokens.max()) if len(tokens) else -1,
-        "tokenizer": tok.identity, "tokenizer_path": getattr(tok, "path", None), "special_tokens": dict(tok.special),
-        "sha256": hashlib.sha256(data).hexdigest(), "source_files": source_files,
-    }
-    if kind == "sft":
-        idx = np.ascontiguousarray(example_starts, dtype=np.uint64).tobytes()
-        meta["num_examples"] = int(len(example_starts) - 1)
-        meta["index"] = {"file": index_path(bin_path).name, "dtype": "uint64", "sha256": hashlib.sha256(idx).hexdigest()}
-        write_atomic(index_path(bin_path), idx)
-    write_atomic(bin_path, data)
-    write_atomic(meta_path(bin_path), (json.dumps(meta, indent=2) + "\n").encode())
-    return meta
 
 
 @dataclass

@@ -88,27 +88,42 @@ def qa_pairs(world: list[Creature]) -> list[tuple[str, str]]:
     return [(q.format(**_facts(c)), a.format(**_facts(c))) for c in world for q, a in QUESTIONS]
 
 
-def write_demo_corpus(out_dir: Path) -> Path:
-    """Write wiki/roam/primer .txt and dolly/oasst1/primer .jsonl under out_dir; returns out_dir."""
+def oasst_rows(conversations: list[list[tuple[str, str]]]) -> list[dict]:
+    """Conversations as oasst1 message-tree rows (one tree each), the shape OpenAssistant publishes."""
+    rows = []
+    for t, turns in enumerate(conversations):
+        parent = None
+        for i, text in enumerate(x for pair in turns for x in pair):
+            mid = f"demo-{t}-{i}"
+            rows.append({"message_id": mid, "parent_id": parent, "role": "prompter" if i % 2 == 0 else "assistant",
+                         "text": text, "lang": "en", "rank": None if i % 2 == 0 else 0})
+            parent = mid
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_demo_corpus(out_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Write the demo's inputs under out_dir in the formats users bring: pretraining text as JSONL rows with a
+    "text" field (one document each), SFT as prompt/response rows and oasst1 message trees. Returns the stream
+    and SFT sources, name -> file."""
     rng = random.Random(SEED)
     world = creatures(rng)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "wiki.txt").write_text(wiki_text(world, rng))
-    (out_dir / "roam.txt").write_text(roam_text(world, rng))
-    (out_dir / "primer.txt").write_text(primer_text(rng))
+    streams = {name: _write_jsonl(out_dir / "streams" / f"{name}.jsonl",
+                                  [{"text": doc} for doc in text.rstrip("\n").split("\n\n")])
+               for name, text in (("wiki", wiki_text(world, rng)), ("roam", roam_text(world, rng)),
+                                  ("primer", primer_text(rng)))}
 
     pairs = qa_pairs(world)
     dolly = [{"prompt": q, "response": a} for q, a in pairs]
     rng.shuffle(dolly)
-    oasst = []
-    for _ in range(len(pairs)):
-        (q1, a1), (q2, a2) = rng.sample(pairs, 2)
-        oasst.append({"messages": [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
-                                   {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]})
-    primer = []
-    for a in range(5):
-        for b in range(5):
-            primer.append({"prompt": f"What do {NUMBERS[a]} and {NUMBERS[b]} make?", "response": f"{NUMBERS[a + b]}."})
-    for name, rows in (("dolly", dolly), ("oasst1", oasst), ("primer", primer)):
-        (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out_dir
+    conversations = [rng.sample(pairs, 2) for _ in range(len(pairs))]
+    primer = [{"prompt": f"What do {NUMBERS[a]} and {NUMBERS[b]} make?", "response": f"{NUMBERS[a + b]}."}
+              for a in range(5) for b in range(5)]
+    sfts = {name: _write_jsonl(out_dir / "sft" / f"{name}.jsonl", rows)
+            for name, rows in (("dolly", dolly), ("oasst1", oasst_rows(conversations)), ("primer", primer))}
+    return streams, sfts

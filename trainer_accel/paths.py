@@ -7,19 +7,27 @@ users can point a whole run elsewhere with `TRAINER_ARTIFACTS_DIR` / `TRAINER_DA
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-STREAM_SOURCES = ("wiki", "roam", "primer")
-SFT_SOURCES = ("dolly", "oasst1", "primer")
 SPLITS = ("train", "val")
+SOURCE_NAME = re.compile(r"[a-z0-9_]{1,64}")
+NAME_RULE = "a source name is 1-64 lowercase letters, digits and _"
 
 CACHE_NAMING = (
-    "pretrain caches are {data}/cache/streams/{source}_{split}.bin with source in wiki|roam|primer, "
-    "SFT caches are {data}/cache/sft/{source}_{split}.bin with source in dolly|oasst1|primer, split in "
-    "train|val, each with a {file}.meta.json beside it (build them with: python -m trainer_accel.prepare)"
+    "pretrain caches are {data}/cache/streams/{source}_{split}.bin, SFT caches {data}/cache/sft/{source}_{split}.bin, "
+    "split train|val, " + NAME_RULE + ", each with a {file}.meta.json beside it "
+    "(build them with: python -m trainer_accel.prepare --stream SOURCE=PATH --sft SOURCE=PATH)"
 )
+
+
+def source_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a source (it becomes part of a file name, a metric key and a tracker column)."""
+    if isinstance(name, str) and SOURCE_NAME.fullmatch(name):
+        return None
+    return f"{name!r} is not a source name ({NAME_RULE})"
 
 
 @dataclass(frozen=True)
@@ -39,10 +47,14 @@ class Paths:
         return self.data / "cache" / "sft" / f"{source}_{split}.bin"
 
     def caches(self, split: str | None = None) -> list[tuple[str, str, Path]]:
-        """(kind, source, path) of every cache the naming convention allows, streams first."""
-        splits = SPLITS if split is None else (split,)
-        return ([("stream", s, self.stream_cache(s, sp)) for s in STREAM_SOURCES for sp in splits]
-                + [("sft", s, self.sft_cache(s, sp)) for s in SFT_SOURCES for sp in splits])
+        """(kind, source, path) of every cache present under the naming convention, streams first, by name."""
+        out = []
+        for kind, folder in (("stream", "streams"), ("sft", "sft")):
+            for path in sorted((self.data / "cache" / folder).glob("*_*.bin")):
+                source, _, part = path.stem.rpartition("_")
+                if part in SPLITS and (split is None or part == split) and SOURCE_NAME.fullmatch(source):
+                    out.append((kind, source, path))
+        return out
 
     def config_checkpoint(self, value: str) -> Path:
         """A checkpoint a config names (`init_from`): an absolute path as written; a relative one lies under the

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from .errors import UserError
 
 DOC = "<|endoftext|>"  # separates documents in pretrain streams; pads SFT rows
@@ -32,6 +34,10 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Many texts in one call: the library's own batch API, which spreads them over the cores."""
+        ...
+
     def decode(self, ids: list[int]) -> str: ...
 
 
@@ -46,6 +52,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         names = {v: k for k, v in self.special.items()}
@@ -85,6 +94,10 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # _fast skips offsets (>= 0.20)
+        return [np.array(e.ids, dtype=np.uint32) for e in batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
