@@ -25,7 +25,8 @@ def equal(a, b):
 
 def test_pipeline_killed_during_sft_resumes_exactly(world):
     write_config(world / "c/pretrain.json", "pretrain", TRAIN, **DROPOUT_MODEL)
-    write_config(world / "c/sft.json", "sft", TRAIN, init_from="checkpoints/pretrain/best", **DROPOUT_MODEL)
+    write_config(world / "c/sft.json", "sft", {**TRAIN, "pack": True}, init_from="checkpoints/pretrain/best",
+                 replay={"wiki": 0.3}, **DROPOUT_MODEL)  # packed rows and replay resume exactly too
     (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
     args = ("run", "--phase", "pipeline", "--config", "c/pipeline.json")
     assert run_cli(*args, cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "ref")}).returncode == 0

@@ -22,8 +22,10 @@ TRAIN = {"total_steps": 4, "B": 2, "eval_every": 2, "ckpt_every": 2, "warmup_ste
 
 
 def pipeline(world, name, train):
+    """SFT with replay and packing on: rows addressed by (seed, step, micro-step, rank) hold for them too."""
     write_config(world / name / "pretrain.json", "pretrain", train)
-    write_config(world / name / "sft.json", "sft", train, init_from="checkpoints/pretrain/best")
+    write_config(world / name / "sft.json", "sft", {**train, "pack": True}, init_from="checkpoints/pretrain/best",
+                 replay={"wiki": 0.25, "roam": 0.05})
     path = world / name / "pipeline.json"
     path.write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
     return ("--phase", "pipeline", "--config", str(path))

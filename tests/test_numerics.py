@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port, run_cli, write_config
+from conftest import TINY_MODEL, free_port, run_cli, write_config
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 
@@ -50,8 +50,9 @@ def launch(world, config_file, *run_args, env):
 
 
 def run_split(world, sub, B, accum, launcher=None, extra=None):
+    top = {"replay": {"wiki": 0.2, "primer": 0.1}, "model_cfg": {**TINY_MODEL, "T": 64}} if (extra or {}).get("pack") else {}
     cfg = write_config(world / f"{sub}.json", "sft", {"total_steps": 4, "B": B, "accum_steps": accum, "eval_every": 2,
-                                                      "ckpt_every": 2, **(extra or {})})
+                                                      "ckpt_every": 2, **(extra or {})}, **top)
     env = {"TRAINER_ARTIFACTS_DIR": str(world / sub)}
     if launcher is None:
         r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world, env=env)
@@ -61,10 +62,14 @@ def run_split(world, sub, B, accum, launcher=None, extra=None):
     return r
 
 
+REPLAY_PACKED = {"pack": True}
+
+
 def test_accumulation_equals_one_big_batch(world):
-    """SFT micro-batches count different numbers of answer tokens: only token weighting makes these equal."""
-    run_split(world, "big", B=8, accum=1)
-    run_split(world, "acc", B=2, accum=4)
+    """SFT micro-batches count different numbers of answer tokens: only token weighting makes these equal. With
+    packed rows and replayed stream rows (whose every target counts) mixed in."""
+    run_split(world, "big", B=8, accum=1, extra=REPLAY_PACKED)
+    run_split(world, "acc", B=2, accum=4, extra=REPLAY_PACKED)
     assert max_diff(weights(world, "big"), weights(world, "acc")) < 1e-6
     # Adam hides a uniform scale error in the gradient; the (pre-clip) gradient norm does not
     assert grad_norms(world, "big") == pytest.approx(grad_norms(world, "acc"), rel=1e-5)
@@ -163,7 +168,8 @@ def test_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 def test_first_gradient_equals_a_hand_computed_big_batch(world):
-    """Step 1 of an accumulated run against the mean cross-entropy over all answer tokens of its global batch."""
+    """Step 1 of an accumulated run against the mean cross-entropy over all counted tokens of its global batch:
+    packed SFT rows (answers) and replayed stream rows (every token), as one batch."""
     import torch.nn.functional as F
 
     from trainer_accel.config import load_phase_config
@@ -171,14 +177,16 @@ def test_first_gradient_equals_a_hand_computed_big_batch(world):
     from trainer_accel.model import GPT
     from trainer_accel.paths import resolve_paths
 
-    run_split(world, "acc", B=2, accum=4, extra={"grad_clip": 0.0})
+    run_split(world, "acc", B=2, accum=4, extra={"grad_clip": 0.0, **REPLAY_PACKED})
     cfg = load_phase_config(world / "acc.json", "sft")
     strategy = check_phase_inputs(cfg, resolve_paths()).strategy
     strategy.B = 8
     batch = strategy.train_batch(0, 0, 0, 1, 1)  # the whole global batch of step 0, as one batch
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
-    logits = model(batch.x)
+    assert batch.segments is not None and batch.segments.max() > 0  # rows hold several examples
+    assert {strategy.train.kinds[i] for i in batch.row_source.tolist()} == {"stream", "sft"}  # replayed rows too
+    logits = model(batch.x, batch.segments)
     loss = F.cross_entropy(logits.flatten(0, 1), batch.y_masked.flatten(), ignore_index=-100)  # mean over counted tokens
     loss.backward()
     norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()

@@ -469,13 +469,57 @@ def main(argv: list[str] | None = None) -> int:
                         "CPU) or a window's worth mid-window (default on a GPU, whose steps are asynchronous)")
     p.add_argument("--big-cache-gb", type=float, default=0.0, help="also show resident memory on a cache this big")
     p.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
+    p.add_argument("--packing", action="store_true",
+                   help="SFT only: counted (answer) tokens per second with train_cfg.pack off and on, same T and B")
     args = p.parse_args(argv)
     if args.windows < 1:
         p.error(f"--windows: expected a positive number of windows, got {args.windows}")
     try:
-        return run_bench(args)
+        return packing_bench(args) if args.packing else run_bench(args)
     except UserError as e:
         return report(e)
+
+
+def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
+    """One model trained on the config's SFT rows, alternately unpacked and packed, window by window (so both see
+    the machine at the same moments); answer tokens per second of each, and their ratio. Replay is left out:
+    its stream rows would be the same in both."""
+    from .inputs import check_phase_inputs
+    from .model import GPT
+
+    cfg = load_phase_config(args.config, "sft")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    paths = resolve_paths()
+    strategies = {pack: check_phase_inputs(dataclasses.replace(cfg, replay={}, train=dataclasses.replace(
+        cfg.train, pack=pack)), paths).strategy for pack in (False, True)}
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.min_lr)
+    counted, seconds = {False: 0, True: 0}, {False: 0.0, True: 0.0}
+    for window in range(args.windows + 1):  # window 0 warms up
+        for pack, strategy in strategies.items():
+            sync(device)
+            start = time.perf_counter()
+            n = torch.zeros((), device=device)
+            for i in range(steps):
+                batch = strategy.train_batch(window * steps + i, 0, 0, 1, 1).to(device)
+                total, count = strategy.loss(model, batch)
+                (total / count.clamp_min(1)).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                n += count
+            sync(device)
+            if window:
+                counted[pack] += int(n)
+                seconds[pack] += time.perf_counter() - start
+    t = cfg.train
+    print(f"packing bench: {cfg.path}; {device}, T={cfg.seq_len}, B={t.B}, {args.windows} windows of {steps} steps each way")
+    for pack in (False, True):
+        print(f"  {'packed' if pack else 'one example per row':22} {counted[pack] / seconds[pack]:>10,.0f} answer tokens/s"
+              f"  ({counted[pack] / (args.windows * steps * t.B):.1f} per row)")
+    ratio = (counted[True] / seconds[True]) / (counted[False] / seconds[False])
+    print(f"  packed / unpacked: {ratio:.2f}x (target >= 2x)")
+    return 0
 
 
 def run_bench(args: argparse.Namespace) -> int:

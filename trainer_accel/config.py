@@ -72,6 +72,8 @@ class TrainConfig:
     allow_data_change: bool = False  # resume even if the caches differ from the checkpoint's (logged loudly)
     verify_cache_hash: bool = False  # re-hash every cache against its meta at start (slow on big caches)
     forgetting_tolerance: float = 0.1  # SFT promotion gate: how much any pretrain val loss may rise (nats/token)
+    pack: bool = False  # SFT: fill each training row with examples back to back, each attending only to itself
+    pack_val: bool = False  # SFT: pack validation rows too (off: val losses compare with unpacked runs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +122,18 @@ class PhaseConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     overrides: tuple[str, ...] = ()  # the --set KEY=VALUE texts that reached this phase, in order
     provenance: dict[str, str] = field(default_factory=dict, repr=False)  # dotted key -> default | file | override
+    replay: dict[str, float] = field(default_factory=dict)  # SFT: stream caches mixed in, each a share of the rows
+
+    def mixture(self) -> dict[str, float]:
+        """Each training cache's share of the rows ("streams/wiki", "sft/dolly"): a pretrain's sources as given;
+        in SFT the replay streams take their shares and the SFT sources split the rest by their weights."""
+        if self.phase == "pretrain":
+            total = sum(self.sources.values())
+            return {f"streams/{s}": p / total for s, p in self.sources.items() if p > 0}
+        rest = 1.0 - sum(self.replay.values())
+        total = sum(self.sources.values())
+        return ({f"streams/{s}": p for s, p in self.replay.items() if p > 0}
+                | {f"sft/{s}": rest * p / total for s, p in self.sources.items() if p > 0})
 
     @property
     def seq_len(self) -> int:
@@ -130,6 +144,7 @@ class PhaseConfig:
         return {
             "phase": self.phase, "model_cfg": self.model.to_dict(), "train_cfg": self.train.to_dict(),
             "sources" if self.phase == "pretrain" else "sft_sources": dict(self.sources),
+            **({"replay": dict(self.replay)} if self.phase == "sft" else {}), "mixture": self.mixture(),
             "val_source": self.val_source, "init_from": self.init_from,
             "sample_prompts": [dataclasses.asdict(p) for p in self.sample_prompts], "sample_seed": self.sample_seed,
             "tracking": dataclasses.asdict(self.tracking),
@@ -275,6 +290,21 @@ def _sources_problems(sources: Any, example: str, where: str) -> list[str]:
     return out
 
 
+def _replay_problems(replay: Any, where: str) -> list[str]:
+    """SFT replay: {stream source: share of the training rows}; the SFT sources fill the rest of the rows."""
+    if not isinstance(replay, dict):
+        return [f"{where}: expected an object of stream source -> share of the rows, e.g. {{\"wiki\": 0.1}}"]
+    out = []
+    for name, p in replay.items():
+        if problem := source_name_problem(name):
+            out.append(f"{where}.{name}: {problem}")
+        if not _type_ok(p, float) or p < 0:
+            out.append(f"{where}.{name}: share must be a number >= 0, got {json.dumps(p)}")
+    if not out and sum(replay.values()) >= 1.0:
+        out.append(f"{where}: shares sum to {sum(replay.values()):.6g}; they must leave rows for the SFT sources (< 1)")
+    return out
+
+
 TASKS = ("completion", "chat")
 
 
@@ -323,7 +353,7 @@ DEFAULT_PRETRAIN_SOURCES = {"wiki": 0.784, "roam": 0.196, "primer": 0.020}
 SAMPLE_KEYS = {"sample_prompts", "sample_seed", "tracking"}
 PHASE_KEYS = {
     "pretrain": {"model_cfg", "train_cfg", "sources", "val_source"} | SAMPLE_KEYS,
-    "sft": {"model_cfg", "train_cfg", "sft_sources", "val_source", "init_from"} | SAMPLE_KEYS,
+    "sft": {"model_cfg", "train_cfg", "sft_sources", "replay", "val_source", "init_from"} | SAMPLE_KEYS,
 }
 PIPELINE_KEYS = {"pretrain_config_path", "sft_config_path"}
 
@@ -333,7 +363,7 @@ def phase_schema(phase: str) -> ov.Schema:
     schema: dict = {key: None for key in PHASE_KEYS[phase]}
     for key, cls in (("model_cfg", ModelConfig), ("train_cfg", TrainConfig), ("tracking", TrackingConfig)):
         schema[key] = frozenset(f.name for f in dataclasses.fields(cls))
-    for key in ("sources", "sft_sources"):
+    for key in ("sources", "sft_sources", "replay"):
         if key in schema:
             schema[key] = ov.MAPPING
     return schema
@@ -392,6 +422,11 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
         else:
             sources = data["sft_sources"]
             problems += _sources_problems(sources, "dolly", f"{where}.sft_sources")
+    replay = data.get("replay", {}) if phase == "sft" else {}
+    problems += _replay_problems(replay, f"{where}.replay")
+    if phase == "pretrain" and train is not None and (train.pack or train.pack_val):
+        problems.append(f"{where}.train_cfg.pack: packing is for SFT; a pretrain row is already a full window of the "
+                        "stream (set it in the sft config)")
     val_source = data.get("val_source", "wiki")
     if problem := source_name_problem(val_source):
         problems.append(f"{where}.val_source: {problem}")
@@ -408,6 +443,7 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
         phase=phase, model=model, train=train, sources={k: float(v) for k, v in sources.items()},
         val_source=val_source, init_from=init_from, path=Path(path), raw=data, sample_prompts=prompts,
         sample_seed=sample_seed, tracking=tracking, overrides=tuple(o.text for o in overrides),
+        replay={k: float(v) for k, v in replay.items()} if isinstance(replay, dict) else {},
         provenance=ov.provenance(file_data, list(overrides), schema),
     )
 

@@ -160,20 +160,63 @@ def stream_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator
     return np.stack(rows).astype(np.int64)
 
 
-def sft_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator, n: int, T: int, pad_id: int,
-             keep: slice = slice(None)) -> np.ndarray:
-    """n random examples, each cut to T+1 tokens or padded with `pad_id`; returns the rows selected by `keep`."""
+@dataclass
+class Rows:
+    """Rows of T+1 tokens, and where each token came from (an index into the caches the rows were drawn from)."""
+
+    tokens: np.ndarray  # (k, T+1) int64
+    source: np.ndarray  # (k, T+1) int64; padding counts as its row's source (it is never a counted target)
+    row_source: np.ndarray  # (k,) the cache each row was drawn for (a packed row: its first example's)
+    segment: np.ndarray | None  # (k, T+1) int64: the packed example each token belongs to; None when not packed
+
+
+def draw_rows(caches: list[Cache], kinds: list[str], probs: np.ndarray, rng: np.random.Generator, n: int, T: int,
+              pad_id: int, keep: slice = slice(None), pack: bool = False) -> Rows:
+    """n rows of a mixture of stream and SFT caches, by address; returns the rows selected by `keep`.
+
+    A stream row is a window of T+1 tokens at a random place. An SFT row is one example, cut to T+1 tokens or
+    padded with `pad_id`; packed, it is examples back to back until the row is full, the last one cut. Each row's
+    source and first example come from two draws per row made for all n rows; a packed row's further examples
+    come from its own generator, seeded by the batch and the row's index in the global batch, so any process
+    split draws the same rows. Without packing the draws are exactly those of an unpacked batch."""
     which = _choose_sources(rng, probs, n)
     u = rng.random(n)
-    selected = list(zip(which[keep], u[keep]))
-    out = np.full((len(selected), T + 1), pad_id, dtype=np.int64)
-    maps = {src: caches[src].tokens for src, _ in selected}  # one map per cache for this batch only
-    for r, (src, frac) in enumerate(selected):
-        c = caches[src]
-        i = int(frac * c.num_examples)
-        a, b = c.starts[i], min(c.starts[i + 1], c.starts[i] + T + 1)
-        out[r, : b - a] = maps[src][a:b]
-    return out
+    base = int(rng.integers(2**62)) if pack else 0
+    picked = np.arange(n)[keep]
+    tokens = np.full((len(picked), T + 1), pad_id, dtype=np.int64)
+    source = np.repeat(which[picked][:, None], T + 1, axis=1).astype(np.int64)
+    segment = np.zeros_like(tokens) if pack else None
+    sft = np.array([i for i, k in enumerate(kinds) if k == "sft"])
+    sft_probs = probs[sft] / probs[sft].sum() if len(sft) else None
+    maps: dict[int, np.ndarray] = {}  # one map per cache for this batch only
+
+    def mapped(src: int) -> np.ndarray:
+        if src not in maps:
+            maps[src] = caches[src].tokens
+        return maps[src]
+
+    for r, g in enumerate(picked):
+        src, frac = int(which[g]), u[g]
+        if kinds[src] == "stream":
+            arr = mapped(src)
+            start = int(frac * (len(arr) - T))  # len(arr) >= T + 1 is checked when the caches are opened
+            tokens[r] = arr[start:start + T + 1]
+            continue
+        row_rng = np.random.default_rng([base, int(g)]) if pack else None
+        filled, seg = 0, 0
+        while filled < T + 1:
+            c = caches[src]
+            i = int(frac * c.num_examples)
+            a = c.starts[i]
+            b = min(c.starts[i + 1], a + T + 1 - filled)
+            tokens[r, filled:filled + b - a] = mapped(src)[a:b]
+            source[r, filled:filled + b - a] = src
+            if not pack:
+                break
+            segment[r, filled:filled + b - a] = seg
+            filled, seg = filled + b - a, seg + 1
+            src, frac = int(sft[row_rng.choice(len(sft), p=sft_probs)]), row_rng.random()
+    return Rows(tokens, source, which[picked].astype(np.int64), segment)
 
 
 def answer_mask(rows: np.ndarray, asst_id: int, eot_id: int) -> np.ndarray:

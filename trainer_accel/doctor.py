@@ -105,10 +105,10 @@ def check_caches(paths: Paths, configs: list[PhaseConfig], quick: bool) -> list[
         except UserError as e:
             out.append(Check("fail", "cache", f"{e.problems[0]} (prepare it again: python -m trainer_accel.prepare)"))
     for cfg in configs:
-        _, train, val, _ = phase_cache_paths(cfg, paths)
-        for _, path in train + val:
-            if not path.is_file():
-                out.append(Check("fail", "cache", f"{path}: missing, needed by {cfg.path} (python -m trainer_accel.prepare)"))
+        train, val = phase_cache_paths(cfg, paths)
+        for r in train + val:
+            if not r.path.is_file():
+                out.append(Check("fail", "cache", f"{r.path}: missing, needed by {cfg.path} (python -m trainer_accel.prepare)"))
     if not present and not configs:
         out.append(Check("warn", "cache", f"no caches under {paths.data / 'cache'} (python -m trainer_accel.prepare --demo "
                          "for the demo, or your own files)"))

@@ -39,7 +39,7 @@ def val_sets(paths: Paths, V: int, T: int, B: int) -> list[tuple[str, Any]]:
         cache = open_cache(path, kind)
         if cache.meta["vocab_size"] > V or (kind == "stream" and cache.meta["num_tokens"] < T + 1):
             continue  # another tokenizer's cache, or too short for one window: not comparable
-        source = RowSource([cache], np.ones(1), T, kind)
+        source = RowSource([cache], np.ones(1), T, [kind], [name])
         out.append((name, STRATEGIES[KIND_PHASE[kind]](source, source, B, 0)))
     return out
 

@@ -43,18 +43,35 @@ class PhaseInputs:
         return {"tokenizer": self.tokenizer, "caches": caches, "data_fingerprint": fingerprint}
 
 
-def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[str, list[tuple[str, Path]], list[tuple[str, Path]], str]:
-    """(train kind, train [(source, path)], val [(source, path)], val kind) for a phase."""
-    active = [s for s, p in cfg.sources.items() if p > 0]
+@dataclass(frozen=True)
+class CacheRef:
+    """A cache a phase reads: its source as configs name it, its kind, its path."""
+
+    source: str
+    kind: str  # "stream" | "sft"
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """As the mixture, the per-source counts and the gate name it: streams/wiki, sft/dolly."""
+        return f"{'streams' if self.kind == 'stream' else 'sft'}/{self.source}"
+
+
+def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[list[CacheRef], list[CacheRef]]:
+    """(train caches in the order of cfg.mixture(), val caches) of a phase."""
+    train = []
+    for name in cfg.mixture():
+        folder, source = name.split("/", 1)
+        kind = "stream" if folder == "streams" else "sft"
+        train.append(CacheRef(source, kind, (paths.stream_cache if kind == "stream" else paths.sft_cache)(source, "train")))
+    stream_val = [CacheRef(cfg.val_source, "stream", paths.stream_cache(cfg.val_source, "val"))]
     if cfg.phase == "pretrain":
-        train = [(s, paths.stream_cache(s, "train")) for s in active]
-        return "stream", train, [(cfg.val_source, paths.stream_cache(cfg.val_source, "val"))], "stream"
-    train = [(s, paths.sft_cache(s, "train")) for s in active]
-    sft_val = [(s, paths.sft_cache(s, "val")) for s in active]
-    if all(p.is_file() for _, p in sft_val):
-        return "sft", train, sft_val, "sft"
+        return train, stream_val
+    sft_val = [CacheRef(r.source, "sft", paths.sft_cache(r.source, "val")) for r in train if r.kind == "sft"]
+    if all(r.path.is_file() for r in sft_val):
+        return train, sft_val
     log.info("SFT val caches not all present; evaluating on the %s stream val cache", cfg.val_source)
-    return "sft", train, [(cfg.val_source, paths.stream_cache(cfg.val_source, "val"))], "stream"
+    return train, stream_val
 
 
 def max_token_id(cache: Cache) -> int:
@@ -118,16 +135,16 @@ def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
 
 
 def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
-    train_kind, train_paths, val_paths, val_kind = phase_cache_paths(cfg, paths)
-    wanted = [(s, p, train_kind) for s, p in train_paths] + [(s, p, val_kind) for s, p in val_paths]
-    missing = [p for _, p, _ in wanted if not p.is_file()]
+    train_refs, val_refs = phase_cache_paths(cfg, paths)
+    wanted = train_refs + val_refs
+    missing = [r.path for r in wanted if not r.path.is_file()]
     if missing:
         naming = CACHE_NAMING.replace("{data}", str(paths.data)).replace("{file}", "X.bin")
         raise UserError([f"{p}: cache missing" for p in missing] + [f"naming convention: {naming}"])
     problems, opened = [], {}
-    for _, p, kind in wanted:
+    for r in wanted:
         try:
-            opened[p] = open_cache(p, kind, verify_hash=cfg.train.verify_cache_hash)
+            opened[r.path] = open_cache(r.path, r.kind, verify_hash=cfg.train.verify_cache_hash)
         except UserError as e:
             problems += e.problems
     raise_if_any(problems)
@@ -135,11 +152,13 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     raise_if_any(_check_caches(cfg, caches))
     raise_if_any([p for c in caches if c.meta["kind"] == "sft" and (p := _check_answers(cfg, c))])
 
-    probs = np.array([p for p in cfg.sources.values() if p > 0], dtype=np.float64)
+    probs = np.array(list(cfg.mixture().values()), dtype=np.float64)
     probs /= probs.sum()
-    train = RowSource([opened[p] for _, p in train_paths], probs, cfg.seq_len, train_kind)
-    val_probs = probs if val_kind == "sft" else np.ones(1)
-    val = RowSource([opened[p] for _, p in val_paths], val_probs, cfg.seq_len, val_kind)
+    train = RowSource([opened[r.path] for r in train_refs], probs, cfg.seq_len, [r.kind for r in train_refs],
+                      [r.name for r in train_refs], pack=cfg.train.pack)
+    val_probs = np.array([cfg.sources[r.source] for r in val_refs]) if val_refs[0].kind == "sft" else np.ones(1)
+    val = RowSource([opened[r.path] for r in val_refs], val_probs / val_probs.sum(), cfg.seq_len,
+                    [r.kind for r in val_refs], [r.name for r in val_refs], pack=cfg.train.pack_val)
     strategy = STRATEGIES[cfg.phase](train, val, cfg.train.B, cfg.train.seed)
     return PhaseInputs(strategy=strategy, caches=caches, tokenizer=caches[0].meta["tokenizer"])
 

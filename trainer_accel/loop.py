@@ -110,6 +110,7 @@ class Trainer:
         if cfg.sample_prompts and tokenizer is None:
             log.warning("%s: sample_prompts are set but the caches' tokenizer cannot be found; no samples", cfg.path)
         self.empty_micro_batches = torch.zeros((), dtype=torch.long, device=accelerator.device)  # since the last line
+        self.rows_drawn = np.zeros(len(strategy.train.names))  # per training source, this session, all processes
         self.nonfinite_in_a_row = 0
         self._stop_flag: torch.Tensor | None = None  # all-reduced stop request of the previous step
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # the checkpoint writer thread, when saving
@@ -201,15 +202,17 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------------
 
-    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimizer update. Returns this process's loss sum, the step's global token count and the grad norm,
-        as device tensors: no host sync, and the loss is reduced over processes only at progress lines."""
+    def _train_step(self, step: int) -> tuple[torch.Tensor, ...]:
+        """One optimizer update. Returns this process's loss sum, the step's global token count, the grad norm and
+        this process's counted tokens and rows per source, as device tensors: no host sync, and what is summed over
+        processes is summed only at progress lines."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.t)
         device = self.acc.device
         batches = [self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps).to(device)
                    for m in range(self.t.accum_steps)]
         counts = torch.stack([self.strategy.count_tokens(b) for b in batches])  # on the device: no host sync
+        by_source = torch.stack([self.strategy.count_by_source(b) for b in batches]).sum(0)  # (tokens, rows) x sources
         self.empty_micro_batches += (counts == 0).sum()  # they add nothing to loss or gradient; reported in the log
         counted = self.acc.reduce(counts.sum().float(), "sum").clamp_min(1.0)
         loss_sum = torch.zeros((), device=device)
@@ -229,7 +232,7 @@ class Trainer:
             self.optimizer.step()  # under fp16 the loss scaler skips an overflowed update and lowers its scale itself
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, counted, grad_norm
+        return loss_sum, counted, grad_norm, by_source
 
     def _update_is_nonfinite(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether the trainer skips this update ("skip" mode); the same answer on every process.
@@ -434,16 +437,19 @@ class Trainer:
             self.events.write("eval", 0, **{"val/loss": s.last_val_loss})
             log.info("%s step 0 | val loss %.4f (before training)", self.cfg.phase, s.last_val_loss)
         self.model.train()
-        pending: list[tuple] = []  # (step, tokens seen, lr, local loss sum, global token count, grad norm)
+        pending: list[tuple] = []  # (step, tokens seen, lr, local loss sum, global token count, grad norm, by source)
+        names = self.strategy.train.names
+        log.info("%s: rows drawn from %s (shares of the rows)", self.cfg.phase,
+                 ", ".join(f"{n} {p:.1%}" for n, p in zip(names, self.strategy.train.probs)))
         window_start, window_tokens = time.perf_counter(), 0
         first_step = s.step
         while s.step < t.total_steps:
-            loss_sum, counted, grad_norm = self._train_step(s.step)
+            loss_sum, counted, grad_norm, by_source = self._train_step(s.step)
             lr = self.optimizer.param_groups[0]["lr"]
             s.step += 1
             s.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            pending.append((s.step, s.tokens_seen, lr, loss_sum, counted, grad_norm))
+            pending.append((s.step, s.tokens_seen, lr, loss_sum, counted, grad_norm, by_source))
             self._bar.update(1)
             stopping = self._stop_agreed(stop) and s.step < t.total_steps  # at the end, just finish
             due = s.step % t.ckpt_every == 0 or s.step == t.total_steps or stopping
@@ -470,19 +476,31 @@ class Trainer:
             main_process_decides(self.acc, self.wait_for_save)
         # the main process answers once its writes are done, so every process returns with them complete on disk
         best_dir = best if main_process_decides(self.acc, best.exists) else None
-        self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step)
+        if self.rows_drawn.sum():
+            log.info("%s: rows drawn in this session: %s (configured %s)", self.cfg.phase,
+                     ", ".join(f"{k.removeprefix('train/mixture/')} {v:.1%}" for k, v in self.realised_mixture().items()),
+                     ", ".join(f"{n} {p:.1%}" for n, p in zip(self.strategy.train.names, self.strategy.train.probs)))
+        self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step,
+                          **self.realised_mixture())
         return PhaseResult(self.cfg.phase, s, best_dir, latest)
 
     def _log_train(self, pending: list, tokens_per_sec: float) -> None:
         """Every step's values to the event log and CSV; the window's summary to the progress line and trackers."""
-        sums = self.acc.reduce(torch.stack([p[3].float() for p in pending]), "sum")  # one collective per progress line
-        losses = sums / torch.stack([p[4].float() for p in pending])
-        values = torch.stack([losses, torch.stack([p[5].float() for p in pending])], dim=1).tolist()  # one host sync
-        for (step, tokens, lr, *_), (loss, gnorm) in zip(pending, values):
+        names = self.strategy.train.names
+        local = torch.stack([torch.cat([p[3].float().view(1), p[6].flatten()]) for p in pending])
+        reduced = self.acc.reduce(local, "sum")  # loss sums and per-source counts: one collective per progress line
+        losses = reduced[:, 0] / torch.stack([p[4].float() for p in pending])
+        rows = torch.cat([torch.stack([losses, torch.stack([p[5].float() for p in pending])], dim=1), reduced[:, 1:]],
+                         dim=1).tolist()  # one host sync
+        values = [r[:2] for r in rows]
+        for (step, tokens, lr, *_), row in zip(pending, rows):
+            per_source = {f"train/tokens/{n}": row[2 + i] for i, n in enumerate(names)}
+            per_source |= {f"train/rows/{n}": row[2 + len(names) + i] for i, n in enumerate(names)}
             self.events.write("train", step, **{
-                "train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm, "train/tokens_seen": tokens,
-                "train/tokens_per_sec": tokens_per_sec,
+                "train/loss": row[0], "train/lr": lr, "train/grad_norm": row[1], "train/tokens_seen": tokens,
+                "train/tokens_per_sec": tokens_per_sec, **per_source,
             })
+            self.rows_drawn += np.array(row[2 + len(names):])
         empty = int(self.empty_micro_batches)
         if empty:
             log.warning("%s: %d micro-batches up to step %d had no counted tokens (every label -100); they "
@@ -497,7 +515,7 @@ class Trainer:
         norms = [v[1] for v in finite if math.isfinite(v[1])]
         step, tokens, lr = pending[-1][:3]
         progress = {"train/loss": avg, "train/lr": lr, "train/tokens_seen": tokens, "train/tokens_per_sec": tokens_per_sec,
-                    "train/grad_norm": sum(norms) / len(norms) if norms else float("nan")}
+                    "train/grad_norm": sum(norms) / len(norms) if norms else float("nan"), **self.realised_mixture()}
         if self.acc.scaler is not None:  # fp16: updates the scaler skipped (finite loss, overflowed gradient)
             progress["train/loss_scale"] = self.acc.scaler.get_scale()
             progress["train/scaler_skips"] = len(finite) - len(norms)
@@ -511,6 +529,13 @@ class Trainer:
             return
         log.info("%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s", self.cfg.phase, step, self.t.total_steps,
                  lr, avg, _fmt(self.state.last_val_loss), f"{tokens_per_sec:,.0f}")
+
+    def realised_mixture(self) -> dict[str, float]:
+        """Each source's share of the training rows drawn in this session so far (configured: strategy.train.probs)."""
+        total = self.rows_drawn.sum()
+        if not total:
+            return {}
+        return {f"train/mixture/{n}": float(r / total) for n, r in zip(self.strategy.train.names, self.rows_drawn)}
 
     def _eval_and_track(self) -> bool:
         s = self.state

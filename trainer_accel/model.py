@@ -24,11 +24,15 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.H, C // self.H).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if mask is None:  # the flash / fused causal kernels
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:  # packed rows: causal within each example (see packed_layout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
@@ -51,9 +55,25 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.C, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask)
         return x + self.mlp(self.ln2(x))
+
+
+def packed_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) example ids of packed rows -> positions that start at 0 with each example, and the (B, 1, T, T)
+    attention mask that lets a token see only the tokens before it in its own example (block-diagonal causal).
+
+    SDPA with this boolean mask on every device: on an H200 it measured faster end to end than FlexAttention, whose
+    kernel is quicker (0.74 vs 0.92 ms at GPT-2 small's shape) but whose block mask must be built for every batch
+    (docs/devices.md)."""
+    T = segments.shape[1]
+    ar = torch.arange(T, device=segments.device)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    pos = ar - torch.cummax(torch.where(first, ar, 0), dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return pos, ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 
 class GPT(nn.Module):
@@ -83,14 +103,15 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """`segments` (B, T): packed rows' example ids; each example then sees only itself, from position 0."""
         B, T = idx.shape
         if T > self.cfg.T:
             raise ValueError(f"sequence of {T} tokens is longer than the model context T={self.cfg.T}")
-        pos = torch.arange(T, device=idx.device)
+        pos, mask = (torch.arange(T, device=idx.device), None) if segments is None else packed_layout(segments)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import checkpoint_phase, find_resume_checkpoint, phase_finished
@@ -96,16 +97,16 @@ class PhasePlan:
     def passes(self) -> dict[str, float]:
         """How many times the run reads each training source over: rows drawn by its share, against the cache's
         tokens (streams) or examples (SFT)."""
-        t, out = self.cfg.train, {}
-        total = sum(p for p in self.cfg.sources.values() if p > 0)
+        t, out, mixture = self.cfg.train, {}, self.cfg.mixture()
         for c in self.caches:
-            share = self.cfg.sources.get(c["source"], 0) / total
+            share = mixture.get(c["name"], 0)
             if c["split"] != "train" or c["status"] != "found" or share <= 0:
                 continue
+            key = c["source"] if self.cfg.phase == "pretrain" else c["name"]  # SFT may name a stream and a set alike
             if c.get("examples"):
-                out[c["source"]] = self.steps_to_run * t.B * t.accum_steps * self.processes * share / c["examples"]
+                out[key] = self.steps_to_run * t.B * t.accum_steps * self.processes * share / c["examples"]
             else:
-                out[c["source"]] = self.steps_to_run * self.tokens_per_step * share / c["tokens"]
+                out[key] = self.steps_to_run * self.tokens_per_step * share / c["tokens"]
         return out
 
     def warnings(self) -> list[str]:
@@ -122,15 +123,17 @@ class PhasePlan:
 
 
 def _describe_caches(cfg: PhaseConfig, paths: Paths) -> list[dict[str, Any]]:
-    train_kind, train, val, val_kind = phase_cache_paths(cfg, paths)
+    train, val = phase_cache_paths(cfg, paths)
     out = []
-    for split, kind, pairs in (("train", train_kind, train), ("val", val_kind, val)):
-        for source, path in pairs:
-            row = {"split": split, "source": source, "path": str(path), "status": "missing"}
-            if path.is_file():
+    for split, refs in (("train", train), ("val", val)):
+        for r in refs:
+            row = {"split": split, "source": r.source, "name": r.name, "path": str(r.path), "status": "missing"}
+            if r.path.is_file():
                 try:
-                    meta = open_cache(path, kind).meta
-                    row.update(status="found", tokens=meta["num_tokens"], examples=meta.get("num_examples"))
+                    cache = open_cache(r.path, r.kind)
+                    row.update(status="found", tokens=cache.meta["num_tokens"], examples=cache.meta.get("num_examples"))
+                    if cache.starts is not None:  # examples longer than a row are cut at T+1 tokens, packed or not
+                        row["cut"] = float(np.mean(np.diff(cache.starts) > cfg.seq_len + 1))
                 except UserError as e:
                     row.update(status=f"invalid: {e.problems[0]}")
             out.append(row)
@@ -236,8 +239,9 @@ def format_phase_plan(plan: PhasePlan, paths: Paths, precision: str = "no", rate
         "passes over the training caches: " + (", ".join(f"{s} {n:,.0f}" if n >= 10 else f"{s} {n:.2g}"
                                                          for s, n in plan.passes().items()) or "-"),
         "caches:",
-        *(f"  {c['split']:<5} {c['source']:<7} {c['status']:<8} {c['path']}"
+        *(f"  {c['split']:<5} {c['name']:<14} {c['status']:<8} {c['path']}"
           + (f"  {c['tokens']:,} tokens" if "tokens" in c else "") + (f", {c['examples']:,} examples" if c.get("examples") else "")
+          + (f", {c['cut']:.0%} longer than T+1={cfg.seq_len + 1} and cut" if c.get("cut") else "")
           for c in plan.caches),
         f"  data fingerprint: {plan.data_fingerprint or '- (caches missing or invalid)'}",
         f"checkpoints: {plan.checkpoint_bytes / 2**20:,.1f} MiB each in {paths.phase_dir(cfg.phase)}; {written} to write "

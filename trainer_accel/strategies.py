@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, TRAIN_TAG, VAL_TAG, Cache, address_rng, masked_targets, sft_rows, stream_rows
+from .data import IGNORE_INDEX, TRAIN_TAG, VAL_TAG, Cache, address_rng, draw_rows, masked_targets
 from .tokenizer import ASST, DOC, EOT
 
 VAL_SEED = 0  # validation batches are the same for every run, so val losses compare across runs and seeds
@@ -21,41 +21,54 @@ VAL_SEED = 0  # validation batches are the same for every run, so val losses com
 
 @dataclass
 class Batch:
-    """x: (B, T) inputs; y: (B, T) next tokens; y_masked: y with -100 where the loss must not look."""
+    """x: (B, T) inputs; y: (B, T) next tokens; y_masked: y with -100 where the loss must not look; source: (B, T)
+    the cache each target came from; row_source: (B,) the cache each row was drawn for; segments: (B, T) the packed
+    example of each input token, or None for rows of one example or window (the model's plain causal path)."""
 
     x: torch.Tensor
     y: torch.Tensor
     y_masked: torch.Tensor
+    source: torch.Tensor | None = None
+    row_source: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
         pin = device.type == "cuda"
         move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if pin else (lambda t: t.to(device))
         y = move(self.y)
-        return Batch(move(self.x), y, y if self.y_masked is self.y else move(self.y_masked))
+        rest = (None if t is None else move(t) for t in (self.source, self.row_source, self.segments))
+        return Batch(move(self.x), y, y if self.y_masked is self.y else move(self.y_masked), *rest)
 
 
 @dataclass
 class RowSource:
-    """A mixture of caches to draw rows from: streams (random windows) or SFT examples (one per row)."""
+    """A mixture of caches to draw rows from: stream windows and SFT examples (one per row, or packed)."""
 
     caches: list[Cache]
     probs: np.ndarray
     T: int
-    kind: str  # "stream" or "sft"
+    kinds: list[str]  # "stream" or "sft", per cache
+    names: list[str]  # "streams/wiki", "sft/dolly": per cache, for the per-source counts
+    pack: bool = False
 
     def batch(self, rng: np.random.Generator, n: int, keep: slice) -> Batch:
-        if self.kind == "stream":
-            rows = torch.from_numpy(stream_rows(self.caches, self.probs, rng, n, self.T, keep))
-            y = rows[:, 1:]
-            return Batch(rows[:, :-1], y, y)  # every target counts in a stream
         s = self.caches[0].meta["special_tokens"]
-        rows = sft_rows(self.caches, self.probs, rng, n, self.T, s[DOC], keep)
-        y_masked = masked_targets(rows, s[ASST], s[EOT])
-        rows = torch.from_numpy(rows)
-        return Batch(rows[:, :-1], rows[:, 1:], torch.from_numpy(y_masked))
+        rows = draw_rows(self.caches, self.kinds, self.probs, rng, n, self.T, s[DOC], keep, self.pack)
+        tokens = torch.from_numpy(rows.tokens)
+        y = tokens[:, 1:]
+        if "sft" in self.kinds:  # answers only; a stream row's targets all count
+            y_masked = masked_targets(rows.tokens, s[ASST], s[EOT])
+            streams = np.array([self.kinds[i] == "stream" for i in rows.row_source], dtype=bool)
+            y_masked[streams] = rows.tokens[streams, 1:]
+            y_masked = torch.from_numpy(y_masked)
+        else:
+            y_masked = y
+        segments = None if rows.segment is None else torch.from_numpy(rows.segment[:, :-1])
+        return Batch(tokens[:, :-1], y, y_masked, torch.from_numpy(rows.source[:, 1:]), torch.from_numpy(rows.row_source),
+                     segments)
 
-    def describe(self, names: list[str]) -> str:
-        return ", ".join(f"{n} {p:.3g}" for n, p in zip(names, self.probs))
+    def describe(self) -> str:
+        return ", ".join(f"{n} {p:.3g}" for n, p in zip(self.names, self.probs))
 
 
 class Strategy:
@@ -89,9 +102,18 @@ class Strategy:
         """Counted targets, as a tensor on the batch's device (reading it would be a host sync)."""
         return (self.targets(batch) != IGNORE_INDEX).sum()
 
+    def count_by_source(self, batch: Batch) -> torch.Tensor:
+        """(2, sources): counted targets and rows per training source (train.names), on the device, no host sync."""
+        n = len(self.train.names)
+        counted = (self.targets(batch) != IGNORE_INDEX).flatten().float()
+        tokens = torch.zeros(n, device=counted.device).scatter_add_(0, batch.source.flatten(), counted)
+        rows = torch.zeros(n, device=counted.device).scatter_add_(0, batch.row_source, torch.ones_like(batch.row_source,
+                                                                                                     dtype=torch.float))
+        return torch.stack([tokens, rows])
+
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of per-token cross-entropy, number of counted tokens); the loop does the weighting."""
-        logits = model(batch.x)  # (B, T, V)
+        logits = model(batch.x) if batch.segments is None else model(batch.x, batch.segments)  # (B, T, V)
         targets = self.targets(batch)
         total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return total, (targets != IGNORE_INDEX).sum()
@@ -107,7 +129,8 @@ class PretrainStrategy(Strategy):
 
 
 class SFTStrategy(Strategy):
-    """Instruction examples; cross-entropy only on answers (see data.answer_mask)."""
+    """Instruction examples, packed or one per row, with stream rows mixed in as replay; cross-entropy on the
+    answers (see data.answer_mask) and on every target of a replayed stream row."""
 
     name, stage_id = "sft", 1
 
