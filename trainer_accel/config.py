@@ -274,15 +274,21 @@ def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> li
     return out
 
 
-def _sources_problems(sources: Any, example: str, where: str) -> list[str]:
-    if not isinstance(sources, dict) or not sources:
-        return [f"{where}: expected a non-empty object of source -> probability, e.g. {{\"{example}\": 1.0}}"]
+def _entry_problems(weights: dict, where: str, noun: str) -> list[str]:
+    """Each entry of a source -> weight object: a valid source name, a number >= 0."""
     out = []
-    for name, p in sources.items():
+    for name, p in weights.items():
         if problem := source_name_problem(name):
             out.append(f"{where}.{name}: {problem}")
         if not _type_ok(p, float) or p < 0:
-            out.append(f"{where}.{name}: probability must be a number >= 0, got {json.dumps(p)}")
+            out.append(f"{where}.{name}: {noun} must be a number >= 0, got {json.dumps(p)}")
+    return out
+
+
+def _sources_problems(sources: Any, example: str, where: str) -> list[str]:
+    if not isinstance(sources, dict) or not sources:
+        return [f"{where}: expected a non-empty object of source -> probability, e.g. {{\"{example}\": 1.0}}"]
+    out = _entry_problems(sources, where, "probability")
     if not out and abs(sum(sources.values()) - 1.0) > 1e-6:
         out.append(f"{where}: probabilities must sum to 1, they sum to {sum(sources.values()):.6g}")
     if not out and all(p == 0 for p in sources.values()):
@@ -294,12 +300,7 @@ def _replay_problems(replay: Any, where: str) -> list[str]:
     """SFT replay: {stream source: share of the training rows}; the SFT sources fill the rest of the rows."""
     if not isinstance(replay, dict):
         return [f"{where}: expected an object of stream source -> share of the rows, e.g. {{\"wiki\": 0.1}}"]
-    out = []
-    for name, p in replay.items():
-        if problem := source_name_problem(name):
-            out.append(f"{where}.{name}: {problem}")
-        if not _type_ok(p, float) or p < 0:
-            out.append(f"{where}.{name}: share must be a number >= 0, got {json.dumps(p)}")
+    out = _entry_problems(replay, where, "share")
     if not out and sum(replay.values()) >= 1.0:
         out.append(f"{where}: shares sum to {sum(replay.values()):.6g}; they must leave rows for the SFT sources (< 1)")
     return out
