@@ -91,6 +91,24 @@ def test_second_signal_exits_at_once(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_signal_after_the_launchers_death_is_the_first_signal(monkeypatch):
+    """A queue stopping a job signals its whole process group: the launcher dies of it and the trainer sees that
+    before its own SIGTERM arrives. That SIGTERM is the first signal, not a second one (it used to exit at once
+    with -15, no checkpoint)."""
+    from trainer_accel import stopping
+
+    exits = []
+    monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(stopping, "WATCH_EVERY_S", 0.01)
+    with stopping.StopRequest() as stop:
+        stop._watch_launcher(launcher=-1)  # the parent is not that pid any more: the launcher is gone
+        assert stop.requested and exits == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [128 + signal.SIGTERM]
+
+
 def test_two_processes_stop_after_the_same_step_when_one_is_signalled(world):
     """The request is all-reduced and read a step later: whichever process gets the signal, both stop together."""
     import psutil

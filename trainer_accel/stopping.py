@@ -37,7 +37,8 @@ def started_by_a_launcher() -> bool:
 
 class StopRequest:
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # what asked for the stop: a signal, or SIGTERM for the launcher's death
+        self._signals = 0  # signals received: only a second *signal* stops at once
         self._previous: dict[int, object] = {}
         self._done = threading.Event()
 
@@ -50,9 +51,13 @@ class StopRequest:
                 return
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
+        self._signals += 1
+        if self._signals > 1:
             log.warning("second %s: stopping now, without a checkpoint", signal.Signals(signum).name)
             os._exit(128 + signum)
+        if self.signum is not None:  # the launcher's death asked first: a queue or scheduler signalling the whole
+            log.info("%s received; already stopping", signal.Signals(signum).name)  # group sends both at once
+            return
         self.signum = signum
         log.warning("%s received: finishing this step and writing a checkpoint (send again to stop at once)",
                     signal.Signals(signum).name)
