@@ -67,9 +67,6 @@ class RowSource:
         return Batch(tokens[:, :-1], y, y_masked, torch.from_numpy(rows.source[:, 1:]), torch.from_numpy(rows.row_source),
                      segments)
 
-    def describe(self) -> str:
-        return ", ".join(f"{n} {p:.3g}" for n, p in zip(self.names, self.probs))
-
 
 class Strategy:
     """Batches by address (seed, step, micro-step, rank); subclasses choose the targets the loss counts."""
