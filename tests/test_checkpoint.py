@@ -40,7 +40,7 @@ def test_round_trip_keeps_tied_weights_tied(tmp_path):
     assert "lm_head.weight" not in stored and "tok_emb.weight" in stored  # stored once
     meta = ckpt.read_meta(out)
     assert meta["tied"] == {"lm_head.weight": "tok_emb.weight"}
-    assert meta["format_version"] == 1 and set(meta["files"]) == {"model.safetensors", "optimizer.pt"}
+    assert meta["format_version"] == ckpt.FORMAT_VERSION and set(meta["files"]) == {"model.safetensors", "optimizer.pt"}
 
     fresh = tiny_model(seed=1)
     fresh.load_state_dict(ckpt.load_checkpoint(out).model_state, strict=True)
@@ -104,7 +104,8 @@ def test_export_cli_gives_the_six_keys_and_identical_logits(world):
     assert r.returncode == 0, r.stderr
     blob = torch.load(world / "exported" / "model.pt", weights_only=True)
     assert sorted(blob) == sorted(["model_cfg", "train_cfg", "model_state", "optimizer_state", "step", "best_val_loss"])
-    assert blob["step"] == 4 and blob["model_cfg"] == {**TINY_MODEL, "dropout": 0.0, "bias": False, "tie_embeddings": True}
+    assert blob["step"] == 4 and blob["model_cfg"] == {**TINY_MODEL, "dropout": 0.0, "bias": False, "tie_embeddings": True,
+                                                       "activation": "gelu", "ln_eps": 1e-5}
     assert blob["train_cfg"]["total_steps"] == 4 and isinstance(blob["best_val_loss"], float)
     assert set(blob["optimizer_state"]) == {"state", "param_groups"}
 

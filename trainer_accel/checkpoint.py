@@ -4,12 +4,12 @@ A checkpoint is a directory of three files:
     model.safetensors  canonical weights (no wrapper prefixes), each tied tensor stored once
     optimizer.pt       the optimizer's state_dict, read back with torch.load(weights_only=True)
     meta.json          the sidecar and the truth about the checkpoint: format version, phase, run id, step,
-                       best_val_loss, model_cfg, train_cfg, the config as given, tied-weight aliases, and the
-                       size and sha256 of the other two files. It is written last, so its presence marks the
+                       best_val_loss, model_cfg, train_cfg, the config as given, the tokenizer, tied-weight
+                       aliases, and the size and sha256 of the other two files. It is written last, so its presence marks the
                        directory complete, and its checksums catch truncation and flipped bytes alike.
 A directory is written under a hidden temporary name, every file and the directory fsynced, then renamed into
 place; `latest` and `best` are replaced by renaming too. Nothing here knows about strategies or phases beyond
-the name it is given.
+the name it is given. Sidecars of an older format version are upgraded as they are read (versions.py).
 """
 
 from __future__ import annotations
@@ -28,15 +28,28 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import MODEL_SHAPE_KEYS, shape_diff
+from .config import MODEL_FUNCTION_KEYS, MODEL_SHAPE_KEYS, complete_model_cfg, shape_diff
 from .data import sha256_file, write_atomic
 from .errors import UserError
 from .faults import fault_point
+from .versions import upgrade
 
 log = logging.getLogger(__name__)
 
 FORMAT = "trainer_accel.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+def _v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 records every model option (activation and ln_eps arrived with it; version 1 sidecars may lack
+    bias and tie_embeddings too) and the tokenizer file's path, which an export to Hugging Face needs."""
+    if isinstance(meta.get("model_cfg"), dict):
+        meta["model_cfg"] = complete_model_cfg(meta["model_cfg"])
+    meta.setdefault("tokenizer_path", None)
+    return meta
+
+
+UPGRADES = {1: _v1_to_v2}  # version -> the step to the next (versions.py)
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.safetensors", "optimizer.pt", "meta.json"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 BEST_PT_KEYS = ("model_cfg", "train_cfg", "model_state", "optimizer_state", "step", "best_val_loss")
@@ -78,7 +91,7 @@ def expand_aliases(state: dict[str, torch.Tensor], aliases: dict[str, str]) -> d
 # Writing
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     if os.name != "posix":
         return
     fd = os.open(path, os.O_RDONLY)
@@ -88,12 +101,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
+def swap_into_place(tmp: Path, target: Path) -> None:
     """Rename a finished temporary directory onto `target`, setting any old one aside first."""
     if target.exists():
         trash = target.with_name(f"{TRASH_PREFIX}{target.name}-{os.getpid()}-{time.time_ns()}")
@@ -103,7 +116,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _temp_dir_for(target: Path) -> Path:
@@ -138,7 +151,7 @@ def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], tied: d
         fault_point(f"before_{point}")
         write(tmp / name)
         fault_point(f"while_{point}", partial=tmp / name)
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
         fault_point(f"after_{point}")
         files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
     full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "tied": dict(tied), "files": files}
@@ -146,9 +159,9 @@ def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], tied: d
     write_atomic(tmp / META_FILE, (json.dumps(full_meta, indent=2) + "\n").encode())
     fault_point("while_meta", partial=tmp / META_FILE)
     fault_point("after_meta")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     fault_point("before_rename")
-    _swap_into_place(tmp, target)
+    swap_into_place(tmp, target)
     return target
 
 
@@ -184,10 +197,10 @@ def publish(source: Path, target: Path) -> None:
             os.link(source / name, tmp / name)
         except OSError:
             shutil.copy2(source / name, tmp / name)
-            _fsync_file(tmp / name)
-    _fsync_dir(tmp)
+            fsync_file(tmp / name)
+    fsync_dir(tmp)
     fault_point(f"before_{target.name}")  # before_latest, before_best
-    _swap_into_place(tmp, target)
+    swap_into_place(tmp, target)
 
 
 def prune_step_dirs(phase_dir: Path, keep_last_n: int) -> list[Path]:
@@ -252,8 +265,10 @@ def read_meta(ckpt: Path, verify: bool = True) -> dict[str, Any]:
         raise InvalidCheckpoint(f"{META_FILE} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InvalidCheckpoint(f"{META_FILE} is not a {FORMAT} sidecar")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InvalidCheckpoint(f"format version {meta.get('format_version')}, this trainer reads {FORMAT_VERSION}")
+    try:  # a newer version raises versions.NewerFormat, a UserError: refused, not set aside as broken
+        meta = upgrade(meta, "format_version", FORMAT_VERSION, UPGRADES, str(ckpt), "checkpoint", meta_file)
+    except ValueError as e:
+        raise InvalidCheckpoint(str(e)) from None
     for key in ("step", "model_cfg", "train_cfg", "best_val_loss", "phase", "run_id", "files"):
         if key not in meta:
             raise InvalidCheckpoint(f"{META_FILE} lacks '{key}'")
@@ -400,12 +415,18 @@ def _load_optimizer(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, with_optimizer: bool = True) -> LoadedCheckpoint:
-    """Load a checkpoint directory or an exported best.pt. Every read is safetensors or weights_only=True."""
+    """Load a checkpoint directory, an exported best.pt, or a Hugging Face GPT-2 directory (hf_gpt2.py; no
+    optimizer). Every read is safetensors or weights_only=True."""
     path = Path(path)
     if path.is_file():
         return _load_best_pt(path)
+    if (path / "config.json").is_file() and not (path / META_FILE).exists():
+        from .hf_gpt2 import load_hf_dir  # imports this module
+
+        return load_hf_dir(path)
     if not path.exists():
-        raise UserError(f"{path}: checkpoint not found (expected a checkpoint directory or an exported .pt file)")
+        raise UserError(f"{path}: checkpoint not found (expected a checkpoint directory, an exported .pt file or a "
+                        "Hugging Face GPT-2 directory)")
     try:
         meta = read_meta(path)
     except InvalidCheckpoint as e:
@@ -432,7 +453,7 @@ def _load_best_pt(path: Path) -> LoadedCheckpoint:
     # what the record knows of the run that wrote it (phase, caches, batch) is checked as a sidecar's is; the run id
     # is not carried: a run started from a .pt is a new run whose parent is that .pt (manifest.parent_record)
     record = verified_export_record(path) or {}
-    meta = {"model_cfg": blob["model_cfg"], "train_cfg": blob["train_cfg"], "phase": record.get("phase"), "run_id": None,
+    meta = {"model_cfg": complete_model_cfg(blob["model_cfg"]), "train_cfg": blob["train_cfg"], "phase": record.get("phase"), "run_id": None,
             **{k: record[k] for k in RECORD_CHECKS if record.get(k) is not None}}
     return LoadedCheckpoint(
         source=path, model_state=blob["model_state"], optimizer_state=blob["optimizer_state"],
@@ -441,9 +462,10 @@ def _load_best_pt(path: Path) -> LoadedCheckpoint:
 
 
 def check_model_cfg(loaded: LoadedCheckpoint, model_cfg: dict[str, Any]) -> None:
-    """Refuse weights that do not fit: shape, biases and tying all change the state dict (dropout does not)."""
-    saved = {"bias": False, "tie_embeddings": True, **(loaded.meta.get("model_cfg") or {})}
-    diff = shape_diff(saved, model_cfg, (*MODEL_SHAPE_KEYS, "bias", "tie_embeddings"))
+    """Refuse weights that do not fit or would mean another function: shape, biases and tying change the state
+    dict, the activation and the LayerNorm epsilon what it computes (dropout changes neither)."""
+    saved = complete_model_cfg(loaded.meta.get("model_cfg") or {})
+    diff = shape_diff(saved, complete_model_cfg(model_cfg), (*MODEL_SHAPE_KEYS, *MODEL_FUNCTION_KEYS))
     if diff:
         raise UserError(f"{loaded.source}: checkpoint model shape differs from the config ({diff}; checkpoint vs config)")
 
@@ -472,7 +494,7 @@ def export_best_pt(ckpt: Path, out: Path) -> Path:
     try:
         torch.save(blob, tmp)
         fault_point("export", partial=tmp)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -508,8 +530,8 @@ def verified_export_record(best_pt: Path) -> dict | None:
     return record
 
 
-RECORD_CHECKS = ("caches", "global_batch", "data_fingerprint", "config_fingerprint", "model_sha256",
-                 "parent")  # carried from its record into a .pt's meta
+RECORD_CHECKS = ("caches", "global_batch", "data_fingerprint", "config_fingerprint", "model_sha256", "parent",
+                 "tokenizer", "tokenizer_path")  # carried from its record into a .pt's meta
 
 
 def read_export_record(best_pt: Path) -> dict | None:

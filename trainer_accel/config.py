@@ -23,6 +23,8 @@ from .paths import source_name_problem
 
 PHASES = ("pretrain", "sft")
 MODEL_SHAPE_KEYS = ("V", "T", "C", "L", "H", "d_ff")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+MODEL_FUNCTION_KEYS = ("bias", "tie_embeddings", "activation", "ln_eps")  # with the shape: what the weights mean
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on attention weights and residual branches while training
     bias: bool = False  # biases in Linear and LayerNorm layers
     tie_embeddings: bool = True  # output projection shares the token embedding matrix (stored once)
+    activation: str = "gelu"  # MLP activation: "gelu" (exact, erf) or "gelu_tanh" (the tanh form, GPT-2's gelu_new)
+    ln_eps: float = 1e-5  # LayerNorm epsilon (GPT-2's layer_norm_epsilon)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,7 +118,8 @@ class PhaseConfig:
     train: TrainConfig
     sources: dict[str, float]  # training caches to mix and their probabilities
     val_source: str  # stream cache evaluated (SFT prefers its own val caches when they exist)
-    init_from: str | None  # SFT: checkpoint dir or .pt whose weights start the phase
+    init_from: str | None  # weights to start from, optimizer fresh: a checkpoint dir, an exported .pt or a Hugging Face
+    # GPT-2 directory (config.json + model.safetensors or pytorch_model.bin); a pipeline's SFT takes the pretrain best
     path: Path  # the config file
     raw: dict = field(repr=False)  # the JSON as given, with the --set overrides applied
     sample_prompts: list[SamplePrompt] = field(default_factory=list)  # completions written at every checkpoint
@@ -230,7 +235,18 @@ def _model_problems(m: ModelConfig, where: str) -> list[str]:
         out.append(f"{where}.C: width {m.C} must be divisible by the number of heads H={m.H}")
     if not 0.0 <= m.dropout < 1.0:
         out.append(f"{where}.dropout: must be in [0, 1), got {m.dropout}")
+    if m.activation not in ACTIVATIONS:
+        out.append(f"{where}.activation: expected one of {', '.join(ACTIVATIONS)}, got {json.dumps(m.activation)}")
+    if not (math.isfinite(m.ln_eps) and 0.0 < m.ln_eps < 1.0):
+        out.append(f"{where}.ln_eps: must be in (0, 1), got {m.ln_eps}")
     return out
+
+
+def complete_model_cfg(saved: dict[str, Any]) -> dict[str, Any]:
+    """A model_cfg as an older trainer recorded it, with the options it did not know yet at their defaults: the
+    defaults are what every earlier trainer computed (no biases, tied head, exact GELU, epsilon 1e-5)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved}
 
 
 def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> list[str]:
@@ -353,7 +369,7 @@ def parse_tracking(value: Any, where: str, problems: list[str]) -> TrackingConfi
 DEFAULT_PRETRAIN_SOURCES = {"wiki": 0.784, "roam": 0.196, "primer": 0.020}
 SAMPLE_KEYS = {"sample_prompts", "sample_seed", "tracking"}
 PHASE_KEYS = {
-    "pretrain": {"model_cfg", "train_cfg", "sources", "val_source"} | SAMPLE_KEYS,
+    "pretrain": {"model_cfg", "train_cfg", "sources", "val_source", "init_from"} | SAMPLE_KEYS,
     "sft": {"model_cfg", "train_cfg", "sft_sources", "replay", "val_source", "init_from"} | SAMPLE_KEYS,
 }
 PIPELINE_KEYS = {"pretrain_config_path", "sft_config_path"}

@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import UserError
 from .tokenizer import Tokenizer
+from .versions import upgrade
 
 CACHE_FORMAT = "trainer_accel.cache"
 CACHE_VERSION = 1
@@ -88,6 +89,7 @@ class Cache:
         return np.memmap(self.path, dtype=np.dtype(self.meta["dtype"]), mode="r")
 
 
+CACHE_UPGRADES: dict = {}  # version -> the step to the next (versions.py); version 1 is the first there was
 REQUIRED_META = ("format", "version", "kind", "dtype", "num_tokens", "vocab_size", "tokenizer", "special_tokens", "sha256")
 
 
@@ -105,8 +107,12 @@ def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
     missing = [k for k in REQUIRED_META if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise UserError(f"{mp}: meta lacks {', '.join(missing)}")
-    if meta["format"] != CACHE_FORMAT or meta["version"] != CACHE_VERSION:
-        raise UserError(f"{mp}: format {meta['format']} v{meta['version']}, expected {CACHE_FORMAT} v{CACHE_VERSION}")
+    if meta["format"] != CACHE_FORMAT:
+        raise UserError(f"{mp}: format {meta['format']!r}, expected {CACHE_FORMAT}")
+    try:
+        meta = upgrade(meta, "version", CACHE_VERSION, CACHE_UPGRADES, str(mp), "cache", mp)
+    except ValueError as e:
+        raise UserError(f"{mp}: {e}") from None
     if meta["kind"] != kind:
         raise UserError(f"{mp}: a {meta['kind']} cache where a {kind} cache belongs")
     if meta["dtype"] not in ("uint16", "uint32"):

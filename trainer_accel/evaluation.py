@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import hf_gpt2
 from .checkpoint import InvalidCheckpoint, LoadedCheckpoint, load_checkpoint, read_export_record, read_meta
 from .config import MODEL_SHAPE_KEYS, ModelConfig, shape_diff
 from .data import open_cache
@@ -170,6 +171,7 @@ def evaluate_checkpoints(paths: Paths, candidate: Path, baseline: Path, toleranc
         raise UserError(f"--tolerance: expected a number >= 0 (how far a pretrain val loss may rise, nats/token), "
                         f"got {tolerance:g}")
     cand, base = load_checkpoint(candidate, with_optimizer=False), load_checkpoint(baseline, with_optimizer=False)
+    base = hf_gpt2.fit(base, ModelConfig(**cand.meta["model_cfg"]))  # a GPT-2 baseline grown as SFT's start was
     diff = shape_diff(base.meta["model_cfg"], cand.meta["model_cfg"], MODEL_SHAPE_KEYS)
     if diff:
         raise UserError(f"{baseline}: cannot be compared with {candidate}: the models differ ({diff}; baseline vs "

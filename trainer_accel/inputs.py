@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hf_gpt2
 from .checkpoint import LoadedCheckpoint, check_model_cfg, load_checkpoint
 from .config import PhaseConfig
 from .data import Cache, answer_mask, open_cache
@@ -37,10 +38,12 @@ class PhaseInputs:
         return tokenizer_from_meta(self.caches[0].meta)
 
     def data_info(self) -> dict:
-        """What a checkpoint records of its data: each cache's sha256 by name, and one fingerprint of them all."""
+        """What a checkpoint records of its data: the tokenizer (its identity, and for a tokenizer.json its path),
+        each cache's sha256 by name, and one fingerprint of them all."""
         caches = {f"{c.path.parent.name}/{c.path.name}": c.meta["sha256"] for c in self.caches}
         fingerprint = hashlib.sha256(json.dumps(caches, sort_keys=True).encode()).hexdigest()
-        return {"tokenizer": self.tokenizer, "caches": caches, "data_fingerprint": fingerprint}
+        return {"tokenizer": self.tokenizer, "tokenizer_path": self.caches[0].meta.get("tokenizer_path"), "caches": caches,
+                "data_fingerprint": fingerprint}
 
 
 @dataclass(frozen=True)
@@ -168,8 +171,22 @@ def check_start_checkpoint(path: Path | None, cfg: PhaseConfig, with_optimizer: 
     if path is None:
         return None
     loaded = load_checkpoint(path, with_optimizer=with_optimizer)
+    if with_optimizer and loaded.meta.get("format") == hf_gpt2.HF_FORMAT:
+        raise UserError(f"{path}: a Hugging Face directory has no optimizer state or step to resume; name it in the "
+                        "config's init_from to start from its weights")
+    loaded = hf_gpt2.fit(loaded, cfg.model)
     check_model_cfg(loaded, cfg.model.to_dict())
     return loaded
+
+
+def same_tokenizer(start: LoadedCheckpoint | None, inputs: PhaseInputs) -> list[str]:
+    """The weights a phase starts from must have learnt the ids its caches hold: the same tokenizer (a start that
+    records none, such as a GPT-2 directory without a tokenizer.json, cannot be checked)."""
+    learnt = start.meta.get("tokenizer") if start is not None else None
+    if learnt is None or learnt == inputs.tokenizer:
+        return []
+    return [f"{start.source}: its weights learnt the ids of tokenizer {learnt}, this phase's caches were made with "
+            f"{inputs.tokenizer}; prepare the caches with its tokenizer (prepare --tokenizer PATH/tokenizer.json)"]
 
 
 def collect(*checks) -> list:

@@ -42,17 +42,18 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.C, cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.C, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.down(F.gelu(self.up(x))))
+        return self.drop(self.down(F.gelu(self.up(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.C, bias=cfg.bias)
+        self.ln1 = nn.LayerNorm(cfg.C, eps=cfg.ln_eps, bias=cfg.bias)
         self.attn = SelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.C, bias=cfg.bias)
+        self.ln2 = nn.LayerNorm(cfg.C, eps=cfg.ln_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,7 +85,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.T, cfg.C)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.L))
-        self.ln_f = nn.LayerNorm(cfg.C, bias=cfg.bias)
+        self.ln_f = nn.LayerNorm(cfg.C, eps=cfg.ln_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.C, cfg.V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

@@ -192,7 +192,7 @@ def command_plans(phase: str, configs: list[PhaseConfig], paths: Paths, processe
         if phase == "pipeline" and cfg.phase == "sft":  # SFT starts from what pretrain leaves in best/
             init = paths.phase_dir("pretrain") / "best"
             pending = not init.exists() or not phase_finished(paths.phase_dir("pretrain"), configs[0].train.total_steps)
-        elif cfg.phase == "sft" and cfg.init_from:
+        elif cfg.init_from:
             init = paths.config_checkpoint(cfg.init_from)
         plans.append(phase_plan(cfg, paths, processes, explicit, auto_resume, init, pending))
     return plans

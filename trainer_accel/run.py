@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
+from . import hf_gpt2
 from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, checkpoint_phase, find_resume_checkpoint, phase_finished,
                          read_meta, reconcile_pointers, set_aside_broken, sweep_leftovers)
 from .collective import main_process_decides
@@ -28,7 +29,7 @@ from .errors import UserError, exit_with, raise_if_any, report
 from .evaluation import evaluate_checkpoints, format_summary
 from .export import publish
 from .hardware import compute_warnings
-from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect
+from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect, same_tokenizer
 from .loop import PhaseResult, Trainer
 from .manifest import model_sha256
 from .overrides import Override, parse_overrides
@@ -187,6 +188,7 @@ def plan_phase(acc, cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_re
     init = init if resume is None else None  # a resumed phase continues its own weights
     inputs, resumed, initial = collect(lambda: check_phase_inputs(cfg, paths), lambda: check_start_checkpoint(resume, cfg),
                                        lambda: check_start_checkpoint(init, cfg, with_optimizer=False))
+    raise_if_any(same_tokenizer(initial, inputs))
     return inputs, resumed, initial
 
 
@@ -235,6 +237,8 @@ def same_weights(checkpoint: Path, weights_sha256: str | None) -> bool:
     """Whether a checkpoint still holds the weights a run recorded (a .pt or an old record: not checkable, trusted)."""
     if weights_sha256 is None or not checkpoint.is_dir():
         return True
+    if hf_gpt2.is_hf_dir(checkpoint):
+        return hf_gpt2.weights_sha256(checkpoint) == weights_sha256
     try:
         return model_sha256(read_meta(checkpoint, verify=False)) == weights_sha256
     except InvalidCheckpoint:
@@ -261,7 +265,7 @@ def run_single(args: argparse.Namespace, paths: Paths, overrides: list[Override]
         if args.no_resume and acc.is_main_process:
             set_aside(paths.phase_dir(cfg.phase))
         tidy_phase_dir(acc, paths.phase_dir(cfg.phase), auto_resume=args.resume is None and not args.no_resume)
-        init = paths.config_checkpoint(cfg.init_from) if cfg.phase == "sft" and cfg.init_from else None
+        init = paths.config_checkpoint(cfg.init_from) if cfg.init_from else None
         if cfg.phase == "sft" and init is None:
             log.warning("%s: init_from is null, SFT starts from random weights", cfg.path)
         inputs, resumed, initial = plan_phase(acc, cfg, paths, args.resume, not args.no_resume, init)
@@ -315,7 +319,8 @@ def pipeline_phases(acc, args: argparse.Namespace, paths: Paths, pre: PhaseConfi
     else:
         pre_resume = args.resume if resume_phase == "pretrain" else None
         # both phases' inputs are checked before any time is spent on pretrain
-        pre_plan, _ = collect(lambda: plan_phase(acc, pre, paths, pre_resume, auto, None),
+        pre_init = paths.config_checkpoint(pre.init_from) if pre.init_from else None
+        pre_plan, _ = collect(lambda: plan_phase(acc, pre, paths, pre_resume, auto, pre_init),
                               lambda: check_phase_inputs(sft, paths))
         run_phase(acc, pre, paths, *pre_plan, outcome)
     if not sft_started and not main_process_decides(acc, pre_best.exists):

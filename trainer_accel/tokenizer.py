@@ -88,8 +88,7 @@ class HFTokenizer:
         self.special = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
         self._tok.encode_special_tokens = True  # text that spells a special token stays text
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-        self.identity = f"hf-{digest}"
+        self.identity = file_identity(path)
         self.path = str(Path(path).resolve())  # recorded in cache metas, so samples can be decoded later
 
     def encode(self, text: str) -> list[int]:
@@ -101,6 +100,16 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def hf_json(self) -> str:
+        """This tokenizer as a tokenizer.json, with the special tokens added here (the library does not write the
+        setting that keeps typed special tokens as text: that is the reader's choice, see hf_tokenizer.py)."""
+        return self._tok.to_str(pretty=True)
+
+
+def file_identity(path: Path) -> str:
+    """A tokenizer.json's identity: its bytes' sha256, so an edited file is another tokenizer."""
+    return f"hf-{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
 
 
 def load_tokenizer(path: str | Path | None) -> Tokenizer:

@@ -1,0 +1,133 @@
+"""A checkpoint as a Hugging Face transformers directory: `python -m trainer_accel.export --format hf`.
+
+The directory holds config.json and model.safetensors (hf_gpt2.py), generation_config.json, the tokenizer files
+with the chat template (hf_tokenizer.py) and trainer_accel_export.json, the record of where it came from. It is
+written under a temporary name and renamed into place, so a kill leaves the old directory or none; an existing
+--out is replaced only when it is empty or an earlier export of this trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from . import hf_gpt2
+from .checkpoint import TRASH_PREFIX, LoadedCheckpoint, fsync_dir, fsync_file, load_checkpoint, swap_into_place
+from .data import meta_path, write_atomic
+from .errors import UserError, raise_if_any
+from .hf_tokenizer import tokenizer_files
+from .manifest import model_sha256, now_iso
+from .paths import Paths
+from .tokenizer import DOC, EOT, ByteTokenizer, HFTokenizer, Tokenizer
+
+RECORD = hf_gpt2.EXPORT_RECORD
+
+
+def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -> Tokenizer:
+    """The tokenizer the checkpoint's caches were made with: built in, or its tokenizer.json, found through
+    --tokenizer, the path the checkpoint recorded, or a cache of the same tokenizer that records one; a file whose
+    identity differs is refused, since its ids would not be the ones the model learnt."""
+    identity = loaded.meta.get("tokenizer")
+    if identity is None:
+        raise UserError(f"{loaded.source}: records no tokenizer (an export made before tokenizers were recorded); "
+                        "export it from its checkpoint directory")
+    if identity == ByteTokenizer.identity:
+        if given is not None:
+            raise UserError(f"--tokenizer {given}: the checkpoint was trained on the built-in byte tokenizer; leave "
+                            "--tokenizer out")
+        return ByteTokenizer()
+    recorded = loaded.meta.get("tokenizer_path")
+    candidates = [given] if given is not None else [Path(recorded)] if recorded else []
+    if given is None:
+        for _, _, cache in paths.caches():
+            meta = _cache_meta(cache)
+            if meta.get("tokenizer") == identity and meta.get("tokenizer_path"):
+                candidates.append(Path(meta["tokenizer_path"]))
+    for path in candidates:
+        if path.is_file():
+            tok = HFTokenizer(path)
+            if tok.identity == identity:
+                return tok
+            if given is not None:
+                raise UserError(f"--tokenizer {given}: tokenizer {tok.identity}, but the checkpoint was trained on "
+                                f"{identity} (another file, or this one changed)")
+    raise UserError(f"{loaded.source}: its tokenizer.json ({identity}) is not at {recorded or 'a recorded path'}; "
+                    "pass the file the caches were made with as --tokenizer PATH")
+
+
+def _cache_meta(cache: Path) -> dict:
+    try:
+        meta = json.loads(meta_path(cache).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def generation_config(special: dict[str, int], context: int) -> dict[str, Any]:
+    """Greedy by default; a turn ends at <|eot|> and a document at <|endoftext|>, which also pads."""
+    return {"bos_token_id": special[DOC], "eos_token_id": [special[EOT], special[DOC]], "pad_token_id": special[DOC],
+            "max_length": context, "do_sample": False}
+
+
+def check_out(out: Path) -> None:
+    """--out may be new, empty, or an earlier export of ours; anything else is the user's and stays."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / RECORD).is_file():
+        raise UserError(f"--out {out}: a directory with other files in it (not an earlier export: no {RECORD}); "
+                        "choose a new or empty directory")
+
+
+def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = None,
+              verdict: str | None = None) -> dict[str, Any]:
+    """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record."""
+    check_out(out)
+    if hf_gpt2.is_hf_dir(source):
+        raise UserError(f"{source}: already a Hugging Face directory; nothing to export")
+    loaded = load_checkpoint(source, with_optimizer=False)
+    cfg = loaded.meta["model_cfg"]
+    raise_if_any([f"{source}: {p}; not exported (an approximation would compute something else)"
+                  for p in hf_gpt2.unrepresentable(cfg)])
+    tok = find_tokenizer(loaded, tokenizer, paths)
+    if tok.vocab_size > cfg["V"]:
+        raise UserError(f"{source}: the tokenizer has {tok.vocab_size} tokens, the model's V is {cfg['V']}")
+    eos = EOT if loaded.meta.get("phase") == "sft" else DOC
+    files = {
+        "config.json": json.dumps(hf_gpt2.hf_config(cfg, tok.special, eos, DOC), indent=2) + "\n",
+        "generation_config.json": json.dumps(generation_config(tok.special, cfg["T"]), indent=2) + "\n",
+        **tokenizer_files(tok, cfg["T"], eos),
+    }
+    record = {"format": "trainer_accel.export.hf", "out": str(out.resolve()), "exported_at": now_iso(),
+              "source": str(Path(source).resolve()), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
+              "step": loaded.step, "best_val_loss": loaded.best_val_loss, "model_sha256": model_sha256(loaded.meta),
+              "verdict": verdict, "tokenizer": tok.identity, "model_cfg": cfg}
+    sweep_leftovers(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        save_file(hf_gpt2.state_to_hf(loaded.model_state, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        fsync_file(tmp / "model.safetensors")
+        for name, text in {**files, RECORD: json.dumps(record, indent=2) + "\n"}.items():
+            write_atomic(tmp / name, text.encode())
+        fsync_dir(tmp)
+        swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+def sweep_leftovers(out: Path) -> None:
+    """What a killed export left beside --out: its temporary directory, or the earlier export it had set aside
+    (complete, so it goes back in place when --out is missing)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(out.parent.glob(f"{TRASH_PREFIX}{out.name}-*"), reverse=True):
+        if not out.exists() and (old / RECORD).is_file():
+            os.rename(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
