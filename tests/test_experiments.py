@@ -13,6 +13,7 @@ from trainer_accel import doctor, export, prepare, run, runs
 from trainer_accel.checkpoint import read_meta
 from trainer_accel.config import fingerprint, load_phase_config
 from trainer_accel.errors import UserError
+from trainer_accel.hardware import usable_cores
 from trainer_accel.loop import Trainer
 from trainer_accel.overrides import parse_overrides
 
@@ -64,7 +65,12 @@ def test_pipeline_overrides_reach_both_or_one_phase(world, capsys):
 
 def test_plan_prints_the_whole_plan_and_writes_nothing(world, capsys):
     cfg = write_config(world / "pre.json", "pretrain", {"keep_last_n": 2})
-    assert run.main(["--phase", "pretrain", "--config", str(cfg), "--plan", "--set", "train_cfg.total_steps=12"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())  # as a user's process has (the suite runs one thread: conftest.py)
+    try:
+        assert run.main(["--phase", "pretrain", "--config", str(cfg), "--plan", "--set", "train_cfg.total_steps=12"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert setting(out, "train_cfg.total_steps") == ["12", "override"] and setting(out, "train_cfg.B") == ["4", "file"]
     assert setting(out, "train_cfg.beta2") == ["0.95", "default"]

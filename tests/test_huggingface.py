@@ -251,8 +251,9 @@ def test_sft_from_a_gpt2_directory_exports_back_with_the_trained_weights(world, 
     done = run_cli("run", "--phase", "sft", "--config", "bad.json", cwd=world)
     assert done.returncode == 2
     where = f"{gpt2_dir}/config.json"
-    assert f"error: {where}: n_inner is 128 there, model_cfg.d_ff is 64 (set model_cfg.d_ff to 128)" in done.stderr
-    assert f"error: {where}: (GPT-2 always has biases) is true there, model_cfg.bias is false" in done.stderr
+    assert (f"error: {where}: n_inner (4 x n_embd when null) is 128 there, model_cfg.d_ff is 64 (set model_cfg.d_ff to "
+            "128)") in done.stderr
+    assert f"error: {where}: GPT-2 layers have biases, model_cfg.bias is false (set model_cfg.bias to true)" in done.stderr
     assert f'error: {where}: activation_function is "gelu_new" there, model_cfg.activation is "gelu"' in done.stderr
     assert not (world / "checkpoints" / "sft").exists() or not any((world / "checkpoints" / "sft").iterdir())
 

@@ -68,10 +68,11 @@ def _cache_meta(cache: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def generation_config(special: dict[str, int], context: int) -> dict[str, Any]:
-    """Greedy by default; a turn ends at <|eot|> and a document at <|endoftext|>, which also pads."""
+def generation_config(special: dict[str, int]) -> dict[str, Any]:
+    """Greedy by default; a turn ends at <|eot|> and a document at <|endoftext|>, which also pads. No length: a
+    max_length here draws a warning from every call that passes max_new_tokens, as pipelines do."""
     return {"bos_token_id": special[DOC], "eos_token_id": [special[EOT], special[DOC]], "pad_token_id": special[DOC],
-            "max_length": context, "do_sample": False}
+            "do_sample": False}
 
 
 def check_out(out: Path) -> None:
@@ -99,7 +100,7 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
     eos = EOT if loaded.meta.get("phase") == "sft" else DOC
     files = {
         "config.json": json.dumps(hf_gpt2.hf_config(cfg, tok.special, eos, DOC), indent=2) + "\n",
-        "generation_config.json": json.dumps(generation_config(tok.special, cfg["T"]), indent=2) + "\n",
+        "generation_config.json": json.dumps(generation_config(tok.special), indent=2) + "\n",
         **tokenizer_files(tok, cfg["T"], eos),
     }
     record = {"format": "trainer_accel.export.hf", "out": str(out.resolve()), "exported_at": now_iso(),

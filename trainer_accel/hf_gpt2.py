@@ -151,16 +151,16 @@ def model_cfg_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     })
 
 
-CONFIG_NAMES = {"T": "n_positions", "C": "n_embd", "L": "n_layer", "H": "n_head", "d_ff": "n_inner",
-                "bias": "(GPT-2 always has biases)", "tie_embeddings": "tie_word_embeddings",
-                "activation": "activation_function", "ln_eps": "layer_norm_epsilon", "V": "vocab_size"}
+CONFIG_NAMES = {"V": "vocab_size", "T": "n_positions", "C": "n_embd", "L": "n_layer", "H": "n_head",
+                "d_ff": "n_inner (4 x n_embd when null)", "tie_embeddings": "tie_word_embeddings",
+                "activation": "activation_function", "ln_eps": "layer_norm_epsilon"}
 
 
 def mismatches(hf_cfg: dict[str, Any], model: ModelConfig, where: str) -> list[str]:
     """One line per model option where the config disagrees with the checkpoint's config.json. A larger V is no
     mismatch: the embedding grows by rows for the tokens the checkpoint lacks (`grow_vocab`)."""
     ours = model.to_dict()
-    out = []
+    out = [] if model.bias else [f"{where}: GPT-2 layers have biases, model_cfg.bias is false (set model_cfg.bias to true)"]
     for key, name in CONFIG_NAMES.items():
         want, have = hf_cfg[key], ours[key]
         if key == "V" and have >= want or want == have:
