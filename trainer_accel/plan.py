@@ -21,7 +21,7 @@ from .config import PhaseConfig, load_phase_config, load_pipeline_config
 from .data import open_cache
 from .errors import UserError
 from .full_state import checkpoint_bytes
-from .inputs import check_phase_inputs, check_start_checkpoint, phase_cache_paths
+from .inputs import check_phase_inputs, check_start_checkpoint, phase_cache_paths, same_tokenizer
 from .model import GPT
 from .ownership import in_use
 from .paths import Paths
@@ -154,11 +154,12 @@ def phase_plan(cfg: PhaseConfig, paths: Paths, processes: int, resume: Path | No
             start_step, start = loaded.step, f"resume from {found} at step {loaded.step}"
         except UserError as e:
             problems += e.problems
-    elif init is not None:
+    initial = None
+    if found is None and init is not None:
         start = f"initialise from {init} (weights only{', once the pretrain phase has written it' if init_pending else ''})"
         if not init_pending:
             try:
-                loaded = check_start_checkpoint(init, cfg, with_optimizer=False)
+                loaded = initial = check_start_checkpoint(init, cfg, with_optimizer=False)
                 start = (f"initialise from {init} (weights only; step {loaded.step}, run "
                          f"{loaded.meta.get('run_id') or 'not recorded'})")
             except UserError as e:
@@ -166,7 +167,9 @@ def phase_plan(cfg: PhaseConfig, paths: Paths, processes: int, resume: Path | No
     plan = PhasePlan(cfg=cfg, processes=processes, parameters=model.num_params(), checkpoint_bytes=checkpoint_bytes(model),
                      start_step=start_step, start=start, caches=_describe_caches(cfg, paths))
     try:
-        plan.data_fingerprint = check_phase_inputs(cfg, paths).data_info()["data_fingerprint"]
+        inputs = check_phase_inputs(cfg, paths)
+        plan.data_fingerprint = inputs.data_info()["data_fingerprint"]
+        problems += same_tokenizer(initial, inputs)
     except UserError as e:
         problems += e.problems
     owner = in_use(paths, cfg.phase)
