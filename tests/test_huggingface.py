@@ -19,6 +19,7 @@ from trainer_accel import checkpoint as ckpt
 from trainer_accel import export, hf_gpt2
 from trainer_accel.config import ModelConfig, SamplePrompt
 from trainer_accel.data import open_cache
+from trainer_accel.faults import HF_EXPORT_POINTS
 from trainer_accel.full_state import tied_aliases
 from trainer_accel.model import GPT, generate
 from trainer_accel.samples import sample_text
@@ -190,6 +191,21 @@ def test_export_refuses_what_it_cannot_write_exactly_and_keeps_what_is_there(tmp
     assert export.main(["--format", "hf", "--checkpoint", "moved", "--out", "hf2"]) == 2
     assert ("its tokenizer.json (hf-0123456789abcdef) is not at gone/tokenizer.json; pass the file the caches were "
             "made with as --tokenizer PATH") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("point", HF_EXPORT_POINTS)
+def test_a_killed_hf_export_leaves_the_earlier_one_whole_and_the_next_cleans_up(tmp_path, point):
+    write_tiny_checkpoint(tmp_path / "ck", GPT(ModelConfig(**TINY_MODEL)))
+    args = ("export", "--format", "hf", "--checkpoint", "ck", "--out", "hf")
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    earlier = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    killed = run_cli(*args, cwd=tmp_path, env={"TRAINER_FAULT": point})
+    assert killed.returncode == -9, killed.stderr
+    if (tmp_path / "hf").exists():  # killed before the swap: the earlier export, whole; between its renames: none
+        assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == earlier
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "hf"]  # leftovers swept
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------

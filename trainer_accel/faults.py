@@ -2,7 +2,8 @@
 
 Set TRAINER_FAULT=POINT (the first time POINT is reached) or POINT:N (the N-th time) and the process SIGKILLs
 itself there, as a power cut or the OOM killer would. `while_*` points first cut the file being written to half
-its length, so a torn write is simulated too. POINTS are a checkpoint save's; PREPARE_POINTS are prepare's. Unset (always, outside tests) this costs one dict lookup.
+its length, so a torn write is simulated too. POINTS are a checkpoint save's; PREPARE_POINTS are prepare's;
+HF_EXPORT_POINTS those of `export --format hf`. Unset (always, outside tests) this costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ ENV = "TRAINER_FAULT"
 FILE_POINTS = tuple(f"{when}_{what}" for what in ("model", "optimizer", "meta") for when in ("before", "while", "after"))
 POINTS = FILE_POINTS + ("before_rename", "before_latest", "before_best", "mid_swap", "pruning", "export")
 PREPARE_POINTS = ("prepare_batch", "publish_rename")  # prepare: a batch of tokens written; a cache being renamed
+HF_EXPORT_POINTS = ("hf_export", "mid_swap")  # export --format hf: its files written, not yet in place; between renames
 _reached: Counter = Counter()
 
 

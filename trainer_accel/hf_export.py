@@ -20,6 +20,7 @@ from . import hf_gpt2
 from .checkpoint import TRASH_PREFIX, LoadedCheckpoint, fsync_dir, fsync_file, load_checkpoint, swap_into_place
 from .data import meta_path, write_atomic
 from .errors import UserError, raise_if_any
+from .faults import fault_point
 from .hf_tokenizer import tokenizer_files
 from .manifest import model_sha256, now_iso
 from .paths import Paths
@@ -115,6 +116,7 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
         fsync_file(tmp / "model.safetensors")
         for name, text in {**files, RECORD: json.dumps(record, indent=2) + "\n"}.items():
             write_atomic(tmp / name, text.encode())
+        fault_point("hf_export", partial=tmp / "model.safetensors")
         fsync_dir(tmp)
         swap_into_place(tmp, out)
     finally:
