@@ -17,7 +17,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from . import hf_gpt2
-from .checkpoint import TRASH_PREFIX, LoadedCheckpoint, fsync_dir, fsync_file, load_checkpoint, swap_into_place
+from .checkpoint import FILE_MODE, TRASH_PREFIX, LoadedCheckpoint, fsync_dir, fsync_file, load_checkpoint, swap_into_place
 from .data import meta_path, write_atomic
 from .errors import UserError, raise_if_any
 from .faults import fault_point
@@ -113,6 +113,7 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
     tmp.mkdir(parents=True)
     try:
         save_file(hf_gpt2.state_to_hf(loaded.model_state, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", FILE_MODE)  # safetensors writes 0600; a served model is read by others
         fsync_file(tmp / "model.safetensors")
         for name, text in {**files, RECORD: json.dumps(record, indent=2) + "\n"}.items():
             write_atomic(tmp / name, text.encode())
