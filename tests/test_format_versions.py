@@ -29,15 +29,17 @@ def v1_world(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for var in TRAINER_ENV:
         monkeypatch.delenv(var, raising=False)
-    for name in ("data", "checkpoints", "pretrain.json", "sft.json"):
-        (shutil.copytree if (FIXTURE / name).is_dir() else shutil.copy)(FIXTURE / name, tmp_path / name)
+    shutil.copytree(FIXTURE / "cache", tmp_path / "data" / "cache")
+    for phase in ("pretrain", "sft"):
+        shutil.copytree(FIXTURE / f"{phase}_step_0000004", tmp_path / "checkpoints" / phase / "step_0000004")
+        shutil.copy(FIXTURE / f"{phase}.json", tmp_path)
     return tmp_path
 
 
 def test_the_fixtures_are_version_1():
-    assert json.loads((FIXTURE / PRE / "meta.json").read_text())["format_version"] == 1
-    assert json.loads((FIXTURE / SFT / "meta.json").read_text())["format_version"] == 1
-    for meta in (FIXTURE / "data" / "cache").rglob("*.meta.json"):
+    for phase in ("pretrain", "sft"):
+        assert json.loads((FIXTURE / f"{phase}_step_0000004" / "meta.json").read_text())["format_version"] == 1
+    for meta in (FIXTURE / "cache").rglob("*.meta.json"):
         assert json.loads(meta.read_text())["version"] == 1
 
 
