@@ -165,7 +165,7 @@ def test_an_sft_model_answers_through_the_pipeline_as_through_our_sampler(world)
     assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": expected}
 
 
-def test_export_refuses_what_it_cannot_write_exactly_and_keeps_what_is_there(tmp_path, monkeypatch, capsys):
+def test_export_refuses_what_it_cannot_write_exactly_and_keeps_what_is_there(tmp_path, monkeypatch, capsys, bpe_json):
     monkeypatch.chdir(tmp_path)
     model = GPT(ModelConfig(**TINY_MODEL))
     write_tiny_checkpoint(tmp_path / "future", model)
@@ -191,6 +191,13 @@ def test_export_refuses_what_it_cannot_write_exactly_and_keeps_what_is_there(tmp
     assert export.main(["--format", "hf", "--checkpoint", "moved", "--out", "hf2"]) == 2
     assert ("its tokenizer.json (hf-0123456789abcdef) is not at gone/tokenizer.json; pass the file the caches were "
             "made with as --tokenizer PATH") in capsys.readouterr().err
+    moved = HFTokenizer(bpe_json)  # a tokenizer.json that moved after training: --tokenizer names it, checked
+    write_tiny_checkpoint(tmp_path / "moved", GPT(ModelConfig(**{**TINY_MODEL, "V": 320})), tokenizer=moved.identity,
+                          tokenizer_path="gone/tokenizer.json")
+    assert export.main(["--format", "hf", "--checkpoint", "moved", "--out", "hf2", "--tokenizer", str(bpe_json)]) == 0
+    (tmp_path / "edited.json").write_text(json.dumps(json.loads(bpe_json.read_text())))  # the same, other bytes
+    assert export.main(["--format", "hf", "--checkpoint", "moved", "--out", "hf2", "--tokenizer", "edited.json"]) == 2
+    assert f"but the checkpoint was trained on {moved.identity} (another file, or this one changed)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("point", HF_EXPORT_POINTS)

@@ -70,11 +70,10 @@ def export(source: Path, out: Path, paths: Paths) -> dict:
               "exported_at": now_iso(), "source": str(Path(source).resolve())}
     if Path(source).is_dir():
         meta = read_meta(source, verify=False)
-        summary = find_verdict(paths, meta.get("run_id"), model_sha256(meta))
         record.update({k: meta.get(k) for k in ("phase", "run_id", "step", "best_val_loss", "data_fingerprint",
                                                 "config_fingerprint", "parent", "caches", "global_batch", "tokenizer",
                                                 "tokenizer_path")})
-        record.update(model_sha256=model_sha256(meta), verdict=summary["verdict"] if summary else None)
+        record.update(model_sha256=model_sha256(meta), verdict=known_verdict(paths, Path(source)))
     else:  # re-exporting a .pt keeps what its own record knew
         earlier = read_export_record(Path(source)) or {}
         record.update({k: v for k, v in earlier.items() if k not in record})

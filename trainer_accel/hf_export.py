@@ -24,7 +24,7 @@ from .faults import fault_point
 from .hf_tokenizer import tokenizer_files
 from .manifest import model_sha256, now_iso
 from .paths import Paths
-from .tokenizer import DOC, EOT, ByteTokenizer, HFTokenizer, Tokenizer
+from .tokenizer import DOC, EOT, ByteTokenizer, HFTokenizer, Tokenizer, tokenizer_from_meta
 
 RECORD = hf_gpt2.EXPORT_RECORD
 
@@ -33,30 +33,24 @@ def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -
     """The tokenizer the checkpoint's caches were made with: built in, or its tokenizer.json, found through
     --tokenizer, the path the checkpoint recorded, or a cache of the same tokenizer that records one; a file whose
     identity differs is refused, since its ids would not be the ones the model learnt."""
-    identity = loaded.meta.get("tokenizer")
+    identity, recorded = loaded.meta.get("tokenizer"), loaded.meta.get("tokenizer_path")
     if identity is None:
         raise UserError(f"{loaded.source}: records no tokenizer (an export made before tokenizers were recorded); "
                         "export it from its checkpoint directory")
-    if identity == ByteTokenizer.identity:
-        if given is not None:
+    if given is not None:
+        if identity == ByteTokenizer.identity:
             raise UserError(f"--tokenizer {given}: the checkpoint was trained on the built-in byte tokenizer; leave "
                             "--tokenizer out")
-        return ByteTokenizer()
-    recorded = loaded.meta.get("tokenizer_path")
-    candidates = [given] if given is not None else [Path(recorded)] if recorded else []
-    if given is None:
-        for _, _, cache in paths.caches():
-            meta = _cache_meta(cache)
-            if meta.get("tokenizer") == identity and meta.get("tokenizer_path"):
-                candidates.append(Path(meta["tokenizer_path"]))
-    for path in candidates:
-        if path.is_file():
-            tok = HFTokenizer(path)
-            if tok.identity == identity:
-                return tok
-            if given is not None:
-                raise UserError(f"--tokenizer {given}: tokenizer {tok.identity}, but the checkpoint was trained on "
-                                f"{identity} (another file, or this one changed)")
+        tok = HFTokenizer(given)
+        if tok.identity != identity:
+            raise UserError(f"--tokenizer {given}: tokenizer {tok.identity}, but the checkpoint was trained on "
+                            f"{identity} (another file, or this one changed)")
+        return tok
+    metas = [{"tokenizer": identity, "tokenizer_path": recorded}] + [_cache_meta(cache) for _, _, cache in paths.caches()]
+    for meta in metas:
+        tok = tokenizer_from_meta(meta) if meta.get("tokenizer") == identity else None
+        if tok is not None:
+            return tok
     raise UserError(f"{loaded.source}: its tokenizer.json ({identity}) is not at {recorded or 'a recorded path'}; "
                     "pass the file the caches were made with as --tokenizer PATH")
 
