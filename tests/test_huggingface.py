@@ -212,7 +212,8 @@ def test_a_killed_hf_export_leaves_the_earlier_one_whole_and_the_next_cleans_up(
         assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == earlier
     assert run_cli(*args, cwd=tmp_path).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "hf"]  # leftovers swept
-    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}  # a whole export, every weight in it
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -198,8 +198,8 @@ def state_from_hf(tensors: dict[str, torch.Tensor], model_cfg: dict[str, Any], w
     m = ModelConfig(**model_cfg)
     found = {}
     for key, t in tensors.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")) and not key.endswith("c_attn.bias"):
-            continue  # GPT-2's causal-mask buffers
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # GPT-2's causal-mask buffers (c_attn.bias, the weight, ends in "_attn.bias")
         found[key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"] = t
     state, problems = {}, []
     for ours, theirs, transposed in layout(m.L):

@@ -46,8 +46,10 @@ def upgrade(doc: dict[str, Any], key: str, current: int, steps: dict[int, Step],
     for v in range(version, current):
         upgraded = steps[v](upgraded)
         upgraded[key] = v + 1
+    if version == current:
+        return upgraded
     notice = _file_identity(file) or where  # latest/ and best/ are hard links to a step's files: one notice
-    if version < current and notice not in _noticed:
+    if notice not in _noticed:
         _noticed.add(notice)
         log.info("%s: %s format version %d, upgraded to version %d as it was read (the file is unchanged)", where,
                  what, version, current)
