@@ -83,12 +83,32 @@ def test_second_signal_exits_at_once(monkeypatch):
 
     exits = []
     monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
+    clock = [100.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
     with stopping.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and exits == []
+        clock[0] += stopping.SAME_STOP_S
         os.kill(os.getpid(), signal.SIGTERM)
         assert exits == [128 + signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_one_stop_sent_twice_at_once_is_one_request(monkeypatch):
+    """A terminal or a queue signals the whole group and `accelerate launch` (from 1.16) passes its own signal on:
+    the trainer gets two a moment apart. That is one stop with a checkpoint, not "stop at once" (it was, and a
+    cancelled queue job lost its checkpoint)."""
+    from trainer_accel import stopping
+
+    exits = []
+    monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
+    clock = [100.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
+    with stopping.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        clock[0] += stopping.SAME_STOP_S / 2
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGINT and exits == []
 
 
 def test_a_signal_after_the_launchers_death_is_the_first_signal(monkeypatch):
@@ -100,11 +120,14 @@ def test_a_signal_after_the_launchers_death_is_the_first_signal(monkeypatch):
     exits = []
     monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
     monkeypatch.setattr(stopping, "WATCH_EVERY_S", 0.01)
+    clock = [100.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
     with stopping.StopRequest() as stop:
         stop._watch_launcher(launcher=-1)  # the parent is not that pid any more: the launcher is gone
         assert stop.requested and exits == []
         os.kill(os.getpid(), signal.SIGTERM)
         assert exits == []
+        clock[0] += stopping.SAME_STOP_S
         os.kill(os.getpid(), signal.SIGTERM)
         assert exits == [128 + signal.SIGTERM]
 

@@ -14,7 +14,7 @@ two jobs of one phase must not resume each other's checkpoints), and with the sh
 The job's `--result-json` is how the worker learns what happened, since `accelerate launch` turns every failing
 exit code into 1. Outcomes: completed; interrupted (runnable again: it resumes from its latest checkpoint);
 failed with exit 2, bad input, at once (retrying cannot fix a config); any other failure is retried until
-`max_attempts` attempts have failed. A worker sent SIGTERM or SIGINT passes it on to its job, waits for the job's
+`max_attempts` attempts have failed. A worker sent SIGTERM or SIGINT passes it on to its training processes, waits for the job's
 checkpoint, marks it interrupted and exits 3. Scheduling across machines is out of scope (use SLURM or Ray).
 Exit codes: 0 done (queue run: the queue is empty), 2 bad input, 3 the worker was stopped by a signal.
 """
@@ -248,8 +248,11 @@ def run_attempt(queue: JobQueue, job: Job, signals: Signals) -> tuple[int | None
             except subprocess.TimeoutExpired:
                 pass
             wanted = max(signals.count, int(queue.cancel_requested(job.id)))
-            if wanted > sent:  # the whole group: the launcher and the training processes it started
-                _signal_group(proc.pid, signal.SIGTERM if wanted == 1 else signal.SIGKILL)
+            if wanted > sent:
+                if wanted == 1:
+                    _signal_trainers(proc.pid, signal.SIGTERM)
+                else:
+                    _signal_group(proc.pid, signal.SIGKILL)
                 sent = wanted
         # the launcher can exit before its children (it does not forward signals): wait for all of them
         while _group_alive(proc.pid):
@@ -263,6 +266,23 @@ def run_attempt(queue: JobQueue, job: Job, signals: Signals) -> tuple[int | None
         return proc.returncode, "failed", f"exit code {proc.returncode} and no result file (killed, or crashed at start)", []
     outcome = {"completed": "completed", "interrupted": "interrupted"}.get(result["status"], "failed")
     return result["exit_code"], outcome, result.get("failure"), result.get("run_ids", [])
+
+
+def _signal_trainers(launcher: int, sig: int) -> None:
+    """Signal the training processes, not the launcher: `accelerate launch` (from 1.16) answers a SIGTERM by
+    terminating its children and killing them 5 s later, which would cut a large checkpoint short. Signalled
+    directly, each trainer saves at its own pace and the launcher exits when they have."""
+    import psutil
+
+    try:
+        children = psutil.Process(launcher).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in children or []:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(sig)
+    if not children:  # not started yet: the launcher is all there is
+        _signal_group(launcher, sig)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

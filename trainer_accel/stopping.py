@@ -1,7 +1,9 @@
 """Graceful stop on SIGTERM / SIGINT (preemption, Ctrl-C).
 
 The first signal asks the loop to finish its current optimizer step, write a checkpoint and exit with
-INTERRUPTED_EXIT; a second one exits at once. Handlers are installed only while a phase trains, and only in
+INTERRUPTED_EXIT; a second one exits at once. A signal within SAME_STOP_S of the first is the same request, not a
+second one: a queue or a terminal signals the whole process group, and `accelerate launch` (from 1.16) passes
+the signal it got on to the trainer as well, so one stop arrives as two signals a moment apart. Handlers are installed only while a phase trains, and only in
 the main thread (where Python delivers signals).
 
 A launcher's death is a stop request too. `accelerate launch` with one process does not pass on a SIGTERM or
@@ -16,6 +18,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ class Interrupted(Exception):
 
 LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")  # set by accelerate launch / torchrun
 WATCH_EVERY_S = 0.5
+SAME_STOP_S = 1.0  # signals this close to the first are the same stop (a group signal, and the launcher's copy)
 
 
 def started_by_a_launcher() -> bool:
@@ -38,7 +42,7 @@ def started_by_a_launcher() -> bool:
 class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None  # what asked for the stop: a signal, or SIGTERM for the launcher's death
-        self._signals = 0  # signals received: only a second *signal* stops at once
+        self._first_signal_at: float | None = None  # monotonic time of the first signal
         self._previous: dict[int, object] = {}
         self._done = threading.Event()
 
@@ -51,10 +55,14 @@ class StopRequest:
                 return
 
     def _handle(self, signum: int, frame) -> None:
-        self._signals += 1
-        if self._signals > 1:
+        now = time.monotonic()
+        if self._first_signal_at is not None and now - self._first_signal_at < SAME_STOP_S:
+            log.info("%s received; already stopping", signal.Signals(signum).name)  # the same stop, sent twice
+            return
+        if self._first_signal_at is not None:
             log.warning("second %s: stopping now, without a checkpoint", signal.Signals(signum).name)
             os._exit(128 + signum)
+        self._first_signal_at = now
         if self.signum is not None:  # the launcher's death asked first: a queue or scheduler signalling the whole
             log.info("%s received; already stopping", signal.Signals(signum).name)  # group sends both at once
             return
