@@ -37,7 +37,7 @@ TRAINER_ENV = ("TRAINER_DATA_DIR", "TRAINER_ARTIFACTS_DIR", "TRAINER_CHECKPOINTS
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """`prepare --demo` once per test process; each world gets its own copy (its files record relative paths)."""
-    from trainer_accel import prepare
+    from trainer_accel.data import prepare
 
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
@@ -221,7 +221,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def events(world: Path, kind: str | None = None) -> list[dict]:
-    from trainer_accel.metrics import read_events
+    from trainer_accel.observability.metrics import read_events
 
     recs = read_events(world / "metrics" / "events.jsonl")
     return [r for r in recs if kind is None or r["event"] == kind]

@@ -25,14 +25,13 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
 import trainer_accel.run as run
-
-make_accelerator = run.make_accelerator
+from trainer_accel.devices.accelerator import fsdp_plugin, make_accelerator
 
 
 def fsdp_on_cpu(device, mixed_precision):
     os.environ["ACCELERATE_USE_FSDP"] = "false"  # else the trainer refuses FSDP on the CPU, as it must for users
     acc = make_accelerator("cpu", mixed_precision)
-    plugin = run.fsdp_plugin(mixed_precision)
+    plugin = fsdp_plugin(mixed_precision)
     for shared in (AcceleratorState._shared_state, PartialState._shared_state):
         shared["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin

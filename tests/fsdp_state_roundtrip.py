@@ -11,14 +11,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from trainer_accel.config import ModelConfig
-from trainer_accel.full_state import gather_sharded_optimizer_state, scatter_sharded_optimizer_state
+from trainer_accel.checkpoints.full_state import gather_sharded_optimizer_state, scatter_sharded_optimizer_state
 
 CFG = ModelConfig(V=260, T=16, C=32, L=2, H=2, d_ff=64)
 
 
 def model_and_optimizer(sharded: bool):
     torch.manual_seed(0)
-    from trainer_accel.model import GPT
+    from trainer_accel.models.gpt import GPT
 
     model = GPT(CFG)
     if sharded:

@@ -60,7 +60,7 @@ def kill_anywhere(kills: int, workdir: Path, seed: int = 0, max_delay: float = 0
                   total_steps: int | None = None, start=_run) -> dict:
     from safetensors.torch import load_file
 
-    from trainer_accel.checkpoint import find_resume_checkpoint, read_meta
+    from trainer_accel.checkpoints.store import find_resume_checkpoint, read_meta
 
     rng = random.Random(seed)
     total = total_steps or max(60, kills * 40)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, run_cli, write_config
-from trainer_accel import checkpoint as ckpt
+from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.checkpoints.full_state import tied_aliases
 from trainer_accel.config import ModelConfig
-from trainer_accel.full_state import tied_aliases
-from trainer_accel.model import GPT
+from trainer_accel.models.gpt import GPT
 
 
 def tiny_model(seed: int = 0) -> GPT:
@@ -153,7 +153,7 @@ def test_an_exported_pt_is_checked_like_a_checkpoint_directory(world):
     hid the damage). Its record (best.pt.json) now says its phase, caches and sha256; without one, a warning."""
     import shutil
 
-    from trainer_accel import prepare
+    from trainer_accel.data import prepare
 
     pre = write_config(world / "pre.json", "pretrain", {"total_steps": 4})
     assert run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world).returncode == 0

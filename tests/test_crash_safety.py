@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, write_config
-from trainer_accel import checkpoint as ckpt
+from trainer_accel.checkpoints import store as ckpt
 from trainer_accel.faults import POINTS
 
 TRAIN = {"total_steps": 6, "ckpt_every": 2, "eval_every": 2, "keep_last_n": 2, "warmup_steps": 2}
@@ -20,7 +20,7 @@ TRAIN = {"total_steps": 6, "ckpt_every": 2, "eval_every": 2, "keep_last_n": 2, "
 def reference(tmp_path_factory):
     """One uninterrupted run: its final weights are what every interrupted run must end with."""
     root = tmp_path_factory.mktemp("reference")
-    from trainer_accel import prepare
+    from trainer_accel.data import prepare
 
     env = {"TRAINER_DATA_DIR": str(root / "data"), "TRAINER_ARTIFACTS_DIR": str(root)}
     r = run_cli("prepare", "--demo", cwd=root, env=env)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import events, free_port, run_cli, write_config
-from trainer_accel.data import sha256_file
+from trainer_accel.fsio import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATED = ROOT / "tests" / "emulated_run.py"
@@ -90,7 +90,7 @@ def test_fsdp2_bf16_reduces_gradients_in_fp32_and_trains(world):
 def test_fsdp_plugin_keeps_fp32_reduction_for_half_precision(monkeypatch):
     for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}.items():
         monkeypatch.setenv(key, value)
-    from trainer_accel.run import fsdp_plugin
+    from trainer_accel.devices.accelerator import fsdp_plugin
 
     for precision, half in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         policy = fsdp_plugin(precision).mixed_precision_policy
@@ -172,7 +172,7 @@ def test_resume_keeps_the_optimizer_flags_of_this_device(world):
 ])
 def test_gpu_peaks_match_the_card_and_the_precision_its_matmuls_run_in(monkeypatch, name, precision, tf32, tflops,
                                                                        source):
-    from trainer_accel import hardware
+    from trainer_accel.devices import hardware
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     peak, where = hardware.gpu_peak_flops(torch.device("cuda"), precision, tf32)
@@ -180,7 +180,7 @@ def test_gpu_peaks_match_the_card_and_the_precision_its_matmuls_run_in(monkeypat
 
 
 def test_unknown_gpu_has_no_peak(monkeypatch):
-    from trainer_accel import hardware
+    from trainer_accel.devices import hardware
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Future 9000")
     assert hardware.gpu_peak_flops(torch.device("cuda"), "bf16", True) == (None, "no datasheet peak known for 'NVIDIA Future 9000'")

@@ -35,7 +35,7 @@ def test_launch_files_load_and_are_documented(name):
 
 
 def test_start_up_warnings(monkeypatch):
-    from trainer_accel import hardware
+    from trainer_accel.devices import hardware
 
     cpu = torch.device("cpu")
     threads = torch.get_num_threads()
@@ -61,7 +61,7 @@ def test_run_logs_its_compute_plan_and_warns_about_one_thread(world):
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert "compute: 1 process(es) on cpu, precision no, 1 CPU threads per process" in r.stderr
-    from trainer_accel.hardware import usable_cores
+    from trainer_accel.devices.hardware import usable_cores
 
     assert ("trains on 1 CPU thread" in r.stderr) == (usable_cores() > 1)
 
@@ -76,7 +76,7 @@ def test_fsdp_sharded_optimizer_state_round_trips_to_the_checkpoint_form(world):
 
 def test_caches_are_unmapped_after_each_batch(world):
     """A map kept open would hold every page it touched in resident memory; no map outlives a batch."""
-    from trainer_accel.data import open_cache, stream_rows
+    from trainer_accel.data.cache import open_cache, stream_rows
 
     path = world / "data/cache/streams/wiki_train.bin"
     cache = open_cache(path, "stream")
@@ -114,7 +114,7 @@ def test_bench_prints_and_writes_every_figure(world):
 
 def test_bench_window_interleave_pairs_each_window_with_as_many_plain_steps(world):
     """A GPU's default pairing, run on CPU: the plain loop runs one window's worth of steps inside each window."""
-    from trainer_accel import bench
+    from trainer_accel.tools import bench
 
     cfg = write_config(world / "bench.json", "pretrain", {"log_every": 4, "eval_batches": 1})
     job = bench.Job(str(cfg), "pretrain", "cpu", "cpu", 2, str(world / "data"), str(world / "paired"), "window")

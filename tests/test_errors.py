@@ -225,8 +225,8 @@ def test_outputs_that_cannot_be_written_stop_the_start(world):
 
 
 def test_a_failed_background_save_stops_the_run_at_the_next_step(world, monkeypatch, capsys):
-    from trainer_accel import checkpoint as ckpt
     from trainer_accel import run
+    from trainer_accel.checkpoints import store as ckpt
 
     real, calls = ckpt.write_checkpoint, []
 

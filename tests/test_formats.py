@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from trainer_accel import prepare
-from trainer_accel.cache_writer import JOURNAL
-from trainer_accel.data import open_cache
-from trainer_accel.formats import text as text_format
-from trainer_accel.tokenizer import DOC, ByteTokenizer, load_tokenizer
+from trainer_accel.data import prepare
+from trainer_accel.data.cache import open_cache
+from trainer_accel.data.cache_writer import JOURNAL
+from trainer_accel.data.formats import text as text_format
+from trainer_accel.data.tokenizer import DOC, ByteTokenizer, load_tokenizer
 
 NEWLINES = "Title\n\nOne line\nand the next.\n\n\nAfter two blank lines.\n\n\n\n  Indented, é, 🙂, <|user|> typed.\n"
 

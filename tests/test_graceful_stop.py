@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import events, free_port, run_cli, start_cli, write_config
-from trainer_accel.checkpoint import read_meta
+from trainer_accel.checkpoints.store import read_meta
 
 STEPS = 120  # long enough that a signal sent once training has begun always lands inside the loop
 TRAIN = {"total_steps": STEPS, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
@@ -79,7 +79,7 @@ def test_signal_stops_gracefully_and_resume_is_exact(world, reference, sig):
 
 
 def test_second_signal_exits_at_once(monkeypatch):
-    from trainer_accel import stopping
+    from trainer_accel.devices import stopping
 
     exits = []
     monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
@@ -98,7 +98,7 @@ def test_one_stop_sent_twice_at_once_is_one_request(monkeypatch):
     """A terminal or a queue signals the whole group and `accelerate launch` (from 1.16) passes its own signal on:
     the trainer gets two a moment apart. That is one stop with a checkpoint, not "stop at once" (it was, and a
     cancelled queue job lost its checkpoint)."""
-    from trainer_accel import stopping
+    from trainer_accel.devices import stopping
 
     exits = []
     monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
@@ -115,7 +115,7 @@ def test_a_signal_after_the_launchers_death_is_the_first_signal(monkeypatch):
     """A queue stopping a job signals its whole process group: the launcher dies of it and the trainer sees that
     before its own SIGTERM arrives. That SIGTERM is the first signal, not a second one (it used to exit at once
     with -15, no checkpoint)."""
-    from trainer_accel import stopping
+    from trainer_accel.devices import stopping
 
     exits = []
     monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
@@ -135,7 +135,6 @@ def test_a_signal_after_the_launchers_death_is_the_first_signal(monkeypatch):
 def test_two_processes_stop_after_the_same_step_when_one_is_signalled(world):
     """The request is all-reduced and read a step later: whichever process gets the signal, both stop together."""
     import psutil
-
     from test_numerics import LAUNCH
 
     cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "B": 2})
@@ -171,7 +170,6 @@ def test_a_signalled_launcher_stops_its_trainers_gracefully(world, launch_file):
     """`docker stop` signals the launcher only. With one process `accelerate launch` dies and used to leave the
     trainer training as an orphan, with no checkpoint and no result; with several, torchrun passes the signal on."""
     import psutil
-
     from test_numerics import LAUNCH
 
     cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 100000, "B": 2})

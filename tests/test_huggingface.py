@@ -12,18 +12,25 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import TINY_MODEL, run_cli, write_config
 from safetensors.torch import load_file
 
-from trainer_accel import checkpoint as ckpt
-from trainer_accel import export, hf_gpt2
+from conftest import TINY_MODEL, run_cli, write_config
+from trainer_accel import export
+from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.checkpoints.full_state import tied_aliases
 from trainer_accel.config import ModelConfig, SamplePrompt
-from trainer_accel.data import open_cache
+from trainer_accel.data.cache import open_cache
+from trainer_accel.data.tokenizer import (
+    ASST,
+    ByteTokenizer,
+    HFTokenizer,
+    encode_chat,
+    encode_chat_prompt,
+)
 from trainer_accel.faults import HF_EXPORT_POINTS
-from trainer_accel.full_state import tied_aliases
-from trainer_accel.model import GPT, generate
-from trainer_accel.samples import sample_text
-from trainer_accel.tokenizer import ASST, ByteTokenizer, HFTokenizer, encode_chat, encode_chat_prompt
+from trainer_accel.models.gpt import GPT, generate
+from trainer_accel.observability.samples import sample_text
+from trainer_accel.training.start import load_start
 
 transformers.logging.set_verbosity_error()
 MIXED = "Plain ASCII, accents: é à ü ñ, emoji 🙂🚀\nnew line\n\n  indented\ta typed <|user|> and <|eot|> stay text"
@@ -239,7 +246,7 @@ def gpt2_dir(tmp_path_factory):
 
 def our_model_from(path, **options) -> GPT:
     cfg = ModelConfig(**{**GPT2_TINY, **options})
-    loaded = hf_gpt2.fit(ckpt.load_checkpoint(path, with_optimizer=False), cfg)
+    loaded = load_start(path, cfg, with_optimizer=False)
     model = GPT(cfg)
     model.load_state_dict(loaded.model_state, strict=True)
     return model.eval()
@@ -267,7 +274,7 @@ def test_a_transformers_gpt2_gives_the_same_logits_in_our_model(gpt2_dir, tmp_pa
 
     torch.save({"weights": torch.zeros(2), "code": print}, legacy / "pytorch_model.bin")  # not plain tensors
     with pytest.raises(Exception, match="cannot be loaded safely"):
-        ckpt.load_checkpoint(legacy, with_optimizer=False)
+        load_start(legacy, None, with_optimizer=False)
 
 
 def test_sft_from_a_gpt2_directory_exports_back_with_the_trained_weights(world, gpt2_dir, bpe_json):
@@ -306,7 +313,7 @@ def test_sft_from_a_gpt2_directory_exports_back_with_the_trained_weights(world, 
     assert run_cli("export", "--format", "hf", "--out", "back", cwd=world).returncode == 0
 
     trained = ckpt.load_checkpoint(world / "checkpoints" / "sft" / "best", with_optimizer=False).model_state
-    start = ckpt.load_checkpoint(gpt2_dir, with_optimizer=False).model_state
+    start = load_start(gpt2_dir, None, with_optimizer=False).model_state
     assert not torch.equal(trained["blocks.0.mlp.up.weight"], start["blocks.0.mlp.up.weight"])
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(world / "back").eval()
     assert torch.equal(reloaded.transformer.h[0].mlp.c_fc.weight, trained["blocks.0.mlp.up.weight"].t())

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 
 from conftest import events, run_cli, write_config
-from trainer_accel.metrics import CsvSink, MetricsLog, canonical
+from trainer_accel.observability.metrics import CsvSink, MetricsLog, canonical
 
 
 def test_aliases_fold_into_canonical_names():
@@ -73,7 +73,7 @@ def test_plain_progress_lines_when_not_on_a_terminal(world):
 
 
 def test_torn_last_line_of_a_killed_writer_is_dropped_on_resume(tmp_path):
-    from trainer_accel.metrics import JsonlSink, read_events
+    from trainer_accel.observability.metrics import JsonlSink, read_events
 
     path = tmp_path / "events.jsonl"
     path.write_text(json.dumps({"event": "train", "step": 1, "phase": "pretrain", "run_id": "r"}) + "\n"

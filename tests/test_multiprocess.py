@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from test_numerics import LAUNCH, launch, max_diff, weights
 
 from conftest import free_port, run_cli, write_config
-from trainer_accel.metrics import read_events
-from test_numerics import LAUNCH, launch, max_diff, weights
+from trainer_accel.observability.metrics import read_events
 
 # 2 processes x B=2 and 1 process x B=2 x accum_steps=2 train on the same rows with the same dropout masks and
 # validate on the same batches; only the order of float additions differs.
@@ -32,14 +32,14 @@ def pipeline(world, name, train):
 
 
 def val_losses(artifacts):
-    from trainer_accel.metrics import read_events
+    from trainer_accel.observability.metrics import read_events
 
     return [(e["phase"], e["step"], e["val/loss"]) for e in read_events(artifacts / "metrics/events.jsonl")
             if e["event"] == "eval"]
 
 
 def assert_valid_run(artifacts, processes):
-    from trainer_accel.checkpoint import read_meta
+    from trainer_accel.checkpoints.store import read_meta
 
     for phase in ("pretrain", "sft"):
         for pointer in ("latest", "best"):
@@ -84,7 +84,7 @@ def test_processes_agree_at_the_end_of_each_phase_with_cpu_2proc_as_written(worl
     r = launch(world, "cpu_2proc.yaml", *args, env={"TRAINER_ARTIFACTS_DIR": str(world / "race")})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compute: 2 process(es) on cpu" in r.stderr and "connected over gloo (no CUDA or MPS here)" in r.stderr
-    from trainer_accel.checkpoint import read_meta
+    from trainer_accel.checkpoints.store import read_meta
 
     for phase in ("pretrain", "sft"):
         names = sorted(p.name for p in (world / "race/checkpoints" / phase).iterdir())
@@ -108,7 +108,7 @@ def test_two_machines_on_loopback_train_one_run(world):
     main_log = outputs[0][1]
     assert "2 process(es) on cpu" in main_log and "exported" in main_log
     assert "exported" not in outputs[1][1]  # machine 1 trains but writes and reports nothing
-    from trainer_accel.checkpoint import read_meta
+    from trainer_accel.checkpoints.store import read_meta
 
     ckpts = sorted(p.name for p in (world / "run/checkpoints/pretrain").iterdir())
     assert ckpts == ["best", "latest", "step_0000002", "step_0000004"]

@@ -30,14 +30,14 @@ def max_diff(a, b):
 
 
 def losses(world, sub):
-    from trainer_accel.metrics import read_events
+    from trainer_accel.observability.metrics import read_events
 
     return [(e["step"], e.get("train/loss"), e.get("val/loss")) for e in read_events(world / sub / "metrics/events.jsonl")
             if e["event"] in ("train", "eval")]
 
 
 def grad_norms(world, sub):
-    from trainer_accel.metrics import read_events
+    from trainer_accel.observability.metrics import read_events
 
     return [e["train/grad_norm"] for e in read_events(world / sub / "metrics/events.jsonl") if e["event"] == "train"]
 
@@ -107,7 +107,7 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(world, phase):
 def test_micro_batches_without_answer_tokens_count_nothing_and_never_nan(world):
     """With T=8, only the short examples keep an answer inside the window: a micro-batch of long ones has every
     label -100 and must add nothing (no nan). A cache where every answer is cut is refused at start (test_errors)."""
-    from trainer_accel import prepare
+    from trainer_accel.data import prepare
 
     rows = [{"prompt": "a", "response": f"{i}"} for i in range(30)] + [  # distinct: equal rows share a split side
         {"prompt": f"a long question number {i}?", "response": "x"} for i in range(30)]
@@ -140,7 +140,7 @@ def test_skip_mode_skips_non_finite_updates_then_stops(world):
 def test_resume_on_changed_data_is_refused_unless_allowed(world):
     cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
     assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
-    from trainer_accel import prepare
+    from trainer_accel.data import prepare
 
     (world / "more.txt").write_text("\n\n".join(f"Paragraph {i} of some other text entirely." for i in range(20)))
     assert prepare.main(["--stream", "roam=more.txt"]) == 0
@@ -156,7 +156,7 @@ def test_resume_on_changed_data_is_refused_unless_allowed(world):
 def test_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from trainer_accel import checkpoint as ckpt
+    from trainer_accel.checkpoints import store as ckpt
     from trainer_accel.errors import UserError
 
     usage = namedtuple("usage", "total used free")
@@ -173,9 +173,9 @@ def test_first_gradient_equals_a_hand_computed_big_batch(world):
     import torch.nn.functional as F
 
     from trainer_accel.config import load_phase_config
-    from trainer_accel.inputs import check_phase_inputs
-    from trainer_accel.model import GPT
+    from trainer_accel.models.gpt import GPT
     from trainer_accel.paths import resolve_paths
+    from trainer_accel.training.inputs import check_phase_inputs
 
     run_split(world, "acc", B=2, accum=4, extra={"grad_clip": 0.0, **REPLAY_PACKED})
     cfg = load_phase_config(world / "acc.json", "sft")

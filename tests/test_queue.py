@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from conftest import run_cli, start_cli, write_config
-from trainer_accel import queue
-from trainer_accel.checkpoint import read_meta
+from trainer_accel.checkpoints.store import read_meta
+from trainer_accel.experiments import queue
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch" / "cpu.yaml"
 
@@ -66,7 +66,7 @@ WORKER = """
 import json, sys, time
 from pathlib import Path
 from trainer_accel.paths import resolve_paths
-from trainer_accel.queue import JobQueue
+from trainer_accel.experiments.queue import JobQueue
 q = JobQueue(resolve_paths())
 Path(f"ready-{sys.argv[1]}").touch()
 while not Path("go").exists():

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from conftest import TINY_MODEL, run_cli, write_config
 from trainer_accel.config import ModelConfig, load_phase_config
-from trainer_accel.data import IGNORE_INDEX, masked_targets
-from trainer_accel.inputs import check_phase_inputs
-from trainer_accel.model import GPT
+from trainer_accel.data.cache import IGNORE_INDEX, masked_targets
+from trainer_accel.models.gpt import GPT
 from trainer_accel.paths import resolve_paths
+from trainer_accel.training.inputs import check_phase_inputs
 
 
 def strategy_of(world, train=None, **top):

@@ -33,9 +33,9 @@ def test_samples_at_every_checkpoint_are_deterministic(world):
 
 def test_sample_text_works_on_an_exported_model(world):
     from trainer_accel.config import ModelConfig, SamplePrompt
-    from trainer_accel.model import GPT
-    from trainer_accel.samples import sample_text
-    from trainer_accel.tokenizer import ByteTokenizer
+    from trainer_accel.data.tokenizer import ByteTokenizer
+    from trainer_accel.models.gpt import GPT
+    from trainer_accel.observability.samples import sample_text
 
     cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "ckpt_every": 2}, sample_prompts=["The"])
     assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from conftest import TINY_MODEL, events, run_cli, write_config
 from trainer_accel.config import ModelConfig
-from trainer_accel.data import answer_mask
-from trainer_accel.model import GPT
-from trainer_accel.strategies import Batch, SFTStrategy
-from trainer_accel.tokenizer import ASST, EOT, USER, ByteTokenizer
+from trainer_accel.data.cache import answer_mask
+from trainer_accel.data.tokenizer import ASST, EOT, USER, ByteTokenizer
+from trainer_accel.models.gpt import GPT
+from trainer_accel.training.strategies import Batch, SFTStrategy
 
 
 def test_pretrain_smoke(world):
@@ -38,7 +38,7 @@ def test_resume_smoke(world):
     assert "resumed from" in r.stderr and "at step 5" in r.stderr
     steps = [e["step"] for e in events(world, "train")]
     assert steps == list(range(1, 11))
-    from trainer_accel.checkpoint import read_meta
+    from trainer_accel.checkpoints.store import read_meta
 
     meta = read_meta(world / "checkpoints" / "pretrain" / "latest")
     assert meta["step"] == 10

@@ -94,8 +94,8 @@ def import_the_trainer() -> None:
 
     import trainer_accel
 
-    for info in pkgutil.iter_modules(trainer_accel.__path__):
-        importlib.import_module(f"trainer_accel.{info.name}")
+    for info in pkgutil.walk_packages(trainer_accel.__path__, "trainer_accel."):  # every folder's modules too
+        importlib.import_module(info.name)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import overrides as ov
-from .errors import UserError, raise_if_any, unknown_key_message
-from .paths import source_name_problem
+from trainer_accel import overrides as ov
+from trainer_accel.errors import UserError, raise_if_any, unknown_key_message
+from trainer_accel.paths import source_name_problem
 
 PHASES = ("pretrain", "sft")
 MODEL_SHAPE_KEYS = ("V", "T", "C", "L", "H", "d_ff")

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from .errors import UserError, raise_if_any, unknown_key_message
+from trainer_accel.errors import UserError, raise_if_any, unknown_key_message
 
 PIPELINE_PHASES = ("pretrain", "sft")
 MAPPING = "mapping"  # a schema entry for an object of free keys (sources -> probability)

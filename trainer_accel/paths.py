@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout (configs/, launch/, tests/) when installed with -e
+
 SPLITS = ("train", "val")
 SOURCE_NAME = re.compile(r"[a-z0-9_]{1,64}")
 NAME_RULE = "a source name is 1-64 lowercase letters, digits and _"

@@ -18,28 +18,49 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
 
-from . import hf_gpt2
-from .checkpoint import (InvalidCheckpoint, LoadedCheckpoint, checkpoint_phase, find_resume_checkpoint, phase_finished,
-                         read_meta, reconcile_pointers, set_aside_broken, sweep_leftovers)
-from .collective import main_process_decides
-from .config import PhaseConfig, load_phase_config, load_pipeline_config
-from .errors import UserError, exit_with, raise_if_any, report
-from .evaluation import evaluate_checkpoints, format_summary
-from .export import publish
-from .hardware import compute_warnings
-from .inputs import PhaseInputs, check_phase_inputs, check_start_checkpoint, collect, same_tokenizer
-from .loop import PhaseResult, Trainer
-from .manifest import model_sha256
-from .overrides import Override, parse_overrides
-from .ownership import own_phases
-from .paths import Paths, output_file_problem, resolve_paths, unwritable
-from .plan import assumed_flops, command_plans, format_phase_plan, load_configs, plan_problems_text
-from .result import EXIT_CODES, Outcome
-from .stopping import Interrupted
+from trainer_accel.checkpoints.store import (
+    InvalidCheckpoint,
+    LoadedCheckpoint,
+    checkpoint_phase,
+    find_resume_checkpoint,
+    model_sha256,
+    phase_finished,
+    read_meta,
+    reconcile_pointers,
+    set_aside_broken,
+    sweep_leftovers,
+)
+from trainer_accel.config import PhaseConfig, load_phase_config, load_pipeline_config
+from trainer_accel.devices.accelerator import announce_compute, make_accelerator
+from trainer_accel.devices.collective import main_process_decides
+from trainer_accel.devices.hardware import compute_warnings
+from trainer_accel.devices.ownership import own_phases
+from trainer_accel.devices.stopping import Interrupted
+from trainer_accel.errors import UserError, exit_with, raise_if_any, report
+from trainer_accel.experiments.best_pt import export_run_best
+from trainer_accel.experiments.evaluation import evaluate_checkpoints, format_summary
+from trainer_accel.experiments.plan import (
+    assumed_flops,
+    command_plans,
+    format_phase_plan,
+    load_configs,
+    plan_problems_text,
+)
+from trainer_accel.experiments.result import EXIT_CODES, Outcome
+from trainer_accel.hf import directory as hf_dir
+from trainer_accel.overrides import Override, parse_overrides
+from trainer_accel.paths import Paths, output_file_problem, resolve_paths, unwritable
+from trainer_accel.training.inputs import (
+    PhaseInputs,
+    check_phase_inputs,
+    check_start_checkpoint,
+    collect,
+    same_tokenizer,
+)
+from trainer_accel.training.loop import PhaseResult, Trainer
 
-log = logging.getLogger("trainer_accel")
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,84 +90,6 @@ def setup_logging(is_main: bool, verbose: bool = False) -> None:
     level = (logging.DEBUG if verbose else logging.INFO) if is_main else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else
                         "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
-
-
-def mps_available() -> bool:
-    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-
-
-def make_accelerator(device: str | None, mixed_precision: str | None):
-    """Accelerate picks CUDA, else MPS, else CPU, or what `accelerate launch` configured; --device narrows it.
-
-    Several launched processes on a machine with neither CUDA nor MPS are connected on the CPU over gloo: the
-    launcher starts several processes only through its multi-GPU path (launch/cpu_2proc.yaml), and left to
-    itself Accelerate would leave them unconnected there.
-    """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
-    if device == "mps" and not mps_available():
-        raise UserError("--device mps: Apple MPS is not available on this machine")
-    from accelerate import Accelerator
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu = device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not mps_available())
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp and (cpu or not torch.cuda.is_available()):
-        raise UserError("FSDP was asked for (launch/fsdp.yaml) without a CUDA GPU; Accelerate shards with FSDP on GPUs "
-                        "only: use launch/cpu_2proc.yaml for several CPU processes")
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin(mixed_precision) if fsdp else None)
-    if launched > 1 and acc.num_processes == 1:  # each process would train alone and write the same files
-        raise UserError(
-            f"the launcher started {launched} processes but they are not connected (several processes train together "
-            "on CUDA GPUs or on the CPU, not on Apple MPS); add --device cpu to connect them on the CPU over gloo, or "
-            "launch one process"
-        )
-    return acc
-
-
-def fsdp_plugin(mixed_precision: str | None):
-    """The launch file's FSDP settings (from the launcher's environment), with fp32 gradient reduction.
-
-    Under FSDP2 Accelerate turns bf16 / fp16 into a policy that also reduces gradients in half precision, and
-    (unlike one GPU or DDP) adds no autocast. Here parameters are gathered and computed in half precision, but
-    gradients are reduced in fp32, as DDP reduces them; the master weights and the optimizer state stay fp32 and
-    the loss is computed in fp32 from the logits (the strategies upcast them). Outputs stay in half precision: an
-    fp32 output_dtype would also apply to Accelerate's separate unit for the final norm, whose fp32 output then
-    meets the half-precision output layer ("expected m1 and m2 to have the same dtype").
-    """
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
-        raise UserError(f"FSDP version {plugin.fsdp_version} was asked for; this trainer runs FSDP2 "
-                        "(fsdp_version: 2, as in launch/fsdp.yaml)")
-    precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if half is not None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
-    return plugin
-
-
-def announce_compute(acc, device_flag: str | None = None) -> None:
-    """Log the device, processes, precision and threads once, and warn about set-ups that waste the machine."""
-    how = ""
-    if acc.num_processes > 1 and acc.device.type == "cpu":
-        how = " connected over gloo" + ("" if device_flag == "cpu" else " (no CUDA or MPS here)")
-    log.info("compute: %d process(es) on %s%s, precision %s, %d CPU threads per process", acc.num_processes, acc.device,
-             how, acc.mixed_precision, torch.get_num_threads())
-    if acc.distributed_type == DistributedType.FSDP:
-        policy = acc.state.fsdp_plugin.mixed_precision_policy
-
-        def name(dtype) -> str:
-            return str(dtype or torch.float32).removeprefix("torch.")
-
-        log.info("FSDP2: parameters gathered and computed in %s, gradients reduced in %s; weights, optimizer state "
-                 "and the loss float32", name(policy and policy.param_dtype), name(policy and policy.reduce_dtype))
-    if acc.is_main_process:
-        for warning in compute_warnings(acc.device, acc.mixed_precision, acc.num_processes):
-            log.warning("%s", warning)
 
 
 def set_aside(phase_dir: Path) -> None:
@@ -237,8 +180,8 @@ def same_weights(checkpoint: Path, weights_sha256: str | None) -> bool:
     """Whether a checkpoint still holds the weights a run recorded (a .pt or an old record: not checkable, trusted)."""
     if weights_sha256 is None or not checkpoint.is_dir():
         return True
-    if hf_gpt2.is_hf_dir(checkpoint):
-        return hf_gpt2.weights_sha256(checkpoint) == weights_sha256
+    if hf_dir.is_hf_dir(checkpoint):
+        return hf_dir.weights_sha256(checkpoint) == weights_sha256
     try:
         return model_sha256(read_meta(checkpoint, verify=False)) == weights_sha256
     except InvalidCheckpoint:
@@ -248,7 +191,7 @@ def same_weights(checkpoint: Path, weights_sha256: str | None) -> bool:
 def export_at_end(acc, result: PhaseResult, paths: Paths, outcome: Outcome) -> None:
     if acc.is_main_process:
         source = result.best_dir or result.latest_dir
-        record = publish(source, paths)
+        record = export_run_best(source, paths)
         outcome.best_pt = paths.best_pt
         log.info("exported %s from %s (step %d, best val loss %s, verdict %s)", paths.best_pt, source, result.state.step,
                  "-" if result.state.best_val_loss is None else f"{result.state.best_val_loss:.4f}",

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from trainer_accel.errors import UserError
 
 log = logging.getLogger(__name__)
 

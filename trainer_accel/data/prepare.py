@@ -1,0 +1,297 @@
+"""CLI: the user's files -> token caches with a train/val split, in bounded memory.
+
+    python -m trainer_accel.prepare --stream my_notes=notes/ --stream web=crawl.parquet --sft qa=dolly.jsonl
+    python -m trainer_accel.prepare --sft chat=oasst1_messages.jsonl.gz --oasst-paths best --lang en
+    python -m trainer_accel.prepare --demo
+
+A source is NAME=PATH with a name of your own (lowercase letters, digits, _), any number of them; its caches are
+$TRAINER_DATA_DIR/cache/{streams,sft}/NAME_{train,val}.bin. What the inputs can be, and what a document is, is in
+`trainer_accel/formats`; text keeps every byte (a text file is one document unless --documents says otherwise).
+
+Each document or example goes to val when a keyed hash of its start falls under --val-fraction: the same split on
+every run, on any machine, with no shuffle held in memory. A source whose items all land on one side (one file)
+gives the last --val-fraction of its tokens (or examples) to val instead, as nanoGPT does.
+
+Memory stays bounded: inputs are read a block or a record batch at a time, encoded in batches through the
+tokenizer's batch API, and appended to temporary files; the caches are published together at the end
+(cache_writer.py), so a prepare stopped anywhere leaves the old caches intact.
+Exit codes: 0 done, 2 bad input (every bad file or row is named; nothing is published).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from trainer_accel.data import formats
+from trainer_accel.data.cache_writer import CacheWriter, prepare_lock, publish, recover
+from trainer_accel.data.tokenizer import ASST, DOC, EOT, USER, Tokenizer, load_tokenizer
+from trainer_accel.errors import UserError, exit_with, raise_if_any, report
+from trainer_accel.paths import Paths, resolve_paths, source_name_problem, unwritable
+
+log = logging.getLogger(__name__)
+
+BATCH_CHARS = 1 << 21  # text per call to the tokenizer: enough pieces for every core, a few tens of MB at most
+MAX_LISTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    kind: str  # "stream" | "sft"
+    inputs: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class Split:
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def is_val(self, key: str) -> bool:
+        """The keyed hash of an item's start decides its side; stable across runs, machines and Python versions."""
+        digest = hashlib.blake2b(key[:formats.KEY_CHARS].encode("utf-8", "surrogatepass"), digest_size=8,
+                                 key=str(self.seed).encode()).digest()
+        return int.from_bytes(digest, "little") < self.val_fraction * 2.0**64
+
+
+class Progress:
+    """One bar for the whole run: input MB/s, and tokens/s beside it (silent when stderr is not a terminal)."""
+
+    def __init__(self, total_bytes: int | None):
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None, mininterval=0.5)
+        self.tokens, self.bytes, self.started = 0, 0, time.perf_counter()
+
+    def tick(self, n: int) -> None:
+        self.bytes += n
+        self.bar.update(n)
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += n
+        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.started, 1e-9) / 1e6:.2f}M tok/s",
+                                 refresh=False)
+
+    def close(self) -> str:
+        self.bar.close()
+        s = time.perf_counter() - self.started
+        return (f"{self.bytes / 1e6:,.1f} MB of input, {self.tokens:,} tokens in {s:.1f} s "
+                f"({self.bytes / 1e6 / s:.1f} MB/s, {self.tokens / 1e6 / s:.2f}M tokens/s)")
+
+
+def _encode_stream_batch(tok: Tokenizer, batch: list[tuple[str, CacheWriter, bool]], progress: Progress) -> None:
+    eot = np.array([tok.special[DOC]], dtype=np.uint32)
+    out: dict[CacheWriter, list[np.ndarray]] = {}
+    ends: dict[CacheWriter, int] = {}
+    for (_, writer, end), ids in zip(batch, tok.encode_batch([text for text, _, _ in batch])):
+        out.setdefault(writer, []).append(ids)
+        if end:
+            out[writer].append(eot)
+            ends[writer] = ends.get(writer, 0) + 1
+    for writer, parts in out.items():
+        tokens = np.concatenate(parts)
+        writer.append(tokens, items=ends.get(writer, 0))
+        progress.add_tokens(len(tokens))
+
+
+def _encode_sft_batch(tok: Tokenizer, batch: list[tuple[formats.chat.Turns, CacheWriter]], progress: Progress) -> None:
+    s = tok.special
+    ids = iter(tok.encode_batch([text for turns, _ in batch for pair in turns for text in pair]))
+    user, asst, eot = (np.array([s[t]], dtype=np.uint32) for t in (USER, ASST, EOT))
+    out: dict[CacheWriter, tuple[list[np.ndarray], list[int]]] = {}
+    for turns, writer in batch:
+        parts, ends = out.setdefault(writer, ([], []))
+        end = ends[-1] if ends else 0
+        for _ in turns:
+            prompt, answer = next(ids), next(ids)
+            parts += [user, prompt, asst, answer, eot]
+            end += len(prompt) + len(answer) + 3
+        ends.append(end)
+    for writer, (parts, ends) in out.items():
+        writer.append(np.concatenate(parts), items=len(ends), ends=np.array(ends))
+        progress.add_tokens(ends[-1])
+
+
+def _balance(src: Source, train: CacheWriter, val: CacheWriter, split: Split) -> tuple[CacheWriter, CacheWriter, str]:
+    """Both sides non-empty: the hash split stands. Otherwise the tail of the one side becomes val."""
+    if train.num_tokens and val.num_tokens:
+        return train, val, "hash"
+    if not train.num_tokens:
+        train.final, val.final = val.final, train.final
+        train, val = val, train
+    unit = "examples" if src.kind == "sft" else "tokens"
+    n = train.items if src.kind == "sft" else train.num_tokens
+    if n < 2:
+        raise UserError(f"{src.name}: {n} {unit} in {', '.join(map(str, src.inputs))}; at least 2 are needed for a "
+                        "train/val split")
+    n_val = min(n - 1, max(1, round(n * split.val_fraction)))
+    train.move_tail_to(val, n - n_val)
+    log.info("%s: every %s fell on one side of the hash split; its last %d %s are val", src.name,
+             "example" if src.kind == "sft" else "document", n_val, unit)
+    return train, val, "tail"
+
+
+def build(src: Source, options: formats.ReadOptions, split: Split, tok: Tokenizer, paths: Paths,
+          progress: Progress, problems: list[str], writers: list[CacheWriter]) -> list[tuple[Path, Path]]:
+    """One source into its two temporary caches; returns the renames that publish them."""
+    cache = paths.stream_cache if src.kind == "stream" else paths.sft_cache
+    train, val = CacheWriter(cache(src.name, "train"), src.kind, tok), CacheWriter(cache(src.name, "val"), src.kind, tok)
+    writers += [train, val]
+    files = [f for p in src.inputs for f in formats.input_files(p, src.kind)]
+    batch: list = []
+    chars = 0
+    if src.kind == "stream":
+        writer = train
+        for f in files:
+            for piece in formats.document_pieces(f, options, problems, progress.tick):
+                if piece.start:
+                    writer = val if split.is_val(piece.text) else train
+                batch.append((piece.text, writer, piece.end))
+                chars += len(piece.text)
+                if chars >= BATCH_CHARS:
+                    _encode_stream_batch(tok, batch, progress)
+                    batch, chars = [], 0
+        if batch:
+            _encode_stream_batch(tok, batch, progress)
+    else:
+        for f in files:
+            for key, turns in formats.examples(f, options, problems, progress.tick):
+                batch.append((turns, val if split.is_val(key) else train))
+                chars += sum(len(a) + len(b) for a, b in turns)
+                if chars >= BATCH_CHARS:
+                    _encode_sft_batch(tok, batch, progress)
+                    batch, chars = [], 0
+        if batch:
+            _encode_sft_batch(tok, batch, progress)
+    if problems:
+        return []  # nothing will be published; the caller reports every problem of every source
+    train, val, rule = _balance(src, train, val, split)
+    meta = {"source": src.name, "source_files": [str(p) for p in src.inputs],
+            "documents": {str(f): formats.unit_of(f, options) if src.kind == "stream" else "row" for f in files},
+            "split": {"rule": rule, "val_fraction": split.val_fraction, "seed": split.seed}}
+    moves = []
+    for name, w in (("train", train), ("val", val)):
+        moves += w.finish(meta)
+        what = f"{w.items:,} examples" if src.kind == "sft" else f"{w.items:,} documents"
+        log.info("%s %s: %s, %s tokens -> %s", src.name, name, what, f"{w.num_tokens:,}", w.final)
+    return moves
+
+
+def _preflight(sources: list[Source], options: formats.ReadOptions) -> tuple[list[str], int | None]:
+    """Problems found without reading any data (missing inputs, a format whose package is not installed), and
+    the total input size for the progress bar when every input has one."""
+    problems, total = [], 0
+    for src in sources:
+        for path in src.inputs:
+            try:
+                files = formats.input_files(path, src.kind)
+            except UserError as e:
+                problems += e.problems
+                continue
+            for f in files:
+                needs = "datasets" if f.is_dir() else "pyarrow" if f.name.endswith(".parquet") else None
+                if needs and importlib.util.find_spec(needs) is None:
+                    problems.append(f"{f}: reading it needs the '{needs}' package (pip install 'trainer_accel[formats]')")
+                total = None if total is None or f.is_dir() else total + f.stat().st_size
+    if options.oasst_paths not in formats.OASST_PATHS:
+        problems.append(f"--oasst-paths {options.oasst_paths}: expected one of {', '.join(formats.OASST_PATHS)}")
+    return problems, total
+
+
+def prepare(sources: list[Source], tokenizer: Path | None, split: Split, paths: Paths,
+            options: formats.ReadOptions = formats.ReadOptions()) -> None:
+    """Build every requested cache. Input problems are all reported, and then nothing is published."""
+    tok = load_tokenizer(tokenizer)
+    problems, total = _preflight(sources, options)
+    raise_if_any(problems)
+    cache_dir = paths.data / "cache"
+    with prepare_lock(cache_dir):
+        recover(cache_dir)
+        writers: list[CacheWriter] = []
+        progress = Progress(total)
+        try:
+            moves = []
+            for src in sources:
+                moves += build(src, options, split, tok, paths, progress, problems, writers)
+            summary = progress.close()
+            if len(problems) > MAX_LISTED_PROBLEMS:
+                problems[MAX_LISTED_PROBLEMS:] = [f"... and {len(problems) - MAX_LISTED_PROBLEMS} more bad rows"]
+            raise_if_any(problems)
+            publish(cache_dir, moves)
+            log.info("prepared %s", summary)
+        finally:
+            progress.bar.close()
+            for w in writers:
+                w.discard()  # after publishing, only files that were not published are left to remove
+
+
+def _parse_sources(specs: list[str], kind: str, flag: str, problems: list[str]) -> list[Source]:
+    found: dict[str, list[Path]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path or not name:
+            problems.append(f"{flag} {spec}: expected SOURCE=PATH, e.g. {flag} my_notes=notes/")
+        elif problem := source_name_problem(name):
+            problems.append(f"{flag} {spec}: {problem}")
+        else:
+            found.setdefault(name, []).append(Path(path))
+    return [Source(name, kind, tuple(inputs)) for name, inputs in found.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer_accel.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--stream", action="append", default=[], metavar="SOURCE=PATH",
+                   help="pretraining text: a text/Markdown file, JSONL or Parquet with a text field, a saved Hugging "
+                        "Face dataset, or a folder of them (repeatable; one source may name several paths)")
+    p.add_argument("--sft", action="append", default=[], metavar="SOURCE=PATH",
+                   help="SFT examples: JSONL or Parquet rows (prompt/response, messages, or oasst1 messages), a saved "
+                        "Hugging Face dataset, or a folder of them (repeatable)")
+    p.add_argument("--demo", action="store_true", help="write the built-in synthetic corpus and cache its six sources")
+    p.add_argument("--documents", default="file", metavar="RULE",
+                   help="what one document of a text file is: file (default), blank-lines, or separator=TEXT "
+                        "(TEXT may spell \\n); rows are always one document each")
+    p.add_argument("--text-field", default="text", help="the field of a stream row that holds its text (default text)")
+    p.add_argument("--oasst-paths", default="leaves", help="oasst1 trees: one conversation per leaf (leaves, default) "
+                                                            "or only the best-ranked path (best)")
+    p.add_argument("--lang", default="", help="oasst1 trees: keep only these languages, e.g. en,de (default all)")
+    p.add_argument("--tokenizer", type=Path, help="a local Hugging Face tokenizer.json (default: built-in bytes)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents / examples held out (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="key of the train/val hash")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    paths = resolve_paths()
+    try:
+        if not 0 < args.val_fraction < 1:
+            raise UserError(f"--val-fraction: must be between 0 and 1, got {args.val_fraction}")
+        options = formats.ReadOptions(documents=formats.parse_document_rule(args.documents), text_field=args.text_field,
+                                      oasst_paths=args.oasst_paths,
+                                      langs=frozenset(x.strip() for x in args.lang.split(",") if x.strip()))
+        problems: list[str] = []
+        sources = (_parse_sources(args.stream, "stream", "--stream", problems)
+                   + _parse_sources(args.sft, "sft", "--sft", problems))
+        raise_if_any(problems)
+        if not sources and not args.demo:
+            raise UserError("nothing to prepare: give --stream SOURCE=PATH, --sft SOURCE=PATH or --demo")
+        raise_if_any(unwritable([("caches", paths.data / "cache")]
+                                + ([("the demo corpus", paths.data / "raw" / "demo")] if args.demo else [])))
+        if args.demo:
+            from trainer_accel.data.demo import write_demo_corpus
+
+            streams, sfts = write_demo_corpus(paths.data / "raw" / "demo")
+            given = {(s.kind, s.name) for s in sources}
+            sources = ([Source(n, "stream", (f,)) for n, f in streams.items() if ("stream", n) not in given]
+                       + [Source(n, "sft", (f,)) for n, f in sfts.items() if ("sft", n) not in given] + sources)
+        prepare(sources, args.tokenizer, Split(args.val_fraction, args.seed), paths, options)
+    except UserError as e:
+        return report(e)
+    return 0
+
+
+if __name__ == "__main__":
+    exit_with(main)

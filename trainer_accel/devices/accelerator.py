@@ -1,0 +1,96 @@
+"""The Accelerator every command trains or measures with: which device, how many connected processes, FSDP2.
+
+One place decides the device (CUDA, else MPS, else CPU, unless a flag or the launcher says otherwise), so `run`,
+`bench`, `gpu_check` and `runs evaluate` measure and train on the same hardware.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from accelerate.utils import DistributedType
+
+from trainer_accel.devices.hardware import compute_warnings
+from trainer_accel.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def make_accelerator(device: str | None, mixed_precision: str | None):
+    """Accelerate picks CUDA, else MPS, else CPU, or what `accelerate launch` configured; --device narrows it.
+
+    Several launched processes on a machine with neither CUDA nor MPS are connected on the CPU over gloo: the
+    launcher starts several processes only through its multi-GPU path (launch/cpu_2proc.yaml), and left to
+    itself Accelerate would leave them unconnected there.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    if device == "mps" and not mps_available():
+        raise UserError("--device mps: Apple MPS is not available on this machine")
+    from accelerate import Accelerator
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not mps_available())
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and (cpu or not torch.cuda.is_available()):
+        raise UserError("FSDP was asked for (launch/fsdp.yaml) without a CUDA GPU; Accelerate shards with FSDP on GPUs "
+                        "only: use launch/cpu_2proc.yaml for several CPU processes")
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin(mixed_precision) if fsdp else None)
+    if launched > 1 and acc.num_processes == 1:  # each process would train alone and write the same files
+        raise UserError(
+            f"the launcher started {launched} processes but they are not connected (several processes train together "
+            "on CUDA GPUs or on the CPU, not on Apple MPS); add --device cpu to connect them on the CPU over gloo, or "
+            "launch one process"
+        )
+    return acc
+
+
+def fsdp_plugin(mixed_precision: str | None):
+    """The launch file's FSDP settings (from the launcher's environment), with fp32 gradient reduction.
+
+    Under FSDP2 Accelerate turns bf16 / fp16 into a policy that also reduces gradients in half precision, and
+    (unlike one GPU or DDP) adds no autocast. Here parameters are gathered and computed in half precision, but
+    gradients are reduced in fp32, as DDP reduces them; the master weights and the optimizer state stay fp32 and
+    the loss is computed in fp32 from the logits (the strategies upcast them). Outputs stay in half precision: an
+    fp32 output_dtype would also apply to Accelerate's separate unit for the final norm, whose fp32 output then
+    meets the half-precision output layer ("expected m1 and m2 to have the same dtype").
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise UserError(f"FSDP version {plugin.fsdp_version} was asked for; this trainer runs FSDP2 "
+                        "(fsdp_version: 2, as in launch/fsdp.yaml)")
+    precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if half is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+    return plugin
+
+
+def announce_compute(acc, device_flag: str | None = None) -> None:
+    """Log the device, processes, precision and threads once, and warn about set-ups that waste the machine."""
+    how = ""
+    if acc.num_processes > 1 and acc.device.type == "cpu":
+        how = " connected over gloo" + ("" if device_flag == "cpu" else " (no CUDA or MPS here)")
+    log.info("compute: %d process(es) on %s%s, precision %s, %d CPU threads per process", acc.num_processes, acc.device,
+             how, acc.mixed_precision, torch.get_num_threads())
+    if acc.distributed_type == DistributedType.FSDP:
+        policy = acc.state.fsdp_plugin.mixed_precision_policy
+
+        def name(dtype) -> str:
+            return str(dtype or torch.float32).removeprefix("torch.")
+
+        log.info("FSDP2: parameters gathered and computed in %s, gradients reduced in %s; weights, optimizer state "
+                 "and the loss float32", name(policy and policy.param_dtype), name(policy and policy.reduce_dtype))
+    if acc.is_main_process:
+        for warning in compute_warnings(acc.device, acc.mixed_precision, acc.num_processes):
+            log.warning("%s", warning)

@@ -1,0 +1,204 @@
+"""The eval summary and promotion gate of an SFT checkpoint: better at its task, not worse at everything else.
+
+The candidate (an SFT checkpoint) and its baseline (the checkpoint it started from) are evaluated on the same
+fixed batches of every validation cache present: the pretrain streams and the SFT sets. The verdict is `pass`
+when the candidate's loss is lower than the baseline's on every SFT set and no stream's loss rose by more than
+`train_cfg.forgetting_tolerance` (the forgetting check); otherwise `fail`, with the reasons. Only a checkpoint
+whose weights passed is deployable; the summary names them by the sha256 of their weights file, so a verdict can
+never stick to other weights.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer_accel.checkpoints.store import (
+    InvalidCheckpoint,
+    LoadedCheckpoint,
+    model_sha256,
+    read_export_record,
+    read_meta,
+)
+from trainer_accel.config import MODEL_SHAPE_KEYS, ModelConfig, shape_diff
+from trainer_accel.data.cache import open_cache
+from trainer_accel.errors import UserError
+from trainer_accel.fsio import now_iso
+from trainer_accel.models.gpt import GPT
+from trainer_accel.observability.manifest import (
+    read_manifest,
+    write_manifest,
+)
+from trainer_accel.paths import Paths
+from trainer_accel.training.start import load_start
+from trainer_accel.training.strategies import STRATEGIES, RowSource
+
+KIND_PHASE = {"stream": "pretrain", "sft": "sft"}
+
+
+def val_sets(paths: Paths, V: int, T: int, B: int) -> list[tuple[str, Any]]:
+    """(name, strategy) for every validation cache present that the model can read, streams first."""
+    out = []
+    for kind, source, path in paths.caches("val"):
+        if not path.is_file():
+            continue
+        name = f"{path.parent.name}/{source}"  # streams/wiki, sft/dolly
+        cache = open_cache(path, kind)
+        if cache.meta["vocab_size"] > V or (kind == "stream" and cache.meta["num_tokens"] < T + 1):
+            continue  # another tokenizer's cache, or too short for one window: not comparable
+        source = RowSource([cache], np.ones(1), T, [kind], [name])
+        out.append((name, STRATEGIES[KIND_PHASE[kind]](source, source, B, 0)))
+    return out
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, strategy, batches: int, device: torch.device) -> float:
+    """Token-weighted mean loss over validation batches 0..batches-1 (the loop's own fixed batches)."""
+    total, count = 0.0, 0
+    for i in range(batches):
+        s, n = strategy.loss(model, strategy.val_batch(i).to(device))
+        total, count = total + float(s), count + int(n)
+    return total / count if count else float("nan")
+
+
+def _model(loaded: LoadedCheckpoint, device: torch.device) -> GPT:
+    model = GPT(ModelConfig(**loaded.meta["model_cfg"]))
+    model.load_state_dict(loaded.model_state, strict=True)
+    return model.to(device).eval()
+
+
+def _identity(loaded: LoadedCheckpoint) -> dict[str, Any]:
+    return {"checkpoint": str(Path(loaded.source).resolve()), "run_id": loaded.meta.get("run_id"),
+            "phase": loaded.meta.get("phase"), "step": loaded.step, "model_sha256": model_sha256(loaded.meta)}
+
+
+def verdict(sets: list[dict], tolerance: float) -> tuple[str, list[str]]:
+    reasons = []
+    sft = [s for s in sets if s["kind"] == "sft"]
+    if not sft:
+        reasons.append("no SFT validation cache to show an improvement on")
+    for s in sft:
+        if not s["delta"] < 0:
+            reasons.append(f"{s['name']}: SFT val loss did not improve ({s['baseline']:.4f} -> {s['candidate']:.4f})")
+    for s in sets:
+        if s["kind"] == "stream" and not s["delta"] <= tolerance:
+            reasons.append(f"{s['name']}: pretrain val loss rose by {s['delta']:+.4f}, more than the tolerance {tolerance:g}")
+    return ("pass" if not reasons else "fail"), reasons
+
+
+def eval_summary(candidate: LoadedCheckpoint, baseline: LoadedCheckpoint, paths: Paths, tolerance: float,
+                 batches: int, B: int, device: torch.device) -> dict[str, Any]:
+    """Both checkpoints on the same batches of every validation set; the deltas and the verdict."""
+    mc, mb = candidate.meta["model_cfg"], baseline.meta["model_cfg"]
+    T = min(mc["T"], mb["T"])
+    sets = []
+    cand_model, base_model = _model(candidate, device), _model(baseline, device)
+    for name, strategy in val_sets(paths, min(mc["V"], mb["V"]), T, B):
+        base, cand = mean_loss(base_model, strategy, batches, device), mean_loss(cand_model, strategy, batches, device)
+        if math.isfinite(base) and math.isfinite(cand):
+            kind = "sft" if name.startswith("sft/") else "stream"
+            sets.append({"name": name, "kind": kind, "baseline": base, "candidate": cand, "delta": cand - base})
+    result, reasons = verdict(sets, tolerance)
+    return {"candidate": _identity(candidate), "baseline": _identity(baseline), "sets": sets, "tolerance": tolerance,
+            "batches": batches, "B": B, "T": T, "verdict": result, "reasons": reasons, "evaluated_at": now_iso()}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{'set':<18}{'baseline':>10}{'candidate':>11}{'delta':>10}"]
+    for s in summary["sets"]:
+        lines.append(f"{s['name']:<18}{s['baseline']:>10.4f}{s['candidate']:>11.4f}{s['delta']:>+10.4f}")
+    lines.append(f"verdict: {summary['verdict']}" + "".join(f"\n  - {r}" for r in summary["reasons"]))
+    if not_its_parent(summary):
+        lines.append(f"NOT DEPLOYABLE whatever the verdict: {not_its_parent(summary)}")
+    return "\n".join(lines)
+
+
+def record_summary(paths: Paths, summary: dict[str, Any]) -> Path | None:
+    """Add the summary to the candidate run's manifest (its eval summary is the newest one)."""
+    run_id = summary["candidate"]["run_id"]
+    if not run_id:
+        return None
+    path = paths.manifest(run_id)
+    manifest = read_manifest(path) or {"run_id": run_id, "phase": summary["candidate"]["phase"], "status": "unknown"}
+    write_manifest(path, {**manifest, "eval_summary": summary, "evaluations": [*manifest.get("evaluations", []), summary]})
+    return path
+
+
+def find_verdict(paths: Paths, run_id: str | None, weights_sha256: str | None) -> dict[str, Any] | None:
+    """The newest evaluation of exactly these weights, from their run's manifest."""
+    manifest = read_manifest(paths.manifest(run_id)) if run_id else None
+    for summary in reversed((manifest or {}).get("evaluations", [])):
+        if weights_sha256 and summary["candidate"].get("model_sha256") == weights_sha256:
+            return summary
+    return None
+
+
+def require_deployable(paths: Paths, checkpoint: Path) -> dict[str, Any]:
+    """The passing evaluation of a checkpoint (a directory, or an exported .pt through its record), or a UserError
+    that shows why it is not deployable."""
+    if Path(checkpoint).is_file():
+        record = read_export_record(Path(checkpoint))
+        if record is None:
+            raise UserError(f"{checkpoint}: no export record beside it to find its evaluation; pass its checkpoint directory")
+        run_id, weights = record.get("run_id"), record.get("model_sha256")
+    else:
+        try:
+            meta = read_meta(checkpoint)
+        except InvalidCheckpoint as e:
+            raise UserError(f"{checkpoint}: not a checkpoint to check for deployment ({e})") from None
+        run_id, weights = meta.get("run_id"), model_sha256(meta)
+    summary = find_verdict(paths, run_id, weights)
+    if summary is None:
+        raise UserError(f"{checkpoint}: not deployable: never evaluated (run: python -m trainer_accel.runs evaluate "
+                        f"{checkpoint} --baseline BASELINE_CHECKPOINT)")
+    if summary["verdict"] != "pass":
+        deltas = ", ".join(f"{s['name']} {s['delta']:+.4f}" for s in summary["sets"])
+        raise UserError(f"{checkpoint}: not deployable: verdict {summary['verdict']} ({'; '.join(summary['reasons'])}); "
+                        f"deltas candidate - baseline: {deltas}")
+    if not_its_parent(summary):
+        raise UserError(f"{checkpoint}: not deployable: its pass was against another model ({not_its_parent(summary)}); "
+                        "evaluate it against the checkpoint it started from")
+    return summary
+
+
+def baseline_is_parent(candidate: LoadedCheckpoint, baseline: LoadedCheckpoint) -> bool | None:
+    """Whether the baseline holds the weights the candidate's run started from (None: it recorded none)."""
+    started_from = (candidate.meta.get("parent") or {}).get("model_sha256")
+    return None if not started_from else model_sha256(baseline.meta) == started_from
+
+
+def evaluate_checkpoints(paths: Paths, candidate: Path, baseline: Path, tolerance: float | None,
+                         device: torch.device) -> dict[str, Any]:
+    """`runs evaluate` and the end of an SFT phase: load both, compare, record in the candidate's manifest.
+
+    The gate measures what SFT cost the model it started from, so only that model is a baseline that can make
+    the candidate deployable; another one is compared (and said to be another), models of other shapes are not."""
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UserError(f"--tolerance: expected a number >= 0 (how far a pretrain val loss may rise, nats/token), "
+                        f"got {tolerance:g}")
+    cand = load_start(candidate, None, with_optimizer=False)
+    base = load_start(baseline, ModelConfig(**cand.meta["model_cfg"]), with_optimizer=False)  # grown as SFT's start was
+    diff = shape_diff(base.meta["model_cfg"], cand.meta["model_cfg"], MODEL_SHAPE_KEYS)
+    if diff:
+        raise UserError(f"{baseline}: cannot be compared with {candidate}: the models differ ({diff}; baseline vs "
+                        "candidate); the baseline is the checkpoint the candidate started from")
+    t = cand.meta.get("train_cfg") or {}
+    tol = tolerance if tolerance is not None else t.get("forgetting_tolerance", 0.1)
+    summary = eval_summary(cand, base, paths, tol, int(t.get("eval_batches", 8)), int(t.get("B", 8)), device)
+    summary["baseline_is_parent"] = baseline_is_parent(cand, base)
+    record_summary(paths, summary)
+    return summary
+
+
+def not_its_parent(summary: dict[str, Any]) -> str | None:
+    """Why a summary cannot make its candidate deployable, if it cannot: its baseline is not the candidate's parent."""
+    known = summary.get("baseline_is_parent", True)  # summaries from before this was recorded were the gate's own
+    if known is True:
+        return None
+    if known is None:
+        return f"{summary['candidate']['checkpoint']} records no checkpoint it started from, so no baseline is known to be its parent"
+    return f"the baseline {summary['baseline']['checkpoint']} is not the checkpoint the candidate started from"

@@ -1,0 +1,79 @@
+"""Durable files: written whole or not at all, fsynced, swapped into place, hashed.
+
+Every writer of the package (checkpoints, caches, exports, records, manifests) shares these few helpers, so
+"atomic" means one thing: a temporary name, fsync, rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from trainer_accel.faults import fault_point
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` holds either its old content or all of the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
+
+
+def fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename a finished temporary directory onto `target`, setting any old one aside first."""
+    if target.exists():
+        trash = target.with_name(f"{TRASH_PREFIX}{target.name}-{os.getpid()}-{time.time_ns()}")
+        os.rename(target, trash)
+        fault_point("mid_swap")
+        os.rename(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    fsync_dir(target.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; read at import, before any writer thread exists
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,131 @@
+"""A Hugging Face model directory as a start point: its config.json, its weights (safetensors, shards, a safe
+pytorch_model.bin), its tokenizer's identity; loaded as a LoadedCheckpoint and fitted to the run's model config.
+
+The mapping of names and shapes between the two layouts is the model family's own (models/gpt_hf.py); this module
+only finds and reads the files. Nothing here imports transformers: it is needed to use an export, not to make one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from trainer_accel.checkpoints.store import LoadedCheckpoint
+from trainer_accel.config import ModelConfig
+from trainer_accel.data.tokenizer import file_identity
+from trainer_accel.errors import UserError, raise_if_any
+from trainer_accel.fsio import sha256_file
+from trainer_accel.models.gpt_hf import (
+    grow_vocab,
+    mismatches,
+    model_cfg_from_hf,
+    state_from_hf,
+)
+
+log = logging.getLogger(__name__)
+
+EXPORT_RECORD = "trainer_accel_export.json"  # in a directory hf_export.py wrote: where it came from
+HF_FORMAT = "huggingface.gpt2"  # the `format` of a LoadedCheckpoint read from a Hugging Face directory
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ours -> Hugging Face
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face -> ours
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model directory (config.json and weights), not one of our checkpoints (meta.json)."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "meta.json").exists()
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable config.json ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
+        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise UserError(f"{path}: model_type {json.dumps(kind)}; only GPT-2 checkpoints (model_type \"gpt2\") can "
+                        "start a run")
+    return cfg
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The directory's tensors, read without running any code: safetensors, or a .bin with weights_only."""
+    directory = Path(directory)
+    single, index, pickled = (directory / name for name in WEIGHT_FILES)
+    try:
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
+        if pickled.is_file():
+            state = torch.load(pickled, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError(f"holds a {type(state).__name__}, not a state dict")
+            return state
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+        raise UserError(f"{directory}: unreadable weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # torch.load's refusal of a pickle that is not plain tensors (UnpicklingError)
+        raise UserError(f"{pickled}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    raise UserError(f"{directory}: no weights ({' or '.join(WEIGHT_FILES)}) beside config.json")
+
+
+def weights_file(directory: Path) -> Path | None:
+    return next((Path(directory) / n for n in WEIGHT_FILES if (Path(directory) / n).is_file()), None)
+
+
+def weights_sha256(directory: Path) -> str | None:
+    """The weights' identity, as model_sha256 is for our checkpoints (for shards: their index's)."""
+    found = weights_file(directory)
+    return sha256_file(found) if found is not None else None
+
+
+def tokenizer_identity(directory: Path) -> str | None:
+    """The identity (tokenizer.py) of the tokenizer a directory's model learnt: what our export recorded, else
+    that of its tokenizer.json as `prepare --tokenizer` would name it; None when it has neither."""
+    try:
+        return json.loads((directory / EXPORT_RECORD).read_text())["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = directory / "tokenizer.json"
+    return file_identity(found) if found.is_file() else None
+
+
+def load_hf_dir(directory: Path) -> LoadedCheckpoint:
+    """A GPT-2 directory as a checkpoint to start from: weights at its own vocabulary size, no optimizer, step 0."""
+    directory = Path(directory)
+    cfg = model_cfg_from_hf(read_hf_config(directory), str(directory / "config.json"))
+    state = state_from_hf(read_hf_weights(directory), cfg, str(directory))
+    meta = {"format": HF_FORMAT, "model_cfg": cfg, "train_cfg": {}, "phase": None, "run_id": None,
+            "model_sha256": weights_sha256(directory), "tokenizer": tokenizer_identity(directory)}
+    return LoadedCheckpoint(source=directory, model_state=state, optimizer_state=None, step=0, best_val_loss=None,
+                            meta=meta)
+
+
+def fit(loaded: LoadedCheckpoint, model: ModelConfig) -> LoadedCheckpoint:
+    """A loaded GPT-2 checked against the run's model config, one error per mismatch, its vocabulary grown to V."""
+    if loaded.meta.get("format") != HF_FORMAT:
+        return loaded
+    cfg = loaded.meta["model_cfg"]
+    raise_if_any(mismatches(cfg, model, str(Path(loaded.source) / "config.json")))
+    if model.V == cfg["V"]:
+        return loaded
+    log.info("%s: embedding grown from %d to %d rows (model_cfg.V); the new rows start at the mean embedding",
+             loaded.source, cfg["V"], model.V)
+    state = grow_vocab(loaded.model_state, model.V, cfg["tie_embeddings"])
+    return dataclasses.replace(loaded, model_state=state, meta={**loaded.meta, "model_cfg": {**cfg, "V": model.V}})

@@ -1,0 +1,151 @@
+"""A checkpoint as a Hugging Face transformers directory: `python -m trainer_accel.export --format hf`.
+
+The directory holds config.json and model.safetensors (hf_gpt2.py), generation_config.json, the tokenizer files
+with the chat template (hf_tokenizer.py) and trainer_accel_export.json, the record of where it came from. It is
+written under a temporary name and renamed into place, so a kill leaves the old directory or none; an existing
+--out is replaced only when it is empty or an earlier export of this trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from trainer_accel.checkpoints.store import (
+    LoadedCheckpoint,
+    load_checkpoint,
+    model_sha256,
+)
+from trainer_accel.data.cache import meta_path
+from trainer_accel.data.tokenizer import (
+    DOC,
+    EOT,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    tokenizer_from_meta,
+)
+from trainer_accel.errors import UserError, raise_if_any
+from trainer_accel.faults import fault_point
+from trainer_accel.fsio import (
+    FILE_MODE,
+    TRASH_PREFIX,
+    fsync_dir,
+    fsync_file,
+    now_iso,
+    swap_into_place,
+    write_atomic,
+)
+from trainer_accel.hf.directory import EXPORT_RECORD, is_hf_dir
+from trainer_accel.hf.tokenizer import tokenizer_files
+from trainer_accel.models.gpt_hf import hf_config, state_to_hf, unrepresentable
+from trainer_accel.paths import Paths
+
+RECORD = EXPORT_RECORD
+
+
+def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -> Tokenizer:
+    """The tokenizer the checkpoint's caches were made with: built in, or its tokenizer.json, found through
+    --tokenizer, the path the checkpoint recorded, or a cache of the same tokenizer that records one; a file whose
+    identity differs is refused, since its ids would not be the ones the model learnt."""
+    identity, recorded = loaded.meta.get("tokenizer"), loaded.meta.get("tokenizer_path")
+    if identity is None:
+        raise UserError(f"{loaded.source}: records no tokenizer (an export made before tokenizers were recorded); "
+                        "export it from its checkpoint directory")
+    if given is not None:
+        if identity == ByteTokenizer.identity:
+            raise UserError(f"--tokenizer {given}: the checkpoint was trained on the built-in byte tokenizer; leave "
+                            "--tokenizer out")
+        tok = HFTokenizer(given)
+        if tok.identity != identity:
+            raise UserError(f"--tokenizer {given}: tokenizer {tok.identity}, but the checkpoint was trained on "
+                            f"{identity} (another file, or this one changed)")
+        return tok
+    metas = [{"tokenizer": identity, "tokenizer_path": recorded}] + [_cache_meta(cache) for _, _, cache in paths.caches()]
+    for meta in metas:
+        tok = tokenizer_from_meta(meta) if meta.get("tokenizer") == identity else None
+        if tok is not None:
+            return tok
+    raise UserError(f"{loaded.source}: its tokenizer.json ({identity}) is not at {recorded or 'a recorded path'}; "
+                    "pass the file the caches were made with as --tokenizer PATH")
+
+
+def _cache_meta(cache: Path) -> dict:
+    try:
+        meta = json.loads(meta_path(cache).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def generation_config(special: dict[str, int]) -> dict[str, Any]:
+    """Greedy by default; a turn ends at <|eot|> and a document at <|endoftext|>, which also pads. No length: a
+    max_length here draws a warning from every call that passes max_new_tokens, as pipelines do."""
+    return {"bos_token_id": special[DOC], "eos_token_id": [special[EOT], special[DOC]], "pad_token_id": special[DOC],
+            "do_sample": False}
+
+
+def check_out(out: Path) -> None:
+    """--out may be new, empty, or an earlier export of ours; anything else is the user's and stays."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / RECORD).is_file():
+        raise UserError(f"--out {out}: a directory with other files in it (not an earlier export: no {RECORD}); "
+                        "choose a new or empty directory")
+
+
+def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = None,
+              verdict: str | None = None) -> dict[str, Any]:
+    """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record."""
+    check_out(out)
+    if is_hf_dir(source):
+        raise UserError(f"{source}: already a Hugging Face directory; nothing to export")
+    loaded = load_checkpoint(source, with_optimizer=False)
+    cfg = loaded.meta["model_cfg"]
+    raise_if_any([f"{source}: {p}; not exported (an approximation would compute something else)"
+                  for p in unrepresentable(cfg)])
+    tok = find_tokenizer(loaded, tokenizer, paths)
+    if tok.vocab_size > cfg["V"]:
+        raise UserError(f"{source}: the tokenizer has {tok.vocab_size} tokens, the model's V is {cfg['V']}")
+    eos = EOT if loaded.meta.get("phase") == "sft" else DOC
+    files = {
+        "config.json": json.dumps(hf_config(cfg, tok.special, eos, DOC), indent=2) + "\n",
+        "generation_config.json": json.dumps(generation_config(tok.special), indent=2) + "\n",
+        **tokenizer_files(tok, cfg["T"], eos),
+    }
+    record = {"format": "trainer_accel.export.hf", "out": str(out.resolve()), "exported_at": now_iso(),
+              "source": str(Path(source).resolve()), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
+              "step": loaded.step, "best_val_loss": loaded.best_val_loss, "model_sha256": model_sha256(loaded.meta),
+              "verdict": verdict, "tokenizer": tok.identity, "model_cfg": cfg}
+    sweep_leftovers(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        save_file(state_to_hf(loaded.model_state, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", FILE_MODE)  # safetensors writes 0600; a served model is read by others
+        fsync_file(tmp / "model.safetensors")
+        for name, text in {**files, RECORD: json.dumps(record, indent=2) + "\n"}.items():
+            write_atomic(tmp / name, text.encode())
+        fault_point("hf_export", partial=tmp / "model.safetensors")
+        fsync_dir(tmp)
+        swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+def sweep_leftovers(out: Path) -> None:
+    """What a killed export left beside --out: its temporary directory, or the earlier export it had set aside
+    (complete, so it goes back in place when --out is missing)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(out.parent.glob(f"{TRASH_PREFIX}{out.name}-*"), reverse=True):
+        if not out.exists() and (old / RECORD).is_file():
+            os.rename(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,198 @@
+"""Check every input of a phase before any training, and report all problems together.
+
+Caches (present, complete, matching their meta, one tokenizer, token ids below the model's V, long enough for
+T) and the checkpoint a phase starts from (readable, same model shape) are checked here, so a run that starts
+is a run that can finish, and a user with three problems hears about all three at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainer_accel.checkpoints.store import LoadedCheckpoint, check_model_cfg
+from trainer_accel.config import PhaseConfig
+from trainer_accel.data.cache import Cache, answer_mask, open_cache
+from trainer_accel.data.tokenizer import ASST, DOC, EOT, Tokenizer, tokenizer_from_meta
+from trainer_accel.errors import UserError, raise_if_any
+from trainer_accel.paths import CACHE_NAMING, Paths
+from trainer_accel.training.start import load_start
+from trainer_accel.training.strategies import STRATEGIES, RowSource, Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PhaseInputs:
+    strategy: Strategy
+    caches: list[Cache]  # every cache the phase reads
+    tokenizer: str  # the tokenizer identity all caches share
+
+    def decoder(self) -> Tokenizer | None:
+        """The caches' tokenizer, to turn samples back into text (None if it cannot be found any more)."""
+        return tokenizer_from_meta(self.caches[0].meta)
+
+    def data_info(self) -> dict:
+        """What a checkpoint records of its data: the tokenizer (its identity, and for a tokenizer.json its path),
+        each cache's sha256 by name, and one fingerprint of them all."""
+        caches = {f"{c.path.parent.name}/{c.path.name}": c.meta["sha256"] for c in self.caches}
+        fingerprint = hashlib.sha256(json.dumps(caches, sort_keys=True).encode()).hexdigest()
+        return {"tokenizer": self.tokenizer, "tokenizer_path": self.caches[0].meta.get("tokenizer_path"), "caches": caches,
+                "data_fingerprint": fingerprint}
+
+
+@dataclass(frozen=True)
+class CacheRef:
+    """A cache a phase reads: its source as configs name it, its kind, its path."""
+
+    source: str
+    kind: str  # "stream" | "sft"
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """As the mixture, the per-source counts and the gate name it: streams/wiki, sft/dolly."""
+        return f"{'streams' if self.kind == 'stream' else 'sft'}/{self.source}"
+
+
+def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[list[CacheRef], list[CacheRef]]:
+    """(train caches in the order of cfg.mixture(), val caches) of a phase."""
+    train = []
+    for name in cfg.mixture():
+        folder, source = name.split("/", 1)
+        kind = "stream" if folder == "streams" else "sft"
+        train.append(CacheRef(source, kind, (paths.stream_cache if kind == "stream" else paths.sft_cache)(source, "train")))
+    stream_val = [CacheRef(cfg.val_source, "stream", paths.stream_cache(cfg.val_source, "val"))]
+    if cfg.phase == "pretrain":
+        return train, stream_val
+    sft_val = [CacheRef(r.source, "sft", paths.sft_cache(r.source, "val")) for r in train if r.kind == "sft"]
+    if all(r.path.is_file() for r in sft_val):
+        return train, sft_val
+    log.info("SFT val caches not all present; evaluating on the %s stream val cache", cfg.val_source)
+    return train, stream_val
+
+
+def max_token_id(cache: Cache) -> int:
+    """The largest token id, from the meta; a meta without it (written by another tool) costs one pass over the
+    cache, said in the log: an id at or above V would otherwise end the run with an IndexError mid-training."""
+    if "max_token_id" not in cache.meta:
+        tokens, chunk = cache.tokens, 1 << 24
+        cache.meta["max_token_id"] = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)),
+                                         default=-1)
+        del tokens
+        log.warning("%s: its meta has no max_token_id; read the whole cache to find it (%d)", cache.path,
+                    cache.meta["max_token_id"])
+    return int(cache.meta["max_token_id"])
+
+
+def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
+    problems = []
+    T, V = cfg.seq_len, cfg.model.V
+    for c in caches:
+        if c.meta["vocab_size"] > V:
+            problems.append(f"{c.path}: tokenizer vocabulary {c.meta['vocab_size']} is larger than model_cfg.V={V}")
+        elif max_token_id(c) >= V:
+            problems.append(f"{c.path}: holds token id {max_token_id(c)}, not below model_cfg.V={V}")
+        if c.meta["kind"] == "stream" and c.meta["num_tokens"] < T + 1:
+            problems.append(f"{c.path}: {c.meta['num_tokens']} tokens, fewer than one window of T+1={T + 1}")
+    identities = sorted({c.meta["tokenizer"] for c in caches})
+    if len(identities) > 1:
+        per = "; ".join(f"{c.path.name}: {c.meta['tokenizer']}" for c in caches)
+        problems.append(f"caches were made with different tokenizers ({per}); prepare them with one tokenizer")
+    return problems
+
+
+ANSWER_SAMPLE = 4096  # SFT examples looked at per cache for cut answers: all of a small cache, a sample of a big one
+
+
+def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
+    """Whether the SFT rows of T+1 tokens keep their answers. An example cut before its answer trains nothing (its
+    row counts no target); a cache where every answer is cut trains on loss 0 and validates to nan. Looks at the
+    first T+1 tokens of at most ANSWER_SAMPLE examples, so the check costs the same for any cache size."""
+    T, n = cfg.seq_len, cache.num_examples
+    lengths = np.diff(cache.starts)
+    picked = np.arange(n) if n <= ANSWER_SAMPLE else np.sort(np.random.default_rng(0).choice(n, ANSWER_SAMPLE, replace=False))
+    s = cache.meta["special_tokens"]
+    rows = np.full((len(picked), T + 1), s[DOC], dtype=np.int64)
+    tokens = cache.tokens
+    for r, i in enumerate(picked):
+        a = cache.starts[i]
+        b = min(cache.starts[i + 1], a + T + 1)
+        rows[r, : b - a] = tokens[a:b]
+    del tokens
+    answered = answer_mask(rows, s[ASST], s[EOT]).any(axis=1)
+    of = f"{len(picked):,} of {n:,}" if n > len(picked) else f"all {n:,}"
+    if not answered.any():
+        return (f"{cache.path}: no example keeps any of its answer within T={T} tokens ({of} examples looked at); "
+                "raise model_cfg.T or shorten the prompts")
+    lost, cut = 1 - answered.mean(), (lengths > T + 1).mean()
+    if lost > 0.1 or cut > 0.5:
+        log.warning("%s: %.0f%% of examples are longer than T+1=%d tokens and cut; %.0f%% lose their whole answer and "
+                    "train nothing (%s examples looked at)", cache.path, 100 * cut, T + 1, 100 * lost, of)
+    return None
+
+
+def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
+    train_refs, val_refs = phase_cache_paths(cfg, paths)
+    wanted = train_refs + val_refs
+    missing = [r.path for r in wanted if not r.path.is_file()]
+    if missing:
+        naming = CACHE_NAMING.replace("{data}", str(paths.data)).replace("{file}", "X.bin")
+        raise UserError([f"{p}: cache missing" for p in missing] + [f"naming convention: {naming}"])
+    problems, opened = [], {}
+    for r in wanted:
+        try:
+            opened[r.path] = open_cache(r.path, r.kind, verify_hash=cfg.train.verify_cache_hash)
+        except UserError as e:
+            problems += e.problems
+    raise_if_any(problems)
+    caches = list(opened.values())
+    raise_if_any(_check_caches(cfg, caches))
+    raise_if_any([p for c in caches if c.meta["kind"] == "sft" and (p := _check_answers(cfg, c))])
+
+    probs = np.array(list(cfg.mixture().values()), dtype=np.float64)
+    probs /= probs.sum()
+    train = RowSource([opened[r.path] for r in train_refs], probs, cfg.seq_len, [r.kind for r in train_refs],
+                      [r.name for r in train_refs], pack=cfg.train.pack)
+    val_probs = np.array([cfg.sources[r.source] for r in val_refs]) if val_refs[0].kind == "sft" else np.ones(1)
+    val = RowSource([opened[r.path] for r in val_refs], val_probs / val_probs.sum(), cfg.seq_len,
+                    [r.kind for r in val_refs], [r.name for r in val_refs], pack=cfg.train.pack_val)
+    strategy = STRATEGIES[cfg.phase](train, val, cfg.train.B, cfg.train.seed)
+    return PhaseInputs(strategy=strategy, caches=caches, tokenizer=caches[0].meta["tokenizer"])
+
+
+def check_start_checkpoint(path: Path | None, cfg: PhaseConfig, with_optimizer: bool = True) -> LoadedCheckpoint | None:
+    """Load the checkpoint a phase starts from (if any) and check that its weights fit the model config."""
+    if path is None:
+        return None
+    loaded = load_start(path, cfg.model, with_optimizer)
+    check_model_cfg(loaded, cfg.model.to_dict())
+    return loaded
+
+
+def same_tokenizer(start: LoadedCheckpoint | None, inputs: PhaseInputs) -> list[str]:
+    """The weights a phase starts from must have learnt the ids its caches hold: the same tokenizer (a start that
+    records none, such as a GPT-2 directory without a tokenizer.json, cannot be checked)."""
+    learnt = start.meta.get("tokenizer") if start is not None else None
+    if learnt is None or learnt == inputs.tokenizer:
+        return []
+    return [f"{start.source}: its weights learnt the ids of tokenizer {learnt}, this phase's caches were made with "
+            f"{inputs.tokenizer}; prepare the caches with its tokenizer (prepare --tokenizer PATH/tokenizer.json)"]
+
+
+def collect(*checks) -> list:
+    """Run each check (a no-argument callable), gathering every UserError's problems before raising."""
+    results, problems = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except UserError as e:
+            results.append(None)
+            problems += e.problems
+    raise_if_any(problems)
+    return results

@@ -1,0 +1,564 @@
+"""The one training loop, for every phase, device and process count.
+
+It asks the strategy for batches and losses and never which phase it runs. Accelerate owns the device,
+processes and precision. Gradient accumulation is explicit: Accelerate's own `gradient_accumulation_steps`
+stays at 1 and the non-final micro-steps run under `accelerator.no_sync`, because the loss is token-weighted:
+each micro-step backpropagates (sum of its token losses) / (tokens counted in the whole step, over all
+micro-steps and processes), times the process count to undo DDP's gradient averaging. The gradient is then
+exactly that of one big batch, whatever the split. Evaluation uses the same weighting.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import math
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.checkpoints.full_state import (
+    checkpoint_bytes,
+    full_model_state,
+    full_optimizer_state,
+    load_full_optimizer_state,
+    local_value,
+    plain_model,
+)
+from trainer_accel.checkpoints.store import LoadedCheckpoint
+from trainer_accel.config import PhaseConfig, TrainConfig
+from trainer_accel.data.tokenizer import Tokenizer
+from trainer_accel.devices.collective import main_process_decides
+from trainer_accel.devices.stopping import Interrupted, StopRequest
+from trainer_accel.errors import UserError
+from trainer_accel.models.gpt import GPT
+from trainer_accel.observability.manifest import (
+    ManifestSink,
+    code_version,
+    parent_record,
+    run_facts,
+)
+from trainer_accel.observability.metrics import open_metrics
+from trainer_accel.observability.samples import write_samples
+from trainer_accel.observability.trackers import open_trackers
+from trainer_accel.paths import Paths
+from trainer_accel.training.strategies import Strategy
+
+log = logging.getLogger(__name__)
+
+DROPOUT_TAG = 2
+
+
+def address_seed(*address: int) -> int:
+    """A torch seed that is a pure function of an address such as (seed, tag, step, rank)."""
+    return int(np.random.SeedSequence(list(address)).generate_state(1)[0])
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup to base_lr over warmup_steps, then cosine down to min_lr at total_steps; a pure function."""
+    if step < t.warmup_steps:
+        return t.base_lr * (step + 1) / t.warmup_steps
+    span = max(1, t.total_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.base_lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only (biases and norm gains are not decayed); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=t.base_lr, betas=(t.beta1, t.beta2), **extra)
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights and optimizer that a resumed run needs; stored in the checkpoint sidecar."""
+
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_val_step: int | None = None
+    last_val_loss: float | None = None
+    skipped_steps: int = 0  # updates skipped for a non-finite loss (on_nonfinite = "skip")
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    state: LoopState
+    best_dir: Path | None
+    latest_dir: Path
+
+
+class Trainer:
+    """One phase of training: setup from config and a starting point, then `fit()`."""
+
+    def __init__(self, accelerator: Accelerator, cfg: PhaseConfig, strategy: Strategy, paths: Paths,
+                 resume_from: LoadedCheckpoint | None = None, init_from: LoadedCheckpoint | None = None,
+                 data_info: dict | None = None, tokenizer: Tokenizer | None = None):
+        self.acc, self.cfg, self.strategy, self.paths = accelerator, cfg, strategy, paths
+        self.t = cfg.train
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.phase_dir = paths.phase_dir(cfg.phase)
+        self.data_info = data_info or {}
+        self.tokenizer = tokenizer
+        if cfg.sample_prompts and tokenizer is None:
+            log.warning("%s: sample_prompts are set but the caches' tokenizer cannot be found; no samples", cfg.path)
+        self.empty_micro_batches = torch.zeros((), dtype=torch.long, device=accelerator.device)  # since the last line
+        self.rows_drawn = np.zeros(len(strategy.train.names))  # per training source, this session, all processes
+        self.nonfinite_in_a_row = 0
+        self._stop_flag: torch.Tensor | None = None  # all-reduced stop request of the previous step
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # the checkpoint writer thread, when saving
+        self._pending_save: tuple[dict, concurrent.futures.Future] | None = None  # (its sidecar, its write)
+        if accelerator.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.t.tf32
+
+        torch.manual_seed(self.t.seed)  # the same initial weights on every process and every run
+        model = GPT(cfg.model)
+        self.state = LoopState()
+        start = resume_from or init_from
+        if start is not None:
+            model.load_state_dict(start.model_state, strict=True)
+        optimizer = build_optimizer(model, self.t, accelerator.device)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # train_cfg.compile: the forward and the loss as one graph, after Accelerate's wrapping (as its own dynamo
+        # plugin does). Compiled apart, the (B, T, V) logits would leave the model's graph in fp32 (Accelerate's
+        # autocast output) and the loss would read and write them again, forward and backward: on GPT-2 small at
+        # B=16, T=1024 that is 3.3 GB a pass. The model itself stays uncompiled, so checkpoints keep plain names.
+        self.loss = torch.compile(strategy.loss) if self.t.compile else strategy.loss
+        if resume_from is not None:
+            self._restore(resume_from)
+        elif init_from is not None:
+            log.info("initialised weights from %s (step %d, run %s); optimizer fresh", init_from.source, init_from.step,
+                     init_from.meta.get("run_id") or "not recorded")
+        # lineage: a resumed run keeps the parent its checkpoint names; a run from an exported .pt is a new run
+        if init_from is not None:
+            self.parent = parent_record(init_from, "initialised")
+        elif resume_from is not None and resume_from.meta.get("run_id") is None:
+            self.parent = parent_record(resume_from, "resumed")
+        else:
+            self.parent = resume_from.meta.get("parent") if resume_from is not None else None
+        self.events = open_metrics(paths.metrics, paths.events, cfg.phase, self.state.run_id, strategy.stage_id,
+                                   accelerator.is_main_process)
+        if accelerator.is_main_process:
+            facts = run_facts(run_id=self.state.run_id, cfg=cfg, data_info=self.data_info, device=str(accelerator.device),
+                              processes=self.world, precision=accelerator.mixed_precision, parent=self.parent,
+                              wandb_run_id=self.state.run_id if "wandb" in cfg.tracking.log_with else None)
+            self.events.sinks.append(ManifestSink(paths.manifest(self.state.run_id), facts, self.state.step,
+                                                  str(resume_from.source) if resume_from is not None else None))
+        if accelerator.is_main_process and cfg.tracking.log_with:
+            run_info = {"parameters": model.num_params(), "processes": self.world, "global_batch": self.global_batch,
+                        "tokenizer": self.data_info.get("tokenizer"), "data_fingerprint": self.data_info.get("data_fingerprint")}
+            self.events.sinks += open_trackers(cfg, paths.metrics, self.state.run_id,
+                                               resume_from.step if resume_from is not None else None, run_info)
+        if resume_from is not None:  # the same history goes on: what an earlier process logged past here is superseded
+            superseded = self.events.continue_from(self.state.step)
+            self.events.write("resume", self.state.step, source=str(resume_from.source), superseded=superseded)
+        self._bar = None
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+
+    def _restore(self, loaded: LoadedCheckpoint) -> None:
+        meta = loaded.meta
+        saved_global = meta.get("global_batch")
+        if saved_global is not None and saved_global != self.global_batch:
+            raise UserError(
+                f"{loaded.source}: checkpoint was trained with a global batch of {saved_global} sequences "
+                f"(B x accum_steps x processes), this run has {self.global_batch} "
+                f"(B={self.t.B}, accum_steps={self.t.accum_steps}, processes={self.world}); keep the product equal to resume"
+            )
+        self._check_same_data(loaded)
+        if loaded.optimizer_state is not None:
+            load_full_optimizer_state(self.acc, self.model, self.optimizer, loaded.optimizer_state)
+        if self.acc.scaler is not None and meta.get("grad_scaler"):
+            self.acc.scaler.load_state_dict(meta["grad_scaler"])
+        self.state = LoopState(
+            run_id=meta.get("run_id") or self.state.run_id, step=loaded.step,
+            tokens_seen=int(meta.get("tokens_seen", loaded.step * self.global_batch * self.cfg.seq_len)),
+            best_val_loss=loaded.best_val_loss, best_val_step=meta.get("best_val_step"),
+            last_val_loss=meta.get("last_val_loss"), skipped_steps=int(meta.get("skipped_steps", 0)),
+        )
+        log.info("resumed from %s at step %d (best val loss %s)", loaded.source, loaded.step, _fmt(loaded.best_val_loss))
+
+    def _check_same_data(self, loaded: LoadedCheckpoint) -> None:
+        saved, now = loaded.meta.get("caches"), self.data_info.get("caches")
+        if not saved or not now or saved == now:
+            return
+        diff = "; ".join(f"{k}: {saved.get(k, 'absent')[:12]} -> {now.get(k, 'absent')[:12]}"
+                         for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+        if not self.t.allow_data_change:
+            raise UserError(f"{loaded.source}: the caches differ from those this checkpoint was trained on ({diff}); "
+                            "set train_cfg.allow_data_change to resume anyway")
+        log.warning("RESUMING ON CHANGED DATA (train_cfg.allow_data_change is set): %s", diff)
+
+    @property
+    def global_batch(self) -> int:
+        return self.t.B * self.t.accum_steps * self.world
+
+    # -- one step -------------------------------------------------------------------------------------------------
+
+    def _train_step(self, step: int) -> tuple[torch.Tensor, ...]:
+        """One optimizer update. Returns this process's loss sum, the step's global token count, the grad norm and
+        this process's counted tokens and rows per source, as device tensors: no host sync, and what is summed over
+        processes is summed only at progress lines."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.t)
+        device = self.acc.device
+        batches = [self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps).to(device)
+                   for m in range(self.t.accum_steps)]
+        counts = torch.stack([self.strategy.count_tokens(b) for b in batches])  # on the device: no host sync
+        by_source = torch.stack([self.strategy.count_by_source(b) for b in batches]).sum(0)  # (tokens, rows) x sources
+        self.empty_micro_batches += (counts == 0).sum()  # they add nothing to loss or gradient; reported in the log
+        counted = self.acc.reduce(counts.sum().float(), "sum").clamp_min(1.0)
+        loss_sum = torch.zeros((), device=device)
+        for m, batch in enumerate(batches):
+            # dropout masks by address: the global slice (micro * processes + rank), so any split draws the same
+            torch.manual_seed(address_seed(self.t.seed, DROPOUT_TAG, step, m * self.world + self.rank))
+            sync = m == len(batches) - 1
+            with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+                total, _ = self.loss(self.model, batch)
+                self.acc.backward(total * (self.world / counted))
+            loss_sum += total.detach()
+        max_norm = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")  # inf: measure, do not clip
+        grad_norm = local_value(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))  # FSDP2: a DTensor
+        if self.t.on_nonfinite == "skip" and self._update_is_nonfinite(loss_sum, grad_norm):  # host sync, "skip" only
+            self._skip_update(step)
+        else:
+            self.optimizer.step()  # under fp16 the loss scaler skips an overflowed update and lowers its scale itself
+            self.nonfinite_in_a_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, counted, grad_norm, by_source
+
+    def _update_is_nonfinite(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the trainer skips this update ("skip" mode); the same answer on every process.
+
+        Without a loss scaler, a non-finite loss on any process makes the all-reduced gradient non-finite
+        everywhere, so the gradient norm decides for all alike. Under fp16 a non-finite gradient with a finite
+        loss is a routine overflow and the scaler's to handle (it skips the update and lowers its scale), so there
+        the loss decides, all-reduced.
+        """
+        if self.acc.scaler is None:
+            return not bool(torch.isfinite(grad_norm))
+        return bool(self.acc.reduce((~torch.isfinite(loss_sum)).float(), "sum") > 0)
+
+    def _skip_update(self, step: int) -> None:
+        if self.acc.scaler is not None:  # it unscaled this step's gradients; without update() the next step fails
+            self.acc.scaler.update()
+        self.nonfinite_in_a_row += 1
+        self.state.skipped_steps += 1
+        self.events.write("skipped", step + 1, reason="non-finite loss or gradient norm")
+        log.warning("%s step %d: non-finite loss or gradient norm, update skipped (%d in a row)",
+                    self.cfg.phase, step + 1, self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.t.max_nonfinite_skips:
+            raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite updates in a row up to step {step + 1} "
+                                     "(train_cfg.max_nonfinite_skips); the last checkpoint is kept as it was")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted mean loss over the `eval_batches` fixed validation batches of B rows.
+
+        The batches are the same whatever the process count or accumulation; process r evaluates batches
+        r, r + processes, ... A process with none left in the last round repeats batch 0 with weight 0, so every
+        process runs the same number of forward passes (FSDP gathers weights collectively in each).
+        """
+        self.model.eval()
+        total = torch.zeros(2, device=self.acc.device)
+        for first in range(0, self.t.eval_batches, self.world):
+            index = first + self.rank
+            batch = self.strategy.val_batch(index if index < self.t.eval_batches else 0)
+            s, n = self.loss(self.model, batch.to(self.acc.device))
+            if index < self.t.eval_batches:
+                total += torch.stack([s.float(), n.float()])
+        self.model.train()
+        loss_sum, count = self.acc.reduce(total, "sum").tolist()
+        if count == 0:
+            log.warning("%s: the validation batches hold no counted tokens (every answer cut off by T?)", self.cfg.phase)
+            return float("nan")
+        return loss_sum / count
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        s = self.state
+        return {
+            "phase": self.cfg.phase, "run_id": s.run_id, "step": s.step, "best_val_loss": s.best_val_loss,
+            "best_val_step": s.best_val_step, "last_val_loss": s.last_val_loss, "tokens_seen": s.tokens_seen,
+            "skipped_steps": s.skipped_steps,
+            "model_cfg": self.cfg.model.to_dict(), "train_cfg": self.t.to_dict(), "config": self.cfg.raw,
+            "config_path": str(self.cfg.path), "global_batch": self.global_batch, "world_size": self.world,
+            "created_at": time.time(), **self.data_info, "config_fingerprint": self.cfg.fingerprint,
+            "overrides": list(self.cfg.overrides), "code": code_version(), "parent": self.parent,
+            "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+        }
+
+    def save(self, to_step_dir: bool, to_best: bool) -> None:
+        """Checkpoint the state of now; training goes on while the main process writes it in the background.
+
+        The loop pays only for a CPU copy of the state (the gather too, under FSDP). The write, fsync, hashing and
+        publishing run on one writer thread, one save at a time, and a checkpoint still appears only when it is
+        complete, so a crash at any moment leaves the newest complete checkpoint to resume from. A failed write
+        stops the run at the next step (`_stop_agreed`).
+        """
+        # the main process's free space (it writes, and its writer thread may be using space right now) decides for
+        # all, so all stop together rather than leave some waiting in the gather below
+        main_process_decides(self.acc, self.wait_for_save)  # one save at a time; a failed one stops every process
+        needed = checkpoint_bytes(self.acc.unwrap_model(self.model, keep_torch_compile=False))
+        main_process_decides(self.acc, lambda: ckpt.ensure_free_space(
+            self.phase_dir, needed, copies=int(to_step_dir) + int(to_best and not to_step_dir)))
+        model_state, tied = full_model_state(self.acc, self.model)  # collectives under FSDP: every process takes part
+        opt_state = full_optimizer_state(self.acc, self.model, self.optimizer)
+        if self.acc.is_main_process:
+            snapshot = (ckpt.cpu_copy(model_state), tied, ckpt.cpu_copy(opt_state), self._meta())
+            if self._writer is None:
+                self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            self._pending_save = (snapshot[3], self._writer.submit(self._write, *snapshot, to_step_dir, to_best))
+            if to_step_dir:
+                self._write_samples(model_state, tied)
+        self.acc.wait_for_everyone()
+
+    def _write(self, model_state: dict, tied: dict, opt_state: dict, meta: dict, to_step_dir: bool, to_best: bool) -> Path:
+        """On the writer thread: files only (the metric sinks belong to the training thread)."""
+        if not to_step_dir:
+            return ckpt.write_checkpoint(self.phase_dir / "best", model_state, tied, opt_state, meta)
+        step_dir = ckpt.write_checkpoint(self.phase_dir / ckpt.step_dir_name(meta["step"]), model_state, tied, opt_state,
+                                         meta)
+        ckpt.publish(step_dir, self.phase_dir / "latest")
+        if to_best:
+            ckpt.publish(step_dir, self.phase_dir / "best")
+        ckpt.prune_step_dirs(self.phase_dir, self.t.keep_last_n)
+        return step_dir
+
+    def wait_for_save(self) -> None:
+        """Block until the checkpoint being written is complete (re-raising its error), and log it."""
+        if self._pending_save is None:
+            return
+        meta, future = self._pending_save
+        self._pending_save = None
+        try:
+            path = future.result()
+        except OSError as e:  # a disk or a permission: the user's to fix, in one line
+            raise UserError(f"{self.phase_dir}: writing the checkpoint of step {meta['step']} failed "
+                            f"({type(e).__name__}: {e}); the checkpoints written before it are intact") from None
+        self.events.write("checkpoint", meta["step"], path=str(path), best_val_loss=meta["best_val_loss"],
+                          best_val_step=meta["best_val_step"])
+
+    def _write_samples(self, model_state: dict, tied: dict) -> None:
+        """On the main process alone. A sharded (FSDP) model cannot run there, since its forward all-gathers with
+        every process, so samples come from a plain copy built from the full state the save just gathered."""
+        if not self.cfg.sample_prompts or self.tokenizer is None:
+            return
+        if self.acc.distributed_type == DistributedType.FSDP:
+            model = plain_model(self.cfg.model, model_state, tied, self.acc.device)
+        else:
+            model = self.acc.unwrap_model(self.model, keep_torch_compile=False)
+        written = write_samples(model, self.tokenizer, self.cfg.sample_prompts, self.cfg.sample_seed, self.state.step,
+                                self.paths.samples / self.cfg.phase)
+        self.events.write("samples", self.state.step, samples=written)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def fit(self) -> PhaseResult:
+        """Train to total_steps. A progress bar on a terminal, else a plain progress line every log_every steps."""
+        show_bar = self.acc.is_main_process and sys.stderr.isatty()
+        with StopRequest() as stop, logging_redirect_tqdm(), tqdm(
+                total=self.t.total_steps, initial=self.state.step, desc=self.cfg.phase, unit="step",
+                disable=not show_bar, dynamic_ncols=True) as self._bar:
+            try:
+                return self._fit(stop)
+            except Interrupted:
+                raise
+            except BaseException as e:
+                self.events.write("failure", self.state.step, error=f"{type(e).__name__}: {e}")
+                raise
+            finally:
+                try:  # a checkpoint in flight holds a good earlier state: finish it whatever happened
+                    self.wait_for_save()
+                finally:
+                    if self._writer is not None:
+                        self._writer.shutdown()
+                        self._writer = None
+                    self.events.close()
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop; all processes must stop after the same step.
+
+        With several processes the request is all-reduced each step and read one step later: by then the next
+        step is queued, so reading it waits only for work already done and never stalls the device.
+        """
+        failed = self.acc.is_main_process and self._failed_save() is not None
+        if self.world == 1:
+            if failed:
+                self._raise_failed_save()
+            return stop.requested
+        previous = self._stop_flag
+        flags = torch.zeros(2, device=self.acc.device)  # filled on the device: a tensor from a list would copy from
+        flags[0], flags[1] = float(stop.requested), float(failed)  # the host and wait for the GPU's queue every step
+        self._stop_flag = self.acc.reduce(flags, "sum")
+        if previous is None:
+            return False
+        requested, save_failed = previous.tolist()
+        if save_failed > 0:  # every process raises the main process's error together
+            main_process_decides(self.acc, self._raise_failed_save)
+        return requested > 0
+
+    def _failed_save(self) -> BaseException | None:
+        """The error of the background write, once it has failed; checked every step, never waited for."""
+        future = self._pending_save[1] if self._pending_save is not None else None
+        return future.exception() if future is not None and future.done() else None
+
+    def _raise_failed_save(self) -> None:
+        """A write that failed stops the run at the next step (it used to surface only at the next save, maybe
+        hours later), as a one-line error: the checkpoints written before it are intact."""
+        meta, _ = self._pending_save
+        e = self._failed_save()
+        self._pending_save = None  # reported here; fit()'s cleanup must not raise it again as a traceback
+        raise UserError(f"{self.phase_dir}: writing the checkpoint of step {meta['step']} failed "
+                        f"({type(e).__name__}: {e}); training stopped at step {self.state.step}, the checkpoints "
+                        "written before it are intact")
+
+    def _fit(self, stop: StopRequest) -> PhaseResult:
+        t, s = self.t, self.state
+        tokens_per_step = self.global_batch * self.cfg.seq_len
+        self.events.write("run_start", s.step, total_steps=t.total_steps, processes=self.world,
+                          device=str(self.acc.device), stage_id=self.strategy.stage_id)
+        log.info("%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters",
+                 self.cfg.phase, s.step, t.total_steps, self.world, self.acc.device, self.acc.mixed_precision,
+                 torch.get_num_threads(), f"{tokens_per_step:,}", f"{self.acc.unwrap_model(self.model).num_params():,}")
+        if s.step > t.total_steps:
+            log.warning("%s: resumed at step %d, past train_cfg.total_steps=%d: nothing to train (raise total_steps to "
+                        "go on, or --no-resume to start again)", self.cfg.phase, s.step, t.total_steps)
+        if s.step == 0:  # where the phase starts from, for comparison; never a "best"
+            s.last_val_loss = self.evaluate()
+            self.events.write("eval", 0, **{"val/loss": s.last_val_loss})
+            log.info("%s step 0 | val loss %.4f (before training)", self.cfg.phase, s.last_val_loss)
+        self.model.train()
+        pending: list[tuple] = []  # (step, tokens seen, lr, local loss sum, global token count, grad norm, by source)
+        names = self.strategy.train.names
+        log.info("%s: rows drawn from %s (shares of the rows)", self.cfg.phase,
+                 ", ".join(f"{n} {p:.1%}" for n, p in zip(names, self.strategy.train.probs)))
+        window_start, window_tokens = time.perf_counter(), 0
+        first_step = s.step
+        while s.step < t.total_steps:
+            loss_sum, counted, grad_norm, by_source = self._train_step(s.step)
+            lr = self.optimizer.param_groups[0]["lr"]
+            s.step += 1
+            s.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            pending.append((s.step, s.tokens_seen, lr, loss_sum, counted, grad_norm, by_source))
+            self._bar.update(1)
+            stopping = self._stop_agreed(stop) and s.step < t.total_steps  # at the end, just finish
+            due = s.step % t.ckpt_every == 0 or s.step == t.total_steps or stopping
+            if s.step % t.log_every == 0 or due:  # also checks the losses are finite before a checkpoint
+                tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                self._log_train(pending, tps)
+                pending, window_start, window_tokens = [], time.perf_counter(), 0
+            improved = False
+            if s.step % t.eval_every == 0 or s.step == t.total_steps:
+                improved = self._eval_and_track()
+            if due or improved:
+                self.save(to_step_dir=due, to_best=improved)
+            if stopping:  # everyone waits for the write: a process that exits first would have the launcher kill it
+                main_process_decides(self.acc, self.wait_for_save)
+                self.events.write("stopped", s.step, signal=stop.signum)
+                raise Interrupted(f"{self.cfg.phase} stopped by a signal after step {s.step}; its checkpoint is "
+                                  f"{self.phase_dir / ckpt.step_dir_name(s.step)} (run the same command to resume)")
+        # A step ran: the last one was due and saved. None ran (resumed at the end): save only if this phase has
+        # no latest/ yet (resumed from elsewhere), as the main process sees it once its writes are done.
+        latest, best = self.phase_dir / "latest", self.phase_dir / "best"
+        main_process_decides(self.acc, self.wait_for_save)
+        if s.step == first_step and main_process_decides(self.acc, lambda: not latest.exists()):
+            self.save(to_step_dir=True, to_best=False)
+            main_process_decides(self.acc, self.wait_for_save)
+        # the main process answers once its writes are done, so every process returns with them complete on disk
+        best_dir = best if main_process_decides(self.acc, best.exists) else None
+        if self.rows_drawn.sum():
+            log.info("%s: rows drawn in this session: %s (configured %s)", self.cfg.phase,
+                     ", ".join(f"{k.removeprefix('train/mixture/')} {v:.1%}" for k, v in self.realised_mixture().items()),
+                     ", ".join(f"{n} {p:.1%}" for n, p in zip(self.strategy.train.names, self.strategy.train.probs)))
+        self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step,
+                          **self.realised_mixture())
+        return PhaseResult(self.cfg.phase, s, best_dir, latest)
+
+    def _log_train(self, pending: list, tokens_per_sec: float) -> None:
+        """Every step's values to the event log and CSV; the window's summary to the progress line and trackers."""
+        names = self.strategy.train.names
+        local = torch.stack([torch.cat([p[3].float().view(1), p[6].flatten()]) for p in pending])
+        reduced = self.acc.reduce(local, "sum")  # loss sums and per-source counts: one collective per progress line
+        losses = reduced[:, 0] / torch.stack([p[4].float() for p in pending])
+        rows = torch.cat([torch.stack([losses, torch.stack([p[5].float() for p in pending])], dim=1), reduced[:, 1:]],
+                         dim=1).tolist()  # one host sync
+        values = [r[:2] for r in rows]
+        for (step, tokens, lr, *_), row in zip(pending, rows):
+            per_source = {f"train/tokens/{n}": row[2 + i] for i, n in enumerate(names)}
+            per_source |= {f"train/rows/{n}": row[2 + len(names) + i] for i, n in enumerate(names)}
+            self.events.write("train", step, **{
+                "train/loss": row[0], "train/lr": lr, "train/grad_norm": row[1], "train/tokens_seen": tokens,
+                "train/tokens_per_sec": tokens_per_sec, **per_source,
+            })
+            self.rows_drawn += np.array(row[2 + len(names):])
+        empty = int(self.empty_micro_batches)
+        if empty:
+            log.warning("%s: %d micro-batches up to step %d had no counted tokens (every label -100); they "
+                        "contributed nothing", self.cfg.phase, empty, pending[-1][0])
+            self.empty_micro_batches.zero_()
+        finite = [v for v in values if math.isfinite(v[0])]
+        if self.t.on_nonfinite == "stop" and len(finite) < len(values):
+            bad = next(p[0] for p, v in zip(pending, values) if not math.isfinite(v[0]))
+            raise FloatingPointError(f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
+                                     "(try a lower base_lr or grad_clip)")
+        avg = sum(v[0] for v in finite) / len(finite) if finite else float("nan")
+        norms = [v[1] for v in finite if math.isfinite(v[1])]
+        step, tokens, lr = pending[-1][:3]
+        progress = {"train/loss": avg, "train/lr": lr, "train/tokens_seen": tokens, "train/tokens_per_sec": tokens_per_sec,
+                    "train/grad_norm": sum(norms) / len(norms) if norms else float("nan"), **self.realised_mixture()}
+        if self.acc.scaler is not None:  # fp16: updates the scaler skipped (finite loss, overflowed gradient)
+            progress["train/loss_scale"] = self.acc.scaler.get_scale()
+            progress["train/scaler_skips"] = len(finite) - len(norms)
+            if len(finite) > len(norms):
+                log.info("%s: the fp16 loss scaler skipped %d of the last %d updates (gradient overflow); scale now %g",
+                         self.cfg.phase, len(finite) - len(norms), len(values), progress["train/loss_scale"])
+        self.events.write("progress", step, **progress)
+        if self._bar is not None and not self._bar.disable:
+            self._bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", val=_fmt(self.state.last_val_loss),
+                                  tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            return
+        log.info("%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s", self.cfg.phase, step, self.t.total_steps,
+                 lr, avg, _fmt(self.state.last_val_loss), f"{tokens_per_sec:,.0f}")
+
+    def realised_mixture(self) -> dict[str, float]:
+        """Each source's share of the training rows drawn in this session so far (configured: strategy.train.probs)."""
+        total = self.rows_drawn.sum()
+        if not total:
+            return {}
+        return {f"train/mixture/{n}": float(r / total) for n, r in zip(self.strategy.train.names, self.rows_drawn)}
+
+    def _eval_and_track(self) -> bool:
+        s = self.state
+        val = self.evaluate()
+        s.last_val_loss = val
+        improved = math.isfinite(val) and (s.best_val_loss is None or val < s.best_val_loss)
+        if improved:
+            s.best_val_loss, s.best_val_step = val, s.step
+        self.events.write("eval", s.step, **{"val/loss": val})
+        log.info("%s step %d | val loss %.4f%s", self.cfg.phase, s.step, val, " (best)" if improved else "")
+        return improved
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
