@@ -134,7 +134,7 @@ def test_start_up_checks_hash_each_file_once(tmp_path, monkeypatch):
     """latest/ shares the step directory's files (hard links); repeated checks must not re-read them."""
     model = tiny_model()
     step, _ = save(model, tmp_path / "step_0000003")
-    ckpt.publish(step, tmp_path / "latest")
+    ckpt.link_pointer(step, tmp_path / "latest")
     calls = []
     real = ckpt.sha256_file
     monkeypatch.setattr(ckpt, "sha256_file", lambda p: calls.append(p) or real(p))

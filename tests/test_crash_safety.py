@@ -107,7 +107,7 @@ def test_stale_latest_and_best_are_brought_up_to_date(world):
     best_step = ckpt.read_meta(ck / "step_0000004")["best_val_step"]
     for name in ("latest", "best"):
         shutil.rmtree(ck / name)
-        ckpt.publish(ck / "step_0000002", ck / name)  # what they held before the last save
+        ckpt.link_pointer(ck / "step_0000002", ck / name)  # what they held before the last save
     (world / "checkpoints/best.pt").unlink()
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
     assert r.returncode == 0, r.stderr

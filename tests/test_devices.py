@@ -123,3 +123,33 @@ def test_bench_window_interleave_pairs_each_window_with_as_many_plain_steps(worl
     assert len(windows) == 2 and all(w["steps"] == w["plain_steps"] == 4 for w in windows)
     assert all(w["trainer_ms"] > 0 and w["plain_ms"] > 0 and w["peak_flops"] > 0 for w in windows)
     assert out["eval_s"]["trainer"] > 0 and out["eval_s"]["plain"] > 0
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_one_default_device_rule_for_run_bench_and_evaluate(monkeypatch, cuda, mps, expected):
+    """CUDA, else MPS, else CPU: what Accelerate picks for `run`, and so what bench and `runs evaluate` must pick
+    (on a Mac, bench used to measure the CPU while run trained on MPS)."""
+    from trainer_accel.devices import accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(accelerator, "mps_available", lambda: mps)
+    assert accelerator.pick_device(None) == torch.device(expected)
+    assert accelerator.pick_device("cpu") == torch.device("cpu")
+
+
+BENCH = ["bench", "--config", "configs/demo/pretrain.json"]
+PACKING = ["bench", "--config", "configs/demo/sft.json", "--phase", "sft", "--packing"]
+EVALUATE = ["runs", "evaluate", "nowhere", "--baseline", "nowhere"]
+
+
+@pytest.mark.parametrize("command, device, says", [
+    (BENCH, "cuda", "--device cuda: CUDA is not available"), (PACKING, "cuda", "--device cuda: CUDA is not available"),
+    (EVALUATE, "cuda", "--device cuda: CUDA is not available"),
+    (EVALUATE, "cuda:1", "--device cuda: CUDA is not available"),
+    (EVALUATE, "gpu", "--device gpu: expected one of cpu, mps, cuda"),
+])
+def test_a_device_this_machine_lacks_is_one_line_from_every_command(tmp_path, command, device, says):
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        pytest.skip("this machine has CUDA")
+    r = run_cli(*command, "--device", device, cwd=ROOT, env={"TRAINER_ARTIFACTS_DIR": str(tmp_path)})
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -165,7 +165,7 @@ def ensure_free_space(directory: Path, needed: int, copies: int = 1) -> None:
                         "nothing was written and the earlier checkpoints are intact (free some space and resume)")
 
 
-def publish(source: Path, target: Path) -> None:
+def link_pointer(source: Path, target: Path) -> None:
     """Make `target` (latest/, best/) a complete copy of checkpoint `source`: hard links, so no bytes are copied."""
     tmp = _temp_dir_for(target)
     for name in (MODEL_FILE, OPTIMIZER_FILE, META_FILE):
@@ -314,13 +314,13 @@ def reconcile_pointers(phase_dir: Path) -> None:
     meta = read_meta(newest, verify=False)
     if _intact_step(phase_dir / "latest") != meta["step"]:
         why = _why_not_current(phase_dir / "latest")
-        publish(newest, phase_dir / "latest")
+        link_pointer(newest, phase_dir / "latest")
         log.warning("latest/ %s; now step %d", why, meta["step"])
     best_step = meta.get("best_val_step")
     source = phase_dir / step_dir_name(best_step) if best_step is not None else None
     if source is not None and _intact_step(phase_dir / "best") != best_step and _intact_step(source) == best_step:
         why = _why_not_current(phase_dir / "best")
-        publish(source, phase_dir / "best")
+        link_pointer(source, phase_dir / "best")
         log.warning("best/ %s; now step %d", why, best_step)
 
 

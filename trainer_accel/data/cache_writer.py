@@ -1,7 +1,7 @@
 """Writing caches as they are made, and publishing them all at once.
 
 A `CacheWriter` appends tokens to a temporary file beside the cache it will become, hashing as it goes, so no
-cache is ever held in memory. Nothing gets a final name until every cache of the run is complete: `publish`
+cache is ever held in memory. Nothing gets a final name until every cache of the run is complete: `publish_caches`
 first writes a journal of the renames, then makes them, metas last. A prepare killed before the journal leaves
 the old caches as they were and only temporary files, which the next prepare sweeps; one killed during the
 renames leaves the journal, and the next prepare finishes them. Meanwhile a cache whose old meta is gone and new
@@ -145,7 +145,7 @@ def _sha_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def publish(cache_dir: Path, moves: list[tuple[Path, Path]]) -> None:
+def publish_caches(cache_dir: Path, moves: list[tuple[Path, Path]]) -> None:
     """Give every finished cache its final name (see the module note)."""
     journal = cache_dir / JOURNAL
     write_atomic(journal, json.dumps([[str(a), str(b)] for a, b in moves]).encode())

@@ -32,7 +32,12 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer_accel.data import formats
-from trainer_accel.data.cache_writer import CacheWriter, prepare_lock, publish, recover
+from trainer_accel.data.cache_writer import (
+    CacheWriter,
+    prepare_lock,
+    publish_caches,
+    recover,
+)
 from trainer_accel.data.tokenizer import ASST, DOC, EOT, USER, Tokenizer, load_tokenizer
 from trainer_accel.errors import UserError, exit_with, raise_if_any, report
 from trainer_accel.paths import Paths, resolve_paths, source_name_problem, unwritable
@@ -223,7 +228,7 @@ def prepare(sources: list[Source], tokenizer: Path | None, split: Split, paths: 
             if len(problems) > MAX_LISTED_PROBLEMS:
                 problems[MAX_LISTED_PROBLEMS:] = [f"... and {len(problems) - MAX_LISTED_PROBLEMS} more bad rows"]
             raise_if_any(problems)
-            publish(cache_dir, moves)
+            publish_caches(cache_dir, moves)
             log.info("prepared %s", summary)
         finally:
             progress.bar.close()

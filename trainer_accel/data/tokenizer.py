@@ -103,7 +103,7 @@ class HFTokenizer:
 
     def hf_json(self) -> str:
         """This tokenizer as a tokenizer.json, with the special tokens added here (the library does not write the
-        setting that keeps typed special tokens as text: that is the reader's choice, see hf_tokenizer.py)."""
+        setting that keeps typed special tokens as text: that is the reader's choice, see hf/tokenizer.py)."""
         return self._tok.to_str(pretty=True)
 
 

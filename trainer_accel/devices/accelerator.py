@@ -18,8 +18,32 @@ from trainer_accel.errors import UserError
 log = logging.getLogger(__name__)
 
 
+DEVICES = ("cpu", "mps", "cuda")  # what every command's --device takes
+
+
 def mps_available() -> bool:
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def check_device(device: str | None) -> None:
+    """A --device that this machine lacks is the user's one-line error, before anything is built on it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    if device == "mps" and not mps_available():
+        raise UserError("--device mps: Apple MPS is not available on this machine")
+
+
+def pick_device(device: str | None) -> torch.device:
+    """The device of a command that runs without an Accelerator (bench's plain loop, `runs evaluate`): --device,
+    else the same rule Accelerate follows for `run`, CUDA, else MPS, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
+    try:
+        picked = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: expected one of {', '.join(DEVICES)} (cuda:N for one GPU of several)") from None
+    check_device(picked.type)
+    return picked
 
 
 def make_accelerator(device: str | None, mixed_precision: str | None):
@@ -29,10 +53,7 @@ def make_accelerator(device: str | None, mixed_precision: str | None):
     launcher starts several processes only through its multi-GPU path (launch/cpu_2proc.yaml), and left to
     itself Accelerate would leave them unconnected there.
     """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
-    if device == "mps" and not mps_available():
-        raise UserError("--device mps: Apple MPS is not available on this machine")
+    check_device(device)
     from accelerate import Accelerator
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))

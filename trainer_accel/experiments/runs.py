@@ -23,14 +23,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trainer_accel.checkpoints.store import (
     InvalidCheckpoint,
     model_sha256,
     read_export_record,
     read_meta,
 )
+from trainer_accel.devices.accelerator import pick_device
 from trainer_accel.errors import UserError, exit_with, report
 from trainer_accel.experiments.evaluation import (
     evaluate_checkpoints,
@@ -189,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--baseline", type=Path, required=True, help="the checkpoint it started from")
     ev.add_argument("--tolerance", type=float, default=None, help="default: the candidate's train_cfg.forgetting_tolerance")
-    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.add_argument("--device", default=None, help="cpu, mps, cuda or cuda:N; default: as `run` picks, CUDA, else "
+                    "Apple MPS, else CPU")
     args = p.parse_args(argv)
     paths = resolve_paths()
     try:
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             nodes = lineage(paths, args.path)
             print(json.dumps(nodes, indent=2) if args.json else format_lineage(nodes))
         else:
-            summary = evaluate_checkpoints(paths, args.checkpoint, args.baseline, args.tolerance, torch.device(args.device))
+            summary = evaluate_checkpoints(paths, args.checkpoint, args.baseline, args.tolerance,
+                                           pick_device(args.device))
             print(format_summary(summary))
             return 0 if summary["verdict"] == "pass" and not not_its_parent(summary) else 1
     except UserError as e:

@@ -31,7 +31,7 @@ from trainer_accel.models.gpt_hf import (
 
 log = logging.getLogger(__name__)
 
-EXPORT_RECORD = "trainer_accel_export.json"  # in a directory hf_export.py wrote: where it came from
+EXPORT_RECORD = "trainer_accel_export.json"  # in a directory hf/export.py wrote: where it came from
 HF_FORMAT = "huggingface.gpt2"  # the `format` of a LoadedCheckpoint read from a Hugging Face directory
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 

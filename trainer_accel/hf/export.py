@@ -1,7 +1,7 @@
 """A checkpoint as a Hugging Face transformers directory: `python -m trainer_accel.export --format hf`.
 
-The directory holds config.json and model.safetensors (hf_gpt2.py), generation_config.json, the tokenizer files
-with the chat template (hf_tokenizer.py) and trainer_accel_export.json, the record of where it came from. It is
+The directory holds config.json and model.safetensors (models/gpt_hf.py), generation_config.json, the tokenizer files
+with the chat template (hf/tokenizer.py) and trainer_accel_export.json, the record of where it came from. It is
 written under a temporary name and renamed into place, so a kill leaves the old directory or none; an existing
 --out is replaced only when it is empty or an earlier export of this trainer.
 """

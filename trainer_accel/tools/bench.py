@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from trainer_accel.config import PhaseConfig, load_phase_config
 from trainer_accel.data.cache import CACHE_FORMAT, CACHE_VERSION, Cache, stream_rows
+from trainer_accel.devices.accelerator import DEVICES, pick_device
 from trainer_accel.devices.hardware import gpu_peak_flops, measured_matmul_flops
 from trainer_accel.errors import UserError, report
 from trainer_accel.experiments.plan import flops_per_token
@@ -465,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.bench", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="a pretrain or sft config (model, batch, precision, cadence)")
     p.add_argument("--phase", choices=("pretrain", "sft"), default="pretrain")
-    p.add_argument("--device", choices=("cpu", "mps", "cuda"), default=None)
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="default: as `run` picks, CUDA, else Apple MPS, else CPU")
     p.add_argument("--windows", type=int, default=6, help="measured windows of log_every steps (after 1 warm-up)")
     p.add_argument("--interleave", choices=("step", "window"), default=None,
                    help="how the plain loop runs between the trainer's steps: alternating step by step (default on "
@@ -491,7 +493,7 @@ def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
     from trainer_accel.training.inputs import check_phase_inputs
 
     cfg = load_phase_config(args.config, "sft")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     paths = resolve_paths()
     strategies = {pack: check_phase_inputs(dataclasses.replace(cfg, replay={}, train=dataclasses.replace(
         cfg.train, pack=pack)), paths).strategy for pack in (False, True)}
@@ -529,8 +531,7 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = load_phase_config(args.config, args.phase)
     data_dir = resolve_paths().data
     t = cfg.train
-    device = torch.device("cuda" if args.device == "cuda" or (args.device is None and torch.cuda.is_available()) else
-                          "mps" if args.device == "mps" else "cpu")
+    device = pick_device(args.device)
     precision = t.mixed_precision or "no"
     alone_windows = min(args.windows, 2)
     print(f"bench: {cfg.path} ({args.phase}); {device}, precision {precision}, compile {t.compile}, "

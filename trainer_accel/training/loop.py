@@ -10,7 +10,6 @@ exactly that of one big batch, whatever the split. Evaluation uses the same weig
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 import math
@@ -37,6 +36,7 @@ from trainer_accel.checkpoints.full_state import (
     plain_model,
 )
 from trainer_accel.checkpoints.store import LoadedCheckpoint
+from trainer_accel.checkpoints.writer import CheckpointWriter, Snapshot
 from trainer_accel.config import PhaseConfig, TrainConfig
 from trainer_accel.data.tokenizer import Tokenizer
 from trainer_accel.devices.collective import main_process_decides
@@ -99,6 +99,19 @@ class LoopState:
 
 
 @dataclass
+class StepTotals:
+    """One update's figures, kept on the device until the next progress line reads them all in one host sync."""
+
+    step: int
+    tokens_seen: int
+    lr: float
+    loss_sum: torch.Tensor  # this process's summed token loss
+    counted: torch.Tensor  # tokens counted in the whole step, all micro-steps and processes
+    grad_norm: torch.Tensor
+    by_source: torch.Tensor  # this process's (tokens, rows) per training source
+
+
+@dataclass
 class PhaseResult:
     phase: str
     state: LoopState
@@ -124,8 +137,7 @@ class Trainer:
         self.rows_drawn = np.zeros(len(strategy.train.names))  # per training source, this session, all processes
         self.nonfinite_in_a_row = 0
         self._stop_flag: torch.Tensor | None = None  # all-reduced stop request of the previous step
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # the checkpoint writer thread, when saving
-        self._pending_save: tuple[dict, concurrent.futures.Future] | None = None  # (its sidecar, its write)
+        self.writer = CheckpointWriter(self.phase_dir, self.t.keep_last_n)  # the main process's background saves
         if accelerator.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.t.tf32
 
@@ -310,10 +322,8 @@ class Trainer:
     def save(self, to_step_dir: bool, to_best: bool) -> None:
         """Checkpoint the state of now; training goes on while the main process writes it in the background.
 
-        The loop pays only for a CPU copy of the state (the gather too, under FSDP). The write, fsync, hashing and
-        publishing run on one writer thread, one save at a time, and a checkpoint still appears only when it is
-        complete, so a crash at any moment leaves the newest complete checkpoint to resume from. A failed write
-        stops the run at the next step (`_stop_agreed`).
+        The loop pays only for a CPU copy of the state (the gather too, under FSDP); checkpoints/writer.py writes
+        it, one save at a time. A failed write stops the run at the next step (`_stop_agreed`).
         """
         # the main process's free space (it writes, and its writer thread may be using space right now) decides for
         # all, so all stop together rather than leave some waiting in the gather below
@@ -324,37 +334,18 @@ class Trainer:
         model_state, tied = full_model_state(self.acc, self.model)  # collectives under FSDP: every process takes part
         opt_state = full_optimizer_state(self.acc, self.model, self.optimizer)
         if self.acc.is_main_process:
-            snapshot = (ckpt.cpu_copy(model_state), tied, ckpt.cpu_copy(opt_state), self._meta())
-            if self._writer is None:
-                self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-            self._pending_save = (snapshot[3], self._writer.submit(self._write, *snapshot, to_step_dir, to_best))
+            self.writer.submit(Snapshot(ckpt.cpu_copy(model_state), tied, ckpt.cpu_copy(opt_state), self._meta()),
+                               to_step_dir, to_best)
             if to_step_dir:
                 self._write_samples(model_state, tied)
         self.acc.wait_for_everyone()
 
-    def _write(self, model_state: dict, tied: dict, opt_state: dict, meta: dict, to_step_dir: bool, to_best: bool) -> Path:
-        """On the writer thread: files only (the metric sinks belong to the training thread)."""
-        if not to_step_dir:
-            return ckpt.write_checkpoint(self.phase_dir / "best", model_state, tied, opt_state, meta)
-        step_dir = ckpt.write_checkpoint(self.phase_dir / ckpt.step_dir_name(meta["step"]), model_state, tied, opt_state,
-                                         meta)
-        ckpt.publish(step_dir, self.phase_dir / "latest")
-        if to_best:
-            ckpt.publish(step_dir, self.phase_dir / "best")
-        ckpt.prune_step_dirs(self.phase_dir, self.t.keep_last_n)
-        return step_dir
-
     def wait_for_save(self) -> None:
         """Block until the checkpoint being written is complete (re-raising its error), and log it."""
-        if self._pending_save is None:
+        done = self.writer.wait()
+        if done is None:
             return
-        meta, future = self._pending_save
-        self._pending_save = None
-        try:
-            path = future.result()
-        except OSError as e:  # a disk or a permission: the user's to fix, in one line
-            raise UserError(f"{self.phase_dir}: writing the checkpoint of step {meta['step']} failed "
-                            f"({type(e).__name__}: {e}); the checkpoints written before it are intact") from None
+        meta, path = done
         self.events.write("checkpoint", meta["step"], path=str(path), best_val_loss=meta["best_val_loss"],
                           best_val_step=meta["best_val_step"])
 
@@ -390,9 +381,7 @@ class Trainer:
                 try:  # a checkpoint in flight holds a good earlier state: finish it whatever happened
                     self.wait_for_save()
                 finally:
-                    if self._writer is not None:
-                        self._writer.shutdown()
-                        self._writer = None
+                    self.writer.close()
                     self.events.close()
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
@@ -401,10 +390,10 @@ class Trainer:
         With several processes the request is all-reduced each step and read one step later: by then the next
         step is queued, so reading it waits only for work already done and never stalls the device.
         """
-        failed = self.acc.is_main_process and self._failed_save() is not None
+        failed = self.acc.is_main_process and self.writer.failure() is not None
         if self.world == 1:
             if failed:
-                self._raise_failed_save()
+                self.writer.raise_failure(self.state.step)
             return stop.requested
         previous = self._stop_flag
         flags = torch.zeros(2, device=self.acc.device)  # filled on the device: a tensor from a list would copy from
@@ -414,23 +403,8 @@ class Trainer:
             return False
         requested, save_failed = previous.tolist()
         if save_failed > 0:  # every process raises the main process's error together
-            main_process_decides(self.acc, self._raise_failed_save)
+            main_process_decides(self.acc, lambda: self.writer.raise_failure(self.state.step))
         return requested > 0
-
-    def _failed_save(self) -> BaseException | None:
-        """The error of the background write, once it has failed; checked every step, never waited for."""
-        future = self._pending_save[1] if self._pending_save is not None else None
-        return future.exception() if future is not None and future.done() else None
-
-    def _raise_failed_save(self) -> None:
-        """A write that failed stops the run at the next step (it used to surface only at the next save, maybe
-        hours later), as a one-line error: the checkpoints written before it are intact."""
-        meta, _ = self._pending_save
-        e = self._failed_save()
-        self._pending_save = None  # reported here; fit()'s cleanup must not raise it again as a traceback
-        raise UserError(f"{self.phase_dir}: writing the checkpoint of step {meta['step']} failed "
-                        f"({type(e).__name__}: {e}); training stopped at step {self.state.step}, the checkpoints "
-                        "written before it are intact")
 
     def _fit(self, stop: StopRequest) -> PhaseResult:
         t, s = self.t, self.state
@@ -448,7 +422,7 @@ class Trainer:
             self.events.write("eval", 0, **{"val/loss": s.last_val_loss})
             log.info("%s step 0 | val loss %.4f (before training)", self.cfg.phase, s.last_val_loss)
         self.model.train()
-        pending: list[tuple] = []  # (step, tokens seen, lr, local loss sum, global token count, grad norm, by source)
+        pending: list[StepTotals] = []  # the updates since the last progress line
         names = self.strategy.train.names
         log.info("%s: rows drawn from %s (shares of the rows)", self.cfg.phase,
                  ", ".join(f"{n} {p:.1%}" for n, p in zip(names, self.strategy.train.probs)))
@@ -460,7 +434,7 @@ class Trainer:
             s.step += 1
             s.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            pending.append((s.step, s.tokens_seen, lr, loss_sum, counted, grad_norm, by_source))
+            pending.append(StepTotals(s.step, s.tokens_seen, lr, loss_sum, counted, grad_norm, by_source))
             self._bar.update(1)
             stopping = self._stop_agreed(stop) and s.step < t.total_steps  # at the end, just finish
             due = s.step % t.ckpt_every == 0 or s.step == t.total_steps or stopping
@@ -495,36 +469,36 @@ class Trainer:
                           **self.realised_mixture())
         return PhaseResult(self.cfg.phase, s, best_dir, latest)
 
-    def _log_train(self, pending: list, tokens_per_sec: float) -> None:
+    def _log_train(self, pending: list[StepTotals], tokens_per_sec: float) -> None:
         """Every step's values to the event log and CSV; the window's summary to the progress line and trackers."""
         names = self.strategy.train.names
-        local = torch.stack([torch.cat([p[3].float().view(1), p[6].flatten()]) for p in pending])
+        local = torch.stack([torch.cat([p.loss_sum.float().view(1), p.by_source.flatten()]) for p in pending])
         reduced = self.acc.reduce(local, "sum")  # loss sums and per-source counts: one collective per progress line
-        losses = reduced[:, 0] / torch.stack([p[4].float() for p in pending])
-        rows = torch.cat([torch.stack([losses, torch.stack([p[5].float() for p in pending])], dim=1), reduced[:, 1:]],
+        losses = reduced[:, 0] / torch.stack([p.counted.float() for p in pending])
+        rows = torch.cat([torch.stack([losses, torch.stack([p.grad_norm.float() for p in pending])], dim=1), reduced[:, 1:]],
                          dim=1).tolist()  # one host sync
         values = [r[:2] for r in rows]
-        for (step, tokens, lr, *_), row in zip(pending, rows):
+        for p, row in zip(pending, rows):
             per_source = {f"train/tokens/{n}": row[2 + i] for i, n in enumerate(names)}
             per_source |= {f"train/rows/{n}": row[2 + len(names) + i] for i, n in enumerate(names)}
-            self.events.write("train", step, **{
-                "train/loss": row[0], "train/lr": lr, "train/grad_norm": row[1], "train/tokens_seen": tokens,
+            self.events.write("train", p.step, **{
+                "train/loss": row[0], "train/lr": p.lr, "train/grad_norm": row[1], "train/tokens_seen": p.tokens_seen,
                 "train/tokens_per_sec": tokens_per_sec, **per_source,
             })
             self.rows_drawn += np.array(row[2 + len(names):])
         empty = int(self.empty_micro_batches)
         if empty:
             log.warning("%s: %d micro-batches up to step %d had no counted tokens (every label -100); they "
-                        "contributed nothing", self.cfg.phase, empty, pending[-1][0])
+                        "contributed nothing", self.cfg.phase, empty, pending[-1].step)
             self.empty_micro_batches.zero_()
         finite = [v for v in values if math.isfinite(v[0])]
         if self.t.on_nonfinite == "stop" and len(finite) < len(values):
-            bad = next(p[0] for p, v in zip(pending, values) if not math.isfinite(v[0]))
+            bad = next(p.step for p, v in zip(pending, values) if not math.isfinite(v[0]))
             raise FloatingPointError(f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
                                      "(try a lower base_lr or grad_clip)")
         avg = sum(v[0] for v in finite) / len(finite) if finite else float("nan")
         norms = [v[1] for v in finite if math.isfinite(v[1])]
-        step, tokens, lr = pending[-1][:3]
+        step, tokens, lr = pending[-1].step, pending[-1].tokens_seen, pending[-1].lr
         progress = {"train/loss": avg, "train/lr": lr, "train/tokens_seen": tokens, "train/tokens_per_sec": tokens_per_sec,
                     "train/grad_norm": sum(norms) / len(norms) if norms else float("nan"), **self.realised_mixture()}
         if self.acc.scaler is not None:  # fp16: updates the scaler skipped (finite loss, overflowed gradient)
