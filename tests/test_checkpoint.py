@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -121,6 +122,59 @@ def test_export_cli_gives_the_six_keys_and_identical_logits(world):
     assert run_cli("export", cwd=world).returncode == 0
     assert torch.load(world / "checkpoints" / "best.pt", weights_only=True)["step"] == json.loads(
         (world / "checkpoints/pretrain/best/meta.json").read_text())["step"]
+
+
+def test_export_overwrites_only_an_earlier_export_of_its_own(world):
+    """`export --out configs/pretrain.json` used to turn a config into a zip; `--out configs/pretrain` would have
+    replaced configs/pretrain.json with its record."""
+    cfg = write_config(world / "configs/pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    config_text = cfg.read_text()
+    for out in ("configs/pre.json", "configs/pre"):
+        r = run_cli("export", "--checkpoint", "checkpoints/pretrain/latest", "--out", out, cwd=world)
+        assert r.returncode == 2 and f"--out {out}: " in r.stderr and "nothing was written" in r.stderr, r.stderr
+        assert cfg.read_text() == config_text and not (world / "configs/pre").exists()
+
+    args = ("export", "--checkpoint", "checkpoints/pretrain/latest", "--out", "model.pt")
+    assert run_cli(*args, cwd=world).returncode == 0
+    assert run_cli(*args, cwd=world).returncode == 0  # an earlier export of ours, with its record: replaced
+    record = json.loads((world / "model.pt.json").read_text())
+    assert record["best_pt_sha256"] == hashlib.sha256((world / "model.pt").read_bytes()).hexdigest()
+
+    tampered = bytearray((world / "model.pt").read_bytes())
+    tampered[-100] ^= 1  # the same size: only the sha256 tells
+    (world / "model.pt").write_bytes(bytes(tampered))
+    r = run_cli(*args, cwd=world)
+    assert r.returncode == 2 and "--out model.pt: changed since it was exported" in r.stderr, r.stderr
+    assert (world / "model.pt").read_bytes() == bytes(tampered)
+
+
+@pytest.mark.parametrize("damage", ["wrong shape", "extra tensor", "missing tensor"])
+def test_export_vouches_for_no_damaged_or_unrecorded_pt(world, damage):
+    """A .pt with a wrong-shaped or extra tensor used to export with exit 0 and a record carrying its sha256, after
+    which nothing warned that it was never verified (and --resume crashed)."""
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    blob = torch.load(world / "checkpoints/best.pt", weights_only=True)
+    torch.save(blob, world / "bare.pt")  # good weights, no record
+    state = blob["model_state"]
+    name = sorted(state)[0]
+    if damage == "wrong shape":
+        state[name] = torch.zeros(3, 3)
+    elif damage == "extra tensor":
+        state["h.9.extra"] = torch.zeros(2)
+    else:
+        del state[name]
+    torch.save(blob, world / "bad.pt")
+    r = run_cli("export", "--checkpoint", "bad.pt", "--out", "out.pt", cwd=world)
+    assert r.returncode == 2 and "bad.pt: its weights do not fit its model_cfg" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (world / "out.pt").exists() and not (world / "out.pt.json").exists()
+
+    r = run_cli("export", "--checkpoint", "bare.pt", "--out", "out.pt", cwd=world)
+    assert r.returncode == 0 and "bare.pt came without a record" in r.stderr, r.stderr
+    assert (world / "out.pt").is_file() and not (world / "out.pt.json").exists()
+    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--resume", "out.pt", "--plan", cwd=world)
+    assert "nothing could verify this file" in r.stderr, r.stderr
 
 
 def test_export_refuses_bad_input(world):

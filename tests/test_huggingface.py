@@ -207,6 +207,44 @@ def test_export_refuses_what_it_cannot_write_exactly_and_keeps_what_is_there(tmp
     assert f"but the checkpoint was trained on {moved.identity} (another file, or this one changed)" in capsys.readouterr().err
 
 
+def test_a_re_export_replaces_only_what_an_export_writes(tmp_path, monkeypatch, caplog):
+    """A README.md or lm-eval's eval_results/ beside an earlier export used to be deleted by the next export."""
+    from trainer_accel.hf.export import EXPORT_FILES
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO")
+    write_tiny_checkpoint(tmp_path / "ck", GPT(ModelConfig(**TINY_MODEL)))
+    assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == EXPORT_FILES  # what an export writes, all of it
+    (tmp_path / "hf" / "README.md").write_text("# my model card")
+    (tmp_path / "hf" / "eval_results" / "run1").mkdir(parents=True)
+    (tmp_path / "hf" / "eval_results" / "run1" / "results.json").write_text('{"acc": 0.5}')
+    (tmp_path / "hf" / "config.json").write_text("{}")  # ours to replace
+    assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0
+    assert "hf: kept README.md, eval_results (not written by an export)" in caplog.text
+    assert (tmp_path / "hf" / "README.md").read_text() == "# my model card"
+    assert (tmp_path / "hf" / "eval_results" / "run1" / "results.json").read_text() == '{"acc": 0.5}'
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt2"
+    assert not list(tmp_path.glob(".*hf*"))
+
+
+@pytest.mark.parametrize("record", ["{}", "not json", '{"format": "trainer_accel.export.hf"}', "[1, 2]",
+                                    '{"format": "trainer_accel.export.hf", "step": "3", "model_cfg": {}, '
+                                    '"exported_at": "x", "source": "y"}'])
+def test_a_directory_with_a_record_that_is_not_ours_is_left_alone(tmp_path, monkeypatch, capsys, record):
+    """`echo {} > d/trainer_accel_export.json` made any directory an "earlier export", replaced whole."""
+    monkeypatch.chdir(tmp_path)
+    write_tiny_checkpoint(tmp_path / "ck", GPT(ModelConfig(**TINY_MODEL)))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "trainer_accel_export.json").write_text(record)
+    (tmp_path / "d" / "thesis.tex").write_text("three years")
+    assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "d"]) == 2
+    err = capsys.readouterr().err
+    assert "--out d: trainer_accel_export.json" in err and "thesis.tex" in err and "nothing was written" in err, err
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["thesis.tex", "trainer_accel_export.json"]
+    assert (tmp_path / "d" / "thesis.tex").read_text() == "three years"
+
+
 @pytest.mark.parametrize("point", HF_EXPORT_POINTS)
 def test_a_killed_hf_export_leaves_the_earlier_one_whole_and_the_next_cleans_up(tmp_path, point):
     write_tiny_checkpoint(tmp_path / "ck", GPT(ModelConfig(**TINY_MODEL)))

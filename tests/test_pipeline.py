@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import events, run_cli, write_config
@@ -78,6 +79,24 @@ def test_no_resume_sets_earlier_checkpoints_aside(world):
     assert len(kept) == 1 and read_meta(kept[0] / "latest")["step"] == 2
     assert steps_of(world, "pretrain") == [1, 2, 1, 2]
     assert len({e["run_id"] for e in events(world, "run_start")}) == 2
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "pipeline"])
+@pytest.mark.parametrize("bad", [{"val_source": "nosuch"}, {"init_from": "checkpoints/nowhere"}])
+def test_a_refused_no_resume_run_moves_no_checkpoint_aside(world, phase, bad):
+    """--no-resume used to rename checkpoints/pretrain before it checked the inputs: a run refused for a typo left
+    the next plain run to start from scratch."""
+    pre = write_config(world / "c/pretrain.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world).returncode == 0
+    write_config(world / "c/pretrain.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2}, **bad)
+    write_config(world / "c/sft.json", "sft", init_from="checkpoints/pretrain/best")
+    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json",
+                                                        "sft_config_path": "sft.json"}))
+    config = "c/pipeline.json" if phase == "pipeline" else "c/pretrain.json"
+    r = run_cli("run", "--phase", phase, "--config", config, "--no-resume", cwd=world)
+    assert r.returncode == 2 and next(iter(bad.values())) in r.stderr, r.stderr
+    assert not list((world / "checkpoints").glob("*.replaced-*"))
+    assert read_meta(world / "checkpoints/pretrain/latest")["step"] == 2
 
 
 def test_pipeline_samples_of_both_phases_are_kept(world):

@@ -26,6 +26,7 @@ from trainer_accel.experiments.best_pt import (
     export_with_record,
     known_verdict,
     newest_best,
+    overwrite_problems,
 )
 from trainer_accel.experiments.evaluation import require_deployable
 from trainer_accel.hf.export import export_hf
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                      record["step"], record.get("verdict") or "not evaluated")
             return 0
         out = args.out or paths.best_pt
-        raise_if_any(output_file_problem("--out", out))
+        raise_if_any(output_file_problem("--out", out) + (overwrite_problems(out) if args.out else []))
         record = export_with_record(source, out, paths) if args.out else export_run_best(source, paths)
     except UserError as e:
         return report(e)

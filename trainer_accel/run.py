@@ -100,6 +100,15 @@ def set_aside(phase_dir: Path) -> None:
         log.warning("--no-resume: earlier %s checkpoints moved to %s", phase_dir.name, dest)
 
 
+def start_afresh(acc, paths: Paths, phases: tuple[str, ...]) -> None:
+    """--no-resume, once every input of the run has been checked: a refused run moves nothing (the next plain run
+    would otherwise start from scratch, its checkpoints set aside by a run that never began)."""
+    if acc.is_main_process:
+        for phase in phases:
+            set_aside(paths.phase_dir(phase))
+    acc.wait_for_everyone()
+
+
 def tidy_phase_dir(acc, phase_dir: Path, auto_resume: bool) -> None:
     """Before anything reads a phase's checkpoints: clean up after killed saves and, when resuming on our own,
     set broken checkpoints aside (an explicit --resume of a broken one is an error instead)."""
@@ -205,13 +214,13 @@ def run_single(args: argparse.Namespace, paths: Paths, overrides: list[Override]
     setup_logging(acc.is_main_process, args.verbose)
     announce_compute(acc, args.device)
     with own_phases(acc, paths, (cfg.phase,)):
-        if args.no_resume and acc.is_main_process:
-            set_aside(paths.phase_dir(cfg.phase))
         tidy_phase_dir(acc, paths.phase_dir(cfg.phase), auto_resume=args.resume is None and not args.no_resume)
         init = paths.config_checkpoint(cfg.init_from) if cfg.init_from else None
         if cfg.phase == "sft" and init is None:
             log.warning("%s: init_from is null, SFT starts from random weights", cfg.path)
         inputs, resumed, initial = plan_phase(acc, cfg, paths, args.resume, not args.no_resume, init)
+        if args.no_resume:
+            start_afresh(acc, paths, (cfg.phase,))
         export_at_end(acc, run_phase(acc, cfg, paths, inputs, resumed, initial, outcome), paths, outcome)
 
 
@@ -245,8 +254,6 @@ def pipeline_phases(acc, args: argparse.Namespace, paths: Paths, pre: PhaseConfi
     """The pipeline once it holds both phases' folders (ownership.own_phases)."""
     resume_phase = main_process_decides(acc, lambda: pipeline_resume_phase(args.resume))
     for phase in ("pretrain", "sft"):
-        if args.no_resume and acc.is_main_process:
-            set_aside(paths.phase_dir(phase))
         tidy_phase_dir(acc, paths.phase_dir(phase), auto_resume=args.resume is None and not args.no_resume)
     auto = not args.no_resume and resume_phase is None
     pre_best = paths.phase_dir("pretrain") / "best"
@@ -265,6 +272,8 @@ def pipeline_phases(acc, args: argparse.Namespace, paths: Paths, pre: PhaseConfi
         pre_init = paths.config_checkpoint(pre.init_from) if pre.init_from else None
         pre_plan, _ = collect(lambda: plan_phase(acc, pre, paths, pre_resume, auto, pre_init),
                               lambda: check_phase_inputs(sft, paths))
+        if args.no_resume:
+            start_afresh(acc, paths, ("pretrain", "sft"))
         run_phase(acc, pre, paths, *pre_plan, outcome)
     if not sft_started and not main_process_decides(acc, pre_best.exists):
         raise UserError(f"{pre_best}: pretrain finished without a best checkpoint to start SFT from")

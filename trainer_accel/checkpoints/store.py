@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from trainer_accel.config import (
     MODEL_FUNCTION_KEYS,
     MODEL_SHAPE_KEYS,
+    ModelConfig,
     complete_model_cfg,
     shape_diff,
 )
@@ -46,6 +47,7 @@ from trainer_accel.fsio import (
     swap_into_place,
     write_atomic,
 )
+from trainer_accel.models.gpt import GPT
 from trainer_accel.versions import upgrade
 
 log = logging.getLogger(__name__)
@@ -446,8 +448,30 @@ def check_model_cfg(loaded: LoadedCheckpoint, model_cfg: dict[str, Any]) -> None
 # best.pt
 
 
+def state_problems(model_state: dict, model_cfg: dict) -> list[str]:
+    """What keeps a state from loading, strictly, into the model its model_cfg describes: a missing, extra or
+    wrong-shaped tensor. Checked on the meta device, so nothing is allocated."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in GPT(ModelConfig(**complete_model_cfg(model_cfg))).state_dict().items()}
+    except (TypeError, ValueError) as e:
+        return [f"model_cfg describes no model ({e})"]
+    if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
+        return ["model_state is not a dict of tensors"]
+    problems = [f"model_state lacks {k} {list(shape)}" for k, shape in expected.items() if k not in model_state]
+    problems += [f"model_state holds {k}, which the model has not" for k in model_state if k not in expected]
+    problems += [f"model_state {k} is {list(v.shape)}, the model's is {list(expected[k])}"
+                 for k, v in model_state.items() if k in expected and tuple(v.shape) != expected[k]]
+    return problems
+
+
 def best_pt_dict(ckpt: Path) -> dict[str, Any]:
     loaded = load_checkpoint(ckpt)
+    problems = state_problems(loaded.model_state, loaded.meta["model_cfg"])
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{ckpt}: its weights do not fit its model_cfg: {'; '.join(problems[:3])}{more}; "
+                        "nothing was written")
     return {
         "model_cfg": loaded.meta["model_cfg"],
         "train_cfg": loaded.meta["train_cfg"],

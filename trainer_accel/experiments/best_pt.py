@@ -8,6 +8,7 @@ verdict on its weights, which decides whether it is also kept as best.deployable
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,8 @@ from trainer_accel.experiments.evaluation import find_verdict
 from trainer_accel.fsio import now_iso, sha256_file, write_atomic
 from trainer_accel.hf.directory import is_hf_dir
 from trainer_accel.paths import Paths
+
+log = logging.getLogger(__name__)
 
 
 def newest_best(paths: Paths) -> Path:
@@ -54,6 +57,33 @@ def known_verdict(paths: Paths, source: Path) -> str | None:
     return summary["verdict"] if summary else None
 
 
+def overwrite_problems(out: Path) -> list[str]:
+    """An explicit --out replaces only an earlier export of ours: the file with its record beside it, the same bytes
+    the record names. Anything else there is the user's (`--out configs/pretrain.json` used to turn a config into
+    a zip), and so is a file where the record would go (`--out configs/pretrain` writes configs/pretrain.json)."""
+    problems, record = [], record_path(out)
+    if out.is_file():
+        earlier = read_export_record(out)
+        if earlier is None:
+            problems.append(f"--out {out}: an existing file that is not an earlier export (no {record.name} "
+                            "record of it beside it); nothing was written: choose another path, or move it away")
+        elif earlier.get("best_pt_sha256") and sha256_file(out) != earlier["best_pt_sha256"]:
+            problems.append(f"--out {out}: changed since it was exported (its sha256 is not the one {record.name} "
+                            "records); nothing was written: choose another path, or move it away")
+    elif record.exists() and not _is_export_record(record):
+        problems.append(f"--out {out}: {record} exists and is not an export record of this trainer (the record of "
+                        "--out is written there); nothing was written: choose another path")
+    return problems
+
+
+def _is_export_record(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == "trainer_accel.export"
+
+
 def export_with_record(source: Path, out: Path, paths: Paths) -> dict:
     """Write best.pt from a checkpoint directory and its record beside it; returns the record."""
     out = export_best_pt(source, out)
@@ -67,7 +97,13 @@ def export_with_record(source: Path, out: Path, paths: Paths) -> dict:
                                                 "tokenizer_path")})
         record.update(model_sha256=model_sha256(meta), verdict=known_verdict(paths, Path(source)))
     else:  # re-exporting a .pt keeps what its own record knew
-        earlier = read_export_record(Path(source)) or {}
+        earlier = read_export_record(Path(source))
+        if earlier is None:  # a record would vouch for a file nothing verified; out stays as unverified as it came
+            if _is_export_record(record_path(out)):  # an earlier export's, which would now describe another file
+                record_path(out).unlink()
+            log.warning("%s came without a record (%s), so %s gets none: nothing can vouch for where it came from",
+                        source, record_path(Path(source)).name, out)
+            return record
         record.update({k: v for k, v in earlier.items() if k not in record})
     write_atomic(record_path(out), (json.dumps(record, indent=2) + "\n").encode())
     return record

@@ -9,6 +9,7 @@ written under a temporary name and renamed into place, so a kill leaves the old 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -46,7 +47,13 @@ from trainer_accel.hf.tokenizer import tokenizer_files
 from trainer_accel.models.gpt_hf import hf_config, state_to_hf, unrepresentable
 from trainer_accel.paths import Paths
 
+log = logging.getLogger(__name__)
+
 RECORD = EXPORT_RECORD
+RECORD_FORMAT = "trainer_accel.export.hf"
+# Every file an export writes, and so every file a re-export may replace; anything else in --out is the user's.
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                          "special_tokens_map.json", "model.safetensors", RECORD})
 
 
 def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -> Tokenizer:
@@ -90,19 +97,63 @@ def generation_config(special: dict[str, int]) -> dict[str, Any]:
             "do_sample": False}
 
 
-def check_out(out: Path) -> None:
-    """--out may be new, empty, or an earlier export of ours; anything else is the user's and stays."""
+def check_out(out: Path) -> list[str]:
+    """--out may be new, empty, or an earlier export of ours (a record we wrote, validated); anything else is the
+    user's and stays. Returns the names in an earlier export that no export writes (a README.md, lm-eval's
+    eval_results/): they are carried into the new export, untouched."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / RECORD).is_file():
-        raise UserError(f"--out {out}: a directory with other files in it (not an earlier export: no {RECORD}); "
-                        "choose a new or empty directory")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not present:
+        return []
+    listed = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+    if RECORD not in present:
+        raise UserError(f"--out {out}: a directory with other files in it ({listed}), not an earlier export (no "
+                        f"{RECORD}); nothing was written: choose a new or empty directory")
+    problem = record_problem(out / RECORD)
+    if problem:
+        raise UserError(f"--out {out}: {RECORD} {problem}, so this is not an earlier export of this trainer and "
+                        f"its files ({listed}) are not ours to replace; nothing was written: choose a new or empty "
+                        "directory")
+    return [name for name in present if name not in EXPORT_FILES]
+
+
+def record_problem(path: Path) -> str | None:
+    """What makes a file not an export record of ours (None: it is one)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"cannot be read as JSON ({type(e).__name__})"
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return f'has no "format": "{RECORD_FORMAT}"'
+    wrong = [k for k, kind in (("step", int), ("model_cfg", dict), ("exported_at", str), ("source", str))
+             if not isinstance(record.get(k), kind) or isinstance(record.get(k), bool)]
+    return f"lacks what an export records ({', '.join(wrong)})" if wrong else None
+
+
+def carry_over(names: list[str], earlier: Path, into: Path) -> None:
+    """The user's files of an earlier export, into the new one as hard links (copies across filesystems): the
+    earlier directory keeps them until the new one has replaced it, so a kill at any moment loses none."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for name in names:
+        src, dst = earlier / name, into / name
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, copy_function=link)
+        elif src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        else:
+            link(str(src), str(dst))
 
 
 def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = None,
               verdict: str | None = None) -> dict[str, Any]:
     """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record."""
-    check_out(out)
+    kept = check_out(out)
     if is_hf_dir(source):
         raise UserError(f"{source}: already a Hugging Face directory; nothing to export")
     loaded = load_checkpoint(source, with_optimizer=False)
@@ -118,7 +169,7 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
         "generation_config.json": json.dumps(generation_config(tok.special), indent=2) + "\n",
         **tokenizer_files(tok, cfg["T"], eos),
     }
-    record = {"format": "trainer_accel.export.hf", "out": str(out.resolve()), "exported_at": now_iso(),
+    record = {"format": RECORD_FORMAT, "out": str(out.resolve()), "exported_at": now_iso(),
               "source": str(Path(source).resolve()), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
               "step": loaded.step, "best_val_loss": loaded.best_val_loss, "model_sha256": model_sha256(loaded.meta),
               "verdict": verdict, "tokenizer": tok.identity, "model_cfg": cfg}
@@ -131,11 +182,14 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
         fsync_file(tmp / "model.safetensors")
         for name, text in {**files, RECORD: json.dumps(record, indent=2) + "\n"}.items():
             write_atomic(tmp / name, text.encode())
+        carry_over(kept, out, tmp)
         fault_point("hf_export", partial=tmp / "model.safetensors")
         fsync_dir(tmp)
         swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if kept:
+        log.info("%s: kept %s (not written by an export)", out, ", ".join(kept))
     return record
 
 
