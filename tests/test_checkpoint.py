@@ -243,3 +243,21 @@ def test_an_exported_pt_is_checked_like_a_checkpoint_directory(world):
         assert r.returncode == 2 and len(errors) == 1, r.stderr
         assert "best.pt: sha256" in errors[0] and "the file is damaged or was replaced without its record" in errors[0]
     assert not (world / "fourth/again.pt").exists() and not (world / "again.pt").exists()
+
+
+def test_an_empty_pt_or_pytorch_model_bin_is_one_line_not_a_traceback(world, tmp_path):
+    """torch.load's EOFError on an empty file has no message, and the handler's str(e).splitlines()[0] raised."""
+    from trainer_accel.errors import UserError
+    from trainer_accel.training.start import load_start
+
+    (world / "empty.pt").write_bytes(b"")
+    r = run_cli("export", "--checkpoint", "empty.pt", "--out", "out.pt", cwd=world)
+    assert r.returncode == 2 and "empty.pt: not a loadable best.pt (EOFError)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (world / "out.pt").exists()
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 260, "n_positions": 32,
+                                                "n_embd": 32, "n_layer": 2, "n_head": 2}))
+    (hf / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(UserError, match=r"pytorch_model.bin: cannot be loaded safely \(EOFError\)|unreadable weights"):
+        load_start(hf, None, with_optimizer=False)

@@ -249,3 +249,49 @@ def test_exit_codes_and_result_for_bad_input_and_a_crash(world, monkeypatch):
     assert result["failure"] == "RuntimeError: a bug in the progress line"
     manifest = json.loads((world / "runs" / result["run_ids"][0] / "run.json").read_text())
     assert manifest["status"] == "failed" and manifest["failure"] == result["failure"]
+
+
+def test_the_gate_fails_a_set_it_could_not_measure():
+    """An SFT val set whose eval batches hold no answer tokens (dolly at T=32) used to drop out of the summary,
+    and the verdict was `pass` for a source never measured."""
+    from trainer_accel.experiments.evaluation import compare_set, verdict
+
+    dolly = compare_set("sft/dolly", [(0.0, 0), (0.0, 0)], [(0.0, 0), (0.0, 0)])
+    primer = compare_set("sft/primer", [(20.0, 10), (22.0, 10)], [(10.0, 10), (11.0, 10)])
+    wiki = compare_set("streams/wiki", [(5.0, 10), (5.0, 10)], [(5.0, 10), (5.0, 10)])
+    assert dolly["measured"] is False and primer["measured"] and primer["delta"] == pytest.approx(-1.05)
+    result, reasons = verdict([dolly, primer, wiki], tolerance=0.1, min_improvement=0.001)
+    assert result == "fail" and reasons == ["sft/dolly: not measured (its 2 eval batches hold no counted tokens), "
+                                            "so nothing shows what SFT did to it"]
+    infinite = compare_set("sft/oasst1", [(float("inf"), 10)], [(1.0, 10)])
+    assert infinite["measured"] is False and "not finite" in infinite["why"]
+
+
+@pytest.mark.parametrize("candidate, floor, passes", [
+    ([(9.99999, 10), (9.99999, 10)], 0.001, False),  # a delta of -1e-6: a real change, far too small to matter
+    ([(8.0, 10), (11.9, 10)], 0.0, False),  # -0.005 on average, but the batches disagree: within the noise
+    ([(9.0, 10), (9.1, 10)], 0.001, True),  # -0.095, and every batch agrees
+])
+def test_the_gate_tells_an_improvement_from_noise(candidate, floor, passes):
+    from trainer_accel.experiments.evaluation import compare_set, needed_improvement, verdict
+
+    s = compare_set("sft/primer", [(10.0, 10), (10.0, 10)], candidate)
+    assert s["stderr"] is not None and needed_improvement(s, floor) == max(floor, 2 * s["stderr"])
+    result, reasons = verdict([s], tolerance=0.1, min_improvement=floor)
+    assert (result == "pass") is passes, reasons
+    if not passes:
+        assert reasons[0].startswith("sft/primer: SFT val loss did not improve by more than")
+
+
+def test_runs_evaluate_prints_what_an_improvement_needed_and_fails_a_negligible_one(world):
+    pre = write_config(world / "c/pretrain.json", "pretrain", {"total_steps": 4})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world).returncode == 0
+    sft = write_config(world / "c/sft.json", "sft", {"total_steps": 4, "base_lr": 1e-9, "min_lr": 1e-9},
+                       init_from="checkpoints/pretrain/best")
+    assert run_cli("run", "--phase", "sft", "--config", str(sft), cwd=world).returncode == 0
+    args = ("runs", "evaluate", "checkpoints/sft/best", "--baseline", "checkpoints/pretrain/best")
+    r = run_cli(*args, cwd=world)
+    assert r.returncode == 1 and "needed" in r.stdout.splitlines()[0], r.stdout + r.stderr
+    assert "SFT val loss did not improve by more than 0.001" in r.stdout, r.stdout
+    r = run_cli(*args, "--min-improvement", "-1", cwd=world)
+    assert r.returncode == 2 and "--min-improvement: expected a number >= 0" in r.stderr, r.stderr

@@ -315,6 +315,46 @@ def test_a_transformers_gpt2_gives_the_same_logits_in_our_model(gpt2_dir, tmp_pa
         load_start(legacy, None, with_optimizer=False)
 
 
+def test_shards_come_only_from_beside_their_index_and_each_is_hashed(gpt2_dir, tmp_path):
+    """An index could name ../other/model.safetensors and it was loaded; only the index was hashed, so a swapped
+    shard kept the weights' identity."""
+    from safetensors.torch import load_file, save_file
+
+    from trainer_accel.errors import UserError
+    from trainer_accel.hf.directory import weights_sha256
+
+    def sharded(where, names):
+        where.mkdir()
+        shutil.copy(gpt2_dir / "config.json", where)
+        state = load_file(str(gpt2_dir / "model.safetensors"))
+        keys = sorted(state)
+        halves = {names[0]: keys[: len(keys) // 2], names[1]: keys[len(keys) // 2:]}
+        for name, part in halves.items():
+            if "/" not in name:
+                save_file({k: state[k] for k in part}, str(where / name))
+        weight_map = {k: name for name, part in halves.items() for k in part}
+        (where / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return where
+
+    good = sharded(tmp_path / "good", ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+    ids = torch.randint(0, 260, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(our_model_from(good)(ids), our_model_from(gpt2_dir)(ids))
+    before = weights_sha256(good)
+    other = load_file(str(good / "model-00002-of-00002.safetensors"))
+    save_file({k: v + 1 for k, v in other.items()}, str(good / "model-00002-of-00002.safetensors"))
+    assert weights_sha256(good) != before  # a swapped shard is other weights
+
+    (tmp_path / "other").mkdir()
+    shutil.copy(good / "model-00002-of-00002.safetensors", tmp_path / "other" / "model.safetensors")
+    escaping = sharded(tmp_path / "escaping", ["model-00001-of-00002.safetensors", "../other/model.safetensors"])
+    with pytest.raises(UserError, match=r"shard '../other/model.safetensors' is not a file name beside the index"):
+        load_start(escaping, None, with_optimizer=False)
+    (escaping / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(UserError, match='"weight_map" must be an object of tensor name -> shard file name, got list'):
+        load_start(escaping, None, with_optimizer=False)
+
+
 def test_sft_from_a_gpt2_directory_exports_back_with_the_trained_weights(world, gpt2_dir, bpe_json):
     write_config(world / "bad.json", "sft", init_from=str(gpt2_dir))  # today's defaults: no biases, exact GELU
     done = run_cli("run", "--phase", "sft", "--config", "bad.json", cwd=world)

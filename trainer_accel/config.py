@@ -76,6 +76,9 @@ class TrainConfig:
     allow_data_change: bool = False  # resume even if the caches differ from the checkpoint's (logged loudly)
     verify_cache_hash: bool = False  # re-hash every cache against its meta at start (slow on big caches)
     forgetting_tolerance: float = 0.1  # SFT promotion gate: how much any pretrain val loss may rise (nats/token)
+    # SFT promotion gate: how much each SFT val loss must fall (nats/token) to count as an improvement; the fall
+    # must also exceed twice the standard error of its per-batch differences, so noise never passes
+    min_improvement: float = 0.001
     pack: bool = False  # SFT: fill each training row with examples back to back, each attending only to itself
     pack_val: bool = False  # SFT: pack validation rows too (off: val losses compare with unpacked runs)
 
@@ -279,6 +282,8 @@ def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> li
         out.append(f"{where}.grad_clip: must be >= 0 (0 turns clipping off), got {t.grad_clip}")
     if t.forgetting_tolerance < 0:
         out.append(f"{where}.forgetting_tolerance: must be >= 0, got {t.forgetting_tolerance}")
+    if not t.min_improvement >= 0:
+        out.append(f"{where}.min_improvement: must be >= 0 (nats/token), got {t.min_improvement}")
     if t.keep_last_n < 2:
         out.append(f"{where}.keep_last_n: must be at least 2, got {t.keep_last_n}")
     if t.on_nonfinite not in ("stop", "skip"):

@@ -53,3 +53,10 @@ def unknown_key_message(where: str, key: str, known: Iterable[str]) -> str:
     near = difflib.get_close_matches(key, list(known), n=1)
     hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(known))})"
     return f"{where}.{key}: unknown key{hint}"
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line for an error message: its type and the first line of its text, if it has any (an
+    empty .pt's EOFError has none, and `str(e).splitlines()[0]` raised an IndexError in the handler itself)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

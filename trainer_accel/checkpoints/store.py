@@ -35,7 +35,7 @@ from trainer_accel.config import (
     complete_model_cfg,
     shape_diff,
 )
-from trainer_accel.errors import UserError
+from trainer_accel.errors import UserError, first_line
 from trainer_accel.faults import fault_point
 from trainer_accel.fsio import (
     FILE_MODE,
@@ -389,7 +389,7 @@ def _load_optimizer(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusal, truncated zip: the user has to see which file
-        raise UserError(f"{path}: cannot load optimizer state safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: cannot load optimizer state safely ({first_line(e)})") from None
 
 
 def load_checkpoint(path: Path, with_optimizer: bool = True) -> LoadedCheckpoint:
@@ -420,7 +420,7 @@ def _load_best_pt(path: Path) -> LoadedCheckpoint:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a loadable best.pt ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a loadable best.pt ({first_line(e)})") from None
     if not isinstance(blob, dict) or set(blob) != set(BEST_PT_KEYS):
         keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
         raise UserError(f"{path}: expected a best.pt dict with keys {', '.join(BEST_PT_KEYS)}, found {keys}")

@@ -11,6 +11,7 @@ never stick to other weights.
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,30 @@ def val_sets(paths: Paths, V: int, T: int, B: int) -> list[tuple[str, Any]]:
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, strategy, batches: int, device: torch.device) -> float:
-    """Token-weighted mean loss over validation batches 0..batches-1 (the loop's own fixed batches)."""
-    total, count = 0.0, 0
+def batch_losses(model: torch.nn.Module, strategy, batches: int, device: torch.device) -> list[tuple[float, int]]:
+    """(loss sum, counted tokens) of validation batches 0..batches-1 (the loop's own fixed batches)."""
+    out = []
     for i in range(batches):
         s, n = strategy.loss(model, strategy.val_batch(i).to(device))
-        total, count = total + float(s), count + int(n)
-    return total / count if count else float("nan")
+        out.append((float(s), int(n)))
+    return out
+
+
+def compare_set(name: str, base: list[tuple[float, int]], cand: list[tuple[float, int]]) -> dict[str, Any]:
+    """One validation set measured on both models: token-weighted losses, their delta, and the standard error of
+    the per-batch paired differences (both models see the same batches, so the same tokens are counted)."""
+    kind = "sft" if name.startswith("sft/") else "stream"
+    counted = sum(n for _, n in base)
+    entry: dict[str, Any] = {"name": name, "kind": kind, "batches_measured": sum(1 for _, n in base if n),
+                             "tokens": counted}
+    if not counted:
+        return {**entry, "measured": False, "why": f"its {len(base)} eval batches hold no counted tokens"}
+    b, c = sum(s for s, _ in base) / counted, sum(s for s, _ in cand) / counted
+    if not (math.isfinite(b) and math.isfinite(c)):
+        return {**entry, "measured": False, "why": f"a loss is not finite (baseline {b}, candidate {c})"}
+    diffs = [(sc - sb) / n for (sb, n), (sc, _) in zip(base, cand) if n]
+    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {**entry, "measured": True, "baseline": b, "candidate": c, "delta": c - b, "stderr": stderr}
 
 
 def _model(loaded: LoadedCheckpoint, device: torch.device) -> GPT:
@@ -76,41 +94,58 @@ def _identity(loaded: LoadedCheckpoint) -> dict[str, Any]:
             "phase": loaded.meta.get("phase"), "step": loaded.step, "model_sha256": model_sha256(loaded.meta)}
 
 
-def verdict(sets: list[dict], tolerance: float) -> tuple[str, list[str]]:
-    reasons = []
-    sft = [s for s in sets if s["kind"] == "sft"]
+def needed_improvement(s: dict[str, Any], min_improvement: float) -> float:
+    """How far an SFT val loss must fall to be told from noise: the configured minimum, and twice the standard
+    error of the per-batch differences (one batch has no spread to measure: the minimum alone)."""
+    return max(min_improvement, 2 * s["stderr"]) if s.get("stderr") is not None else min_improvement
+
+
+def verdict(sets: list[dict], tolerance: float, min_improvement: float = 0.0) -> tuple[str, list[str]]:
+    """A set that could not be measured fails the gate: a source never measured is never certified."""
+    reasons = [f"{s['name']}: not measured ({s['why']}), so nothing shows what SFT did to it"
+               for s in sets if not s.get("measured", True)]
+    measured = [s for s in sets if s.get("measured", True)]
+    sft = [s for s in measured if s["kind"] == "sft"]
     if not sft:
-        reasons.append("no SFT validation cache to show an improvement on")
+        reasons.append("no measured SFT validation set to show an improvement on")
     for s in sft:
-        if not s["delta"] < 0:
-            reasons.append(f"{s['name']}: SFT val loss did not improve ({s['baseline']:.4f} -> {s['candidate']:.4f})")
-    for s in sets:
+        need = needed_improvement(s, min_improvement)
+        if not s["delta"] < -need:
+            reasons.append(f"{s['name']}: SFT val loss did not improve by more than {need:.4g} "
+                           f"({s['baseline']:.4f} -> {s['candidate']:.4f}, delta {s['delta']:+.4g})")
+    for s in measured:
         if s["kind"] == "stream" and not s["delta"] <= tolerance:
             reasons.append(f"{s['name']}: pretrain val loss rose by {s['delta']:+.4f}, more than the tolerance {tolerance:g}")
     return ("pass" if not reasons else "fail"), reasons
 
 
 def eval_summary(candidate: LoadedCheckpoint, baseline: LoadedCheckpoint, paths: Paths, tolerance: float,
-                 batches: int, B: int, device: torch.device) -> dict[str, Any]:
+                 batches: int, B: int, device: torch.device, min_improvement: float = 0.0) -> dict[str, Any]:
     """Both checkpoints on the same batches of every validation set; the deltas and the verdict."""
     mc, mb = candidate.meta["model_cfg"], baseline.meta["model_cfg"]
     T = min(mc["T"], mb["T"])
     sets = []
     cand_model, base_model = _model(candidate, device), _model(baseline, device)
     for name, strategy in val_sets(paths, min(mc["V"], mb["V"]), T, B):
-        base, cand = mean_loss(base_model, strategy, batches, device), mean_loss(cand_model, strategy, batches, device)
-        if math.isfinite(base) and math.isfinite(cand):
-            kind = "sft" if name.startswith("sft/") else "stream"
-            sets.append({"name": name, "kind": kind, "baseline": base, "candidate": cand, "delta": cand - base})
-    result, reasons = verdict(sets, tolerance)
+        s = compare_set(name, batch_losses(base_model, strategy, batches, device),
+                        batch_losses(cand_model, strategy, batches, device))
+        if s["measured"] and s["kind"] == "sft":
+            s["needed"] = needed_improvement(s, min_improvement)
+        sets.append(s)
+    result, reasons = verdict(sets, tolerance, min_improvement)
     return {"candidate": _identity(candidate), "baseline": _identity(baseline), "sets": sets, "tolerance": tolerance,
-            "batches": batches, "B": B, "T": T, "verdict": result, "reasons": reasons, "evaluated_at": now_iso()}
+            "min_improvement": min_improvement, "batches": batches, "B": B, "T": T, "verdict": result,
+            "reasons": reasons, "evaluated_at": now_iso()}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"{'set':<18}{'baseline':>10}{'candidate':>11}{'delta':>10}"]
+    lines = [f"{'set':<18}{'baseline':>10}{'candidate':>11}{'delta':>10}{'needed':>10}"]
     for s in summary["sets"]:
-        lines.append(f"{s['name']:<18}{s['baseline']:>10.4f}{s['candidate']:>11.4f}{s['delta']:>+10.4f}")
+        if not s.get("measured", True):
+            lines.append(f"{s['name']:<18}{'not measured: ' + s['why']:>41}")
+            continue
+        need = f"{-s['needed']:>+10.4f}" if "needed" in s else f"{'<= ' + format(summary['tolerance'], 'g'):>10}"
+        lines.append(f"{s['name']:<18}{s['baseline']:>10.4f}{s['candidate']:>11.4f}{s['delta']:>+10.4f}{need}")
     lines.append(f"verdict: {summary['verdict']}" + "".join(f"\n  - {r}" for r in summary["reasons"]))
     if not_its_parent(summary):
         lines.append(f"NOT DEPLOYABLE whatever the verdict: {not_its_parent(summary)}")
@@ -156,7 +191,8 @@ def require_deployable(paths: Paths, checkpoint: Path) -> dict[str, Any]:
         raise UserError(f"{checkpoint}: not deployable: never evaluated (run: python -m trainer_accel.runs evaluate "
                         f"{checkpoint} --baseline BASELINE_CHECKPOINT)")
     if summary["verdict"] != "pass":
-        deltas = ", ".join(f"{s['name']} {s['delta']:+.4f}" for s in summary["sets"])
+        deltas = ", ".join(f"{s['name']} {s['delta']:+.4f}" if s.get("measured", True) else f"{s['name']} not measured"
+                           for s in summary["sets"])
         raise UserError(f"{checkpoint}: not deployable: verdict {summary['verdict']} ({'; '.join(summary['reasons'])}); "
                         f"deltas candidate - baseline: {deltas}")
     if not_its_parent(summary):
@@ -172,7 +208,7 @@ def baseline_is_parent(candidate: LoadedCheckpoint, baseline: LoadedCheckpoint) 
 
 
 def evaluate_checkpoints(paths: Paths, candidate: Path, baseline: Path, tolerance: float | None,
-                         device: torch.device) -> dict[str, Any]:
+                         device: torch.device, min_improvement: float | None = None) -> dict[str, Any]:
     """`runs evaluate` and the end of an SFT phase: load both, compare, record in the candidate's manifest.
 
     The gate measures what SFT cost the model it started from, so only that model is a baseline that can make
@@ -188,7 +224,11 @@ def evaluate_checkpoints(paths: Paths, candidate: Path, baseline: Path, toleranc
                         "candidate); the baseline is the checkpoint the candidate started from")
     t = cand.meta.get("train_cfg") or {}
     tol = tolerance if tolerance is not None else t.get("forgetting_tolerance", 0.1)
-    summary = eval_summary(cand, base, paths, tol, int(t.get("eval_batches", 8)), int(t.get("B", 8)), device)
+    if min_improvement is not None and not (math.isfinite(min_improvement) and min_improvement >= 0):
+        raise UserError(f"--min-improvement: expected a number >= 0 (how far an SFT val loss must fall, nats/token), "
+                        f"got {min_improvement:g}")
+    floor = min_improvement if min_improvement is not None else t.get("min_improvement", 0.001)
+    summary = eval_summary(cand, base, paths, tol, int(t.get("eval_batches", 8)), int(t.get("B", 8)), device, floor)
     summary["baseline_is_parent"] = baseline_is_parent(cand, base)
     record_summary(paths, summary)
     return summary

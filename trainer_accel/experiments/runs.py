@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--baseline", type=Path, required=True, help="the checkpoint it started from")
     ev.add_argument("--tolerance", type=float, default=None, help="default: the candidate's train_cfg.forgetting_tolerance")
+    ev.add_argument("--min-improvement", type=float, default=None,
+                    help="how far each SFT val loss must fall (nats/token); default: the candidate's "
+                         "train_cfg.min_improvement. It must also fall by more than twice its standard error")
     ev.add_argument("--device", default=None, help="cpu, mps, cuda or cuda:N; default: as `run` picks, CUDA, else "
                     "Apple MPS, else CPU")
     args = p.parse_args(argv)
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(nodes, indent=2) if args.json else format_lineage(nodes))
         else:
             summary = evaluate_checkpoints(paths, args.checkpoint, args.baseline, args.tolerance,
-                                           pick_device(args.device))
+                                           pick_device(args.device), args.min_improvement)
             print(format_summary(summary))
             return 0 if summary["verdict"] == "pass" and not not_its_parent(summary) else 1
     except UserError as e:

@@ -8,6 +8,7 @@ only finds and reads the files. Nothing here imports transformers: it is needed 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from trainer_accel.checkpoints.store import LoadedCheckpoint
 from trainer_accel.config import ModelConfig
 from trainer_accel.data.tokenizer import file_identity
-from trainer_accel.errors import UserError, raise_if_any
+from trainer_accel.errors import UserError, first_line, raise_if_any
 from trainer_accel.fsio import sha256_file
 from trainer_accel.models.gpt_hf import (
     grow_vocab,
@@ -71,18 +72,42 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         if single.is_file():
             return load_file(str(single))
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
+            return {k: v for shard in shard_files(index) for k, v in load_file(str(shard)).items()}
         if pickled.is_file():
             state = torch.load(pickled, map_location="cpu", weights_only=True)
             if not isinstance(state, dict):
                 raise TypeError(f"holds a {type(state).__name__}, not a state dict")
             return state
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as e:
-        raise UserError(f"{directory}: unreadable weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(f"{directory}: unreadable weights ({first_line(e)})") from None
     except Exception as e:  # torch.load's refusal of a pickle that is not plain tensors (UnpicklingError)
-        raise UserError(f"{pickled}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(f"{pickled}: cannot be loaded safely ({first_line(e)})") from None
     raise UserError(f"{directory}: no weights ({' or '.join(WEIGHT_FILES)}) beside config.json")
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shards a model.safetensors.index.json names, each checked to lie in the index's own directory: an
+    index naming ../other/model.safetensors (or an absolute path) would load weights from elsewhere."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise UserError(f"{index}: not a readable shard index ({first_line(e)})") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f'{index}: "weight_map" must be an object of tensor name -> shard file name, got '
+                        f"{type(weight_map).__name__}")
+    shards, problems = [], []
+    for name in sorted(set(weight_map.values())):
+        shard = index.parent / name
+        # by name, not by resolving links: a hub snapshot's shards are links into its blobs/ folder
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            problems.append(f"{index}: shard {name!r} is not a file name beside the index; shards must sit in "
+                            f"{index.parent}")
+        elif not shard.is_file():
+            problems.append(f"{index}: shard {name!r} is missing")
+        shards.append(shard)
+    raise_if_any(problems)
+    return shards
 
 
 def weights_file(directory: Path) -> Path | None:
@@ -90,9 +115,15 @@ def weights_file(directory: Path) -> Path | None:
 
 
 def weights_sha256(directory: Path) -> str | None:
-    """The weights' identity, as model_sha256 is for our checkpoints (for shards: their index's)."""
+    """The weights' identity, as model_sha256 is for our checkpoints. For shards: a hash over the index and every
+    shard's own sha256, so a swapped shard is another identity (hashing the index alone missed it)."""
     found = weights_file(directory)
-    return sha256_file(found) if found is not None else None
+    if found is None:
+        return None
+    if found.name != WEIGHT_FILES[1]:
+        return sha256_file(found)
+    lines = [f"index {sha256_file(found)}"] + [f"{s.name} {sha256_file(s)}" for s in shard_files(found)]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def tokenizer_identity(directory: Path) -> str | None:
