@@ -232,3 +232,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def edit_sidecar(ckpt: Path, edit) -> dict:
+    """Change a checkpoint's meta.json as a later trainer or a tool would, resealing it (store.sidecar_sha256), so
+    that only the change itself is on trial; returns the new sidecar."""
+    from trainer_accel.checkpoints.store import SEAL, sidecar_sha256
+
+    meta_file = ckpt / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta[SEAL] = sidecar_sha256(meta)
+    meta_file.unlink()  # break the hard links shared with latest/ and best/
+    meta_file.write_text(json.dumps(meta))
+    return meta

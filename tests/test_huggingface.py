@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, run_cli, write_config
+from conftest import TINY_MODEL, edit_sidecar, run_cli, write_config
 from trainer_accel import export
 from trainer_accel.checkpoints import store as ckpt
 from trainer_accel.checkpoints.full_state import tied_aliases
@@ -176,9 +176,8 @@ def test_export_refuses_what_it_cannot_write_exactly_and_keeps_what_is_there(tmp
     monkeypatch.chdir(tmp_path)
     model = GPT(ModelConfig(**TINY_MODEL))
     write_tiny_checkpoint(tmp_path / "future", model)
-    meta = json.loads((tmp_path / "future" / "meta.json").read_text())
-    meta["model_cfg"]["rope"] = True  # an option a later trainer may have, which GPT-2 has no place for
-    (tmp_path / "future" / "meta.json").write_text(json.dumps(meta))
+    # an option a later trainer may have, which GPT-2 has no place for
+    edit_sidecar(tmp_path / "future", lambda meta: meta["model_cfg"].update(rope=True))
     assert export.main(["--format", "hf", "--checkpoint", "future", "--out", "hf"]) == 2
     assert "model_cfg.rope=true has no GPT-2 equivalent; not exported" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))

@@ -19,10 +19,12 @@ from typing import Any
 
 from trainer_accel import overrides as ov
 from trainer_accel.errors import UserError, raise_if_any, unknown_key_message
+from trainer_accel.fsio import UnreadableJSON, loads
 from trainer_accel.paths import source_name_problem
 
 PHASES = ("pretrain", "sft")
 MODEL_SHAPE_KEYS = ("V", "T", "C", "L", "H", "d_ff")
+MAX_DIM = 2**31 - 1  # what torch takes as one dimension everywhere
 ACTIVATIONS = ("gelu", "gelu_tanh")
 MODEL_FUNCTION_KEYS = ("bias", "tie_embeddings", "activation", "ln_eps")  # with the shape: what the weights mean
 
@@ -175,6 +177,9 @@ class PipelineConfig:
     path: Path
 
 
+SECTIONS = {"model_cfg": ModelConfig, "train_cfg": TrainConfig}  # where each option of a phase config lives
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generic dataclass validation
 
@@ -216,7 +221,10 @@ def build_dataclass(cls: type, data: Any, where: str, problems: list[str]):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            problems.append(unknown_key_message(where, key, fields))
+            home = next((section for section, other in SECTIONS.items()
+                         if other is not cls and key in {f.name for f in dataclasses.fields(other)}), None)
+            problems.append(f"{where}.{key}: unknown key (it belongs in {home}: {home}.{key})" if home
+                            else unknown_key_message(where, key, fields))
     values, buildable = {}, True
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -234,6 +242,8 @@ def build_dataclass(cls: type, data: Any, where: str, problems: list[str]):
 
 def _model_problems(m: ModelConfig, where: str) -> list[str]:
     out = [f"{where}.{k}: must be a positive integer, got {getattr(m, k)}" for k in MODEL_SHAPE_KEYS if getattr(m, k) <= 0]
+    out += [f"{where}.{k}: must be at most {MAX_DIM:,} (a tensor dimension), got {getattr(m, k):,}"
+            for k in MODEL_SHAPE_KEYS if getattr(m, k) > MAX_DIM]
     if m.C > 0 and m.H > 0 and m.C % m.H:
         out.append(f"{where}.C: width {m.C} must be divisible by the number of heads H={m.H}")
     if not 0.0 <= m.dropout < 1.0:
@@ -243,6 +253,19 @@ def _model_problems(m: ModelConfig, where: str) -> list[str]:
     if not (math.isfinite(m.ln_eps) and 0.0 < m.ln_eps < 1.0):
         out.append(f"{where}.ln_eps: must be in (0, 1), got {m.ln_eps}")
     return out
+
+
+def model_cfg_problems(data: Any, where: str, known_only: bool = False) -> list[str]:
+    """The config's own check of a model_cfg, for one read from a file a past run or another tool wrote (a sidecar, a
+    .pt): types first, then ranges. `known_only`: options a later trainer may have added are the reader's to judge."""
+    problems: list[str] = []
+    if known_only and isinstance(data, dict):
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        data = {k: v for k, v in data.items() if k in known}
+    model = build_dataclass(ModelConfig, data, where, problems)
+    if model is not None and not problems:
+        problems += _model_problems(model, where)
+    return problems
 
 
 def complete_model_cfg(saved: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +292,8 @@ def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> li
         out.append(f"{where}.min_lr: must be >= 0, got {t.min_lr}")
     if t.min_lr > t.base_lr:
         out.append(f"{where}.min_lr: {t.min_lr} is above base_lr {t.base_lr}")
+    if t.seed < 0:
+        out.append(f"{where}.seed: must be >= 0 (it addresses every batch), got {t.seed}")
     if t.warmup_steps < 0:
         out.append(f"{where}.warmup_steps: must be >= 0, got {t.warmup_steps}")
     elif t.total_steps > 0 and t.warmup_steps > t.total_steps:
@@ -399,7 +424,9 @@ def read_json(path: Path, what: str) -> Any:
     except OSError as e:
         raise UserError(f"{path}: cannot read {what}: {e.strerror}") from None
     try:
-        return json.loads(text)
+        return loads(text)
+    except UnreadableJSON as e:
+        raise UserError(f"{path}: {what} is not usable JSON ({e})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
@@ -446,9 +473,10 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
             problems += _sources_problems(sources, "dolly", f"{where}.sft_sources")
     replay = data.get("replay", {}) if phase == "sft" else {}
     problems += _replay_problems(replay, f"{where}.replay")
-    if phase == "pretrain" and train is not None and (train.pack or train.pack_val):
-        problems.append(f"{where}.train_cfg.pack: packing is for SFT; a pretrain row is already a full window of the "
-                        "stream (set it in the sft config)")
+    for key in ("pack", "pack_val"):
+        if phase == "pretrain" and train is not None and getattr(train, key):
+            problems.append(f"{where}.train_cfg.{key}: packing is for SFT; a pretrain row is already a full window of "
+                            "the stream (set it in the sft config)")
     val_source = data.get("val_source", "wiki")
     if problem := source_name_problem(val_source):
         problems.append(f"{where}.val_source: {problem}")
@@ -504,4 +532,4 @@ def load_pipeline_config(path: Path | str, overrides: list[ov.Override] = ()) ->
 
 def shape_diff(a: dict, b: dict, keys: typing.Iterable[str] | None = None) -> str:
     keys = list(keys) if keys is not None else sorted(set(a) | set(b))
-    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {json.dumps(a.get(k))} vs {json.dumps(b.get(k))}" for k in keys if a.get(k) != b.get(k))

@@ -1,19 +1,50 @@
-"""Durable files: written whole or not at all, fsynced, swapped into place, hashed.
+"""Durable files: written whole or not at all, fsynced, swapped into place, hashed, and their JSON read back.
 
 Every writer of the package (checkpoints, caches, exports, records, manifests) shares these few helpers, so
-"atomic" means one thing: a temporary name, fsync, rename, fsync of the directory.
+"atomic" means one thing: a temporary name, fsync, rename, fsync of the directory. Every reader of a JSON file a
+user or a past run wrote parses it with `loads`, so a hostile file fails the same way everywhere.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 from trainer_accel.faults import fault_point
+
+
+class UnreadableJSON(json.JSONDecodeError):
+    """Valid JSON syntax that no reader should take: it has no one position, so its message has none either."""
+
+    def __init__(self, msg: str):
+        super().__init__(msg, "", 0)
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise UnreadableJSON(f"key {json.dumps(twice)} appears twice in one object (which one was meant?)")
+    return out
+
+
+def loads(text: str | bytes, unique_keys: bool = True) -> object:
+    """json.loads for files a user or a past run wrote: a key given twice in one object (json would keep the last
+    silently) and nesting too deep for the parser (a RecursionError) are JSONDecodeErrors like any other bad JSON,
+    so every reader's existing "not valid JSON" handling covers them."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys if unique_keys else None)
+    except RecursionError:
+        raise UnreadableJSON("nested too deeply to be read") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

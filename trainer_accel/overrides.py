@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from trainer_accel.errors import UserError, raise_if_any, unknown_key_message
+from trainer_accel.fsio import UnreadableJSON, loads
 
 PIPELINE_PHASES = ("pretrain", "sft")
 MAPPING = "mapping"  # a schema entry for an object of free keys (sources -> probability)
@@ -38,8 +39,11 @@ def parse_override(text: str) -> Override:
     if not sep or not key.strip() or any(not k for k in keys):
         raise UserError(f"--set {text}: expected KEY=VALUE with a dotted KEY, e.g. --set train_cfg.base_lr=1e-3")
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
+        value = loads(raw)
+    except json.JSONDecodeError as e:
+        if raw.strip()[:1] in ('{', '[', '"'):  # meant as JSON, so not a bare word: say what is wrong with it
+            where = "" if isinstance(e, UnreadableJSON) else f" at character {e.pos + 1}"
+            raise UserError(f"--set {text}: the value is not valid JSON ({e.msg}{where})") from None
         value = raw  # --set val_source=roam reads as the string it obviously is
     return Override(keys, value, text)
 

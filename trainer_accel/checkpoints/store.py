@@ -14,8 +14,10 @@ the name it is given. Sidecars of an older format version are upgraded as they a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -33,6 +35,7 @@ from trainer_accel.config import (
     MODEL_SHAPE_KEYS,
     ModelConfig,
     complete_model_cfg,
+    model_cfg_problems,
     shape_diff,
 )
 from trainer_accel.errors import UserError, first_line
@@ -43,6 +46,7 @@ from trainer_accel.fsio import (
     TRASH_PREFIX,
     fsync_dir,
     fsync_file,
+    loads,
     sha256_file,
     swap_into_place,
     write_atomic,
@@ -53,7 +57,7 @@ from trainer_accel.versions import upgrade
 log = logging.getLogger(__name__)
 
 FORMAT = "trainer_accel.checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def _v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +69,14 @@ def _v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-UPGRADES = {1: _v1_to_v2}  # version -> the step to the next (versions.py)
+def _v2_to_v3(meta: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 seals the sidecar with its own sha256 (`sidecar_sha256`); a version 2 sidecar has no seal, so its
+    loop state is checked by type and range alone."""
+    return meta
+
+
+UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> the step to the next (versions.py)
+SEAL = "sidecar_sha256"
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.safetensors", "optimizer.pt", "meta.json"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 BEST_PT_KEYS = ("model_cfg", "train_cfg", "model_state", "optimizer_state", "step", "best_val_loss")
@@ -133,6 +144,7 @@ def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], tied: d
         fault_point(f"after_{point}")
         files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
     full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "tied": dict(tied), "files": files}
+    full_meta[SEAL] = sidecar_sha256(full_meta)
     fault_point("before_meta")
     write_atomic(tmp / META_FILE, (json.dumps(full_meta, indent=2) + "\n").encode())
     fault_point("while_meta", partial=tmp / META_FILE)
@@ -230,6 +242,45 @@ def file_sha256(path: Path) -> str:
     return _hashes[key]
 
 
+def sidecar_sha256(meta: dict[str, Any]) -> str:
+    """The seal of a sidecar: the sha256 of everything in it but the seal, in one canonical JSON form. A hand edit
+    (a step moved back from 280 to 5 beside step-280 weights, a best_val_loss that no later eval can beat) breaks it."""
+    body = {k: v for k, v in meta.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _loss(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def loop_state_problems(meta: dict[str, Any]) -> list[str]:
+    """The loop state a resume continues, checked by type and range (what a seal cannot vouch for: a sidecar of an
+    older version, or one a bug wrote)."""
+    step = meta.get("step")
+    problems = [] if _whole(step) and step >= 0 else [f"step is {step!r}, not a whole number >= 0"]
+    if meta.get("best_val_loss") is not None and not _loss(meta["best_val_loss"]):
+        problems.append(f"best_val_loss is {meta['best_val_loss']!r}, not a finite loss >= 0 or null")
+    last = meta.get("last_val_loss")  # NaN when the last eval measured nothing
+    if last is not None and (isinstance(last, bool) or not isinstance(last, (int, float))):
+        problems.append(f"last_val_loss is {last!r}, not a number or null")
+    for key in ("tokens_seen", "skipped_steps", "global_batch"):
+        if key in meta and not (_whole(meta[key]) and meta[key] >= (1 if key == "global_batch" else 0)):
+            problems.append(f"{key} is {meta[key]!r}, not a whole number >= {1 if key == 'global_batch' else 0}")
+    best_step = meta.get("best_val_step")
+    if best_step is not None and not (_whole(best_step) and _whole(step) and 0 <= best_step <= step):
+        problems.append(f"best_val_step is {best_step!r}, not a step between 0 and the checkpoint's step")
+    if (best_step is None) != (meta.get("best_val_loss") is None) and "best_val_step" in meta:
+        problems.append("best_val_loss and best_val_step must both be set or both be null")
+    for key in ("model_cfg", "train_cfg", "tied"):
+        if key in meta and not isinstance(meta[key], dict):
+            problems.append(f"{key} is {type(meta[key]).__name__}, not an object")
+    return problems
+
+
 def read_meta(ckpt: Path, verify: bool = True) -> dict[str, Any]:
     """The sidecar of a complete, intact checkpoint directory; raises InvalidCheckpoint saying why not."""
     meta_file = ckpt / META_FILE
@@ -238,25 +289,38 @@ def read_meta(ckpt: Path, verify: bool = True) -> dict[str, Any]:
     if not meta_file.is_file():
         raise InvalidCheckpoint(f"no {META_FILE} (an unfinished save)")
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidCheckpoint(f"{META_FILE} is not valid JSON ({e})") from None
+    except RecursionError:  # a hand-made file nested thousands deep
+        raise InvalidCheckpoint(f"{META_FILE} is nested too deeply to be a sidecar") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InvalidCheckpoint(f"{META_FILE} is not a {FORMAT} sidecar")
+    as_written = meta
     try:  # a newer version raises versions.NewerFormat, a UserError: refused, not set aside as broken
         meta = upgrade(meta, "format_version", FORMAT_VERSION, UPGRADES, str(ckpt), "checkpoint", meta_file)
     except ValueError as e:
         raise InvalidCheckpoint(str(e)) from None
+    if as_written["format_version"] >= 3 and as_written.get(SEAL) != sidecar_sha256(as_written):
+        raise InvalidCheckpoint(f"{META_FILE} was changed after the save (it does not match its {SEAL}); its step, "
+                                "losses and settings cannot be trusted")
     for key in ("step", "model_cfg", "train_cfg", "best_val_loss", "phase", "run_id", "files"):
         if key not in meta:
             raise InvalidCheckpoint(f"{META_FILE} lacks '{key}'")
-    if not isinstance(meta["files"], dict) or not isinstance(meta["step"], int):
-        raise InvalidCheckpoint(f"{META_FILE} has a malformed 'files' or 'step'")
+    problems = loop_state_problems(meta)
+    if isinstance(meta.get("model_cfg"), dict):
+        problems += model_cfg_problems(complete_model_cfg(meta["model_cfg"]), "model_cfg", known_only=True)
+    if problems:
+        raise InvalidCheckpoint(f"{META_FILE}: {'; '.join(problems)}")
+    if not isinstance(meta["files"], dict):
+        raise InvalidCheckpoint(f"{META_FILE} has a malformed 'files'")
     for name in (MODEL_FILE, OPTIMIZER_FILE):
         expected = meta["files"].get(name)
         path = ckpt / name
         if expected is None or not path.is_file():
             raise InvalidCheckpoint(f"{name} is missing")
+        if not isinstance(expected, dict) or not _whole(expected.get("size")) or not isinstance(expected.get("sha256"), str):
+            raise InvalidCheckpoint(f"{META_FILE}: files.{name} is not {{size, sha256}}")
         size = path.stat().st_size
         if size != expected["size"]:
             raise InvalidCheckpoint(f"{name} is {size} bytes, the sidecar says {expected['size']} (truncated?)")
@@ -276,8 +340,8 @@ def resume_candidates(phase_dir: Path) -> list[Path]:
             found.append((int(m.group(1)), 0, p))
         elif p.name == "latest":
             try:
-                found.append((int(json.loads((p / META_FILE).read_text())["step"]), 1, p))
-            except (OSError, ValueError, KeyError, TypeError):
+                found.append((int(loads((p / META_FILE).read_text())["step"]), 1, p))
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 found.append((-1, 1, p))
     return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
 
@@ -424,6 +488,11 @@ def _load_best_pt(path: Path) -> LoadedCheckpoint:
     if not isinstance(blob, dict) or set(blob) != set(BEST_PT_KEYS):
         keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
         raise UserError(f"{path}: expected a best.pt dict with keys {', '.join(BEST_PT_KEYS)}, found {keys}")
+    problems = loop_state_problems(blob)
+    if isinstance(blob["model_cfg"], dict):
+        problems += model_cfg_problems(complete_model_cfg(blob["model_cfg"]), "model_cfg", known_only=True)
+    if problems:
+        raise UserError(f"{path}: not a usable best.pt: {'; '.join(problems)}")
     # what the record knows of the run that wrote it (phase, caches, batch) is checked as a sidecar's is; the run id
     # is not carried: a run started from a .pt is a new run whose parent is that .pt (manifest.parent_record)
     record = verified_export_record(path) or {}
@@ -454,8 +523,8 @@ def state_problems(model_state: dict, model_cfg: dict) -> list[str]:
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in GPT(ModelConfig(**complete_model_cfg(model_cfg))).state_dict().items()}
-    except (TypeError, ValueError) as e:
-        return [f"model_cfg describes no model ({e})"]
+    except (TypeError, ValueError, RuntimeError) as e:
+        return [f"model_cfg describes no model ({first_line(e)})"]
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
         return ["model_state is not a dict of tensors"]
     problems = [f"model_state lacks {k} {list(shape)}" for k, shape in expected.items() if k not in model_state]
@@ -516,7 +585,7 @@ def verified_export_record(best_pt: Path) -> dict | None:
                     best_pt, record_path(best_pt).name)
         return None
     try:
-        record = json.loads(record_path(best_pt).read_text())
+        record = loads(record_path(best_pt).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{record_path(best_pt)}: unreadable export record ({e}); move it away to use {best_pt} "
                         "unverified") from None
@@ -538,7 +607,7 @@ RECORD_CHECKS = ("caches", "global_batch", "data_fingerprint", "config_fingerpri
 def read_export_record(best_pt: Path) -> dict | None:
     """The record beside an exported .pt, if there is one and it belongs to this file (same size as written)."""
     try:
-        record = json.loads(record_path(best_pt).read_text())
+        record = loads(record_path(best_pt).read_text())
         size = best_pt.stat().st_size
     except (OSError, json.JSONDecodeError):
         return None

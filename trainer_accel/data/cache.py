@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer_accel.errors import UserError
-from trainer_accel.fsio import sha256_file
+from trainer_accel.fsio import loads, sha256_file
 from trainer_accel.versions import upgrade
 
 CACHE_FORMAT = "trainer_accel.cache"
@@ -80,7 +80,7 @@ def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
     if not mp.is_file():
         raise UserError(f"{mp}: meta file missing (the cache was not finished; prepare it again)")
     try:
-        meta = json.loads(mp.read_text())
+        meta = loads(mp.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{mp}: not valid JSON ({e})") from None
     missing = [k for k in REQUIRED_META if not isinstance(meta, dict) or k not in meta]

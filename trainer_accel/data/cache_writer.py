@@ -31,7 +31,7 @@ from trainer_accel.data.cache import (
 from trainer_accel.data.tokenizer import Tokenizer
 from trainer_accel.errors import UserError
 from trainer_accel.faults import fault_point
-from trainer_accel.fsio import write_atomic
+from trainer_accel.fsio import loads, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def publish_caches(cache_dir: Path, moves: list[tuple[Path, Path]]) -> None:
 
 
 def _finish_publish(journal: Path) -> None:
-    moves = [(Path(a), Path(b)) for a, b in json.loads(journal.read_text())]
+    moves = [(Path(a), Path(b)) for a, b in loads(journal.read_text())]
     metas = [(a, b) for a, b in moves if b.name.endswith(".meta.json")]
     for tmp, final in metas:
         if tmp.exists():

@@ -23,6 +23,7 @@ from typing import Iterator
 
 from trainer_accel.devices.collective import main_process_decides
 from trainer_accel.errors import UserError
+from trainer_accel.fsio import loads
 from trainer_accel.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def describe(owner: dict) -> str:
 def read_owner(path: Path) -> dict | None:
     try:
         text = path.read_text()
-        return json.loads(text) if text.strip() else None
+        return loads(text) if text.strip() else None
     except (OSError, ValueError):
         return None
 

@@ -24,7 +24,7 @@ from trainer_accel.checkpoints.store import (
 from trainer_accel.config import PHASES
 from trainer_accel.errors import UserError
 from trainer_accel.experiments.evaluation import find_verdict
-from trainer_accel.fsio import now_iso, sha256_file, write_atomic
+from trainer_accel.fsio import loads, now_iso, sha256_file, write_atomic
 from trainer_accel.hf.directory import is_hf_dir
 from trainer_accel.paths import Paths
 
@@ -78,7 +78,7 @@ def overwrite_problems(out: Path) -> list[str]:
 
 def _is_export_record(path: Path) -> bool:
     try:
-        record = json.loads(path.read_text())
+        record = loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(record, dict) and record.get("format") == "trainer_accel.export"

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterator
 
 from trainer_accel.errors import UserError, exit_with, report
-from trainer_accel.fsio import now_iso
+from trainer_accel.fsio import loads, now_iso
 from trainer_accel.paths import Paths, resolve_paths
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
@@ -306,7 +306,7 @@ def _group_alive(pgid: int) -> bool:
 
 def _read_result(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 

@@ -22,7 +22,7 @@ from trainer_accel.checkpoints.store import LoadedCheckpoint
 from trainer_accel.config import ModelConfig
 from trainer_accel.data.tokenizer import file_identity
 from trainer_accel.errors import UserError, first_line, raise_if_any
-from trainer_accel.fsio import sha256_file
+from trainer_accel.fsio import loads, sha256_file
 from trainer_accel.models.gpt_hf import (
     grow_vocab,
     mismatches,
@@ -54,7 +54,7 @@ def is_hf_dir(path: Path) -> bool:
 def read_hf_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     try:
-        cfg = json.loads(path.read_text())
+        cfg = loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a readable config.json ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
@@ -89,7 +89,7 @@ def shard_files(index: Path) -> list[Path]:
     """The shards a model.safetensors.index.json names, each checked to lie in the index's own directory: an
     index naming ../other/model.safetensors (or an absolute path) would load weights from elsewhere."""
     try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = loads(index.read_text()).get("weight_map")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
         raise UserError(f"{index}: not a readable shard index ({first_line(e)})") from None
     if not isinstance(weight_map, dict) or not weight_map or not all(
@@ -130,7 +130,7 @@ def tokenizer_identity(directory: Path) -> str | None:
     """The identity (tokenizer.py) of the tokenizer a directory's model learnt: what our export recorded, else
     that of its tokenizer.json as `prepare --tokenizer` would name it; None when it has neither."""
     try:
-        return json.loads((directory / EXPORT_RECORD).read_text())["tokenizer"]
+        return loads((directory / EXPORT_RECORD).read_text())["tokenizer"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
     found = directory / "tokenizer.json"

@@ -38,6 +38,7 @@ from trainer_accel.fsio import (
     TRASH_PREFIX,
     fsync_dir,
     fsync_file,
+    loads,
     now_iso,
     swap_into_place,
     write_atomic,
@@ -84,7 +85,7 @@ def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -
 
 def _cache_meta(cache: Path) -> dict:
     try:
-        meta = json.loads(meta_path(cache).read_text())
+        meta = loads(meta_path(cache).read_text())
     except (OSError, ValueError):
         return {}
     return meta if isinstance(meta, dict) else {}
@@ -121,7 +122,7 @@ def check_out(out: Path) -> list[str]:
 def record_problem(path: Path) -> str | None:
     """What makes a file not an export record of ours (None: it is one)."""
     try:
-        record = json.loads(path.read_text())
+        record = loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return f"cannot be read as JSON ({type(e).__name__})"
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:

@@ -91,6 +91,29 @@ def state_to_hf(state: dict[str, torch.Tensor], model_cfg: dict[str, Any]) -> di
     return out
 
 
+POSITIVE_INTS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
+def value_problems(hf: dict[str, Any], where: str) -> list[str]:
+    """Types and ranges of the config.json values the model is built from, before anything is built from them."""
+    def whole(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+    out = [f"{where}: {key} is {json.dumps(hf[key])}, expected a positive integer"
+           for key in POSITIVE_INTS if key in hf and not whole(hf[key])]
+    if hf.get("n_inner") is not None and not whole(hf["n_inner"]):
+        out.append(f"{where}: n_inner is {json.dumps(hf['n_inner'])}, expected a positive integer or null")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        out.append(f"{where}: layer_norm_epsilon is {json.dumps(eps)}, expected a number in (0, 1)")
+    if not isinstance(hf.get("tie_word_embeddings", True), bool):
+        out.append(f"{where}: tie_word_embeddings is {json.dumps(hf['tie_word_embeddings'])}, expected true or false")
+    C, H = hf.get("n_embd", 768), hf.get("n_head", 12)
+    if not out and C % H:
+        out.append(f"{where}: n_embd {C} is not divisible by n_head {H}")
+    return out
+
+
 def model_cfg_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """Our model_cfg for a GPT-2 config.json; refuses the GPT-2 options our model does not compute."""
     problems = []
@@ -102,6 +125,7 @@ def model_cfg_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     if act not in ACTIVATION_FROM_HF:
         problems.append(f"{where}: activation_function {json.dumps(act)} is not one this trainer computes "
                         f"({', '.join(ACTIVATION_FROM_HF)})")
+    problems += value_problems(hf, where)
     if problems:
         raise UserError(problems)
     C = hf.get("n_embd", 768)

@@ -23,7 +23,7 @@ from trainer_accel.checkpoints.store import (
     model_sha256,
     read_export_record,
 )
-from trainer_accel.fsio import now_iso, write_atomic
+from trainer_accel.fsio import loads, now_iso, write_atomic
 from trainer_accel.paths import REPO_ROOT
 
 
@@ -61,7 +61,7 @@ def parent_record(loaded: LoadedCheckpoint, relation: str) -> dict[str, Any]:
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest, or None when there is none (written atomically, so never a torn one)."""
     try:
-        return json.loads(path.read_text())
+        return loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer_accel.fsio import loads
+
 ALIASES = {
     "loss": "train/loss", "train_loss": "train/loss",
     "lr": "train/lr", "learning_rate": "train/lr", "train_lr": "train/lr",
@@ -57,7 +59,7 @@ def _rewrite_atomic(path: Path, text: str) -> None:
 def _parse(line: str) -> dict | None:
     """A JSONL record, or None for a blank line or one torn by a killed writer."""
     try:
-        record = json.loads(line)
+        record = loads(line)
     except json.JSONDecodeError:
         return None
     return record if isinstance(record, dict) and line.endswith("\n") else None
@@ -174,4 +176,4 @@ def open_metrics(metrics_dir: Path, events_path: Path, phase: str, run_id: str, 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [loads(line) for line in f if line.strip()]

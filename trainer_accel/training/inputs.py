@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer_accel.checkpoints.store import LoadedCheckpoint, check_model_cfg
+from trainer_accel.checkpoints.store import (
+    LoadedCheckpoint,
+    check_model_cfg,
+    state_problems,
+)
 from trainer_accel.config import PhaseConfig
 from trainer_accel.data.cache import Cache, answer_mask, open_cache
 from trainer_accel.data.tokenizer import ASST, DOC, EOT, Tokenizer, tokenizer_from_meta
@@ -53,6 +57,7 @@ class CacheRef:
     source: str
     kind: str  # "stream" | "sft"
     path: Path
+    key: str = ""  # the config key that names it: sources.wiki, replay.wiki, sft_sources.dolly, val_source
 
     @property
     def name(self) -> str:
@@ -66,11 +71,14 @@ def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[list[CacheRef], l
     for name in cfg.mixture():
         folder, source = name.split("/", 1)
         kind = "stream" if folder == "streams" else "sft"
-        train.append(CacheRef(source, kind, (paths.stream_cache if kind == "stream" else paths.sft_cache)(source, "train")))
-    stream_val = [CacheRef(cfg.val_source, "stream", paths.stream_cache(cfg.val_source, "val"))]
+        key = f"{'sources' if cfg.phase == 'pretrain' else 'replay'}.{source}" if kind == "stream" else f"sft_sources.{source}"
+        train.append(CacheRef(source, kind, (paths.stream_cache if kind == "stream" else paths.sft_cache)(source, "train"),
+                              key))
+    stream_val = [CacheRef(cfg.val_source, "stream", paths.stream_cache(cfg.val_source, "val"),
+                           f'val_source "{cfg.val_source}"')]
     if cfg.phase == "pretrain":
         return train, stream_val
-    sft_val = [CacheRef(r.source, "sft", paths.sft_cache(r.source, "val")) for r in train if r.kind == "sft"]
+    sft_val = [CacheRef(r.source, "sft", paths.sft_cache(r.source, "val"), r.key) for r in train if r.kind == "sft"]
     if all(r.path.is_file() for r in sft_val):
         return train, sft_val
     log.info("SFT val caches not all present; evaluating on the %s stream val cache", cfg.val_source)
@@ -140,10 +148,10 @@ def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
 def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     train_refs, val_refs = phase_cache_paths(cfg, paths)
     wanted = train_refs + val_refs
-    missing = [r.path for r in wanted if not r.path.is_file()]
+    missing = [r for r in wanted if not r.path.is_file()]
     if missing:
         naming = CACHE_NAMING.replace("{data}", str(paths.data)).replace("{file}", "X.bin")
-        raise UserError([f"{p}: cache missing" for p in missing] + [f"naming convention: {naming}"])
+        raise UserError([f"{r.path}: cache missing (named by {r.key})" for r in missing] + [f"naming convention: {naming}"])
     problems, opened = [], {}
     for r in wanted:
         try:
@@ -172,6 +180,8 @@ def check_start_checkpoint(path: Path | None, cfg: PhaseConfig, with_optimizer: 
         return None
     loaded = load_start(path, cfg.model, with_optimizer)
     check_model_cfg(loaded, cfg.model.to_dict())
+    # the strict load the loop will do, done here so that --plan names a missing or wrong-shaped tensor too
+    raise_if_any([f"{path}: {p}" for p in state_problems(loaded.model_state, cfg.model.to_dict())])
     return loaded
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from trainer_accel.errors import UserError
+from trainer_accel.fsio import loads
 
 BATCH_ROWS = 1024
 EXTRA_HINT = "pip install 'trainer_accel[formats]'"
@@ -46,7 +47,7 @@ def jsonl_rows(path: Path, tick: Tick) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = loads(line, unique_keys=False)
                 if SURROGATE_ESCAPE.search(line):
                     json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone half of a pair cannot be encoded
                 yield f"{path}:{n}", row
