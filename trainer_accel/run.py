@@ -33,7 +33,7 @@ from trainer_accel.checkpoints.store import (
 )
 from trainer_accel.config import PhaseConfig, load_phase_config, load_pipeline_config
 from trainer_accel.devices.accelerator import announce_compute, make_accelerator
-from trainer_accel.devices.collective import main_process_decides
+from trainer_accel.devices.collective import end_process_group, main_process_decides
 from trainer_accel.devices.hardware import compute_warnings
 from trainer_accel.devices.ownership import own_phases
 from trainer_accel.devices.stopping import Interrupted
@@ -341,10 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as e:  # a directory there, or no room: said at start too when it can be known then
                 print(f"error: --result-json {args.result_json}: cannot write the result ({e.strerror or e})",
                       file=sys.stderr)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # left to interpreter exit, a gloo group's threads can abort the process ("terminate called without an
-            # active exception", exit -6: seen once in CI on rank 1 after a completed DDP run)
-            torch.distributed.destroy_process_group()
+        end_process_group()
     return EXIT_CODES[status]
 
 

@@ -31,24 +31,25 @@ class Outcome:
 
     def __init__(self, phase: str, config: Path, overrides: list[str], paths: Paths):
         self.phase, self.config, self.overrides, self.paths = phase, config, overrides, paths
-        self.trainers: list = []  # the Trainer of each phase that started, in order
+        # of each phase that started, in order: (phase, total steps, its loop state as it goes on, its folder); not
+        # the Trainer, whose model must be freed before the process group ends (devices/collective.end_process_group)
+        self.phases: list[tuple[str, int, Any, Path]] = []
         self.best_pt: Path | None = None
         self.verdict: str | None = None
 
     def started(self, trainer) -> None:
-        self.trainers.append(trainer)
+        self.phases.append((trainer.cfg.phase, trainer.t.total_steps, trainer.state, trainer.phase_dir))
 
-    def _phase_record(self, trainer) -> dict[str, Any]:
-        s, phase_dir = trainer.state, trainer.phase_dir
+    def _phase_record(self, phase: str, total_steps: int, s, phase_dir: Path) -> dict[str, Any]:
         return {
-            "phase": trainer.cfg.phase, "run_id": s.run_id, "final_step": s.step, "total_steps": trainer.t.total_steps,
+            "phase": phase, "run_id": s.run_id, "final_step": s.step, "total_steps": total_steps,
             "best_val_loss": s.best_val_loss, "best_val_step": s.best_val_step,
             "best": _absolute(phase_dir / "best"), "latest": _absolute(phase_dir / "latest"),
             "manifest": _absolute(self.paths.manifest(s.run_id)),
         }
 
     def to_dict(self, status: str, failure: str | None) -> dict[str, Any]:
-        runs = [self._phase_record(t) for t in self.trainers]
+        runs = [self._phase_record(*p) for p in self.phases]
         last = runs[-1] if runs else {}
         return {
             "status": status, "exit_code": EXIT_CODES[status], "phase": self.phase, "config": str(Path(self.config).resolve()),
