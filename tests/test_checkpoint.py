@@ -122,6 +122,16 @@ def test_export_cli_gives_the_six_keys_and_identical_logits(world):
     assert run_cli("export", cwd=world).returncode == 0
     assert torch.load(world / "checkpoints" / "best.pt", weights_only=True)["step"] == json.loads(
         (world / "checkpoints/pretrain/best/meta.json").read_text())["step"]
+    # the records name the step directory the moving best/ and latest/ pointers stood for
+    best_step = json.loads((world / "checkpoints/pretrain/best/meta.json").read_text())["step"]
+    record = json.loads((world / "checkpoints/best.pt.json").read_text())
+    assert record["source"] == str((world / f"checkpoints/pretrain/{ckpt.step_dir_name(best_step)}").resolve())
+    assert json.loads((world / "exported/model.pt.json").read_text())["source"] == str(
+        (world / "checkpoints/pretrain/step_0000004").resolve())
+    assert run_cli("export", "--format", "hf", "--checkpoint", "checkpoints/pretrain/latest", "--out", "hf",
+                   cwd=world).returncode == 0
+    assert json.loads((world / "hf/trainer_accel_export.json").read_text())["source"] == str(
+        (world / "checkpoints/pretrain/step_0000004").resolve())
 
 
 def test_export_overwrites_only_an_earlier_export_of_its_own(world):

@@ -421,6 +421,20 @@ def find_resume_checkpoint(phase_dir: Path) -> Path | None:
     return None
 
 
+def resolved_source(ckpt: Path) -> Path:
+    """Where a checkpoint's weights really live, for a record: `best/` and `latest/` move on, so for them the step
+    directory holding the same files (hard links, one inode) when there is one; anything else as it is."""
+    ckpt = Path(ckpt).resolve()
+    if ckpt.name not in ("best", "latest") or not ckpt.is_dir():
+        return ckpt
+    try:
+        step = read_meta(ckpt, verify=False)["step"]
+        target = ckpt.with_name(step_dir_name(step))
+        return target if os.path.samefile(target / MODEL_FILE, ckpt / MODEL_FILE) else ckpt
+    except (InvalidCheckpoint, UserError, OSError):
+        return ckpt
+
+
 def checkpoint_phase(path: Path) -> str | None:
     """The phase a checkpoint belongs to: its sidecar's, or for an exported .pt its record's (None if unknown)."""
     if path.is_dir():

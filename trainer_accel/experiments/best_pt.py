@@ -20,6 +20,7 @@ from trainer_accel.checkpoints.store import (
     read_export_record,
     read_meta,
     record_path,
+    resolved_source,
 )
 from trainer_accel.config import PHASES
 from trainer_accel.errors import UserError
@@ -89,7 +90,7 @@ def export_with_record(source: Path, out: Path, paths: Paths) -> dict:
     out = export_best_pt(source, out)
     record = {"format": "trainer_accel.export", "best_pt": str(out.resolve()), "best_pt_sha256": sha256_file(out),
               "best_pt_size": out.stat().st_size,
-              "exported_at": now_iso(), "source": str(Path(source).resolve())}
+              "exported_at": now_iso(), "source": str(resolved_source(source))}
     if Path(source).is_dir():
         meta = read_meta(source, verify=False)
         record.update({k: meta.get(k) for k in ("phase", "run_id", "step", "best_val_loss", "data_fingerprint",

@@ -21,6 +21,7 @@ from trainer_accel.checkpoints.store import (
     LoadedCheckpoint,
     load_checkpoint,
     model_sha256,
+    resolved_source,
 )
 from trainer_accel.data.cache import meta_path
 from trainer_accel.data.tokenizer import (
@@ -171,7 +172,7 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
         **tokenizer_files(tok, cfg["T"], eos),
     }
     record = {"format": RECORD_FORMAT, "out": str(out.resolve()), "exported_at": now_iso(),
-              "source": str(Path(source).resolve()), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
+              "source": str(resolved_source(source)), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
               "step": loaded.step, "best_val_loss": loaded.best_val_loss, "model_sha256": model_sha256(loaded.meta),
               "verdict": verdict, "tokenizer": tok.identity, "model_cfg": cfg}
     sweep_leftovers(out)
