@@ -192,6 +192,15 @@ def test_export_refuses_bad_input(world):
     assert r.returncode == 2 and "nowhere: checkpoint not found" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("export", cwd=world)
     assert r.returncode == 2 and "no best checkpoint to export" in r.stderr
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
+    before = cfg.read_bytes()
+    for fmt, out, needle in (("pt", "pre.json/x.pt", "pre.json: cannot write --out here (pre.json is a file)"),
+                             ("hf", "pre.json/hf", "pre.json: cannot write --out here (pre.json is a file)"),
+                             ("hf", "pre.json", "--out pre.json: is a file; give a directory")):
+        r = run_cli("export", "--format", fmt, "--out", out, cwd=world)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert cfg.read_bytes() == before and not list(world.glob(".hf*")) and not list(world.glob(".pre*"))
 
 
 def test_start_up_checks_hash_each_file_once(tmp_path, monkeypatch):

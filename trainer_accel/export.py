@@ -30,7 +30,7 @@ from trainer_accel.experiments.best_pt import (
 )
 from trainer_accel.experiments.evaluation import require_deployable
 from trainer_accel.hf.export import export_hf
-from trainer_accel.paths import output_file_problem, resolve_paths
+from trainer_accel.paths import output_file_problem, resolve_paths, unwritable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = require_deployable(paths, source) if args.deployable_only else None
         if args.format == "hf":
             out = args.out or paths.checkpoints / "hf"
+            raise_if_any(unwritable([("--out", out.parent)]) or (
+                [f"--out {out}: is a file; give a directory"] if out.exists() and not out.is_dir() else []))
             verdict = summary["verdict"] if summary else known_verdict(paths, source)
             record = export_hf(source, out, paths, args.tokenizer, verdict)
             log.info("exported %s (Hugging Face transformers) from %s (step %d, verdict: %s)", out, source,
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return report(e)
     except InvalidCheckpoint as e:
         return report(UserError(f"{source}: invalid checkpoint: {e}"))
+    except OSError as e:  # the disk, not the input: full, read-only, or changed under the export
+        return report(UserError(f"{e.filename or args.out}: cannot write the export ({e.strerror or e})"))
     log.info("exported %s from %s (verdict: %s)", out, source, record.get("verdict") or "not evaluated")
     return 0
 
