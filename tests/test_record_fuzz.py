@@ -188,3 +188,12 @@ def test_a_run_config_with_nonsense_is_refused_by_the_plan_in_one_line(world):
         refused(run_cli("run", "--phase", "pretrain", "--config", f"c{i}.json", "--plan", cwd=world), needle)
     r = run_cli("run", "--phase", "pretrain", "--config", "base.json", "--set", 'sources={"wiki":}', cwd=world)
     refused(r, '--set sources={"wiki":}: the value is not valid JSON (Expecting value at character 9)')
+
+
+def test_a_jsonl_row_nested_too_deep_is_a_bad_row_not_a_traceback(tmp_path):
+    """prepare reads rows with fsio.loads too: 200k brackets deep is one bad row, for a stream and an SFT source."""
+    (tmp_path / "deep.jsonl").write_text('{"text": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
+    for flag in ("--stream", "--sft"):
+        r = run_cli("prepare", flag, "deep=deep.jsonl", cwd=tmp_path)
+        refused(r, "deep.jsonl:1: not valid JSON (nested too deeply to be read)")
+        assert not (tmp_path / "data" / "cache").exists() or not any((tmp_path / "data" / "cache").rglob("*.bin"))
