@@ -7,6 +7,7 @@ weights (init_from), and a run config; the cases are the classes of docs/trust.m
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import shutil
@@ -197,3 +198,41 @@ def test_a_jsonl_row_nested_too_deep_is_a_bad_row_not_a_traceback(tmp_path):
         r = run_cli("prepare", flag, "deep=deep.jsonl", cwd=tmp_path)
         refused(r, "deep.jsonl:1: not valid JSON (nested too deeply to be read)")
         assert not (tmp_path / "data" / "cache").exists() or not any((tmp_path / "data" / "cache").rglob("*.bin"))
+
+
+def test_damaged_input_files_and_a_long_seed_are_one_line_each(tmp_path):
+    """What prepare reads besides JSON rows: gzip that is not gzip or is cut short, Parquet holding bytes where text
+    belongs or with damaged data pages behind a good footer, and a --seed too long to key the split hash."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rows = b"".join(json.dumps({"prompt": f"q {i}", "response": f"row {i} " * 20}).encode() + b"\n" for i in range(3000))
+    (tmp_path / "notgz.jsonl.gz").write_bytes(rows[:200])
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(rows)[:-4000])
+    pq.write_table(pa.table({"text": [b"abc"]}), tmp_path / "bytes.parquet")
+    pq.write_table(pa.table({"text": [f"row {i} " * 20 for i in range(3000)]}), tmp_path / "pages.parquet",
+                   compression="none")
+    damaged = bytearray((tmp_path / "pages.parquet").read_bytes())
+    for i in range(100, len(damaged) // 2, 7):  # the data pages scrambled; the footer intact
+        damaged[i] = (damaged[i] * 31 + 7) % 256
+    (tmp_path / "pages.parquet").write_bytes(bytes(damaged))
+    (tmp_path / "a.txt").write_text("some text\n")
+    for args, needle in (
+        (["--stream", "x=notgz.jsonl.gz"], "notgz.jsonl.gz: not a readable gzip file (BadGzipFile: Not a gzipped file"),
+        (["--sft", "x=cut.jsonl.gz"], "cut.jsonl.gz: not a readable gzip file (EOFError: Compressed file ended"),
+        (["--stream", "x=bytes.parquet"], "bytes.parquet row 0: field 'text' holds bytes b'abc', expected a string"),
+        (["--stream", "x=pages.parquet"], "pages.parquet: damaged Parquet data after row 0"),
+        (["--stream", "x=a.txt", "--seed", "9" * 65], "--seed: at most 64 digits, got 65"),
+    ):
+        refused(run_cli("prepare", *args, cwd=tmp_path), needle)
+    assert not (tmp_path / "data" / "cache").exists() or not any((tmp_path / "data" / "cache").rglob("*.bin"))
+
+
+def test_ctrl_c_in_prepare_is_one_line_exit_130_and_the_old_caches_stay(tmp_path):
+    (tmp_path / "old.txt").write_text("the old text\n")
+    (tmp_path / "new.txt").write_text("a new text\n" * 1000)
+    assert run_cli("prepare", "--stream", "x=old.txt", cwd=tmp_path).returncode == 0
+    streams = tmp_path / "data" / "cache" / "streams"
+    before = {p.name: p.read_bytes() for p in streams.iterdir()}
+    r = run_cli("prepare", "--stream", "x=new.txt", cwd=tmp_path, env={"TRAINER_FAULT": "prepare_batch:1:SIGINT"})
+    assert r.returncode == 130, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("stopped: interrupted (Ctrl-C)")
+    assert {p.name: p.read_bytes() for p in streams.iterdir()} == before  # nothing half-written left beside them

@@ -14,6 +14,7 @@ import sys
 from typing import Iterable
 
 USER_ERROR_EXIT = 2
+CTRL_C_EXIT = 128 + signal.SIGINT  # what a shell reports for a command stopped by Ctrl-C
 
 
 class UserError(Exception):
@@ -31,13 +32,17 @@ def raise_if_any(problems: list[str]) -> None:
 
 def exit_with(main) -> None:
     """`sys.exit(main())` for a CLI whose output may go into a pipe that closes early (`runs show X | head`):
-    the reader has what it wanted, so no BrokenPipeError traceback; exit 141 as a shell's own commands do."""
+    the reader has what it wanted, so no BrokenPipeError traceback; exit 141 as a shell's own commands do. Ctrl-C
+    is one line and exit 130, not a KeyboardInterrupt traceback (`run` handles it itself: it saves, then stops)."""
     try:
         code = main()
         sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
         code = 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        print("\nstopped: interrupted (Ctrl-C)", file=sys.stderr)
+        code = CTRL_C_EXIT
     sys.exit(code)
 
 

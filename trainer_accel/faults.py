@@ -1,7 +1,8 @@
 """Test-only fault injection: kill the process at a named point of a save, to prove saves are crash-safe.
 
 Set TRAINER_FAULT=POINT (the first time POINT is reached) or POINT:N (the N-th time) and the process SIGKILLs
-itself there, as a power cut or the OOM killer would. `while_*` points first cut the file being written to half
+itself there, as a power cut or the OOM killer would; POINT:N:SIGNAL sends another signal instead (SIGINT: a
+Ctrl-C that lands exactly there). `while_*` points first cut the file being written to half
 its length, so a torn write is simulated too. POINTS are a checkpoint save's; PREPARE_POINTS are prepare's;
 HF_EXPORT_POINTS those of `export --format hf`. Unset (always, outside tests) this costs one dict lookup.
 """
@@ -25,13 +26,14 @@ def fault_point(name: str, partial: Path | None = None) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    point, _, nth = spec.partition(":")
+    point, _, rest = spec.partition(":")
     if point != name:
         return
+    nth, _, sig = rest.partition(":")
     _reached[name] += 1
     if _reached[name] != int(nth or 1):
         return
     if partial is not None and partial.exists():
         with open(partial, "r+b") as f:
             f.truncate(partial.stat().st_size // 2)
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))

@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import importlib.util
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,14 @@ from trainer_accel.data.cache_writer import (
     recover,
 )
 from trainer_accel.data.tokenizer import ASST, DOC, EOT, USER, Tokenizer, load_tokenizer
-from trainer_accel.errors import UserError, exit_with, raise_if_any, report
+from trainer_accel.errors import CTRL_C_EXIT, UserError, exit_with, raise_if_any, report
 from trainer_accel.paths import Paths, resolve_paths, source_name_problem, unwritable
 
 log = logging.getLogger(__name__)
 
 BATCH_CHARS = 1 << 21  # text per call to the tokenizer: enough pieces for every core, a few tens of MB at most
 MAX_LISTED_PROBLEMS = 20
+MAX_SEED_DIGITS = 64
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0 < args.val_fraction < 1:
             raise UserError(f"--val-fraction: must be between 0 and 1, got {args.val_fraction}")
+        if len(str(args.seed)) > MAX_SEED_DIGITS:  # it keys the split hash, and blake2b takes at most 64 bytes
+            raise UserError(f"--seed: at most {MAX_SEED_DIGITS} digits, got {len(str(args.seed))}")
         options = formats.ReadOptions(documents=formats.parse_document_rule(args.documents), text_field=args.text_field,
                                       oasst_paths=args.oasst_paths,
                                       langs=frozenset(x.strip() for x in args.lang.split(",") if x.strip()))
@@ -295,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare(sources, args.tokenizer, Split(args.val_fraction, args.seed), paths, options)
     except UserError as e:
         return report(e)
+    except KeyboardInterrupt:
+        print("\nstopped: interrupted (Ctrl-C); the caches are as they were (had it come while they were being "
+              "renamed into place, the next prepare finishes that)", file=sys.stderr)
+        return CTRL_C_EXIT
     return 0
 
 

@@ -83,6 +83,14 @@ def unit_of(path: Path, options: ReadOptions) -> str:
     return "row" if is_saved_dataset(path) or _suffix(path) in ROW_SUFFIXES else options.documents.describe()
 
 
+def _shown(value: object) -> str:
+    """A field's value, short, for an error line; Parquet and datasets can hold bytes, which JSON cannot show."""
+    try:
+        return json.dumps(value)[:40]
+    except (TypeError, ValueError):
+        return f"{type(value).__name__} {repr(value)[:40]}"
+
+
 def _rows_or_problem(path: Path, tick: Tick, problems: list[str], columns: list[str] | None = None):
     """The rows of one input; a file that cannot be read at all (no such column, damaged) is one more problem."""
     try:
@@ -105,7 +113,7 @@ def document_pieces(path: Path, options: ReadOptions, problems: list[str], tick:
             problems.append(f"{where}: no text field {options.text_field!r} (row has: {fields}; "
                             "choose the field with --text-field)")
         elif not isinstance(row[options.text_field], str):
-            problems.append(f"{where}: field {options.text_field!r} holds {json.dumps(row[options.text_field])[:40]}, "
+            problems.append(f"{where}: field {options.text_field!r} holds {_shown(row[options.text_field])}, "
                             "expected a string")
         elif len(text := row[options.text_field]) <= text_format.PIECE_CHARS:
             if text:

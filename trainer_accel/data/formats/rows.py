@@ -11,11 +11,12 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from trainer_accel.errors import UserError
+from trainer_accel.errors import UserError, first_line
 from trainer_accel.fsio import loads
 
 BATCH_ROWS = 1024
@@ -38,25 +39,35 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def jsonl_rows(path: Path, tick: Tick) -> Iterator[tuple[str, Any]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        for n, line in enumerate(fh, 1):
-            tick(len(line))
-            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]  # a byte-order mark, as some editors write, is not content
-            if not line.strip():
-                continue
-            try:
-                row = loads(line, unique_keys=False)
-                if SURROGATE_ESCAPE.search(line):
-                    json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone half of a pair cannot be encoded
-                yield f"{path}:{n}", row
-            except UnicodeEncodeError:
-                yield f"{path}:{n}", BadRow("holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text")
-            except json.JSONDecodeError as e:
-                yield f"{path}:{n}", BadRow(f"not valid JSON ({e.msg})")
-            except UnicodeDecodeError as e:
-                yield f"{path}:{n}", BadRow(f"not UTF-8 text (byte {e.start} of the line)")
+    if not path.name.endswith(".gz"):
+        with open(path, "rb") as fh:
+            yield from _parsed_lines(path, fh, tick)
+        return
+    try:  # gzip reports damage only while reading: not gzip at all, cut short, or a bad CRC
+        with gzip.open(path, "rb") as fh:
+            yield from _parsed_lines(path, fh, tick)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: not a readable gzip file ({first_line(e)})") from None
+
+
+def _parsed_lines(path: Path, fh, tick: Tick) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(fh, 1):
+        tick(len(line))
+        if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a byte-order mark, as some editors write, is not content
+        if not line.strip():
+            continue
+        try:
+            row = loads(line, unique_keys=False)
+            if SURROGATE_ESCAPE.search(line):
+                json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone half of a pair cannot be encoded
+            yield f"{path}:{n}", row
+        except UnicodeEncodeError:
+            yield f"{path}:{n}", BadRow("holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text")
+        except json.JSONDecodeError as e:
+            yield f"{path}:{n}", BadRow(f"not valid JSON ({e.msg})")
+        except UnicodeDecodeError as e:
+            yield f"{path}:{n}", BadRow(f"not UTF-8 text (byte {e.start} of the line)")
 
 
 def _need(module: str, path: Path, what: str):
@@ -79,7 +90,14 @@ def parquet_rows(path: Path, tick: Tick, columns: list[str] | None = None) -> It
                             f"(columns: {', '.join(pf.schema_arrow.names)}; choose one with --text-field)")
     size, rows_total, done = path.stat().st_size, max(1, pf.metadata.num_rows), 0
     n = 0
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+    batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+    while True:
+        try:  # only the footer was checked on opening; a damaged data page shows up here
+            batch = next(batches, None)
+        except Exception as e:
+            raise UserError(f"{path}: damaged Parquet data after row {n} ({first_line(e)})") from None
+        if batch is None:
+            return
         for row in batch.to_pylist():
             yield f"{path} row {n}", row
             n += 1
