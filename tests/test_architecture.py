@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Lowest first. A module may import its own folder and any layer below its own, never a peer folder or above.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("ground", {"", "errors", "paths", "fsio", "faults", "versions", "overrides", "config"}),
+    ("ground", {"", "errors", "paths", "fsio", "faults", "versions", "overrides", "schema"}),
     ("data", {"data/"}),
     ("models", {"models/"}),
     ("devices", {"devices/"}),
+    ("config", {"config"}),  # a phase config: its model_cfg may come from a model family's Hugging Face config.json
     ("checkpoints", {"checkpoints/"}),
     ("hf", {"hf/"}),
     ("observability", {"observability/"}),

@@ -105,8 +105,11 @@ def test_export_cli_gives_the_six_keys_and_identical_logits(world):
     assert r.returncode == 0, r.stderr
     blob = torch.load(world / "exported" / "model.pt", weights_only=True)
     assert sorted(blob) == sorted(["model_cfg", "train_cfg", "model_state", "optimizer_state", "step", "best_val_loss"])
-    assert blob["step"] == 4 and blob["model_cfg"] == {**TINY_MODEL, "dropout": 0.0, "bias": False, "tie_embeddings": True,
-                                                       "activation": "gelu", "ln_eps": 1e-5}
+    assert blob["step"] == 4 and blob["model_cfg"] == ModelConfig(**TINY_MODEL).to_dict()  # every option recorded
+    assert {k: blob["model_cfg"][k] for k in ("dropout", "bias", "tie_embeddings", "activation", "ln_eps", "position",
+                                              "norm", "mlp", "n_kv_heads")} == {
+        "dropout": 0.0, "bias": False, "tie_embeddings": True, "activation": "gelu", "ln_eps": 1e-5,
+        "position": "learned", "norm": "layernorm", "mlp": "plain", "n_kv_heads": None}
     assert blob["train_cfg"]["total_steps"] == 4 and isinstance(blob["best_val_loss"], float)
     assert set(blob["optimizer_state"]) == {"state", "param_groups"}
 

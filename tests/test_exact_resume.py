@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_numerics import launch
@@ -13,6 +14,11 @@ from conftest import run_cli, write_config
 
 TRAIN = {"total_steps": 6, "ckpt_every": 2, "eval_every": 2, "B": 2, "accum_steps": 2, "warmup_steps": 2}
 DROPOUT_MODEL = {"model_cfg": {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64, "dropout": 0.1}}
+# a Llama-style model: rotary positions (restarting in each packed example), RMSNorm, SwiGLU, grouped-query attention
+LLAMA_MODEL = {"model_cfg": {"V": 260, "T": 32, "C": 32, "L": 2, "H": 4, "n_kv_heads": 2, "d_ff": 48, "dropout": 0.1,
+                             "position": "rope", "norm": "rmsnorm", "mlp": "gated", "activation": "silu",
+                             "tie_embeddings": False}}
+MODELS = pytest.mark.parametrize("model", [DROPOUT_MODEL, LLAMA_MODEL], ids=["gpt2-style", "llama-style"])
 
 
 def final(world, sub, phase):
@@ -23,10 +29,11 @@ def equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_pipeline_killed_during_sft_resumes_exactly(world):
-    write_config(world / "c/pretrain.json", "pretrain", TRAIN, **DROPOUT_MODEL)
+@MODELS
+def test_pipeline_killed_during_sft_resumes_exactly(world, model):
+    write_config(world / "c/pretrain.json", "pretrain", TRAIN, **model)
     write_config(world / "c/sft.json", "sft", {**TRAIN, "pack": True}, init_from="checkpoints/pretrain/best",
-                 replay={"wiki": 0.3}, **DROPOUT_MODEL)  # packed rows and replay resume exactly too
+                 replay={"wiki": 0.3}, **model)  # packed rows and replay resume exactly too
     (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
     args = ("run", "--phase", "pipeline", "--config", "c/pipeline.json")
     assert run_cli(*args, cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "ref")}).returncode == 0
@@ -44,8 +51,9 @@ def test_pipeline_killed_during_sft_resumes_exactly(world):
     assert all(torch.equal(ref_pt["model_state"][k], cut_pt["model_state"][k]) for k in ref_pt["model_state"])
 
 
-def test_two_processes_resume_exactly_and_on_another_process_count(world):
-    cfg = write_config(world / "pre.json", "pretrain", TRAIN, **DROPOUT_MODEL)
+@MODELS
+def test_two_processes_resume_exactly_and_on_another_process_count(world, model):
+    cfg = write_config(world / "pre.json", "pretrain", TRAIN, **model)
     run2 = ("--phase", "pretrain", "--config", str(cfg), "--device", "cpu")
     r = launch(world, "cpu_2proc.yaml", *run2, env={"TRAINER_ARTIFACTS_DIR": str(world / "ref")})
     assert r.returncode == 0, r.stderr[-2000:]
@@ -63,7 +71,7 @@ def test_two_processes_resume_exactly_and_on_another_process_count(world):
 
     # one process, same global batch (B x accum x processes = 2 x 4 x 1): the same training, up to float rounding
     cut_copy("one")
-    one = write_config(world / "one.json", "pretrain", {**TRAIN, "accum_steps": 4}, **DROPOUT_MODEL)
+    one = write_config(world / "one.json", "pretrain", {**TRAIN, "accum_steps": 4}, **model)
     r = run_cli("run", "--phase", "pretrain", "--config", str(one), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "one")})
     assert r.returncode == 0 and "at step 4" in r.stderr, r.stderr
     a, b = final(world, "one", "pretrain"), final(world, "ref", "pretrain")

@@ -1,6 +1,7 @@
 """Config dataclasses, JSON loading and validation.
 
-The dataclasses are the config reference: each field carries its meaning in a comment. Validation collects every
+The dataclasses are the config reference: each field carries its meaning in a comment (the model's options are
+in models/config.py, beside the families; a model_cfg_path names a file that holds them). Validation collects every
 problem (unknown key with the nearest known name, wrong type, impossible value, missing file) and raises them
 together as one UserError, so a user fixes a config in one pass.
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,33 +19,20 @@ from typing import Any
 from trainer_accel import overrides as ov
 from trainer_accel.errors import UserError, raise_if_any, unknown_key_message
 from trainer_accel.fsio import UnreadableJSON, loads
+from trainer_accel.models import families
+from trainer_accel.models.config import (  # noqa: F401 (the model's config, read through here by the floors above)
+    MODEL_FUNCTION_KEYS,
+    MODEL_SHAPE_KEYS,
+    ModelConfig,
+    complete_model_cfg,
+    model_cfg_problems,
+    model_problems,
+    resolved_model_cfg,
+)
 from trainer_accel.paths import source_name_problem
+from trainer_accel.schema import build_dataclass, type_ok
 
 PHASES = ("pretrain", "sft")
-MODEL_SHAPE_KEYS = ("V", "T", "C", "L", "H", "d_ff")
-MAX_DIM = 2**31 - 1  # what torch takes as one dimension everywhere
-ACTIVATIONS = ("gelu", "gelu_tanh")
-MODEL_FUNCTION_KEYS = ("bias", "tie_embeddings", "activation", "ln_eps")  # with the shape: what the weights mean
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of the GPT; stored in every checkpoint and checked on resume."""
-
-    V: int  # vocabulary size (at least the tokenizer's vocabulary)
-    T: int  # context length: the longest sequence the model sees
-    C: int  # width of the residual stream (embedding size)
-    L: int  # number of transformer blocks
-    H: int  # attention heads per block; C must be divisible by H
-    d_ff: int  # hidden width of each block's MLP
-    dropout: float = 0.0  # dropout on attention weights and residual branches while training
-    bias: bool = False  # biases in Linear and LayerNorm layers
-    tie_embeddings: bool = True  # output projection shares the token embedding matrix (stored once)
-    activation: str = "gelu"  # MLP activation: "gelu" (exact, erf) or "gelu_tanh" (the tanh form, GPT-2's gelu_new)
-    ln_eps: float = 1e-5  # LayerNorm epsilon (GPT-2's layer_norm_epsilon)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -155,6 +141,7 @@ class PhaseConfig:
             "phase": self.phase, "model_cfg": self.model.to_dict(), "train_cfg": self.train.to_dict(),
             "sources" if self.phase == "pretrain" else "sft_sources": dict(self.sources),
             **({"replay": dict(self.replay)} if self.phase == "sft" else {}), "mixture": self.mixture(),
+            **({"model_cfg_path": self.raw["model_cfg_path"]} if "model_cfg_path" in self.raw else {}),
             "val_source": self.val_source, "init_from": self.init_from,
             "sample_prompts": [dataclasses.asdict(p) for p in self.sample_prompts], "sample_seed": self.sample_seed,
             "tracking": dataclasses.asdict(self.tracking),
@@ -184,95 +171,7 @@ SECTIONS = {"model_cfg": ModelConfig, "train_cfg": TrainConfig}  # where each op
 # Generic dataclass validation
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if annotation is str:
-        return isinstance(value, str)
-    return True
 
-
-def _type_name(annotation: Any) -> str:
-    args = typing.get_args(annotation)
-    if args:
-        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
-
-
-def build_dataclass(cls: type, data: Any, where: str, problems: list[str]):
-    """Build `cls` from a JSON object, appending one line per problem.
-
-    Fields with a wrong type are left at their defaults, so the value checks can still run on the others and
-    every problem is reported in one pass; returns None only when a required field is missing or wrong.
-    """
-    if not isinstance(data, dict):
-        problems.append(f"{where}: expected a JSON object, got {type(data).__name__}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            home = next((section for section, other in SECTIONS.items()
-                         if other is not cls and key in {f.name for f in dataclasses.fields(other)}), None)
-            problems.append(f"{where}.{key}: unknown key (it belongs in {home}: {home}.{key})" if home
-                            else unknown_key_message(where, key, fields))
-    values, buildable = {}, True
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in data:
-            if required:
-                problems.append(f"{where}.{name}: missing (expected {_type_name(hints[name])})")
-                buildable = False
-        elif not _type_ok(data[name], hints[name]):
-            problems.append(f"{where}.{name}: expected {_type_name(hints[name])}, got {json.dumps(data[name])}")
-            buildable = buildable and not required
-        else:
-            values[name] = float(data[name]) if hints[name] is float else data[name]
-    return cls(**values) if buildable else None
-
-
-def _model_problems(m: ModelConfig, where: str) -> list[str]:
-    out = [f"{where}.{k}: must be a positive integer, got {getattr(m, k)}" for k in MODEL_SHAPE_KEYS if getattr(m, k) <= 0]
-    out += [f"{where}.{k}: must be at most {MAX_DIM:,} (a tensor dimension), got {getattr(m, k):,}"
-            for k in MODEL_SHAPE_KEYS if getattr(m, k) > MAX_DIM]
-    if m.C > 0 and m.H > 0 and m.C % m.H:
-        out.append(f"{where}.C: width {m.C} must be divisible by the number of heads H={m.H}")
-    if not 0.0 <= m.dropout < 1.0:
-        out.append(f"{where}.dropout: must be in [0, 1), got {m.dropout}")
-    if m.activation not in ACTIVATIONS:
-        out.append(f"{where}.activation: expected one of {', '.join(ACTIVATIONS)}, got {json.dumps(m.activation)}")
-    if not (math.isfinite(m.ln_eps) and 0.0 < m.ln_eps < 1.0):
-        out.append(f"{where}.ln_eps: must be in (0, 1), got {m.ln_eps}")
-    return out
-
-
-def model_cfg_problems(data: Any, where: str, known_only: bool = False) -> list[str]:
-    """The config's own check of a model_cfg, for one read from a file a past run or another tool wrote (a sidecar, a
-    .pt): types first, then ranges. `known_only`: options a later trainer may have added are the reader's to judge."""
-    problems: list[str] = []
-    if known_only and isinstance(data, dict):
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        data = {k: v for k, v in data.items() if k in known}
-    model = build_dataclass(ModelConfig, data, where, problems)
-    if model is not None and not problems:
-        problems += _model_problems(model, where)
-    return problems
-
-
-def complete_model_cfg(saved: dict[str, Any]) -> dict[str, Any]:
-    """A model_cfg as an older trainer recorded it, with the options it did not know yet at their defaults: the
-    defaults are what every earlier trainer computed (no biases, tied head, exact GELU, epsilon 1e-5)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
-    return {**defaults, **saved}
 
 
 def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> list[str]:
@@ -326,7 +225,7 @@ def _entry_problems(weights: dict, where: str, noun: str) -> list[str]:
     for name, p in weights.items():
         if problem := source_name_problem(name):
             out.append(f"{where}.{name}: {problem}")
-        if not _type_ok(p, float) or p < 0:
+        if not type_ok(p, float) or p < 0:
             out.append(f"{where}.{name}: {noun} must be a number >= 0, got {json.dumps(p)}")
     return out
 
@@ -399,9 +298,10 @@ def parse_tracking(value: Any, where: str, problems: list[str]) -> TrackingConfi
 DEFAULT_PRETRAIN_SOURCES = {"wiki": 0.784, "roam": 0.196, "primer": 0.020}
 SAMPLE_KEYS = {"sample_prompts", "sample_seed", "tracking"}
 PHASE_KEYS = {
-    "pretrain": {"model_cfg", "train_cfg", "sources", "val_source", "init_from"} | SAMPLE_KEYS,
-    "sft": {"model_cfg", "train_cfg", "sft_sources", "replay", "val_source", "init_from"} | SAMPLE_KEYS,
+    "pretrain": {"model_cfg", "model_cfg_path", "train_cfg", "sources", "val_source", "init_from"} | SAMPLE_KEYS,
+    "sft": {"model_cfg", "model_cfg_path", "train_cfg", "sft_sources", "replay", "val_source", "init_from"} | SAMPLE_KEYS,
 }
+RUN_MODEL_KEYS = ("T", "dropout")  # what a model_cfg file leaves to the run: the context it trains at, its dropout
 PIPELINE_KEYS = {"pretrain_config_path", "sft_config_path"}
 
 
@@ -450,14 +350,14 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
     for key in data:
         if key not in PHASE_KEYS[phase]:
             problems.append(unknown_key_message(where, key, PHASE_KEYS[phase]))
-    if "model_cfg" not in data:
-        problems.append(f"{where}.model_cfg: missing (an object with V, T, C, L, H, d_ff)")
+    model_data = model_cfg_of(data, path, problems)
+    if model_data is None:
         model = None
     else:
-        model = build_dataclass(ModelConfig, data["model_cfg"], f"{where}.model_cfg", problems)
+        model = build_dataclass(ModelConfig, model_data, f"{where}.model_cfg", problems, SECTIONS)
         if model is not None:
-            problems += _model_problems(model, f"{where}.model_cfg")
-    train = build_dataclass(TrainConfig, data.get("train_cfg", {}), f"{where}.train_cfg", problems)
+            problems += model_problems(model, f"{where}.model_cfg")
+    train = build_dataclass(TrainConfig, data.get("train_cfg", {}), f"{where}.train_cfg", problems, SECTIONS)
     if train is not None:
         problems += _train_problems(train, model, f"{where}.train_cfg")
 
@@ -486,7 +386,7 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
     prompts = parse_sample_prompts(data.get("sample_prompts", []), f"{where}.sample_prompts", problems)
     tracking = parse_tracking(data.get("tracking", {}), f"{where}.tracking", problems)
     sample_seed = data.get("sample_seed", 1234)
-    if not _type_ok(sample_seed, int):
+    if not type_ok(sample_seed, int):
         problems.append(f"{where}.sample_seed: expected an integer, got {json.dumps(sample_seed)}")
     raise_if_any(ov.blame(problems, where, list(overrides)))
     return PhaseConfig(
@@ -494,8 +394,62 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
         val_source=val_source, init_from=init_from, path=Path(path), raw=data, sample_prompts=prompts,
         sample_seed=sample_seed, tracking=tracking, overrides=tuple(o.text for o in overrides),
         replay={k: float(v) for k, v in replay.items()} if isinstance(replay, dict) else {},
-        provenance=ov.provenance(file_data, list(overrides), schema),
+        provenance=model_provenance(ov.provenance(file_data, list(overrides), schema), data, model),
     )
+
+
+def model_provenance(provenance: dict[str, str], data: dict, model: ModelConfig | None) -> dict[str, str]:
+    """The model options that a model_cfg_path file gave (not the inline model_cfg beside it) are its."""
+    if "model_cfg_path" not in data or model is None:
+        return provenance
+    inline = data.get("model_cfg") if isinstance(data.get("model_cfg"), dict) else {}
+    return {**provenance, **{f"model_cfg.{k}": "model_cfg_path" for k in model.to_dict() if k not in inline}}
+
+
+def model_cfg_of(data: dict, path: Path, problems: list[str]) -> Any:
+    """The phase's model_cfg: inline, or read from `model_cfg_path` (a model_cfg we saved, or a Hugging Face
+    config.json, so the architecture is transcribed by no one) with an inline model_cfg beside it holding only what
+    the file leaves to the run (RUN_MODEL_KEYS) or values that agree with it."""
+    where = str(path)
+    inline = data.get("model_cfg")
+    if "model_cfg_path" not in data:
+        if inline is None:
+            problems.append(f"{where}.model_cfg: missing (an object with V, T, C, L, H, d_ff, or model_cfg_path: a "
+                            "file that holds one, such as a Hugging Face config.json)")
+        return inline
+    value = data["model_cfg_path"]
+    if not isinstance(value, str) or not value:
+        problems.append(f"{where}.model_cfg_path: expected the path of a model_cfg JSON or a Hugging Face "
+                        f"config.json, got {json.dumps(value)}")
+        return None
+    file = resolve_config_path(value, path)
+    try:
+        saved = read_json(file, "model_cfg_path file")
+        if isinstance(saved, dict) and "model_type" in saved:
+            saved = families.model_cfg_from_hf(saved, str(file))
+    except UserError as e:
+        problems += [f"{where}.model_cfg_path: {line}" for line in e.problems]
+        return None
+    if not isinstance(saved, dict):
+        problems.append(f"{where}.model_cfg_path: {file} holds {type(saved).__name__}, not a model_cfg object")
+        return None
+    if inline is None:
+        return saved
+    if not isinstance(inline, dict):
+        problems.append(f"{where}.model_cfg: expected an object of what the file leaves to the run "
+                        f"({', '.join(RUN_MODEL_KEYS)}), got {json.dumps(inline)}")
+        return None
+    learned = saved.get("position", "learned") == "learned"
+    for key, value in inline.items():
+        if key in RUN_MODEL_KEYS and not (key == "T" and learned) or value == saved.get(key):
+            continue
+        if key == "V" and type_ok(value, int) and type_ok(saved.get("V"), int) and value > saved["V"]:
+            continue  # room for the tokens prepare adds to the model's tokenizer: the embedding grows (grow_vocab)
+        why = (f"learned positions are a table of {saved.get('T')} rows there; train shorter rows with train_cfg.T"
+               if key == "T" else f"the file says {json.dumps(saved.get(key))}; only "
+               f"{' and '.join(RUN_MODEL_KEYS)} may be set beside model_cfg_path, and V larger than the file's")
+        problems.append(f"{where}.model_cfg.{key}: {json.dumps(value)} contradicts model_cfg_path {file} ({why})")
+    return {**saved, **inline}
 
 
 def load_phase_config(path: Path | str, phase: str, overrides: list[ov.Override] = ()) -> PhaseConfig:

@@ -36,6 +36,7 @@ from trainer_accel.config import (
     ModelConfig,
     complete_model_cfg,
     model_cfg_problems,
+    resolved_model_cfg,
     shape_diff,
 )
 from trainer_accel.errors import UserError, first_line
@@ -57,7 +58,7 @@ from trainer_accel.versions import upgrade
 log = logging.getLogger(__name__)
 
 FORMAT = "trainer_accel.checkpoint"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 def _v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +76,16 @@ def _v2_to_v3(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> the step to the next (versions.py)
+def _v3_to_v4(meta: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 models may be Llama-family decoders (rotary positions, RMSNorm, a gated MLP, grouped-query
+    attention: models/config.py); a version 3 model is GPT-2-style, which the new options' defaults describe. The
+    version moved so that a trainer before them refuses such a checkpoint instead of building a GPT-2 from it."""
+    if isinstance(meta.get("model_cfg"), dict):
+        meta["model_cfg"] = complete_model_cfg(meta["model_cfg"])
+    return meta
+
+
+UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}  # version -> the step to the next (versions.py)
 SEAL = "sidecar_sha256"
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.safetensors", "optimizer.pt", "meta.json"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -516,9 +526,9 @@ def _load_best_pt(path: Path) -> LoadedCheckpoint:
 
 def check_model_cfg(loaded: LoadedCheckpoint, model_cfg: dict[str, Any]) -> None:
     """Refuse weights that do not fit or would mean another function: shape, biases and tying change the state
-    dict, the activation and the LayerNorm epsilon what it computes (dropout changes neither)."""
-    saved = complete_model_cfg(loaded.meta.get("model_cfg") or {})
-    diff = shape_diff(saved, complete_model_cfg(model_cfg), (*MODEL_SHAPE_KEYS, *MODEL_FUNCTION_KEYS))
+    dict; the activation, norms, positions and attention layout what it computes (dropout changes neither)."""
+    saved = resolved_model_cfg(loaded.meta.get("model_cfg") or {})
+    diff = shape_diff(saved, resolved_model_cfg(model_cfg), (*MODEL_SHAPE_KEYS, *MODEL_FUNCTION_KEYS))
     if diff:
         raise UserError(f"{loaded.source}: checkpoint model shape differs from the config ({diff}; checkpoint vs config)")
 

@@ -26,7 +26,7 @@ from trainer_accel.config import PhaseConfig, load_phase_config, load_pipeline_c
 from trainer_accel.data.cache import open_cache
 from trainer_accel.devices.ownership import in_use
 from trainer_accel.errors import UserError
-from trainer_accel.models.gpt import GPT
+from trainer_accel.models.gpt import GPT, LOGIT_CHUNK_BYTES
 from trainer_accel.paths import Paths
 from trainer_accel.training.inputs import (
     check_phase_inputs,
@@ -40,8 +40,10 @@ def flops_per_token(cfg: PhaseConfig) -> float:
     """6N for the weights' matmuls (forward and backward) plus the attention scores, as in the PaLM paper and
     nanoGPT; N leaves out the position embeddings, which are looked up, not multiplied."""
     m = cfg.model
-    n = m.V * m.C + m.L * (4 * m.C * m.C + 2 * m.C * m.d_ff)  # token embedding = tied output layer, blocks
-    return 6 * n + 12 * m.L * m.C * cfg.seq_len
+    attention = m.C * (m.H + 2 * m.kv_heads) * m.hd + m.H * m.hd * m.C  # q, k, v and the output projection
+    mlp = m.C * m.d_ff * (3 if m.mlp == "gated" else 2)
+    n = m.V * m.C + m.L * (attention + mlp)  # the output layer, blocks
+    return 6 * n + 12 * m.L * m.H * m.hd * cfg.seq_len
 
 
 MANY_PASSES = 100  # over a training cache: past this the run mostly memorises
@@ -93,14 +95,15 @@ class PhasePlan:
         """A rough upper estimate of one process's peak memory: fp32 weights, gradients and AdamW state (16 bytes a
         parameter); the activations a micro-batch keeps for its backward (after Korthikanti et al. 2022, with flash
         attention: (18 C + 4 d_ff) bytes per token and layer in 16-bit); the logits and their gradient (in the
-        compute precision when compiled, with fp32 copies when not). For GPT-2 small at B=64, bf16 + compile it says
+        compute precision when compiled, with fp32 copies when not; one loss chunk of them for a large vocabulary). For GPT-2 small at B=64, bf16 + compile it says
         33.3 GiB where the bench measured 28.5 GiB on an H200."""
         m, t = self.cfg.model, self.cfg.train
         half = precision in ("bf16", "fp16")
         tokens = t.B * self.cfg.seq_len
+        chunk = max(1, LOGIT_CHUNK_BYTES // (4 * m.V))  # the loss's logits exist a chunk at a time (models/gpt.py)
         out = {"weights, gradients, AdamW state": 16.0 * self.parameters,
-               "activations": tokens * m.L * (18 * m.C + 4 * m.d_ff) * (1 if half else 2),
-               "logits": tokens * m.V * (4 if half and t.compile else 12)}
+               "activations": tokens * m.L * (18 * m.C + (6 if m.mlp == "gated" else 4) * m.d_ff) * (1 if half else 2),
+               "logits": min(tokens, chunk) * m.V * (4 if half and t.compile and tokens <= chunk else 12)}
         return {**out, "total": sum(out.values())}
 
     def passes(self) -> dict[str, float]:

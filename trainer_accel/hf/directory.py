@@ -23,17 +23,13 @@ from trainer_accel.config import ModelConfig
 from trainer_accel.data.tokenizer import file_identity
 from trainer_accel.errors import UserError, first_line, raise_if_any
 from trainer_accel.fsio import loads, sha256_file
-from trainer_accel.models.gpt_hf import (
-    grow_vocab,
-    mismatches,
-    model_cfg_from_hf,
-    state_from_hf,
-)
+from trainer_accel.models import families
+from trainer_accel.models.gpt_hf import grow_vocab, without_zero_biases
 
 log = logging.getLogger(__name__)
 
 EXPORT_RECORD = "trainer_accel_export.json"  # in a directory hf/export.py wrote: where it came from
-HF_FORMAT = "huggingface.gpt2"  # the `format` of a LoadedCheckpoint read from a Hugging Face directory
+HF_FORMAT = "huggingface"  # the `format` of a LoadedCheckpoint read from a Hugging Face directory
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -57,10 +53,7 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         cfg = loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a readable config.json ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
-        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
-        raise UserError(f"{path}: model_type {json.dumps(kind)}; only GPT-2 checkpoints (model_type \"gpt2\") can "
-                        "start a run")
+    families.reading(cfg, str(path))
     return cfg
 
 
@@ -138,10 +131,13 @@ def tokenizer_identity(directory: Path) -> str | None:
 
 
 def load_hf_dir(directory: Path) -> LoadedCheckpoint:
-    """A GPT-2 directory as a checkpoint to start from: weights at its own vocabulary size, no optimizer, step 0."""
+    """A Hugging Face model directory (GPT-2 or a Llama-family model) as a checkpoint to start from: weights in
+    float32 at its own vocabulary size, no optimizer, step 0."""
     directory = Path(directory)
-    cfg = model_cfg_from_hf(read_hf_config(directory), str(directory / "config.json"))
-    state = state_from_hf(read_hf_weights(directory), cfg, str(directory))
+    hf = read_hf_config(directory)
+    mapping = families.reading(hf, str(directory / "config.json"))
+    cfg = mapping.model_cfg_from_hf(hf, str(directory / "config.json"))
+    state = mapping.state_from_hf(read_hf_weights(directory), cfg, str(directory))
     meta = {"format": HF_FORMAT, "model_cfg": cfg, "train_cfg": {}, "phase": None, "run_id": None,
             "model_sha256": weights_sha256(directory), "tokenizer": tokenizer_identity(directory)}
     return LoadedCheckpoint(source=directory, model_state=state, optimizer_state=None, step=0, best_val_loss=None,
@@ -149,11 +145,14 @@ def load_hf_dir(directory: Path) -> LoadedCheckpoint:
 
 
 def fit(loaded: LoadedCheckpoint, model: ModelConfig) -> LoadedCheckpoint:
-    """A loaded GPT-2 checked against the run's model config, one error per mismatch, its vocabulary grown to V."""
+    """A loaded Hugging Face model checked against the run's model config, one error per mismatch, its vocabulary
+    grown to V."""
     if loaded.meta.get("format") != HF_FORMAT:
         return loaded
-    cfg = loaded.meta["model_cfg"]
-    raise_if_any(mismatches(cfg, model, str(Path(loaded.source) / "config.json")))
+    cfg, state = without_zero_biases(loaded.meta["model_cfg"], loaded.model_state, model)
+    loaded = dataclasses.replace(loaded, model_state=state, meta={**loaded.meta, "model_cfg": cfg})
+    mapping = families.writing(cfg)
+    raise_if_any(mapping.mismatches(cfg, model, str(Path(loaded.source) / "config.json")))
     if model.V == cfg["V"]:
         return loaded
     log.info("%s: embedding grown from %d to %d rows (model_cfg.V); the new rows start at the mean embedding",

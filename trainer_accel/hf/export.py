@@ -46,7 +46,7 @@ from trainer_accel.fsio import (
 )
 from trainer_accel.hf.directory import EXPORT_RECORD, is_hf_dir
 from trainer_accel.hf.tokenizer import tokenizer_files
-from trainer_accel.models.gpt_hf import hf_config, state_to_hf, unrepresentable
+from trainer_accel.models import families
 from trainer_accel.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -160,14 +160,15 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
         raise UserError(f"{source}: already a Hugging Face directory; nothing to export")
     loaded = load_checkpoint(source, with_optimizer=False)
     cfg = loaded.meta["model_cfg"]
+    mapping = families.writing(cfg)
     raise_if_any([f"{source}: {p}; not exported (an approximation would compute something else)"
-                  for p in unrepresentable(cfg)])
+                  for p in mapping.unrepresentable(cfg)])
     tok = find_tokenizer(loaded, tokenizer, paths)
     if tok.vocab_size > cfg["V"]:
         raise UserError(f"{source}: the tokenizer has {tok.vocab_size} tokens, the model's V is {cfg['V']}")
     eos = EOT if loaded.meta.get("phase") == "sft" else DOC
     files = {
-        "config.json": json.dumps(hf_config(cfg, tok.special, eos, DOC), indent=2) + "\n",
+        "config.json": json.dumps(mapping.hf_config(cfg, tok.special, eos, DOC), indent=2) + "\n",
         "generation_config.json": json.dumps(generation_config(tok.special), indent=2) + "\n",
         **tokenizer_files(tok, cfg["T"], eos),
     }
@@ -179,7 +180,7 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        save_file(state_to_hf(loaded.model_state, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(mapping.state_to_hf(loaded.model_state, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", FILE_MODE)  # safetensors writes 0600; a served model is read by others
         fsync_file(tmp / "model.safetensors")
         for name, text in {**files, RECORD: json.dumps(record, indent=2) + "\n"}.items():

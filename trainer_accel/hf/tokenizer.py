@@ -4,7 +4,9 @@ tokenizer.json is the tokenizer the caches were made with: a tokenizer.json as w
 added to it included), or for the built-in byte tokenizer an equivalent `tokenizers` tokenizer: a byte-level BPE
 with no merges, so every UTF-8 byte b is token b, and the four special tokens take 256-259 as ours do.
 tokenizer_config.json carries the chat template, which renders `<|user|>` prompt `<|assistant|>` answer `<|eot|>`
-exactly as tokenizer.encode_chat does, and names the end-of-text and padding tokens.
+exactly as tokenizer.encode_chat does, and names the end-of-text and padding tokens, and as the beginning of a text
+the <|endoftext|> that config.json names too (nothing adds it to an encoding; lm-eval starts its rolling windows
+with it, which is what a document boundary looks like in our pretraining streams).
 
 One difference is Hugging Face's, and every chat model there shares it: AutoTokenizer reads a special token
 typed in text (a literal "<|user|>") as that token, since its chat template renders to text first. Our caches
@@ -81,10 +83,10 @@ def tokenizer_files(tok: Tokenizer, context: int, eos: str) -> dict[str, str]:
     (<|eot|> after SFT, <|endoftext|> for a pretrained model)."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context, "eos_token": eos,
-        "pad_token": DOC, "bos_token": None, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
+        "pad_token": DOC, "bos_token": DOC, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
         "clean_up_tokenization_spaces": False, "split_special_tokens": False, "chat_template": CHAT_TEMPLATE,
     }
     return {"tokenizer.json": tokenizer_json(tok),
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
             "special_tokens_map.json": json.dumps({"eos_token": eos, "pad_token": DOC,
-                                                   "additional_special_tokens": [USER, ASST, EOT]}, indent=2) + "\n"}
+                                                   "bos_token": DOC, "additional_special_tokens": [USER, ASST, EOT]}, indent=2) + "\n"}

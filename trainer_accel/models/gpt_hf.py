@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from trainer_accel.config import ModelConfig, complete_model_cfg
 from trainer_accel.errors import UserError
+from trainer_accel.models.config import ModelConfig, complete_model_cfg
 
 ACTIVATION_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 ACTIVATION_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}  # same function
@@ -54,8 +54,9 @@ def layout(L: int) -> list[tuple[str, str, bool]]:
 
 def unrepresentable(model_cfg: dict[str, Any]) -> list[str]:
     """Why a model cannot be written as GPT-2, one line per option (empty: it can)."""
-    cfg = complete_model_cfg(model_cfg)
-    out = [f"model_cfg.{k}={json.dumps(cfg[k])} has no GPT-2 equivalent" for k in sorted(set(cfg) - REPRESENTABLE)]
+    cfg, defaults = complete_model_cfg(model_cfg), complete_model_cfg({})
+    out = [f"model_cfg.{k}={json.dumps(cfg[k])} has no GPT-2 equivalent" for k in sorted(set(cfg) - REPRESENTABLE)
+           if cfg[k] != defaults.get(k, object()) and k != "architecture"]
     if cfg.get("activation") not in ACTIVATION_TO_HF:
         out.append(f"model_cfg.activation={json.dumps(cfg.get('activation'))} has no GPT-2 activation_function")
     return out
@@ -146,7 +147,8 @@ def mismatches(hf_cfg: dict[str, Any], model: ModelConfig, where: str) -> list[s
     """One line per model option where the config disagrees with the checkpoint's config.json. A larger V is no
     mismatch: the embedding grows by rows for the tokens the checkpoint lacks (`grow_vocab`)."""
     ours = model.to_dict()
-    out = [] if model.bias else [f"{where}: GPT-2 layers have biases, model_cfg.bias is false (set model_cfg.bias to true)"]
+    out = [] if model.bias or not hf_cfg["bias"] else [
+        f"{where}: GPT-2 layers have biases, model_cfg.bias is false (set model_cfg.bias to true)"]
     for key, name in CONFIG_NAMES.items():
         want, have = hf_cfg[key], ours[key]
         if key == "V" and have >= want or want == have:
@@ -185,6 +187,16 @@ def state_from_hf(tensors: dict[str, torch.Tensor], model_cfg: dict[str, Any], w
     if problems:
         raise UserError(problems)
     return state
+
+
+def without_zero_biases(loaded_cfg: dict[str, Any], state: dict[str, torch.Tensor], model: ModelConfig):
+    """A GPT-2 file whose biases are all zero, for a run whose model has none: the bias-free model it was exported
+    from (an export writes zeros where the model has no bias), so the round trip keeps the config it trained with.
+    Returns (model_cfg, state), unchanged unless that is the case."""
+    biases = [k for k in state if k.endswith(".bias")]
+    if model.bias or not loaded_cfg.get("bias") or any(state[k].any() for k in biases):
+        return loaded_cfg, state
+    return {**loaded_cfg, "bias": False}, {k: v for k, v in state.items() if k not in biases}
 
 
 def grow_vocab(state: dict[str, torch.Tensor], V: int, tied: bool) -> dict[str, torch.Tensor]:

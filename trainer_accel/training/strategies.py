@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from trainer_accel.data.cache import (
     IGNORE_INDEX,
@@ -118,9 +117,10 @@ class Strategy:
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of per-token cross-entropy, number of counted tokens); the loop does the weighting."""
-        logits = model(batch.x) if batch.segments is None else model(batch.x, batch.segments)  # (B, T, V)
         targets = self.targets(batch)
-        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        # the model computes the cross-entropy of the targets chosen here (in chunks: a large vocabulary's fp32
+        # logits never exist whole); calling it through forward keeps DDP's and FSDP's hooks around the head
+        total = model(batch.x, batch.segments, targets=targets)
         return total, (targets != IGNORE_INDEX).sum()
 
 

@@ -1,0 +1,297 @@
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) computed by our decoder exactly as transformers computes it.
+
+Each family is a tiny random model that transformers makes in the test (2 layers, width 64, 4 query heads and 2
+key/value heads; Qwen2's biases, Qwen3's q/k norm and its own head width, a Llama 3 rope scaling), read as a start
+point and compared in full logits (the rotary layout is the classic silent bug: greedy decoding does not catch
+it), then the other way: a model we initialised, exported, and read by transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+import torch.nn.functional as F
+import transformers
+
+from conftest import TINY_MODEL, run_cli, write_config
+from test_formats import bpe_tokenizer
+from test_huggingface import randomised, write_tiny_checkpoint
+from trainer_accel import export
+from trainer_accel.config import ModelConfig, load_phase_config
+from trainer_accel.errors import UserError
+from trainer_accel.models.gpt import GPT, generate
+from trainer_accel.training.start import load_start
+
+transformers.logging.set_verbosity_error()
+SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
+FAMILIES = {
+    "llama-untied-llama3-rope": (transformers.LlamaConfig, dict(tie_word_embeddings=False, rope_theta=500000.0,
+                                                               rope_scaling=LLAMA3_SCALING)),
+    "llama-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=None, rope_theta=1e6)),
+    "qwen2-biases-tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen3-qk-norm-head-dim": (transformers.Qwen3Config, dict(head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def hf_model(kind: str, seed: int = 0):
+    """A transformers model of the family with weights spread wide enough that greedy choices are not near-ties."""
+    config_cls, extra = FAMILIES[kind]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**SHAPE, **extra), dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else 0.15))
+    return model.eval()
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def assert_same_function(ours: GPT, theirs, vocab: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    for T in (1, 9, 64):
+        ids = torch.randint(0, vocab, (2, T), generator=g)
+        diff = (logits_of(ours, ids) - logits_of(theirs, ids)).abs().max().item()
+        assert diff < 1e-5, (T, diff)
+    prompt = torch.randint(0, vocab, (1, 4), generator=g)
+    mine = generate(ours, prompt, 24, temperature=0)[0, 4:].tolist()
+    hf = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
+    assert hf == mine and len(mine) == 24
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_a_hugging_face_directory_loads_as_the_same_function(tmp_path, kind):
+    theirs = hf_model(kind)
+    theirs.save_pretrained(tmp_path / "hf")
+    loaded = load_start(tmp_path / "hf", None, with_optimizer=False)
+    cfg = ModelConfig(**loaded.meta["model_cfg"])
+    assert (cfg.position, cfg.norm, cfg.mlp, cfg.n_kv_heads, cfg.max_positions) == ("rope", "rmsnorm", "gated", 2, 64)
+    assert cfg.qkv_bias == kind.startswith("qwen2") and cfg.qk_norm == kind.startswith("qwen3")
+    assert cfg.hd == (32 if kind.startswith("qwen3") else 16)
+    ours = GPT(cfg)
+    ours.load_state_dict(loaded.model_state, strict=True)
+    assert_same_function(ours.eval(), theirs, cfg.V)
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_a_model_we_made_exports_to_its_family_and_transformers_computes_the_same(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    hf_model(kind).save_pretrained(tmp_path / "from")  # the architecture only: the weights are ours
+    cfg = ModelConfig(**{**load_start(tmp_path / "from", None, False).meta["model_cfg"], "T": 64})
+    ours = randomised(GPT(cfg), seed=5)
+    write_tiny_checkpoint(tmp_path / "ck", ours)
+    assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [cfg.architecture] and config["max_position_embeddings"] == 64
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}  # nothing missing, unexpected or mismatched
+    assert_same_function(ours, theirs.eval(), cfg.V)
+    # and back: the export starts a run as the model it was, with nothing to transcribe
+    back = load_start(tmp_path / "hf", cfg, with_optimizer=False)
+    assert all(torch.equal(back.model_state[k], v) for k, v in ours.state_dict().items())
+
+
+def test_a_model_from_scratch_exports_as_llama(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = ModelConfig(V=260, T=32, C=32, L=2, H=4, d_ff=48, position="rope", norm="rmsnorm", mlp="gated",
+                      activation="silu", n_kv_heads=2, tie_embeddings=False)
+    ours = randomised(GPT(cfg), seed=2)
+    write_tiny_checkpoint(tmp_path / "ck", ours)
+    assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["architectures"], config["num_key_value_heads"], config["max_position_embeddings"]) == (
+        ["LlamaForCausalLM"], 2, 32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 260, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert (logits_of(ours, ids) - logits_of(theirs, ids)).abs().max().item() < 1e-5
+
+
+def test_a_packed_rotary_row_gives_each_example_the_logits_it_has_alone():
+    cfg = ModelConfig(V=300, T=32, C=64, L=2, H=4, d_ff=96, position="rope", norm="rmsnorm", mlp="gated",
+                      activation="silu", n_kv_heads=2, qk_norm=True, head_dim=32)
+    model = randomised(GPT(cfg), seed=3)
+    g = torch.Generator().manual_seed(4)
+    lengths = [5, 11, 16]
+    examples = [torch.randint(0, 300, (1, n), generator=g) for n in lengths]
+    row = torch.cat(examples, dim=1)
+    segments = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed = model(row, segments)
+        start = 0
+        for ex, n in zip(examples, lengths):
+            assert (packed[:, start:start + n] - model(ex)).abs().max().item() < 1e-5
+            start += n
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_chunked_loss_equals_the_full_one_in_value_and_gradients(tied):
+    cfg = ModelConfig(V=300, T=32, C=64, L=2, H=4, d_ff=96, position="rope", norm="rmsnorm", mlp="gated",
+                      activation="silu", n_kv_heads=2, tie_embeddings=tied)
+    model = randomised(GPT(cfg), seed=6).train()
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randint(0, 300, (3, 32), generator=g), torch.randint(0, 300, (3, 32), generator=g)
+    y[0, :10] = -100  # targets the loss does not count
+
+    def loss_and_grads(chunk: int | None):
+        model.zero_grad()
+        if chunk is None:
+            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        else:
+            model.loss_chunk = chunk
+            loss = model(x, targets=y)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, full_grads = loss_and_grads(None)
+    for chunk in (7, 32, 96, 10_000):
+        loss, grads = loss_and_grads(chunk)
+        assert abs(loss - full) < 1e-5 * abs(full)
+        assert all((grads[n] - full_grads[n]).abs().max().item() < 1e-5 for n in grads), chunk
+
+
+@pytest.mark.parametrize("setting, line", [
+    ({"sliding_window": 16}, "sliding-window attention (sliding_window 16)"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 'rope_type "yarn" is not computed by this trainer'),
+    ({"mlp_bias": True}, "mlp_bias true is not computed"),
+    ({"num_local_experts": 8}, "mixture-of-experts is not computed"),
+    ({"architectures": ["MixtralForCausalLM"]}, 'model_type "mistral" is read as ["MistralForCausalLM"] only'),
+    ({"model_type": "gemma"}, 'model_type "gemma" is not a family this trainer computes'),
+    ({"num_hidden_layers": "2"}, 'num_hidden_layers is "2", expected a positive integer'),
+])
+def test_what_the_trainer_cannot_compute_exactly_is_refused_in_one_line(tmp_path, setting, line):
+    hf_model("mistral").save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **setting}))
+    with pytest.raises(UserError) as e:
+        load_start(tmp_path / "hf", None, with_optimizer=False)
+    assert any(line in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize("kind", ["qwen3-qk-norm-head-dim", "llama-tied"])
+def test_sft_from_a_family_directory_through_the_clis_chats_in_transformers_as_in_our_sampler(tmp_path, kind):
+    """A user's directory (config.json, weights, tokenizer.json) -> prepare with its tokenizer -> SFT with a config
+    that names only the directory -> export --format hf -> transformers' chat template and greedy generation give
+    our sampler's answer."""
+    qa = [{"prompt": f"What does animal {i} eat?", "response": f"Animal {i} eats {['plums', 'fish', 'seeds'][i % 3]}."}
+          for i in range(40)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    (tmp_path / "notes.txt").write_text("".join(f"Animal {i} lives by the river and eats what it finds.\n\n"
+                                                for i in range(80)))
+    texts = [(tmp_path / "qa.jsonl").read_text(), (tmp_path / "notes.txt").read_text()]
+    vocab = tokenizers.Tokenizer.from_file(str(bpe_tokenizer(tmp_path / "tok.json", texts))).get_vocab_size()
+    hf = hf_model(kind)
+    hf.resize_token_embeddings(vocab)  # the directory's vocabulary is its tokenizer's, as on the Hub
+    hf.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "tokenizer.json").write_bytes((tmp_path / "tok.json").read_bytes())
+
+    r = run_cli("prepare", "--tokenizer", "model/tokenizer.json", "--stream", "notes=notes.txt", "--sft", "qa=qa.jsonl",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = {"model_cfg_path": "model/config.json", "init_from": "model", "model_cfg": {"T": 64, "V": vocab + 4},
+           "sft_sources": {"qa": 1.0}, "val_source": "notes", "tracking": {"log_with": []},
+           "train_cfg": {"total_steps": 30, "B": 8, "base_lr": 3e-3, "warmup_steps": 3, "min_lr": 3e-4,
+                         "eval_every": 15, "eval_batches": 2, "ckpt_every": 15, "log_every": 15}}
+    (tmp_path / "sft.json").write_text(json.dumps(cfg))
+    r = run_cli("run", "--phase", "sft", "--config", "sft.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "embedding grown from" in r.stderr and "verdict:" in r.stderr
+    r = run_cli("export", "--format", "hf", "--out", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == json.loads((tmp_path / "model" / "config.json").read_text())["architectures"]
+    assert config["max_position_embeddings"] == 64 and config["vocab_size"] == vocab + 4  # the model's own maximum
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    blob = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    ours = GPT(ModelConfig(**blob["model_cfg"]))
+    ours.load_state_dict(blob["model_state"])
+    from trainer_accel.config import SamplePrompt
+    from trainer_accel.data.tokenizer import HFTokenizer
+    from trainer_accel.observability.samples import sample_text
+    tok = HFTokenizer(tmp_path / "model" / "tokenizer.json")
+    for question in ("What does animal 7 eat?", "What does animal 12 eat?"):
+        mine = sample_text(ours.eval(), tok, SamplePrompt(question, max_new_tokens=12, temperature=0.0, task="chat"), 0)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        out = theirs.generate(**ids, max_new_tokens=12, do_sample=False)
+        answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert answer == mine, (answer, mine)
+
+
+def test_model_cfg_path_beside_an_inline_model_cfg_takes_only_what_the_file_leaves_to_the_run(tmp_path):
+    hf_model("qwen3-qk-norm-head-dim").config.save_pretrained(tmp_path / "hf")
+    base = {"model_cfg_path": "hf/config.json", "sources": {"wiki": 1.0}}
+    (tmp_path / "ok.json").write_text(json.dumps({**base, "model_cfg": {"T": 32, "dropout": 0.1, "head_dim": 32}}))
+    cfg = load_phase_config(tmp_path / "ok.json", "pretrain")
+    assert (cfg.model.T, cfg.model.dropout, cfg.model.max_positions, cfg.model.architecture) == (
+        32, 0.1, 64, "Qwen3ForCausalLM")
+    assert cfg.provenance["model_cfg.C"] == "model_cfg_path" and cfg.provenance["model_cfg.T"] == "file"
+    (tmp_path / "bad.json").write_text(json.dumps({**base, "model_cfg": {"T": 128, "C": 96}}))
+    with pytest.raises(UserError) as e:
+        load_phase_config(tmp_path / "bad.json", "pretrain")
+    assert any("model_cfg.C: 96 contradicts model_cfg_path" in p and "the file says 64" in p for p in e.value.problems)
+    assert any("model_cfg.T: 128 is longer than the model's own context max_positions=64" in p for p in e.value.problems)
+    (tmp_path / "missing.json").write_text(json.dumps({**base, "model_cfg_path": "nowhere/config.json"}))
+    with pytest.raises(UserError) as e:
+        load_phase_config(tmp_path / "missing.json", "pretrain")
+    assert any("model_cfg_path" in p and "not found" in p for p in e.value.problems), e.value.problems
+
+
+def test_a_bias_free_gpt2_export_starts_a_run_with_the_config_it_was_trained_with(tmp_path, monkeypatch):
+    """GPT-2 files always hold biases, and an export writes zeros for a model without them: read back for a
+    bias-free config, the zeros are dropped, not refused, and bos is the same token in both files."""
+    monkeypatch.chdir(tmp_path)
+    cfg = ModelConfig(**TINY_MODEL)  # bias false by default
+    ours = randomised(GPT(cfg), seed=9)
+    write_tiny_checkpoint(tmp_path / "ck", ours)
+    assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0
+    back = load_start(tmp_path / "hf", cfg, with_optimizer=False)
+    assert back.model_state.keys() == ours.state_dict().keys() and back.meta["model_cfg"]["bias"] is False
+    assert all(torch.equal(back.model_state[k], v) for k, v in ours.state_dict().items())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert tokenizer.bos_token_id == config["bos_token_id"] == 256
+    assert tokenizer("abc")["input_ids"] == [97, 98, 99]  # bos is named, never added
+
+
+def test_a_llama_style_pipeline_on_the_demo_data_passes_its_promotion_gate_and_exports_as_llama(world):
+    """configs/demo_llama's model (rope, RMSNorm, SwiGLU, GQA) at test size, named by model_cfg_path in both
+    phases: pretrain, SFT with packing and replay, the gate, best.pt, and an export transformers computes."""
+    model = json.loads((Path(__file__).resolve().parent.parent / "configs/demo_llama/model.json").read_text())
+    (world / "c").mkdir()
+    (world / "c/model.json").write_text(json.dumps({**model, "T": 32, "C": 32, "d_ff": 48}))
+    write_config(world / "c/pretrain.json", "pretrain", model_cfg_path="model.json", model_cfg=None)
+    write_config(world / "c/sft.json", "sft", {"pack": True}, model_cfg_path="model.json", model_cfg=None,
+                 replay={"wiki": 0.3}, init_from="checkpoints/pretrain/best")
+    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json",
+                                                       "sft_config_path": "sft.json"}))
+    r = run_cli("run", "--phase", "pipeline", "--config", "c/pipeline.json", "--result-json", "result.json", cwd=world)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((world / "result.json").read_text())
+    assert (result["status"], result["verdict"]) == ("completed", "pass"), r.stderr[-3000:]
+    blob = torch.load(world / "checkpoints/best.pt", weights_only=True)
+    assert (blob["model_cfg"]["position"], blob["model_cfg"]["n_kv_heads"]) == ("rope", 2)
+    assert run_cli("export", "--format", "hf", "--out", "hf", cwd=world).returncode == 0
+    assert json.loads((world / "hf/config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    ours = GPT(ModelConfig(**blob["model_cfg"]))
+    ours.load_state_dict(blob["model_state"])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(world / "hf").eval()
+    ids = torch.randint(0, 260, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert (logits_of(ours.eval(), ids) - logits_of(theirs, ids)).abs().max().item() < 1e-5
