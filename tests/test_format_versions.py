@@ -16,6 +16,7 @@ import transformers
 
 from conftest import TRAINER_ENV, run_cli
 from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.data.cache import CACHE_VERSION
 from trainer_accel.config import ModelConfig
 from trainer_accel.models.gpt import GPT
 
@@ -50,7 +51,9 @@ def test_a_version_1_checkpoint_resumes_and_its_files_stay_as_they_were(v1_world
     assert done.returncode == 0, done.stderr
     assert (f"{PRE}: checkpoint format version 1, upgraded to version {ckpt.FORMAT_VERSION} as it was read (the file "
             "is unchanged)") in done.stderr
-    assert done.stderr.count("upgraded to version") == 1  # one notice per file, however often it is read
+    # one notice per file, however often it is read: the checkpoint, and the run's two caches (train and val)
+    assert done.stderr.count("checkpoint format version 1, upgraded to version") == 1
+    assert done.stderr.count(f"cache format version 1, upgraded to version {CACHE_VERSION}") == 2
     assert "pretrain: steps 4 -> 6" in done.stderr
     assert {p.name: p.read_bytes() for p in (v1_world / PRE).iterdir()} == before
     new = json.loads((v1_world / "checkpoints" / "pretrain" / "step_0000006" / "meta.json").read_text())
@@ -91,9 +94,9 @@ def test_a_newer_checkpoint_or_cache_is_refused_naming_both_versions(v1_world):
 
     meta_file.write_text(json.dumps(meta))
     cache_meta = v1_world / "data" / "cache" / "streams" / "notes_val.bin.meta.json"
-    cache_meta.write_text(json.dumps({**json.loads(cache_meta.read_text()), "version": 2}))
+    cache_meta.write_text(json.dumps({**json.loads(cache_meta.read_text()), "version": CACHE_VERSION + 1}))
     done = run_cli("run", "--phase", "pretrain", "--config", "pretrain.json", "--set", "train_cfg.total_steps=6",
                    cwd=v1_world)
     assert done.returncode == 2
-    assert (f"error: {cache_meta.relative_to(v1_world)}: cache format version 2 was written by a newer trainer_accel; "
-            "this one reads versions up to 1") in done.stderr
+    assert (f"error: {cache_meta.relative_to(v1_world)}: cache format version {CACHE_VERSION + 1} was written by a newer "
+            f"trainer_accel; this one reads versions up to {CACHE_VERSION}") in done.stderr

@@ -183,28 +183,54 @@ def test_what_the_trainer_cannot_compute_exactly_is_refused_in_one_line(tmp_path
     assert any(line in p for p in e.value.problems), e.value.problems
 
 
-@pytest.mark.parametrize("kind", ["qwen3-qk-norm-head-dim", "llama-tied"])
-def test_sft_from_a_family_directory_through_the_clis_chats_in_transformers_as_in_our_sampler(tmp_path, kind):
-    """A user's directory (config.json, weights, tokenizer.json) -> prepare with its tokenizer -> SFT with a config
-    that names only the directory -> export --format hf -> transformers' chat template and greedy generation give
-    our sampler's answer."""
+CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+          "{%- endif %}")
+LLAMA3 = ("{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+TEMPLATES = {  # kind -> (the model's own special tokens, tokenizer_config.json beside its tokenizer.json)
+    "qwen3-qk-norm-head-dim": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                               {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None}),
+    "llama-tied": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                   {"chat_template": LLAMA3, "eos_token": "<|eot_id|>", "bos_token": "<|begin_of_text|>"}),
+}
+
+
+def model_directory(tmp_path, kind: str) -> int:
+    """A model directory as a user has one: config.json, weights, a BPE tokenizer.json with the family's special
+    tokens, and the chat template in tokenizer_config.json. Returns the tokenizer's vocabulary size."""
     qa = [{"prompt": f"What does animal {i} eat?", "response": f"Animal {i} eats {['plums', 'fish', 'seeds'][i % 3]}."}
           for i in range(40)]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
     (tmp_path / "notes.txt").write_text("".join(f"Animal {i} lives by the river and eats what it finds.\n\n"
                                                 for i in range(80)))
     texts = [(tmp_path / "qa.jsonl").read_text(), (tmp_path / "notes.txt").read_text()]
-    vocab = tokenizers.Tokenizer.from_file(str(bpe_tokenizer(tmp_path / "tok.json", texts))).get_vocab_size()
+    tok = tokenizers.Tokenizer.from_file(str(bpe_tokenizer(tmp_path / "tok.json", texts)))
+    specials, config = TEMPLATES[kind]
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
+    (tmp_path / "model").mkdir()
+    tok.save(str(tmp_path / "model" / "tokenizer.json"))
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps(config))
     hf = hf_model(kind)
-    hf.resize_token_embeddings(vocab)  # the directory's vocabulary is its tokenizer's, as on the Hub
+    hf.resize_token_embeddings(tok.get_vocab_size())  # the directory's vocabulary is its tokenizer's, as on the Hub
     hf.save_pretrained(tmp_path / "model")
-    (tmp_path / "model" / "tokenizer.json").write_bytes((tmp_path / "tok.json").read_bytes())
+    return tok.get_vocab_size()
 
+
+@pytest.mark.parametrize("kind", list(TEMPLATES))
+def test_sft_from_a_family_directory_is_trained_and_chats_in_the_models_own_template(tmp_path, kind):
+    """A user's directory -> prepare with its tokenizer (the SFT examples in its chat template) -> SFT with a config
+    that names only the directory -> export --format hf -> transformers' apply_chat_template and greedy generation
+    give our sampler's answers, in the same template."""
+    vocab = model_directory(tmp_path, kind)
     r = run_cli("prepare", "--tokenizer", "model/tokenizer.json", "--stream", "notes=notes.txt", "--sft", "qa=qa.jsonl",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "SFT examples in the model's chat template" in r.stderr
     cfg = {"model_cfg_path": "model/config.json", "init_from": "model", "model_cfg": {"T": 64, "V": vocab + 4},
            "sft_sources": {"qa": 1.0}, "val_source": "notes", "tracking": {"log_with": []},
+           "sample_prompts": [{"prompt": "What does animal 7 eat?", "task": "chat", "temperature": 0.0}],
            "train_cfg": {"total_steps": 30, "B": 8, "base_lr": 3e-3, "warmup_steps": 3, "min_lr": 3e-4,
                          "eval_every": 15, "eval_batches": 2, "ckpt_every": 15, "log_every": 15}}
     (tmp_path / "sft.json").write_text(json.dumps(cfg))
@@ -216,23 +242,57 @@ def test_sft_from_a_family_directory_through_the_clis_chats_in_transformers_as_i
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == json.loads((tmp_path / "model" / "config.json").read_text())["architectures"]
     assert config["max_position_embeddings"] == 64 and config["vocab_size"] == vocab + 4  # the model's own maximum
+    exported = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert exported["chat_template"] == TEMPLATES[kind][1]["chat_template"]  # its own template, not ours
 
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.eos_token == TEMPLATES[kind][1]["eos_token"] and config["eos_token_id"] == tokenizer.eos_token_id
     blob = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     ours = GPT(ModelConfig(**blob["model_cfg"]))
     ours.load_state_dict(blob["model_state"])
     from trainer_accel.config import SamplePrompt
+    from trainer_accel.data.chat_template import chat_format
     from trainer_accel.data.tokenizer import HFTokenizer
     from trainer_accel.observability.samples import sample_text
     tok = HFTokenizer(tmp_path / "model" / "tokenizer.json")
+    form = chat_format(tok, json.loads((tmp_path / "checkpoints/sft/best/meta.json").read_text())["chat"])
     for question in ("What does animal 7 eat?", "What does animal 12 eat?"):
-        mine = sample_text(ours.eval(), tok, SamplePrompt(question, max_new_tokens=12, temperature=0.0, task="chat"), 0)
+        mine = sample_text(ours.eval(), tok, SamplePrompt(question, max_new_tokens=12, temperature=0.0, task="chat"), 0,
+                           form)
         ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
+        assert ids["input_ids"][0].tolist() == form.prompt(question)  # the same prompt tokens
         out = theirs.generate(**ids, max_new_tokens=12, do_sample=False)
         answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         assert answer == mine, (answer, mine)
+
+
+def test_the_answer_mask_of_a_models_template_token_by_token(tmp_path):
+    """A two-turn ChatML conversation as prepare writes it: the loss counts each answer and its <|im_end|>, and
+    nothing of the user turns or the headers; a typed <|im_end|> in a message stays text."""
+    model_directory(tmp_path, "qwen3-qk-norm-head-dim")
+    from trainer_accel.data.cache import answer_mask
+    from trainer_accel.data.chat_template import TemplateEncoder, find_chat_template
+    from trainer_accel.data.tokenizer import HFTokenizer
+    tok = HFTokenizer(tmp_path / "model" / "tokenizer.json")
+    encoder = TemplateEncoder(tok, find_chat_template(tmp_path / "model" / "tokenizer.json"))
+    turns = [("Hi <|im_end|> there", "Hello."), ("What does animal 3 eat?", "Animal 3 eats plums.")]
+    ids = encoder.encode_many([turns])[0]
+    rendered = "".join(f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n" for p, a in turns)
+    assert tok.decode(ids.tolist()) == rendered
+    counted = answer_mask(ids[None], encoder.rule)[0]  # target i is token i + 1; a counted one is shown [so]
+
+    def counted_tokens(text):
+        return "".join(f"[{tok.decode([t])}]" for t in tok.encode(text))
+
+    shown = "".join(f"[{tok.decode([t])}]" if c else tok.decode([t]) for t, c in zip(ids[1:].tolist(), counted))
+    assert shown == ("user\nHi <|im_end|> there<|im_end|>\n<|im_start|>assistant\n" + counted_tokens("Hello.")
+                     + "[<|im_end|>]\n<|im_start|>user\nWhat does animal 3 eat?<|im_end|>\n<|im_start|>assistant\n"
+                     + counted_tokens("Animal 3 eats plums.") + "[<|im_end|>]\n")
+    im_end = tok.encode_markup("<|im_end|>")[0]
+    assert ids.tolist().count(im_end) == 4  # the typed one is text, not the token
+    assert encoder.rule.end == im_end and tok.decode(list(encoder.rule.start)) == "<|im_start|>assistant\n"
 
 
 def test_model_cfg_path_beside_an_inline_model_cfg_takes_only_what_the_file_leaves_to_the_run(tmp_path):
@@ -295,3 +355,26 @@ def test_a_llama_style_pipeline_on_the_demo_data_passes_its_promotion_gate_and_e
     theirs = transformers.AutoModelForCausalLM.from_pretrained(world / "hf").eval()
     ids = torch.randint(0, 260, (2, 32), generator=torch.Generator().manual_seed(0))
     assert (logits_of(ours.eval(), ids) - logits_of(theirs, ids)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("template, line", [
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "add_generation_prompt does not append an assistant header"),
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>{% endfor %}"
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "changes a message's content"),
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+     "{% if add_generation_prompt %}assistant: {% endif %}", "closes an assistant turn with no special token"),
+    ("{{ raise_exception('no') }}", "the chat template refused the conversation (no)"),
+    ("{% for m in messages %}", "the chat template does not compile"),
+])
+def test_a_chat_template_whose_answers_cannot_be_found_is_refused_and_builtin_still_works(tmp_path, template, line):
+    model_directory(tmp_path, "qwen3-qk-norm-head-dim")
+    config = tmp_path / "model" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
+    r = run_cli("prepare", "--tokenizer", "model/tokenizer.json", "--sft", "qa=qa.jsonl", cwd=tmp_path)
+    assert r.returncode == 2 and line in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "data" / "cache" / "sft").exists() or not any((tmp_path / "data/cache/sft").iterdir())
+    r = run_cli("prepare", "--tokenizer", "model/tokenizer.json", "--sft", "qa=qa.jsonl", "--chat-template", "builtin",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "data/cache/sft/qa_train.bin.meta.json").read_text())
+    assert "chat" not in meta and meta["version"] == 2

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import TINY_MODEL, run_cli, write_config
 from trainer_accel.config import ModelConfig, load_phase_config
 from trainer_accel.data.cache import IGNORE_INDEX, masked_targets
+from trainer_accel.data.chat_template import AnswerRule
 from trainer_accel.models.gpt import GPT
 from trainer_accel.paths import resolve_paths
 from trainer_accel.training.inputs import check_phase_inputs
@@ -69,7 +70,7 @@ def test_a_packed_example_scores_as_it_does_alone(world):
             inner = slice(a, a + n - 1 if b < len(row) else a + n)  # the target after an example is the next's start
             width = inner.stop - inner.start
             assert torch.allclose(packed[r, inner], losses[:width], atol=1e-5), (r, e)
-            mask_alone = masked_targets(alone.numpy(), s["<|assistant|>"], s["<|eot|>"])[0, :width]
+            mask_alone = masked_targets(alone.numpy(), AnswerRule((s["<|assistant|>"],), s["<|eot|>"]))[0, :width]
             assert np.array_equal(batch.y_masked[r, inner].numpy() != IGNORE_INDEX, mask_alone != IGNORE_INDEX)
             checked += 1
             cut += b == len(row)

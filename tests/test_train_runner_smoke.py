@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import TINY_MODEL, events, run_cli, write_config
 from trainer_accel.config import ModelConfig
 from trainer_accel.data.cache import answer_mask
+from trainer_accel.data.chat_template import AnswerRule
 from trainer_accel.data.tokenizer import ASST, EOT, USER, ByteTokenizer
 from trainer_accel.models.gpt import GPT
 from trainer_accel.training.strategies import Batch, SFTStrategy
@@ -51,7 +52,7 @@ def test_sft_masking_loss_equals_manual_computation():
     s = tok.special
     seq = [s[USER], *tok.encode("hi?"), s[ASST], *tok.encode("yo"), s[EOT], 256, 256]
     rows = np.array([seq])
-    mask = answer_mask(rows, s[ASST], s[EOT])[0]
+    mask = answer_mask(rows, AnswerRule((s[ASST],), s[EOT]))[0]
     # targets are seq[1:]; counted: "y", "o", <eot> (the three tokens after <asst>, <eot> included)
     targets = rows[0, 1:]
     assert [int(t) for t in targets[mask]] == [*tok.encode("yo"), s[EOT]]

@@ -160,7 +160,7 @@ def run_phase(acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed,
     if cfg.sample_prompts:
         raise_if_any(unwritable([("samples", paths.samples)]))
     trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=inputs.data_info(),
-                      tokenizer=inputs.decoder())
+                      chat=inputs.chat_format())
     outcome.started(trainer)
     result = trainer.fit()
     if cfg.phase == "sft":

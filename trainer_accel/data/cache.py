@@ -1,6 +1,6 @@
 """Token caches on disk, and rows drawn from them by address.
 
-Format (version 1). `X.bin` is a flat array of token ids, uint16 when the vocabulary fits, else uint32, native
+Format (version 2). `X.bin` is a flat array of token ids, uint16 when the vocabulary fits, else uint32, native
 little-endian, no header. `X.bin.meta.json` describes it:
     format "trainer_accel.cache", version, kind ("stream" | "sft"), dtype, num_tokens, vocab_size,
     max_token_id, tokenizer (identity string), special_tokens (name -> id), sha256 (of X.bin), source,
@@ -8,7 +8,8 @@ little-endian, no header. `X.bin.meta.json` describes it:
     split {rule: hash | tail, val_fraction, seed}, and for SFT caches num_examples and index {file, dtype, sha256}.
     Written by prepare.py through cache_writer.py.
 Streams are documents joined by <|endoftext|>. SFT caches are examples `<|user|> prompt <|assistant|> answer
-<|eot|>` (one turn pair after another for conversations) back to back; `X.bin.idx` (uint64, num_examples + 1
+<|eot|>` (one turn pair after another for conversations), or in a model's own chat template when the meta has
+"chat" (its template, and the answer rule: chat_template.py), back to back; `X.bin.idx` (uint64, num_examples + 1
 offsets) says where each example starts, so examples never need to be found by scanning.
 
 Rows are pure functions of an address: a `numpy.random.Generator` seeded from (seed, purpose, step or batch
@@ -24,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer_accel.data.chat_template import AnswerRule, answer_positions
+from trainer_accel.data.tokenizer import ASST, EOT
 from trainer_accel.errors import UserError
 from trainer_accel.fsio import loads, sha256_file
 from trainer_accel.versions import upgrade
 
 CACHE_FORMAT = "trainer_accel.cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 IGNORE_INDEX = -100
 
 # Tags that keep the random streams for different purposes apart.
@@ -68,7 +71,14 @@ class Cache:
         return np.memmap(self.path, dtype=np.dtype(self.meta["dtype"]), mode="r")
 
 
-CACHE_UPGRADES: dict = {}  # version -> the step to the next (versions.py); version 1 is the first there was
+def _v1_to_v2(meta: dict) -> dict:
+    """Version 2 SFT caches may be written in a model's own chat template, with its answer rule under "chat"; a
+    version 1 cache is in the built-in template, which no "chat" means. (A trainer before version 2 would mask a
+    templated cache by the built-in rule and count nothing, so it must refuse one.)"""
+    return meta
+
+
+CACHE_UPGRADES = {1: _v1_to_v2}  # version -> the step to the next (versions.py); version 1 is the first there was
 REQUIRED_META = ("format", "version", "kind", "dtype", "num_tokens", "vocab_size", "tokenizer", "special_tokens", "sha256")
 
 
@@ -204,18 +214,24 @@ def draw_rows(caches: list[Cache], kinds: list[str], probs: np.ndarray, rng: np.
     return Rows(tokens, source, which[picked].astype(np.int64), segment)
 
 
-def answer_mask(rows: np.ndarray, asst_id: int, eot_id: int) -> np.ndarray:
-    """The SFT masking rule, and its only home: which targets of rows[:, 1:] count in the loss.
+def answer_rule(meta: dict) -> AnswerRule:
+    """Where an SFT cache's answers are: the built-in template's (after <|assistant|>, up to and including
+    <|eot|>), or the rule of the model's own template that prepare recorded (chat_template.py)."""
+    chat = meta.get("chat")
+    if chat:
+        return AnswerRule(tuple(chat["answer_start"]), chat["answer_end"])
+    s = meta["special_tokens"]
+    return AnswerRule((s[ASST],), s[EOT])
 
-    A target counts when it comes after an <|assistant|> token, up to and including the <|eot|> that closes
-    that answer. Prompts, template tokens before the answer, and padding after <|eot|> do not count.
-    """
-    inside = np.cumsum(rows == asst_id, axis=1) > np.cumsum(rows == eot_id, axis=1)
-    return inside[:, :-1]
+
+def answer_mask(rows: np.ndarray, rule: AnswerRule) -> np.ndarray:
+    """Which targets of rows[:, 1:] count in the loss: those inside an answer by the rule, its closing token
+    included. Prompts, template tokens before the answer, and padding after it do not count."""
+    return answer_positions(rows, rule)[:, 1:]
 
 
-def masked_targets(rows: np.ndarray, asst_id: int, eot_id: int) -> np.ndarray:
+def masked_targets(rows: np.ndarray, rule: AnswerRule) -> np.ndarray:
     y = rows[:, 1:].copy()
-    y[~answer_mask(rows, asst_id, eot_id)] = IGNORE_INDEX
+    y[~answer_mask(rows, rule)] = IGNORE_INDEX
     return y
 

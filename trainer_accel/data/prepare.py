@@ -39,6 +39,11 @@ from trainer_accel.data.cache_writer import (
     publish_caches,
     recover,
 )
+from trainer_accel.data.chat_template import (
+    TemplateEncoder,
+    chat_meta,
+    find_chat_template,
+)
 from trainer_accel.data.tokenizer import ASST, DOC, EOT, USER, Tokenizer, load_tokenizer
 from trainer_accel.errors import CTRL_C_EXIT, UserError, exit_with, raise_if_any, report
 from trainer_accel.paths import Paths, resolve_paths, source_name_problem, unwritable
@@ -107,7 +112,23 @@ def _encode_stream_batch(tok: Tokenizer, batch: list[tuple[str, CacheWriter, boo
         progress.add_tokens(len(tokens))
 
 
-def _encode_sft_batch(tok: Tokenizer, batch: list[tuple[formats.chat.Turns, CacheWriter]], progress: Progress) -> None:
+def _encode_templated_batch(encoder: TemplateEncoder, batch: list[tuple[formats.chat.Turns, CacheWriter]],
+                            progress: Progress) -> None:
+    """SFT examples in the model's own chat template (chat_template.py), each example's answers checked."""
+    out: dict[CacheWriter, tuple[list[np.ndarray], list[int]]] = {}
+    for (_, writer), ids in zip(batch, encoder.encode_many([turns for turns, _ in batch])):
+        parts, ends = out.setdefault(writer, ([], []))
+        parts.append(ids.astype(np.uint32))
+        ends.append((ends[-1] if ends else 0) + len(ids))
+    for writer, (parts, ends) in out.items():
+        writer.append(np.concatenate(parts), items=len(ends), ends=np.array(ends))
+        progress.add_tokens(ends[-1])
+
+
+def _encode_sft_batch(tok: Tokenizer, batch: list[tuple[formats.chat.Turns, CacheWriter]], progress: Progress,
+                      encoder: TemplateEncoder | None = None) -> None:
+    if encoder is not None:
+        return _encode_templated_batch(encoder, batch, progress)
     s = tok.special
     ids = iter(tok.encode_batch([text for turns, _ in batch for pair in turns for text in pair]))
     user, asst, eot = (np.array([s[t]], dtype=np.uint32) for t in (USER, ASST, EOT))
@@ -145,7 +166,8 @@ def _balance(src: Source, train: CacheWriter, val: CacheWriter, split: Split) ->
 
 
 def build(src: Source, options: formats.ReadOptions, split: Split, tok: Tokenizer, paths: Paths,
-          progress: Progress, problems: list[str], writers: list[CacheWriter]) -> list[tuple[Path, Path]]:
+          progress: Progress, problems: list[str], writers: list[CacheWriter],
+          encoder: TemplateEncoder | None = None) -> list[tuple[Path, Path]]:
     """One source into its two temporary caches; returns the renames that publish them."""
     cache = paths.stream_cache if src.kind == "stream" else paths.sft_cache
     train, val = CacheWriter(cache(src.name, "train"), src.kind, tok), CacheWriter(cache(src.name, "val"), src.kind, tok)
@@ -172,16 +194,17 @@ def build(src: Source, options: formats.ReadOptions, split: Split, tok: Tokenize
                 batch.append((turns, val if split.is_val(key) else train))
                 chars += sum(len(a) + len(b) for a, b in turns)
                 if chars >= BATCH_CHARS:
-                    _encode_sft_batch(tok, batch, progress)
+                    _encode_sft_batch(tok, batch, progress, encoder)
                     batch, chars = [], 0
         if batch:
-            _encode_sft_batch(tok, batch, progress)
+            _encode_sft_batch(tok, batch, progress, encoder)
     if problems:
         return []  # nothing will be published; the caller reports every problem of every source
     train, val, rule = _balance(src, train, val, split)
     meta = {"source": src.name, "source_files": [str(p) for p in src.inputs],
             "documents": {str(f): formats.unit_of(f, options) if src.kind == "stream" else "row" for f in files},
-            "split": {"rule": rule, "val_fraction": split.val_fraction, "seed": split.seed}}
+            "split": {"rule": rule, "val_fraction": split.val_fraction, "seed": split.seed},
+            **({"chat": chat_meta(encoder)} if encoder is not None and src.kind == "sft" else {})}
     moves = []
     for name, w in (("train", train), ("val", val)):
         moves += w.finish(meta)
@@ -211,10 +234,26 @@ def _preflight(sources: list[Source], options: formats.ReadOptions) -> tuple[lis
     return problems, total
 
 
+def template_encoder(tok: Tokenizer, tokenizer: Path | None, choice: str) -> TemplateEncoder | None:
+    """The model's own chat template beside its tokenizer.json, unless the built-in one is asked for (or the
+    tokenizer has none: the built-in template is the default for models without one)."""
+    if tokenizer is None or choice == "builtin":
+        return None
+    template = find_chat_template(tokenizer)
+    if template is None:
+        log.info("%s: no chat template beside it; SFT examples use the built-in one", tokenizer)
+        return None
+    encoder = TemplateEncoder(tok, template)
+    log.info("SFT examples in the model's chat template (%s): answers after %r, up to and including %r", template.source,
+             tok.decode(list(encoder.rule.start)), tok.decode([encoder.rule.end]))
+    return encoder
+
+
 def prepare(sources: list[Source], tokenizer: Path | None, split: Split, paths: Paths,
-            options: formats.ReadOptions = formats.ReadOptions()) -> None:
+            options: formats.ReadOptions = formats.ReadOptions(), chat_template: str = "model") -> None:
     """Build every requested cache. Input problems are all reported, and then nothing is published."""
     tok = load_tokenizer(tokenizer)
+    encoder = template_encoder(tok, tokenizer, chat_template) if any(s.kind == "sft" for s in sources) else None
     problems, total = _preflight(sources, options)
     raise_if_any(problems)
     cache_dir = paths.data / "cache"
@@ -225,7 +264,7 @@ def prepare(sources: list[Source], tokenizer: Path | None, split: Split, paths: 
         try:
             moves = []
             for src in sources:
-                moves += build(src, options, split, tok, paths, progress, problems, writers)
+                moves += build(src, options, split, tok, paths, progress, problems, writers, encoder)
             summary = progress.close()
             if len(problems) > MAX_LISTED_PROBLEMS:
                 problems[MAX_LISTED_PROBLEMS:] = [f"... and {len(problems) - MAX_LISTED_PROBLEMS} more bad rows"]
@@ -268,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                                                             "or only the best-ranked path (best)")
     p.add_argument("--lang", default="", help="oasst1 trees: keep only these languages, e.g. en,de (default all)")
     p.add_argument("--tokenizer", type=Path, help="a local Hugging Face tokenizer.json (default: built-in bytes)")
+    p.add_argument("--chat-template", choices=("model", "builtin"), default="model",
+                   help="SFT examples in the chat template beside --tokenizer (tokenizer_config.json or "
+                        "chat_template.jinja; default, when it has one) or in the built-in <|user|> ... <|eot|> one")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents / examples held out (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="key of the train/val hash")
     args = p.parse_args(argv)
@@ -296,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             given = {(s.kind, s.name) for s in sources}
             sources = ([Source(n, "stream", (f,)) for n, f in streams.items() if ("stream", n) not in given]
                        + [Source(n, "sft", (f,)) for n, f in sfts.items() if ("sft", n) not in given] + sources)
-        prepare(sources, args.tokenizer, Split(args.val_fraction, args.seed), paths, options)
+        prepare(sources, args.tokenizer, Split(args.val_fraction, args.seed), paths, options, args.chat_template)
     except UserError as e:
         return report(e)
     except KeyboardInterrupt:

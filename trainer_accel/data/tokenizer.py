@@ -101,6 +101,25 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def encode_markup(self, text: str) -> list[int]:
+        """A chat template's own text (`<|im_start|>assistant\n`): its special tokens read as such, which text
+        from a document or a message never is (chat_template.py keeps the two apart)."""
+        self._tok.encode_special_tokens = False
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = True
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's character span in `text` (text only: special tokens' text stays text)."""
+        e = self._tok.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Every special token's id: the model's own (<|im_end|>, <|eot_id|>, ...) and ours."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def hf_json(self) -> str:
         """This tokenizer as a tokenizer.json, with the special tokens added here (the library does not write the
         setting that keeps typed special tokens as text: that is the reader's choice, see hf/tokenizer.py)."""

@@ -95,7 +95,7 @@ def export_with_record(source: Path, out: Path, paths: Paths) -> dict:
         meta = read_meta(source, verify=False)
         record.update({k: meta.get(k) for k in ("phase", "run_id", "step", "best_val_loss", "data_fingerprint",
                                                 "config_fingerprint", "parent", "caches", "global_batch", "tokenizer",
-                                                "tokenizer_path")})
+                                                "tokenizer_path", "chat")})
         record.update(model_sha256=model_sha256(meta), verdict=known_verdict(paths, Path(source)))
     else:  # re-exporting a .pt keeps what its own record knew
         earlier = read_export_record(Path(source))

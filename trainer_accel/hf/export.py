@@ -92,10 +92,11 @@ def _cache_meta(cache: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def generation_config(special: dict[str, int]) -> dict[str, Any]:
-    """Greedy by default; a turn ends at <|eot|> and a document at <|endoftext|>, which also pads. No length: a
-    max_length here draws a warning from every call that passes max_new_tokens, as pipelines do."""
-    return {"bos_token_id": special[DOC], "eos_token_id": [special[EOT], special[DOC]], "pad_token_id": special[DOC],
+def generation_config(special: dict[str, int], end: str = EOT, bos: str = DOC) -> dict[str, Any]:
+    """Greedy by default; a turn ends at its end-of-turn token (<|eot|>, or the model's own template's) and a
+    document at <|endoftext|>, which also pads. No length: a max_length here draws a warning from every call that
+    passes max_new_tokens, as pipelines do."""
+    return {"bos_token_id": special[bos], "eos_token_id": [special[end], special[DOC]], "pad_token_id": special[DOC],
             "do_sample": False}
 
 
@@ -166,11 +167,18 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
     tok = find_tokenizer(loaded, tokenizer, paths)
     if tok.vocab_size > cfg["V"]:
         raise UserError(f"{source}: the tokenizer has {tok.vocab_size} tokens, the model's V is {cfg['V']}")
-    eos = EOT if loaded.meta.get("phase") == "sft" else DOC
+    chat = loaded.meta.get("chat")  # the model's own chat template, when SFT used one (chat_template.py)
+    special, bos, end = dict(tok.special), DOC, EOT
+    if chat:  # its end-of-turn token ends what the model writes; its bos is what the template writes first
+        end, bos = tok.decode([chat["answer_end"]]), chat.get("bos_token") or DOC
+        special[end] = chat["answer_end"]
+        special.setdefault(bos, tok.encode_markup(bos)[0] if hasattr(tok, "encode_markup") else tok.special[DOC])
+    eos = end if loaded.meta.get("phase") == "sft" else DOC
+    config = {**mapping.hf_config(cfg, special, eos, DOC), "bos_token_id": special[bos]}
     files = {
-        "config.json": json.dumps(mapping.hf_config(cfg, tok.special, eos, DOC), indent=2) + "\n",
-        "generation_config.json": json.dumps(generation_config(tok.special), indent=2) + "\n",
-        **tokenizer_files(tok, cfg["T"], eos),
+        "config.json": json.dumps(config, indent=2) + "\n",
+        "generation_config.json": json.dumps(generation_config(special, end, bos), indent=2) + "\n",
+        **tokenizer_files(tok, cfg["T"], eos, bos, chat["template"] if chat else None),
     }
     record = {"format": RECORD_FORMAT, "out": str(out.resolve()), "exported_at": now_iso(),
               "source": str(resolved_source(source)), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),

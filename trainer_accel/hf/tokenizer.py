@@ -78,15 +78,17 @@ def tokenizer_json(tok: Tokenizer) -> str:
     raise UserError(f"tokenizer {tok.identity}: no Hugging Face form known")
 
 
-def tokenizer_files(tok: Tokenizer, context: int, eos: str) -> dict[str, str]:
+def tokenizer_files(tok: Tokenizer, context: int, eos: str, bos: str = DOC, template: str | None = None) -> dict[str, str]:
     """File name -> text of the tokenizer part of an export. `eos`: the token that ends what the model writes
-    (<|eot|> after SFT, <|endoftext|> for a pretrained model)."""
+    (<|eot|> or the model's own template's end-of-turn token after SFT, <|endoftext|> for a pretrained model);
+    `template`: the model's own chat template SFT used (None: the built-in one)."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context, "eos_token": eos,
-        "pad_token": DOC, "bos_token": DOC, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False, "split_special_tokens": False, "chat_template": CHAT_TEMPLATE,
+        "pad_token": DOC, "bos_token": bos, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+        "chat_template": template or CHAT_TEMPLATE,
     }
     return {"tokenizer.json": tokenizer_json(tok),
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
             "special_tokens_map.json": json.dumps({"eos_token": eos, "pad_token": DOC,
-                                                   "bos_token": DOC, "additional_special_tokens": [USER, ASST, EOT]}, indent=2) + "\n"}
+                                                   "bos_token": bos, "additional_special_tokens": [USER, ASST, EOT]}, indent=2) + "\n"}

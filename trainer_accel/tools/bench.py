@@ -305,7 +305,7 @@ def _trainer(job: Job, wrap=None):
     cfg, paths, inputs = _setup(job)
     acc = make_accelerator(job.device, cfg.train.mixed_precision)
     strategy = wrap(inputs.strategy, acc.device, cfg) if wrap else inputs.strategy
-    trainer = Trainer(acc, cfg, strategy, paths, data_info=inputs.data_info(), tokenizer=inputs.decoder())
+    trainer = Trainer(acc, cfg, strategy, paths, data_info=inputs.data_info(), chat=inputs.chat_format())
     return trainer, cfg, paths
 
 

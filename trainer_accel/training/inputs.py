@@ -21,8 +21,9 @@ from trainer_accel.checkpoints.store import (
     state_problems,
 )
 from trainer_accel.config import PhaseConfig
-from trainer_accel.data.cache import Cache, answer_mask, open_cache
-from trainer_accel.data.tokenizer import ASST, DOC, EOT, Tokenizer, tokenizer_from_meta
+from trainer_accel.data.cache import Cache, answer_mask, answer_rule, open_cache
+from trainer_accel.data.chat_template import ChatFormat, chat_format
+from trainer_accel.data.tokenizer import DOC, Tokenizer, tokenizer_from_meta
 from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.paths import CACHE_NAMING, Paths
 from trainer_accel.training.start import load_start
@@ -41,13 +42,24 @@ class PhaseInputs:
         """The caches' tokenizer, to turn samples back into text (None if it cannot be found any more)."""
         return tokenizer_from_meta(self.caches[0].meta)
 
+    @property
+    def chat(self) -> dict | None:
+        """The model's own chat template the SFT caches were written in (chat_template.chat_meta), or None: the
+        built-in template (and for pretraining, which has no conversations)."""
+        return next((c.meta.get("chat") for c in self.caches if c.meta["kind"] == "sft"), None)
+
+    def chat_format(self) -> ChatFormat | None:
+        """How to prompt the model for samples: in the template its SFT caches used (None without a tokenizer)."""
+        tok = self.decoder()
+        return None if tok is None else chat_format(tok, self.chat)
+
     def data_info(self) -> dict:
         """What a checkpoint records of its data: the tokenizer (its identity, and for a tokenizer.json its path),
-        each cache's sha256 by name, and one fingerprint of them all."""
+        the chat template when the model's own, each cache's sha256 by name, and one fingerprint of them all."""
         caches = {f"{c.path.parent.name}/{c.path.name}": c.meta["sha256"] for c in self.caches}
         fingerprint = hashlib.sha256(json.dumps(caches, sort_keys=True).encode()).hexdigest()
         return {"tokenizer": self.tokenizer, "tokenizer_path": self.caches[0].meta.get("tokenizer_path"), "caches": caches,
-                "data_fingerprint": fingerprint}
+                "data_fingerprint": fingerprint, **({"chat": self.chat} if self.chat else {})}
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,11 @@ def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
     if len(identities) > 1:
         per = "; ".join(f"{c.path.name}: {c.meta['tokenizer']}" for c in caches)
         problems.append(f"caches were made with different tokenizers ({per}); prepare them with one tokenizer")
+    sft = [c for c in caches if c.meta["kind"] == "sft"]
+    templates = {(c.meta.get("chat") or {}).get("template_sha256", "built-in") for c in sft}
+    if len(templates) > 1:
+        per = "; ".join(f"{c.path.name}: {(c.meta.get('chat') or {}).get('template_source', 'built-in')}" for c in sft)
+        problems.append(f"SFT caches were written in different chat templates ({per}); prepare them with one")
     return problems
 
 
@@ -133,7 +150,7 @@ def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
         b = min(cache.starts[i + 1], a + T + 1)
         rows[r, : b - a] = tokens[a:b]
     del tokens
-    answered = answer_mask(rows, s[ASST], s[EOT]).any(axis=1)
+    answered = answer_mask(rows, answer_rule(cache.meta)).any(axis=1)
     of = f"{len(picked):,} of {n:,}" if n > len(picked) else f"all {n:,}"
     if not answered.any():
         return (f"{cache.path}: no example keeps any of its answer within T={T} tokens ({of} examples looked at); "

@@ -38,7 +38,7 @@ from trainer_accel.checkpoints.full_state import (
 from trainer_accel.checkpoints.store import LoadedCheckpoint
 from trainer_accel.checkpoints.writer import CheckpointWriter, Snapshot
 from trainer_accel.config import PhaseConfig, TrainConfig
-from trainer_accel.data.tokenizer import Tokenizer
+from trainer_accel.data.chat_template import ChatFormat
 from trainer_accel.devices.collective import main_process_decides
 from trainer_accel.devices.stopping import Interrupted, StopRequest
 from trainer_accel.errors import UserError
@@ -124,14 +124,14 @@ class Trainer:
 
     def __init__(self, accelerator: Accelerator, cfg: PhaseConfig, strategy: Strategy, paths: Paths,
                  resume_from: LoadedCheckpoint | None = None, init_from: LoadedCheckpoint | None = None,
-                 data_info: dict | None = None, tokenizer: Tokenizer | None = None):
+                 data_info: dict | None = None, chat: ChatFormat | None = None):
         self.acc, self.cfg, self.strategy, self.paths = accelerator, cfg, strategy, paths
         self.t = cfg.train
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.phase_dir = paths.phase_dir(cfg.phase)
         self.data_info = data_info or {}
-        self.tokenizer = tokenizer
-        if cfg.sample_prompts and tokenizer is None:
+        self.chat = chat  # the caches' tokenizer and chat template, for samples
+        if cfg.sample_prompts and chat is None:
             log.warning("%s: sample_prompts are set but the caches' tokenizer cannot be found; no samples", cfg.path)
         self.empty_micro_batches = torch.zeros((), dtype=torch.long, device=accelerator.device)  # since the last line
         self.rows_drawn = np.zeros(len(strategy.train.names))  # per training source, this session, all processes
@@ -352,13 +352,13 @@ class Trainer:
     def _write_samples(self, model_state: dict, tied: dict) -> None:
         """On the main process alone. A sharded (FSDP) model cannot run there, since its forward all-gathers with
         every process, so samples come from a plain copy built from the full state the save just gathered."""
-        if not self.cfg.sample_prompts or self.tokenizer is None:
+        if not self.cfg.sample_prompts or self.chat is None:
             return
         if self.acc.distributed_type == DistributedType.FSDP:
             model = plain_model(self.cfg.model, model_state, tied, self.acc.device)
         else:
             model = self.acc.unwrap_model(self.model, keep_torch_compile=False)
-        written = write_samples(model, self.tokenizer, self.cfg.sample_prompts, self.cfg.sample_seed, self.state.step,
+        written = write_samples(model, self.chat, self.cfg.sample_prompts, self.cfg.sample_seed, self.state.step,
                                 self.paths.samples / self.cfg.phase)
         self.events.write("samples", self.state.step, samples=written)
 

@@ -18,10 +18,12 @@ from trainer_accel.data.cache import (
     VAL_TAG,
     Cache,
     address_rng,
+    answer_rule,
     draw_rows,
     masked_targets,
 )
-from trainer_accel.data.tokenizer import ASST, DOC, EOT
+from trainer_accel.data.chat_template import AnswerRule
+from trainer_accel.data.tokenizer import DOC
 
 VAL_SEED = 0  # validation batches are the same for every run, so val losses compare across runs and seeds
 
@@ -58,13 +60,18 @@ class RowSource:
     names: list[str]  # "streams/wiki", "sft/dolly": per cache, for the per-source counts
     pack: bool = False
 
+    @property
+    def answers(self) -> AnswerRule:
+        """Where the SFT rows' answers are (every SFT cache of a phase shares it: inputs.py checks)."""
+        return answer_rule(next(c.meta for c, k in zip(self.caches, self.kinds) if k == "sft"))
+
     def batch(self, rng: np.random.Generator, n: int, keep: slice) -> Batch:
         s = self.caches[0].meta["special_tokens"]
         rows = draw_rows(self.caches, self.kinds, self.probs, rng, n, self.T, s[DOC], keep, self.pack)
         tokens = torch.from_numpy(rows.tokens)
         y = tokens[:, 1:]
         if "sft" in self.kinds:  # answers only; a stream row's targets all count
-            y_masked = masked_targets(rows.tokens, s[ASST], s[EOT])
+            y_masked = masked_targets(rows.tokens, self.answers)
             streams = np.array([self.kinds[i] == "stream" for i in rows.row_source], dtype=bool)
             y_masked[streams] = rows.tokens[streams, 1:]
             y_masked = torch.from_numpy(y_masked)
@@ -135,7 +142,7 @@ class PretrainStrategy(Strategy):
 
 class SFTStrategy(Strategy):
     """Instruction examples, packed or one per row, with stream rows mixed in as replay; cross-entropy on the
-    answers (see data.answer_mask) and on every target of a replayed stream row."""
+    answers (see data/cache.answer_mask) and on every target of a replayed stream row."""
 
     name, stage_id = "sft", 1
 
