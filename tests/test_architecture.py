@@ -27,9 +27,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("observability", {"observability/"}),
     ("training", {"training/"}),
     ("experiments", {"experiments/"}),
+    ("inference", {"inference/"}),
     ("tools", {"tools/"}),
     ("commands", {"run", "export", "prepare", "queue", "runs", "doctor", "compare", "bench", "gpu_check",
-                  "prepare_bench"}),
+                  "prepare_bench", "generate", "chat"}),
 ]
 # data, models and devices stand side by side on the floor above the ground: none imports another.
 PEERS = {"data", "models", "devices"}

@@ -23,7 +23,8 @@ from test_huggingface import randomised, write_tiny_checkpoint
 from trainer_accel import export
 from trainer_accel.config import ModelConfig, load_phase_config
 from trainer_accel.errors import UserError
-from trainer_accel.models.gpt import GPT, generate
+from trainer_accel.models.generation import generate
+from trainer_accel.models.gpt import GPT
 from trainer_accel.training.start import load_start
 
 transformers.logging.set_verbosity_error()
@@ -378,3 +379,24 @@ def test_a_chat_template_whose_answers_cannot_be_found_is_refused_and_builtin_st
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "data/cache/sft/qa_train.bin.meta.json").read_text())
     assert "chat" not in meta and meta["version"] == 2
+
+
+def test_a_large_export_is_sharded_with_its_index_and_reads_back_both_ways(tmp_path, monkeypatch):
+    from trainer_accel.hf import export as hf_export
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hf_export, "SHARD_BYTES", 40_000)  # a few shards of a tiny model, as 5 GiB shards a big one
+    hf_model("qwen2-biases-tied").save_pretrained(tmp_path / "from")
+    cfg = ModelConfig(**load_start(tmp_path / "from", None, False).meta["model_cfg"])
+    ours = randomised(GPT(cfg), seed=8)
+    write_tiny_checkpoint(tmp_path / "ck", ours)
+    assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and not (tmp_path / "hf" / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == shards and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    assert_same_function(ours, theirs.eval(), cfg.V)
+    back = load_start(tmp_path / "hf", cfg, with_optimizer=False)
+    assert all(torch.equal(back.model_state[k], v) for k, v in ours.state_dict().items())
+    assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0  # a re-export replaces its shards

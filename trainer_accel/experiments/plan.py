@@ -46,6 +46,18 @@ def flops_per_token(cfg: PhaseConfig) -> float:
     return 6 * n + 12 * m.L * m.H * m.hd * cfg.seq_len
 
 
+def architecture(m) -> str:
+    """The model's options in a few words: 'learned positions, layernorm, gelu MLP, 6 heads' or 'rope (theta
+    10000), rmsnorm, gated silu MLP, 6 query / 2 key-value heads of 64'."""
+    pos = f"rope (theta {m.rope_theta:g}{', llama3 scaling' if m.rope_scaling else ''})" if m.position == "rope" \
+        else "learned positions"
+    heads = f"{m.H} heads" if m.kv_heads == m.H else f"{m.H} query / {m.kv_heads} key-value heads"
+    extras = [x for x, on in (("q/k/v biases", m.qkv_bias), ("q/k norm", m.qk_norm), ("biases", m.bias),
+                              ("untied head", not m.tie_embeddings)) if on]
+    return ", ".join([pos, m.norm, f"{'gated ' if m.mlp == 'gated' else ''}{m.activation} MLP", f"{heads} of {m.hd}",
+                      *extras])
+
+
 MANY_PASSES = 100  # over a training cache: past this the run mostly memorises
 ASSUMED_MFU = {"cuda": 0.4, "cpu": 0.5}  # of the peak below; what the bench measured (GPU: 44-47%, CPU: 55%)
 
@@ -242,7 +254,7 @@ def format_phase_plan(plan: PhasePlan, paths: Paths, precision: str = "no", rate
         probe = probe.parent
     lines += [
         f"model: {plan.parameters:,} parameters (V={cfg.model.V} T={cfg.model.T} C={cfg.model.C} L={cfg.model.L} "
-        f"H={cfg.model.H} d_ff={cfg.model.d_ff})",
+        f"H={cfg.model.H} d_ff={cfg.model.d_ff}; {architecture(cfg.model)})",
         f"tokens: {plan.tokens_per_step:,} per step (B={t.B} x accum_steps={t.accum_steps} x processes={plan.processes} "
         f"x T={cfg.seq_len}); {plan.steps_to_run:,} steps to run = {_si(plan.tokens_per_step * plan.steps_to_run)} tokens",
         f"compute: {_si(plan.flops_per_step)}FLOP per step, {_si(plan.flops_per_step * plan.steps_to_run)}FLOP to run",

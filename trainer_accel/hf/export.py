@@ -1,6 +1,7 @@
 """A checkpoint as a Hugging Face transformers directory: `python -m trainer_accel.export --format hf`.
 
-The directory holds config.json and model.safetensors (models/gpt_hf.py), generation_config.json, the tokenizer files
+The directory holds config.json and model.safetensors (sharded above 5 GiB, with its index; the family's mapping in
+models/), generation_config.json, the tokenizer files
 with the chat template (hf/tokenizer.py) and trainer_accel_export.json, the record of where it came from. It is
 written under a temporary name and renamed into place, so a kill leaves the old directory or none; an existing
 --out is replaced only when it is empty or an earlier export of this trainer.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,9 @@ RECORD = EXPORT_RECORD
 RECORD_FORMAT = "trainer_accel.export.hf"
 # Every file an export writes, and so every file a re-export may replace; anything else in --out is the user's.
 EXPORT_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                          "special_tokens_map.json", "model.safetensors", RECORD})
+                          "special_tokens_map.json", "model.safetensors", "model.safetensors.index.json", RECORD})
+SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")  # the shards of a large export, as transformers names them
+SHARD_BYTES = 5 * 2**30  # above this an export is sharded (transformers' own default for save_pretrained)
 
 
 def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -> Tokenizer:
@@ -118,7 +122,7 @@ def check_out(out: Path) -> list[str]:
         raise UserError(f"--out {out}: {RECORD} {problem}, so this is not an earlier export of this trainer and "
                         f"its files ({listed}) are not ours to replace; nothing was written: choose a new or empty "
                         "directory")
-    return [name for name in present if name not in EXPORT_FILES]
+    return [name for name in present if name not in EXPORT_FILES and not SHARD.match(name)]
 
 
 def record_problem(path: Path) -> str | None:
@@ -188,13 +192,11 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        save_file(mapping.state_to_hf(loaded.model_state, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        os.chmod(tmp / "model.safetensors", FILE_MODE)  # safetensors writes 0600; a served model is read by others
-        fsync_file(tmp / "model.safetensors")
+        weights = write_weights(mapping.state_to_hf(loaded.model_state, cfg), tmp)
         for name, text in {**files, RECORD: json.dumps(record, indent=2) + "\n"}.items():
             write_atomic(tmp / name, text.encode())
         carry_over(kept, out, tmp)
-        fault_point("hf_export", partial=tmp / "model.safetensors")
+        fault_point("hf_export", partial=tmp / weights[0])
         fsync_dir(tmp)
         swap_into_place(tmp, out)
     finally:
@@ -202,6 +204,31 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
     if kept:
         log.info("%s: kept %s (not written by an export)", out, ", ".join(kept))
     return record
+
+
+def write_weights(state: dict[str, Any], folder: Path) -> list[str]:
+    """model.safetensors, or above SHARD_BYTES the shards and model.safetensors.index.json that transformers
+    writes and reads (tensors in order, a shard closed before it would pass the limit); returns the files."""
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, part in zip(names, shards):
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        os.chmod(folder / name, FILE_MODE)  # safetensors writes 0600; a served model is read by others
+        fsync_file(folder / name)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
+        write_atomic(folder / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+    return names
 
 
 def sweep_leftovers(out: Path) -> None:

@@ -5,7 +5,7 @@ and a GELU MLP with multi-head attention; Llama, Mistral and SmolLM are rotary p
 MLP (SwiGLU) and grouped-query attention; Qwen2 adds biases on q, k and v; Qwen3 a norm on q and k and a head
 width of its own. Every option's default is GPT-2's (config.ModelConfig), so older checkpoints keep their keys.
 
-The model returns logits; the loss belongs to the training strategies, so a new phase never touches this file.
+The model returns logits (`decode` is the KV-cached path generation.py uses); the loss belongs to the training strategies, so a new phase never touches this file.
 A strategy that passes its targets gets the summed cross-entropy instead, computed in chunks of tokens so that a
 large vocabulary's (B, T, V) fp32 logits never exist at once. Shapes use the config's letters: (B, T) token ids
 in, (B, T, V) logits out, (B, T, C) inside; hd is one head's width.
@@ -79,7 +79,10 @@ class SelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, kv=None) -> torch.Tensor:
+        """`kv`: (k buffer, v buffer, start) of a KV cache (generation.py): this call's keys and values are written
+        at start.., and the queries attend over the filled part under `mask` (None: no padding, so a prefill from
+        position 0 is plainly causal and a single new token sees every key)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.H * self.hd, self.KV * self.hd, self.KV * self.hd], dim=2)
         q, k, v = q.view(B, T, self.H, self.hd), k.view(B, T, self.KV, self.hd), v.view(B, T, self.KV, self.hd)
@@ -89,6 +92,18 @@ class SelfAttention(nn.Module):
         if rope is not None:
             cos, sin = (t if t.dim() == 2 else t[:, None] for t in rope)  # packed rows: one table per row
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if kv is not None:
+            k_buf, v_buf, start = kv
+            k_buf[:, :, start:start + T], v_buf[:, :, start:start + T] = k, v
+            k, v = k_buf[:, :, :start + T], v_buf[:, :, :start + T]
+            if mask is None and start > 0 and T > 1:
+                raise ValueError("tokens after the first call of a cache need a mask unless they come one at a time")
+            if mask is not None:
+                mask = mask[..., :start + T]
+            elif T == 1:  # one query that sees every key so far
+                gqa = {"enable_gqa": True} if self.KV != self.H else {}
+                y = F.scaled_dot_product_attention(q, k, v, **gqa)
+                return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view(B, T, self.H * self.hd)))
         p = self.dropout if self.training else 0.0
         gqa = {"enable_gqa": True} if self.KV != self.H else {}  # each k/v head serves H / KV query heads
         if mask is None:  # the flash / fused causal kernels
@@ -126,8 +141,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), mask, rope)
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, kv=None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask, rope, kv)
         return x + self.mlp(self.ln2(x))
 
 
@@ -214,32 +229,15 @@ class GPT(nn.Module):
             return self.lm_head(x)  # (B, T, V)
         return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk)
 
-
-@torch.no_grad()
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None, stop_id: int | None = None) -> torch.Tensor:
-    """Extend (B, T0) ids by up to max_new_tokens; deterministic for a given generator seed and weights.
-
-    temperature 0 is greedy. Stops early when every row has produced `stop_id`.
-    """
-    was_training = model.training
-    model.eval()
-    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.cfg.T:])[:, -1, :].float()  # (B, V)
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1, keepdim=True)
+    def decode(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """(B, t) new tokens at positions `pos` (B, t), their keys and values written into `cache` (a
+        generation.KVCache) at cache.length, each query seeing the keys `mask` (B, 1, t, cache size) allows:
+        (B, t, V) logits. The generation path: prefill a prompt once, then one token per step."""
+        x = self.tok_emb(idx)
+        if self.cfg.position == "learned":
+            x, rope = x + self.pos_emb(pos), None
         else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
-        idx = torch.cat([idx, nxt], dim=1)
-        if stop_id is not None:
-            done |= nxt.squeeze(1) == stop_id
-            if bool(done.all()):
-                break
-    model.train(was_training)
-    return idx
+            rope = rotary_tables(self.cfg, pos)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, rope, (cache.k[i], cache.v[i], cache.length))
+        return self.lm_head(self.ln_f(x))

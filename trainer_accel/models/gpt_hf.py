@@ -9,7 +9,8 @@ The two models compute the same function; what differs is the layout:
     ln_f, lm_head                 transformer.ln_f, lm_head (left out of the file when tied to wte)
     bias: false                   zero biases (GPT-2 always has them; zeros compute what no bias does)
     activation gelu / gelu_tanh   activation_function "gelu" / "gelu_new"
-    ln_eps, T, V, tie_embeddings  layer_norm_epsilon, n_positions, vocab_size, tie_word_embeddings
+    ln_eps, T, V, tie_embeddings  layer_norm_epsilon, n_positions (and n_ctx, which llama.cpp's converter reads),
+                                  vocab_size, tie_word_embeddings
 A model option GPT-2 cannot express is refused, never exported approximately. Reading a directory (hf/directory.py) takes
 model.safetensors (or the shards its index names) or, failing that, pytorch_model.bin through
 torch.load(weights_only=True); GPT-2 checkpoints from the Hub store keys with or without the `transformer.`
@@ -67,7 +68,7 @@ def hf_config(model_cfg: dict[str, Any], special: dict[str, int], eos: str, pad:
     m = ModelConfig(**complete_model_cfg(model_cfg))
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": m.V, "n_positions": m.T, "n_embd": m.C, "n_layer": m.L, "n_head": m.H, "n_inner": m.d_ff,
+        "vocab_size": m.V, "n_positions": m.T, "n_ctx": m.T, "n_embd": m.C, "n_layer": m.L, "n_head": m.H, "n_inner": m.d_ff,
         "activation_function": ACTIVATION_TO_HF[m.activation], "layer_norm_epsilon": m.ln_eps,
         "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
         "tie_word_embeddings": m.tie_embeddings, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,

@@ -21,7 +21,8 @@ from trainer_accel.config import SamplePrompt
 from trainer_accel.data.chat_template import ChatFormat
 from trainer_accel.data.tokenizer import EOT, Tokenizer
 from trainer_accel.fsio import write_atomic
-from trainer_accel.models.gpt import GPT, generate
+from trainer_accel.models.generation import generate
+from trainer_accel.models.gpt import GPT
 
 
 def sample_text(model: GPT, tok: Tokenizer, spec: SamplePrompt, default_seed: int,
