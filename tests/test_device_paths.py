@@ -73,11 +73,15 @@ def test_fsdp2_trains_samples_resumes_and_saves_the_same_checkpoint_as_ddp(world
     assert best["step"] == 6 and len(best["optimizer_state"]["state"]) == len(best["model_state"]) - 1
 
 
-def test_fsdp2_bf16_reduces_gradients_in_fp32_and_trains(world):
+@pytest.mark.parametrize("model", [{}, {"model_cfg": {"V": 260, "T": 32, "C": 32, "L": 2, "H": 4, "n_kv_heads": 2,
+                                                    "d_ff": 48, "position": "rope", "norm": "rmsnorm", "mlp": "gated",
+                                                    "activation": "silu", "tie_embeddings": False}}],
+                         ids=["gpt2-style", "llama-style"])
+def test_fsdp2_bf16_reduces_gradients_in_fp32_and_trains(world, model):
     """Accelerate's own FSDP2 bf16 policy reduces gradients in bf16, unlike DDP; ours reduces them in fp32. (An fp32
     output_dtype, tried first, broke the forward: Accelerate's separate unit for the final norm returned fp32 into
-    the bf16 output layer.)"""
-    cfg = write_config(world / "pre.json", "pretrain", {**SHORT, "total_steps": 2})
+    the bf16 output layer.) A Llama-style model shards by block the same way (RMSNorm, rotary tables in fp32)."""
+    cfg = write_config(world / "pre.json", "pretrain", {**SHORT, "total_steps": 2}, **model)
     r = launch(world, "fsdp.yaml", [str(EMULATED), "fsdp"], "--phase", "pretrain", "--config", str(cfg),
                artifacts="bf16", launcher=("--num_processes", "2", "--mixed_precision", "bf16"))
     assert r.returncode == 0, r.stderr[-3000:]
