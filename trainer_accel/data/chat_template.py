@@ -20,6 +20,7 @@ recognised, the contents as plain text, so a user who types `<|im_end|>` writes 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -83,9 +84,10 @@ def find_chat_template(tokenizer_json: Path) -> ChatTemplate | None:
     return ChatTemplate(text, source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
 
 
+@functools.lru_cache(maxsize=8)
 def _compiled(template: ChatTemplate):
     """The template in transformers' own environment: sandboxed, trim_blocks and lstrip_blocks, loop controls,
-    its tojson, raise_exception and strftime_now."""
+    its tojson, raise_exception and strftime_now. Compiled once: prepare renders every example with it."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -208,7 +210,8 @@ class TemplateEncoder:
                             "where an answer ends cannot be told")
         self.rule = AnswerRule(tuple(ids[header[0]:first]), end)
 
-    def _tokens(self, pieces: list[str | int], texts: list[str]) -> tuple[list[int], list[int | None]]:
+    def _tokens(self, pieces: list[str | int],
+                texts: list[str]) -> tuple[list[int], list[int | None], list[tuple[int, int]]]:
         """Token ids of a rendered conversation (markup strings and content indices into `texts`) and, per token,
         the content it holds (its index; None: the template's own), and each token's character span."""
         items: list[tuple[str, int | None]] = []  # (text, owner), with special tokens as ("", -id - 1)
