@@ -154,3 +154,10 @@ def test_generate_into_a_closed_pipe_exits_quietly(trained):
                          executable="/bin/bash")
     out, err = p.communicate(timeout=120)
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err[-2000:]
+
+
+def test_chat_refuses_the_export_of_a_pretrained_model(trained):
+    assert run_cli("export", "--format", "hf", "--checkpoint", "checkpoints/pretrain/best", "--out", "pre_hf",
+                   cwd=trained).returncode == 0
+    r = run_cli("chat", "--model", "pre_hf", cwd=trained)
+    assert r.returncode == 2 and "this model has no chat template (phase pretrain" in r.stderr, r.stderr

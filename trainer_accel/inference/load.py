@@ -23,7 +23,8 @@ from trainer_accel.data.chat_template import (
 from trainer_accel.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from trainer_accel.devices.accelerator import pick_device
 from trainer_accel.errors import UserError
-from trainer_accel.hf.directory import is_hf_dir, tokenizer_identity
+from trainer_accel.fsio import loads
+from trainer_accel.hf.directory import EXPORT_RECORD, is_hf_dir, tokenizer_identity
 from trainer_accel.hf.export import find_tokenizer
 from trainer_accel.models.config import ModelConfig
 from trainer_accel.models.gpt import GPT
@@ -61,6 +62,15 @@ def default_model(paths: Paths) -> Path:
                     "directory)")
 
 
+def _export_phase(directory: Path) -> str | None:
+    """The phase an export of ours came from (its record); None for any other Hugging Face directory."""
+    try:
+        record = loads((directory / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("phase") if isinstance(record, dict) else None
+
+
 def _hf_tokenizer_and_chat(directory: Path) -> tuple[Tokenizer, ChatFormat | None]:
     tok_file = directory / "tokenizer.json"
     if not tok_file.is_file():
@@ -68,7 +78,7 @@ def _hf_tokenizer_and_chat(directory: Path) -> tuple[Tokenizer, ChatFormat | Non
     byte_export = tokenizer_identity(directory) == ByteTokenizer.identity  # ours, exported: the ids are bytes
     tok: Tokenizer = ByteTokenizer() if byte_export else HFTokenizer(tok_file)
     template = find_chat_template(tok_file)
-    if template is None:
+    if template is None or _export_phase(directory) == "pretrain":  # our exports carry the template whatever the phase
         return tok, None
     return tok, ChatFormat(tok, TemplateEncoder(tok, template) if not byte_export else None)
 
@@ -84,11 +94,13 @@ def load_model(path: Path | None, paths: Paths, device: str | None = None, dtype
     if dtype != "fp32" and dev.type == "cpu":
         raise UserError(f"--dtype {dtype}: half precision is for a GPU; on the CPU use fp32")
     loaded = load_start(source, None, with_optimizer=False)
+    phase = loaded.meta.get("phase")
     if is_hf_dir(source):
         tok, chat = _hf_tokenizer_and_chat(source)
+        phase = _export_phase(source)
     else:
         tok = find_tokenizer(loaded, None, paths)
         chat = chat_format(tok, loaded.meta.get("chat")) if loaded.meta.get("phase") == "sft" else None
     model = GPT(ModelConfig(**loaded.meta["model_cfg"]))
     model.load_state_dict(loaded.model_state, strict=True)
-    return LoadedModel(model.to(device=dev, dtype=DTYPES[dtype]).eval(), tok, chat, source, loaded.meta.get("phase"))
+    return LoadedModel(model.to(device=dev, dtype=DTYPES[dtype]).eval(), tok, chat, source, phase)
