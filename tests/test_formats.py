@@ -207,3 +207,37 @@ def test_a_prepare_killed_halfway_leaves_the_old_caches(here):
     assert r.returncode == 0 and "finished publishing them" in r.stderr, r.stderr
     assert not [p for p in caches.iterdir() if ".prepare-tmp-" in p.name]
     assert "".join(cache_docs(here, "stream", "notes")) == (here / "new.txt").read_text()
+
+
+def test_oasst1_counts_every_message_it_leaves_out_by_reason(here, capsys):
+    """A missing parent's child, a reply to a deleted message, a self-parent and a two-message circle used to go
+    uncounted (the log said 1 message was left out when more were)."""
+    def m(mid, parent, role, text):
+        return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "lang": "en", "rank": 0}
+    rows = oasst_messages() + [
+        m("x1", "nowhere", "assistant", "Parent not here."), m("x2", "x1", "prompter", "Below it."),
+        m("x3", "gone", "prompter", "Reply to a deleted one."),
+        m("s1", "s1", "prompter", "My own parent."), m("c1", "c2", "prompter", "Round"), m("c2", "c1", "assistant", "and round."),
+    ]
+    (here / "flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert prepare.main(["--sft", "chat=flat.jsonl"]) == 0
+    assert ("left out: 1 replies to a deleted message, 1 whose parent is not in the file, 1 under those, "
+            "3 in or under a circle of parent ids, 1 marked deleted") in capsys.readouterr().err
+
+
+def test_text_inputs_crlf_paragraphs_a_file_named_twice_and_bad_utf8_at_a_block_edge(here, capsys):
+    (here / "win.txt").write_bytes(b"First para.\r\nStill first.\r\n\r\nSecond para.\r\n")
+    assert prepare.main(["--stream", "win=win.txt", "--documents", "blank-lines", "--val-fraction", "0.5"]) == 0
+    docs = cache_docs(here, "stream", "win")
+    assert sorted(docs) == ["First para.\r\nStill first.", "Second para.\r\n"]  # no stray \r on the first one
+
+    (here / "notes").mkdir()
+    (here / "notes" / "a.txt").write_text("some text\n")
+    assert prepare.main(["--stream", "x=notes", "--stream", "x=notes/a.txt"]) == 2
+    assert "notes/a.txt: named twice in source 'x' (also as notes/a.txt); its documents would be read twice" in \
+        capsys.readouterr().err
+
+    edge = text_format.BLOCK_BYTES
+    (here / "bad.txt").write_bytes(b"a" * (edge - 1) + b"\xe2\x82" + b"\xff" + b"b" * 10)  # the sequence starts at edge-1
+    assert prepare.main(["--stream", "x=bad.txt"]) == 2
+    assert f"bad.txt: not UTF-8 text (byte {edge - 1})" in capsys.readouterr().err

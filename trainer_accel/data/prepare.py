@@ -218,6 +218,7 @@ def _preflight(sources: list[Source], options: formats.ReadOptions) -> tuple[lis
     the total input size for the progress bar when every input has one."""
     problems, total = [], 0
     for src in sources:
+        seen: dict[Path, Path] = {}
         for path in src.inputs:
             try:
                 files = formats.input_files(path, src.kind)
@@ -225,6 +226,11 @@ def _preflight(sources: list[Source], options: formats.ReadOptions) -> tuple[lis
                 problems += e.problems
                 continue
             for f in files:
+                if f.resolve() in seen:
+                    problems.append(f"{f}: named twice in source {src.name!r} (also as {seen[f.resolve()]}); its "
+                                    "documents would be read twice")
+                    continue
+                seen[f.resolve()] = f
                 needs = "datasets" if f.is_dir() else "pyarrow" if f.name.endswith(".parquet") else None
                 if needs and importlib.util.find_spec(needs) is None:
                     problems.append(f"{f}: reading it needs the '{needs}' package (pip install 'trainer_accel[formats]')")

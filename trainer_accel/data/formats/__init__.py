@@ -145,5 +145,5 @@ def examples(path: Path, options: ReadOptions, problems: list[str], tick: Tick) 
         log.info("%s: %d oasst1 messages -> %d conversations (%s%s)%s", path, len(trees.messages), len(conversations),
                  "one per leaf" if options.oasst_paths == "leaves" else "best-ranked path",
                  f", languages {', '.join(sorted(options.langs))}" if options.langs else "",
-                 f"; {trees.orphans} messages whose parent is missing were left out" if trees.orphans else "")
+                 "; left out: " + ", ".join(f"{n} {why}" for why, n in trees.dropped.items()) if trees.dropped else "")
         yield from conversations

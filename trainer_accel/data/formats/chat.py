@@ -89,7 +89,8 @@ class MessageTrees:
     paths: str = "leaves"
     langs: frozenset[str] = frozenset()  # keep trees whose first prompt is in one of these; empty keeps all
     messages: dict[str, Message] = field(default_factory=dict)
-    orphans: int = 0  # messages whose parent is missing (deleted, or outside the file)
+    deleted: set[str] = field(default_factory=set)  # ids of messages marked deleted, which are left out
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> messages left out for it (conversations())
 
     def add(self, obj: dict, where: str) -> None:
         """One flat message row; raises ValueError saying what is wrong."""
@@ -105,6 +106,7 @@ class MessageTrees:
         if mid in self.messages:
             raise ValueError(f"oasst1 message {mid}: message_id seen before, at {self.messages[mid].where}")
         if obj.get("deleted") is True:
+            self.deleted.add(mid)
             return
         rank = obj.get("rank")
         self.messages[mid] = Message(mid, parent or None, role, text, obj.get("lang"),
@@ -131,10 +133,9 @@ class MessageTrees:
         for m in self.messages.values():
             if m.parent is None:
                 roots.append(m)
-            elif m.parent in self.messages:
+            elif m.parent in self.messages and m.parent != m.id:
                 self.messages[m.parent].replies.append(m.id)
-            else:
-                self.orphans += 1
+        self._count_dropped(roots)
         out = []
         for root in roots:
             if self.langs and root.lang not in self.langs:
@@ -147,6 +148,29 @@ class MessageTrees:
                 except ValueError as e:
                     problems.append(f"{path[-1].where}: {e}")
         return out, problems
+
+    def _count_dropped(self, roots: list[Message]) -> None:
+        """Every message that no conversation can reach, by why: its parent was deleted, its parent is not in the
+        file, it lies under such a message, or its parent ids go round in a circle (its own parent included)."""
+        def under(tops: list[Message]) -> set[str]:
+            found, stack = set(), [m.id for m in tops]
+            while stack:
+                mid = stack.pop()
+                if mid not in found:
+                    found.add(mid)
+                    stack += self.messages[mid].replies
+            return found
+
+        reached = under(roots)
+        lost = [m for m in self.messages.values() if m.parent is not None and m.parent not in self.messages]
+        to_deleted = [m for m in lost if m.parent in self.deleted]
+        missing = [m for m in lost if m.parent not in self.deleted]
+        below = under(lost) - {m.id for m in lost}
+        circular = set(self.messages) - reached - under(lost)
+        counts = {"replies to a deleted message": len(to_deleted), "whose parent is not in the file": len(missing),
+                  "under those": len(below), "in or under a circle of parent ids": len(circular),
+                  "marked deleted": len(self.deleted)}
+        self.dropped = {reason: n for reason, n in counts.items() if n}
 
     def _children(self, m: Message) -> list[Message]:
         return sorted((self.messages[r] for r in m.replies), key=lambda c: (c.rank, c.order))

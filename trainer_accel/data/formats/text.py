@@ -23,7 +23,7 @@ from trainer_accel.errors import UserError
 PIECE_CHARS = 1 << 16  # pieces at most this long (a cut point is looked for in the last quarter)
 KEY_CHARS = 1 << 14  # a document's train/val side is a hash of this much of its start; pieces never start shorter
 BLOCK_BYTES = 1 << 20
-BLANK_LINES = re.compile(r"\n\s*\n")
+BLANK_LINES = re.compile(r"\r?\n\s*\n")  # a Windows line end's \r belongs to the break, not to the paragraph
 NON_SPACE = re.compile(r"\S")
 AFTER_NEWLINE = re.compile(r"(?<=\S)\n(?=[^\W_])")  # "x\nword": pre-tokenizers split after the newline
 BEFORE_SPACE = re.compile(r"(?<=\S) (?=[^\W_])")  # "x word": and before " word"
@@ -138,10 +138,11 @@ def text_blocks(path: Path, tick: Callable[[int], None] = lambda n: None) -> Ite
     with open(path, "rb") as f:
         while True:
             raw = f.read(BLOCK_BYTES)
+            held = len(decoder.getstate()[0])  # the start of a character cut by the last block, counted in offset
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}: not UTF-8 text (byte {offset + e.start})") from None
+                raise UserError(f"{path}: not UTF-8 text (byte {offset - held + e.start})") from None
             offset += len(raw)
             tick(len(raw))
             if text:
