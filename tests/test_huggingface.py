@@ -7,6 +7,7 @@ uses, and give the trainer what that library writes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -401,3 +402,34 @@ def test_sft_from_a_gpt2_directory_exports_back_with_the_trained_weights(world, 
     ours = our_model_from(world / "checkpoints" / "sft" / "best")
     with torch.no_grad():
         assert (ours(ids) - hf_logits(reloaded, ids)).abs().max().item() < 1e-5
+
+
+def test_a_pt_without_its_record_exports_to_hf_when_told_its_tokenizer(tmp_path, monkeypatch, capsys, caplog):
+    """It used to say "an export made before tokenizers were recorded" with no way out, even for the byte
+    tokenizer, which has no file to pass."""
+    monkeypatch.chdir(tmp_path)
+    model = randomised(GPT(ModelConfig(**TINY_MODEL)), seed=2)
+    write_tiny_checkpoint(tmp_path / "ck", model)
+    assert export.main(["--checkpoint", "ck", "--out", "model.pt"]) == 0
+    (tmp_path / "model.pt.json").unlink()  # the record is gone: nothing says which tokenizer the model learnt
+    capsys.readouterr()
+    assert export.main(["--format", "hf", "--checkpoint", "model.pt", "--out", "hf"]) == 2
+    assert "or --tokenizer bytes for the built-in byte tokenizer" in capsys.readouterr().err
+    assert export.main(["--format", "hf", "--checkpoint", "model.pt", "--out", "hf", "--tokenizer", "bytes"]) == 0
+    assert "records no tokenizer; exported with the built-in byte tokenizer" in caplog.text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 260, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-5
+
+
+def test_a_second_export_to_the_same_out_is_refused_while_the_first_writes(tmp_path, monkeypatch, capsys):
+    """By reading: the second export's sweep deleted the first one's temporary directory."""
+    from trainer_accel.fsio import held_alone
+    monkeypatch.chdir(tmp_path)
+    write_tiny_checkpoint(tmp_path / "ck", GPT(ModelConfig(**TINY_MODEL)))
+    with held_alone(tmp_path / ".hf.export.lock", "held by this test"):  # as a first export holds it
+        assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 2
+    assert f"--out hf: another export is writing there; wait for it (pid {os.getpid()})" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
+    assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0  # free again

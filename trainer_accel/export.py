@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="pt: the best.pt dict (default); hf: a Hugging Face transformers directory")
     p.add_argument("--out", type=Path, help="where to write (default: checkpoints/best.pt; with --format hf: checkpoints/hf)")
     p.add_argument("--tokenizer", type=Path,
-                   help="--format hf: the tokenizer.json the caches were made with, if it has moved since")
+                   help="--format hf: the tokenizer.json the caches were made with, if it has moved since (or "
+                        "'bytes': the built-in byte tokenizer, for a .pt that records none)")
     p.add_argument("--deployable-only", action="store_true",
                    help="refuse unless the checkpoint's weights passed the SFT promotion gate")
     args = p.parse_args(argv)

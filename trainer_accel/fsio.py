@@ -7,14 +7,18 @@ user or a past run wrote parses it with `loads`, so a hostile file fails the sam
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
+from trainer_accel.errors import UserError
 from trainer_accel.faults import fault_point
 
 
@@ -108,3 +112,29 @@ FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; read at import, b
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def held_alone(lock_file: Path, busy: str, remove: bool = False) -> Iterator[None]:
+    """One holder at a time of `lock_file` (flock: released however the holder ends, a SIGKILL included). A second
+    is refused at once with `busy` and the first one's pid, never made to wait or to sweep the first one's files.
+    `remove`: the file goes when the holder is done (a killed holder's file stays, free, and is taken over); a
+    process that locked a file just removed sees that it is no longer the one at the path and is refused."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if remove and os.fstat(handle.fileno()).st_ino != os.stat(lock_file).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            handle.seek(0)
+            raise UserError(f"{busy} ({handle.read().strip() or 'pid unknown'})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            if remove:
+                lock_file.unlink(missing_ok=True)  # while still locked: no one else holds a lock on this file

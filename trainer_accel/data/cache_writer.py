@@ -11,7 +11,6 @@ one not yet in place reads as unfinished, never as another cache's data under a 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ from trainer_accel.data.cache import (
 from trainer_accel.data.tokenizer import Tokenizer
 from trainer_accel.errors import UserError
 from trainer_accel.faults import fault_point
-from trainer_accel.fsio import loads, write_atomic
+from trainer_accel.fsio import held_alone, loads, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -191,16 +190,6 @@ def recover(cache_dir: Path) -> None:
 @contextlib.contextmanager
 def prepare_lock(cache_dir: Path) -> Iterator[None]:
     """One prepare at a time per cache folder: a second would sweep the first one's temporary files."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise UserError(f"{cache_dir}: another prepare is writing caches here ({handle.read().strip() or 'pid unknown'}); "
-                            "wait for it or use another TRAINER_DATA_DIR") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
+    with held_alone(cache_dir / LOCK, f"{cache_dir}: another prepare is writing caches here; wait for it or use "
+                                      "another TRAINER_DATA_DIR"):
         yield

@@ -41,6 +41,7 @@ from trainer_accel.fsio import (
     TRASH_PREFIX,
     fsync_dir,
     fsync_file,
+    held_alone,
     loads,
     now_iso,
     swap_into_place,
@@ -59,6 +60,7 @@ RECORD_FORMAT = "trainer_accel.export.hf"
 EXPORT_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                           "special_tokens_map.json", "model.safetensors", "model.safetensors.index.json", RECORD})
 SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")  # the shards of a large export, as transformers names them
+BYTES = "bytes"  # --tokenizer bytes: the built-in byte tokenizer, which has no file
 SHARD_BYTES = 5 * 2**30  # above this an export is sharded (transformers' own default for save_pretrained)
 
 
@@ -67,15 +69,28 @@ def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -
     --tokenizer, the path the checkpoint recorded, or a cache of the same tokenizer that records one; a file whose
     identity differs is refused, since its ids would not be the ones the model learnt."""
     identity, recorded = loaded.meta.get("tokenizer"), loaded.meta.get("tokenizer_path")
-    if identity is None:
-        raise UserError(f"{loaded.source}: records no tokenizer (an export made before tokenizers were recorded); "
-                        "export it from its checkpoint directory")
+    if identity is None and given is None:
+        raise UserError(f"{loaded.source}: records no tokenizer (a .pt without its record, or one exported before "
+                        "tokenizers were recorded): export its checkpoint directory instead, or name the tokenizer it "
+                        f"was trained with: --tokenizer PATH/tokenizer.json, or --tokenizer {BYTES} for the built-in "
+                        "byte tokenizer")
+    if given is not None and str(given) == BYTES:
+        if identity not in (None, ByteTokenizer.identity):
+            raise UserError(f"--tokenizer {BYTES}: the checkpoint was trained on {identity}, not the built-in byte "
+                            "tokenizer")
+        if identity is None:
+            log.warning("%s: records no tokenizer; exported with the built-in byte tokenizer as --tokenizer %s says "
+                        "(nothing can verify that it is the one it learnt)", loaded.source, BYTES)
+        return ByteTokenizer()
     if given is not None:
         if identity == ByteTokenizer.identity:
             raise UserError(f"--tokenizer {given}: the checkpoint was trained on the built-in byte tokenizer; leave "
                             "--tokenizer out")
         tok = HFTokenizer(given)
-        if tok.identity != identity:
+        if identity is None:
+            log.warning("%s: records no tokenizer; exported with %s as --tokenizer says (nothing can verify that it "
+                        "is the one it learnt)", loaded.source, given)
+        elif tok.identity != identity:
             raise UserError(f"--tokenizer {given}: tokenizer {tok.identity}, but the checkpoint was trained on "
                             f"{identity} (another file, or this one changed)")
         return tok
@@ -159,7 +174,18 @@ def carry_over(names: list[str], earlier: Path, into: Path) -> None:
 
 def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = None,
               verdict: str | None = None) -> dict[str, Any]:
-    """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record."""
+    """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record. One export
+    at a time per --out: a second one's sweep would delete the first one's temporary directory."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: its folder cannot be made ({e.strerror or type(e).__name__})") from None
+    with held_alone(out.parent / f".{out.name}.export.lock", f"--out {out}: another export is writing there; wait "
+                                                               "for it", remove=True):
+        return _export_hf(source, out, paths, tokenizer, verdict)
+
+
+def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, verdict: str | None) -> dict[str, Any]:
     kept = check_out(out)
     if is_hf_dir(source):
         raise UserError(f"{source}: already a Hugging Face directory; nothing to export")
