@@ -148,7 +148,8 @@ def test_two_processes_stop_after_the_same_step_when_one_is_signalled(world):
     assert len(workers) == 2
     workers[-1].send_signal(signal.SIGTERM)  # one process only
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "stopped: pretrain stopped by a signal after step" in err, err[-3000:]
+    # the launcher reports a stopped worker as a failure (torchrun's agent exits 1); the line is printed once
+    assert proc.returncode != 0 and err.count("stopped: pretrain stopped by a signal after step") == 1, err[-3000:]
     stopped = events(world, "stopped")
     assert len(stopped) == 1 and 0 < stopped[0]["step"] < STEPS
     assert read_meta(world / "checkpoints/pretrain/latest", verify=True)["step"] == stopped[0]["step"]

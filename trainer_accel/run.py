@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
     except Interrupted as e:
         status, failure = "interrupted", str(e)
-        print(f"stopped: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops after the same step; one line says so
+            print(f"stopped: {e}", file=sys.stderr)
     except BaseException as e:  # a bug: the traceback is printed, and the result still says what happened
         failure = f"{type(e).__name__}: {e}"
         raise
