@@ -58,6 +58,9 @@ class TrainConfig:
     log_every: int = 50  # steps between progress lines (at most 50)
     mixed_precision: str | None = None  # "no", "bf16" or "fp16"; null leaves it to the accelerate launcher
     compile: bool = False  # torch.compile the model (faster steps on GPU after a compile of tens of seconds)
+    # recompute blocks' activations in the backward pass instead of keeping them (memory for compute): 0 off,
+    # 1 every block, k every k-th block (selective); the same gradients, dropout masks and checkpoint names
+    activation_checkpointing: int = 0
     tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls (about 1e-3 relative precision, much faster)
     on_nonfinite: str = "stop"  # a NaN/inf loss or grad norm: "stop" with an error, or "skip" that update
     max_nonfinite_skips: int = 10  # with "skip": stop after this many skipped updates in a row
@@ -212,6 +215,9 @@ def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> li
         out.append(f"{where}.keep_last_n: must be at least 2, got {t.keep_last_n}")
     if t.on_nonfinite not in ("stop", "skip"):
         out.append(f'{where}.on_nonfinite: expected "stop" or "skip", got {json.dumps(t.on_nonfinite)}')
+    if t.activation_checkpointing < 0:
+        out.append(f"{where}.activation_checkpointing: 0 (off), 1 (every block) or k (every k-th block), got "
+                   f"{t.activation_checkpointing}")
     if t.max_nonfinite_skips <= 0:
         out.append(f"{where}.max_nonfinite_skips: must be a positive integer, got {t.max_nonfinite_skips}")
     if t.mixed_precision not in (None, "no", "bf16", "fp16"):

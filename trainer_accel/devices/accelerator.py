@@ -88,6 +88,10 @@ def fsdp_plugin(mixed_precision: str | None):
     if plugin.fsdp_version != 2:
         raise UserError(f"FSDP version {plugin.fsdp_version} was asked for; this trainer runs FSDP2 "
                         "(fsdp_version: 2, as in launch/fsdp.yaml)")
+    if plugin.activation_checkpointing:  # its wrapper renames every parameter and redraws dropout masks
+        raise UserError("fsdp_activation_checkpointing: true in the launch file; set train_cfg.activation_checkpointing "
+                        "instead (Accelerate's wrapper renames the parameters a checkpoint is saved under and does not "
+                        "keep the dropout masks)")
     precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if half is not None:

@@ -113,8 +113,12 @@ class PhasePlan:
         half = precision in ("bf16", "fp16")
         tokens = t.B * self.cfg.seq_len
         chunk = max(1, LOGIT_CHUNK_BYTES // (4 * m.V))  # the loss's logits exist a chunk at a time (models/gpt.py)
+        per_layer = tokens * (18 * m.C + (6 if m.mlp == "gated" else 4) * m.d_ff) * (1 if half else 2)
+        k = t.activation_checkpointing  # recomputed blocks keep their input alone, and one is recomputed at a time
+        redone = len(range(0, m.L, k)) if k else 0
         out = {"weights, gradients, AdamW state": 16.0 * self.parameters,
-               "activations": tokens * m.L * (18 * m.C + (6 if m.mlp == "gated" else 4) * m.d_ff) * (1 if half else 2),
+               "activations": (m.L - redone) * per_layer + (redone * tokens * m.C * (2 if half else 4)
+                                                             + (per_layer if redone else 0)),
                "logits": min(tokens, chunk) * m.V * (4 if half and t.compile and tokens <= chunk else 12)}
         return {**out, "total": sum(out.values())}
 

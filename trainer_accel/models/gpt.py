@@ -190,6 +190,7 @@ class GPT(nn.Module):
         self.ln_f = make_norm(cfg, cfg.C)
         self.lm_head = nn.Linear(cfg.C, cfg.V, bias=False)
         self.loss_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * cfg.V))  # tokens per chunk of the loss
+        self.checkpoint_every = 0  # activation checkpointing: every k-th block recomputed in backward (0: none)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -222,8 +223,12 @@ class GPT(nn.Module):
         else:
             rope = rotary_tables(self.cfg, pos)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, mask, rope)
+        k = self.checkpoint_every if self.training and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            if k and i % k == 0:  # keeps only the block's input; its RNG state too, so dropout draws the same masks
+                x = checkpoint(block, x, mask, rope, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = block(x, mask, rope)
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x)  # (B, T, V)

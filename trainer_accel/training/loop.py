@@ -143,6 +143,7 @@ class Trainer:
 
         torch.manual_seed(self.t.seed)  # the same initial weights on every process and every run
         model = GPT(cfg.model)
+        model.checkpoint_every = self.t.activation_checkpointing  # no wrapper modules: parameter names unchanged
         self.state = LoopState()
         start = resume_from or init_from
         if start is not None:
