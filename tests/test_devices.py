@@ -153,3 +153,19 @@ def test_a_device_this_machine_lacks_is_one_line_from_every_command(tmp_path, co
         pytest.skip("this machine has CUDA")
     r = run_cli(*command, "--device", device, cwd=ROOT, env={"TRAINER_ARTIFACTS_DIR": str(tmp_path)})
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_collective_timeout_covers_the_main_processes_own_work_and_can_be_set(monkeypatch):
+    from datetime import timedelta
+
+    from trainer_accel.devices import accelerator
+    from trainer_accel.errors import UserError
+
+    monkeypatch.delenv(accelerator.COLLECTIVE_TIMEOUT_ENV, raising=False)
+    assert accelerator.process_group_kwargs().timeout == timedelta(hours=1)  # not NCCL's 10 minutes
+    monkeypatch.setenv(accelerator.COLLECTIVE_TIMEOUT_ENV, "7200")
+    assert accelerator.process_group_kwargs().timeout == timedelta(hours=2)
+    for bad in ("0", "soon", "-5"):
+        monkeypatch.setenv(accelerator.COLLECTIVE_TIMEOUT_ENV, bad)
+        with pytest.raises(UserError, match=f"TRAINER_COLLECTIVE_TIMEOUT_S={bad}: expected a number of seconds above 0"):
+            accelerator.process_group_kwargs()

@@ -62,7 +62,8 @@ def make_accelerator(device: str | None, mixed_precision: str | None):
     if fsdp and (cpu or not torch.cuda.is_available()):
         raise UserError("FSDP was asked for (launch/fsdp.yaml) without a CUDA GPU; Accelerate shards with FSDP on GPUs "
                         "only: use launch/cpu_2proc.yaml for several CPU processes")
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin(mixed_precision) if fsdp else None)
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin(mixed_precision) if fsdp else None,
+                      kwargs_handlers=[process_group_kwargs()])
     if launched > 1 and acc.num_processes == 1:  # each process would train alone and write the same files
         raise UserError(
             f"the launcher started {launched} processes but they are not connected (several processes train together "
@@ -70,6 +71,29 @@ def make_accelerator(device: str | None, mixed_precision: str | None):
             "launch one process"
         )
     return acc
+
+
+COLLECTIVE_TIMEOUT_ENV = "TRAINER_COLLECTIVE_TIMEOUT_S"
+COLLECTIVE_TIMEOUT_S = 3600  # the work one process does while the others wait (the gate, an export, samples)
+
+
+def process_group_kwargs():
+    """How long a process waits in a collective before the run fails: an hour by default, not NCCL's 10 minutes,
+    because the promotion gate, the best.pt export and the samples run on the main process alone while the others
+    wait in a barrier, and on a big model with many val sets they take longer than that. TRAINER_COLLECTIVE_TIMEOUT_S
+    sets it (a real hang then surfaces after that long)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV, str(COLLECTIVE_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"{COLLECTIVE_TIMEOUT_ENV}={value}: expected a number of seconds above 0")
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
 
 
 def fsdp_plugin(mixed_precision: str | None):
