@@ -161,3 +161,21 @@ def test_chat_refuses_the_export_of_a_pretrained_model(trained):
                    cwd=trained).returncode == 0
     r = run_cli("chat", "--model", "pre_hf", cwd=trained)
     assert r.returncode == 2 and "this model has no chat template (phase pretrain" in r.stderr, r.stderr
+
+
+def test_the_held_out_score_is_measured_with_a_floor(trained):
+    """tools/heldout: the README's held-out figure comes from this command (after README command 1, --min 9)."""
+    def heldout(*args):
+        return subprocess.run([sys.executable, "-m", "trainer_accel.tools.heldout", *args], cwd=trained,
+                              capture_output=True, text=True, timeout=120)
+
+    r = heldout()
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    n = int(lines[-1].split("/")[1].split()[0])
+    k = int(lines[-1].split(": ")[1].split("/")[0])
+    assert lines[-1].startswith("held-out dolly answers exact: ") and len(lines) == n + 1 and n > 0
+    assert sum(line.startswith("exact  ") for line in lines) == k
+    assert all(line.startswith(("exact  ", "wrong  ", "long   ")) for line in lines[:-1])
+    assert heldout("--min", str(k)).returncode == 0 and heldout("--min", str(k + 1)).returncode == 1
+    assert heldout("--source", "nosuch").returncode == 2
