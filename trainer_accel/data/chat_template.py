@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer_accel.data.tokenizer import EOT, encode_chat, encode_chat_prompt
 from trainer_accel.errors import UserError
 from trainer_accel.fsio import loads
 
@@ -338,14 +339,12 @@ class ChatFormat:
     def prompt(self, question: str, history: Turns = ()) -> list[int]:
         if self.encoder is not None:
             return self.encoder.prompt(list(history), question)
-        from trainer_accel.data.tokenizer import encode_chat, encode_chat_prompt
         return encode_chat(self.tok, list(history)) + encode_chat_prompt(self.tok, question)
 
     @property
     def stop_id(self) -> int:
         if self.encoder is not None:
             return self.encoder.rule.end
-        from trainer_accel.data.tokenizer import EOT
         return self.tok.special[EOT]
 
 
