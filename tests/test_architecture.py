@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Lowest first. A module may import its own folder and any layer below its own, never a peer folder or above.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("ground", {"", "errors", "paths", "fsio", "faults", "versions", "overrides", "schema"}),
+    ("ground", {"", "errors", "paths", "fsio", "faults", "versions", "overrides", "schema", "dependency_floors"}),
     ("data", {"data/"}),
     ("models", {"models/"}),
     ("devices", {"devices/"}),

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import free_port, run_cli, write_config
+from test_device_paths import needs_cpu_fsdp2
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_FILES = ["cpu.yaml", "cpu_2proc.yaml", "mps.yaml", "gpu_bf16.yaml", "ddp.yaml", "fsdp.yaml", "multi_node.yaml"]
@@ -66,6 +67,7 @@ def test_run_logs_its_compute_plan_and_warns_about_one_thread(world):
     assert ("trains on 1 CPU thread" in r.stderr) == (usable_cores() > 1)
 
 
+@needs_cpu_fsdp2
 def test_fsdp_sharded_optimizer_state_round_trips_to_the_checkpoint_form(world):
     """FSDP2 on 2 gloo CPU processes (torch's own launcher: Accelerate runs FSDP on GPUs only)."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

@@ -53,16 +53,20 @@ def full_model_state(acc: Accelerator, model: torch.nn.Module) -> tuple[dict[str
     return {k: v for k, v in state.items() if k not in aliases}, aliases
 
 
-def plain_model(model_cfg, state: dict[str, torch.Tensor], aliases: dict[str, str], device: torch.device):
-    """A plain GPT on `device` holding a full state: what the main process alone may run (sampling) while the
-    training model is sharded, whose forward all-gathers with every process. Built on the meta device, so it
-    draws no random numbers and allocates once."""
+def plain_model(model_cfg, state: dict[str, torch.Tensor], aliases: dict[str, str], device: torch.device,
+                dtype: torch.dtype = torch.float32):
+    """A plain GPT on `device` in `dtype` holding a full state: what the main process alone may run (sampling)
+    while the training model is sharded, whose forward all-gathers with every process. Built on the meta device,
+    so it draws no random numbers and allocates once, in `dtype`."""
     from trainer_accel.checkpoints.store import expand_aliases
     from trainer_accel.models.gpt import GPT
 
     with torch.device("meta"):
-        model = GPT(model_cfg)
-    model.to_empty(device=device)
+        model = GPT(model_cfg).to(dtype)
+    model.to_empty(device=device)  # gives each name its own tensor: the ties are made again, so each is held once
+    for alias, name in aliases.items():
+        owner, _, leaf = alias.rpartition(".")
+        model.get_submodule(owner).register_parameter(leaf, model.get_parameter(name))
     model.load_state_dict(expand_aliases(state, aliases), strict=True)
     return model.eval()
 

@@ -17,6 +17,8 @@ from trainer_accel.errors import UserError
 
 log = logging.getLogger(__name__)
 
+HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed_precision -> the dtype it computes in
+
 
 DEVICES = ("cpu", "mps", "cuda")  # what every command's --device takes
 
@@ -117,7 +119,7 @@ def fsdp_plugin(mixed_precision: str | None):
                         "instead (Accelerate's wrapper renames the parameters a checkpoint is saved under and does not "
                         "keep the dropout masks)")
     precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    half = HALF_PRECISION.get(precision)
     if half is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 

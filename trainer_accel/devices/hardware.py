@@ -130,3 +130,12 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float
                 break
         best = max(best, 2 * n**3 * reps / elapsed)
     return best
+
+
+def fits_in_free_memory(device: torch.device, nbytes: int, spare: float = 0.25) -> bool:
+    """Whether `nbytes` more fit in a CUDA device's free memory with `spare` of it left over (for the work done
+    with them); True on devices whose free memory torch cannot read (CPU, MPS), where the host's is used."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes * (1 + spare) <= free

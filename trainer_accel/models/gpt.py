@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from trainer_accel.models.attention import masked_attention
 from trainer_accel.models.config import ModelConfig
 
 IGNORE_INDEX = -100  # a target the loss does not count (data/cache.py writes it)
@@ -105,11 +106,11 @@ class SelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, **gqa)
                 return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view(B, T, self.H * self.hd)))
         p = self.dropout if self.training else 0.0
-        gqa = {"enable_gqa": True} if self.KV != self.H else {}  # each k/v head serves H / KV query heads
         if mask is None:  # the flash / fused causal kernels
+            gqa = {"enable_gqa": True} if self.KV != self.H else {}  # each k/v head serves H / KV query heads
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, **gqa)
-        else:  # packed rows: causal within each example (see packed_layout)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, **gqa)
+        else:  # packed rows, causal within each example (see packed_layout), or a padded batch being generated
+            y = masked_attention(q, k, v, mask, p)
         return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view(B, T, self.H * self.hd)))
 
 

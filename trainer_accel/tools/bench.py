@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from trainer_accel.config import PhaseConfig, load_phase_config
 from trainer_accel.data.cache import CACHE_FORMAT, CACHE_VERSION, Cache, stream_rows
-from trainer_accel.devices.accelerator import DEVICES, pick_device
+from trainer_accel.devices.accelerator import DEVICES, HALF_PRECISION, pick_device
 from trainer_accel.devices.hardware import gpu_peak_flops, measured_matmul_flops
 from trainer_accel.errors import UserError, report
 from trainer_accel.experiments.plan import flops_per_token
@@ -114,9 +114,10 @@ class PlainLoop:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(device)
+        self.model.checkpoint_every = t.activation_checkpointing  # the same blocks recomputed as the trainer's
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.base_lr, betas=(t.beta1, t.beta2),
                                      weight_decay=t.weight_decay, fused=device.type == "cuda")
-        self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision or "no")
+        self.half = HALF_PRECISION.get(t.mixed_precision or "no")
         self.forward_loss = torch.compile(self._forward_loss) if t.compile else self._forward_loss  # as nanoGPT
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.half is torch.float16)
         self.last_loss: torch.Tensor | None = None

@@ -1,17 +1,24 @@
 """Every CUDA path of the trainer, run for real on the GPU at hand, in one command, with a table at the end.
 
-    python -m trainer_accel.gpu_check [--workdir DIR] [--json PATH] [--no-tests] [--no-bench] [--time-limit S]
+    python -m trainer_accel.gpu_check [--workdir DIR] [--json PATH] [--no-tests] [--no-bench] [--bench NAMES]
+                                      [--time-limit S]
 
 The CPU test suite proves the loop, checkpoints and resume; what only a GPU can show is checked here, each as a
 user runs it (the real CLI, in fresh processes, on small models of the demo data): bf16 + torch.compile
-pretraining with a checkpoint at the last step and a resume (recompiles counted), SFT with compile from it, fp16
-with on_nonfinite "stop" and "skip" (an overflow forced early: the loss scaler skips it and lowers its scale,
-and the trainer counts no skip of its own), FSDP2 on one process with samples and a resume, fused AdamW after a
-resume from a CPU checkpoint, flash attention under bf16, the CPU test suite on this machine, and
-`trainer_accel.bench` on GPT-2 small (configs/bench/gpt2_124m.json) with MFU against this GPU's datasheet peak.
-With two or more GPUs it adds DDP and FSDP across all of them. The checks run at once with the test suite beside
-them, then the bench alone: 6:47 on one H200 with 16 cores (docs/devices.md). On a machine without CUDA it says
-so in one line and exits 0.
+pretraining with a checkpoint at the last step and a resume (recompiles counted), SFT with compile from it, packed
+SFT of a Llama-style model with replay under bf16 + compile (the trainer's own compile count: graphs, graph
+breaks, nothing compiled after the warm-up), fp16 with on_nonfinite "stop" and "skip" (an overflow forced early:
+the loss scaler skips it and lowers its scale, and the trainer counts no skip of its own), FSDP2 on one process
+with samples and a resume, FSDP2 with fp16, FSDP2 with compile, activation checkpointing in one process (the
+loss and the checkpoint's names against a run without) and under FSDP2 with a resume, the Hugging Face export of
+that FSDP2 checkpoint read back by transformers (skipped, and said so, without transformers), fused AdamW after a
+resume from a CPU checkpoint, flash attention under bf16, the masked (packed) attention kernel in bf16 and fp16
+with finite gradients at T % 128 == 64, the CPU test suite on this machine, and `trainer_accel.bench` on GPT-2
+small (MFU target 50% of the datasheet peak), a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model (activation
+checkpointing, the largest batch that fits). With two or more GPUs it adds DDP and FSDP across all of them. The
+checks run at once with the test suite beside them, then the benches alone, one at a time. The last run's table
+(fewer checks: 6:47 on one H200 with 16 cores) is in docs/devices.md. On a machine without CUDA it says so in
+one line and exits 0.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,15 +44,26 @@ from trainer_accel.paths import REPO_ROOT
 MODEL = {"V": 260, "T": 256, "C": 256, "L": 4, "H": 4, "d_ff": 1024}
 TRAIN = {"seed": 1, "B": 16, "total_steps": 20, "base_lr": 1e-3, "warmup_steps": 5, "min_lr": 1e-4, "eval_every": 10,
          "eval_batches": 4, "ckpt_every": 20, "log_every": 10}
+# a Llama-style model (rotary, RMSNorm, SwiGLU, 2 key-value heads for 4 query heads) at T % 128 == 64: the
+# sequence lengths at which cuDNN's masked attention was reported to give NaN gradients (pytorch issue 196678)
+LLAMA = {"V": 260, "T": 320, "C": 256, "L": 4, "H": 4, "n_kv_heads": 2, "d_ff": 688, "position": "rope",
+         "norm": "rmsnorm", "mlp": "gated", "activation": "silu", "bias": False}
 SAMPLES = [{"prompt": "The zordax is", "max_new_tokens": 16, "temperature": 0.0}]
+BENCHES = {"gpt2": ("configs/bench/gpt2_124m.json", 0.50), "llama135m": ("configs/bench/llama_135m.json", None),
+           "llama1b": ("configs/bench/llama_1b.json", None)}  # name: (config, MFU target or None: a figure only)
+BATCH_CANDIDATES = [128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1]
 FORCED_SCALE = 2.0**32  # the loss gradient times this is far past fp16's range (65504): the next updates overflow
 
 
 @dataclass
 class Result:
     name: str
-    status: str  # "pass", "FAIL", or "MISS" (ran, but a speed target was not met)
+    status: str  # "pass", "FAIL", "MISS" (ran, but a speed target was not met) or "skip" (a package is missing)
     figures: str
+
+
+class Skipped(Exception):
+    """A check that needs an optional package this environment lacks: reported as skipped, with the reason."""
 
 
 class Runner:
@@ -55,8 +75,10 @@ class Runner:
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                     "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
-    def config(self, name: str, phase: str = "pretrain", train: dict | None = None, **top) -> Path:
-        cfg = {"model_cfg": MODEL, "train_cfg": {**TRAIN, **(train or {})}, "tracking": {"log_with": []}, **top}
+    def config(self, name: str, phase: str = "pretrain", train: dict | None = None, model: dict | None = None,
+               **top) -> Path:
+        cfg = {"model_cfg": model or MODEL, "train_cfg": {**TRAIN, **(train or {})}, "tracking": {"log_with": []},
+               **top}
         if phase == "sft":
             cfg.setdefault("sft_sources", {"dolly": 0.5, "oasst1": 0.4, "primer": 0.1})
         path = self.workdir / f"{name}.json"
@@ -64,12 +86,13 @@ class Runner:
         return path
 
     def run(self, artifacts: str, *args: str, launch: list[str] | None = None, env: dict | None = None,
-            timeout: float = 180) -> subprocess.CompletedProcess:
-        """`python -m trainer_accel.run ARGS`, or through `accelerate launch LAUNCH` when given; a run that hangs
-        (a collective waiting for a process that never comes) fails its check after `timeout` seconds."""
+            timeout: float = 180, module: str = "run") -> subprocess.CompletedProcess:
+        """`python -m trainer_accel.run ARGS` (or another command), through `accelerate launch LAUNCH` when given;
+        a run that hangs (a collective waiting for a process that never comes) fails after `timeout` seconds."""
         timeout = max(10.0, min(timeout, self.deadline - time.perf_counter()))
-        head = [sys.executable, "-m", "accelerate.commands.launch", *launch] if launch else [sys.executable]
-        cmd = [*head, "-m", "trainer_accel.run", *args]
+        head = ([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *launch]
+                if launch else [sys.executable])  # a port of its own: launched checks run at once in other chains
+        cmd = [*head, "-m", f"trainer_accel.{module}", *args]
         r = subprocess.run(cmd, cwd=self.workdir, capture_output=True, text=True, timeout=timeout,
                            env={**self.env, "TRAINER_ARTIFACTS_DIR": str(self.workdir / artifacts), **(env or {})})
         with (self.workdir / f"{artifacts}.log").open("a") as f:
@@ -91,6 +114,12 @@ class Runner:
         return torch.load(path, map_location="cpu", weights_only=True)["param_groups"]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class CheckFailed(Exception):
     pass
 
@@ -102,6 +131,8 @@ def run_chain(chain: list[tuple]) -> list[Result]:
         t0 = time.perf_counter()
         try:
             results.append(Result(label, "pass", check()))
+        except Skipped as e:
+            results.append(Result(label, "skip", str(e)))
         except Exception as e:
             results.append(Result(label, "FAIL", failure(e)))
         print(f"  {results[-1].status:<5} {label} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -240,6 +271,134 @@ def check_fused_after_cpu(run: Runner) -> str:
     return f"fused {sorted(map(str, on_cpu))} on CPU -> {sorted(map(str, on_gpu))} after the resume on CUDA"
 
 
+def compile_figures(run: Runner, artifacts: str, phase: str) -> str:
+    """The trainer's own count of what compile did in `phase` (its last `compile` event), checked for compiles
+    after the warm-up, which would mean a recompile every few steps."""
+    found = [e for e in run.events(artifacts, "compile") if e["phase"] == phase]
+    expect(bool(found), f"no compile event in {artifacts}'s event log")
+    c = found[-1]
+    expect(c["compiled_later"] == 0, f"{c['compiled_later']} frame(s) compiled after the warm-up (run -v lists why)")
+    return f"{c['graphs']} graphs, {c['graph_breaks']} graph breaks"
+
+
+def val_losses(run: Runner, artifacts: str, phase: str) -> list[float]:
+    losses = [e["val/loss"] for e in run.events(artifacts, "eval") if e["phase"] == phase]
+    expect(len(losses) >= 2 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0],
+           f"{phase} val loss did not fall (or is not finite): {losses}")
+    return losses
+
+
+def check_packed_sft(run: Runner) -> str:
+    """SFT of a Llama-style model on packed rows with pretrain replay, bf16 + compile, at T = 320: the masked
+    attention path (models/attention.py) through the trainer, rows of several examples each."""
+    cfg = run.config("packed", "sft", model=LLAMA, replay={"wiki": 0.2},
+                     train={"mixed_precision": "bf16", "compile": True, "pack": True, "total_steps": 30,
+                            "eval_every": 10, "ckpt_every": 30})
+    r = run.run("packed", "--phase", "sft", "--config", str(cfg), env=COMPILE_LOGS)
+    losses = val_losses(run, "packed", "sft")
+    graphs = compile_figures(run, "packed", "sft")
+    expect(recompiles(r) <= 1, f"{recompiles(r)} recompiles, at most 1 (train -> eval) expected")
+    return f"val {losses[0]:.3f} -> {losses[-1]:.3f}, {graphs}, recompiles {recompiles(r)}, {tokens_per_sec(run, 'packed')}"
+
+
+def fsdp_launch(processes: int = 1, precision: str = "bf16") -> list[str]:
+    return ["--config_file", str(REPO_ROOT / "launch/fsdp.yaml"), "--num_processes", str(processes),
+            "--mixed_precision", precision]
+
+
+def check_fsdp_fp16(run: Runner) -> str:
+    cfg = run.config("fsdp_fp16", train={"mixed_precision": "fp16"})
+    r = run.run("fsdp_fp16", "--phase", "pretrain", "--config", str(cfg), launch=fsdp_launch(precision="fp16"))
+    expect("gradients reduced in float32" in r.stderr, "the FSDP2 precision line does not say fp32 reduction")
+    meta = run.meta("fsdp_fp16")
+    expect(meta["grad_scaler"] is not None, "no loss scaler state in the checkpoint (fp16 needs one)")
+    losses = val_losses(run, "fsdp_fp16", "pretrain")
+    skips, scale = scaler_figures(run, "fsdp_fp16")
+    return f"val {losses[0]:.3f} -> {losses[-1]:.3f}, scaler skipped {skips} (scale now {scale:g})"
+
+
+def check_fsdp_compile(run: Runner) -> str:
+    cfg = run.config("fsdp_compile", train={"mixed_precision": "bf16", "compile": True})
+    first = run.run("fsdp_compile", "--phase", "pretrain", "--config", str(cfg), launch=fsdp_launch(), env=COMPILE_LOGS)
+    again = run.run("fsdp_compile", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.total_steps=30",
+                    launch=fsdp_launch(), env=COMPILE_LOGS)
+    expect("at step 20" in again.stderr, "the second run did not resume at step 20")
+    losses = val_losses(run, "fsdp_compile", "pretrain")
+    graphs = compile_figures(run, "fsdp_compile", "pretrain")
+    return (f"val {losses[0]:.3f} -> {losses[-1]:.3f}, {graphs}, recompiles {recompiles(first)} / {recompiles(again)}, "
+            f"{tokens_per_sec(run, 'fsdp_compile')}")
+
+
+def weight_names(run: Runner, artifacts: str) -> list[str]:
+    from safetensors import safe_open
+
+    path = run.workdir / artifacts / "checkpoints/pretrain/latest/model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        return sorted(f.keys())
+
+
+def check_activation_checkpointing(run: Runner) -> str:
+    """One process, a Llama-style model in bf16: every block recomputed vs none, the same steps and data. The
+    GPU's kernels are not bitwise deterministic, so the losses are compared to a tolerance and the names exactly."""
+    results = {}
+    for artifacts, every in (("ac_off", 0), ("ac_on", 1)):
+        cfg = run.config(artifacts, model=LLAMA, train={"mixed_precision": "bf16", "activation_checkpointing": every})
+        run.run(artifacts, "--phase", "pretrain", "--config", str(cfg))
+        results[artifacts] = run.meta(artifacts)["last_val_loss"]
+    expect(weight_names(run, "ac_off") == weight_names(run, "ac_on"), "the checkpoints' weight names differ")
+    gap = abs(results["ac_on"] - results["ac_off"])
+    expect(gap < 0.02, f"val loss {results['ac_on']:.4f} with recomputation, {results['ac_off']:.4f} without")
+    return f"val {results['ac_on']:.4f} recomputed vs {results['ac_off']:.4f} kept (|diff| {gap:.1e}), names equal"
+
+
+def check_fsdp_activation_checkpointing(run: Runner) -> str:
+    cfg = run.config("fsdp_ac", model=LLAMA, train={"mixed_precision": "bf16", "activation_checkpointing": 1})
+    first = run.run("fsdp_ac", "--phase", "pretrain", "--config", str(cfg), launch=fsdp_launch())
+    expect("activation checkpointing: 4 of 4 blocks recomputed" in first.stderr, "activation checkpointing not on")
+    again = run.run("fsdp_ac", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.total_steps=30",
+                    launch=fsdp_launch())
+    expect("at step 20" in again.stderr, "the second run did not resume at step 20")
+    losses = val_losses(run, "fsdp_ac", "pretrain")
+    return f"Llama-style, 20 + 10 steps, val {losses[0]:.3f} -> {losses[-1]:.3f}, {tokens_per_sec(run, 'fsdp_ac')}"
+
+
+def check_hf_export_of_fsdp(run: Runner) -> str:
+    """The FSDP2 Llama-style checkpoint exported as a Hugging Face directory, read back by transformers: its
+    logits equal ours in fp32 on the CPU."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise Skipped("transformers is not installed (pip install -e '.[hf]')") from None
+    ckpt = run.workdir / "fsdp_ac/checkpoints/pretrain/latest"
+    expect(ckpt.is_dir(), f"{ckpt} is missing (the FSDP2 activation-checkpointing check failed)")
+    out = run.workdir / "fsdp_ac_hf"
+    run.run("fsdp_ac", "--format", "hf", "--checkpoint", str(ckpt), "--out", str(out), module="export")
+    from trainer_accel.tools.bench import in_fresh_process
+
+    diff = in_fresh_process(hf_logit_diff, (str(ckpt), str(out)))
+    expect(diff["max_abs"] < 1e-4, f"logits differ by {diff['max_abs']:.2e}")
+    return f"{diff['architecture']}: max |logit diff| {diff['max_abs']:.1e} vs ours (fp32, CPU)"
+
+
+def hf_logit_diff(paths: tuple[str, str]) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from trainer_accel.checkpoints.store import load_checkpoint
+    from trainer_accel.config import ModelConfig
+    from trainer_accel.models.gpt import GPT
+
+    ckpt, hf_dir = paths
+    loaded = load_checkpoint(Path(ckpt), with_optimizer=False)
+    cfg = ModelConfig(**loaded.meta["model_cfg"])
+    ours = GPT(cfg)
+    ours.load_state_dict(loaded.model_state)
+    theirs = AutoModelForCausalLM.from_pretrained(hf_dir).float()  # what the export stores, then fp32 as ours
+    x = torch.randint(0, cfg.V, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours.eval()(x) - theirs.eval()(x).logits).abs().max().item()
+    return {"max_abs": diff, "architecture": type(theirs).__name__}
+
+
 def attention_kernels(_: object = None) -> list[str]:
     """The CUDA kernels of one bf16 training step of the trainer's model, prepared by Accelerate as a run does."""
     from torch.profiler import ProfilerActivity, profile
@@ -259,6 +418,45 @@ def attention_kernels(_: object = None) -> list[str]:
     return sorted({e.name for e in prof.events() if re.search("flash|fmha|attention|sdpa|efficient", e.name, re.I)})
 
 
+def masked_attention_kernels(_: object = None) -> dict:
+    """For bf16 and fp16 at T = 320 and 1088 (T % 128 == 64): the attention kernels one forward and backward of a
+    Llama-style model (grouped-query heads) on packed rows runs, and whether every gradient is finite."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer_accel.config import ModelConfig
+    from trainer_accel.models.gpt import GPT
+
+    found = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        for T in (320, 1088):
+            torch.manual_seed(0)
+            model = GPT(ModelConfig(**{**LLAMA, "T": T})).cuda()
+            x = torch.randint(0, LLAMA["V"], (4, T), device="cuda")
+            segments = torch.cumsum(torch.rand(4, T, device="cuda") < 0.01, dim=1)  # examples of ~100 tokens
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                with torch.autocast("cuda", dtype=dtype):
+                    loss = model(x, segments, targets=x)
+                loss.backward()
+                torch.cuda.synchronize()
+            finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+            names = sorted({e.name for e in prof.events()
+                            if re.search("flash|fmha|attention|sdpa|efficient|cudnn", e.name, re.I)})
+            found[f"{str(dtype).removeprefix('torch.')} T={T}"] = {"kernels": names, "finite": finite}
+    return found
+
+
+def check_masked_attention(run: Runner) -> str:
+    from trainer_accel.tools.bench import in_fresh_process
+
+    found = in_fresh_process(masked_attention_kernels, None)
+    for case, f in found.items():
+        expect(f["finite"], f"{case}: non-finite gradients")
+        efficient = [k for k in f["kernels"] if re.search("efficient_attention|fmha_cutlass", k, re.I)]
+        cudnn = [k for k in f["kernels"] if "cudnn" in k.lower()]
+        expect(bool(efficient) and not cudnn, f"{case}: expected the memory-efficient kernel, ran {f['kernels'][:4]}")
+    return f"memory-efficient kernel, finite gradients: {', '.join(found)}"
+
+
 def check_flash(run: Runner) -> str:
     from trainer_accel.tools.bench import in_fresh_process
 
@@ -268,20 +466,75 @@ def check_flash(run: Runner) -> str:
     return f"{flash[0][:70]}"
 
 
-def check_bench(run: Runner, windows: int, out: Path, timeout: float) -> tuple[str, str, str]:
-    cmd = [sys.executable, "-m", "trainer_accel.bench", "--config", str(REPO_ROOT / "configs/bench/gpt2_124m.json"),
-           "--device", "cuda", "--windows", str(windows), "--json", str(out)]
+def largest_batch(job: tuple[str, list[int], float]) -> dict:
+    """The largest B of `candidates` at which one training step of the config's model (bf16 autocast, its
+    activation checkpointing, fused AdamW, no compile: compile only lowers the peak) fits in `fraction` of the
+    GPU's memory; the paired bench holds two models at once, so it is run with half of it."""
+    from trainer_accel.config import load_phase_config
+    from trainer_accel.models.gpt import GPT
+
+    config, candidates, fraction = job
+    cfg = load_phase_config(config, "pretrain")
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    model = GPT(cfg.model).cuda()
+    model.checkpoint_every = cfg.train.activation_checkpointing
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    for B in candidates:
+        try:
+            x = torch.randint(0, cfg.model.V, (B, cfg.seq_len), device="cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x, targets=x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            return {"B": B, "peak": torch.cuda.max_memory_allocated()}
+        except torch.OutOfMemoryError:
+            x = loss = None
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    return {"B": None, "peak": None}
+
+
+def bench_config(run: Runner, name: str) -> tuple[Path, str]:
+    """The bench's config: as committed, or (llama1b) at the largest batch that fits, written to the work dir."""
+    config = REPO_ROOT / BENCHES[name][0]
+    if name != "llama1b":
+        return config, ""
+    from trainer_accel.tools.bench import in_fresh_process
+
+    fit = in_fresh_process(largest_batch, (str(config), BATCH_CANDIDATES, 0.45))
+    expect(fit["B"] is not None, "not even B=1 fits in 45% of the GPU's memory")
+    data = json.loads(config.read_text())
+    data["train_cfg"]["B"] = fit["B"]
+    path = run.workdir / f"{name}_B{fit['B']}.json"
+    path.write_text(json.dumps(data))
+    return path, f"B={fit['B']} (the largest that fits in 45% of the GPU, peak {fit['peak'] / 2**30:.1f} GiB), "
+
+
+def check_bench(run: Runner, name: str, windows: int, timeout: float) -> list[Result]:
+    """`trainer_accel.bench` of one config on the GPU: its step time next to a plain loop's, and MFU against the
+    datasheet peak (model FLOPs: recomputed blocks are not counted)."""
+    label, target = f"bench {name} ({Path(BENCHES[name][0]).name})", BENCHES[name][1]
+    config, batch = bench_config(run, name)
+    out = run.workdir / f"bench_{name}.json"
+    cmd = [sys.executable, "-m", "trainer_accel.bench", "--config", str(config), "--device", "cuda", "--windows",
+           str(windows), "--json", str(out)]
     r = subprocess.run(cmd, cwd=run.workdir, capture_output=True, text=True, timeout=max(1.0, timeout), env=run.env)
-    (run.workdir / "bench.log").write_text(r.stdout + r.stderr)
+    (run.workdir / f"bench_{name}.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
-        raise CheckFailed(f"exit {r.returncode}: {last_error(r.stderr)} (log: bench.log)")
+        raise CheckFailed(f"exit {r.returncode}: {last_error(r.stderr)} (log: bench_{name}.log)")
     f = json.loads(out.read_text())
     t = f["trainer"]
     mfu = t["mfu"]
-    figures = (f"trainer {t['ms_per_step']:.1f} ms/step, {t['tokens_per_sec']:,.0f} tok/s, "
+    figures = (f"{batch}trainer {t['ms_per_step']:.1f} ms/step, {t['tokens_per_sec']:,.0f} tok/s, "
                f"MFU {100 * mfu:.1f}% of {f['peak_flops'] / 1e12:.0f} TFLOP/s ({f['peak_source']}); "
-               f"trainer/plain {f['ratio']:.3f}")
-    return figures, ("pass" if mfu >= 0.45 else "MISS"), f"{100 * mfu:.1f}% (plain loop {100 * f['plain loop']['mfu']:.1f}%)"
+               f"trainer/plain {f['ratio']:.3f}, peak memory {t['peak_memory'] / 2**30:.1f} GiB")
+    results = [Result(label, "pass", figures)]
+    if target is not None:
+        results.append(Result(f"MFU >= {100 * target:.0f}% ({name}, trainer)", "pass" if mfu >= target else "MISS",
+                              f"{100 * mfu:.1f}% (plain loop {100 * f['plain loop']['mfu']:.1f}%)"))
+    return results
 
 
 def run_tests(workers: int, log: Path) -> subprocess.Popen:
@@ -312,12 +565,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep runs and logs here (default: a temporary dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--no-tests", action="store_true", help="skip the CPU test suite")
-    p.add_argument("--no-bench", action="store_true", help="skip the GPT-2 small bench")
+    p.add_argument("--no-bench", action="store_true", help="skip the benches")
+    p.add_argument("--bench", default=",".join(BENCHES), metavar="NAMES",
+                   help=f"which benches, comma-separated, in order (default: {','.join(BENCHES)}: GPT-2 small, a "
+                        "SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model, the last with activation checkpointing "
+                        "at the largest batch that fits)")
     p.add_argument("--bench-windows", type=int, default=2, help="measured bench windows (default 2)")
     p.add_argument("--time-limit", type=float, default=900.0, metavar="SECONDS",
                    help="stop waiting for the test suite and the bench when this much time has passed, so that the "
                         "table is still printed (default 900)")
     args = p.parse_args(argv)
+    unknown = [b for b in args.bench.split(",") if b and b not in BENCHES]
+    if unknown:
+        p.error(f"--bench {args.bench}: unknown {', '.join(unknown)} (known: {', '.join(BENCHES)})")
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing was run")
         return 0
@@ -346,9 +606,9 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
         tests_started = time.perf_counter()
         # most of the suite waits on process starts, so it takes half the cores; the checks beside it need few
         tests = run_tests(max(2, (os.cpu_count() or 4) // 2), workdir / "tests.log")
-    # Each chain runs its checks in order (SFT starts from the bf16 pretrain's best); the chains run at once, since
-    # each check is a few small trainer processes that wait on start-up and compilation, not on the GPU. The
-    # launched checks share a chain: `accelerate launch` listens on one port.
+    # Each chain runs its checks in order (SFT starts from the bf16 pretrain's best, the HF export reads the FSDP2
+    # checkpoint before it); the chains run at once, since each check is a few small trainer processes that wait
+    # on start-up and compilation, not on the GPU. Each `accelerate launch` gets a port of its own.
     chains = [
         [("bf16 + compile pretrain, ckpt at last step, resume", lambda: check_bf16_compile(run)),
          ("SFT bf16 + compile from that pretrain", lambda: check_sft_compile(run))],
@@ -357,30 +617,36 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
         [("FSDP2 1 process: samples, resume, best.pt", lambda: check_fsdp(run, 1, "fsdp1"))]
         + ([(f"DDP across {gpus} GPUs", lambda: check_ddp(run, gpus)),
             (f"FSDP2 across {gpus} GPUs", lambda: check_fsdp(run, gpus, "fsdpN"))] if gpus >= 2 else []),
-        [("fused AdamW after a resume from CPU", lambda: check_fused_after_cpu(run))],
-        [("flash attention under bf16", lambda: check_flash(run))],
+        [("fused AdamW after a resume from CPU", lambda: check_fused_after_cpu(run)),
+         ("packed SFT, Llama-style, replay, bf16 + compile, T=320", lambda: check_packed_sft(run))],
+        [("flash attention under bf16", lambda: check_flash(run)),
+         ("masked (packed) attention bf16/fp16: kernel, gradients", lambda: check_masked_attention(run)),
+         ("activation checkpointing, 1 process: loss, names", lambda: check_activation_checkpointing(run))],
+        [("FSDP2 fp16", lambda: check_fsdp_fp16(run)),
+         ("FSDP2 bf16 + compile, resume", lambda: check_fsdp_compile(run)),
+         ("FSDP2 + activation checkpointing, Llama-style, resume", lambda: check_fsdp_activation_checkpointing(run)),
+         ("HF export of that FSDP2 checkpoint, read by transformers", lambda: check_hf_export_of_fsdp(run))],
     ]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(chains)) as pool:
         done = pool.map(run_chain, chains)
         results = [r for chain in done for r in chain]
     if tests is not None:  # before the bench: its timings should not share the CPU with the tests
         results.append(tests_result(tests, workdir / "tests.log", tests_started, left()))
-    if not args.no_bench and (REPO_ROOT / "configs/bench/gpt2_124m.json").is_file():
+    for name in ([] if args.no_bench else [b for b in args.bench.split(",") if b]):
         t0 = time.perf_counter()
         try:
-            figures, target, mfu = check_bench(run, args.bench_windows, workdir / "bench.json", left())
-            results += [Result("bench GPT-2 124M bf16 + compile, T=1024", "pass", figures),
-                        Result("MFU >= 45% (trainer)", target, mfu)]
+            results += check_bench(run, name, args.bench_windows, left())
         except Exception as e:
-            results.append(Result("bench GPT-2 124M bf16 + compile, T=1024", "FAIL", failure(e)))
-        print(f"  {results[-1].status:<5} bench ({time.perf_counter() - t0:.0f} s)", flush=True)
+            results.append(Result(f"bench {name}", "FAIL", failure(e)))
+        print(f"  {results[-1].status:<5} bench {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     width = max(len(r.name) for r in results)
     print(f"\n{'check':<{width}}  result  figures")
     for r in results:
         print(f"{r.name:<{width}}  {r.status:<6}  {r.figures}")
-    counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "MISS")}
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "MISS", "skip")}
     print(f"\nsummary: {counts['pass']} passed, {counts['FAIL']} failed, {counts['MISS']} target(s) missed, "
+          f"{counts['skip']} skipped, "
           f"{time.perf_counter() - start:.0f} s on {gpus} x {name}")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "gpus": gpus, "torch": torch.__version__,

@@ -39,10 +39,13 @@ from trainer_accel.checkpoints.store import LoadedCheckpoint
 from trainer_accel.checkpoints.writer import CheckpointWriter, Snapshot
 from trainer_accel.config import PhaseConfig, TrainConfig
 from trainer_accel.data.chat_template import ChatFormat
+from trainer_accel.devices.accelerator import HALF_PRECISION
 from trainer_accel.devices.collective import main_process_decides
+from trainer_accel.devices.hardware import fits_in_free_memory
 from trainer_accel.devices.stopping import Interrupted, StopRequest
 from trainer_accel.errors import UserError
 from trainer_accel.models.gpt import GPT
+from trainer_accel.observability.compile_report import CompileWatch
 from trainer_accel.observability.manifest import (
     ManifestSink,
     code_version,
@@ -144,6 +147,10 @@ class Trainer:
         torch.manual_seed(self.t.seed)  # the same initial weights on every process and every run
         model = GPT(cfg.model)
         model.checkpoint_every = self.t.activation_checkpointing  # no wrapper modules: parameter names unchanged
+        if self.t.activation_checkpointing:
+            recomputed = len(range(0, cfg.model.L, self.t.activation_checkpointing))
+            log.info("%s: activation checkpointing: %d of %d blocks recomputed in the backward pass", cfg.phase,
+                     recomputed, cfg.model.L)
         self.state = LoopState()
         start = resume_from or init_from
         if start is not None:
@@ -155,6 +162,7 @@ class Trainer:
         # autocast output) and the loss would read and write them again, forward and backward: on GPT-2 small at
         # B=16, T=1024 that is 3.3 GB a pass. The model itself stays uncompiled, so checkpoints keep plain names.
         self.loss = torch.compile(strategy.loss) if self.t.compile else strategy.loss
+        self.compile_watch = CompileWatch() if self.t.compile else None  # graphs, graph breaks, recompiles: logged
         if resume_from is not None:
             self._restore(resume_from)
         elif init_from is not None:
@@ -244,7 +252,7 @@ class Trainer:
             # dropout masks by address: the global slice (micro * processes + rank), so any split draws the same
             torch.manual_seed(address_seed(self.t.seed, DROPOUT_TAG, step, m * self.world + self.rank))
             sync = m == len(batches) - 1
-            with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+            with contextlib.nullcontext() if sync else self.acc.no_sync(self.model), self._watched("train"):
                 total, _ = self.loss(self.model, batch)
                 self.acc.backward(total * (self.world / counted))
             loss_sum += total.detach()
@@ -257,6 +265,14 @@ class Trainer:
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, counted, grad_norm, by_source
+
+    def _watched(self, mode: str) -> contextlib.AbstractContextManager:
+        return self.compile_watch.mode(mode) if self.compile_watch is not None else contextlib.nullcontext()
+
+    def _report_compile(self, step: int) -> None:
+        figures = self.compile_watch.report(self.cfg.phase) if self.compile_watch is not None else None
+        if figures is not None:
+            self.events.write("compile", step, **figures)
 
     def _update_is_nonfinite(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether the trainer skips this update ("skip" mode); the same answer on every process.
@@ -295,7 +311,8 @@ class Trainer:
         for first in range(0, self.t.eval_batches, self.world):
             index = first + self.rank
             batch = self.strategy.val_batch(index if index < self.t.eval_batches else 0)
-            s, n = self.loss(self.model, batch.to(self.acc.device))
+            with self._watched("eval"):
+                s, n = self.loss(self.model, batch.to(self.acc.device))
             if index < self.t.eval_batches:
                 total += torch.stack([s.float(), n.float()])
         self.model.train()
@@ -352,11 +369,19 @@ class Trainer:
 
     def _write_samples(self, model_state: dict, tied: dict) -> None:
         """On the main process alone. A sharded (FSDP) model cannot run there, since its forward all-gathers with
-        every process, so samples come from a plain copy built from the full state the save just gathered."""
+        every process, so samples come from a plain copy built from the full state the save just gathered: in the
+        precision the run computes in (a bf16 copy is half of fp32's), on the GPU when it fits in the free memory
+        with a quarter to spare, else in fp32 on the CPU (slower, but FSDP is for models the GPU barely holds)."""
         if not self.cfg.sample_prompts or self.chat is None:
             return
         if self.acc.distributed_type == DistributedType.FSDP:
-            model = plain_model(self.cfg.model, model_state, tied, self.acc.device)
+            device, dtype = self.acc.device, HALF_PRECISION.get(self.acc.mixed_precision, torch.float32)
+            nbytes = sum(t.numel() for t in model_state.values()) * dtype.itemsize
+            if not fits_in_free_memory(device, nbytes):
+                log.info("%s: samples on the CPU: their %.1f GiB copy of the model does not fit in %s's free memory",
+                         self.cfg.phase, nbytes / 2**30, device)
+                device, dtype = torch.device("cpu"), torch.float32
+            model = plain_model(self.cfg.model, model_state, tied, device, dtype)
         else:
             model = self.acc.unwrap_model(self.model, keep_torch_compile=False)
         written = write_samples(model, self.chat, self.cfg.sample_prompts, self.cfg.sample_seed, self.state.step,
@@ -466,6 +491,7 @@ class Trainer:
             log.info("%s: rows drawn in this session: %s (configured %s)", self.cfg.phase,
                      ", ".join(f"{k.removeprefix('train/mixture/')} {v:.1%}" for k, v in self.realised_mixture().items()),
                      ", ".join(f"{n} {p:.1%}" for n, p in zip(self.strategy.train.names, self.strategy.train.probs)))
+        self._report_compile(s.step)  # the last evaluation's compiles, if any
         self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step,
                           **self.realised_mixture())
         return PhaseResult(self.cfg.phase, s, best_dir, latest)
@@ -509,6 +535,7 @@ class Trainer:
                 log.info("%s: the fp16 loss scaler skipped %d of the last %d updates (gradient overflow); scale now %g",
                          self.cfg.phase, len(finite) - len(norms), len(values), progress["train/loss_scale"])
         self.events.write("progress", step, **progress)
+        self._report_compile(step)
         if self._bar is not None and not self._bar.disable:
             self._bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", val=_fmt(self.state.last_val_loss),
                                   tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
