@@ -5,8 +5,9 @@ an AttributeError from inside a library (an FSDP2 run on torch 2.5 stops in Acce
 package checks the installed versions when it is imported, from the installed packages' metadata (without
 importing torch, which is what may be too old), and a command stops at once with one line naming each package,
 the version found, the floor and what needs it. pyproject.toml and the README state the same floors.
-Measured: the CPU suite's device, resume and family tests on torch 2.6.0 with accelerate 1.14.0; torch 2.5.1
-fails the FSDP2 tests (Accelerate: "FSDP2 requires PyTorch >= 2.6.0").
+Measured (CPU): the whole test suite on torch 2.6.0 with accelerate 1.14.0 passes, its FSDP2 tests skipped
+(torch 2.6 cannot shard on the CPU: tests/test_device_paths.CPU_FSDP2); torch 2.5.1 fails them in Accelerate
+("FSDP2 requires PyTorch >= 2.6.0").
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ counters and says so: one line at info level when they change, each graph break'
 The loop calls its loss in two modes, training and evaluation (grad mode differs, so each compiles once).
 Frames compiled in the first call of each mode are the warm-up; frames compiled in any later call are counted
 apart (`compiled_later`): a recompile (TORCH_LOGS=recompiles names each and its guard) or a path first taken
-later (DDP's forward takes another path from its second step: 4 frames on 2 CPU processes, then none). The counters are process-wide and only grow, so everything here is a difference from the watch's
-start (a pipeline's second phase starts a new watch).
+later (DDP's forward takes another path from its second step: 4 frames on 2 CPU processes, then none). The
+counters are process-wide and only grow, so everything here is a difference from the watch's start (a
+pipeline's second phase starts a new watch).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 class CompileCounts:
     frames: int = 0  # frames compiled, first compiles and recompiles
     graphs: int = 0  # graphs captured
-    breaks: Counter = field(default_factory=Counter)  # graph breaks by the first line of their reason
+    breaks: Counter = field(default_factory=Counter)  # graph breaks by their reason in one line (`summary`)
 
     def __sub__(self, other: "CompileCounts") -> "CompileCounts":
         return CompileCounts(self.frames - other.frames, self.graphs - other.graphs, self.breaks - other.breaks)

@@ -7,7 +7,7 @@ Aliases are folded into them here and nowhere else. Every record carries `event`
 and `time` (unix seconds).
 
 Sinks: `metrics/events.jsonl` (every event: run_start, train, progress, eval, checkpoint, skipped, resume,
-stopped, failure, run_end), `metrics/metrics.csv` (train and eval records, one column per metric name, columns
+stopped, failure, run_end, compile), `metrics/metrics.csv` (train and eval records, one column per metric name, columns
 added as new names appear without losing earlier rows) and the trackers. `train` holds one step's values;
 `progress` sums up a progress line's window of steps (mean loss and grad norm, the lr and tokens at its last
 step) and is what the trackers chart, with `eval`: a point per window, not per step, because a tracker call
