@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_floors_name_the_package_the_version_found_and_the_floor():
     assert floor_problems({"torch": "2.13.0+cpu", "accelerate": "1.16.0"}) == []
-    assert floor_problems({"torch": "2.6.0", "accelerate": "1.14.0"}) == []
-    assert floor_problems({"torch": "2.7.0a0+git1234", "accelerate": "1.14.0.dev0"}) == []
-    old = floor_problems({"torch": "2.5.1+cu124", "accelerate": "1.13.0"})
+    assert floor_problems({"torch": "2.6.0", "accelerate": "1.13.0"}) == []
+    assert floor_problems({"torch": "2.7.0a0+git1234", "accelerate": "1.13.0.dev0"}) == []
+    old = floor_problems({"torch": "2.5.1+cu124", "accelerate": "1.12.0"})
     assert old[0].startswith("torch 2.5.1+cu124 is installed; trainer_accel needs torch >= 2.6 (FSDP2")
     assert old[0].endswith("pip install 'torch>=2.6'")
-    assert old[1].startswith("accelerate 1.13.0 is installed; trainer_accel needs accelerate >= 1.14")
+    assert old[1].startswith("accelerate 1.12.0 is installed; trainer_accel needs accelerate >= 1.13")
     assert floor_problems({"torch": "2.10.0", "accelerate": None}) == [
-        f"accelerate is not installed; trainer_accel needs accelerate >= 1.14 ({FLOORS['accelerate'][1]})"]
+        f"accelerate is not installed; trainer_accel needs accelerate >= 1.13 ({FLOORS['accelerate'][1]})"]
     assert release("2.10.1") == (2, 10) and release("nightly") is None
 
 

@@ -5,9 +5,10 @@ an AttributeError from inside a library (an FSDP2 run on torch 2.5 stops in Acce
 package checks the installed versions when it is imported, from the installed packages' metadata (without
 importing torch, which is what may be too old), and a command stops at once with one line naming each package,
 the version found, the floor and what needs it. pyproject.toml and the README state the same floors.
-Measured (CPU): the whole test suite on torch 2.6.0 with accelerate 1.14.0 passes, its FSDP2 tests skipped
-(torch 2.6 cannot shard on the CPU: tests/test_device_paths.CPU_FSDP2); torch 2.5.1 fails them in Accelerate
-("FSDP2 requires PyTorch >= 2.6.0").
+Measured (CPU): the whole test suite passes on torch 2.6.0 with accelerate 1.14.0, its FSDP2 tests skipped
+(torch 2.6 cannot shard on the CPU: tests/test_device_paths.CPU_FSDP2), and on torch 2.13 with accelerate 1.13.0,
+FSDP2 included; torch 2.5.1 fails the FSDP2 tests in Accelerate ("FSDP2 requires PyTorch >= 2.6.0"). Older
+accelerate releases were not tried, so 1.13 is the lowest known to work, not proven the lowest that could.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from importlib import metadata
 
 FLOORS: dict[str, tuple[tuple[int, int], str]] = {
     "torch": ((2, 6), "FSDP2 through Accelerate, and SDPA's grouped-query attention"),
-    "accelerate": ((1, 14), "FSDP2: fsdp_version 2, its grad scaler, the final norm's own unit"),
+    "accelerate": ((1, 13), "FSDP2 through fsdp_version 2, and its loss scaler for fp16"),
 }
 
 
