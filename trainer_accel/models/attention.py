@@ -5,9 +5,10 @@ fast and well trodden. With an explicit mask on CUDA in bf16 or fp16, SDPA prefe
 with a recent cuDNN, for which torch has a reported regression since 2.11 (NaN gradients of q with an explicit
 mask at some sequence lengths; pytorch issue 196678), so the masked path asks for the memory-efficient kernel
 (the one the packing measurements in docs/devices.md ran on), with the math kernel as the fallback for a shape it
-refuses. That kernel takes no grouped-query heads on every torch this trainer supports, so there k and v are
-repeated to one per query head (as transformers' own SDPA path does): the same numbers, one extra copy of k and v
-per layer. On the CPU, MPS and in fp32 SDPA keeps its choice (its masked kernels there have no such report).
+refuses. That kernel does not take grouped-query heads in every torch this trainer supports (torch's
+sdp_utils.cpp refuses them for it in older releases and admits them on CUDA in 2.14), so there k and v are
+repeated to one per query head, as transformers' SDPA path does under a mask: the same numbers, one extra copy of
+k and v per layer. On the CPU, MPS and in fp32 SDPA keeps its choice (its masked kernels there have no such report).
 `gpu_check` asserts the kernel with the profiler and the gradients finite at T % 128 == 64.
 """
 
