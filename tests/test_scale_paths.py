@@ -174,3 +174,17 @@ def test_the_llama_bench_configs_load_and_have_the_shapes_they_name(config, para
     with torch.device("meta"):
         assert GPT(cfg.model).num_params() == params
     assert cfg.train.mixed_precision == "bf16" and cfg.train.compile
+
+
+def test_gpu_check_only_picks_checks_by_word_with_the_check_each_reads_from():
+    """A GPU lent for minutes runs the rows it needs: `--only WORDS`; a check that reads an earlier check's run
+    keeps that one."""
+    from trainer_accel.tools.gpu_check import selected
+
+    chain = [("FSDP2 fp16", 1), ("FSDP2 + activation checkpointing, Llama-style, resume", 2),
+             ("HF export of that FSDP2 checkpoint, read by transformers", 3)]
+    assert selected(chain, None) == chain
+    assert selected(chain, "fp16") == chain[:1]
+    assert selected(chain, "HF export") == chain[1:]
+    assert selected(chain, "activation, nothing") == chain[1:2]
+    assert selected(chain, "nothing") == []

@@ -1,7 +1,7 @@
 """Every CUDA path of the trainer, run for real on the GPU at hand, in one command, with a table at the end.
 
     python -m trainer_accel.gpu_check [--workdir DIR] [--json PATH] [--no-tests] [--no-bench] [--bench NAMES]
-                                      [--time-limit S]
+                                      [--only WORDS] [--time-limit S]
 
 The CPU test suite proves the loop, checkpoints and resume; what only a GPU can show is checked here, each as a
 user runs it (the real CLI, in fresh processes, on small models of the demo data): bf16 + torch.compile
@@ -124,6 +124,21 @@ def free_port() -> int:
 
 class CheckFailed(Exception):
     pass
+
+
+# checks that read what the check before them in their chain wrote
+READS_THE_PREVIOUS = {"SFT bf16 + compile from that pretrain", "HF export of that FSDP2 checkpoint, read by transformers"}
+
+
+def selected(chain: list[tuple], only: str | None) -> list[tuple]:
+    """The chain's checks whose label holds one of the comma-separated words of --only (every check without it),
+    with the check before each one that reads what it wrote."""
+    if not only:
+        return chain
+    words = [w.strip().lower() for w in only.split(",") if w.strip()]
+    keep = {i for i, (label, _) in enumerate(chain) if any(w in label.lower() for w in words)}
+    keep |= {i - 1 for i in keep if chain[i][0] in READS_THE_PREVIOUS}
+    return [check for i, check in enumerate(chain) if i in keep]
 
 
 def run_chain(chain: list[tuple]) -> list[Result]:
@@ -577,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep runs and logs here (default: a temporary dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--no-tests", action="store_true", help="skip the CPU test suite")
+    p.add_argument("--only", metavar="WORDS", default=None,
+                   help="run only the checks whose name holds one of these comma-separated words, e.g. "
+                        "'FSDP2,activation' (with the check each reads from); the suite and benches as their own "
+                        "flags say")
     p.add_argument("--no-bench", action="store_true", help="skip the benches")
     p.add_argument("--bench", default=",".join(BENCHES), metavar="NAMES",
                    help=f"which benches, comma-separated, in order (default: {','.join(BENCHES)}: GPT-2 small, a "
@@ -642,7 +661,8 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
          ("FSDP2 + activation checkpointing, Llama-style, resume", lambda: check_fsdp_activation_checkpointing(run)),
          ("HF export of that FSDP2 checkpoint, read by transformers", lambda: check_hf_export_of_fsdp(run))],
     ]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(chains)) as pool:
+    chains = [c for c in (selected(chain, args.only) for chain in chains) if c]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(chains))) as pool:
         done = pool.map(run_chain, chains)
         results = [r for chain in done for r in chain] + missing
     if tests is not None:  # before the bench: its timings should not share the CPU with the tests
