@@ -5,6 +5,7 @@ compiles after the warm-up). The kernels themselves and compile's speed are gpu_
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import events, write_config
 from trainer_accel.dependency_floors import FLOORS, floor_problems, release
 from trainer_accel.models.attention import masked_attention, pinned_kernel
 from trainer_accel.models.gpt import packed_layout
@@ -188,3 +190,21 @@ def test_gpu_check_only_picks_checks_by_word_with_the_check_each_reads_from():
     assert selected(chain, "HF export") == chain[1:]
     assert selected(chain, "activation, nothing") == chain[1:2]
     assert selected(chain, "nothing") == []
+
+
+def test_a_compiled_run_says_what_compile_did_in_its_log_and_event_log(world):
+    """The loop's compile path through the real command, with dynamo's eager backend standing in for inductor (the
+    same graphs, without minutes of code generation on 2 cores): one process compiles the forward and the loss
+    without a graph break, nothing after the first train and eval calls, and says so."""
+    cfg = write_config(world / "c.json", "pretrain", {"total_steps": 4, "compile": True})
+    code = ("import functools, sys, torch; torch.compile = functools.partial(torch.compile, backend='eager'); "
+            "from trainer_accel.run import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "--phase", "pretrain", "--config", str(cfg)], cwd=world,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRAINER_ARTIFACTS_DIR": str(world / "a")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    compiled = events(world / "a", "compile")
+    assert compiled and compiled[-1]["graph_breaks"] == 0 and compiled[-1]["compiled_later"] == 0
+    assert compiled[-1]["frames"] == compiled[-1]["warmup_frames"] >= 2
+    assert (f"pretrain: torch.compile: {compiled[-1]['frames']} frame(s) compiled ({compiled[-1]['frames']} in the "
+            f"first train and eval calls, 0 later)") in r.stderr
