@@ -20,7 +20,7 @@ import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,15 @@ class CompileCounts:
         return CompileCounts(self.frames - other.frames, self.graphs - other.graphs, self.breaks - other.breaks)
 
 
+def frames_compiled() -> int:
+    """Frames dynamo has compiled so far: all a call of the loss needs to read (it runs every micro-step)."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"]
+
+
 def read_counts() -> CompileCounts:
-    """dynamo's counters now (its `counters` dict: stable keys since torch 2.0)."""
+    """dynamo's counters now (its `counters` dict: stable keys since torch 2.0), graph breaks summarised."""
     from torch._dynamo.utils import counters
 
     breaks = Counter()
@@ -55,9 +62,8 @@ def summary(reason: str) -> str:
 class CompileWatch:
     """Counts what compiling the loss cost, by mode; `report` says what changed since it last spoke."""
 
-    def __init__(self, read: Callable[[], CompileCounts] = read_counts):
-        self._read = read
-        self._start = read()
+    def __init__(self):
+        self._start = read_counts()
         self._reported = CompileCounts()
         self.warmed: set[str] = set()
         self.warmup_frames = 0
@@ -66,11 +72,11 @@ class CompileWatch:
     @contextlib.contextmanager
     def mode(self, name: str) -> Iterator[None]:
         """Around one call of the compiled loss in mode `name` ("train" or "eval")."""
-        before = self._read().frames
+        before = frames_compiled()
         try:
             yield
         finally:
-            compiled = self._read().frames - before
+            compiled = frames_compiled() - before
             if name in self.warmed:
                 self.compiled_later += compiled
             else:
@@ -78,7 +84,7 @@ class CompileWatch:
                 self.warmup_frames += compiled
 
     def counts(self) -> CompileCounts:
-        return self._read() - self._start
+        return read_counts() - self._start
 
     def report(self, where: str) -> dict | None:
         """The figures for a `compile` event when anything changed since the last report (None otherwise), after
