@@ -212,8 +212,8 @@ def test_start_up_checks_hash_each_file_once(tmp_path, monkeypatch):
     step, _ = save(model, tmp_path / "step_0000003")
     ckpt.link_pointer(step, tmp_path / "latest")
     calls = []
-    real = ckpt.sha256_file
-    monkeypatch.setattr(ckpt, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = ckpt.sha256_of
+    monkeypatch.setattr(ckpt, "sha256_of", lambda f: calls.append(f.name) or real(f))
     for _ in range(3):
         ckpt.read_meta(step)
         ckpt.read_meta(tmp_path / "latest")
@@ -222,6 +222,41 @@ def test_start_up_checks_hash_each_file_once(tmp_path, monkeypatch):
     (tmp_path / "latest" / "optimizer.pt").write_bytes((step / "optimizer.pt").read_bytes())
     ckpt.read_meta(tmp_path / "latest")
     assert len(calls) == 3
+
+
+def test_a_reader_of_latest_beside_a_saving_run_gets_one_whole_save(tmp_path, monkeypatch):
+    """A run replaced latest/ between export's read of the sidecar and of the weights: export called the sound
+    checkpoint corrupt (CI, once). The read is done again until latest/ held the same files before and after it;
+    a check made before the load (a verdict) holds only for the weights it checked."""
+    first, _ = save(tiny_model(seed=0), tmp_path / "step_0000003", step=3)
+    second, _ = save(tiny_model(seed=1), tmp_path / "step_0000006", step=6)
+    latest = tmp_path / "latest"
+    ckpt.link_pointer(first, latest)
+    real_hash, real_load = ckpt.file_sha256, ckpt.load_file
+    moves = []
+
+    def hash_then_save(path):  # the run's next save lands while the reader checks step 3's sidecar
+        if not moves:
+            moves.append(ckpt.link_pointer(second, latest))
+        return real_hash(path)
+
+    monkeypatch.setattr(ckpt, "file_sha256", hash_then_save)
+    loaded = ckpt.load_checkpoint(latest)
+    assert moves and loaded.step == 6 and loaded.meta["files"] == ckpt.read_meta(second)["files"]
+    assert all(torch.equal(loaded.model_state[k], v) for k, v in ckpt.load_checkpoint(second).model_state.items())
+
+    monkeypatch.setattr(ckpt, "file_sha256", real_hash)
+    ckpt.link_pointer(first, latest)
+    approved = ckpt.model_sha256(ckpt.read_meta(first))
+    monkeypatch.setattr(ckpt, "load_file", lambda p: ckpt.link_pointer(second, latest) or real_load(p))
+    with pytest.raises(ckpt.UserError, match="moved on to step 6 after it was checked"):
+        ckpt.load_checkpoint(latest, approved=approved)
+
+    monkeypatch.setattr(ckpt, "load_file", real_load)
+    assert ckpt.pinned(latest) == second  # the step directory latest/ is, which no save replaces
+    (second / "model.safetensors").unlink()
+    (second / "model.safetensors").write_bytes((latest / "model.safetensors").read_bytes())  # a copy: not the same files
+    assert ckpt.pinned(latest) == latest and ckpt.pinned(first) == first
 
 
 def test_an_exported_pt_is_checked_like_a_checkpoint_directory(world):

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from trainer_accel.errors import UserError
 from trainer_accel.faults import fault_point
@@ -51,11 +51,15 @@ def loads(text: str | bytes, unique_keys: bool = True) -> object:
         raise UnreadableJSON("nested too deeply to be read") from None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        return sha256_of(f)
+
+
+def sha256_of(f: BinaryIO, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
 
 

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -49,6 +49,7 @@ from trainer_accel.fsio import (
     fsync_file,
     loads,
     sha256_file,
+    sha256_of,
     swap_into_place,
     write_atomic,
 )
@@ -244,11 +245,13 @@ _hashes: dict[tuple[int, int, int, int], str] = {}
 
 def file_sha256(path: Path) -> str:
     """sha256 of a checkpoint file, hashed once per process: files are never changed in place, and latest/ and
-    best/ are hard links to a step directory's files (same inode), so start-up checks do not re-read them."""
-    st = path.stat()
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _hashes:
-        _hashes[key] = sha256_file(path)
+    best/ are hard links to a step directory's files (same inode), so start-up checks do not re-read them. The
+    file is opened once: latest/ may be replaced between a stat and a read of its path."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _hashes:
+            _hashes[key] = sha256_of(f)
     return _hashes[key]
 
 
@@ -427,18 +430,66 @@ def find_resume_checkpoint(phase_dir: Path) -> Path | None:
     return None
 
 
-def resolved_source(ckpt: Path) -> Path:
-    """Where a checkpoint's weights really live, for a record: `best/` and `latest/` move on, so for them the step
-    directory holding the same files (hard links, one inode) when there is one; anything else as it is."""
-    ckpt = Path(ckpt).resolve()
+def _files_identity(ckpt: Path) -> tuple:
+    """Which files a checkpoint directory holds right now: a save never changes a file, it renames new ones in."""
+    found = []
+    for name in (META_FILE, MODEL_FILE, OPTIMIZER_FILE):
+        try:
+            st = os.stat(ckpt / name)
+            found.append((st.st_dev, st.st_ino, st.st_size))
+        except OSError:
+            found.append(None)
+    return tuple(found)
+
+
+def _being_swapped(ckpt: Path) -> bool:
+    """Whether a save is between the two renames that replace `ckpt` (fsio.swap_into_place), or just after them."""
+    return any(ckpt.parent.glob(f"{TRASH_PREFIX}{ckpt.name}-*"))
+
+
+def read_steadily(ckpt: Path, read: Callable[[Path], Any], attempts: int = 20) -> Any:
+    """`read(ckpt)`, done again until the directory held the same files before and after it.
+
+    latest/ and best/ are replaced by renames while a run trains, so a command reading them beside it (export,
+    generate, evaluate) could take the sidecar of one save and the weights of the next: the checksums then called
+    a sound checkpoint corrupt, and without them the weights would carry another step's name. Step directories
+    never change, so for them this is one read."""
+    error: Exception | None = None
+    for _ in range(attempts):
+        before = _files_identity(ckpt)
+        try:
+            result, error = read(ckpt), None
+        except (InvalidCheckpoint, UserError, OSError) as e:
+            result, error = None, e
+        moved = _files_identity(ckpt) != before
+        if not moved and error is None:
+            return result
+        if not moved and not _being_swapped(ckpt):
+            raise error
+        time.sleep(0.05)
+    if error is not None:
+        raise error
+    raise UserError(f"{ckpt}: replaced {attempts} times while being read (a run is saving there often); read one of "
+                    "the step_* directories beside it instead")
+
+
+def pinned(ckpt: Path) -> Path:
+    """The step directory holding the same files as `ckpt` when it is latest/ or best/ (they move on while a run
+    trains; a step directory does not), else `ckpt` itself. A command that reads a checkpoint more than once (a
+    verdict, then the weights) pins it first, so every read sees the same save."""
+    ckpt = Path(ckpt)
     if ckpt.name not in ("best", "latest") or not ckpt.is_dir():
         return ckpt
+
+    def same_step_dir(pointer: Path) -> Path:
+        step = read_meta(pointer, verify=False)["step"]
+        target = pointer.with_name(step_dir_name(step))
+        return target if _files_identity(target) == _files_identity(pointer) else pointer
+
     try:
-        step = read_meta(ckpt, verify=False)["step"]
-        target = ckpt.with_name(step_dir_name(step))
-        return target if os.path.samefile(target / MODEL_FILE, ckpt / MODEL_FILE) else ckpt
+        return read_steadily(ckpt, same_step_dir)
     except (InvalidCheckpoint, UserError, OSError):
-        return ckpt
+        return ckpt  # the read proper says what is wrong with it
 
 
 def checkpoint_phase(path: Path) -> str | None:
@@ -476,15 +527,24 @@ def _load_optimizer(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot load optimizer state safely ({first_line(e)})") from None
 
 
-def load_checkpoint(path: Path, with_optimizer: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(path: Path, with_optimizer: bool = True, approved: str | None = None) -> LoadedCheckpoint:
     """Load one of our checkpoint directories or an exported best.pt (a Hugging Face directory is a start point:
-    training/start.py). Every read is safetensors or weights_only=True."""
+    training/start.py). Every read is safetensors or weights_only=True. `approved`: the sha256 of the weights a
+    check made before the load passed (a promotion verdict); other weights are refused."""
     path = Path(path)
     if path.is_file():
         return _load_best_pt(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint not found (expected a checkpoint directory, an exported .pt file or a "
                         "Hugging Face GPT-2 directory)")
+    loaded = read_steadily(path, lambda p: _load_directory(p, with_optimizer))
+    if approved is not None and model_sha256(loaded.meta) != approved:
+        raise UserError(f"{path}: moved on to step {loaded.step} after it was checked (a run is saving there), and "
+                        "those weights were not; nothing was written: name the checkpoint's step directory instead")
+    return loaded
+
+
+def _load_directory(path: Path, with_optimizer: bool) -> LoadedCheckpoint:
     try:
         meta = read_meta(path)
     except InvalidCheckpoint as e:
@@ -554,8 +614,8 @@ def state_problems(model_state: dict, model_cfg: dict) -> list[str]:
     return problems
 
 
-def best_pt_dict(ckpt: Path) -> dict[str, Any]:
-    loaded = load_checkpoint(ckpt)
+def best_pt_dict(loaded: LoadedCheckpoint) -> dict[str, Any]:
+    ckpt = loaded.source
     problems = state_problems(loaded.model_state, loaded.meta["model_cfg"])
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -571,9 +631,11 @@ def best_pt_dict(ckpt: Path) -> dict[str, Any]:
     }
 
 
-def export_best_pt(ckpt: Path, out: Path) -> Path:
-    """Write the six-key best.pt atomically: a kill leaves the old file or none, never part of one."""
-    blob = best_pt_dict(ckpt)
+def export_best_pt(ckpt: Path, out: Path, approved: str | None = None) -> dict[str, Any]:
+    """Write the six-key best.pt atomically: a kill leaves the old file or none, never part of one. Returns the
+    sidecar of the checkpoint written, read with its weights (a re-read of latest/ could be the next save's)."""
+    loaded = load_checkpoint(ckpt, approved=approved)
+    blob = best_pt_dict(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -583,7 +645,7 @@ def export_best_pt(ckpt: Path, out: Path) -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return out
+    return loaded.meta
 
 
 def model_sha256(meta: dict) -> str | None:

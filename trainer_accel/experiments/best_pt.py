@@ -17,10 +17,10 @@ from trainer_accel.checkpoints.store import (
     InvalidCheckpoint,
     export_best_pt,
     model_sha256,
+    pinned,
     read_export_record,
     read_meta,
     record_path,
-    resolved_source,
 )
 from trainer_accel.config import PHASES
 from trainer_accel.errors import UserError
@@ -53,7 +53,11 @@ def known_verdict(paths: Paths, source: Path) -> str | None:
         return (read_export_record(source) or {}).get("verdict")
     if not source.is_dir() or is_hf_dir(source):
         return None
-    meta = read_meta(source, verify=False)
+    return verdict_of(paths, read_meta(source, verify=False))
+
+
+def verdict_of(paths: Paths, meta: dict) -> str | None:
+    """The promotion verdict of the weights a sidecar describes, if they were evaluated."""
     summary = find_verdict(paths, meta.get("run_id"), model_sha256(meta))
     return summary["verdict"] if summary else None
 
@@ -85,18 +89,18 @@ def _is_export_record(path: Path) -> bool:
     return isinstance(record, dict) and record.get("format") == "trainer_accel.export"
 
 
-def export_with_record(source: Path, out: Path, paths: Paths) -> dict:
+def export_with_record(source: Path, out: Path, paths: Paths, approved: str | None = None) -> dict:
     """Write best.pt from a checkpoint directory and its record beside it; returns the record."""
-    out = export_best_pt(source, out)
+    source = pinned(source)
+    meta = export_best_pt(source, out, approved)
     record = {"format": "trainer_accel.export", "best_pt": str(out.resolve()), "best_pt_sha256": sha256_file(out),
               "best_pt_size": out.stat().st_size,
-              "exported_at": now_iso(), "source": str(resolved_source(source))}
+              "exported_at": now_iso(), "source": str(Path(source).resolve())}
     if Path(source).is_dir():
-        meta = read_meta(source, verify=False)
         record.update({k: meta.get(k) for k in ("phase", "run_id", "step", "best_val_loss", "data_fingerprint",
                                                 "config_fingerprint", "parent", "caches", "global_batch", "tokenizer",
                                                 "tokenizer_path", "chat")})
-        record.update(model_sha256=model_sha256(meta), verdict=known_verdict(paths, Path(source)))
+        record.update(model_sha256=model_sha256(meta), verdict=verdict_of(paths, meta))
     else:  # re-exporting a .pt keeps what its own record knew
         earlier = read_export_record(Path(source))
         if earlier is None:  # a record would vouch for a file nothing verified; out stays as unverified as it came
@@ -110,14 +114,14 @@ def export_with_record(source: Path, out: Path, paths: Paths) -> dict:
     return record
 
 
-def export_run_best(source: Path, paths: Paths) -> dict:
+def export_run_best(source: Path, paths: Paths, approved: str | None = None) -> dict:
     """Export to checkpoints/best.pt, as every run's end does, and keep what a later export would take away.
 
     best.pt is replaced by every run, whatever its phase: a pretrain run after a pipeline used to take the
     deployable SFT model with it. So each export is also kept as best.{phase}.pt, and the newest one with a `pass`
     verdict as best.deployable.pt, each with its record. Names that hold the same export are hard links to one
     file: the history costs disk only once the files differ."""
-    record = export_with_record(source, paths.best_pt, paths)
+    record = export_with_record(source, paths.best_pt, paths, approved)
     kept = [f"best.{record['phase']}.pt"] if record.get("phase") in PHASES else []
     kept += ["best.deployable.pt"] if record.get("verdict") == "pass" else []
     for name in kept:

@@ -23,7 +23,7 @@ from trainer_accel.checkpoints.store import (
     LoadedCheckpoint,
     load_checkpoint,
     model_sha256,
-    resolved_source,
+    pinned,
 )
 from trainer_accel.data.cache import meta_path
 from trainer_accel.data.tokenizer import (
@@ -173,7 +173,7 @@ def carry_over(names: list[str], earlier: Path, into: Path) -> None:
 
 
 def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = None,
-              verdict: str | None = None) -> dict[str, Any]:
+              verdict: str | None = None, approved: str | None = None) -> dict[str, Any]:
     """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record. One export
     at a time per --out: a second one's sweep would delete the first one's temporary directory."""
     try:
@@ -182,14 +182,15 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
         raise UserError(f"--out {out}: its folder cannot be made ({e.strerror or type(e).__name__})") from None
     with held_alone(out.parent / f".{out.name}.export.lock", f"--out {out}: another export is writing there; wait "
                                                                "for it", remove=True):
-        return _export_hf(source, out, paths, tokenizer, verdict)
+        return _export_hf(source, out, paths, tokenizer, verdict, approved)
 
 
-def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, verdict: str | None) -> dict[str, Any]:
+def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, verdict: str | None,
+               approved: str | None) -> dict[str, Any]:
     kept = check_out(out)
     if is_hf_dir(source):
         raise UserError(f"{source}: already a Hugging Face directory; nothing to export")
-    loaded = load_checkpoint(source, with_optimizer=False)
+    loaded = load_checkpoint(source, with_optimizer=False, approved=approved)
     cfg = loaded.meta["model_cfg"]
     mapping = families.writing(cfg)
     raise_if_any([f"{source}: {p}; not exported (an approximation would compute something else)"
@@ -211,7 +212,7 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
         **tokenizer_files(tok, cfg["T"], eos, bos, chat["template"] if chat else None),
     }
     record = {"format": RECORD_FORMAT, "out": str(out.resolve()), "exported_at": now_iso(),
-              "source": str(resolved_source(source)), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
+              "source": str(pinned(source).resolve()), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
               "step": loaded.step, "best_val_loss": loaded.best_val_loss, "model_sha256": model_sha256(loaded.meta),
               "verdict": verdict, "tokenizer": tok.identity, "model_cfg": cfg}
     sweep_leftovers(out)
