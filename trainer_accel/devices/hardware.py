@@ -113,10 +113,11 @@ def _has_words(words: list[str], key: list[str]) -> bool:
     return any(words[i:i + len(key)] == key for i in range(len(words) - len(key) + 1))
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0,
+                          sizes: tuple[int, ...] = (512, 1024, 2048)) -> float:
     """Best FLOP/s of square matmuls on this device (the CPU's practical peak, with its current threads)."""
     best = 0.0
-    for n in (512, 1024, 2048):
+    for n in sizes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         a @ b  # warm-up: thread pool, allocator, kernel choice
         reps, start = 0, time.perf_counter()
