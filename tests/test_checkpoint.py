@@ -253,10 +253,11 @@ def test_a_reader_of_latest_beside_a_saving_run_gets_one_whole_save(tmp_path, mo
         ckpt.load_checkpoint(latest, approved=approved)
 
     monkeypatch.setattr(ckpt, "load_file", real_load)
-    assert ckpt.pinned(latest) == second  # the step directory latest/ is, which no save replaces
+    assert ckpt.load_checkpoint(latest).origin == second.resolve()  # what a record names: the step latest/ was
     (second / "model.safetensors").unlink()
     (second / "model.safetensors").write_bytes((latest / "model.safetensors").read_bytes())  # a copy: not the same files
-    assert ckpt.pinned(latest) == latest and ckpt.pinned(first) == first
+    assert ckpt.load_checkpoint(latest).origin == latest.resolve()
+    assert ckpt.load_checkpoint(first).origin == first.resolve()
 
 
 def test_an_exported_pt_is_checked_like_a_checkpoint_directory(world):

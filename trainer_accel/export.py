@@ -19,7 +19,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from trainer_accel.checkpoints.store import InvalidCheckpoint, pinned
+from trainer_accel.checkpoints.store import InvalidCheckpoint
 from trainer_accel.errors import UserError, exit_with, raise_if_any, report
 from trainer_accel.experiments.best_pt import (
     export_run_best,
@@ -27,6 +27,7 @@ from trainer_accel.experiments.best_pt import (
     known_verdict,
     newest_best,
     overwrite_problems,
+    verdict_of,
 )
 from trainer_accel.experiments.evaluation import require_deployable
 from trainer_accel.hf.export import export_hf
@@ -52,17 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.tokenizer is not None and args.format != "hf":
             raise UserError("--tokenizer: only for --format hf (best.pt holds no tokenizer)")
-        given = args.checkpoint or newest_best(paths)
-        source = pinned(given)  # latest/ and best/ move on while a run trains; the step directory they are does not
+        source = args.checkpoint or newest_best(paths)
         summary = require_deployable(paths, source) if args.deployable_only else None
-        approved = summary["candidate"]["model_sha256"] if summary else None
+        approved = summary["candidate"]["model_sha256"] if summary else None  # latest/ may move on before the load
         if args.format == "hf":
             out = args.out or paths.checkpoints / "hf"
             raise_if_any(unwritable([("--out", out.parent)]) or (
                 [f"--out {out}: is a file; give a directory"] if out.exists() and not out.is_dir() else []))
-            verdict = summary["verdict"] if summary else known_verdict(paths, source)
+            verdict = (lambda meta: summary["verdict"]) if summary else (
+                lambda meta: known_verdict(paths, source) if Path(source).is_file() else verdict_of(paths, meta))
             record = export_hf(source, out, paths, args.tokenizer, verdict, approved)
-            log.info("exported %s (Hugging Face transformers) from %s (step %d, verdict: %s)", out, given,
+            log.info("exported %s (Hugging Face transformers) from %s (step %d, verdict: %s)", out, source,
                      record["step"], record.get("verdict") or "not evaluated")
             return 0
         out = args.out or paths.best_pt
@@ -72,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return report(e)
     except InvalidCheckpoint as e:
-        return report(UserError(f"{given}: invalid checkpoint: {e}"))
+        return report(UserError(f"{source}: invalid checkpoint: {e}"))
     except OSError as e:  # the disk, not the input: full, read-only, or changed under the export
         return report(UserError(f"{e.filename or args.out}: cannot write the export ({e.strerror or e})"))
-    log.info("exported %s from %s (verdict: %s)", out, given, record.get("verdict") or "not evaluated")
+    log.info("exported %s from %s (verdict: %s)", out, source, record.get("verdict") or "not evaluated")
     return 0
 
 

@@ -453,7 +453,8 @@ def read_steadily(ckpt: Path, read: Callable[[Path], Any], attempts: int = 20) -
     latest/ and best/ are replaced by renames while a run trains, so a command reading them beside it (export,
     generate, evaluate) could take the sidecar of one save and the weights of the next: the checksums then called
     a sound checkpoint corrupt, and without them the weights would carry another step's name. Step directories
-    never change, so for them this is one read."""
+    never change, so for them this is one read. (Pinning latest/ to its step directory instead lost to pruning:
+    in a test saving every 5 steps, a step directory lived a fraction of a second.)"""
     error: Exception | None = None
     for _ in range(attempts):
         before = _files_identity(ckpt)
@@ -471,25 +472,6 @@ def read_steadily(ckpt: Path, read: Callable[[Path], Any], attempts: int = 20) -
         raise error
     raise UserError(f"{ckpt}: replaced {attempts} times while being read (a run is saving there often); read one of "
                     "the step_* directories beside it instead")
-
-
-def pinned(ckpt: Path) -> Path:
-    """The step directory holding the same files as `ckpt` when it is latest/ or best/ (they move on while a run
-    trains; a step directory does not), else `ckpt` itself. A command that reads a checkpoint more than once (a
-    verdict, then the weights) pins it first, so every read sees the same save."""
-    ckpt = Path(ckpt)
-    if ckpt.name not in ("best", "latest") or not ckpt.is_dir():
-        return ckpt
-
-    def same_step_dir(pointer: Path) -> Path:
-        step = read_meta(pointer, verify=False)["step"]
-        target = pointer.with_name(step_dir_name(step))
-        return target if _files_identity(target) == _files_identity(pointer) else pointer
-
-    try:
-        return read_steadily(ckpt, same_step_dir)
-    except (InvalidCheckpoint, UserError, OSError):
-        return ckpt  # the read proper says what is wrong with it
 
 
 def checkpoint_phase(path: Path) -> str | None:
@@ -518,6 +500,17 @@ class LoadedCheckpoint:
     step: int
     best_val_loss: float | None
     meta: dict[str, Any]  # the sidecar (for a .pt: what the .pt carries, phase unknown)
+    origin: Path | None = None  # where the weights live for good: for latest/ or best/, the step directory they were
+
+
+def _origin(ckpt: Path, step: int) -> Path:
+    """The step directory holding the same files as `ckpt` when it is latest/ or best/ (which move on; a step
+    directory does not), else `ckpt`: what a record names as the source."""
+    ckpt = Path(ckpt).resolve()
+    if ckpt.name not in ("best", "latest"):
+        return ckpt
+    target = ckpt.with_name(step_dir_name(step))
+    return target if _files_identity(target) == _files_identity(ckpt) else ckpt
 
 
 def _load_optimizer(path: Path) -> dict[str, Any]:
@@ -556,7 +549,7 @@ def _load_directory(path: Path, with_optimizer: bool) -> LoadedCheckpoint:
     optimizer_state = _load_optimizer(path / OPTIMIZER_FILE) if with_optimizer else None
     return LoadedCheckpoint(
         source=path, model_state=expand_aliases(tensors, meta.get("tied", {})), optimizer_state=optimizer_state,
-        step=int(meta["step"]), best_val_loss=meta["best_val_loss"], meta=meta,
+        step=int(meta["step"]), best_val_loss=meta["best_val_loss"], meta=meta, origin=_origin(path, int(meta["step"])),
     )
 
 
@@ -631,9 +624,9 @@ def best_pt_dict(loaded: LoadedCheckpoint) -> dict[str, Any]:
     }
 
 
-def export_best_pt(ckpt: Path, out: Path, approved: str | None = None) -> dict[str, Any]:
-    """Write the six-key best.pt atomically: a kill leaves the old file or none, never part of one. Returns the
-    sidecar of the checkpoint written, read with its weights (a re-read of latest/ could be the next save's)."""
+def export_best_pt(ckpt: Path, out: Path, approved: str | None = None) -> LoadedCheckpoint:
+    """Write the six-key best.pt atomically: a kill leaves the old file or none, never part of one. Returns what
+    was loaded: its sidecar is the one of the weights written (a re-read of latest/ could be the next save's)."""
     loaded = load_checkpoint(ckpt, approved=approved)
     blob = best_pt_dict(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -645,7 +638,7 @@ def export_best_pt(ckpt: Path, out: Path, approved: str | None = None) -> dict[s
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return loaded.meta
+    return loaded
 
 
 def model_sha256(meta: dict) -> str | None:

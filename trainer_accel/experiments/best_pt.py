@@ -17,7 +17,6 @@ from trainer_accel.checkpoints.store import (
     InvalidCheckpoint,
     export_best_pt,
     model_sha256,
-    pinned,
     read_export_record,
     read_meta,
     record_path,
@@ -91,11 +90,11 @@ def _is_export_record(path: Path) -> bool:
 
 def export_with_record(source: Path, out: Path, paths: Paths, approved: str | None = None) -> dict:
     """Write best.pt from a checkpoint directory and its record beside it; returns the record."""
-    source = pinned(source)
-    meta = export_best_pt(source, out, approved)
+    loaded = export_best_pt(source, out, approved)
+    meta = loaded.meta
     record = {"format": "trainer_accel.export", "best_pt": str(out.resolve()), "best_pt_sha256": sha256_file(out),
               "best_pt_size": out.stat().st_size,
-              "exported_at": now_iso(), "source": str(Path(source).resolve())}
+              "exported_at": now_iso(), "source": str(loaded.origin or Path(source).resolve())}
     if Path(source).is_dir():
         record.update({k: meta.get(k) for k in ("phase", "run_id", "step", "best_val_loss", "data_fingerprint",
                                                 "config_fingerprint", "parent", "caches", "global_batch", "tokenizer",

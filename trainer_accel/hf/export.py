@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetensors.torch import save_file
 
@@ -23,7 +23,6 @@ from trainer_accel.checkpoints.store import (
     LoadedCheckpoint,
     load_checkpoint,
     model_sha256,
-    pinned,
 )
 from trainer_accel.data.cache import meta_path
 from trainer_accel.data.tokenizer import (
@@ -173,9 +172,11 @@ def carry_over(names: list[str], earlier: Path, into: Path) -> None:
 
 
 def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = None,
-              verdict: str | None = None, approved: str | None = None) -> dict[str, Any]:
+              verdict: Callable[[dict], str | None] = lambda meta: None, approved: str | None = None) -> dict[str, Any]:
     """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record. One export
-    at a time per --out: a second one's sweep would delete the first one's temporary directory."""
+    at a time per --out: a second one's sweep would delete the first one's temporary directory. `verdict` gives
+    the promotion verdict of the weights loaded from their sidecar (latest/ may have moved on since the command
+    started); `approved`, the only weights a check made before the load allows."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -185,7 +186,7 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
         return _export_hf(source, out, paths, tokenizer, verdict, approved)
 
 
-def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, verdict: str | None,
+def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, verdict: Callable[[dict], str | None],
                approved: str | None) -> dict[str, Any]:
     kept = check_out(out)
     if is_hf_dir(source):
@@ -212,9 +213,9 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
         **tokenizer_files(tok, cfg["T"], eos, bos, chat["template"] if chat else None),
     }
     record = {"format": RECORD_FORMAT, "out": str(out.resolve()), "exported_at": now_iso(),
-              "source": str(pinned(source).resolve()), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
+              "source": str(loaded.origin or Path(source).resolve()), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
               "step": loaded.step, "best_val_loss": loaded.best_val_loss, "model_sha256": model_sha256(loaded.meta),
-              "verdict": verdict, "tokenizer": tok.identity, "model_cfg": cfg}
+              "verdict": verdict(loaded.meta), "tokenizer": tok.identity, "model_cfg": cfg}
     sweep_leftovers(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
