@@ -24,6 +24,7 @@ from trainer_accel.checkpoints.store import (
     model_sha256,
     read_export_record,
     read_meta,
+    read_steadily,
 )
 from trainer_accel.config import MODEL_SHAPE_KEYS, ModelConfig, shape_diff
 from trainer_accel.data.cache import open_cache
@@ -182,7 +183,7 @@ def require_deployable(paths: Paths, checkpoint: Path) -> dict[str, Any]:
         run_id, weights = record.get("run_id"), record.get("model_sha256")
     else:
         try:
-            meta = read_meta(checkpoint)
+            meta = read_steadily(Path(checkpoint), read_meta)  # best/ may be replaced while its files are hashed
         except InvalidCheckpoint as e:
             raise UserError(f"{checkpoint}: not a checkpoint to check for deployment ({e})") from None
         run_id, weights = meta.get("run_id"), model_sha256(meta)
