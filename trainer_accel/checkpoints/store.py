@@ -420,10 +420,11 @@ def _intact_step(ckpt: Path) -> int | None:
 
 
 def find_resume_checkpoint(phase_dir: Path) -> Path | None:
-    """The newest complete, intact checkpoint of a phase; broken ones are skipped with a warning saying why."""
+    """The newest complete, intact checkpoint of a phase; broken ones are skipped with a warning saying why.
+    Read steadily: `run --plan` looks beside a run that may be replacing latest/ as it reads."""
     for cand in resume_candidates(phase_dir):
         try:
-            read_meta(cand)
+            read_steadily(cand, read_meta)
             return cand
         except InvalidCheckpoint as e:
             log.warning("skipping checkpoint %s: %s", cand, e)
