@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -20,7 +19,6 @@ TRAIN = {"total_steps": 6, "ckpt_every": 2, "eval_every": 2, "keep_last_n": 2, "
 def reference(tmp_path_factory):
     """One uninterrupted run: its final weights are what every interrupted run must end with."""
     root = tmp_path_factory.mktemp("reference")
-    from trainer_accel.data import prepare
 
     env = {"TRAINER_DATA_DIR": str(root / "data"), "TRAINER_ARTIFACTS_DIR": str(root)}
     r = run_cli("prepare", "--demo", cwd=root, env=env)

@@ -7,7 +7,6 @@ import gzip
 import json
 import tracemalloc
 
-import numpy as np
 import pytest
 
 from conftest import run_cli

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from test_numerics import LAUNCH, launch, max_diff, weights
 

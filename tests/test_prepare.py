@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from trainer_accel.data import prepare
 from trainer_accel.data.cache import meta_path, open_cache
-from trainer_accel.data.tokenizer import ASST, DOC, EOT, USER, ByteTokenizer
+from trainer_accel.data.tokenizer import DOC, EOT, USER, ByteTokenizer
 from trainer_accel.errors import UserError
 from trainer_accel.fsio import sha256_file
 

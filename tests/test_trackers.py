@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from conftest import events, run_cli, write_config
+from conftest import events, write_config
 
 TRACKED = {"log_with": ["tensorboard", "wandb"], "tags": ["smoke"]}
 
