@@ -99,9 +99,10 @@ STEPS = 200  # long enough that a cancel, polled by the worker every 0.2 s, alwa
 LONG = {"total_steps": STEPS, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}
 
 
-def start_worker_on_one_job(world):
-    """A worker running a STEPS-step job, returned once the job is inside its training loop."""
-    job = add(world, "--phase", "pretrain", "--config", str(write_config(world / "pre.json", "pretrain", LONG)))
+def start_worker_on_one_job(world, steps: int = STEPS):
+    """A worker running a `steps`-step job, returned once the job is inside its training loop."""
+    cfg = write_config(world / "pre.json", "pretrain", {**LONG, "total_steps": steps})
+    job = add(world, "--phase", "pretrain", "--config", str(cfg))
     worker = start_cli("queue", "run", cwd=world)
     events = world / "jobs" / str(job) / "metrics" / "events.jsonl"
     deadline = time.monotonic() + 120
@@ -112,13 +113,13 @@ def start_worker_on_one_job(world):
 
 
 def test_cancelling_a_running_job_stops_it_gracefully(world, capsys):
-    job, worker = start_worker_on_one_job(world)
+    job, worker = start_worker_on_one_job(world, steps=100_000)  # never finishes first, however fast the machine
     assert queue.main(["cancel", str(job)]) == 0
     assert "cancelling" in capsys.readouterr().out
     out = "".join(worker.communicate(timeout=120))
     assert worker.returncode == 0 and "queue: empty" in out, out  # the worker goes on to the next job: none
     assert jobs(world)[job]["status"] == "cancelled"
-    assert 0 < read_meta(world / "jobs" / str(job) / "checkpoints/pretrain/latest")["step"] < STEPS
+    assert 0 < read_meta(world / "jobs" / str(job) / "checkpoints/pretrain/latest")["step"] < 100_000
 
 
 def test_a_stopped_worker_leaves_its_job_resumable(world):
