@@ -76,6 +76,15 @@ def test_generation_stops_at_the_context_and_at_a_stop_token():
     assert generate_ids(m, [[1, 2, 3]], 10, stop_ids=frozenset({first[3]}))[0] == first[:first.index(first[3]) + 1]
 
 
+def test_a_short_prompt_beside_a_long_one_gets_the_tokens_it_gets_alone():
+    """Each row has its own context: a batch used to stop every row where the longest prompt ran out of room."""
+    m = model({})
+    prompts = [list(range(60)), [1, 2, 3], list(range(5, 45))]
+    together = generate_ids(m, prompts, 30)
+    assert [len(t) for t in together] == [5, 30, 25]
+    assert together == [generate_ids(m, [p], 30)[0] for p in prompts]
+
+
 @pytest.fixture
 def trained(world):
     """A tiny pipeline's models: checkpoints/best.pt (SFT), best.pretrain.pt, the SFT checkpoint, its HF export."""
@@ -94,20 +103,26 @@ def lines(r) -> list[dict]:
 
 
 def test_generate_takes_every_form_a_model_comes_in_and_gives_the_same_text(trained):
-    (trained / "p.jsonl").write_text(json.dumps({"prompt": "The zordax"}) + "\n\n"
-                                     + json.dumps({"messages": [{"role": "user", "content": "What color is it?"}]}) + "\n")
+    system = [{"role": "system", "content": "be brief"}]
+    (trained / "p.jsonl").write_text("\n".join(json.dumps(row) for row in (
+        {"prompt": "The zordax"}, {}, {"messages": [{"role": "user", "content": "What color is it?"}]},
+        {"messages": system + [{"role": "user", "content": "What color is it?"}]},  # the built-in template folds it:
+        {"messages": [{"role": "user", "content": "be brief\n\nWhat color is it?"}]})).replace("{}", "") + "\n")
     args = ("--prompts", "p.jsonl", "--max-new-tokens", "12")
     default = run_cli("generate", *args, cwd=trained)
     assert "model: " in default.stderr and "best." in default.stderr  # it says which model it took
     out = lines(default)
-    assert [o["prompt"] for o in out] == ["The zordax", "What color is it?"]
+    assert [o["prompt"] for o in out] == ["The zordax", "What color is it?", "What color is it?", "be brief\n\nWhat color is it?"]
+    assert out[2]["prompt_tokens"] == out[1]["prompt_tokens"] + len("be brief\n\n") == out[3]["prompt_tokens"]
+    assert out[2]["completion"] == out[3]["completion"]
     assert all(set(o) == {"prompt", "completion", "prompt_tokens", "completion_tokens", "finish_reason", "tokens_per_s"}
                for o in out)
     for form in ("checkpoints/best.sft.pt", "checkpoints/sft/best", "hf"):
-        assert [o["completion"] for o in lines(run_cli("generate", *args, "--model", form, cwd=trained))] == [
-            o["completion"] for o in out], form
+        got = lines(run_cli("generate", *args, "--model", form, cwd=trained))
+        assert [o["completion"] for o in got] == [
+            o["completion"] for o in out], (form, got, out)
     one = [lines(run_cli("generate", *args, "--batch-size", "1", cwd=trained))]
-    assert [o["completion"] for o in one[0]] == [o["completion"] for o in out]
+    assert [o["completion"] for o in one[0]] == [o["completion"] for o in out], json.dumps([one, out])
     r = run_cli("generate", "--prompt", "The", "--temperature", "1", "--seed", "3", "--out", "o.jsonl", cwd=trained)
     assert r.returncode == 0 and r.stdout == ""
     again = run_cli("generate", "--prompt", "The", "--temperature", "1", "--seed", "3", cwd=trained)
@@ -130,10 +145,14 @@ def test_chat_on_a_pipe_answers_each_line_resets_and_drops_old_turns(trained):
     (["--prompt", "hi", "--chat", "--model", "checkpoints/pretrain/best"], "this model has no chat template"),
     (["--prompt", "hi", "--model", "nowhere"], "nowhere: checkpoint not found"),
     (["--prompt", "hi", "--top-p", "2"], "--top-p: must be in (0, 1], got 2.0"),
+    (["--prompts", "system.jsonl"], "system.jsonl:1: messages must be an optional system message, then user and "
+                                    "assistant in turn"),
     ([], "give --prompt TEXT (repeatable) or --prompts FILE"),
 ])
 def test_generate_refuses_bad_input_in_one_line(trained, args, needle):
     (trained / "empty.txt").write_text("\n\n")
+    (trained / "system.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": 3},
+                                                                   {"role": "user", "content": "hi"}]}) + "\n")
     r = run_cli("generate", *args, cwd=trained)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 

@@ -21,6 +21,7 @@ from trainer_accel.checkpoints import store as ckpt
 from trainer_accel.checkpoints.full_state import tied_aliases
 from trainer_accel.config import ModelConfig, SamplePrompt
 from trainer_accel.data.cache import open_cache
+from trainer_accel.data.chat_template import ChatFormat
 from trainer_accel.data.tokenizer import (
     ASST,
     ByteTokenizer,
@@ -139,8 +140,12 @@ def test_the_exported_tokenizer_gives_our_ids_and_our_chat_format(tmp_path, monk
     full = theirs.apply_chat_template(turns, tokenize=True, return_dict=True).input_ids
     assert full == encode_chat(tok, [(question, answer)] * 2)
     assert theirs.eos_token == "<|eot|>" and theirs.pad_token == "<|endoftext|>"
-    with pytest.raises(Exception, match="user and assistant turns only"):
-        theirs.apply_chat_template([{"role": "system", "content": "be brief"}], tokenize=False)
+    system = [{"role": "system", "content": "be brief"}]  # at the start of the first user message, as SFT wrote it
+    assert theirs.apply_chat_template(system + turns[:1], add_generation_prompt=True, tokenize=True,
+                                      return_dict=True).input_ids == ChatFormat(tok).prompt(question, (), "be brief")
+    assert ChatFormat(tok).prompt(question, (), "be brief") == encode_chat_prompt(tok, "be brief\n\n" + question)
+    with pytest.raises(Exception, match="user and assistant turns .after one system message. only"):
+        theirs.apply_chat_template(turns[:2] + system, tokenize=False)
 
 
 def test_an_sft_model_answers_through_the_pipeline_as_through_our_sampler(world):

@@ -296,6 +296,37 @@ def test_the_answer_mask_of_a_models_template_token_by_token(tmp_path):
     assert encoder.rule.end == im_end and tok.decode(list(encoder.rule.start)) == "<|im_start|>assistant\n"
 
 
+@pytest.mark.parametrize("kind", list(TEMPLATES))
+def test_a_system_message_is_written_in_the_templates_system_role_as_transformers_writes_it(tmp_path, kind):
+    """A row's leading system message: the SFT example's tokens and a chat prompt's are transformers'
+    apply_chat_template's, and the loss counts the answers only, never the system message."""
+    model_directory(tmp_path, kind)
+    from trainer_accel.data.cache import answer_mask
+    from trainer_accel.data.chat_template import ChatFormat, TemplateEncoder, find_chat_template
+    from trainer_accel.data.formats.chat import turns_of
+    from trainer_accel.data.tokenizer import HFTokenizer
+    tok = HFTokenizer(tmp_path / "model" / "tokenizer.json")
+    encoder = TemplateEncoder(tok, find_chat_template(tmp_path / "model" / "tokenizer.json"))
+    config = TEMPLATES[kind][1]  # the file as transformers' generic class reads it (an export names that class; the
+    # directory's own class, Qwen2Tokenizer, would split digits its own way, whatever tokenizer.json says)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "model" / "tokenizer.json"), **config)
+    messages = [{"role": "system", "content": "Answer in a few words."},
+                {"role": "user", "content": "What does animal 3 eat?"}, {"role": "assistant", "content": "Plums."},
+                {"role": "user", "content": "And animal 4?"}, {"role": "assistant", "content": "Fish."}]
+    turns = turns_of({"messages": messages})
+    assert turns.system == "Answer in a few words." and list(turns) == [("What does animal 3 eat?", "Plums."),
+                                                                          ("And animal 4?", "Fish.")]
+    ids = encoder.encode_many([turns])[0]
+    assert ids.tolist() == theirs.apply_chat_template(messages, tokenize=True, return_dict=True).input_ids
+    counted = answer_mask(ids[None], encoder.rule)[0]
+    end = tok.decode([encoder.rule.end])
+    assert tok.decode([t for t, c in zip(ids[1:].tolist(), counted) if c]) == f"Plums.{end}Fish.{end}"
+    prompt = ChatFormat(tok, encoder).prompt("And animal 4?", [("What does animal 3 eat?", "Plums.")],
+                                             "Answer in a few words.")
+    assert prompt == theirs.apply_chat_template(messages[:4], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True).input_ids
+
+
 def test_model_cfg_path_beside_an_inline_model_cfg_takes_only_what_the_file_leaves_to_the_run(tmp_path):
     hf_model("qwen3-qk-norm-head-dim").config.save_pretrained(tmp_path / "hf")
     base = {"model_cfg_path": "hf/config.json", "sources": {"wiki": 1.0}}

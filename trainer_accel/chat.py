@@ -44,6 +44,9 @@ class Stream:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.chat", description=__doc__.split("\n")[0])
     sampling_args(p)
+    p.add_argument("--system", default="", metavar="TEXT",
+                   help="the conversation's system message (in the template's system role; the built-in template, "
+                        "which has none, writes it at the start of the first message)")
     p.set_defaults(max_new_tokens=256)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
@@ -79,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not message:
             continue
-        ids = lm.chat.prompt(message, history)
+        ids = lm.chat.prompt(message, history, args.system)
         while len(ids) >= T - 1 and history:  # room for at least a short answer
             history.pop(0)
-            ids = lm.chat.prompt(message, history)
+            ids = lm.chat.prompt(message, history, args.system)
             print(f"(the conversation no longer fits the context of {T} tokens: the oldest turn was dropped)",
                   file=sys.stderr)
         if len(ids) >= T - 1:

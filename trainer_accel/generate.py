@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         raise_if_any(output_file_problem("--out", args.out))
         prompts = read_prompts(args.prompts) if args.prompts else [Prompt(t, chat=False) for t in args.prompt]
         if args.chat:
-            prompts = [Prompt(x.text, True, x.history) for x in prompts]
+            prompts = [Prompt(x.text, True, x.history, x.system) for x in prompts]
         lm = load_model(args.model, resolve_paths(), args.device, args.dtype)
         records = complete(lm, prompts, args.max_new_tokens, sampling, args.seed, args.stop, args.batch_size)
         if args.out is None:

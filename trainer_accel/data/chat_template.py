@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from trainer_accel.data.formats.chat import Turns
 from trainer_accel.data.tokenizer import EOT, encode_chat, encode_chat_prompt
 from trainer_accel.errors import UserError
 from trainer_accel.fsio import loads
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no template writes them, trim and strip keep them
 PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
-Turns = list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -116,18 +116,21 @@ def render(template: ChatTemplate, messages: list[dict], add_generation_prompt: 
         raise UserError(f"{template.source}: the chat template refused the conversation ({e})") from None
 
 
-def placeholder_messages(turns: Turns) -> list[dict]:
-    """User and assistant messages whose contents are the placeholders 0, 1, 2, ... in order."""
-    out = []
-    for i in range(len(turns)):
-        out += [{"role": "user", "content": PLACEHOLDER.format(2 * i)},
-                {"role": "assistant", "content": PLACEHOLDER.format(2 * i + 1)}]
-    return out
+def roles_and_contents(turns: Turns | list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """A conversation as messages: its system message (if it has one), then user and assistant in turn."""
+    system = getattr(turns, "system", "")
+    roles = ["system"] * bool(system) + ["user", "assistant"] * len(turns)
+    return roles, [system] * bool(system) + [text for pair in turns for text in pair]
+
+
+def placeholder_messages(roles: list[str]) -> list[dict]:
+    """Messages of these roles whose contents are the placeholders 0, 1, 2, ... in order."""
+    return [{"role": role, "content": PLACEHOLDER.format(i)} for i, role in enumerate(roles)]
 
 
 def generation_suffix(template: ChatTemplate) -> str:
     """What the template adds to open the assistant's turn (add_generation_prompt)."""
-    messages = placeholder_messages([("", "")])[:1]
+    messages = placeholder_messages(["user"])
     bare, opened = render(template, messages, False), render(template, messages, True)
     if not opened.startswith(bare) or opened == bare:
         raise UserError(f"{template.source}: add_generation_prompt does not append an assistant header to the "
@@ -195,7 +198,7 @@ class TemplateEncoder:
         # the rule, read off one rendered turn: the answer opens after the tokens of the generation prompt as they
         # stand before an answer, and closes with the first special token after it
         texts = ["Question", "Answer"]
-        pieces = split_rendered(render(template, placeholder_messages([("", "")]), False), 2, template.source)
+        pieces = split_rendered(render(template, placeholder_messages(["user", "assistant"]), False), 2, template.source)
         ids, owner, spans = self._tokens(pieces, texts)
         suffix = generation_suffix(template)
         answer_at = sum(len(texts[x]) if isinstance(x, int) else len(x) for x in pieces[:pieces.index(1)])
@@ -268,32 +271,33 @@ class TemplateEncoder:
         rule would count a prompt token or miss an answer token)."""
         out = []
         for turns in examples:
-            pieces = split_rendered(render(self.template, placeholder_messages(turns), False), 2 * len(turns),
+            roles, texts = roles_and_contents(turns)
+            pieces = split_rendered(render(self.template, placeholder_messages(roles), False), len(roles),
                                     where or self.template.source)
-            turns = self._as_rendered(turns, pieces, where)
-            ids, owner, _ = self._tokens(pieces, [text for pair in turns for text in pair])
+            texts = self._as_rendered(roles, texts, pieces, False, where)
+            ids, owner, _ = self._tokens(pieces, texts)
             arr = np.array(ids, dtype=np.int64)
-            self._check(arr, owner, len(turns), where)
+            self._check(arr, owner, roles, where)
             out.append(arr)
         return out
 
-    def _as_rendered(self, turns: Turns, pieces: list[str | int], where: str) -> Turns:
+    def _as_rendered(self, roles: list[str], texts: list[str], pieces: list[str | int], opened: bool,
+                     where: str) -> list[str]:
         """The contents as the template writes them: as given, or stripped for a template that trims them (Llama
         3's `| trim`), so the tokens are what transformers' apply_chat_template gives; any other change to a
         content cannot be reproduced and is refused."""
-        messages = [{"role": role, "content": text} for pair in turns for role, text in zip(("user", "assistant"), pair)]
-        actual = render(self.template, messages, False)
-        for candidate in (turns, [(p.strip(), a.strip()) for p, a in turns]):
-            texts = [text for pair in candidate for text in pair]
-            if actual == "".join(texts[p] if isinstance(p, int) else p for p in pieces):
+        actual = render(self.template, [{"role": r, "content": t} for r, t in zip(roles, texts)], opened)
+        for candidate in (texts, [t.strip() for t in texts]):
+            if actual == "".join(candidate[p] if isinstance(p, int) else p for p in pieces):
                 return candidate
         raise UserError(f"{self.template.source}: in {where or 'an example'} the chat template changes a message's "
                         "content in a way this trainer cannot reproduce token for token; use --chat-template builtin")
 
-    def _check(self, ids: np.ndarray, owner: list[int | None], turns: int, where: str) -> None:
+    def _check(self, ids: np.ndarray, owner: list[int | None], roles: list[str], where: str) -> None:
         inside = answer_positions(ids, self.rule)
+        turns = roles.count("assistant")
         for i, o in enumerate(owner):
-            if o is not None and inside[i] != (o % 2 == 1):
+            if o is not None and inside[i] != (roles[o] == "assistant"):
                 raise UserError(f"{self.template.source}: in {where or 'an example'} the answer rule (after "
                                 f"{list(self.rule.start)}, up to {self.rule.end}) does not find exactly the assistant's "
                                 "tokens; this template cannot be trained on (use --chat-template builtin)")
@@ -302,16 +306,16 @@ class TemplateEncoder:
             raise UserError(f"{self.template.source}: in {where or 'an example'} {closes} answer(s) end with token "
                             f"{self.rule.end}, {turns} were written")
 
-    def prompt(self, history: Turns, question: str) -> list[int]:
+    def prompt(self, history: list[tuple[str, str]], question: str, system: str = "") -> list[int]:
         """The conversation so far and a new question, the assistant's turn opened for the model to write."""
-        turns = [*history, (question, "")]
-        messages = placeholder_messages(turns)[:-1]
-        pieces = split_rendered(render(self.template, messages, True), 2 * len(turns) - 1, self.template.source)
-        texts = [text for pair in turns for text in pair][:-1]
-        actual = render(self.template, [{**m, "content": t} for m, t in zip(messages, texts)], True)
-        stripped = [t.strip() for t in texts]  # a template that trims contents (see _as_rendered)
-        if actual == "".join(stripped[p] if isinstance(p, int) else p for p in pieces):
-            texts = stripped
+        roles, texts = roles_and_contents(Turns([*history, (question, "")], system))
+        roles, texts = roles[:-1], texts[:-1]
+        pieces = split_rendered(render(self.template, placeholder_messages(roles), True), len(roles),
+                                self.template.source)
+        try:
+            texts = self._as_rendered(roles, texts, pieces, True, "the prompt")
+        except UserError:
+            pass  # a prompt is never checked against answers: the contents as given
         return self._tokens(pieces, texts)[0]
 
 
@@ -336,10 +340,13 @@ class ChatFormat:
     tok: Any
     encoder: TemplateEncoder | None = None
 
-    def prompt(self, question: str, history: Turns = ()) -> list[int]:
+    def prompt(self, question: str, history: list[tuple[str, str]] = (), system: str = "") -> list[int]:
+        """`system`: the conversation's system message; the built-in format has no system role and writes it at
+        the start of the first user message, as SFT wrote it."""
         if self.encoder is not None:
-            return self.encoder.prompt(list(history), question)
-        return encode_chat(self.tok, list(history)) + encode_chat_prompt(self.tok, question)
+            return self.encoder.prompt(list(history), question, system)
+        folded = Turns([*history, (question, "")], system).folded()
+        return encode_chat(self.tok, folded[:-1]) + encode_chat_prompt(self.tok, folded[-1][0])
 
     @property
     def stop_id(self) -> int:

@@ -130,7 +130,7 @@ def _encode_sft_batch(tok: Tokenizer, batch: list[tuple[formats.chat.Turns, Cach
     if encoder is not None:
         return _encode_templated_batch(encoder, batch, progress)
     s = tok.special
-    ids = iter(tok.encode_batch([text for turns, _ in batch for pair in turns for text in pair]))
+    ids = iter(tok.encode_batch([text for turns, _ in batch for pair in turns.folded() for text in pair]))
     user, asst, eot = (np.array([s[t]], dtype=np.uint32) for t in (USER, ASST, EOT))
     out: dict[CacheWriter, tuple[list[np.ndarray], list[int]]] = {}
     for turns, writer in batch:

@@ -21,6 +21,7 @@ class Prompt:
     text: str  # as shown in the output: the prompt, or the last user message
     chat: bool  # in the model's chat template
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier turns of a messages prompt
+    system: str = ""  # the system message of a messages prompt (or --system)
 
 
 def read_prompts(path: Path) -> list[Prompt]:
@@ -55,15 +56,20 @@ def read_prompts(path: Path) -> list[Prompt]:
 
 
 def _from_messages(messages: list, where: str, problems: list[str]) -> Prompt:
-    """user/assistant turns ending on a user message: the last one is the prompt, the rest its history."""
+    """An optional system message, then user/assistant turns ending on a user message: the last one is the
+    prompt, the rest its history."""
+    system = ""
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        system, messages = messages[0].get("content"), messages[1:]
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     ok = (all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) and messages
-          and roles[-1] == "user" and roles == ["user", "assistant"] * (len(roles) // 2) + ["user"])
+          and isinstance(system, str) and roles == ["user", "assistant"] * (len(roles) // 2) + ["user"])
     if not ok:
-        problems.append(f"{where}: messages must alternate user and assistant and end on a user message")
+        problems.append(f"{where}: messages must be an optional system message, then user and assistant in turn, "
+                        "ending on a user message, each with a string content")
         return Prompt("", chat=True)
     history = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages) - 1, 2)]
-    return Prompt(messages[-1]["content"], chat=True, history=history)
+    return Prompt(messages[-1]["content"], chat=True, history=history, system=system)
 
 
 def encode(lm: LoadedModel, prompt: Prompt, index: int) -> list[int]:
@@ -71,7 +77,7 @@ def encode(lm: LoadedModel, prompt: Prompt, index: int) -> list[int]:
         if lm.chat is None:
             raise UserError(f"{lm.source}: this model has no chat template (it was not fine-tuned on conversations); "
                             "give plain prompts, or use an SFT model")
-        ids = lm.chat.prompt(prompt.text, prompt.history)
+        ids = lm.chat.prompt(prompt.text, prompt.history, prompt.system)
     else:
         ids = lm.tok.encode(prompt.text)
     if not ids:

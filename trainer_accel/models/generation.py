@@ -1,8 +1,10 @@
 """Text from a model: a KV cache, the choice of each next token, and batches of prompts of any lengths.
 
 A prompt is read once (prefill) and each new token costs one position, not the whole prefix again: every layer's
-keys and values are kept in a cache of the model's context T, preallocated once; attention reads its filled part. Prompts of different lengths share a batch left-padded: each row's positions start
-at 0 at its first real token and no query sees a pad, so a row's tokens are those it gets alone. Each prompt draws
+keys and values are kept in a cache preallocated once (the longest prompt and the new tokens, at most T past
+the most padded row); attention reads its filled part. Prompts of different lengths share a batch left-padded:
+each row's positions start at 0 at its first real token, no query sees a pad, and each row has its own context
+T, so a row's tokens are those it gets alone. Each prompt draws
 from its own generator, seeded by (seed, its index), so a sample does not depend on what else is in the batch.
 """
 
@@ -88,7 +90,11 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, samp
                  on_token: Callable[[int, int], bool | None] | None = None) -> list[list[int]]:
     """The new tokens of each prompt (a stop token included, and nothing after it), at most max_new_tokens and no
     further than the context T. `generators`: one per prompt, or one for all; `on_token(row, token)` is called
-    as each token is chosen (streaming) and may return True to stop that row. Prompts must fit in T."""
+    as each token is chosen (streaming) and may return True to stop that row. Prompts must fit in T.
+
+    Each row's context is its own: the cache holds the longest prompt and the new tokens (up to T past the row
+    with the most padding), so a short prompt beside a long one gets as many tokens as alone, not only the room
+    the long one leaves."""
     was_training = model.training
     model.eval()
     device = model.lm_head.weight.device
@@ -99,10 +105,12 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, samp
     gens = generators or [torch.Generator().manual_seed(0)]
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
-    cache = KVCache.empty(model, B, T)
+    room = [T - len(p) for p in prompts]  # the new tokens each row can be fed: its positions end at T - 1
+    cache = KVCache.empty(model, B, longest + max(0, min(max_new_tokens, max(room))))
     padded = bool(pad.any())  # without padding the attention is plainly causal: no mask to build or apply
     at = torch.arange(longest, device=device)[None].expand(B, -1)
-    logits = model.decode(idx, (at - pad[:, None]).clamp(min=0), _mask(pad, at, T) if padded else None, cache)[:, -1]
+    logits = model.decode(idx, (at - pad[:, None]).clamp(min=0), _mask(pad, at, cache.size) if padded else None,
+                          cache)[:, -1]
     cache.length = longest
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -114,12 +122,13 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, samp
                 continue
             out[b].append(t)
             stop = on_token(b, t) if on_token is not None else None
-            done[b] = t in stop_ids or bool(stop)
-        if all(done) or cache.length >= T:
+            done[b] = t in stop_ids or bool(stop) or len(out[b]) > room[b]  # the last one its context can hold
+        if all(done) or cache.length >= cache.size:
             break
         seen = torch.cat([seen, nxt[:, None]], dim=1)
         at = torch.full((B, 1), cache.length, device=device)
-        logits = model.decode(nxt[:, None], at - pad[:, None], _mask(pad, at, T) if padded else None, cache)[:, -1]
+        pos = (at - pad[:, None]).clamp(max=T - 1)  # a row out of room is fed on, into its own row, unread
+        logits = model.decode(nxt[:, None], pos, _mask(pad, at, cache.size) if padded else None, cache)[:, -1]
         cache.length += 1
     model.train(was_training)
     return out

@@ -136,7 +136,7 @@ def examples(path: Path, options: ReadOptions, problems: list[str], tick: Tick) 
                 trees.add_tree(row, where)
             else:
                 turns = turns_of(row)
-                yield repr(turns), turns
+                yield repr(turns.folded()), turns  # the key it had when a system message was always folded
         except ValueError as e:
             problems.append(f"{where}: {e}")
     if trees.messages:

@@ -3,6 +3,9 @@
 Row shapes, one example each:
     {"prompt": ..., "response": ...}                       (Dolly's {"instruction", "context", "response"} too)
     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+A system message before the first user message is the conversation's system message: a model's own chat template
+writes it in its system role; the built-in format, which has none, folds it into the first user message. A system
+message later in a conversation is folded into the user message after it, in either.
 OpenAssistant's oasst1 comes as message trees instead, and is rebuilt into conversations (`MessageTrees`):
     flat, one row per message: {"message_id", "parent_id", "role": "prompter"|"assistant", "text", "lang", "rank"}
     nested (the *.trees.jsonl export): {"message_tree_id", "prompt": {message..., "replies": [message, ...]}}
@@ -16,7 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-Turns = list[tuple[str, str]]
+
+class Turns(list):
+    """A conversation's (prompt, answer) pairs, in order, and the system message before them ("": none)."""
+
+    def __init__(self, pairs=(), system: str = ""):
+        super().__init__(pairs)
+        self.system = system
+
+    def folded(self) -> list[tuple[str, str]]:
+        """The pairs with the system message written at the start of the first prompt: the built-in format's
+        way, which has no system role (and what every example was before templates had one)."""
+        pairs = list(self)
+        if self.system and pairs:
+            pairs[0] = (self.system + "\n\n" + pairs[0][0], pairs[0][1])
+        return pairs
 OASST_PATHS = ("leaves", "best")
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 
@@ -29,7 +46,7 @@ def turns_of(obj: Any) -> Turns:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise ValueError('"messages" must be a non-empty list')
-        system, turns, pending = "", [], None
+        system, turns, pending, leading = "", Turns(), None, None
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
                 raise ValueError(f'messages[{i}] must be {{"role": "system"|"user"|"assistant", "content": "..."}}')
@@ -38,6 +55,8 @@ def turns_of(obj: Any) -> Turns:
             elif m["role"] == "user":
                 if pending is not None:
                     raise ValueError(f"messages[{i}]: two user messages in a row")
+                if leading is None:  # the first user message: what came before it is the system message
+                    leading, system = system[:-2], ""
                 pending = system + m["content"]
                 system = ""
             else:
@@ -47,6 +66,7 @@ def turns_of(obj: Any) -> Turns:
                 pending = None
         if not turns:
             raise ValueError("no user/assistant pair in messages")
+        turns.system = leading or ""
         return turns
     prompt = obj.get("prompt", obj.get("instruction"))
     response = obj.get("response")
@@ -56,7 +76,7 @@ def turns_of(obj: Any) -> Turns:
     context = obj.get("context")
     if isinstance(context, str) and context.strip():
         prompt = f"{prompt}\n\n{context}"
-    return [(prompt, response)]
+    return Turns([(prompt, response)])
 
 
 def is_oasst_message(obj: Any) -> bool:
@@ -202,4 +222,4 @@ class MessageTrees:
             want = "prompter" if i % 2 == 0 else "assistant"
             if m.role != want:
                 raise ValueError(f"oasst1 message {m.id}: a {m.role} message where the conversation needs a {want} one")
-        return [(path[i].text, path[i + 1].text) for i in range(0, len(path), 2)]
+        return Turns((path[i].text, path[i + 1].text) for i in range(0, len(path), 2))
