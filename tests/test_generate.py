@@ -138,6 +138,13 @@ def test_chat_on_a_pipe_answers_each_line_resets_and_drops_old_turns(trained):
     assert "no longer fits the context of 32 tokens: the oldest turn was dropped" in chat.stderr
     assert "(this message is 44 tokens with the template; the context is 32: say it shorter)" in chat.stderr
 
+    (trained / "s.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "be brief"},
+                                                              {"role": "user", "content": "Hi"}]}) + "\n")
+    chat = subprocess.run([sys.executable, "-m", "trainer_accel.chat", "--max-new-tokens", "8", "--system", "be brief"],
+                          cwd=trained, input="Hi\n", capture_output=True, text=True, timeout=120)
+    same = lines(run_cli("generate", "--prompts", "s.jsonl", "--max-new-tokens", "8", cwd=trained))[0]
+    assert chat.returncode == 0 and chat.stdout == same["completion"] + "\n" and same["prompt_tokens"] == 2 + 12
+
 
 @pytest.mark.parametrize("args, needle", [
     (["--prompt", "x" * 40], "prompt 1 is 40 tokens; the model's context T is 32"),
