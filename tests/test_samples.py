@@ -44,6 +44,11 @@ def test_sample_text_works_on_an_exported_model(world):
     model.load_state_dict(blob["model_state"])
     saved = json.loads((world / "samples/pretrain/step-00000002-00.json").read_text())
     assert sample_text(model, ByteTokenizer(), SamplePrompt("The"), 1234) == saved["text"]
+    # a chat sample's system message: the built-in format writes it at the start of the question, as SFT did
+    with_system = SamplePrompt("What is it?", task="chat", temperature=1.0, seed=3, system="be brief")
+    folded = SamplePrompt("be brief\n\nWhat is it?", task="chat", temperature=1.0, seed=3)
+    assert sample_text(model, ByteTokenizer(), with_system, 0) == sample_text(model, ByteTokenizer(), folded, 0)
+    assert "system" not in SamplePrompt("The").to_dict()  # configs written before it keep their fingerprint
 
 
 def test_bad_sample_prompts_are_named(tmp_path):
@@ -52,8 +57,10 @@ def test_bad_sample_prompts_are_named(tmp_path):
     from trainer_accel.config import load_phase_config
     from trainer_accel.errors import UserError
 
-    (tmp_path / "c.json").write_text(json.dumps({"model_cfg": TINY_MODEL, "sample_prompts": [3, {"prompt": "x", "task": "poem"}]}))
+    (tmp_path / "c.json").write_text(json.dumps({"model_cfg": TINY_MODEL, "sample_prompts": [
+        3, {"prompt": "x", "task": "poem"}, {"prompt": "x", "system": "be brief"}]}))
     with pytest.raises(UserError) as e:
         load_phase_config(tmp_path / "c.json", "pretrain")
     assert any("sample_prompts[0]: expected a JSON object" in p for p in e.value.problems)
     assert any('sample_prompts[1].task: expected "completion" or "chat", got "poem"' in p for p in e.value.problems)
+    assert any('sample_prompts[2].system: only for task "chat"' in p for p in e.value.problems)

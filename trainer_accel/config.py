@@ -87,6 +87,14 @@ class SamplePrompt:
     temperature: float = 0.8  # 0 is greedy
     top_k: int | None = 50  # sample from the k most likely tokens; null for all
     task: str = "completion"  # "completion" or "chat" (wrapped in the SFT template)
+    system: str = ""  # task "chat": the conversation's system message ("": none)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As recorded; `system` only when set, so configs written before it keep their fingerprint."""
+        out = dataclasses.asdict(self)
+        if not self.system:
+            del out["system"]
+        return out
 
 
 TRACKERS = ("tensorboard", "wandb")
@@ -146,7 +154,7 @@ class PhaseConfig:
             **({"replay": dict(self.replay)} if self.phase == "sft" else {}), "mixture": self.mixture(),
             **({"model_cfg_path": self.raw["model_cfg_path"]} if "model_cfg_path" in self.raw else {}),
             "val_source": self.val_source, "init_from": self.init_from,
-            "sample_prompts": [dataclasses.asdict(p) for p in self.sample_prompts], "sample_seed": self.sample_seed,
+            "sample_prompts": [p.to_dict() for p in self.sample_prompts], "sample_seed": self.sample_seed,
             "tracking": dataclasses.asdict(self.tracking),
         }
 
@@ -272,6 +280,8 @@ def parse_sample_prompts(value: object, where: str, problems: list[str]) -> list
             continue
         if spec.task not in TASKS:
             problems.append(f'{where}[{i}].task: expected "completion" or "chat", got {json.dumps(spec.task)}')
+        if spec.system and spec.task != "chat":
+            problems.append(f'{where}[{i}].system: only for task "chat" (a completion has no conversation)')
         if spec.max_new_tokens <= 0 or spec.temperature < 0 or (spec.top_k is not None and spec.top_k <= 0):
             problems.append(f"{where}[{i}]: max_new_tokens and top_k must be positive, temperature >= 0")
         out.append(spec)

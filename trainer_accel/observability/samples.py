@@ -12,7 +12,6 @@ folder per phase, because a pipeline's pretrain and SFT both reach, say, step 20
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ def sample_text(model: GPT, tok: Tokenizer, spec: SamplePrompt, default_seed: in
     device = next(model.parameters()).device
     chat = spec.task == "chat"
     form = chat_form or ChatFormat(tok)
-    ids = form.prompt(spec.prompt) if chat else tok.encode(spec.prompt)
+    ids = form.prompt(spec.prompt, (), spec.system) if chat else tok.encode(spec.prompt)
     if not ids:
         ids = [tok.special[EOT]]
     ids = ids[-model.cfg.T:]
@@ -50,7 +49,7 @@ def write_samples(model: GPT, chat_form: ChatFormat, specs: list[SamplePrompt], 
     """Generate and write every prompt's sample; returns the records (each with its file's path)."""
     records = []
     for i, spec in enumerate(specs):
-        record = {"step": step, **asdict(spec), "seed": spec.seed if spec.seed is not None else default_seed,
+        record = {"step": step, **spec.to_dict(), "seed": spec.seed if spec.seed is not None else default_seed,
                   "text": sample_text(model, chat_form.tok, spec, default_seed, chat_form)}
         path = samples_dir / f"step-{step:08d}-{i:02d}.json"
         write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
