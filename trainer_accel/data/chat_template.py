@@ -198,7 +198,8 @@ class TemplateEncoder:
         # the rule, read off one rendered turn: the answer opens after the tokens of the generation prompt as they
         # stand before an answer, and closes with the first special token after it
         texts = ["Question", "Answer"]
-        pieces = split_rendered(render(template, placeholder_messages(["user", "assistant"]), False), 2, template.source)
+        one_turn = render(template, placeholder_messages(["user", "assistant"]), False)
+        pieces = split_rendered(one_turn, 2, template.source)
         ids, owner, spans = self._tokens(pieces, texts)
         suffix = generation_suffix(template)
         answer_at = sum(len(texts[x]) if isinstance(x, int) else len(x) for x in pieces[:pieces.index(1)])

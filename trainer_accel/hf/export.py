@@ -213,7 +213,8 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
         **tokenizer_files(tok, cfg["T"], eos, bos, chat["template"] if chat else None),
     }
     record = {"format": RECORD_FORMAT, "out": str(out.resolve()), "exported_at": now_iso(),
-              "source": str(loaded.origin or Path(source).resolve()), "phase": loaded.meta.get("phase"), "run_id": loaded.meta.get("run_id"),
+              "source": str(loaded.origin or Path(source).resolve()), "phase": loaded.meta.get("phase"),
+              "run_id": loaded.meta.get("run_id"),
               "step": loaded.step, "best_val_loss": loaded.best_val_loss, "model_sha256": model_sha256(loaded.meta),
               "verdict": verdict(loaded.meta), "tokenizer": tok.identity, "model_cfg": cfg}
     sweep_leftovers(out)

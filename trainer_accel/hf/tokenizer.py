@@ -32,8 +32,9 @@ from trainer_accel.errors import UserError
 # A leading system message is written at the start of the first user message, as SFT wrote it (the format has no
 # system role); a system message anywhere else is refused.
 CHAT_TEMPLATE = (
-    "{%- set system = messages[0]['content'] + '\n\n' if messages and messages[0]['role'] == 'system' else '' -%}"
-    "{%- for message in (messages[1:] if system else messages) -%}"
+    "{%- set has_system = messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] + '\n\n' if has_system and messages[0]['content'] else '' -%}"
+    "{%- for message in (messages[1:] if has_system else messages) -%}"
     f"{{%- if message['role'] == 'user' -%}}{USER}{{{{ (system if loop.first else '') + message['content'] }}}}"
     f"{{%- elif message['role'] == 'assistant' -%}}{ASST}{{{{ message['content'] }}}}{EOT}"
     "{%- else -%}{{ raise_exception('this model was trained on user and assistant turns (after one system "
