@@ -175,5 +175,7 @@ def open_metrics(metrics_dir: Path, events_path: Path, phase: str, run_id: str, 
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every complete record. Text after the last newline is a record still being written (`compare` on a live
+    run) or torn by a kill (the resume drops it): left out, not an error."""
     with open(path, encoding="utf-8") as f:
-        return [loads(line) for line in f if line.strip()]
+        return [loads(line) for line in f if line.strip() and line.endswith("\n")]
