@@ -144,6 +144,9 @@ def test_chat_on_a_pipe_answers_each_line_resets_and_drops_old_turns(trained):
                           cwd=trained, input="Hi\n", capture_output=True, text=True, timeout=120)
     same = lines(run_cli("generate", "--prompts", "s.jsonl", "--max-new-tokens", "8", cwd=trained))[0]
     assert chat.returncode == 0 and chat.stdout == same["completion"] + "\n" and same["prompt_tokens"] == 2 + 12
+    chat = subprocess.run([sys.executable, "-m", "trainer_accel.chat", "--system", "x" * 30], cwd=trained, input="Hi\n",
+                          capture_output=True, text=True, timeout=120)  # the system message counts: 2 + 30 + 2 + 2
+    assert chat.returncode == 0 and "(this message is 36 tokens with the template; the context is 32" in chat.stderr
 
 
 @pytest.mark.parametrize("args, needle", [
