@@ -7,11 +7,17 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 from torch.distributed.fsdp import fully_shard
 
+from trainer_accel.checkpoints.full_state import (
+    gather_sharded_optimizer_state,
+    scatter_sharded_optimizer_state,
+)
 from trainer_accel.config import ModelConfig
-from trainer_accel.checkpoints.full_state import gather_sharded_optimizer_state, scatter_sharded_optimizer_state
 
 CFG = ModelConfig(V=260, T=16, C=32, L=2, H=2, d_ff=64)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_cli, write_config
+from safetensors.torch import load_file
 from test_device_paths import CPU_FSDP2, EMULATED, SHORT, launch
+
 from trainer_accel.config import ModelConfig
 from trainer_accel.fsio import sha256_file
 from trainer_accel.models.gpt import GPT

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_MODEL, run_cli, write_config
+
 from trainer_accel.checkpoints import store as ckpt
 from trainer_accel.checkpoints.full_state import tied_aliases
 from trainer_accel.config import ModelConfig

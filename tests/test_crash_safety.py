@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli, write_config
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_config
 from trainer_accel.checkpoints import store as ckpt
 from trainer_accel.faults import POINTS
 

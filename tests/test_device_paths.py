@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import events, free_port, run_cli, write_config
+
 from trainer_accel.fsio import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent

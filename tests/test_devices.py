@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import free_port, run_cli, write_config
 from test_device_paths import needs_cpu_fsdp2
 

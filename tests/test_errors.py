@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import TINY_MODEL, events, run_cli, write_config
 
 
@@ -56,7 +55,7 @@ def test_corrupt_cache_meta_names_the_file(world):
 def test_model_smaller_than_tokenizer_is_refused(world):
     cfg = write_config(world / "pre.json", "pretrain", model_cfg={**TINY_MODEL, "V": 100})
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
-    assert_user_error(r, "tokenizer vocabulary 260 is larger than model_cfg.V=100")
+    assert_user_error(r, "the tokenizer has 260 tokens, model_cfg.V=100 has rows for 100: set model_cfg.V to 260")
 
 
 BAD_CONFIGS = [

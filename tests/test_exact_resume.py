@@ -7,10 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli, write_config
 from safetensors.torch import load_file
 from test_numerics import launch
-
-from conftest import run_cli, write_config
 
 TRAIN = {"total_steps": 6, "ckpt_every": 2, "eval_every": 2, "B": 2, "accum_steps": 2, "warmup_steps": 2}
 DROPOUT_MODEL = {"model_cfg": {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64, "dropout": 0.1}}

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_MODEL, run_cli, write_config
+
 from trainer_accel import export, run
 from trainer_accel.checkpoints.store import read_meta
 from trainer_accel.config import fingerprint, load_phase_config
@@ -273,7 +273,11 @@ def test_the_gate_fails_a_set_it_could_not_measure():
     ([(9.0, 10), (9.1, 10)], 0.001, True),  # -0.095, and every batch agrees
 ])
 def test_the_gate_tells_an_improvement_from_noise(candidate, floor, passes):
-    from trainer_accel.experiments.evaluation import compare_set, needed_improvement, verdict
+    from trainer_accel.experiments.evaluation import (
+        compare_set,
+        needed_improvement,
+        verdict,
+    )
 
     s = compare_set("sft/primer", [(10.0, 10), (10.0, 10)], candidate)
     assert s["stderr"] is not None and needed_improvement(s, floor) == max(floor, 2 * s["stderr"])

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from conftest import TRAINER_ENV, run_cli
+
 from trainer_accel.checkpoints import store as ckpt
-from trainer_accel.data.cache import CACHE_VERSION
 from trainer_accel.config import ModelConfig
+from trainer_accel.data.cache import CACHE_VERSION
 from trainer_accel.models.gpt import GPT
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1"

@@ -8,8 +8,8 @@ import json
 import tracemalloc
 
 import pytest
-
 from conftest import run_cli
+
 from trainer_accel.data import prepare
 from trainer_accel.data.cache import open_cache
 from trainer_accel.data.cache_writer import JOURNAL

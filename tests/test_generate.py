@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import run_cli, write_config
+
 from trainer_accel.config import ModelConfig
 from trainer_accel.models.generation import KVCache, Sampling, _mask, generate_ids
 from trainer_accel.models.gpt import GPT

@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
+from conftest import events, free_port, run_cli, start_cli, write_config
 from safetensors.torch import load_file
 
-from conftest import events, free_port, run_cli, start_cli, write_config
 from trainer_accel.checkpoints.store import read_meta
 
 STEPS = 120  # long enough that a signal sent once training has begun always lands inside the loop

@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 import transformers
+from conftest import TINY_MODEL, edit_sidecar, run_cli, write_config
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, edit_sidecar, run_cli, write_config
 from trainer_accel import export
 from trainer_accel.checkpoints import store as ckpt
 from trainer_accel.checkpoints.full_state import tied_aliases
@@ -119,8 +119,8 @@ def test_the_exported_tokenizer_gives_our_ids_and_our_chat_format(tmp_path, monk
     if which == "bytes":
         tok, extra = ByteTokenizer(), {}
     else:
-        tok = HFTokenizer(bpe_json)
-        extra = {"tokenizer": tok.identity, "tokenizer_path": str(bpe_json)}
+        tok = HFTokenizer(bpe_json, chat_tokens=True)  # as prepare reads a tokenizer with no chat template
+        extra = {"tokenizer": tok.identity, "tokenizer_path": str(bpe_json), "added_tokens": list(tok.added)}
     write_tiny_checkpoint(tmp_path / "ck", GPT(ModelConfig(**{**TINY_MODEL, "V": 320})), **extra)
     assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from kill_anywhere import kill_anywhere
-
 from conftest import start_cli
+from kill_anywhere import kill_anywhere
 
 
 def test_random_sigkills_lose_nothing(tmp_path, demo_data):

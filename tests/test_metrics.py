@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 from conftest import events, run_cli, write_config
+
 from trainer_accel.observability.metrics import CsvSink, MetricsLog, canonical
 
 

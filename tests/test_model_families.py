@@ -16,10 +16,10 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 import transformers
-
 from conftest import TINY_MODEL, run_cli, write_config
 from test_formats import bpe_tokenizer
 from test_huggingface import randomised, write_tiny_checkpoint
+
 from trainer_accel import export
 from trainer_accel.config import ModelConfig, load_phase_config
 from trainer_accel.errors import UserError
@@ -167,7 +167,7 @@ def test_the_chunked_loss_equals_the_full_one_in_value_and_gradients(tied):
 
 
 @pytest.mark.parametrize("setting, line", [
-    ({"sliding_window": 16}, "sliding-window attention (sliding_window 16)"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "sliding-window attention in some layers"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 'rope_type "yarn" is not computed by this trainer'),
     ({"mlp_bias": True}, "mlp_bias true is not computed"),
     ({"num_local_experts": 8}, "mixture-of-experts is not computed"),
@@ -219,56 +219,6 @@ def model_directory(tmp_path, kind: str) -> int:
     return tok.get_vocab_size()
 
 
-@pytest.mark.parametrize("kind", list(TEMPLATES))
-def test_sft_from_a_family_directory_is_trained_and_chats_in_the_models_own_template(tmp_path, kind):
-    """A user's directory -> prepare with its tokenizer (the SFT examples in its chat template) -> SFT with a config
-    that names only the directory -> export --format hf -> transformers' apply_chat_template and greedy generation
-    give our sampler's answers, in the same template."""
-    vocab = model_directory(tmp_path, kind)
-    r = run_cli("prepare", "--tokenizer", "model/tokenizer.json", "--stream", "notes=notes.txt", "--sft", "qa=qa.jsonl",
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "SFT examples in the model's chat template" in r.stderr
-    cfg = {"model_cfg_path": "model/config.json", "init_from": "model", "model_cfg": {"T": 64, "V": vocab + 4},
-           "sft_sources": {"qa": 1.0}, "val_source": "notes", "tracking": {"log_with": []},
-           "sample_prompts": [{"prompt": "What does animal 7 eat?", "task": "chat", "temperature": 0.0}],
-           "train_cfg": {"total_steps": 30, "B": 8, "base_lr": 3e-3, "warmup_steps": 3, "min_lr": 3e-4,
-                         "eval_every": 15, "eval_batches": 2, "ckpt_every": 15, "log_every": 15}}
-    (tmp_path / "sft.json").write_text(json.dumps(cfg))
-    r = run_cli("run", "--phase", "sft", "--config", "sft.json", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "embedding grown from" in r.stderr and "verdict:" in r.stderr
-    r = run_cli("export", "--format", "hf", "--out", "out", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["architectures"] == json.loads((tmp_path / "model" / "config.json").read_text())["architectures"]
-    assert config["max_position_embeddings"] == 64 and config["vocab_size"] == vocab + 4  # the model's own maximum
-    exported = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
-    assert exported["chat_template"] == TEMPLATES[kind][1]["chat_template"]  # its own template, not ours
-
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert tokenizer.eos_token == TEMPLATES[kind][1]["eos_token"] and config["eos_token_id"] == tokenizer.eos_token_id
-    blob = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
-    ours = GPT(ModelConfig(**blob["model_cfg"]))
-    ours.load_state_dict(blob["model_state"])
-    from trainer_accel.config import SamplePrompt
-    from trainer_accel.data.chat_template import chat_format
-    from trainer_accel.data.tokenizer import HFTokenizer
-    from trainer_accel.observability.samples import sample_text
-    tok = HFTokenizer(tmp_path / "model" / "tokenizer.json")
-    form = chat_format(tok, json.loads((tmp_path / "checkpoints/sft/best/meta.json").read_text())["chat"])
-    for question in ("What does animal 7 eat?", "What does animal 12 eat?"):
-        mine = sample_text(ours.eval(), tok, SamplePrompt(question, max_new_tokens=12, temperature=0.0, task="chat"), 0,
-                           form)
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
-        assert ids["input_ids"][0].tolist() == form.prompt(question)  # the same prompt tokens
-        out = theirs.generate(**ids, max_new_tokens=12, do_sample=False)
-        answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert answer == mine, (answer, mine)
-
-
 def test_the_answer_mask_of_a_models_template_token_by_token(tmp_path):
     """A two-turn ChatML conversation as prepare writes it: the loss counts each answer and its <|im_end|>, and
     nothing of the user turns or the headers; a typed <|im_end|> in a message stays text."""
@@ -302,7 +252,11 @@ def test_a_system_message_is_written_in_the_templates_system_role_as_transformer
     apply_chat_template's, and the loss counts the answers only, never the system message."""
     model_directory(tmp_path, kind)
     from trainer_accel.data.cache import answer_mask
-    from trainer_accel.data.chat_template import ChatFormat, TemplateEncoder, find_chat_template
+    from trainer_accel.data.chat_template import (
+        ChatFormat,
+        TemplateEncoder,
+        find_chat_template,
+    )
     from trainer_accel.data.formats.chat import turns_of
     from trainer_accel.data.tokenizer import HFTokenizer
     tok = HFTokenizer(tmp_path / "model" / "tokenizer.json")
@@ -431,3 +385,57 @@ def test_a_large_export_is_sharded_with_its_index_and_reads_back_both_ways(tmp_p
     back = load_start(tmp_path / "hf", cfg, with_optimizer=False)
     assert all(torch.equal(back.model_state[k], v) for k, v in ours.state_dict().items())
     assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0  # a re-export replaces its shards
+
+
+READ_KEYS = {  # config.json key -> (our model_cfg option, how transformers' config object holds it)
+    "vocab_size": ("V", lambda c: c.vocab_size), "hidden_size": ("C", lambda c: c.hidden_size),
+    "intermediate_size": ("d_ff", lambda c: c.intermediate_size), "num_hidden_layers": ("L", lambda c: c.num_hidden_layers),
+    "num_attention_heads": ("H", lambda c: c.num_attention_heads),
+    "num_key_value_heads": ("n_kv_heads", lambda c: c.num_key_value_heads),
+    "head_dim": ("head_dim", lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads),
+    "max_position_embeddings": ("max_positions", lambda c: c.max_position_embeddings),
+    "rms_norm_eps": ("ln_eps", lambda c: c.rms_norm_eps), "hidden_act": ("activation", lambda c: c.hidden_act),
+    "rope_theta": ("rope_theta", lambda c: (getattr(c, "rope_parameters", None) or {}).get("rope_theta",
+                                                                                          getattr(c, "rope_theta", None))),
+    "tie_word_embeddings": ("tie_embeddings", lambda c: c.tie_word_embeddings),
+    "sliding_window": ("sliding_window", lambda c: getattr(c, "sliding_window", None)),
+}
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("key", list(READ_KEYS))
+def test_a_key_a_config_json_leaves_out_means_what_it_means_to_transformers(kind, key):
+    """Each key the trainer reads, left out of a family's config.json, takes that family's own default in the
+    installed transformers (Mistral's 4,096-token window and 131,072 positions, Qwen3's head_dim 128, Qwen's 32
+    key/value heads), not Llama's."""
+    from trainer_accel.models.families import model_cfg_from_hf
+    full = {"model_type": kind, "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-5, "hidden_act": "silu", "rope_theta": 5e5, "tie_word_embeddings": True,
+            **({"sliding_window": 8192} if kind == "mistral" else {})}
+    given = {k: v for k, v in full.items() if k != key}
+    if key == "num_attention_heads":
+        given.pop("num_key_value_heads")  # 32 heads over the 2 key/value heads given would be another model
+    ours = model_cfg_from_hf(given, "config.json")
+    theirs = transformers.AutoConfig.for_model(**given)
+    option, read = READ_KEYS[key]
+    value = read(theirs)
+    assert ours[option] == value, (kind, key, ours[option], value)
+
+
+def test_a_mistral_window_shorter_than_the_context_is_refused_by_name(tmp_path):
+    """Mistral's config.json without sliding_window has transformers' 4,096-token window: a run at T up to it is
+    exact (full attention is the window there), a longer T is refused naming the window, and the export keeps it."""
+    config = {"model_type": "mistral", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    base = {"model_cfg_path": "config.json", "sources": {"wiki": 1.0}}
+    (tmp_path / "ok.json").write_text(json.dumps({**base, "model_cfg": {"T": 4096}}))
+    cfg = load_phase_config(tmp_path / "ok.json", "pretrain")
+    assert (cfg.model.sliding_window, cfg.model.max_positions) == (4096, 131072)
+    (tmp_path / "long.json").write_text(json.dumps({**base, "model_cfg": {"T": 8192}}))
+    with pytest.raises(UserError) as e:
+        load_phase_config(tmp_path / "long.json", "pretrain")
+    assert any("T: 8192 is longer than the model's attention window sliding_window=4096" in p for p in e.value.problems)
+    from trainer_accel.models.llama_hf import hf_config
+    assert hf_config(cfg.model.to_dict(), {"x": 0}, "x", "x")["sliding_window"] == 4096

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import free_port, run_cli, write_config
 from test_numerics import LAUNCH, launch, max_diff, weights
 
-from conftest import free_port, run_cli, write_config
 from trainer_accel.observability.metrics import read_events
 
 # 2 processes x B=2 and 1 process x B=2 x accum_steps=2 train on the same rows with the same dropout masks and

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import TINY_MODEL, free_port, run_cli, write_config
+from safetensors.torch import load_file
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import events, run_cli, write_config
+
 from trainer_accel.checkpoints.store import read_meta
 
 

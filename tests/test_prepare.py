@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from trainer_accel.data import prepare
 from trainer_accel.data.cache import meta_path, open_cache
 from trainer_accel.data.tokenizer import DOC, EOT, USER, ByteTokenizer

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import run_cli, start_cli, write_config
+
 from trainer_accel.checkpoints.store import read_meta
 from trainer_accel.experiments import queue
 

@@ -14,9 +14,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_MODEL, edit_sidecar, run_cli, write_config
 from safetensors.torch import save_file
 
-from conftest import TINY_MODEL, edit_sidecar, run_cli, write_config
 from trainer_accel.config import ModelConfig
 from trainer_accel.models.gpt import GPT
 from trainer_accel.models.gpt_hf import hf_config, state_to_hf

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_MODEL, run_cli, write_config
+
 from trainer_accel.config import ModelConfig, load_phase_config
 from trainer_accel.data.cache import IGNORE_INDEX, masked_targets
 from trainer_accel.data.chat_template import AnswerRule

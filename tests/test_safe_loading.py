@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-
 from conftest import edit_sidecar, run_cli, write_config
 
 

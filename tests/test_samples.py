@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from conftest import TINY_MODEL, events, run_cli, write_config
 
 PROMPTS = ["The zorba is", {"prompt": "What color is the zorba?", "task": "chat", "seed": 5, "max_new_tokens": 12,

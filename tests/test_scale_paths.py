@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import events, write_config
+
 from trainer_accel.dependency_floors import FLOORS, floor_problems, release
 from trainer_accel.models.attention import masked_attention, pinned_kernel
 from trainer_accel.models.gpt import packed_layout

@@ -6,7 +6,6 @@ import json
 import struct
 
 import pytest
-
 from conftest import events, write_config
 
 TRACKED = {"log_with": ["tensorboard", "wandb"], "tags": ["smoke"]}

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_MODEL, events, run_cli, write_config
+
 from trainer_accel.config import ModelConfig
 from trainer_accel.data.cache import answer_mask
 from trainer_accel.data.chat_template import AnswerRule

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from trainer_accel.data.chat_template import template_args
 from trainer_accel.errors import UserError, exit_with, report
 from trainer_accel.inference.load import load_model
 from trainer_accel.inference.options import sampling_args, sampling_of
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     try:
         sampling = sampling_of(args)
-        lm = load_model(args.model, resolve_paths(), args.device, args.dtype)
+        lm = load_model(args.model, resolve_paths(), args.device, args.dtype, args.chat_template,
+                        template_args(args.template_arg))
         if lm.chat is None:
             raise UserError(f"{lm.source}: this model has no chat template (phase {lm.phase or 'unknown'}: it was not "
                             "fine-tuned on conversations); chat with an SFT model, or use python -m "

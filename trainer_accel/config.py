@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from trainer_accel.paths import source_name_problem
 from trainer_accel.schema import build_dataclass, type_ok
 
 PHASES = ("pretrain", "sft")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,7 @@ PHASE_KEYS = {
     "pretrain": {"model_cfg", "model_cfg_path", "train_cfg", "sources", "val_source", "init_from"} | SAMPLE_KEYS,
     "sft": {"model_cfg", "model_cfg_path", "train_cfg", "sft_sources", "replay", "val_source", "init_from"} | SAMPLE_KEYS,
 }
+LONG_DEFAULT_T = 8192  # a model's maximum above this, taken as the run's T because none was given, is said
 RUN_MODEL_KEYS = ("T", "dropout")  # what a model_cfg file leaves to the run: the context it trains at, its dropout
 PIPELINE_KEYS = {"pretrain_config_path", "sft_config_path"}
 
@@ -449,6 +453,10 @@ def model_cfg_of(data: dict, path: Path, problems: list[str]) -> Any:
     if not isinstance(saved, dict):
         problems.append(f"{where}.model_cfg_path: {file} holds {type(saved).__name__}, not a model_cfg object")
         return None
+    if (not isinstance(inline, dict) or "T" not in inline) and saved.get("position") == "rope" \
+            and type_ok(saved.get("T"), int) and saved["T"] > LONG_DEFAULT_T:
+        log.warning("%s: model_cfg.T is %s, the model's max_position_embeddings in %s; set model_cfg.T to the context "
+                    "you train at (e.g. 2048): every row is T tokens", where, f"{saved['T']:,}", file)
     if inline is None:
         return saved
     if not isinstance(inline, dict):

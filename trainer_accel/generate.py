@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from trainer_accel.data.chat_template import template_args
 from trainer_accel.errors import UserError, exit_with, raise_if_any, report
 from trainer_accel.hf.directory import is_hf_dir
 from trainer_accel.inference.bench import bench, print_table
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling = sampling_of(args)
         if args.bench:
-            lm = load_model(args.model, resolve_paths(), args.device, args.dtype)
+            lm = load_model(args.model, resolve_paths(), args.device, args.dtype, args.chat_template,
+                            template_args(args.template_arg))
             print_table(bench(lm, lm.source if is_hf_dir(lm.source) else None), sys.stdout)
             return 0
         if bool(args.prompt) == bool(args.prompts):
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts(args.prompts) if args.prompts else [Prompt(t, chat=False) for t in args.prompt]
         if args.chat:
             prompts = [Prompt(x.text, True, x.history, x.system) for x in prompts]
-        lm = load_model(args.model, resolve_paths(), args.device, args.dtype)
+        lm = load_model(args.model, resolve_paths(), args.device, args.dtype, args.chat_template,
+                        template_args(args.template_arg))
         records = complete(lm, prompts, args.max_new_tokens, sampling, args.seed, args.stop, args.batch_size)
         if args.out is None:
             write_jsonl(records, sys.stdout)

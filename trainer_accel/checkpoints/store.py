@@ -677,7 +677,7 @@ def verified_export_record(best_pt: Path) -> dict | None:
 
 
 RECORD_CHECKS = ("caches", "global_batch", "data_fingerprint", "config_fingerprint", "model_sha256", "parent",
-                 "tokenizer", "tokenizer_path", "chat")  # carried from its record into a .pt's meta
+                 "tokenizer", "tokenizer_path", "added_tokens", "chat")  # carried from its record into a .pt's meta
 
 
 def read_export_record(best_pt: Path) -> dict | None:

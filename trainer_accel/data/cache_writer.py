@@ -116,7 +116,9 @@ class CacheWriter:
             "format": CACHE_FORMAT, "version": CACHE_VERSION, "kind": self.kind, "dtype": self.dtype.name,
             "num_tokens": self.num_tokens, "vocab_size": int(self.tok.vocab_size), "max_token_id": self.max_id,
             "tokenizer": self.tok.identity, "tokenizer_path": getattr(self.tok, "path", None),
-            "special_tokens": dict(self.tok.special), "sha256": self.sha.hexdigest(), **meta_extra,
+            "special_tokens": dict(self.tok.special), "added_tokens": list(self.tok.added),
+            **({"bos_ids": list(self.tok.bos_ids)} if self.tok.bos_ids else {}), "sha256": self.sha.hexdigest(),
+            **meta_extra,
         }
         if self.idx_tmp:
             meta["num_examples"] = self.items

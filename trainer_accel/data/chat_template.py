@@ -4,14 +4,21 @@ A Hugging Face model directory carries its chat template in tokenizer_config.jso
 newer transformers saves it, in chat_template.jinja beside it: ChatML for Qwen, Llama 3's header tokens, and so
 on. SFT trains a model in the template it will be spoken to with (transformers' `apply_chat_template`, vLLM,
 llama.cpp), so prepare renders every example with it, as transformers does (a sandboxed jinja2 with the same
-settings), and the loss counts exactly each assistant turn's tokens and the end-of-turn token that closes it.
+settings, the template arguments the user gives such as `enable_thinking`), and the loss counts exactly what the
+model must write after the generation header: each assistant turn's tokens and the end-of-turn token that closes
+it, with whatever the template writes between the header and the content (Qwen3's empty think block after the
+last question) included.
 
 The masking rule, beside the built-in one (`<|assistant|>` answer `<|eot|>`, tokenizer.py): an answer starts
-after the tokens the template adds for `add_generation_prompt` (ChatML: `<|im_start|>assistant\\n`) and ends
-with the first special token the template writes after the assistant's content (ChatML: `<|im_end|>`; Llama 3:
-`<|eot_id|>`), that token included. The cache records the two (`answer_start`, `answer_end`), so the rule is
-applied to rows of any length without re-rendering, and prepare checks it on every example: every answer token
-inside, no prompt token inside, one answer per turn; a template the rule cannot describe is refused.
+after the header every assistant turn opens with, the longest start of what `add_generation_prompt` writes that
+each turn has (ChatML: `<|im_start|>assistant\n`; Qwen3.5's generation prompt adds `<think>\n`, which only the
+last turn has), and ends with the first special token the template writes after the assistant's content
+(ChatML: `<|im_end|>`; Llama 3: `<|eot_id|>`), that token included. The cache records the two (`answer_start`,
+`answer_end`), so the rule is applied to rows of any length without re-rendering, and prepare checks it on every
+example: every answer token inside, no prompt token inside, one answer per turn, and for a template with
+`{% generation %}` blocks exactly the tokens those blocks mark (transformers' assistant mask); a template the
+rule cannot describe is refused, naming the way out. The rule is found only when answers are looked for: a plain
+completion or a chat prompt never needs it.
 
 Message contents never pass through the template as text a tokenizer could read as markup: they are rendered as
 placeholders, and the text between placeholders (the template's own markup) is tokenized with special tokens
@@ -38,6 +45,9 @@ from trainer_accel.fsio import loads
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no template writes them, trim and strip keep them
 PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
+GEN_OPEN, GEN_CLOSE = "\ue002", "\ue003"  # where a {% generation %} block opens and closes in a rendering
+WAY_OUT = ("train in the built-in format (--chat-template builtin) or give a template of your own "
+           "(--chat-template PATH)")
 
 
 @dataclass(frozen=True)
@@ -46,10 +56,37 @@ class ChatTemplate:
     source: str  # the file it came from
     bos_token: str | None  # the values the template may use, as tokenizer_config.json names them
     eos_token: str | None
+    args: tuple[tuple[str, str], ...] = ()  # template arguments (enable_thinking=false): (name, JSON value), sorted
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.args}
+
+    @property
+    def has_generation_blocks(self) -> bool:
+        return bool(re.search(r"{%-?\s*generation\s*-?%}", self.text))
+
+
+def template_args(pairs: list[str] | dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    """--template-arg NAME=VALUE (VALUE as JSON where it parses: false, 3, "x"; else the text) -> ChatTemplate.args."""
+    if isinstance(pairs, dict):
+        return tuple(sorted((k, json.dumps(v)) for k, v in pairs.items()))
+    out = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.isidentifier() or name in ("messages", "add_generation_prompt"):
+            raise UserError(f"--template-arg {pair}: expected NAME=VALUE with NAME a template variable, e.g. "
+                            "--template-arg enable_thinking=false")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out[name] = parsed
+    return tuple(sorted((k, json.dumps(v)) for k, v in out.items()))
 
 
 def _token_text(value: Any) -> str | None:
@@ -59,30 +96,63 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def find_chat_template(tokenizer_json: Path) -> ChatTemplate | None:
-    """The chat template beside a tokenizer.json: chat_template.jinja, else tokenizer_config.json's
-    `chat_template` (a string, or a list of named templates of which "default" is taken); None when it has none."""
-    folder = Path(tokenizer_json).parent
-    config_file, jinja_file = folder / "tokenizer_config.json", folder / "chat_template.jinja"
-    config: dict = {}
-    if config_file.is_file():
-        try:
-            config = loads(config_file.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{config_file}: not readable JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"{config_file}: expected a JSON object")
+def read_config(config_file: Path) -> dict:
+    """A tokenizer_config.json (or any JSON object file) beside a tokenizer; {} when there is none."""
+    if not config_file.is_file():
+        return {}
+    try:
+        config = loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_file}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: expected a JSON object")
+    return config
+
+
+def _template_text(config: dict, config_file: Path, jinja_file: Path) -> tuple[Any, str]:
     text, source = config.get("chat_template"), str(config_file)
     if jinja_file.is_file():
-        text, source = jinja_file.read_text(), str(jinja_file)
+        try:
+            text, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{jinja_file}: cannot be read as UTF-8 text ({e})") from None
     if isinstance(text, list):
         named = {t.get("name"): t.get("template") for t in text if isinstance(t, dict)}
         text = named.get("default")
+    return text, source
+
+
+def find_chat_template(tokenizer_json: Path, choice: str | Path = "model",
+                       args: tuple[tuple[str, str], ...] = ()) -> ChatTemplate | None:
+    """The chat template beside a tokenizer.json (choice "model"): chat_template.jinja, else tokenizer_config.json's
+    `chat_template` (a string, or a list of named templates of which "default" is taken); None when it has none.
+    Any other choice is a user's template file: a .jinja file, or a tokenizer_config.json or model directory that
+    holds one. Its bos and eos tokens are the tokenizer's (its tokenizer_config.json)."""
+    folder = Path(tokenizer_json).parent
+    config = read_config(folder / "tokenizer_config.json")
+    if str(choice) == "model":
+        text, source = _template_text(config, folder / "tokenizer_config.json", folder / "chat_template.jinja")
+    else:
+        given = Path(choice)
+        if given.is_dir():
+            text, source = _template_text(read_config(given / "tokenizer_config.json"), given / "tokenizer_config.json",
+                                          given / "chat_template.jinja")
+        elif given.suffix == ".json":
+            text, source = _template_text(read_config(given), given, given.with_name("-none-"))
+        else:
+            try:
+                text, source = given.read_text(encoding="utf-8"), str(given)
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"--chat-template {given}: cannot be read as a template file ({e})") from None
+        if text is None:
+            raise UserError(f"--chat-template {given}: holds no chat template (a .jinja file, or a "
+                            "tokenizer_config.json or model directory with one)")
     if text is None:
         return None
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"{source}: chat_template is not a template string")
-    return ChatTemplate(text, source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+    return ChatTemplate(text, source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")),
+                        args)
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +168,23 @@ def _compiled(template: ChatTemplate):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    from jinja2.ext import Extension
+
+    class GenerationBlocks(Extension):
+        """transformers' `{% generation %}` ... `{% endgeneration %}`: what the model generates, marked."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+        def _mark(self, caller):
+            return GEN_OPEN + caller() + GEN_CLOSE
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", GenerationBlocks])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
     try:
@@ -107,13 +193,28 @@ def _compiled(template: ChatTemplate):
         raise UserError(f"{template.source}: the chat template does not compile ({e})") from None
 
 
-def render(template: ChatTemplate, messages: list[dict], add_generation_prompt: bool) -> str:
+MAX_RENDERED = 1 << 22  # characters: a template that writes more than this for one conversation is broken
+
+
+def render(template: ChatTemplate, messages: list[dict], add_generation_prompt: bool, marks: bool = False) -> str:
+    """The conversation as the template writes it (with its arguments); `marks`: keep the generation-block marks.
+    Any failure of the template (raise_exception, a division by zero, a range over the sandbox's limit, deep
+    recursion) is the template's, said in one line."""
     import jinja2
     try:
-        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                          bos_token=template.bos_token or "", eos_token=template.eos_token or "")
+        text = _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          bos_token=template.bos_token or "", eos_token=template.eos_token or "",
+                                          **template.kwargs)
     except jinja2.exceptions.TemplateError as e:
         raise UserError(f"{template.source}: the chat template refused the conversation ({e})") from None
+    except RecursionError:
+        raise UserError(f"{template.source}: the chat template recursed without end") from None
+    except Exception as e:  # a template is the user's code: ZeroDivisionError, OverflowError (range), TypeError...
+        raise UserError(f"{template.source}: the chat template failed ({type(e).__name__}: {e})") from None
+    if len(text) > MAX_RENDERED:
+        raise UserError(f"{template.source}: the chat template wrote {len(text):,} characters for one conversation "
+                        f"(more than {MAX_RENDERED:,})")
+    return text if marks else text.replace(GEN_OPEN, "").replace(GEN_CLOSE, "")
 
 
 def roles_and_contents(turns: Turns | list[tuple[str, str]]) -> tuple[list[str], list[str]]:
@@ -134,8 +235,33 @@ def generation_suffix(template: ChatTemplate) -> str:
     bare, opened = render(template, messages, False), render(template, messages, True)
     if not opened.startswith(bare) or opened == bare:
         raise UserError(f"{template.source}: add_generation_prompt does not append an assistant header to the "
-                        "conversation, so the answers cannot be found in its tokens")
+                        f"conversation, so the answers cannot be found in its tokens; {WAY_OUT}")
     return opened[len(bare):]
+
+
+def generation_spans(pieces: list[str | int], texts: list[str]) -> tuple[list[str | int], list[tuple[int, int]]]:
+    """The pieces without the generation-block marks, and each block's character span in the rendered text (the
+    contents as `texts`)."""
+    out: list[str | int] = []
+    spans: list[tuple[int, int]] = []
+    at, opened = 0, None
+    for piece in pieces:
+        if isinstance(piece, int):
+            out.append(piece)
+            at += len(texts[piece])
+            continue
+        kept = []
+        for ch in piece:
+            if ch == GEN_OPEN:
+                opened = at
+            elif ch == GEN_CLOSE and opened is not None:
+                spans.append((opened, at))
+                opened = None
+            else:
+                kept.append(ch)
+                at += 1
+        out.append("".join(kept))
+    return out, spans
 
 
 def split_rendered(text: str, count: int, where: str) -> list[str | int]:
@@ -195,25 +321,42 @@ class TemplateEncoder:
         specials = sorted((tok.decode([i]) for i in tok.special_ids), key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(re.escape(t) for t in specials if t) + ")") if specials else None
         self._special_id = {tok.decode([i]): i for i in tok.special_ids}
-        # the rule, read off one rendered turn: the answer opens after the tokens of the generation prompt as they
-        # stand before an answer, and closes with the first special token after it
-        texts = ["Question", "Answer"]
-        one_turn = render(template, placeholder_messages(["user", "assistant"]), False)
-        pieces = split_rendered(one_turn, 2, template.source)
+        _compiled(template)  # a template that does not compile is said at once
+
+    @functools.cached_property
+    def rule(self) -> AnswerRule:
+        """Where answers are: after the header every assistant turn opens with (the longest start of the text the
+        generation prompt writes that each turn has before its content, as the tokens that lie wholly inside it
+        there), up to the first special token written after the content. Read off a two-exchange conversation, so
+        a template that writes the last answer otherwise (Qwen3's think block) is seen as it writes both."""
+        src, texts = self.template.source, ["Question", "Answer", "Question two", "Answer two"]
+        suffix = generation_suffix(self.template)
+        roles = ["user", "assistant", "user", "assistant"]
+        pieces = split_rendered(render(self.template, placeholder_messages(roles), False), 4, src)
         ids, owner, spans = self._tokens(pieces, texts)
-        suffix = generation_suffix(template)
-        answer_at = sum(len(texts[x]) if isinstance(x, int) else len(x) for x in pieces[:pieces.index(1)])
         rendered = "".join(texts[x] if isinstance(x, int) else x for x in pieces)
-        first = owner.index(1)
-        header = [i for i in range(first) if spans[i][0] >= answer_at - len(suffix) and spans[i][1] <= answer_at]
-        end = next((i for i in ids[first:] if i in tok.special_ids), None)
-        if rendered[answer_at - len(suffix):answer_at] != suffix or not header or header[-1] != first - 1:
-            raise UserError(f"{template.source}: an assistant turn in the conversation does not open with what "
-                            f"add_generation_prompt writes ({suffix!r}), so the answers cannot be found in its tokens")
+        at, where = 0, {}  # content index -> its character span in the rendered text
+        for piece in pieces:
+            width = len(texts[piece]) if isinstance(piece, int) else len(piece)
+            if isinstance(piece, int):
+                where[piece] = (at, at + width)
+            at += width
+        markup = {k: (where[k - 1][1], where[k][0]) for k in (1, 3)}  # between the question and its answer
+        n = max((m for m in range(1, len(suffix) + 1)
+                 if all(suffix[:m] in rendered[a:b] for a, b in markup.values())), default=0)
+        headers = []
+        for a, b in markup.values():
+            first = rendered.rfind(suffix[:n], a, b) if n else -1
+            headers.append([t for t, (x, y) in zip(ids, spans) if first >= 0 and first <= x and y <= first + n])
+        if not headers[0] or headers[0] != headers[1]:
+            raise UserError(f"{src}: an assistant turn in the conversation does not open with what "
+                            f"add_generation_prompt writes ({suffix!r}), so the answers cannot be found in its "
+                            f"tokens; {WAY_OUT}")
+        end = next((i for i in ids[owner.index(1):] if i in self.tok.special_ids), None) if 1 in owner else None
         if end is None:
-            raise UserError(f"{template.source}: the chat template closes an assistant turn with no special token, so "
-                            "where an answer ends cannot be told")
-        self.rule = AnswerRule(tuple(ids[header[0]:first]), end)
+            raise UserError(f"{src}: the chat template closes an assistant turn with no special token, so where an "
+                            f"answer ends cannot be told; {WAY_OUT}")
+        return AnswerRule(tuple(headers[0]), end)
 
     def _tokens(self, pieces: list[str | int],
                 texts: list[str]) -> tuple[list[int], list[int | None], list[tuple[int, int]]]:
@@ -269,30 +412,49 @@ class TemplateEncoder:
 
     def encode_many(self, examples: list[Turns], where: str = "") -> list[np.ndarray]:
         """Each example's token ids; its answers checked against the rule (refused, naming the template, if the
-        rule would count a prompt token or miss an answer token)."""
+        rule would count a prompt token or miss an answer token, or differ from the template's generation blocks)."""
         out = []
         for turns in examples:
             roles, texts = roles_and_contents(turns)
-            pieces = split_rendered(render(self.template, placeholder_messages(roles), False), len(roles),
+            marked = split_rendered(render(self.template, placeholder_messages(roles), False, marks=True), len(roles),
                                     where or self.template.source)
+            pieces, _ = generation_spans(marked, texts)
             texts = self._as_rendered(roles, texts, pieces, False, where)
-            ids, owner, _ = self._tokens(pieces, texts)
+            _, blocks = generation_spans(marked, texts)
+            ids, owner, spans = self._tokens(pieces, texts)
             arr = np.array(ids, dtype=np.int64)
             self._check(arr, owner, roles, where)
+            if self.template.has_generation_blocks:
+                self._check_blocks(arr, spans, blocks, where)
             out.append(arr)
         return out
 
     def _as_rendered(self, roles: list[str], texts: list[str], pieces: list[str | int], opened: bool,
                      where: str) -> list[str]:
-        """The contents as the template writes them: as given, or stripped for a template that trims them (Llama
-        3's `| trim`), so the tokens are what transformers' apply_chat_template gives; any other change to a
-        content cannot be reproduced and is refused."""
+        """The contents as the template writes them: as given, or trimmed as templates trim them (Llama 3's `| trim`,
+        Qwen3's `lstrip('\\n')`), so the tokens are what transformers' apply_chat_template gives; any other change
+        to a content cannot be reproduced and is refused."""
         actual = render(self.template, [{"role": r, "content": t} for r, t in zip(roles, texts)], opened)
-        for candidate in (texts, [t.strip() for t in texts]):
-            if actual == "".join(candidate[p] if isinstance(p, int) else p for p in pieces):
-                return candidate
+        out, at = [], 0
+        for j, piece in enumerate(pieces):
+            if isinstance(piece, str):
+                if not actual.startswith(piece, at):
+                    break
+                at += len(piece)
+                continue
+            after = next((p for p in pieces[j + 1:] if isinstance(p, str) and p), "")
+            text = texts[piece]
+            options = dict.fromkeys([text, text.strip(), text.lstrip("\n"), text.strip("\n"), text.rstrip()])
+            found = next((c for c in options if actual.startswith(c + after, at)), None)
+            if found is None:
+                break
+            out.append(found)
+            at += len(found)
+        else:
+            if at == len(actual):
+                return out
         raise UserError(f"{self.template.source}: in {where or 'an example'} the chat template changes a message's "
-                        "content in a way this trainer cannot reproduce token for token; use --chat-template builtin")
+                        f"content in a way this trainer cannot reproduce token for token; {WAY_OUT}")
 
     def _check(self, ids: np.ndarray, owner: list[int | None], roles: list[str], where: str) -> None:
         inside = answer_positions(ids, self.rule)
@@ -301,11 +463,24 @@ class TemplateEncoder:
             if o is not None and inside[i] != (roles[o] == "assistant"):
                 raise UserError(f"{self.template.source}: in {where or 'an example'} the answer rule (after "
                                 f"{list(self.rule.start)}, up to {self.rule.end}) does not find exactly the assistant's "
-                                "tokens; this template cannot be trained on (use --chat-template builtin)")
+                                f"tokens; this template cannot be trained on: {WAY_OUT}")
         closes = int((ids[inside] == self.rule.end).sum())
         if closes != turns:
             raise UserError(f"{self.template.source}: in {where or 'an example'} {closes} answer(s) end with token "
-                            f"{self.rule.end}, {turns} were written")
+                            f"{self.rule.end}, {turns} were written; {WAY_OUT}")
+
+    def _check_blocks(self, ids: np.ndarray, spans: list[tuple[int, int]], blocks: list[tuple[int, int]],
+                      where: str) -> None:
+        """The template's {% generation %} blocks mark what transformers' assistant mask counts: every token that
+        overlaps a block. The rule must count exactly those."""
+        marked = np.zeros(len(ids), dtype=bool)
+        for a, b in blocks:
+            marked |= np.array([s < b and e > a for s, e in spans], dtype=bool)
+        if not np.array_equal(marked, answer_positions(ids, self.rule)):
+            raise UserError(f"{self.template.source}: in {where or 'an example'} the {{% generation %}} blocks mark "
+                            f"{int(marked.sum())} tokens, the answer rule (after {list(self.rule.start)}, up to "
+                            f"{self.rule.end}) counts {int(answer_positions(ids, self.rule).sum())}; this trainer "
+                            f"cannot train on those blocks: {WAY_OUT}")
 
     def prompt(self, history: list[tuple[str, str]], question: str, system: str = "") -> list[int]:
         """The conversation so far and a new question, the assistant's turn opened for the model to write."""
@@ -322,14 +497,24 @@ class TemplateEncoder:
 
 def chat_meta(encoder: TemplateEncoder) -> dict[str, Any]:
     """What an SFT cache (and every checkpoint trained on it) records of the template: enough to mask its rows,
-    to prompt the model in it, and to export it with the model."""
+    to prompt the model in it, and to export it with the model. Template arguments only when given, so a record
+    without them reads as it did."""
     t = encoder.template
     return {"template": t.text, "template_source": t.source, "template_sha256": t.sha256, "bos_token": t.bos_token,
-            "eos_token": t.eos_token, **encoder.rule.to_meta()}
+            "eos_token": t.eos_token, **({"template_args": t.kwargs} if t.args else {}), **encoder.rule.to_meta()}
+
+
+def template_key(chat: dict[str, Any] | None) -> str:
+    """One template with its arguments, as caches are compared: the built-in one, or the sha256 and the args."""
+    if not chat:
+        return "built-in"
+    return chat["template_sha256"] + (json.dumps(chat["template_args"], sort_keys=True)
+                                      if chat.get("template_args") else "")
 
 
 def template_of(chat: dict[str, Any]) -> ChatTemplate:
-    return ChatTemplate(chat["template"], chat["template_source"], chat.get("bos_token"), chat.get("eos_token"))
+    return ChatTemplate(chat["template"], chat["template_source"], chat.get("bos_token"), chat.get("eos_token"),
+                        template_args(chat.get("template_args") or {}))
 
 
 @dataclass
@@ -350,9 +535,14 @@ class ChatFormat:
         return encode_chat(self.tok, folded[:-1]) + encode_chat_prompt(self.tok, folded[-1][0])
 
     @property
-    def stop_id(self) -> int:
+    def stop_id(self) -> int | None:
+        """The token that ends an answer: the template's end of turn, or <|eot|>; None where the template's answer
+        rule cannot be found (the model's generation_config.json stop ids still end it, inference/load.py)."""
         if self.encoder is not None:
-            return self.encoder.rule.end
+            try:
+                return self.encoder.rule.end
+            except UserError:
+                return None
         return self.tok.special[EOT]
 
 

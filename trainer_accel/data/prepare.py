@@ -40,12 +40,23 @@ from trainer_accel.data.cache_writer import (
     recover,
 )
 from trainer_accel.data.chat_template import (
+    ChatTemplate,
     TemplateEncoder,
     chat_meta,
     find_chat_template,
+    template_args,
 )
-from trainer_accel.data.tokenizer import ASST, DOC, EOT, USER, Tokenizer, load_tokenizer
+from trainer_accel.data.tokenizer import (
+    ASST,
+    DOC,
+    EOT,
+    USER,
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_file,
+)
 from trainer_accel.errors import CTRL_C_EXIT, UserError, exit_with, raise_if_any, report
+from trainer_accel.fsio import loads
 from trainer_accel.paths import Paths, resolve_paths, source_name_problem, unwritable
 
 log = logging.getLogger(__name__)
@@ -97,11 +108,16 @@ class Progress:
                 f"({self.bytes / 1e6 / s:.1f} MB/s, {self.tokens / 1e6 / s:.2f}M tokens/s)")
 
 
-def _encode_stream_batch(tok: Tokenizer, batch: list[tuple[str, CacheWriter, bool]], progress: Progress) -> None:
+def _encode_stream_batch(tok: Tokenizer, batch: list[tuple[str, CacheWriter, bool, bool]], progress: Progress) -> None:
+    """Documents as the model's own tokenizer frames them: its BOS first where it has one (Llama 3), its end-of-text
+    token last (DOC's role: <|end_of_text|> for Llama 3, <|endoftext|> for GPT-2 and Qwen)."""
     eot = np.array([tok.special[DOC]], dtype=np.uint32)
+    bos = np.array(tok.bos_ids, dtype=np.uint32)
     out: dict[CacheWriter, list[np.ndarray]] = {}
     ends: dict[CacheWriter, int] = {}
-    for (_, writer, end), ids in zip(batch, tok.encode_batch([text for text, _, _ in batch])):
+    for (_, writer, end, start), ids in zip(batch, tok.encode_batch([text for text, _, _, _ in batch])):
+        if start and len(bos):
+            out.setdefault(writer, []).append(bos)
         out.setdefault(writer, []).append(ids)
         if end:
             out[writer].append(eot)
@@ -181,7 +197,7 @@ def build(src: Source, options: formats.ReadOptions, split: Split, tok: Tokenize
             for piece in formats.document_pieces(f, options, problems, progress.tick):
                 if piece.start:
                     writer = val if split.is_val(piece.text) else train
-                batch.append((piece.text, writer, piece.end))
+                batch.append((piece.text, writer, piece.end, piece.start))
                 chars += len(piece.text)
                 if chars >= BATCH_CHARS:
                     _encode_stream_batch(tok, batch, progress)
@@ -240,26 +256,62 @@ def _preflight(sources: list[Source], options: formats.ReadOptions) -> tuple[lis
     return problems, total
 
 
-def template_encoder(tok: Tokenizer, tokenizer: Path | None, choice: str) -> TemplateEncoder | None:
-    """The model's own chat template beside its tokenizer.json, unless the built-in one is asked for (or the
-    tokenizer has none: the built-in template is the default for models without one)."""
+def chosen_template(tokenizer: Path | None, choice: str, args: tuple = ()) -> ChatTemplate | None:
+    """The template SFT examples are written in: the model's own beside its tokenizer (choice "model", when it has
+    one), a user's file (choice PATH), or None for the built-in one (choice "builtin", or no template)."""
     if tokenizer is None or choice == "builtin":
+        if args:
+            raise UserError("--template-arg: the built-in chat format takes no template arguments")
+        if choice not in ("model", "builtin"):
+            raise UserError(f"--chat-template {choice}: a template file needs --tokenizer (the model's tokenizer)")
         return None
-    template = find_chat_template(tokenizer)
+    template = find_chat_template(tokenizer_file(tokenizer), choice, args)
     if template is None:
         log.info("%s: no chat template beside it; SFT examples use the built-in one", tokenizer)
+    return template
+
+
+def template_encoder(tok: Tokenizer, template: ChatTemplate | None) -> TemplateEncoder | None:
+    if template is None:
         return None
     encoder = TemplateEncoder(tok, template)
-    log.info("SFT examples in the model's chat template (%s): answers after %r, up to and including %r", template.source,
-             tok.decode(list(encoder.rule.start)), tok.decode([encoder.rule.end]))
+    args = f" with {', '.join(f'{k}={v}' for k, v in template.args)}" if template.args else ""
+    log.info("SFT examples in the model's chat template (%s%s): answers after %r, up to and including %r",
+             template.source, args, tok.decode(list(encoder.rule.start)), tok.decode([encoder.rule.end]))
     return encoder
 
 
+def say_added(tok: Tokenizer, tokenizer: Path) -> None:
+    """What prepare added to the model's tokenizer, and whether the model's embedding has rows for it."""
+    if not tok.added:
+        return
+    first = tok.vocab_size - len(tok.added)
+    why = "the built-in chat format" if set(tok.added) & {USER, ASST, EOT} else "documents (the tokenizer has no end-of-text token)"
+    config = tokenizer_file(tokenizer).parent / "config.json"
+    rows = None
+    try:
+        rows = loads(config.read_text()).get("vocab_size") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    fits = ""
+    if isinstance(rows, int):
+        fits = (f"; the model in {config.parent} has {rows:,} embedding rows, so they take spare rows"
+                if rows >= tok.vocab_size else
+                f"; the model in {config.parent} has {rows:,} embedding rows: set model_cfg.V to {tok.vocab_size:,} "
+                f"(its embedding grows by {tok.vocab_size - rows} rows), or prepare in the model's own template")
+    log.info("added %s to the tokenizer (ids %d-%d) for %s%s", ", ".join(tok.added), first, tok.vocab_size - 1, why,
+             fits)
+
+
 def prepare(sources: list[Source], tokenizer: Path | None, split: Split, paths: Paths,
-            options: formats.ReadOptions = formats.ReadOptions(), chat_template: str = "model") -> None:
+            options: formats.ReadOptions = formats.ReadOptions(), chat_template: str = "model",
+            template_arguments: tuple = ()) -> None:
     """Build every requested cache. Input problems are all reported, and then nothing is published."""
-    tok = load_tokenizer(tokenizer)
-    encoder = template_encoder(tok, tokenizer, chat_template) if any(s.kind == "sft" for s in sources) else None
+    template = chosen_template(tokenizer, chat_template, template_arguments)
+    tok = load_tokenizer(tokenizer, chat_tokens=template is None)
+    if tokenizer is not None:
+        say_added(tok, tokenizer)
+    encoder = template_encoder(tok, template) if any(s.kind == "sft" for s in sources) else None
     problems, total = _preflight(sources, options)
     raise_if_any(problems)
     cache_dir = paths.data / "cache"
@@ -312,10 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--oasst-paths", default="leaves", help="oasst1 trees: one conversation per leaf (leaves, default) "
                                                             "or only the best-ranked path (best)")
     p.add_argument("--lang", default="", help="oasst1 trees: keep only these languages, e.g. en,de (default all)")
-    p.add_argument("--tokenizer", type=Path, help="a local Hugging Face tokenizer.json (default: built-in bytes)")
-    p.add_argument("--chat-template", choices=("model", "builtin"), default="model",
+    p.add_argument("--tokenizer", type=Path, help="a Hugging Face model directory or its tokenizer.json (default: "
+                                                  "built-in bytes)")
+    p.add_argument("--chat-template", default="model", metavar="model|builtin|PATH",
                    help="SFT examples in the chat template beside --tokenizer (tokenizer_config.json or "
-                        "chat_template.jinja; default, when it has one) or in the built-in <|user|> ... <|eot|> one")
+                        "chat_template.jinja; default, when it has one), in the built-in <|user|> ... <|eot|> one, "
+                        "or in a template file of yours (.jinja, or a tokenizer_config.json that holds one)")
+    p.add_argument("--template-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="a variable the chat template reads, e.g. enable_thinking=false (VALUE as JSON where it "
+                        "parses; repeatable); recorded with the caches, so samples, chat and export use it too")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents / examples held out (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="key of the train/val hash")
     args = p.parse_args(argv)
@@ -344,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             given = {(s.kind, s.name) for s in sources}
             sources = ([Source(n, "stream", (f,)) for n, f in streams.items() if ("stream", n) not in given]
                        + [Source(n, "sft", (f,)) for n, f in sfts.items() if ("sft", n) not in given] + sources)
-        prepare(sources, args.tokenizer, Split(args.val_fraction, args.seed), paths, options, args.chat_template)
+        prepare(sources, args.tokenizer, Split(args.val_fraction, args.seed), paths, options, args.chat_template,
+                template_args(args.template_arg))
     except UserError as e:
         return report(e)
     except KeyboardInterrupt:

@@ -99,6 +99,7 @@ def export_with_record(source: Path, out: Path, paths: Paths, approved: str | No
         record.update({k: meta.get(k) for k in ("phase", "run_id", "step", "best_val_loss", "data_fingerprint",
                                                 "config_fingerprint", "parent", "caches", "global_batch", "tokenizer",
                                                 "tokenizer_path", "chat")})
+        record.update({"added_tokens": meta["added_tokens"]} if "added_tokens" in meta else {})
         record.update(model_sha256=model_sha256(meta), verdict=verdict_of(paths, meta))
     else:  # re-exporting a .pt keeps what its own record knew
         earlier = read_export_record(Path(source))

@@ -153,6 +153,9 @@ def fit(loaded: LoadedCheckpoint, model: ModelConfig) -> LoadedCheckpoint:
     loaded = dataclasses.replace(loaded, model_state=state, meta={**loaded.meta, "model_cfg": cfg})
     mapping = families.writing(cfg)
     raise_if_any(mapping.mismatches(cfg, model, str(Path(loaded.source) / "config.json")))
+    if cfg.get("position") == "rope" and model.T != cfg["T"]:  # rotary positions hold no table: any T up to the
+        cfg = {**cfg, "T": model.T}  # maximum (max_positions, which the export keeps) is the same weights
+        loaded = dataclasses.replace(loaded, meta={**loaded.meta, "model_cfg": cfg})
     if model.V == cfg["V"]:
         return loaded
     log.info("%s: embedding grown from %d to %d rows (model_cfg.V); the new rows start at the mean embedding",

@@ -25,9 +25,11 @@ from trainer_accel.checkpoints.store import (
     model_sha256,
 )
 from trainer_accel.data.cache import meta_path
+from trainer_accel.data.chat_template import find_chat_template
 from trainer_accel.data.tokenizer import (
     DOC,
     EOT,
+    LEGACY_ADDED,
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
@@ -47,7 +49,12 @@ from trainer_accel.fsio import (
     write_atomic,
 )
 from trainer_accel.hf.directory import EXPORT_RECORD, is_hf_dir
-from trainer_accel.hf.tokenizer import tokenizer_files
+from trainer_accel.hf.tokenizer import (
+    CHAT_TEMPLATE,
+    model_generation_config,
+    model_tokenizer_files,
+    tokenizer_files,
+)
 from trainer_accel.models import families
 from trainer_accel.paths import Paths
 
@@ -58,6 +65,9 @@ RECORD_FORMAT = "trainer_accel.export.hf"
 # Every file an export writes, and so every file a re-export may replace; anything else in --out is the user's.
 EXPORT_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                           "special_tokens_map.json", "model.safetensors", "model.safetensors.index.json", RECORD})
+# what a re-export replaces: what it writes, and a chat_template.jinja, which no export writes and which would override
+# the template in tokenizer_config.json for transformers
+REPLACED = EXPORT_FILES | {"chat_template.jinja"}
 SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")  # the shards of a large export, as transformers names them
 BYTES = "bytes"  # --tokenizer bytes: the built-in byte tokenizer, which has no file
 SHARD_BYTES = 5 * 2**30  # above this an export is sharded (transformers' own default for save_pretrained)
@@ -85,7 +95,7 @@ def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -
         if identity == ByteTokenizer.identity:
             raise UserError(f"--tokenizer {given}: the checkpoint was trained on the built-in byte tokenizer; leave "
                             "--tokenizer out")
-        tok = HFTokenizer(given)
+        tok = HFTokenizer(given, added=loaded.meta.get("added_tokens", LEGACY_ADDED))
         if identity is None:
             log.warning("%s: records no tokenizer; exported with %s as --tokenizer says (nothing can verify that it "
                         "is the one it learnt)", loaded.source, given)
@@ -93,7 +103,9 @@ def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -
             raise UserError(f"--tokenizer {given}: tokenizer {tok.identity}, but the checkpoint was trained on "
                             f"{identity} (another file, or this one changed)")
         return tok
-    metas = [{"tokenizer": identity, "tokenizer_path": recorded}] + [_cache_meta(cache) for _, _, cache in paths.caches()]
+    own = {"tokenizer": identity, "tokenizer_path": recorded,
+           **({"added_tokens": loaded.meta["added_tokens"]} if "added_tokens" in loaded.meta else {})}
+    metas = [own] + [_cache_meta(cache) for _, _, cache in paths.caches()]
     for meta in metas:
         tok = tokenizer_from_meta(meta) if meta.get("tokenizer") == identity else None
         if tok is not None:
@@ -118,6 +130,26 @@ def generation_config(special: dict[str, int], end: str = EOT, bos: str = DOC) -
             "do_sample": False}
 
 
+def model_token_ids(tok: Tokenizer, eos: int | None) -> dict[str, Any]:
+    """config.json's bos, eos and pad ids as the model came with them (the config.json beside its tokenizer), the
+    eos made the end-of-turn token where training made it one; {} where there is none to keep."""
+    path = getattr(tok, "path", None)
+    if not path or not (Path(path).parent / "config.json").is_file():
+        return {}
+    try:
+        own = loads((Path(path).parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(own, dict):
+        return {}
+    out = {k: own[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in own}
+    if eos is not None:
+        ids = own.get("eos_token_id")
+        ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+        out["eos_token_id"] = eos if not ids or ids == [eos] else ([eos] + [i for i in ids if i != eos])
+    return out
+
+
 def check_out(out: Path) -> list[str]:
     """--out may be new, empty, or an earlier export of ours (a record we wrote, validated); anything else is the
     user's and stays. Returns the names in an earlier export that no export writes (a README.md, lm-eval's
@@ -136,7 +168,7 @@ def check_out(out: Path) -> list[str]:
         raise UserError(f"--out {out}: {RECORD} {problem}, so this is not an earlier export of this trainer and "
                         f"its files ({listed}) are not ours to replace; nothing was written: choose a new or empty "
                         "directory")
-    return [name for name in present if name not in EXPORT_FILES and not SHARD.match(name)]
+    return [name for name in present if name not in REPLACED and not SHARD.match(name)]
 
 
 def record_problem(path: Path) -> str | None:
@@ -200,23 +232,51 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
     if tok.vocab_size > cfg["V"]:
         raise UserError(f"{source}: the tokenizer has {tok.vocab_size} tokens, the model's V is {cfg['V']}")
     chat = loaded.meta.get("chat")  # the model's own chat template, when SFT used one (chat_template.py)
-    special, bos, end = dict(tok.special), DOC, EOT
+    sft = loaded.meta.get("phase") == "sft"
+    doc = tok.decode([tok.special[DOC]]) if isinstance(tok, HFTokenizer) else DOC
+    special = {doc: tok.special[DOC], **({EOT: tok.special[EOT]} if EOT in tok.special else {})}
+    bos = tok.decode(list(tok.bos_ids[:1])) if tok.bos_ids else doc
+    end = EOT if EOT in tok.special else doc
     if chat:  # its end-of-turn token ends what the model writes; its bos is what the template writes first
-        end, bos = tok.decode([chat["answer_end"]]), chat.get("bos_token") or DOC
+        end, bos = tok.decode([chat["answer_end"]]), chat.get("bos_token") or bos
         special[end] = chat["answer_end"]
-        special.setdefault(bos, tok.encode_markup(bos)[0] if hasattr(tok, "encode_markup") else tok.special[DOC])
-    eos = end if loaded.meta.get("phase") == "sft" else DOC
-    config = {**mapping.hf_config(cfg, special, eos, DOC), "bos_token_id": special[bos]}
+    if bos not in special:
+        own = tok.token_id(bos) if isinstance(tok, HFTokenizer) else None
+        special[bos] = own if own is not None else tok.bos_ids[0] if tok.bos_ids else tok.special[DOC]
+    eos = end if sft else doc
+    template = chat["template"] if chat else CHAT_TEMPLATE
+    changes: list[str] = []
+    carried = model_tokenizer_files(tok, eos, template, changes) if isinstance(tok, HFTokenizer) else None
+    stops = [special[eos]] + ([tok.special[DOC]] if sft else [])
+    gen = model_generation_config(tok, stops, changes) or generation_config(special, end if sft else doc, bos)
+    config = {**mapping.hf_config(cfg, special, eos, doc), "bos_token_id": special[bos]}
+    config.update(model_token_ids(tok, special[eos] if sft else None))
     files = {
         "config.json": json.dumps(config, indent=2) + "\n",
-        "generation_config.json": json.dumps(generation_config(special, end, bos), indent=2) + "\n",
-        **tokenizer_files(tok, cfg["T"], eos, bos, chat["template"] if chat else None),
+        "generation_config.json": json.dumps(gen, indent=2) + "\n",
+        **(carried or tokenizer_files(tok, cfg["T"], eos, bos, chat["template"] if chat else None)),
     }
+    template_said = ("none (a pretrained model)" if not sft else
+                     f"the model's own, as trained ({chat['template_source']})" if chat else
+                     "the built-in <|user|> ... <|eot|> format the SFT data used")
+    log.info("chat template in the export: %s", template_said)
+    if sft and not chat and isinstance(tok, HFTokenizer) and find_chat_template(Path(tok.path)) is not None:
+        log.warning("%s: trained in the built-in chat format, so the export carries it, not the template the model "
+                    "came with (%s)", source, find_chat_template(Path(tok.path)).source)
+    if chat and chat.get("template_args"):
+        log.warning("the model was trained with template arguments %s: pass them to apply_chat_template too",
+                    json.dumps(chat["template_args"]))
+    for change in changes:
+        log.info("changed from what the model came with: %s", change)
     record = {"format": RECORD_FORMAT, "out": str(out.resolve()), "exported_at": now_iso(),
               "source": str(loaded.origin or Path(source).resolve()), "phase": loaded.meta.get("phase"),
               "run_id": loaded.meta.get("run_id"),
               "step": loaded.step, "best_val_loss": loaded.best_val_loss, "model_sha256": model_sha256(loaded.meta),
-              "verdict": verdict(loaded.meta), "tokenizer": tok.identity, "model_cfg": cfg}
+              "verdict": verdict(loaded.meta), "tokenizer": tok.identity, "model_cfg": cfg,
+              "chat_template": template_said, **({"template_args": chat["template_args"]}
+                                                 if chat and chat.get("template_args") else {}),
+              "tokenizer_files": "carried over from " + str(Path(tok.path).parent) if carried else "written",
+              "changed": changes}
     sweep_leftovers(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)

@@ -16,7 +16,9 @@ keep such text as text; `tokenizer(text, split_special_tokens=True)` encodes it 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from trainer_accel.data.chat_template import read_config
 from trainer_accel.data.tokenizer import (
     ASST,
     DOC,
@@ -26,6 +28,7 @@ from trainer_accel.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
+    tokenizer_file,
 )
 from trainer_accel.errors import UserError
 
@@ -83,16 +86,79 @@ def tokenizer_json(tok: Tokenizer) -> str:
 
 
 def tokenizer_files(tok: Tokenizer, context: int, eos: str, bos: str = DOC, template: str | None = None) -> dict[str, str]:
-    """File name -> text of the tokenizer part of an export. `eos`: the token that ends what the model writes
+    """File name -> text of the tokenizer part of an export written from nothing (the built-in byte tokenizer, or a
+    tokenizer.json with no tokenizer_config.json beside it). `eos`: the token that ends what the model writes
     (<|eot|> or the model's own template's end-of-turn token after SFT, <|endoftext|> for a pretrained model);
     `template`: the model's own chat template SFT used (None: the built-in one)."""
+    pad = tok.decode([tok.special[DOC]]) if isinstance(tok, HFTokenizer) else DOC
+    chat_tokens = [t for t in (USER, ASST, EOT) if t in tok.special]
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context, "eos_token": eos,
-        "pad_token": DOC, "bos_token": bos, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+        "pad_token": pad, "bos_token": bos, "unk_token": None, "add_bos_token": bool(tok.bos_ids),
+        "add_eos_token": False, "clean_up_tokenization_spaces": False, "split_special_tokens": False,
         "chat_template": template or CHAT_TEMPLATE,
     }
     return {"tokenizer.json": tokenizer_json(tok),
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-            "special_tokens_map.json": json.dumps({"eos_token": eos, "pad_token": DOC,
-                                                   "bos_token": bos, "additional_special_tokens": [USER, ASST, EOT]}, indent=2) + "\n"}
+            "special_tokens_map.json": json.dumps({"eos_token": eos, "pad_token": pad, "bos_token": bos,
+                                                   "additional_special_tokens": chat_tokens}, indent=2) + "\n"}
+
+
+def model_tokenizer_files(tok: HFTokenizer, eos: str, template: str, changes: list[str]) -> dict[str, str] | None:
+    """The tokenizer files the model came with (the folder of the tokenizer.json its caches were made with),
+    carried into an export: tokenizer.json byte for byte when prepare added nothing, tokenizer_config.json with
+    every setting kept (special tokens, bos null, add_bos_token, tokenizer_class, model_max_length) but the chat
+    template the model was trained in, the tokens prepare added and an end-of-turn token training changed (each
+    change appended to `changes`), and special_tokens_map.json as it was. None where the folder has no
+    tokenizer_config.json: the export writes its own (tokenizer_files)."""
+    folder = Path(tok.path).parent
+    source = folder / "tokenizer_config.json"
+    if not source.is_file():
+        return None
+    config = read_config(source)
+    out: dict[str, str] = {}
+    if template != config.get("chat_template") or (folder / "chat_template.jinja").is_file():
+        jinja = folder / "chat_template.jinja"
+        own = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
+        if template != own:
+            changes.append("chat_template: the template the model was trained in, not the one it came with")
+    config["chat_template"] = template
+    if tok.added:
+        decoder = config.setdefault("added_tokens_decoder", {})
+        if isinstance(decoder, dict):
+            for t in tok.added:
+                decoder[str(tok.token_id(t))] = {"content": t, "lstrip": False, "normalized": False,
+                                                 "rstrip": False, "single_word": False, "special": True}
+        changes.append(f"added tokens {', '.join(tok.added)} (prepare added them)")
+    own_eos = config.get("eos_token")
+    own_eos = own_eos.get("content") if isinstance(own_eos, dict) else own_eos
+    if own_eos != eos:
+        changes.append(f"eos_token {own_eos!r} -> {eos!r} (the token that ends what the model was trained to write)")
+        config["eos_token"] = eos
+    out["tokenizer.json"] = (tokenizer_file(Path(tok.path)).read_text(encoding="utf-8") if not tok.added
+                             else tok.hf_json())
+    out["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    tokens_map = folder / "special_tokens_map.json"
+    if tokens_map.is_file():
+        mapped = read_config(tokens_map)
+        if own_eos != eos and "eos_token" in mapped:
+            mapped["eos_token"] = eos
+        out["special_tokens_map.json"] = json.dumps(mapped, indent=2, ensure_ascii=False) + "\n"
+    return out
+
+
+def model_generation_config(tok: Tokenizer, stops: list[int], changes: list[str]) -> dict | None:
+    """The generation_config.json the model came with (its recommended sampling: Qwen3's temperature 0.6, top_p
+    0.95, top_k 20; its stop ids), with each id in `stops` that training made an end added to its eos_token_id;
+    None where the tokenizer's folder has none."""
+    path = Path(getattr(tok, "path", "") or ".").parent / "generation_config.json"
+    if not getattr(tok, "path", None) or not path.is_file():
+        return None
+    config = read_config(path)
+    own = config.get("eos_token_id")
+    ids = list(own) if isinstance(own, list) else [own] if own is not None else []
+    missing = [i for i in stops if i not in ids]
+    if missing:
+        config["eos_token_id"] = ids + missing
+        changes.append(f"generation_config eos_token_id {own} -> {config['eos_token_id']}")
+    return config

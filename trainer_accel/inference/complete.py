@@ -79,7 +79,7 @@ def encode(lm: LoadedModel, prompt: Prompt, index: int) -> list[int]:
                             "give plain prompts, or use an SFT model")
         ids = lm.chat.prompt(prompt.text, prompt.history, prompt.system)
     else:
-        ids = lm.tok.encode(prompt.text)
+        ids = lm.tok.encode_prompt(prompt.text)
     if not ids:
         raise UserError(f"prompt {index + 1} is empty")
     if len(ids) >= lm.model.cfg.T:

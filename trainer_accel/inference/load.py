@@ -8,6 +8,7 @@ check is refused here as it is there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,13 @@ from trainer_accel.data.chat_template import (
     chat_format,
     find_chat_template,
 )
-from trainer_accel.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from trainer_accel.data.tokenizer import (
+    CHAT_TOKENS,
+    DOC,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+)
 from trainer_accel.devices.accelerator import pick_device
 from trainer_accel.errors import UserError
 from trainer_accel.fsio import loads
@@ -43,13 +50,30 @@ class LoadedModel:
     chat: ChatFormat | None  # None: the model was never fine-tuned on conversations and has no template
     source: Path
     phase: str | None
+    model_stops: frozenset[int] = frozenset()  # the stop ids the model came with (its generation_config.json)
 
     def stop_ids(self, chat: bool) -> frozenset[int]:
-        """What ends a completion: the end-of-turn token in a chat, and the end of a document always."""
-        ends = {self.tok.special["<|endoftext|>"]}
-        if chat and self.chat is not None:
+        """What ends a completion, as transformers' generate ends it with the same files: the model's own stop ids
+        (Qwen3: <|im_end|> and <|endoftext|>), the end of a document always, and the end-of-turn token in a chat."""
+        ends = {self.tok.special[DOC], *self.model_stops}
+        if chat and self.chat is not None and self.chat.stop_id is not None:
             ends.add(self.chat.stop_id)
         return frozenset(ends)
+
+
+def model_stop_ids(folder: Path | None) -> frozenset[int]:
+    """The eos ids of a model directory's generation_config.json (else its config.json), where it has them."""
+    if folder is None:
+        return frozenset()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = loads((Path(folder) / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            return frozenset(ids)
+    return frozenset()
 
 
 def default_model(paths: Paths) -> Path:
@@ -83,8 +107,36 @@ def _hf_tokenizer_and_chat(directory: Path) -> tuple[Tokenizer, ChatFormat | Non
     return tok, ChatFormat(tok, TemplateEncoder(tok, template) if not byte_export else None)
 
 
-def load_model(path: Path | None, paths: Paths, device: str | None = None, dtype: str = "fp32") -> LoadedModel:
-    """The model at `path` (default: default_model) in eval mode on the trainer's default device, in `dtype`."""
+def chosen_format(tok: Tokenizer, chat: ChatFormat | None, choice: str, args: tuple, source: Path) -> ChatFormat | None:
+    """The template a conversation is written in: the one the model was trained in (or came with), unless the user
+    names another (--chat-template builtin or PATH) or gives it arguments (--template-arg)."""
+    if choice == "model" and not args:
+        return chat
+    if choice == "builtin":
+        if args:
+            raise UserError("--template-arg: the built-in chat format takes no template arguments")
+        if not all(t in tok.special for t in CHAT_TOKENS):
+            raise UserError(f"{source}: its tokenizer has no <|user|>, <|assistant|>, <|eot|>: it was not trained in "
+                            "the built-in format; leave --chat-template out")
+        return ChatFormat(tok)
+    path = getattr(tok, "path", None)
+    if choice == "model":
+        if chat is None or chat.encoder is None:
+            raise UserError("--template-arg: this model was trained in the built-in format, which takes no template "
+                            "arguments")
+        template = dataclasses.replace(chat.encoder.template, args=args)
+    else:
+        template = find_chat_template(Path(path) if path else Path(choice), choice, args)
+    if chat is not None and chat.encoder is not None and chat.encoder.template.text != template.text:
+        log.warning("%s was trained in the template of %s; prompting in %s instead", source,
+                    chat.encoder.template.source, template.source)
+    return ChatFormat(tok, TemplateEncoder(tok, template))
+
+
+def load_model(path: Path | None, paths: Paths, device: str | None = None, dtype: str = "fp32",
+               template: str = "model", template_arguments: tuple = ()) -> LoadedModel:
+    """The model at `path` (default: default_model) in eval mode on the trainer's default device, in `dtype`;
+    conversations in the template it was trained in, or `template` (builtin, or a file) with `template_arguments`."""
     source = Path(path) if path is not None else default_model(paths)
     if path is None:
         log.info("model: %s (the newest %s)", source, "deployable export" if "deployable" in source.name else "export")
@@ -97,10 +149,13 @@ def load_model(path: Path | None, paths: Paths, device: str | None = None, dtype
     phase = loaded.meta.get("phase")
     if is_hf_dir(source):
         tok, chat = _hf_tokenizer_and_chat(source)
-        phase = _export_phase(source)
+        phase, folder = _export_phase(source), source
     else:
         tok = find_tokenizer(loaded, None, paths)
         chat = chat_format(tok, loaded.meta.get("chat")) if loaded.meta.get("phase") == "sft" else None
+        folder = Path(tok.path).parent if getattr(tok, "path", None) else None
+    chat = chosen_format(tok, chat, template, template_arguments, source)
     model = GPT(ModelConfig(**loaded.meta["model_cfg"]))
     model.load_state_dict(loaded.model_state, strict=True)
-    return LoadedModel(model.to(device=dev, dtype=DTYPES[dtype]).eval(), tok, chat, source, phase)
+    return LoadedModel(model.to(device=dev, dtype=DTYPES[dtype]).eval(), tok, chat, source, phase,
+                       model_stop_ids(folder))

@@ -22,6 +22,11 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", choices=("cpu", "mps", "cuda"), help="default: CUDA, else MPS, else CPU")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="bf16 / fp16 on a GPU (default fp32)")
+    p.add_argument("--chat-template", default="model", metavar="model|builtin|PATH",
+                   help="the template of chat prompts: the one the model was trained in or came with (default), the "
+                        "built-in one, or a template file of yours (.jinja, or a tokenizer_config.json with one)")
+    p.add_argument("--template-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="a variable the chat template reads, e.g. enable_thinking=false (repeatable)")
 
 
 def sampling_of(args) -> Sampling:

@@ -60,9 +60,17 @@ class ModelConfig:
     # for export; rope models train at any T up to it; null: T
     architecture: str | None = None  # the Hugging Face architecture it came from ("Qwen3ForCausalLM"), which an
     # export keeps while the options still match it; null: chosen from the options
+    # Mistral's attention window: each token sees the last sliding_window tokens. This decoder's attention sees the
+    # whole row, which is the same while T <= sliding_window (checked); kept for export. null: no window
+    sliding_window: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options; sliding_window only when set, so the record (and fingerprint) of every model without one is
+        what it was before the option existed."""
+        out = dataclasses.asdict(self)
+        if out["sliding_window"] is None:
+            del out["sliding_window"]
+        return out
 
     @property
     def kv_heads(self) -> int:
@@ -87,7 +95,7 @@ def model_problems(m: ModelConfig, where: str) -> list[str]:
             out.append(f"{where}.{key}: expected one of {', '.join(allowed)}, got {json.dumps(getattr(m, key))}")
     if not (math.isfinite(m.ln_eps) and 0.0 < m.ln_eps < 1.0):
         out.append(f"{where}.ln_eps: must be in (0, 1), got {m.ln_eps}")
-    for key in ("n_kv_heads", "head_dim", "max_positions"):
+    for key in ("n_kv_heads", "head_dim", "max_positions", "sliding_window"):
         value = getattr(m, key)
         if value is not None and not 0 < value <= MAX_DIM:
             out.append(f"{where}.{key}: must be a positive integer or null, got {value}")
@@ -101,7 +109,7 @@ def model_problems(m: ModelConfig, where: str) -> list[str]:
 def _position_problems(m: ModelConfig, where: str) -> list[str]:
     if m.position != "rope":
         return [f"{where}.{key}: only for rotary positions (position \"rope\"); learned positions have a table of "
-                f"T={m.T}" for key in ("rope_scaling", "max_positions") if getattr(m, key) is not None]
+                f"T={m.T}" for key in ("rope_scaling", "max_positions", "sliding_window") if getattr(m, key) is not None]
     out = []
     if not (math.isfinite(m.rope_theta) and m.rope_theta > 0):
         out.append(f"{where}.rope_theta: must be a positive number, got {m.rope_theta}")
@@ -110,6 +118,10 @@ def _position_problems(m: ModelConfig, where: str) -> list[str]:
                    f"got {m.hd}")
     if m.max_positions is not None and 0 < m.max_positions < m.T:
         out.append(f"{where}.T: {m.T} is longer than the model's own context max_positions={m.max_positions}")
+    if m.sliding_window is not None and 0 < m.sliding_window < m.T:
+        out.append(f"{where}.T: {m.T} is longer than the model's attention window sliding_window={m.sliding_window}, "
+                   "which this trainer does not compute (its attention sees the whole row); set T to at most "
+                   f"{m.sliding_window}")
     if m.rope_scaling is not None:
         out += rope_scaling_problems(m.rope_scaling, f"{where}.rope_scaling")
     return out

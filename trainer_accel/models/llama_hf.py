@@ -16,8 +16,11 @@ attention), so one mapping serves them:
     rope_theta, rope_scaling          rope_theta / rope_scaling (transformers 4) or rope_parameters (5)
     n_kv_heads, max_positions         num_key_value_heads, max_position_embeddings
 Hugging Face stores Llama's q and k in the half-split rotary layout our model computes (models/gpt.rotate), so
-no row is permuted. What the decoder cannot compute exactly is refused, one line per setting: sliding-window
-attention, another rope scaling, partial rotary, biases on o_proj or the MLP, mixture-of-experts.
+no row is permuted. A key config.json leaves out means what it means to transformers (FAMILY_DEFAULTS: Mistral's
+4,096-token window, Qwen3's head_dim 128). What the decoder cannot compute exactly is refused, one line per
+setting: a sliding window shorter than the run's T (Mistral's window is the whole context up to its length, so
+a T within it is exact), per-layer windows, another rope scaling, partial rotary, biases on o_proj or the MLP,
+mixture-of-experts.
 """
 
 from __future__ import annotations
@@ -41,7 +44,24 @@ MODEL_TYPES = tuple(ARCHITECTURES)
 ACTIVATION_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                       "gelu_new": "gelu_tanh"}
 ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 32768, "qwen2": 32768, "qwen3": 32768}  # transformers' defaults
+# What each family's transformers config class takes for a key its config.json leaves out (None: derived, as
+# transformers derives it: num_key_value_heads from num_attention_heads, head_dim from hidden_size / heads).
+# tests/test_model_families.py compares every value with the installed transformers' config classes.
+COMMON_DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+FAMILY_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None,
+              "max_position_embeddings": 2048, "sliding_window": None},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None,
+                "max_position_embeddings": 131072, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None,
+              "max_position_embeddings": 32768, "sliding_window": None},
+    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+              "max_position_embeddings": 32768, "sliding_window": None},
+}
 # what the family's own model computes, beside what every one of them computes (rope, rmsnorm, gated, no bias)
 FAMILY_SWITCHES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
 BLOCK_NORMS = (("ln1.weight", "input_layernorm.weight"), ("ln2.weight", "post_attention_layernorm.weight"),
@@ -53,7 +73,7 @@ CONFIG_NAMES = {"V": "vocab_size", "T": "max_position_embeddings", "C": "hidden_
                 "head_dim": "head_dim", "tie_embeddings": "tie_word_embeddings", "activation": "hidden_act",
                 "ln_eps": "rms_norm_eps", "rope_theta": "rope_theta", "rope_scaling": "rope_scaling",
                 "qkv_bias": "q/k/v biases (Qwen2)", "qk_norm": "q/k norm (Qwen3)",
-                "max_positions": "max_position_embeddings", "position": "position encoding", "norm": "norm",
+                "max_positions": "max_position_embeddings", "sliding_window": "sliding_window", "position": "position encoding", "norm": "norm",
                 "mlp": "MLP", "bias": "biases"}
 
 
@@ -94,10 +114,12 @@ def refusals(hf: dict[str, Any], where: str) -> list[str]:
         out.append(f"{where}: architectures {json.dumps(archs)}; model_type {json.dumps(kind)} is read as "
                    f"[\"{ARCHITECTURES[kind]}\"] only")
     window = hf.get("sliding_window")
-    if (hf.get("use_sliding_window") or (kind == "mistral" and window is not None)
-            or any(t != "full_attention" for t in hf.get("layer_types") or [])):
-        out.append(f"{where}: sliding-window attention (sliding_window {json.dumps(window)}) is not computed by "
-                   "this trainer, whose attention sees the whole context; refused rather than approximated")
+    if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
+        out.append(f"{where}: sliding-window attention in some layers (use_sliding_window, layer_types; "
+                   f"sliding_window {json.dumps(window)}) is not computed by this trainer; refused rather than "
+                   "approximated")
+    if kind == "mistral" and window is not None and not _whole(window):
+        out.append(f"{where}: sliding_window is {json.dumps(window)}, expected a positive integer or null")
     if hf.get("attention_bias") and kind != "qwen2":
         out.append(f"{where}: attention_bias true (biases on o_proj too) is not computed by this trainer")
     if hf.get("mlp_bias"):
@@ -106,7 +128,7 @@ def refusals(hf: dict[str, Any], where: str) -> list[str]:
         out.append(f"{where}: partial_rotary_factor {hf['partial_rotary_factor']} is not computed (only 1.0)")
     out += [f"{where}: {key} {json.dumps(hf[key])}: mixture-of-experts is not computed by this trainer"
             for key in MOE_KEYS if hf.get(key)]
-    act = hf.get("hidden_act", "silu")
+    act = hf.get("hidden_act") or "silu"
     if act not in ACTIVATION_FROM_HF:
         out.append(f"{where}: hidden_act {json.dumps(act)} is not one this trainer computes "
                    f"({', '.join(ACTIVATION_FROM_HF)})")
@@ -115,7 +137,7 @@ def refusals(hf: dict[str, Any], where: str) -> list[str]:
         out.append(f"{where}: rope_theta is {json.dumps(theta)}, expected a positive number")
     if scaling is not None:
         out += rope_scaling_problems(scaling, f"{where}: rope_scaling")
-    eps = hf.get("rms_norm_eps", 1e-6)
+    eps = hf.get("rms_norm_eps") or 1e-6
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         out.append(f"{where}: rms_norm_eps is {json.dumps(eps)}, expected a number in (0, 1)")
     if not isinstance(hf.get("tie_word_embeddings", False), bool):
@@ -123,26 +145,43 @@ def refusals(hf: dict[str, Any], where: str) -> list[str]:
     return out
 
 
+def family_value(hf: dict[str, Any], key: str) -> Any:
+    """A config.json value as transformers reads it: the file's, else the family's default (FAMILY_DEFAULTS);
+    a null that transformers replaces with its default is replaced here too."""
+    defaults = {**COMMON_DEFAULTS, **FAMILY_DEFAULTS[hf.get("model_type")]}
+    value = hf.get(key, defaults[key])
+    if value is None and key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act"):
+        value = defaults[key]
+    return value
+
+
 def model_cfg_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """Our model_cfg for a Llama-family config.json (model_type llama, mistral, qwen2 or qwen3)."""
+    """Our model_cfg for a Llama-family config.json (model_type llama, mistral, qwen2 or qwen3); a key it leaves out
+    takes the family's transformers default."""
     kind = hf.get("model_type")
     problems = refusals(hf, where)
     if problems:
         raise UserError(problems)
     theta, scaling = rope_of(hf)
     qkv_bias, qk_norm = FAMILY_SWITCHES[kind]
-    C, H = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
-    head_dim = hf.get("head_dim") or (C // H if C % H == 0 else None)
+    C, H = family_value(hf, "hidden_size"), family_value(hf, "num_attention_heads")
+    head_dim = family_value(hf, "head_dim") or (C // H if C % H == 0 else None)
     if head_dim is None:
         raise UserError(f"{where}: hidden_size {C} is not divisible by num_attention_heads {H} and no head_dim is given")
-    T = hf.get("max_position_embeddings") or DEFAULT_MAX_POSITIONS[kind]
+    T = family_value(hf, "max_position_embeddings")
+    window = family_value(hf, "sliding_window") if kind == "mistral" else None
     return complete_model_cfg({
-        "V": hf.get("vocab_size", 32000), "T": T, "C": C, "L": hf.get("num_hidden_layers", 32), "H": H,
-        "d_ff": hf.get("intermediate_size", 11008), "bias": False, "tie_embeddings": hf.get("tie_word_embeddings", False),
-        "activation": ACTIVATION_FROM_HF[hf.get("hidden_act", "silu")], "ln_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "position": "rope", "rope_theta": float(theta), "rope_scaling": dict(scaling) if scaling else None,
-        "norm": "rmsnorm", "mlp": "gated", "n_kv_heads": hf.get("num_key_value_heads") or H, "head_dim": head_dim,
-        "qkv_bias": qkv_bias, "qk_norm": qk_norm, "max_positions": T, "architecture": ARCHITECTURES[kind],
+        "V": family_value(hf, "vocab_size"), "C": C, "L": family_value(hf, "num_hidden_layers"), "H": H,
+        "d_ff": family_value(hf, "intermediate_size"), "bias": False,
+        "tie_embeddings": family_value(hf, "tie_word_embeddings"),
+        "activation": ACTIVATION_FROM_HF[family_value(hf, "hidden_act")],
+        "ln_eps": float(family_value(hf, "rms_norm_eps")), "position": "rope", "rope_theta": float(theta),
+        "rope_scaling": dict(scaling) if scaling else None, "norm": "rmsnorm", "mlp": "gated",
+        "n_kv_heads": family_value(hf, "num_key_value_heads") or H, "head_dim": head_dim, "qkv_bias": qkv_bias,
+        "qk_norm": qk_norm, "max_positions": T, "architecture": ARCHITECTURES[kind],
+        # a window computes the whole context up to its length: the directory's own context is that much of it
+        "T": min(T, window) if window else T, "sliding_window": window,
     })
 
 
@@ -190,7 +229,7 @@ def hf_config(model_cfg: dict[str, Any], special: dict[str, int], eos: str, pad:
     if kind == "llama":
         out.update(mlp_bias=False, pretraining_tp=1)
     if kind in ("mistral", "qwen2", "qwen3"):
-        out.update(sliding_window=None)
+        out.update(sliding_window=m.sliding_window if kind == "mistral" else None)
     if kind in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, max_window_layers=m.L)
     return out
@@ -267,7 +306,7 @@ def state_from_hf(tensors: dict[str, torch.Tensor], model_cfg: dict[str, Any], w
 
 
 CHECKED = ("C", "L", "H", "d_ff", "n_kv_heads", "head_dim", "tie_embeddings", "activation", "ln_eps", "position",
-           "rope_theta", "rope_scaling", "norm", "mlp", "bias", "qkv_bias", "qk_norm", "max_positions")
+           "rope_theta", "rope_scaling", "norm", "mlp", "bias", "qkv_bias", "qk_norm", "max_positions", "sliding_window")
 
 
 def mismatches(hf_cfg: dict[str, Any], model: ModelConfig, where: str) -> list[str]:

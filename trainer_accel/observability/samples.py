@@ -18,7 +18,7 @@ import torch
 
 from trainer_accel.config import SamplePrompt
 from trainer_accel.data.chat_template import ChatFormat
-from trainer_accel.data.tokenizer import EOT, Tokenizer
+from trainer_accel.data.tokenizer import DOC, EOT, Tokenizer
 from trainer_accel.fsio import write_atomic
 from trainer_accel.models.generation import generate
 from trainer_accel.models.gpt import GPT
@@ -31,9 +31,9 @@ def sample_text(model: GPT, tok: Tokenizer, spec: SamplePrompt, default_seed: in
     device = next(model.parameters()).device
     chat = spec.task == "chat"
     form = chat_form or ChatFormat(tok)
-    ids = form.prompt(spec.prompt, (), spec.system) if chat else tok.encode(spec.prompt)
+    ids = form.prompt(spec.prompt, (), spec.system) if chat else tok.encode_prompt(spec.prompt)
     if not ids:
-        ids = [tok.special[EOT]]
+        ids = [tok.special.get(EOT, tok.special[DOC])]
     ids = ids[-model.cfg.T:]
     gen = torch.Generator().manual_seed(spec.seed if spec.seed is not None else default_seed)
     out = generate(model, torch.tensor([ids], device=device), spec.max_new_tokens, spec.temperature, spec.top_k,

@@ -22,8 +22,20 @@ from trainer_accel.checkpoints.store import (
 )
 from trainer_accel.config import PhaseConfig
 from trainer_accel.data.cache import Cache, answer_mask, answer_rule, open_cache
-from trainer_accel.data.chat_template import ChatFormat, chat_format
-from trainer_accel.data.tokenizer import DOC, Tokenizer, tokenizer_from_meta
+from trainer_accel.data.chat_template import (
+    ChatFormat,
+    chat_format,
+    find_chat_template,
+    template_key,
+)
+from trainer_accel.data.tokenizer import (
+    ASST,
+    DOC,
+    EOT,
+    USER,
+    Tokenizer,
+    tokenizer_from_meta,
+)
 from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.paths import CACHE_NAMING, Paths
 from trainer_accel.training.start import load_start
@@ -38,9 +50,16 @@ class PhaseInputs:
     caches: list[Cache]  # every cache the phase reads
     tokenizer: str  # the tokenizer identity all caches share
 
+    @property
+    def tokenizer_meta(self) -> dict:
+        """The meta of the cache whose tokenizer has every token any of the caches was made with: tokens are only
+        ever appended, so its ids are the ids of all of them (a stream cache made for the model's own template and
+        an SFT cache in the built-in one, which added <|user|> ...)."""
+        return max((c.meta for c in self.caches), key=lambda m: len(m.get("added_tokens", ())))
+
     def decoder(self) -> Tokenizer | None:
         """The caches' tokenizer, to turn samples back into text (None if it cannot be found any more)."""
-        return tokenizer_from_meta(self.caches[0].meta)
+        return tokenizer_from_meta(self.tokenizer_meta)
 
     @property
     def chat(self) -> dict | None:
@@ -58,7 +77,9 @@ class PhaseInputs:
         the chat template when the model's own, each cache's sha256 by name, and one fingerprint of them all."""
         caches = {f"{c.path.parent.name}/{c.path.name}": c.meta["sha256"] for c in self.caches}
         fingerprint = hashlib.sha256(json.dumps(caches, sort_keys=True).encode()).hexdigest()
-        return {"tokenizer": self.tokenizer, "tokenizer_path": self.caches[0].meta.get("tokenizer_path"), "caches": caches,
+        meta = self.tokenizer_meta
+        added = {"added_tokens": meta["added_tokens"]} if "added_tokens" in meta else {}
+        return {"tokenizer": self.tokenizer, "tokenizer_path": meta.get("tokenizer_path"), **added, "caches": caches,
                 "data_fingerprint": fingerprint, **({"chat": self.chat} if self.chat else {})}
 
 
@@ -110,13 +131,31 @@ def max_token_id(cache: Cache) -> int:
     return int(cache.meta["max_token_id"])
 
 
+def _vocab_problem(caches: list[Cache], V: int) -> str | None:
+    """One line for every cache whose tokenizer has more tokens than the model has rows, saying which tokens
+    prepare added and what to set."""
+    over = [c for c in caches if c.meta["vocab_size"] > V]
+    if not over:
+        return None
+    meta = max((c.meta for c in over), key=lambda m: m["vocab_size"])
+    n, added = meta["vocab_size"], meta.get("added_tokens") or []
+    names = ", ".join(c.path.name for c in over[:3]) + (f" and {len(over) - 3} more" if len(over) > 3 else "")
+    what = (f"; prepare added {', '.join(added)} to the model's own {n - len(added):,}" if added else "")
+    way = (" (or prepare the SFT data in the model's own chat template, which adds none)"
+           if {USER, ASST, EOT} & set(added) else "")
+    return (f"{over[0].path.parent}: {names}: the tokenizer has {n:,} tokens{what}, model_cfg.V={V:,} has rows for "
+            f"{V:,}: set model_cfg.V to {n:,} (a Hugging Face start grows its embedding; new rows start at the mean "
+            f"embedding){way}")
+
+
 def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
     problems = []
     T, V = cfg.seq_len, cfg.model.V
+    vocab = _vocab_problem(caches, V)
+    if vocab:
+        problems.append(vocab)
     for c in caches:
-        if c.meta["vocab_size"] > V:
-            problems.append(f"{c.path}: tokenizer vocabulary {c.meta['vocab_size']} is larger than model_cfg.V={V}")
-        elif max_token_id(c) >= V:
+        if c.meta["vocab_size"] <= V and max_token_id(c) >= V:
             problems.append(f"{c.path}: holds token id {max_token_id(c)}, not below model_cfg.V={V}")
         if c.meta["kind"] == "stream" and c.meta["num_tokens"] < T + 1:
             problems.append(f"{c.path}: {c.meta['num_tokens']} tokens, fewer than one window of T+1={T + 1}")
@@ -124,8 +163,14 @@ def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
     if len(identities) > 1:
         per = "; ".join(f"{c.path.name}: {c.meta['tokenizer']}" for c in caches)
         problems.append(f"caches were made with different tokenizers ({per}); prepare them with one tokenizer")
+    else:
+        lists = sorted({tuple(c.meta.get("added_tokens", ())) for c in caches}, key=len)
+        if any(longer[:len(shorter)] != shorter for shorter, longer in zip(lists, lists[1:])):
+            per = "; ".join(f"{c.path.name}: {', '.join(c.meta.get('added_tokens', ())) or 'none'}" for c in caches)
+            problems.append(f"caches were made with different tokens added to one tokenizer ({per}), so one id means "
+                            "two tokens; prepare them again together")
     sft = [c for c in caches if c.meta["kind"] == "sft"]
-    templates = {(c.meta.get("chat") or {}).get("template_sha256", "built-in") for c in sft}
+    templates = {template_key(c.meta.get("chat")) for c in sft}
     if len(templates) > 1:
         per = "; ".join(f"{c.path.name}: {(c.meta.get('chat') or {}).get('template_source', 'built-in')}" for c in sft)
         problems.append(f"SFT caches were written in different chat templates ({per}); prepare them with one")
@@ -162,6 +207,25 @@ def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
     return None
 
 
+def say_template(caches: list[Cache]) -> None:
+    """A run in another template than the one the model came with (the one beside its tokenizer) says so at
+    start: the model learns the template it is trained in, and its exports carry that one."""
+    sft = [c for c in caches if c.meta["kind"] == "sft"]
+    path = sft[0].meta.get("tokenizer_path") if sft else None
+    if not path or not Path(path).is_file():
+        return
+    try:
+        own = find_chat_template(Path(path))
+    except UserError:
+        return
+    chat = sft[0].meta.get("chat")
+    if own is None or (chat and chat["template_sha256"] == own.sha256):
+        return
+    trained = f"the template of {chat['template_source']}" if chat else "the built-in <|user|> ... <|eot|> format"
+    log.warning("SFT examples are in %s, not the template the model came with (%s); the model learns that one and "
+                "its exports carry it", trained, own.source)
+
+
 def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     train_refs, val_refs = phase_cache_paths(cfg, paths)
     wanted = train_refs + val_refs
@@ -179,6 +243,7 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     caches = list(opened.values())
     raise_if_any(_check_caches(cfg, caches))
     raise_if_any([p for c in caches if c.meta["kind"] == "sft" and (p := _check_answers(cfg, c))])
+    say_template(caches)
 
     probs = np.array(list(cfg.mixture().values()), dtype=np.float64)
     probs /= probs.sum()
@@ -209,7 +274,7 @@ def same_tokenizer(start: LoadedCheckpoint | None, inputs: PhaseInputs) -> list[
     if learnt is None or learnt == inputs.tokenizer:
         return []
     return [f"{start.source}: its weights learnt the ids of tokenizer {learnt}, this phase's caches were made with "
-            f"{inputs.tokenizer}; prepare the caches with its tokenizer (prepare --tokenizer PATH/tokenizer.json)"]
+            f"{inputs.tokenizer}; prepare the caches with its tokenizer (prepare --tokenizer MODEL_DIR)"]
 
 
 def collect(*checks) -> list:
