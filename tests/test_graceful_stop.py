@@ -166,18 +166,23 @@ def trainer_processes(launcher: subprocess.Popen) -> list:
             if "trainer_accel.run" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
 
 
-@pytest.mark.parametrize("launch_file", ["cpu.yaml", "cpu_2proc.yaml"])
-def test_a_signalled_launcher_stops_its_trainers_gracefully(world, launch_file):
+@pytest.mark.parametrize("launch_file, trackers", [("cpu.yaml", ["wandb"]), ("cpu_2proc.yaml", [])])
+def test_a_signalled_launcher_stops_its_trainers_gracefully(world, launch_file, trackers):
     """`docker stop` signals the launcher only. With one process `accelerate launch` dies and used to leave the
-    trainer training as an orphan, with no checkpoint and no result; with several, torchrun passes the signal on."""
+    trainer training as an orphan, with no checkpoint and no result; with several, torchrun passes the signal on.
+    With wandb on (the default trackers), its service process goes with the launcher: the tracker's failure is a
+    warning, and the stop is as graceful as without it."""
     import psutil
     from test_numerics import LAUNCH
+    from test_trackers import env_without_wandb_credentials
 
-    cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 100000, "B": 2})
+    cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 100000, "B": 2},
+                       tracking={"log_with": trackers})
     proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / launch_file),
                              "--main_process_port", str(free_port()), "-m", "trainer_accel.run", "--phase", "pretrain",
                              "--config", str(cfg), "--result-json", "result.json"],
-                            cwd=world, stderr=(world / "launch.log").open("w"))  # a pipe would outlive the launcher
+                            cwd=world, stderr=(world / "launch.log").open("w"),  # a pipe would outlive the launcher
+                            env=env_without_wandb_credentials(world))
     wait_for_training(world, proc)
     trainers = trainer_processes(proc)
     assert len(trainers) == (2 if "2proc" in launch_file else 1)

@@ -2,7 +2,7 @@
 README says, at a context far below the model's maximum, and compared with what transformers does with the same
 files: the cached SFT tokens, the logits of the export, the prompts, the stops and the greedy answers.
 
-Each family's directory is prepared, fine-tuned (SFT at T=64 and 192 against 40,960 and 131,072 positions) and
+Each family's directory is prepared, fine-tuned (SFT at T=64 and 128 against 40,960 and 131,072 positions) and
 exported once per module; the tests then read what that left, as a user would look at it.
 """
 
@@ -30,7 +30,7 @@ ARGS = {"qwen3": [], "llama3": ["--template-arg", f"date_string={DATE}"]}
 TEMPLATE_KWARGS = {"qwen3": {}, "llama3": {"date_string": DATE}}
 MAXIMUM = {"qwen3": 40960, "llama3": 131072}
 ROWS = {"qwen3": 151936, "llama3": 128256}
-CONTEXT = {"qwen3": 64, "llama3": 192}  # Llama 3.2's template writes a dated system header before every conversation
+CONTEXT = {"qwen3": 64, "llama3": 128}  # Llama 3.2's template writes a dated system header before every conversation
 
 
 def sft_config(folder: Path, T: int, **train) -> Path:
@@ -41,6 +41,9 @@ def sft_config(folder: Path, T: int, **train) -> Path:
                          "eval_every": 12, "eval_batches": 2, "ckpt_every": 12, "log_every": 12, **train}}
     (folder / "sft.json").write_text(json.dumps(cfg))
     return folder / "sft.json"
+
+
+pytestmark = pytest.mark.xdist_group("real_models")  # one worker builds each family's directory and run, once
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama3"])
@@ -118,7 +121,7 @@ def test_cached_sft_examples_are_apply_chat_templates_tokens_and_the_loss_counts
 
 
 def test_a_context_below_the_maximum_trains_and_the_export_keeps_the_models_own(trained):
-    """T=64 / 192 trains against a maximum of 40,960 / 131,072; the export keeps the maximum, the rope settings, the
+    """T=64 / 128 trains against a maximum of 40,960 / 131,072; the export keeps the maximum, the rope settings, the
     tokenizer files, the stop ids and the recommended sampling the model came with, says what training changed,
     and computes in transformers the logits our best.pt computes."""
     name, folder, said = trained

@@ -132,3 +132,23 @@ def test_a_resumed_run_continues_the_same_tracker_history(world):
     run, history, _ = wandb_run(world, run_id)
     assert run.run_id == run_id  # the same wandb run, resumed
     assert [s for s in history if s > 3] == [4, 5, 6]  # after the resume step, every progress line once
+
+
+def test_a_tracker_that_fails_is_dropped_with_one_warning_and_the_run_finishes(world):
+    """A tracker's failure (here TensorBoard raising as wandb's dead service does, from its third call on) costs
+    no training: one warning naming it and the error, every progress line still in events.jsonl and metrics.csv,
+    the run's checkpoints and exit as without it."""
+    import subprocess
+    import sys
+
+    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 6, "ckpt_every": 3, "eval_every": 3,
+                                                        "log_every": 1}, tracking={"log_with": ["tensorboard"]})
+    r = subprocess.run([sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg)],
+                       cwd=world, env={**env_without_wandb_credentials(world), "TRAINER_FAULT": "tracker:3:raise"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if "tracker tensorboard failed" in line]
+    assert len(warned) == 1 and "ConnectionResetError" in warned[0], r.stderr
+    assert [e["step"] for e in events(world, "train")] == [1, 2, 3, 4, 5, 6]
+    assert (world / "metrics" / "metrics.csv").read_text().count("\n") > 6  # a header and a row per record
+    assert events(world, "run_end")[-1]["step"] == 6 and (world / "checkpoints/pretrain/latest").is_dir()

@@ -58,3 +58,61 @@ def test_user_files_in_every_output_location_survive_every_command(world):
     r = run_cli("export", "--format", "hf", "--out", "hf", cwd=world)
     assert r.returncode == 2 and "not an earlier export" in r.stderr
     assert (world / "hf/README.md").read_text().startswith("the user's own file")
+
+
+def test_generate_out_never_replaces_what_it_reads_nor_empties_a_file_on_a_refused_run(world):
+    """--out is written beside and renamed over when every completion is written: a refused run (a prompt too long)
+    leaves the user's earlier results; --out naming the model or the prompts file is refused before anything."""
+    write_config(world / "pre.json", "pretrain", {"total_steps": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", "pre.json", cwd=world).returncode == 0
+    (world / "results.jsonl").write_text('{"earlier": "results"}\n')
+    (world / "prompts.txt").write_text("The\n" + "x" * 100 + "\n")  # the second is longer than T=32
+    model = world / "checkpoints" / "best.pt"
+    before = {p: p.read_bytes() for p in (world / "results.jsonl", world / "prompts.txt", model)}
+    r = run_cli("generate", "--prompts", "prompts.txt", "--out", "results.jsonl", cwd=world)
+    assert r.returncode == 2 and "prompt 2 is" in r.stderr
+    for flag, target in (("--model", model), ("--prompts", world / "prompts.txt")):
+        r = run_cli("generate", "--prompts", "prompts.txt", "--model", str(model), "--out", str(target), cwd=world)
+        assert r.returncode == 2 and f"--out {target}: is the {flag} file; nothing was written" in r.stderr, r.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".results")) == []  # no temporary left
+    r = run_cli("generate", "--prompt", "The", "--max-new-tokens", "2", "--out", "results.jsonl", cwd=world)
+    assert r.returncode == 0 and (world / "results.jsonl").read_text().startswith('{"prompt": "The"')
+
+
+def test_an_hf_export_killed_between_its_renames_keeps_the_users_files_on_the_next_export(tmp_path):
+    """Killed between setting the earlier export aside and renaming the new one in, the next export first puts
+    the earlier one back, so the user's files in it (a README, lm-eval's results) are carried, not deleted."""
+    from conftest import TINY_MODEL
+    from test_huggingface import write_tiny_checkpoint
+
+    from trainer_accel.models.config import ModelConfig
+    from trainer_accel.models.gpt import GPT
+
+    write_tiny_checkpoint(tmp_path / "ck", GPT(ModelConfig(**TINY_MODEL)))
+    args = ("export", "--format", "hf", "--checkpoint", "ck", "--out", "hf")
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    (tmp_path / "hf" / "README.md").write_text("the user's model card\n")
+    (tmp_path / "hf" / "eval_results").mkdir()
+    (tmp_path / "hf" / "eval_results" / "lambada.json").write_text("{}\n")
+    assert run_cli(*args, cwd=tmp_path, env={"TRAINER_FAULT": "mid_swap"}).returncode == -9
+    assert not (tmp_path / "hf").exists()  # set aside, the new one not yet in place
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    assert (tmp_path / "hf" / "README.md").read_text() == "the user's model card\n"
+    assert (tmp_path / "hf" / "eval_results" / "lambada.json").is_file()
+
+
+def test_an_hf_export_sweeps_only_its_own_leftovers(tmp_path):
+    """--out hf[12] is a name, not a pattern: another export's temporary directory .hf1.tmp-* is left alone."""
+    from conftest import TINY_MODEL
+    from test_huggingface import write_tiny_checkpoint
+
+    from trainer_accel.models.config import ModelConfig
+    from trainer_accel.models.gpt import GPT
+
+    write_tiny_checkpoint(tmp_path / "ck", GPT(ModelConfig(**TINY_MODEL)))
+    other = tmp_path / ".hf1.tmp-12345"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert run_cli("export", "--format", "hf", "--checkpoint", "ck", "--out", "hf[12]", cwd=tmp_path).returncode == 0
+    assert (other / "config.json").is_file() and (tmp_path / "hf[12]" / "config.json").is_file()

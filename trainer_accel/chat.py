@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{lm.source}: this model has no chat template (phase {lm.phase or 'unknown'}: it was not "
                             "fine-tuned on conversations); chat with an SFT model, or use python -m "
                             "trainer_accel.generate for completions")
+        lm.chat.prompt("Hello", [], args.system)  # a template that refuses the system message says so now, once
     except UserError as e:
         return report(e)
     interactive = sys.stdin.isatty()
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("\n(/quit to leave)", file=sys.stderr)
             continue
+        except UnicodeDecodeError as e:
+            return report(UserError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})"))
         message = line.strip()
         if message in ("/quit", "/exit"):
             return 0
@@ -84,12 +87,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not message:
             continue
-        ids = lm.chat.prompt(message, history, args.system)
-        while len(ids) >= T - 1 and history:  # room for at least a short answer
-            history.pop(0)
+        try:
             ids = lm.chat.prompt(message, history, args.system)
-            print(f"(the conversation no longer fits the context of {T} tokens: the oldest turn was dropped)",
-                  file=sys.stderr)
+            while len(ids) >= T - 1 and history:  # room for at least a short answer
+                history.pop(0)
+                ids = lm.chat.prompt(message, history, args.system)
+                print(f"(the conversation no longer fits the context of {T} tokens: the oldest turn was dropped)",
+                      file=sys.stderr)
+        except UserError as e:  # the template refused this message: said, and the conversation goes on
+            print(f"error: {e.problems[0]}", file=sys.stderr)
+            continue
         if len(ids) >= T - 1:
             print(f"(this message is {len(ids)} tokens with the template; the context is {T}: say it shorter)",
                   file=sys.stderr)

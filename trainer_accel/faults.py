@@ -3,8 +3,10 @@
 Set TRAINER_FAULT=POINT (the first time POINT is reached) or POINT:N (the N-th time) and the process SIGKILLs
 itself there, as a power cut or the OOM killer would; POINT:N:SIGNAL sends another signal instead (SIGINT: a
 Ctrl-C that lands exactly there). `while_*` points first cut the file being written to half
-its length, so a torn write is simulated too. POINTS are a checkpoint save's; PREPARE_POINTS are prepare's;
-HF_EXPORT_POINTS those of `export --format hf`. Unset (always, outside tests) this costs one dict lookup.
+its length, so a torn write is simulated too; POINT:N:raise raises ConnectionResetError there instead, as a
+tracker's dead service does. POINTS are a checkpoint save's; PREPARE_POINTS are prepare's; HF_EXPORT_POINTS those
+of `export --format hf`; "tracker" is every call into a tracker. Unset (always, outside tests) this costs one dict
+lookup.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ def fault_point(name: str, partial: Path | None = None) -> None:
         return
     nth, _, sig = rest.partition(":")
     _reached[name] += 1
-    if _reached[name] != int(nth or 1):
+    if _reached[name] != int(nth or 1) and not (sig == "raise" and _reached[name] > int(nth or 1)):
         return
+    if sig == "raise":
+        raise ConnectionResetError(104, "Connection reset by peer (TRAINER_FAULT)")
+    if sig == "SIGINT" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        raise KeyboardInterrupt  # what Python's own handler does there, at once (a self-sent signal waits its turn)
     if partial is not None and partial.exists():
         with open(partial, "r+b") as f:
             f.truncate(partial.stat().st_size // 2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give --prompt TEXT (repeatable) or --prompts FILE")
         if args.batch_size <= 0:
             raise UserError(f"--batch-size: must be positive, got {args.batch_size}")
-        raise_if_any(output_file_problem("--out", args.out))
+        raise_if_any(output_file_problem("--out", args.out) + inputs_named_as_out(args))
         prompts = read_prompts(args.prompts) if args.prompts else [Prompt(t, chat=False) for t in args.prompt]
         if args.chat:
             prompts = [Prompt(x.text, True, x.history, x.system) for x in prompts]
@@ -62,11 +63,36 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             write_jsonl(records, sys.stdout)
         else:
-            with open(args.out, "w", encoding="utf-8") as out:
-                write_jsonl(records, out)
+            write_out(records, args.out)
     except UserError as e:
         return report(e)
     return 0
+
+
+def inputs_named_as_out(args) -> list[str]:
+    """--out naming a file this command reads (the model, the prompts) would replace it with completions."""
+    if args.out is None or not args.out.exists():
+        return []
+    named = [("--model", args.model), ("--prompts", args.prompts)]
+    return [f"--out {args.out}: is the {flag} file; nothing was written: choose another output file"
+            for flag, path in named if path is not None and path.exists() and os.path.samefile(path, args.out)]
+
+
+def write_out(records, out: Path) -> None:
+    """The completions into a new file beside --out, renamed over it when all are written: a run refused or
+    stopped half way (a prompt too long, a full disk, Ctrl-C) leaves an existing --out as it was."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write_jsonl(records, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot be written ({e.strerror or type(e).__name__}); an existing file "
+                        "there is as it was") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -530,7 +530,7 @@ def load_checkpoint(path: Path, with_optimizer: bool = True, approved: str | Non
         return _load_best_pt(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint not found (expected a checkpoint directory, an exported .pt file or a "
-                        "Hugging Face GPT-2 directory)")
+                        "Hugging Face model directory)")
     loaded = read_steadily(path, lambda p: _load_directory(p, with_optimizer))
     if approved is not None and model_sha256(loaded.meta) != approved:
         raise UserError(f"{path}: moved on to step {loaded.step} after it was checked (a run is saving there), and "

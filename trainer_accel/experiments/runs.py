@@ -37,6 +37,7 @@ from trainer_accel.experiments.evaluation import (
     not_its_parent,
 )
 from trainer_accel.fsio import sha256_file
+from trainer_accel.hf.directory import is_hf_dir, weights_sha256
 from trainer_accel.observability.manifest import read_manifest
 from trainer_accel.paths import Paths, resolve_paths
 
@@ -102,6 +103,8 @@ def _checkpoint_node(path: Path, known: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint as its sidecar describes it, or as its child recorded it when the directory is gone."""
     node = {"kind": "checkpoint", "path": str(path), "present": False, **{k: known.get(k) for k in (
         "run_id", "phase", "step", "data_fingerprint", "config_fingerprint", "model_sha256")}, "parent": known.get("parent")}
+    if is_hf_dir(path):  # a Hugging Face directory a run started from: the model as it came, not one of our runs
+        return {**node, "kind": "huggingface", "present": True, "model_sha256": weights_sha256(path), "parent": None}
     try:
         meta = read_meta(path, verify=False)
     except InvalidCheckpoint:
@@ -156,6 +159,8 @@ def format_lineage(nodes: list[dict[str, Any]]) -> str:
         if n["kind"] == "export":
             lines.append(f"export      {n['path']}  exported {n['exported_at']}, verdict {n['verdict'] or 'none'}"
                          + ("" if n["intact"] else "  (CHANGED since export: sha256 differs)"))
+        elif n["kind"] == "huggingface":
+            lines.append(f"huggingface {n['path']}  a model directory (weights {str(n.get('model_sha256'))[:12]})")
         elif n["kind"] == "checkpoint":
             lines.append(f"checkpoint  {n['path']}{'' if n['present'] else '  (gone)'}  {n.get('phase')} step {n.get('step')}, "
                          f"run {n.get('run_id')}, weights {str(n.get('model_sha256'))[:12]}")

@@ -24,6 +24,7 @@ from trainer_accel.data.tokenizer import file_identity
 from trainer_accel.errors import UserError, first_line, raise_if_any
 from trainer_accel.fsio import loads, sha256_file
 from trainer_accel.models import families
+from trainer_accel.models.config import model_cfg_problems
 from trainer_accel.models.gpt_hf import grow_vocab, without_zero_biases
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,14 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             if not isinstance(state, dict):
                 raise TypeError(f"holds a {type(state).__name__}, not a state dict")
             return state
+    except UserError:
+        raise  # a shard index's own problem (a missing shard, a path outside the directory), said as it is
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as e:
         raise UserError(f"{directory}: unreadable weights ({first_line(e)})") from None
     except Exception as e:  # torch.load's refusal of a pickle that is not plain tensors (UnpicklingError)
-        raise UserError(f"{pickled}: cannot be loaded safely ({first_line(e)})") from None
+        why = first_line(e).split(" Re-running `torch.load` with")[0].split(" (1) In PyTorch 2.6")[0]
+        raise UserError(f"{pickled}: holds more than tensors, so it is not loaded (that would run code in it: "
+                        f"{why}); convert it to model.safetensors where it came from") from None
     raise UserError(f"{directory}: no weights ({' or '.join(WEIGHT_FILES)}) beside config.json")
 
 
@@ -137,11 +142,27 @@ def load_hf_dir(directory: Path) -> LoadedCheckpoint:
     hf = read_hf_config(directory)
     mapping = families.reading(hf, str(directory / "config.json"))
     cfg = mapping.model_cfg_from_hf(hf, str(directory / "config.json"))
-    state = mapping.state_from_hf(read_hf_weights(directory), cfg, str(directory))
+    raise_if_any(model_cfg_problems(cfg, str(directory / "config.json")))  # heads that do not divide, before weights
+    tensors = read_hf_weights(directory)
+    raise_if_any(weight_value_problems(tensors, directory))
+    state = mapping.state_from_hf(tensors, cfg, str(directory))
     meta = {"format": HF_FORMAT, "model_cfg": cfg, "train_cfg": {}, "phase": None, "run_id": None,
             "model_sha256": weights_sha256(directory), "tokenizer": tokenizer_identity(directory)}
     return LoadedCheckpoint(source=directory, model_state=state, optimizer_state=None, step=0, best_val_loss=None,
                             meta=meta)
+
+
+def weight_value_problems(tensors: dict[str, torch.Tensor], directory: Path) -> list[str]:
+    """Weights a model can be: floating point (an int8 or quantized tensor cast to float would be other numbers)
+    and finite (NaN weights generate nonsense with exit 0, and a run from them diverges at once)."""
+    problems = []
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            problems.append(f"{directory}: weight {name} is {str(t.dtype).removeprefix('torch.')}, not floating point "
+                            "(a quantized model is not read: use the unquantized weights)")
+        elif not bool(torch.isfinite(t).all()):
+            problems.append(f"{directory}: weight {name} holds NaN or infinite values; the file is damaged")
+    return problems[:8] + ([f"{directory}: ... and {len(problems) - 8} more"] if len(problems) > 8 else [])
 
 
 def fit(loaded: LoadedCheckpoint, model: ModelConfig) -> LoadedCheckpoint:

@@ -9,6 +9,7 @@ written under a temporary name and renamed into place, so a kill leaves the old 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from trainer_accel.checkpoints.store import (
@@ -35,7 +37,7 @@ from trainer_accel.data.tokenizer import (
     Tokenizer,
     tokenizer_from_meta,
 )
-from trainer_accel.errors import UserError, raise_if_any
+from trainer_accel.errors import UserError, first_line, raise_if_any
 from trainer_accel.faults import fault_point
 from trainer_accel.fsio import (
     FILE_MODE,
@@ -73,16 +75,17 @@ BYTES = "bytes"  # --tokenizer bytes: the built-in byte tokenizer, which has no 
 SHARD_BYTES = 5 * 2**30  # above this an export is sharded (transformers' own default for save_pretrained)
 
 
-def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -> Tokenizer:
+def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths,
+                   way: str = "pass the file the caches were made with as --tokenizer PATH") -> Tokenizer:
     """The tokenizer the checkpoint's caches were made with: built in, or its tokenizer.json, found through
     --tokenizer, the path the checkpoint recorded, or a cache of the same tokenizer that records one; a file whose
     identity differs is refused, since its ids would not be the ones the model learnt."""
     identity, recorded = loaded.meta.get("tokenizer"), loaded.meta.get("tokenizer_path")
     if identity is None and given is None:
         raise UserError(f"{loaded.source}: records no tokenizer (a .pt without its record, or one exported before "
-                        "tokenizers were recorded): export its checkpoint directory instead, or name the tokenizer it "
-                        f"was trained with: --tokenizer PATH/tokenizer.json, or --tokenizer {BYTES} for the built-in "
-                        "byte tokenizer")
+                        "tokenizers were recorded): use its checkpoint directory instead, or "
+                        + ("name the tokenizer it was trained with: --tokenizer MODEL_DIR, or --tokenizer "
+                           f"{BYTES} for the built-in byte tokenizer" if "--tokenizer" in way else way))
     if given is not None and str(given) == BYTES:
         if identity not in (None, ByteTokenizer.identity):
             raise UserError(f"--tokenizer {BYTES}: the checkpoint was trained on {identity}, not the built-in byte "
@@ -111,7 +114,7 @@ def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths) -
         if tok is not None:
             return tok
     raise UserError(f"{loaded.source}: its tokenizer.json ({identity}) is not at {recorded or 'a recorded path'}; "
-                    "pass the file the caches were made with as --tokenizer PATH")
+                    f"{way}")
 
 
 def _cache_meta(cache: Path) -> dict:
@@ -209,6 +212,10 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
     at a time per --out: a second one's sweep would delete the first one's temporary directory. `verdict` gives
     the promotion verdict of the weights loaded from their sidecar (latest/ may have moved on since the command
     started); `approved`, the only weights a check made before the load allows."""
+    if Path(out).is_symlink():
+        raise UserError(f"--out {out}: a symbolic link (to {os.readlink(out)}); an export replaces its directory "
+                        "whole, so name the directory itself")
+    out = Path(os.path.abspath(out))  # --out . is the directory itself, with its lock beside it, not inside
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -220,6 +227,7 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
 
 def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, verdict: Callable[[dict], str | None],
                approved: str | None) -> dict[str, Any]:
+    sweep_leftovers(out)  # first: an export set aside by a kill goes back in place, and its user files with it
     kept = check_out(out)
     if is_hf_dir(source):
         raise UserError(f"{source}: already a Hugging Face directory; nothing to export")
@@ -233,6 +241,10 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
         raise UserError(f"{source}: the tokenizer has {tok.vocab_size} tokens, the model's V is {cfg['V']}")
     chat = loaded.meta.get("chat")  # the model's own chat template, when SFT used one (chat_template.py)
     sft = loaded.meta.get("phase") == "sft"
+    if "tokenizer" not in loaded.meta or loaded.meta.get("phase") is None:
+        log.warning("%s: records neither its phase nor the chat template it was trained in (a .pt without its "
+                    "record): exported as a pretrained model with the built-in template; if it was fine-tuned in a "
+                    "model's own template, export its checkpoint directory instead", source)
     doc = tok.decode([tok.special[DOC]]) if isinstance(tok, HFTokenizer) else DOC
     special = {doc: tok.special[DOC], **({EOT: tok.special[EOT]} if EOT in tok.special else {})}
     bos = tok.decode(list(tok.bos_ids[:1])) if tok.bos_ids else doc
@@ -277,7 +289,6 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
                                                  if chat and chat.get("template_args") else {}),
               "tokenizer_files": "carried over from " + str(Path(tok.path).parent) if carried else "written",
               "changed": changes}
-    sweep_leftovers(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
@@ -288,6 +299,9 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
         fault_point("hf_export", partial=tmp / weights[0])
         fsync_dir(tmp)
         swap_into_place(tmp, out)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota: the earlier export was never touched
+        raise UserError(f"--out {out}: the export could not be written ({first_line(e)}); nothing there was "
+                        "changed") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if kept:
@@ -323,9 +337,10 @@ def write_weights(state: dict[str, Any], folder: Path) -> list[str]:
 def sweep_leftovers(out: Path) -> None:
     """What a killed export left beside --out: its temporary directory, or the earlier export it had set aside
     (complete, so it goes back in place when --out is missing)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+    name = glob.escape(out.name)  # an --out named hf[12] must not match another export's .hf1.tmp-*
+    for tmp in out.parent.glob(f".{name}.tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in sorted(out.parent.glob(f"{TRASH_PREFIX}{out.name}-*"), reverse=True):
+    for old in sorted(out.parent.glob(f"{TRASH_PREFIX}{name}-*"), reverse=True):
         if not out.exists() and (old / RECORD).is_file():
             os.rename(old, out)
         else:

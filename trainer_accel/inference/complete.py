@@ -13,6 +13,7 @@ import torch
 from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.fsio import loads
 from trainer_accel.inference.load import LoadedModel
+from trainer_accel.inference.options import row_seed
 from trainer_accel.models.generation import Sampling, generate_ids
 
 
@@ -24,13 +25,22 @@ class Prompt:
     system: str = ""  # the system message of a messages prompt (or --system)
 
 
+MAX_PROMPTS_BYTES = 256 << 20  # a prompts file larger than this is not one (/dev/zero, a model passed by mistake)
+
+
 def read_prompts(path: Path) -> list[Prompt]:
-    """A text file (one prompt a line) or JSONL ({"prompt": ...} or {"messages": [...]} a line); blank lines skip."""
+    """A text file (one prompt a line) or JSONL ({"prompt": ...} or {"messages": [...]} a line; a .jsonl or .json
+    file of any case); blank lines skip. Lines end at \n (or \r\n) only: a form feed or U+2028 inside a prompt is
+    part of it, as it is of a JSON string."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPTS_BYTES + 1)
+        if len(data) > MAX_PROMPTS_BYTES:
+            raise UserError(f"--prompts {path}: larger than {MAX_PROMPTS_BYTES >> 20} MiB; not a prompts file")
+        lines = [line.removesuffix("\r") for line in data.decode("utf-8").split("\n")]
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--prompts {path}: cannot be read ({e})") from None
-    jsonl = path.suffix == ".jsonl"
+    jsonl = path.suffix.lower() in (".jsonl", ".json")
     out, problems = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -94,7 +104,7 @@ def complete(lm: LoadedModel, prompts: list[Prompt], max_new_tokens: int, sampli
     encoded = [encode(lm, p, i) for i, p in enumerate(prompts)]
     for first in range(0, len(prompts), batch_size):
         batch = list(range(first, min(first + batch_size, len(prompts))))
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in batch]  # per prompt: batch-independent
+        gens = [torch.Generator().manual_seed(row_seed(seed, i)) for i in batch]  # per prompt: batch-independent
         stop_ids = [lm.stop_ids(prompts[i].chat) for i in batch]
         so_far: dict[int, list[int]] = {}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from trainer_accel.checkpoints.store import state_problems
 from trainer_accel.data.chat_template import (
     ChatFormat,
     TemplateEncoder,
@@ -29,11 +30,11 @@ from trainer_accel.data.tokenizer import (
     Tokenizer,
 )
 from trainer_accel.devices.accelerator import pick_device
-from trainer_accel.errors import UserError
+from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.fsio import loads
 from trainer_accel.hf.directory import EXPORT_RECORD, is_hf_dir, tokenizer_identity
 from trainer_accel.hf.export import find_tokenizer
-from trainer_accel.models.config import ModelConfig
+from trainer_accel.models.config import ModelConfig, model_cfg_problems
 from trainer_accel.models.gpt import GPT
 from trainer_accel.paths import Paths
 from trainer_accel.training.start import load_start
@@ -151,11 +152,19 @@ def load_model(path: Path | None, paths: Paths, device: str | None = None, dtype
         tok, chat = _hf_tokenizer_and_chat(source)
         phase, folder = _export_phase(source), source
     else:
-        tok = find_tokenizer(loaded, None, paths)
+        tok = find_tokenizer(loaded, None, paths, "put it back there, or export the model with python -m "
+                             "trainer_accel.export --format hf --tokenizer PATH and use that directory as --model")
         chat = chat_format(tok, loaded.meta.get("chat")) if loaded.meta.get("phase") == "sft" else None
         folder = Path(tok.path).parent if getattr(tok, "path", None) else None
     chat = chosen_format(tok, chat, template, template_arguments, source)
-    model = GPT(ModelConfig(**loaded.meta["model_cfg"]))
+    cfg = loaded.meta["model_cfg"]
+    # the checks a run makes of its start point: a config.json that contradicts its weights is said, not a traceback
+    raise_if_any(model_cfg_problems(cfg, f"{source}: model_cfg", known_only=True)
+                 or [f"{source}: {p}" for p in state_problems(loaded.model_state, cfg)])
+    if tok.vocab_size > cfg["V"]:
+        raise UserError(f"{source}: its tokenizer has {tok.vocab_size:,} tokens, the model {cfg['V']:,} rows: a token "
+                        "past them has no embedding; the tokenizer does not belong to these weights")
+    model = GPT(ModelConfig(**cfg))
     model.load_state_dict(loaded.model_state, strict=True)
     return LoadedModel(model.to(device=dev, dtype=DTYPES[dtype]).eval(), tok, chat, source, phase,
                        model_stop_ids(folder))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
 from pathlib import Path
 
 from trainer_accel.errors import UserError
@@ -29,18 +31,34 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
                    help="a variable the chat template reads, e.g. enable_thinking=false (repeatable)")
 
 
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
+
+
 def sampling_of(args) -> Sampling:
+    """The decoding flags checked: finite numbers in range (NaN passes every comparison, so each check says what
+    it wants, not what it refuses), a seed torch takes, stop texts that are not empty."""
     problems = []
     if args.max_new_tokens <= 0:
         problems.append(f"--max-new-tokens: must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        problems.append(f"--temperature: must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        problems.append(f"--temperature: must be a finite number >= 0 (0: greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k <= 0:
         problems.append(f"--top-k: must be positive, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         problems.append(f"--top-p: must be in (0, 1], got {args.top_p}")
-    if args.repetition_penalty <= 0:
-        problems.append(f"--repetition-penalty: must be positive, got {args.repetition_penalty}")
+    if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
+        problems.append(f"--repetition-penalty: must be a finite number > 0, got {args.repetition_penalty}")
+    if not 0 <= args.seed <= MAX_SEED:
+        problems.append(f"--seed: must be from 0 to {MAX_SEED}, got {args.seed}")
+    if any(s == "" for s in getattr(args, "stop", None) or []):
+        problems.append("--stop: an empty text would stop every completion before its first token")
     if problems:
         raise UserError(problems)
     return Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The sampling seed of one prompt: its own for every (seed, prompt), below 2**63 for any seed torch takes,
+    so a prompt's completion does not depend on the batch it is in."""
+    digest = hashlib.blake2b(f"{seed}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

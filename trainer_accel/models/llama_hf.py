@@ -85,8 +85,8 @@ def is_llama_like(model_cfg: dict[str, Any]) -> bool:
 def rope_of(hf: dict[str, Any]) -> tuple[Any, Any]:
     """(theta, scaling or None) from either form a config.json carries: transformers 5's `rope_parameters`, or the
     `rope_theta` and `rope_scaling` that configs written before it (every model on the Hub today) hold."""
-    def plain(scaling: Any) -> bool:
-        return scaling is None or (isinstance(scaling, dict) and set(scaling) <= {"rope_type", "type"}
+    def plain(scaling: Any) -> bool:  # rope_type "default" is the plain rotation, whatever else the dict holds
+        return scaling is None or (isinstance(scaling, dict)
                                    and scaling.get("rope_type", scaling.get("type")) == "default")
 
     params = hf.get("rope_parameters")
@@ -114,7 +114,19 @@ def refusals(hf: dict[str, Any], where: str) -> list[str]:
         out.append(f"{where}: architectures {json.dumps(archs)}; model_type {json.dumps(kind)} is read as "
                    f"[\"{ARCHITECTURES[kind]}\"] only")
     window = hf.get("sliding_window")
-    if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
+    types = hf.get("layer_types")
+    if types is not None and not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
+        out.append(f"{where}: layer_types is {json.dumps(types)}, expected a list of strings or null")
+        types = None
+    for key in ("hidden_act", "model_type"):
+        if key in hf and not isinstance(hf[key], str):
+            out.append(f"{where}: {key} is {json.dumps(hf[key])}, expected a string")
+    for key in ("use_sliding_window", "attention_bias", "mlp_bias"):
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            out.append(f"{where}: {key} is {json.dumps(hf[key])}, expected true or false")
+    if out:
+        return out
+    if hf.get("use_sliding_window") or any(t != "full_attention" for t in types or []):
         out.append(f"{where}: sliding-window attention in some layers (use_sliding_window, layer_types; "
                    f"sliding_window {json.dumps(window)}) is not computed by this trainer; refused rather than "
                    "approximated")
@@ -269,16 +281,47 @@ def state_to_hf(state: dict[str, torch.Tensor], model_cfg: dict[str, Any]) -> di
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
+def hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape config.json gives each weight of a *ForCausalLM (the head's only when untied)."""
+    q, kv = m.H * m.hd, m.kv_heads * m.hd
+    out = {"model.embed_tokens.weight": (m.V, m.C), "model.norm.weight": (m.C,)}
+    for i in range(m.L):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (m.C,), p + "post_attention_layernorm.weight": (m.C,),
+                    p + "self_attn.q_proj.weight": (q, m.C), p + "self_attn.k_proj.weight": (kv, m.C),
+                    p + "self_attn.v_proj.weight": (kv, m.C), p + "self_attn.o_proj.weight": (m.C, q),
+                    p + "mlp.gate_proj.weight": (m.d_ff, m.C), p + "mlp.up_proj.weight": (m.d_ff, m.C),
+                    p + "mlp.down_proj.weight": (m.C, m.d_ff)})
+        if m.qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                        p + "self_attn.v_proj.bias": (kv,)})
+        if m.qk_norm:
+            out.update({p + "self_attn.q_norm.weight": (m.hd,), p + "self_attn.k_norm.weight": (m.hd,)})
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = (m.V, m.C)
+    return out
+
+
 def state_from_hf(tensors: dict[str, torch.Tensor], model_cfg: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
-    """A *ForCausalLM's tensors (any float dtype) -> our full state dict in float32 at the checkpoint's own V."""
+    """A *ForCausalLM's tensors (any float dtype) -> our full state dict in float32 at the checkpoint's own V. Each
+    weight is checked against the shape config.json gives it, piece by piece (a gate_proj and up_proj whose rows
+    add up right, or a transposed o_proj, would otherwise load as another model)."""
     m = ModelConfig(**complete_model_cfg(model_cfg))
     found = {k: t for k, t in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer older files hold
+    shapes = hf_shapes(m)
+    wrong = [f"{k} is {list(t.shape)}, config.json gives it {list(shapes[k])}"
+             for k, t in found.items() if k in shapes and tuple(t.shape) != shapes[k]]
+    if wrong:  # one line: a wrong width in config.json makes every weight wrong
+        raise UserError(f"{where}: {len(wrong)} weight(s) do not have the shape config.json gives them "
+                        f"(config.json and the weights are of different models): {'; '.join(wrong[:3])}"
+                        + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
     problems: list[str] = []
+    missing: list[str] = []
 
     def take(name: str) -> torch.Tensor | None:
         t = found.pop(name, None)
         if t is None:
-            problems.append(f"{where}: weight {name} is missing")
+            missing.append(name)
         return t
 
     state = {"tok_emb.weight": take("model.embed_tokens.weight"), "ln_f.weight": take("model.norm.weight")}
@@ -298,8 +341,13 @@ def state_from_hf(tensors: dict[str, torch.Tensor], model_cfg: dict[str, Any], w
         problems.append(f"{where}: weight lm_head.weight is missing (tie_word_embeddings is false)")
     else:
         state["lm_head.weight"] = head
-    problems += [f"{where}: unexpected weight {k} (not part of a {ARCHITECTURES.get(family_of(model_cfg))})"
-                 for k in sorted(found)]
+    if missing:
+        problems.insert(0, f"{where}: {len(missing)} weight(s) missing that config.json calls for: "
+                        f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    if found:
+        problems.append(f"{where}: {len(found)} unexpected weight(s), not part of a "
+                        f"{ARCHITECTURES.get(family_of(model_cfg))} as config.json describes it: "
+                        f"{', '.join(sorted(found)[:4])}{' ...' if len(found) > 4 else ''}")
     if problems:
         raise UserError(problems)
     return {k: v.float().contiguous() for k, v in state.items()}

@@ -16,18 +16,38 @@ from pathlib import Path
 from typing import Any
 
 from trainer_accel.config import PhaseConfig
+from trainer_accel.faults import fault_point
 from trainer_accel.observability.metrics import TRACKED_EVENTS
 
 log = logging.getLogger(__name__)
 
 
 class TrackerSink:
-    """Progress lines and evaluations to one Accelerate tracker; other events are the event log's business."""
+    """Progress lines and evaluations to one Accelerate tracker; other events are the event log's business.
+
+    A tracker is an observer: when it fails (wandb's service gone with the launcher, a full disk under its folder,
+    a network error) it is warned about once, naming it and the error, and used no more; the run, its JSONL and
+    CSV records and its stop go on as they would have."""
 
     def __init__(self, tracker):
         self.tracker = tracker
+        self.failed = False
+
+    def _guarded(self, what: str, call, *args, **kwargs) -> None:
+        if self.failed:
+            return
+        try:
+            fault_point("tracker")
+            call(*args, **kwargs)
+        except Exception as e:  # whatever the tracker's library raises, training is not its to stop
+            self.failed = True
+            log.warning("tracker %s failed (%s: %s) while %s; it is not used for the rest of this run (the event log "
+                        "and metrics.csv are complete)", self.tracker.name, type(e).__name__, e, what)
 
     def write(self, record: dict) -> None:
+        self._guarded(f"logging step {record.get('step')}", self._write, record)
+
+    def _write(self, record: dict) -> None:
         if record["event"] == "samples":
             self._samples(record["step"], record.get("samples", []))
         elif record["event"] in TRACKED_EVENTS:
@@ -51,7 +71,7 @@ class TrackerSink:
         return 0  # done when the tracker starts (purge_step, run id)
 
     def close(self) -> None:
-        self.tracker.finish()
+        self._guarded("closing", self.tracker.finish)
 
 
 def wandb_has_credentials() -> bool:
@@ -99,7 +119,9 @@ def open_trackers(cfg: PhaseConfig, metrics_dir: Path, run_id: str, resume_step:
         log.info("wandb: %s mode, run %s (%s)", os.environ.get("WANDB_MODE", "online"), run_id, metrics_dir / "wandb")
     config = _flat({"run_id": run_id, "config_path": str(cfg.path), **run_info, **cfg.resolved(),
                     "overrides": list(cfg.overrides), "config_fingerprint": cfg.fingerprint})
+    sinks = []
     for tracker in trackers:
-        tracker.start()
-        tracker.store_init_configuration(config)
-    return [TrackerSink(tr) for tr in trackers]
+        sink = TrackerSink(tracker)
+        sink._guarded("starting", lambda: (tracker.start(), tracker.store_init_configuration(config)))
+        sinks += [] if sink.failed else [sink]
+    return sinks

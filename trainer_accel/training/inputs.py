@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from trainer_accel.checkpoints.store import (
     LoadedCheckpoint,
@@ -253,7 +254,23 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     val = RowSource([opened[r.path] for r in val_refs], val_probs / val_probs.sum(), cfg.seq_len,
                     [r.kind for r in val_refs], [r.name for r in val_refs], pack=cfg.train.pack_val)
     strategy = STRATEGIES[cfg.phase](train, val, cfg.train.B, cfg.train.seed)
-    return PhaseInputs(strategy=strategy, caches=caches, tokenizer=caches[0].meta["tokenizer"])
+    inputs = PhaseInputs(strategy=strategy, caches=caches, tokenizer=caches[0].meta["tokenizer"])
+    raise_if_any(sample_prompt_problems(cfg, inputs))
+    return inputs
+
+
+def sample_prompt_problems(cfg: PhaseConfig, inputs: PhaseInputs) -> list[str]:
+    """Each chat sample rendered once now, in the template the run trains in: a template that refuses one (a system
+    message it has no role for) is said by --plan and before training, not at the first checkpoint."""
+    chats = [(i, p) for i, p in enumerate(cfg.sample_prompts) if p.task == "chat"]
+    form = inputs.chat_format() if chats else None
+    problems = []
+    for i, p in chats if form is not None else []:
+        try:
+            form.prompt(p.prompt, (), p.system)
+        except UserError as e:
+            problems += [f"sample_prompts[{i}]: {line}" for line in e.problems]
+    return problems
 
 
 def check_start_checkpoint(path: Path | None, cfg: PhaseConfig, with_optimizer: bool = True) -> LoadedCheckpoint | None:
@@ -262,6 +279,10 @@ def check_start_checkpoint(path: Path | None, cfg: PhaseConfig, with_optimizer: 
         return None
     loaded = load_start(path, cfg.model, with_optimizer)
     check_model_cfg(loaded, cfg.model.to_dict())
+    broken = [k for k, t in loaded.model_state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:  # a run from them would diverge at its first step, and blame the learning rate
+        raise UserError(f"{path}: weights {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or "
+                        "infinite values; start from an earlier checkpoint")
     # the strict load the loop will do, done here so that --plan names a missing or wrong-shaped tensor too
     raise_if_any([f"{path}: {p}" for p in state_problems(loaded.model_state, cfg.model.to_dict())])
     return loaded
