@@ -22,10 +22,10 @@ GENERATE_FLAGS = {  # flag -> values it must refuse
     "--batch-size": ["-1", "0", "abc"],
 }
 RUN_KEYS = {  # a config value given with --set -> values the run must refuse
-    "train_cfg.base_lr": ["nan", "inf", "-1", "abc"], "train_cfg.min_lr": ["nan", "inf", "-1"],
-    "train_cfg.total_steps": ["nan", "-1", "0", "1e400", "abc"], "train_cfg.B": ["nan", "-1", "0", "abc"],
-    "train_cfg.warmup_steps": ["nan", "-1", "abc"], "train_cfg.grad_clip": ["nan", "inf", "-1", "abc"],
-    "model_cfg.dropout": ["nan", "inf", "-1", "1", "abc"], "model_cfg.C": ["nan", "-1", "0", str(2**40), "abc"],
+    "train_cfg.base_lr": ["nan", "inf", "-1", "abc"], "train_cfg.min_lr": ["nan", "-1"],
+    "train_cfg.total_steps": ["nan", "-1", "0", "1e400"], "train_cfg.B": ["nan", "0", "abc"],
+    "train_cfg.warmup_steps": ["nan", "-1"], "train_cfg.grad_clip": ["nan", "inf", "-1"],
+    "model_cfg.dropout": ["nan", "inf", "1"], "model_cfg.C": ["nan", "-1", str(2**40), "abc"],
 }
 
 
@@ -54,31 +54,47 @@ def trained(tmp_path_factory, demo_data):
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
-def test_every_numeric_flag_refuses_what_is_not_a_number_in_range(trained, command):
+def test_every_numeric_flag_refuses_what_is_not_a_number_in_range(trained, command, monkeypatch, capsys):
+    """Each value through the command's own main() in this process (the CLI is `exit(main())`), one run each
+    through the real command below."""
+    import importlib
+    main = importlib.import_module(f"trainer_accel.{command}").main
+    monkeypatch.chdir(trained)
     before = files_of(trained)
     for flag, values in GENERATE_FLAGS.items():
         if command == "chat" and flag == "--batch-size":
             continue
         for value in values:
             extra = ["--prompt", "The", "--out", "results.jsonl"] if command == "generate" else []
-            r = run_cli(command, *extra, f"{flag}={value}", cwd=trained)
-            line = one_error_line(r)[0]
-            assert flag in line, (flag, value, line)
+            try:
+                code = main([*extra, f"{flag}={value}"])
+            except SystemExit as e:  # argparse's refusal of a value that is not a number
+                code = e.code
+            err = capsys.readouterr().err
+            lines = [x for x in err.splitlines() if "error:" in x]
+            assert code == 2 and "Traceback" not in err and len(lines) == 1 and flag in lines[0], (flag, value, err)
     assert files_of(trained) == before
+    r = run_cli(command, *(["--prompt", "The"] if command == "generate" else []), "--temperature", "nan", cwd=trained)
+    assert "--temperature: must be a finite number >= 0" in one_error_line(r)[0]
     r = run_cli("generate", "--prompt", "The", "--stop", "", cwd=trained)
     assert "--stop: an empty text would stop every completion" in one_error_line(r)[0]
 
 
-def test_every_numeric_run_setting_refuses_what_is_not_a_number_in_range(trained):
+def test_every_numeric_run_setting_refuses_what_is_not_a_number_in_range(trained, monkeypatch, capsys):
+    """Through run's main() in this process (a config is refused before anything starts), once through the CLI."""
+    from trainer_accel import run
+    monkeypatch.chdir(trained)
     before = files_of(trained)
     for key, values in RUN_KEYS.items():
         for value in values:
-            r = run_cli("run", "--phase", "pretrain", "--config", "pre.json", "--plan", "--set", f"{key}={value}",
-                        cwd=trained)
-            assert r.returncode == 2 and "Traceback" not in r.stderr, (key, value, r.stderr[-1500:])
-            lines = [x for x in r.stderr.splitlines() if "error:" in x]  # and what follows from it (min_lr > base_lr)
+            code = run.main(["--phase", "pretrain", "--config", "pre.json", "--plan", "--set", f"{key}={value}"])
+            err = capsys.readouterr().err
+            assert code == 2 and "Traceback" not in err, (key, value, err[-1500:])
+            lines = [x for x in err.splitlines() if "error:" in x]  # and what follows from it (min_lr > base_lr)
             assert lines and all(x.startswith("error: ") for x in lines) and key in lines[0], (key, value, lines)
     assert files_of(trained) == before
+    r = run_cli("run", "--phase", "pretrain", "--config", "pre.json", "--set", "train_cfg.base_lr=nan", cwd=trained)
+    assert "train_cfg.base_lr" in one_error_line(r)[0]
 
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -117,9 +133,11 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("key, value, named", CONFIG_CASES)
-def test_every_config_json_key_with_a_wrong_value_is_one_line(llama_dir, tmp_path, key, value, named):
-    """generate --model DIR reads the directory as a run's start point does: one line per problem, none a
-    traceback, whether the value has the wrong type, is missing, or contradicts the weights."""
+def test_every_config_json_key_with_a_wrong_value_is_one_line(llama_dir, tmp_path, key, value, named, monkeypatch,
+                                                             capsys):
+    """generate --model DIR reads the directory as a run's start point does: one line, no traceback, whether the
+    value has the wrong type, is missing, or contradicts the weights (through generate's main() in this process;
+    the first case through the command as well)."""
     model = tmp_path / "model"
     model.mkdir()
     for f in (llama_dir / "model").iterdir():
@@ -133,6 +151,12 @@ def test_every_config_json_key_with_a_wrong_value_is_one_line(llama_dir, tmp_pat
         config[key] = value
     (model / "config.json").unlink()
     (model / "config.json").write_text(json.dumps(config))
-    r = run_cli("generate", "--model", "model", "--prompt", "ab", "--max-new-tokens", "2", cwd=tmp_path)
-    line = one_error_line(r)[0]
-    assert named in line, (key, value, line)
+    args = ["--model", "model", "--prompt", "ab", "--max-new-tokens", "2"]
+    if (key, value) == CONFIG_CASES[0][:2]:
+        assert named in one_error_line(run_cli("generate", *args, cwd=tmp_path))[0]
+    from trainer_accel import generate
+    monkeypatch.chdir(tmp_path)
+    code = generate.main(args)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "error:" in x]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1 and named in lines[0], (key, value, err)

@@ -46,11 +46,22 @@ def sft_config(folder: Path, T: int, **train) -> Path:
 pytestmark = pytest.mark.xdist_group("real_models")  # one worker builds each family's directory and run, once
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama3"])
-def trained(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def built() -> dict:
+    return {}
+
+
+@pytest.fixture(params=["qwen3", "llama3"])
+def trained(request, built, tmp_path_factory):
     """(family, folder, what prepare and export said): the model directory, prepared with --tokenizer DIR,
-    fine-tuned at a T far below its maximum in its own template, exported as a Hugging Face directory to out/."""
-    name = request.param
+    fine-tuned at a T far below its maximum in its own template, exported as a Hugging Face directory to out/.
+    Made once per family and worker, whatever order the tests run in."""
+    if request.param not in built:
+        built[request.param] = train(request.param, tmp_path_factory)
+    return built[request.param]
+
+
+def train(name: str, tmp_path_factory):
     folder = tmp_path_factory.mktemp(name)
     model_directory(name, folder / "model")
     write_data(folder)

@@ -76,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("\n(/quit to leave)", file=sys.stderr)
             continue
-        except UnicodeDecodeError as e:
-            return report(UserError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})"))
-        message = line.strip()
+        except UnicodeDecodeError:
+            return report(UserError("standard input is not UTF-8 text"))
+        try:
+            message = line.strip().encode("utf-8").decode("utf-8")  # undecodable bytes arrive as lone surrogates
+        except UnicodeError:
+            return report(UserError("standard input is not UTF-8 text"))
         if message in ("/quit", "/exit"):
             return 0
         if message == "/reset":

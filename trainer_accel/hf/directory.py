@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 EXPORT_RECORD = "trainer_accel_export.json"  # in a directory hf/export.py wrote: where it came from
 HF_FORMAT = "huggingface"  # the `format` of a LoadedCheckpoint read from a Hugging Face directory
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# what older files hold beside the weights (GPT-2's causal masks, rotary frequencies): the mappings skip them
+BUFFERS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,10 +79,14 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise  # a shard index's own problem (a missing shard, a path outside the directory), said as it is
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as e:
         raise UserError(f"{directory}: unreadable weights ({first_line(e)})") from None
-    except Exception as e:  # torch.load's refusal of a pickle that is not plain tensors (UnpicklingError)
-        why = first_line(e).split(" Re-running `torch.load` with")[0].split(" (1) In PyTorch 2.6")[0]
-        raise UserError(f"{pickled}: holds more than tensors, so it is not loaded (that would run code in it: "
-                        f"{why}); convert it to model.safetensors where it came from") from None
+    except pickle.UnpicklingError as e:  # torch.load's refusal of a pickle that is not plain tensors
+        unsupported = next((line.strip().split(" Please use")[0] for line in str(e).splitlines()
+                            if "Unsupported global" in line), "")  # without torch's advice to allow it
+        raise UserError(f"{pickled}: holds more than tensors, so it is not loaded (loading it would run code in it"
+                        f"{': ' + unsupported if unsupported else ''}); convert it to model.safetensors where it came "
+                        "from") from None
+    except Exception as e:  # a truncated or empty file (EOFError), anything else torch.load raises
+        raise UserError(f"{pickled}: unreadable weights ({type(e).__name__}: {first_line(e)})") from None
     raise UserError(f"{directory}: no weights ({' or '.join(WEIGHT_FILES)}) beside config.json")
 
 
@@ -157,6 +164,8 @@ def weight_value_problems(tensors: dict[str, torch.Tensor], directory: Path) -> 
     and finite (NaN weights generate nonsense with exit 0, and a run from them diverges at once)."""
     problems = []
     for name, t in tensors.items():
+        if name.endswith(BUFFERS):
+            continue
         if not t.is_floating_point():
             problems.append(f"{directory}: weight {name} is {str(t.dtype).removeprefix('torch.')}, not floating point "
                             "(a quantized model is not read: use the unquantized weights)")

@@ -215,7 +215,8 @@ def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = No
     if Path(out).is_symlink():
         raise UserError(f"--out {out}: a symbolic link (to {os.readlink(out)}); an export replaces its directory "
                         "whole, so name the directory itself")
-    out = Path(os.path.abspath(out))  # --out . is the directory itself, with its lock beside it, not inside
+    if Path(out).name in ("", ".", ".."):  # --out . is the directory itself, with its lock beside it, not inside
+        out = Path(os.path.abspath(out))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
