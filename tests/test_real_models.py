@@ -8,6 +8,7 @@ exported once per module; the tests then read what that left, as a user would lo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -43,26 +44,25 @@ def sft_config(folder: Path, T: int, **train) -> Path:
     return folder / "sft.json"
 
 
-pytestmark = pytest.mark.xdist_group("real_models")  # one worker builds each family's directory and run, once
-
-
-@pytest.fixture(scope="module")
-def built() -> dict:
-    return {}
-
-
 @pytest.fixture(params=["qwen3", "llama3"])
-def trained(request, built, tmp_path_factory):
+def trained(request, tmp_path_factory):
     """(family, folder, what prepare and export said): the model directory, prepared with --tokenizer DIR,
     fine-tuned at a T far below its maximum in its own template, exported as a Hugging Face directory to out/.
-    Made once per family and worker, whatever order the tests run in."""
-    if request.param not in built:
-        built[request.param] = train(request.param, tmp_path_factory)
-    return built[request.param]
+    Made once per test session: the first worker to need a family makes it under a lock in the folder the workers
+    share, the others read what it left (the tests only read it)."""
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / f"real-{request.param}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / f"real-{request.param}.json"
+        if not done.is_file():
+            name, folder, said = train(request.param, shared / f"real-{request.param}")
+            done.write_text(json.dumps({"folder": str(folder), "said": said}))
+    made = json.loads(done.read_text())
+    return request.param, Path(made["folder"]), made["said"]
 
 
-def train(name: str, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(name)
+def train(name: str, folder: Path):
+    folder.mkdir()
     model_directory(name, folder / "model")
     write_data(folder)
     r = run_cli("prepare", "--tokenizer", "model", "--stream", "notes=notes.txt", "--sft", "qa=qa.jsonl",

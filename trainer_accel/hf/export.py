@@ -125,12 +125,12 @@ def _cache_meta(cache: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def generation_config(special: dict[str, int], end: str = EOT, bos: str = DOC) -> dict[str, Any]:
+def generation_config(special: dict[str, int], end: str = EOT, bos: str = DOC, doc: str = DOC) -> dict[str, Any]:
     """Greedy by default; a turn ends at its end-of-turn token (<|eot|>, or the model's own template's) and a
-    document at <|endoftext|>, which also pads. No length: a max_length here draws a warning from every call that
-    passes max_new_tokens, as pipelines do."""
-    return {"bos_token_id": special[bos], "eos_token_id": [special[end], special[DOC]], "pad_token_id": special[DOC],
-            "do_sample": False}
+    document at the end-of-text token `doc`, which also pads. No length: a max_length here draws a warning from every
+    call that passes max_new_tokens, as pipelines do."""
+    ends = list(dict.fromkeys([special[end], special[doc]]))
+    return {"bos_token_id": special[bos], "eos_token_id": ends, "pad_token_id": special[doc], "do_sample": False}
 
 
 def model_token_ids(tok: Tokenizer, eos: int | None) -> dict[str, Any]:
@@ -257,11 +257,12 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
         own = tok.token_id(bos) if isinstance(tok, HFTokenizer) else None
         special[bos] = own if own is not None else tok.bos_ids[0] if tok.bos_ids else tok.special[DOC]
     eos = end if sft else doc
-    template = chat["template"] if chat else CHAT_TEMPLATE
+    # the template it was trained in; a pretrained model keeps the one it came with (None), or gets ours
+    template = chat["template"] if chat else CHAT_TEMPLATE if sft else None
     changes: list[str] = []
     carried = model_tokenizer_files(tok, eos, template, changes) if isinstance(tok, HFTokenizer) else None
     stops = [special[eos]] + ([tok.special[DOC]] if sft else [])
-    gen = model_generation_config(tok, stops, changes) or generation_config(special, end if sft else doc, bos)
+    gen = model_generation_config(tok, stops, changes) or generation_config(special, end, bos, doc)
     config = {**mapping.hf_config(cfg, special, eos, doc), "bos_token_id": special[bos]}
     config.update(model_token_ids(tok, special[eos] if sft else None))
     files = {
@@ -269,7 +270,8 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
         "generation_config.json": json.dumps(gen, indent=2) + "\n",
         **(carried or tokenizer_files(tok, cfg["T"], eos, bos, chat["template"] if chat else None)),
     }
-    template_said = ("none (a pretrained model)" if not sft else
+    carries = "the one the model came with" if carried else "the built-in one"
+    template_said = (f"none trained (a pretrained model); it carries {carries}" if not sft else
                      f"the model's own, as trained ({chat['template_source']})" if chat else
                      "the built-in <|user|> ... <|eot|> format the SFT data used")
     log.info("chat template in the export: %s", template_said)

@@ -104,7 +104,7 @@ def tokenizer_files(tok: Tokenizer, context: int, eos: str, bos: str = DOC, temp
                                                    "additional_special_tokens": chat_tokens}, indent=2) + "\n"}
 
 
-def model_tokenizer_files(tok: HFTokenizer, eos: str, template: str, changes: list[str]) -> dict[str, str] | None:
+def model_tokenizer_files(tok: HFTokenizer, eos: str, template: str | None, changes: list[str]) -> dict[str, str] | None:
     """The tokenizer files the model came with (the folder of the tokenizer.json its caches were made with),
     carried into an export: tokenizer.json byte for byte when prepare added nothing, tokenizer_config.json with
     every setting kept (special tokens, bos null, add_bos_token, tokenizer_class, model_max_length) but the chat
@@ -117,12 +117,14 @@ def model_tokenizer_files(tok: HFTokenizer, eos: str, template: str, changes: li
         return None
     config = read_config(source)
     out: dict[str, str] = {}
-    if template != config.get("chat_template") or (folder / "chat_template.jinja").is_file():
-        jinja = folder / "chat_template.jinja"
-        own = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
-        if template != own:
-            changes.append("chat_template: the template the model was trained in, not the one it came with")
-    config["chat_template"] = template
+    jinja = folder / "chat_template.jinja"
+    own = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
+    if template is None:  # not fine-tuned on conversations: the template it came with, if any
+        template = own
+    elif template != own:
+        changes.append("chat_template: the template the model was trained in, not the one it came with")
+    if template is not None:
+        config["chat_template"] = template
     if tok.added:
         decoder = config.setdefault("added_tokens_decoder", {})
         if isinstance(decoder, dict):

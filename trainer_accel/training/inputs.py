@@ -56,7 +56,7 @@ class PhaseInputs:
         """The meta of the cache whose tokenizer has every token any of the caches was made with: tokens are only
         ever appended, so its ids are the ids of all of them (a stream cache made for the model's own template and
         an SFT cache in the built-in one, which added <|user|> ...)."""
-        return max((c.meta for c in self.caches), key=lambda m: len(m.get("added_tokens", ())))
+        return max((c.meta for c in self.caches), key=lambda m: len(m["special_tokens"]))
 
     def decoder(self) -> Tokenizer | None:
         """The caches' tokenizer, to turn samples back into text (None if it cannot be found any more)."""
@@ -164,12 +164,16 @@ def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
     if len(identities) > 1:
         per = "; ".join(f"{c.path.name}: {c.meta['tokenizer']}" for c in caches)
         problems.append(f"caches were made with different tokenizers ({per}); prepare them with one tokenizer")
-    else:
-        lists = sorted({tuple(c.meta.get("added_tokens", ())) for c in caches}, key=len)
-        if any(longer[:len(shorter)] != shorter for shorter, longer in zip(lists, lists[1:])):
-            per = "; ".join(f"{c.path.name}: {', '.join(c.meta.get('added_tokens', ())) or 'none'}" for c in caches)
-            problems.append(f"caches were made with different tokens added to one tokenizer ({per}), so one id means "
-                            "two tokens; prepare them again together")
+    else:  # one tokenizer, tokens added or not: each role must have one id in all of them
+        roles: dict[str, set[int]] = {}
+        for c in caches:
+            for role, i in c.meta["special_tokens"].items():
+                roles.setdefault(role, set()).add(i)
+        clash = {role: sorted(ids) for role, ids in roles.items() if len(ids) > 1}
+        if clash:
+            problems.append(f"caches made with one tokenizer disagree on special token ids ({json.dumps(clash)}: "
+                            "some were prepared by an older trainer that added tokens the model has its own of); "
+                            "prepare them again together")
     sft = [c for c in caches if c.meta["kind"] == "sft"]
     templates = {template_key(c.meta.get("chat")) for c in sft}
     if len(templates) > 1:
