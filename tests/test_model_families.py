@@ -439,3 +439,22 @@ def test_a_mistral_window_shorter_than_the_context_is_refused_by_name(tmp_path):
     assert any("T: 8192 is longer than the model's attention window sliding_window=4096" in p for p in e.value.problems)
     from trainer_accel.models.llama_hf import hf_config
     assert hf_config(cfg.model.to_dict(), {"x": 0}, "x", "x")["sliding_window"] == 4096
+
+
+def test_a_context_taken_from_a_large_maximum_is_warned_about(tmp_path, caplog):
+    """Qwen3 declares 40,960 positions: a config that names no T trains every row at that length, so it is said
+    (with what to set), and a T the user gives up to the maximum is taken without a word."""
+    config = {"model_type": "qwen3", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "max_position_embeddings": 40960}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "a.json").write_text(json.dumps({"model_cfg_path": "config.json", "sources": {"wiki": 1.0}}))
+    with caplog.at_level("WARNING"):
+        assert load_phase_config(tmp_path / "a.json", "pretrain").model.T == 40960
+    assert "model_cfg.T is 40,960, the model's max_position_embeddings" in caplog.text
+    caplog.clear()
+    (tmp_path / "b.json").write_text(json.dumps({"model_cfg_path": "config.json", "sources": {"wiki": 1.0},
+                                                 "model_cfg": {"T": 2048}}))
+    with caplog.at_level("WARNING"):
+        cfg = load_phase_config(tmp_path / "b.json", "pretrain")
+    assert (cfg.model.T, cfg.model.max_positions) == (2048, 40960) and "max_position_embeddings" not in caplog.text
