@@ -121,7 +121,6 @@ class HFTokenizer:
             self._tok = _HF.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for bad files
             raise UserError(f"{path}: not a readable Hugging Face tokenizer.json ({e})") from None
-        self.file_vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         if added is None:
             added = ([] if self._doc_end() else [DOC]) + (list(CHAT_TOKENS) if chat_tokens else [])
         missing = [t for t in added if self._tok.token_to_id(t) is None]
