@@ -78,7 +78,7 @@ def template_args(pairs: list[str] | dict[str, Any] | None) -> tuple[tuple[str, 
     out = {}
     for pair in pairs or []:
         name, sep, value = pair.partition("=")
-        if not sep or not name.isidentifier() or name in ("messages", "add_generation_prompt"):
+        if not sep or not name.isidentifier() or name in ("messages", "add_generation_prompt", "bos_token", "eos_token"):
             raise UserError(f"--template-arg {pair}: expected NAME=VALUE with NAME a template variable, e.g. "
                             "--template-arg enable_thinking=false")
         try:
