@@ -46,6 +46,7 @@ from trainer_accel.fsio import loads
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no template writes them, trim and strip keep them
 PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 GEN_OPEN, GEN_CLOSE = "\ue002", "\ue003"  # where a {% generation %} block opens and closes in a rendering
+RENDER_NAMES = ("messages", "add_generation_prompt", "bos_token", "eos_token")  # what render() itself passes
 WAY_OUT = ("train in the built-in format (--chat-template builtin) or give a template of your own "
            "(--chat-template PATH)")
 
@@ -78,7 +79,7 @@ def template_args(pairs: list[str] | dict[str, Any] | None) -> tuple[tuple[str, 
     out = {}
     for pair in pairs or []:
         name, sep, value = pair.partition("=")
-        if not sep or not name.isidentifier() or name in ("messages", "add_generation_prompt", "bos_token", "eos_token"):
+        if not sep or not name.isidentifier() or name in RENDER_NAMES:
             raise UserError(f"--template-arg {pair}: expected NAME=VALUE with NAME a template variable, e.g. "
                             "--template-arg enable_thinking=false")
         try:
