@@ -208,3 +208,11 @@ def test_chat_answers_as_transformers_does_in_the_models_template(trained):
                                         add_generation_prompt=True, tokenize=True, return_dict=True,
                                         **TEMPLATE_KWARGS[name])["input_ids"]
     assert r.stdout.strip() == tokenizer.decode(greedy(folder, ids, 256), skip_special_tokens=True).strip()
+
+
+def test_runs_lineage_names_the_model_directory_the_run_started_from(trained):
+    name, folder, _ = trained
+    r = run_cli("runs", "lineage", "checkpoints/best.pt", cwd=folder)
+    assert r.returncode == 0, r.stderr
+    start = [line for line in r.stdout.splitlines() if line.startswith("huggingface")]
+    assert len(start) == 1 and str(folder / "model") in start[0] and "(gone)" not in r.stdout, r.stdout
