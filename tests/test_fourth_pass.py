@@ -188,3 +188,23 @@ def test_plan_renders_the_sample_prompts_in_the_template_the_run_trains_in(tmp_p
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "  - sample_prompts[0]: " in r.stdout + r.stderr and "no system messages here" in r.stdout + r.stderr
     one_line(run_cli("run", "--phase", "sft", "--config", "sft.json", cwd=tmp_path), "sample_prompts[0]:")
+
+
+def test_a_start_checkpoint_with_nan_weights_is_refused_naming_them(world):
+    """It used to start, diverge at its first step and advise a lower learning rate."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import edit_sidecar
+    write_config(world / "pre.json", "pretrain", {"total_steps": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", "pre.json", cwd=world).returncode == 0
+    ckpt = world / "checkpoints" / "pretrain" / "latest"
+    weights = load_file(ckpt / "model.safetensors")
+    weights["ln_f.weight"] = torch.full_like(weights["ln_f.weight"], float("nan"))
+    (ckpt / "model.safetensors").unlink()  # break the hard links shared with the step directory and best/
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    from trainer_accel.fsio import sha256_file
+    edit_sidecar(ckpt, lambda m: m["files"]["model.safetensors"].update(sha256=sha256_file(ckpt / "model.safetensors"),
+                                                                         size=(ckpt / "model.safetensors").stat().st_size))
+    write_config(world / "sft.json", "sft", {"total_steps": 2}, init_from="checkpoints/pretrain/latest")
+    one_line(run_cli("run", "--phase", "sft", "--config", "sft.json", cwd=world),
+             "weights ln_f.weight hold NaN or infinite values; start from an earlier checkpoint")

@@ -422,6 +422,7 @@ def test_a_pt_without_its_record_exports_to_hf_when_told_its_tokenizer(tmp_path,
     assert "or --tokenizer bytes for the built-in byte tokenizer" in capsys.readouterr().err
     assert export.main(["--format", "hf", "--checkpoint", "model.pt", "--out", "hf", "--tokenizer", "bytes"]) == 0
     assert "records no tokenizer; exported with the built-in byte tokenizer" in caplog.text
+    assert "records neither its phase nor the chat template it was trained in" in caplog.text  # nor is it silent
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, 260, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -124,7 +124,7 @@ def model_cfg_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
         if hf.get(key, ok) != ok:
             problems.append(f"{where}: {key} is {json.dumps(hf.get(key))}; this trainer's attention needs {json.dumps(ok)}")
     act = hf.get("activation_function", "gelu_new")
-    if act not in ACTIVATION_FROM_HF:
+    if not isinstance(act, str) or act not in ACTIVATION_FROM_HF:
         problems.append(f"{where}: activation_function {json.dumps(act)} is not one this trainer computes "
                         f"({', '.join(ACTIVATION_FROM_HF)})")
     problems += value_problems(hf, where)
