@@ -192,9 +192,8 @@ def test_plan_renders_the_sample_prompts_in_the_template_the_run_trains_in(tmp_p
 
 def test_a_start_checkpoint_with_nan_weights_is_refused_naming_them(world):
     """It used to start, diverge at its first step and advise a lower learning rate."""
-    from safetensors.torch import load_file, save_file
-
     from conftest import edit_sidecar
+    from safetensors.torch import load_file, save_file
     write_config(world / "pre.json", "pretrain", {"total_steps": 2})
     assert run_cli("run", "--phase", "pretrain", "--config", "pre.json", cwd=world).returncode == 0
     ckpt = world / "checkpoints" / "pretrain" / "latest"
