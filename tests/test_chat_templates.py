@@ -181,3 +181,24 @@ def test_a_model_directory_template_is_found_beside_its_tokenizer_with_arguments
     template = find_chat_template(folder / "tokenizer.json", "model", template_args(["enable_thinking=false"]))
     assert template.text == QWEN3 and template.kwargs == {"enable_thinking": False}
     assert template.args == (("enable_thinking", "false"),)
+
+
+def test_continued_pretraining_exports_with_the_template_and_eos_the_model_came_with(qwen, tmp_path):
+    """Pretraining changes no end of turn: the export of a pretrain run from Qwen3's directory keeps its
+    `<|im_end|>` eos and its own template, and says it changed nothing."""
+    folder, _, _ = qwen
+    write_data(tmp_path)
+    assert run_cli("prepare", "--tokenizer", str(folder), "--stream", "notes=notes.txt", cwd=tmp_path).returncode == 0
+    cfg = {"model_cfg_path": str(folder / "config.json"), "init_from": str(folder), "model_cfg": {"T": 32},
+           "sources": {"notes": 1.0}, "val_source": "notes", "tracking": {"log_with": []},
+           "train_cfg": {"total_steps": 2, "B": 2, "eval_every": 2, "eval_batches": 1, "ckpt_every": 2,
+                         "log_every": 2, "warmup_steps": 1}}
+    (tmp_path / "pre.json").write_text(json.dumps(cfg))
+    r = run_cli("run", "--phase", "pretrain", "--config", "pre.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("export", "--format", "hf", "--out", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    exported = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert exported["eos_token"] == "<|im_end|>" and exported["chat_template"] == QWEN3
+    assert json.loads((tmp_path / "out" / "trainer_accel_export.json").read_text())["changed"] == []
+    assert "changed from what the model came with" not in r.stderr

@@ -260,7 +260,8 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
     # the template it was trained in; a pretrained model keeps the one it came with (None), or gets ours
     template = chat["template"] if chat else CHAT_TEMPLATE if sft else None
     changes: list[str] = []
-    carried = model_tokenizer_files(tok, eos, template, changes) if isinstance(tok, HFTokenizer) else None
+    carried = (model_tokenizer_files(tok, eos if sft else None, template, changes) if isinstance(tok, HFTokenizer)
+               else None)
     stops = [special[eos]] + ([tok.special[DOC]] if sft else [])
     gen = model_generation_config(tok, stops, changes) or generation_config(special, end, bos, doc)
     config = {**mapping.hf_config(cfg, special, eos, doc), "bos_token_id": special[bos]}

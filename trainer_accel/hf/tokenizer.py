@@ -104,12 +104,14 @@ def tokenizer_files(tok: Tokenizer, context: int, eos: str, bos: str = DOC, temp
                                                    "additional_special_tokens": chat_tokens}, indent=2) + "\n"}
 
 
-def model_tokenizer_files(tok: HFTokenizer, eos: str, template: str | None, changes: list[str]) -> dict[str, str] | None:
+def model_tokenizer_files(tok: HFTokenizer, eos: str | None, template: str | None,
+                          changes: list[str]) -> dict[str, str] | None:
     """The tokenizer files the model came with (the folder of the tokenizer.json its caches were made with),
     carried into an export: tokenizer.json byte for byte when prepare added nothing, tokenizer_config.json with
     every setting kept (special tokens, bos null, add_bos_token, tokenizer_class, model_max_length) but the chat
-    template the model was trained in, the tokens prepare added and an end-of-turn token training changed (each
-    change appended to `changes`), and special_tokens_map.json as it was. None where the folder has no
+    template the model was trained in, the tokens prepare added and an end-of-turn token training changed (`eos`:
+    the token SFT trained answers to end with; None after pretraining, which changes no end of turn; each change
+    appended to `changes`), and special_tokens_map.json as it was. None where the folder has no
     tokenizer_config.json: the export writes its own (tokenizer_files)."""
     folder = Path(tok.path).parent
     source = folder / "tokenizer_config.json"
@@ -134,7 +136,7 @@ def model_tokenizer_files(tok: HFTokenizer, eos: str, template: str | None, chan
         changes.append(f"added tokens {', '.join(tok.added)} (prepare added them)")
     own_eos = config.get("eos_token")
     own_eos = own_eos.get("content") if isinstance(own_eos, dict) else own_eos
-    if own_eos != eos:
+    if eos is not None and own_eos != eos:
         changes.append(f"eos_token {own_eos!r} -> {eos!r} (the token that ends what the model was trained to write)")
         config["eos_token"] = eos
     out["tokenizer.json"] = (tokenizer_file(Path(tok.path)).read_text(encoding="utf-8") if not tok.added
@@ -143,7 +145,7 @@ def model_tokenizer_files(tok: HFTokenizer, eos: str, template: str | None, chan
     tokens_map = folder / "special_tokens_map.json"
     if tokens_map.is_file():
         mapped = read_config(tokens_map)
-        if own_eos != eos and "eos_token" in mapped:
+        if eos is not None and own_eos != eos and "eos_token" in mapped:
             mapped["eos_token"] = eos
         out["special_tokens_map.json"] = json.dumps(mapped, indent=2, ensure_ascii=False) + "\n"
     return out
@@ -153,9 +155,9 @@ def model_generation_config(tok: Tokenizer, stops: list[int], changes: list[str]
     """The generation_config.json the model came with (its recommended sampling: Qwen3's temperature 0.6, top_p
     0.95, top_k 20; its stop ids), with each id in `stops` that training made an end added to its eos_token_id;
     None where the tokenizer's folder has none."""
-    path = Path(getattr(tok, "path", "") or ".").parent / "generation_config.json"
-    if not getattr(tok, "path", None) or not path.is_file():
+    if not getattr(tok, "path", None) or not (Path(tok.path).parent / "generation_config.json").is_file():
         return None
+    path = Path(tok.path).parent / "generation_config.json"
     config = read_config(path)
     own = config.get("eos_token_id")
     ids = list(own) if isinstance(own, list) else [own] if own is not None else []
