@@ -26,12 +26,29 @@ import pytest
 from zygote import read_line
 
 TINY_MODEL = {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64}
-TINY_TRAIN = {"seed": 7, "total_steps": 8, "B": 4, "base_lr": 3e-3, "warmup_steps": 2, "min_lr": 3e-4,
-              "eval_every": 4, "eval_batches": 2, "ckpt_every": 4, "log_every": 2}
+TINY_TRAIN = {
+    "seed": 7,
+    "total_steps": 8,
+    "B": 4,
+    "base_lr": 3e-3,
+    "warmup_steps": 2,
+    "min_lr": 3e-4,
+    "eval_every": 4,
+    "eval_batches": 2,
+    "ckpt_every": 4,
+    "log_every": 2,
+}
 
 
-TRAINER_ENV = ("TRAINER_DATA_DIR", "TRAINER_ARTIFACTS_DIR", "TRAINER_CHECKPOINTS_DIR", "TRAINER_SAMPLES_DIR",
-               "TRAINER_METRICS_DIR", "TRAINER_EVENTS_PATH", "TRAINER_RUNS_DIR")
+TRAINER_ENV = (
+    "TRAINER_DATA_DIR",
+    "TRAINER_ARTIFACTS_DIR",
+    "TRAINER_CHECKPOINTS_DIR",
+    "TRAINER_SAMPLES_DIR",
+    "TRAINER_METRICS_DIR",
+    "TRAINER_EVENTS_PATH",
+    "TRAINER_RUNS_DIR",
+)
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +76,11 @@ def world(tmp_path, monkeypatch, demo_data):
 
 
 def write_config(path: Path, phase: str, train: dict | None = None, **top) -> Path:
-    cfg = {"model_cfg": dict(TINY_MODEL), "train_cfg": {**TINY_TRAIN, **(train or {})},
-           "tracking": {"log_with": []}}  # trackers cost seconds per run; test_trackers.py turns them on
+    cfg = {
+        "model_cfg": dict(TINY_MODEL),
+        "train_cfg": {**TINY_TRAIN, **(train or {})},
+        "tracking": {"log_with": []},
+    }  # trackers cost seconds per run; test_trackers.py turns them on
     if phase == "sft":
         cfg["sft_sources"] = {"dolly": 0.5, "oasst1": 0.4, "primer": 0.1}
         cfg["init_from"] = None
@@ -73,8 +93,9 @@ def write_config(path: Path, phase: str, train: dict | None = None, **top) -> Pa
 IMPORT_TIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_LOGS", "PYTHONPATH", "CUDA_VISIBLE_DEVICES")
 
 
-def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
-            fresh: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300, fresh: bool = False
+) -> subprocess.CompletedProcess:
     """Run `python -m trainer_accel.<module> ...` as a user would, in `cwd`.
 
     It runs in a child forked from a process that has imported torch once (tests/zygote.py), which saves about
@@ -83,8 +104,14 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     zygote = None if fresh else Zygote.get()
     if zygote is None or any(full_env.get(k) != zygote.env.get(k) for k in IMPORT_TIME_ENV):
-        return subprocess.run([sys.executable, "-m", f"trainer_accel.{module}", *args], cwd=cwd, env=full_env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", f"trainer_accel.{module}", *args],
+            cwd=cwd,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     return zygote.run(f"trainer_accel.{module}", list(args), cwd, full_env, timeout)
 
 
@@ -94,8 +121,14 @@ def start_cli(module: str, *args: str, cwd: Path, env: dict | None = None):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     zygote = Zygote.get()
     if any(full_env.get(k) != zygote.env.get(k) for k in IMPORT_TIME_ENV):
-        return subprocess.Popen([sys.executable, "-m", f"trainer_accel.{module}", *args], cwd=cwd, env=full_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", f"trainer_accel.{module}", *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     return zygote.start(f"trainer_accel.{module}", list(args), cwd, full_env)
 
 
@@ -154,18 +187,21 @@ class Forked:
 class Zygote:
     """The client of this test process's fork server (tests/zygote.py), started on first use."""
 
-    _instance: "Zygote | None" = None
+    _instance: Zygote | None = None
 
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="zygote-"))  # short: a socket path has at most ~100 characters
         self.socket = str(self.dir / "s")
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py")), self.socket],
-                                     env=self.env, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("zygote.py")), self.socket],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+        )
         self.calls = 0
 
     @classmethod
-    def get(cls) -> "Zygote":
+    def get(cls) -> Zygote:
         if cls._instance is None:
             cls._instance = cls()
         return cls._instance

@@ -36,7 +36,9 @@ def model_and_optimizer(sharded: bool):
 
 def step(model, opt, seed):
     x = torch.randint(0, 260, (4, 16), generator=torch.Generator().manual_seed(seed))
-    model(x).float().logsumexp(-1).mean().backward()  # the same batch on every process: the mean gradient is the plain one
+    model(x).float().logsumexp(
+        -1
+    ).mean().backward()  # the same batch on every process: the mean gradient is the plain one
     opt.step()
     opt.zero_grad()
 
@@ -55,7 +57,10 @@ def main() -> int:
     dist.broadcast_object_list(full, src=0)  # a checkpoint every process reads
     full = full[0]
     ok = full["param_groups"] == reference_after_one["param_groups"] and all(
-        torch.allclose(full["state"][i][k], v, atol=1e-6) for i, s in reference_after_one["state"].items() for k, v in s.items())
+        torch.allclose(full["state"][i][k], v, atol=1e-6)
+        for i, s in reference_after_one["state"].items()
+        for k, v in s.items()
+    )
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     fresh, fresh_opt = model_and_optimizer(sharded=True)
@@ -64,8 +69,11 @@ def main() -> int:
     step(fresh, fresh_opt, 2)
     final = get_model_state_dict(fresh, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        ok = ok and len(weights) == len(plain.state_dict()) and all(
-            torch.allclose(final[k], v, atol=1e-5) for k, v in plain.state_dict().items())
+        ok = (
+            ok
+            and len(weights) == len(plain.state_dict())
+            and all(torch.allclose(final[k], v, atol=1e-5) for k, v in plain.state_dict().items())
+        )
         print("FSDP STATE ROUNDTRIP", "OK" if ok else "MISMATCH", flush=True)
     # both ranks done before either tears down: a rank destroying its gloo group while the other still works
     # aborted it ("terminate called without an active exception") once under load

@@ -25,14 +25,32 @@ MODEL = {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64, "dropout": 0.1}
 
 
 def _train(total_steps: int) -> dict:
-    return {"seed": 3, "total_steps": total_steps, "B": 2, "accum_steps": 2, "base_lr": 3e-3, "warmup_steps": 5,
-            "min_lr": 3e-4, "eval_every": 10, "eval_batches": 1, "ckpt_every": 3, "keep_last_n": 2, "log_every": 1}
+    return {
+        "seed": 3,
+        "total_steps": total_steps,
+        "B": 2,
+        "accum_steps": 2,
+        "base_lr": 3e-3,
+        "warmup_steps": 5,
+        "min_lr": 3e-4,
+        "eval_every": 10,
+        "eval_batches": 1,
+        "ckpt_every": 3,
+        "keep_last_n": 2,
+        "log_every": 1,
+    }
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.Popen:
     """`python -m trainer_accel.run CMD`, started; the suite passes its fork server's version instead."""
-    return subprocess.Popen([sys.executable, "-m", "trainer_accel.run", *cmd], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer_accel.run", *cmd],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _last_completed_checkpoint(events: Path) -> int:
@@ -42,8 +60,11 @@ def _last_completed_checkpoint(events: Path) -> int:
     from latest/ or a step_* directory, so it does not count here."""
     if not events.exists():
         return 0
-    records = [json.loads(line) for line in events.read_text().splitlines()
-               if line.strip().endswith("}") and '"event": "checkpoint"' in line]
+    records = [
+        json.loads(line)
+        for line in events.read_text().splitlines()
+        if line.strip().endswith("}") and '"event": "checkpoint"' in line
+    ]
     return max((r["step"] for r in records if Path(r["path"]).name.startswith("step_")), default=0)
 
 
@@ -56,8 +77,15 @@ def _await_training(events: Path, proc: subprocess.Popen, seen: int) -> bool:
     return False
 
 
-def kill_anywhere(kills: int, workdir: Path, seed: int = 0, max_delay: float = 0.6, log=print,
-                  total_steps: int | None = None, start=_run) -> dict:
+def kill_anywhere(
+    kills: int,
+    workdir: Path,
+    seed: int = 0,
+    max_delay: float = 0.6,
+    log=print,
+    total_steps: int | None = None,
+    start=_run,
+) -> dict:
     from safetensors.torch import load_file
 
     from trainer_accel.checkpoints.store import find_resume_checkpoint, read_meta
@@ -67,8 +95,13 @@ def kill_anywhere(kills: int, workdir: Path, seed: int = 0, max_delay: float = 0
     workdir.mkdir(parents=True, exist_ok=True)
     base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINER_DATA_DIR": str(workdir / "data")}
     if not (workdir / "data").exists():
-        subprocess.run([sys.executable, "-m", "trainer_accel.prepare", "--demo"], cwd=workdir, env=base_env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "trainer_accel.prepare", "--demo"],
+            cwd=workdir,
+            env=base_env,
+            check=True,
+            capture_output=True,
+        )
     cfg = workdir / "kill.json"
     cfg.write_text(json.dumps({"model_cfg": MODEL, "train_cfg": _train(total)}))
     cmd = ["--phase", "pretrain", "--config", str(cfg), "--device", "cpu"]
@@ -106,7 +139,9 @@ def kill_anywhere(kills: int, workdir: Path, seed: int = 0, max_delay: float = 0
         newest = find_resume_checkpoint(phase_dir)
         newest_step = read_meta(newest)["step"] if newest else 0
         if newest_step < completed:
-            raise AssertionError(f"kill {done_kills}: checkpoint of step {completed} was complete, newest intact is {newest_step}")
+            raise AssertionError(
+                f"kill {done_kills}: checkpoint of step {completed} was complete, newest intact is {newest_step}"
+            )
         if done_kills % 10 == 0:
             log(f"{done_kills} kills, newest intact checkpoint at step {newest_step} of {total}")
 
@@ -117,7 +152,12 @@ def kill_anywhere(kills: int, workdir: Path, seed: int = 0, max_delay: float = 0
     leftovers = [p for p in art.rglob("*") if p.name.startswith((".tmp-", ".trash-")) or ".pt.tmp-" in p.name]
     if leftovers:
         raise AssertionError(f"temporary files left behind: {leftovers}")
-    return {"kills": done_kills, "restarts": restarts, "total_steps": total, "seconds": round(time.monotonic() - started, 1)}
+    return {
+        "kills": done_kills,
+        "restarts": restarts,
+        "total_steps": total,
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def main() -> int:
@@ -128,9 +168,12 @@ def main() -> int:
     args = p.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kill_anywhere-"))
     result = kill_anywhere(args.kills, workdir, seed=args.seed)
-    print(f"OK: {result['kills']} SIGKILLs at random moments, {result['restarts']} starts, {result['total_steps']} steps, "
-          f"{result['seconds']} s; every restart resumed from the newest complete checkpoint, no completed checkpoint "
-          f"lost, final weights bit-identical to an uninterrupted run, no temporary files left ({workdir})")
+    print(
+        f"OK: {result['kills']} SIGKILLs at random moments, {result['restarts']} starts, {result['total_steps']} "
+        "steps, "
+        f"{result['seconds']} s; every restart resumed from the newest complete checkpoint, no completed checkpoint "
+        f"lost, final weights bit-identical to an uninterrupted run, no temporary files left ({workdir})"
+    )
     return 0
 
 

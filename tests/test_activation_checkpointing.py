@@ -43,10 +43,18 @@ def test_recomputed_blocks_give_the_same_loss_and_gradients_dropout_included(opt
 def test_a_run_with_activation_checkpointing_writes_the_checkpoint_of_a_run_without(world):
     model = {"model_cfg": {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64, "dropout": 0.1}}
     for name, k in (("kept", 0), ("redone", 1)):
-        cfg = write_config(world / f"{name}.json", "pretrain", {"total_steps": 4, "activation_checkpointing": k},
-                           **model)
-        r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world,
-                    env={"TRAINER_ARTIFACTS_DIR": str(world / name)})
+        cfg = write_config(
+            world / f"{name}.json", "pretrain", {"total_steps": 4, "activation_checkpointing": k}, **model
+        )
+        r = run_cli(
+            "run",
+            "--phase",
+            "pretrain",
+            "--config",
+            str(cfg),
+            cwd=world,
+            env={"TRAINER_ARTIFACTS_DIR": str(world / name)},
+        )
         assert r.returncode == 0, r.stderr[-2000:]
     a, b = (load_file(str(world / n / "checkpoints/pretrain/latest/model.safetensors")) for n in ("kept", "redone"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
@@ -55,6 +63,7 @@ def test_a_run_with_activation_checkpointing_writes_the_checkpoint_of_a_run_with
 
     def activations(out: str) -> str:
         return out.split("activations ")[1].split(",")[0]
+
     assert activations(plan.stdout) != activations(kept.stdout)
 
 
@@ -63,16 +72,33 @@ def test_ddp_and_fsdp2_with_activation_checkpointing_write_the_checkpoint_of_ddp
     of test_device_paths) recomputing every block, dropout on, 4 steps each. In fp32 without clipping the three
     write byte-identical weights under the same names. (Resuming is the same code with or without recomputation,
     since the names are the same; test_device_paths resumes FSDP2 and DDP.)"""
-    cfg = write_config(world / "ac.json", "pretrain", SHORT,
-                       model_cfg={"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64, "dropout": 0.1})
-    arms = {"ddp": ("cpu_2proc.yaml", ["-m", "trainer_accel.run"], (), 0),
-            "ddp_ac": ("cpu_2proc.yaml", ["-m", "trainer_accel.run"], (), 2),
-            "fsdp_ac": ("fsdp.yaml", [str(EMULATED), "fsdp"], ("--num_processes", "2", "--mixed_precision", "no"), 1)}
+    cfg = write_config(
+        world / "ac.json",
+        "pretrain",
+        SHORT,
+        model_cfg={"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64, "dropout": 0.1},
+    )
+    arms = {
+        "ddp": ("cpu_2proc.yaml", ["-m", "trainer_accel.run"], (), 0),
+        "ddp_ac": ("cpu_2proc.yaml", ["-m", "trainer_accel.run"], (), 2),
+        "fsdp_ac": ("fsdp.yaml", [str(EMULATED), "fsdp"], ("--num_processes", "2", "--mixed_precision", "no"), 1),
+    }
     if not CPU_FSDP2:  # this torch cannot shard on the CPU (test_device_paths.CPU_FSDP2): the DDP arms still run
         del arms["fsdp_ac"]
     for artifacts, (launch_file, target, launcher, every) in arms.items():
-        r = launch(world, launch_file, target, "--phase", "pretrain", "--config", str(cfg), "--set",
-                   f"train_cfg.activation_checkpointing={every}", artifacts=artifacts, launcher=launcher)
+        r = launch(
+            world,
+            launch_file,
+            target,
+            "--phase",
+            "pretrain",
+            "--config",
+            str(cfg),
+            "--set",
+            f"train_cfg.activation_checkpointing={every}",
+            artifacts=artifacts,
+            launcher=launcher,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         recomputed = {0: None, 1: "2 of 2 blocks", 2: "1 of 2 blocks"}[every]
         assert (f"activation checkpointing: {recomputed} recomputed" in r.stderr) == (recomputed is not None)

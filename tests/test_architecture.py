@@ -29,8 +29,23 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("experiments", {"experiments/"}),
     ("inference", {"inference/"}),
     ("tools", {"tools/"}),
-    ("commands", {"run", "export", "prepare", "queue", "runs", "doctor", "compare", "bench", "gpu_check",
-                  "prepare_bench", "generate", "chat"}),
+    (
+        "commands",
+        {
+            "run",
+            "export",
+            "prepare",
+            "queue",
+            "runs",
+            "doctor",
+            "compare",
+            "bench",
+            "gpu_check",
+            "prepare_bench",
+            "generate",
+            "chat",
+        },
+    ),
 ]
 # data, models and devices stand side by side on the floor above the ground: none imports another.
 PEERS = {"data", "models", "devices"}
@@ -95,8 +110,7 @@ def against_the_order(graph: dict[str, set[str]]) -> list[str]:
                 continue
             mine, theirs = layer_of(importer), layer_of(target)
             name, other = LAYERS[mine][0], LAYERS[theirs][0]
-            if theirs > mine or (theirs == mine and name not in SHARED_LAYERS) or (
-                    name in PEERS and other in PEERS):
+            if theirs > mine or (theirs == mine and name not in SHARED_LAYERS) or (name in PEERS and other in PEERS):
                 problems.append(f"{importer} imports {target} ({name} may not import {other})")
     return problems
 
@@ -111,7 +125,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -142,13 +156,16 @@ def test_every_module_has_a_layer_and_every_folder_says_what_it_may_import():
         assert "May import" in doc, f"{folder}/__init__.py: its docstring does not say what the folder may import"
 
 
-@pytest.mark.parametrize("importer, target, why", [
-    ("trainer_accel.checkpoints.store", "trainer_accel.training.loop", "checkpoints may not import training"),
-    ("trainer_accel.data.cache", "trainer_accel.models.gpt", "data may not import models"),
-    ("trainer_accel.errors", "trainer_accel.data.cache", "ground may not import data"),
-    ("trainer_accel.tools.bench", "trainer_accel.run", "tools may not import commands"),
-    ("trainer_accel.run", "trainer_accel.export", "commands may not import commands"),
-])
+@pytest.mark.parametrize(
+    "importer, target, why",
+    [
+        ("trainer_accel.checkpoints.store", "trainer_accel.training.loop", "checkpoints may not import training"),
+        ("trainer_accel.data.cache", "trainer_accel.models.gpt", "data may not import models"),
+        ("trainer_accel.errors", "trainer_accel.data.cache", "ground may not import data"),
+        ("trainer_accel.tools.bench", "trainer_accel.run", "tools may not import commands"),
+        ("trainer_accel.run", "trainer_accel.export", "commands may not import commands"),
+    ],
+)
 def test_a_back_import_is_caught(importer, target, why):
     graph = import_graph()
     graph[importer] = graph[importer] | {target}
@@ -173,5 +190,9 @@ def test_function_level_and_relative_imports_are_read(tmp_path, monkeypatch):
     (tmp_path / PACKAGE / "training" / "loop.py").write_text("")
     source.write_text("def later():\n    from ..training import loop\n    from trainer_accel import errors\n")
     monkeypatch.setitem(globals(), "ROOT", tmp_path / PACKAGE)
-    assert imports_of(source) == {"trainer_accel", "trainer_accel.errors", "trainer_accel.training",
-                                  "trainer_accel.training.loop"}
+    assert imports_of(source) == {
+        "trainer_accel",
+        "trainer_accel.errors",
+        "trainer_accel.training",
+        "trainer_accel.training.loop",
+    }

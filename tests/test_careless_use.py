@@ -14,13 +14,27 @@ from conftest import run_cli, write_config
 
 def test_bad_sets_are_all_named_and_blamed(world):
     cfg = write_config(world / "pre.json", "pretrain")
-    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.bse_lr=1", "--set",
-                "trian_cfg.B=2", "--set", "pretrain.train_cfg.B=2", cwd=world)
+    r = run_cli(
+        "run",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(cfg),
+        "--set",
+        "train_cfg.bse_lr=1",
+        "--set",
+        "trian_cfg.B=2",
+        "--set",
+        "pretrain.train_cfg.B=2",
+        cwd=world,
+    )
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 3, r.stderr
     assert "train_cfg.bse_lr=1: " in errors[0] and "did you mean 'base_lr'" in errors[0]
     assert "trian_cfg.B=2: " in errors[1] and "did you mean 'train_cfg'" in errors[1]
-    assert "a phase prefix (pretrain.) is for --phase pipeline; in a run of one phase write train_cfg.B=..." in errors[2]
+    assert (
+        "a phase prefix (pretrain.) is for --phase pipeline; in a run of one phase write train_cfg.B=..." in errors[2]
+    )
     mixed = write_config(world / "mixed.json", "pretrain", sources={"wiki": 0.784, "roam": 0.196, "primer": 0.02})
     r = run_cli("run", "--phase", "pretrain", "--config", str(mixed), "--set", "sources.wiki=1", cwd=world)
     assert r.returncode == 2 and "probabilities must sum to 1" in r.stderr and "(from --set sources.wiki=1)" in r.stderr
@@ -28,8 +42,13 @@ def test_bad_sets_are_all_named_and_blamed(world):
 
 def test_output_into_a_closed_pipe_ends_quietly(world):
     cfg = write_config(world / "pre.json", "pretrain")
-    proc = subprocess.Popen([sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg),
-                             "--plan"], cwd=world, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg), "--plan"],
+        cwd=world,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.close()  # as `| head -1` does once it has its line: the plan is written into a closed pipe
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

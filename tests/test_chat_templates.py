@@ -28,18 +28,29 @@ from trainer_accel.errors import UserError
 transformers.logging.set_verbosity_error()
 QWEN3 = (FIXTURES / "qwen3" / "chat_template.jinja").read_text()
 # Qwen3.5 and QwQ open the answer with the think block in the generation prompt itself
-QWEN35 = QWEN3.replace("""    {{- '<|im_start|>assistant\\n' }}
+QWEN35 = QWEN3.replace(
+    """    {{- '<|im_start|>assistant\\n' }}
     {%- if enable_thinking is defined and enable_thinking is false %}
         {{- '<think>\\n\\n</think>\\n\\n' }}
-    {%- endif %}""", """    {{- '<|im_start|>assistant\\n<think>\\n' }}""")
-BLOCKS = ("{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{% generation %}"
-          "{{- m.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}"
-          "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
-          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-NO_GENERATION_PROMPT = "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
-CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, I am Ann."},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What does animal 3 eat?"},
-                {"role": "assistant", "content": "Animal 3 eats plums."}]
+    {%- endif %}""",
+    """    {{- '<|im_start|>assistant\\n<think>\\n' }}""",
+)
+BLOCKS = (
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{% generation %}"
+    "{{- m.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+NO_GENERATION_PROMPT = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi, I am Ann."},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "What does animal 3 eat?"},
+    {"role": "assistant", "content": "Animal 3 eats plums."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +68,14 @@ def turns() -> Turns:
     return Turns([("Hi, I am Ann.", "Hello!"), ("What does animal 3 eat?", "Animal 3 eats plums.")], "Be brief.")
 
 
-@pytest.mark.parametrize("text, kwargs, counted", [
-    (QWEN3, {}, "Hello!<|im_end|><think>\n\n</think>\n\nAnimal 3 eats plums.<|im_end|>"),
-    (QWEN3, {"enable_thinking": False}, "Hello!<|im_end|><think>\n\n</think>\n\nAnimal 3 eats plums.<|im_end|>"),
-    (QWEN35, {}, "Hello!<|im_end|><think>\n\n</think>\n\nAnimal 3 eats plums.<|im_end|>"),
-])
+@pytest.mark.parametrize(
+    "text, kwargs, counted",
+    [
+        (QWEN3, {}, "Hello!<|im_end|><think>\n\n</think>\n\nAnimal 3 eats plums.<|im_end|>"),
+        (QWEN3, {"enable_thinking": False}, "Hello!<|im_end|><think>\n\n</think>\n\nAnimal 3 eats plums.<|im_end|>"),
+        (QWEN35, {}, "Hello!<|im_end|><think>\n\n</think>\n\nAnimal 3 eats plums.<|im_end|>"),
+    ],
+)
 def test_a_reasoning_template_trains_on_what_the_model_writes_after_the_generation_prompt(qwen, text, kwargs, counted):
     """Qwen3 writes an empty think block after the header of the last answer only; Qwen3.5 puts `<think>\\n` in the
     generation prompt. The tokens are apply_chat_template's, the loss counts the answers with whatever the model
@@ -70,13 +84,18 @@ def test_a_reasoning_template_trains_on_what_the_model_writes_after_the_generati
     encoder = encoder_for(qwen, text, **kwargs)
     ids = encoder.encode_many([turns()])[0]
     theirs.chat_template = text
-    assert ids.tolist() == theirs.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
-                                                      **kwargs)["input_ids"]
+    assert (
+        ids.tolist() == theirs.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+    )
     mask = answer_mask(ids[None], encoder.rule)[0]
     assert tok.decode([t for t, c in zip(ids[1:].tolist(), mask) if c]) == counted
     prompt = encoder.prompt([("Hi, I am Ann.", "Hello!")], "What does animal 3 eat?", "Be brief.")
-    assert prompt == theirs.apply_chat_template(CONVERSATION[:4], add_generation_prompt=True, tokenize=True,
-                                                return_dict=True, **kwargs)["input_ids"]
+    assert (
+        prompt
+        == theirs.apply_chat_template(
+            CONVERSATION[:4], add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
+        )["input_ids"]
+    )
 
 
 def test_generation_blocks_are_the_mask_transformers_computes_and_others_are_refused(qwen):
@@ -87,8 +106,9 @@ def test_generation_blocks_are_the_mask_transformers_computes_and_others_are_ref
     out = theirs.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert ids.tolist() == out["input_ids"]
     assert answer_mask(ids[None], encoder.rule)[0].tolist() == [bool(m) for m in out["assistant_masks"][1:]]
-    outside = BLOCKS.replace("{{- m.content + '<|im_end|>' }}{% endgeneration %}",
-                             "{{- m.content }}{% endgeneration %}{{- '<|im_end|>' }}")
+    outside = BLOCKS.replace(
+        "{{- m.content + '<|im_end|>' }}{% endgeneration %}", "{{- m.content }}{% endgeneration %}{{- '<|im_end|>' }}"
+    )
     with pytest.raises(UserError, match=r"generation %\} blocks mark .*--chat-template builtin"):
         encoder_for(qwen, outside).encode_many([turns()])
 
@@ -100,8 +120,9 @@ def test_a_template_without_a_generation_prompt_still_completes_and_says_the_way
     for f in folder.iterdir():
         (tmp_path / "model" / f.name).symlink_to(f)
     (tmp_path / "model" / "tokenizer_config.json").unlink()
-    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({**config,
-                                                                          "chat_template": NO_GENERATION_PROMPT}))
+    (tmp_path / "model" / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": NO_GENERATION_PROMPT})
+    )
     r = run_cli("generate", "--model", "model", "--prompt", "Animal 3 eats", "--max-new-tokens", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["completion_tokens"] == 3
@@ -111,20 +132,37 @@ def test_a_template_without_a_generation_prompt_still_completes_and_says_the_way
     assert r.stderr.strip().splitlines()[-1] == (
         "error: model/tokenizer_config.json: add_generation_prompt does not append an assistant "
         "header to the conversation, so the answers cannot be found in its tokens; train in the built-in format "
-        "(--chat-template builtin) or give a template of your own (--chat-template PATH)")
+        "(--chat-template builtin) or give a template of your own (--chat-template PATH)"
+    )
     (tmp_path / "mine.jinja").write_text(QWEN3)
-    r = run_cli("prepare", "--tokenizer", "model", "--sft", "qa=qa.jsonl", "--chat-template", "mine.jinja",
-                "--template-arg", "enable_thinking=false", cwd=tmp_path)
+    r = run_cli(
+        "prepare",
+        "--tokenizer",
+        "model",
+        "--sft",
+        "qa=qa.jsonl",
+        "--chat-template",
+        "mine.jinja",
+        "--template-arg",
+        "enable_thinking=false",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     chat = json.loads((tmp_path / "data/cache/sft/qa_train.bin.meta.json").read_text())["chat"]
     assert chat["template_source"] == "mine.jinja" and chat["template_args"] == {"enable_thinking": False}
 
 
-@pytest.mark.parametrize("given, line", [
-    (["--template-arg", "enable-thinking"], "--template-arg enable-thinking: expected NAME=VALUE"),
-    (["--chat-template", "missing.jinja"], "--chat-template missing.jinja: cannot be read as a template file"),
-    (["--chat-template", "builtin", "--template-arg", "x=1"], "the built-in chat format takes no template arguments"),
-])
+@pytest.mark.parametrize(
+    "given, line",
+    [
+        (["--template-arg", "enable-thinking"], "--template-arg enable-thinking: expected NAME=VALUE"),
+        (["--chat-template", "missing.jinja"], "--chat-template missing.jinja: cannot be read as a template file"),
+        (
+            ["--chat-template", "builtin", "--template-arg", "x=1"],
+            "the built-in chat format takes no template arguments",
+        ),
+    ],
+)
 def test_bad_template_choices_are_one_line(qwen, tmp_path, given, line):
     folder, _, _ = qwen
     write_data(tmp_path)
@@ -145,32 +183,64 @@ def test_the_built_in_format_on_a_full_vocabulary_says_what_to_set_and_the_expor
     template, saying it is not the one the model came with."""
     model_directory("llama3", tmp_path / "model")
     write_data(tmp_path)
-    r = run_cli("prepare", "--tokenizer", "model", "--stream", "notes=notes.txt", "--sft", "qa=qa.jsonl",
-                "--chat-template", "builtin", cwd=tmp_path)
+    r = run_cli(
+        "prepare",
+        "--tokenizer",
+        "model",
+        "--stream",
+        "notes=notes.txt",
+        "--sft",
+        "qa=qa.jsonl",
+        "--chat-template",
+        "builtin",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
-    assert ("added <|user|>, <|assistant|>, <|eot|> to the tokenizer (ids 128256-128258) for the built-in chat "
-            "format; the model in model has 128,256 embedding rows: set model_cfg.V to 128,259") in r.stderr
-    cfg = {"model_cfg_path": "model/config.json", "init_from": "model", "model_cfg": {"T": 48},
-           "sft_sources": {"qa": 1.0}, "val_source": "notes", "tracking": {"log_with": []},
-           "train_cfg": {"total_steps": 2, "B": 2, "eval_every": 2, "eval_batches": 1, "ckpt_every": 2,
-                         "log_every": 2, "warmup_steps": 1}}
+    assert (
+        "added <|user|>, <|assistant|>, <|eot|> to the tokenizer (ids 128256-128258) for the built-in chat "
+        "format; the model in model has 128,256 embedding rows: set model_cfg.V to 128,259"
+    ) in r.stderr
+    cfg = {
+        "model_cfg_path": "model/config.json",
+        "init_from": "model",
+        "model_cfg": {"T": 48},
+        "sft_sources": {"qa": 1.0},
+        "val_source": "notes",
+        "tracking": {"log_with": []},
+        "train_cfg": {
+            "total_steps": 2,
+            "B": 2,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "ckpt_every": 2,
+            "log_every": 2,
+            "warmup_steps": 1,
+        },
+    }
     (tmp_path / "sft.json").write_text(json.dumps(cfg))
     r = run_cli("run", "--phase", "sft", "--config", "sft.json", cwd=tmp_path)
     errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1, r.stderr
-    assert ("the tokenizer has 128,259 tokens; prepare added <|user|>, <|assistant|>, <|eot|> to the model's own "
-            "128,256, model_cfg.V=128,256 has rows for 128,256: set model_cfg.V to 128,259") in errors[0]
+    assert (
+        "the tokenizer has 128,259 tokens; prepare added <|user|>, <|assistant|>, <|eot|> to the model's own "
+        "128,256, model_cfg.V=128,256 has rows for 128,256: set model_cfg.V to 128,259"
+    ) in errors[0]
     cfg["model_cfg"]["V"] = 128259
     (tmp_path / "sft.json").write_text(json.dumps(cfg))
     r = run_cli("run", "--phase", "sft", "--config", "sft.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "embedding grown from 128256 to 128259 rows" in r.stderr
-    assert ("SFT examples are in the built-in <|user|> ... <|eot|> format, not the template the model came with "
-            f"({(tmp_path / 'model' / 'tokenizer_config.json').resolve()})") in r.stderr
+    assert (
+        "SFT examples are in the built-in <|user|> ... <|eot|> format, not the template the model came with "
+        f"({(tmp_path / 'model' / 'tokenizer_config.json').resolve()})"
+    ) in r.stderr
     r = run_cli("export", "--format", "hf", "--out", "out", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "chat template in the export: the built-in <|user|> ... <|eot|> format" in r.stderr
-    assert "trained in the built-in chat format, so the export carries it, not the template the model came with" in r.stderr
+    assert (
+        "trained in the built-in chat format, so the export carries it, not the template the model came with"
+        in r.stderr
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.convert_tokens_to_ids("<|eot|>") == 128258 and len(tokenizer) == 128259
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 128259
@@ -189,10 +259,23 @@ def test_continued_pretraining_exports_with_the_template_and_eos_the_model_came_
     folder, _, _ = qwen
     write_data(tmp_path)
     assert run_cli("prepare", "--tokenizer", str(folder), "--stream", "notes=notes.txt", cwd=tmp_path).returncode == 0
-    cfg = {"model_cfg_path": str(folder / "config.json"), "init_from": str(folder), "model_cfg": {"T": 32},
-           "sources": {"notes": 1.0}, "val_source": "notes", "tracking": {"log_with": []},
-           "train_cfg": {"total_steps": 2, "B": 2, "eval_every": 2, "eval_batches": 1, "ckpt_every": 2,
-                         "log_every": 2, "warmup_steps": 1}}
+    cfg = {
+        "model_cfg_path": str(folder / "config.json"),
+        "init_from": str(folder),
+        "model_cfg": {"T": 32},
+        "sources": {"notes": 1.0},
+        "val_source": "notes",
+        "tracking": {"log_with": []},
+        "train_cfg": {
+            "total_steps": 2,
+            "B": 2,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "ckpt_every": 2,
+            "log_every": 2,
+            "warmup_steps": 1,
+        },
+    }
     (tmp_path / "pre.json").write_text(json.dumps(cfg))
     r = run_cli("run", "--phase", "pretrain", "--config", "pre.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

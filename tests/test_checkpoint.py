@@ -24,8 +24,14 @@ def save(model: GPT, path, step=3, state=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
     opt.step()
-    meta = {"phase": "pretrain", "run_id": "r1", "step": step, "best_val_loss": 1.5,
-            "model_cfg": model.cfg.to_dict(), "train_cfg": {"B": 4}}
+    meta = {
+        "phase": "pretrain",
+        "run_id": "r1",
+        "step": step,
+        "best_val_loss": 1.5,
+        "model_cfg": model.cfg.to_dict(),
+        "train_cfg": {"B": 4},
+    }
     state = state if state is not None else model.state_dict()
     return ckpt.write_checkpoint(path, state, tied_aliases(model), opt.state_dict(), meta), opt
 
@@ -106,10 +112,20 @@ def test_export_cli_gives_the_six_keys_and_identical_logits(world):
     blob = torch.load(world / "exported" / "model.pt", weights_only=True)
     assert sorted(blob) == sorted(["model_cfg", "train_cfg", "model_state", "optimizer_state", "step", "best_val_loss"])
     assert blob["step"] == 4 and blob["model_cfg"] == ModelConfig(**TINY_MODEL).to_dict()  # every option recorded
-    assert {k: blob["model_cfg"][k] for k in ("dropout", "bias", "tie_embeddings", "activation", "ln_eps", "position",
-                                              "norm", "mlp", "n_kv_heads")} == {
-        "dropout": 0.0, "bias": False, "tie_embeddings": True, "activation": "gelu", "ln_eps": 1e-5,
-        "position": "learned", "norm": "layernorm", "mlp": "plain", "n_kv_heads": None}
+    assert {
+        k: blob["model_cfg"][k]
+        for k in ("dropout", "bias", "tie_embeddings", "activation", "ln_eps", "position", "norm", "mlp", "n_kv_heads")
+    } == {
+        "dropout": 0.0,
+        "bias": False,
+        "tie_embeddings": True,
+        "activation": "gelu",
+        "ln_eps": 1e-5,
+        "position": "learned",
+        "norm": "layernorm",
+        "mlp": "plain",
+        "n_kv_heads": None,
+    }
     assert blob["train_cfg"]["total_steps"] == 4 and isinstance(blob["best_val_loss"], float)
     assert set(blob["optimizer_state"]) == {"state", "param_groups"}
 
@@ -123,18 +139,26 @@ def test_export_cli_gives_the_six_keys_and_identical_logits(world):
     # default source: the newest best/, default destination: checkpoints/best.pt
     (world / "checkpoints" / "best.pt").unlink()
     assert run_cli("export", cwd=world).returncode == 0
-    assert torch.load(world / "checkpoints" / "best.pt", weights_only=True)["step"] == json.loads(
-        (world / "checkpoints/pretrain/best/meta.json").read_text())["step"]
+    assert (
+        torch.load(world / "checkpoints" / "best.pt", weights_only=True)["step"]
+        == json.loads((world / "checkpoints/pretrain/best/meta.json").read_text())["step"]
+    )
     # the records name the step directory the moving best/ and latest/ pointers stood for
     best_step = json.loads((world / "checkpoints/pretrain/best/meta.json").read_text())["step"]
     record = json.loads((world / "checkpoints/best.pt.json").read_text())
     assert record["source"] == str((world / f"checkpoints/pretrain/{ckpt.step_dir_name(best_step)}").resolve())
     assert json.loads((world / "exported/model.pt.json").read_text())["source"] == str(
-        (world / "checkpoints/pretrain/step_0000004").resolve())
-    assert run_cli("export", "--format", "hf", "--checkpoint", "checkpoints/pretrain/latest", "--out", "hf",
-                   cwd=world).returncode == 0
+        (world / "checkpoints/pretrain/step_0000004").resolve()
+    )
+    assert (
+        run_cli(
+            "export", "--format", "hf", "--checkpoint", "checkpoints/pretrain/latest", "--out", "hf", cwd=world
+        ).returncode
+        == 0
+    )
     assert json.loads((world / "hf/trainer_accel_export.json").read_text())["source"] == str(
-        (world / "checkpoints/pretrain/step_0000004").resolve())
+        (world / "checkpoints/pretrain/step_0000004").resolve()
+    )
 
 
 def test_export_overwrites_only_an_earlier_export_of_its_own(world):
@@ -198,9 +222,11 @@ def test_export_refuses_bad_input(world):
     cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
     assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
     before = cfg.read_bytes()
-    for fmt, out, needle in (("pt", "pre.json/x.pt", "pre.json: cannot write --out here (pre.json is a file)"),
-                             ("hf", "pre.json/hf", "pre.json: cannot write --out here (pre.json is a file)"),
-                             ("hf", "pre.json", "--out pre.json: is a file; give a directory")):
+    for fmt, out, needle in (
+        ("pt", "pre.json/x.pt", "pre.json: cannot write --out here (pre.json is a file)"),
+        ("hf", "pre.json/hf", "pre.json: cannot write --out here (pre.json is a file)"),
+        ("hf", "pre.json", "--out pre.json: is a file; give a directory"),
+    ):
         r = run_cli("export", "--format", fmt, "--out", out, cwd=world)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert cfg.read_bytes() == before and not list(world.glob(".hf*")) and not list(world.glob(".pre*"))
@@ -255,7 +281,9 @@ def test_a_reader_of_latest_beside_a_saving_run_gets_one_whole_save(tmp_path, mo
     monkeypatch.setattr(ckpt, "load_file", real_load)
     assert ckpt.load_checkpoint(latest).origin == second.resolve()  # what a record names: the step latest/ was
     (second / "model.safetensors").unlink()
-    (second / "model.safetensors").write_bytes((latest / "model.safetensors").read_bytes())  # a copy: not the same files
+    (second / "model.safetensors").write_bytes(
+        (latest / "model.safetensors").read_bytes()
+    )  # a copy: not the same files
     assert ckpt.load_checkpoint(latest).origin == latest.resolve()
     assert ckpt.load_checkpoint(first).origin == first.resolve()
 
@@ -277,16 +305,34 @@ def test_an_exported_pt_is_checked_like_a_checkpoint_directory(world):
     unverified = world / "copy.pt"  # no record beside it: accepted, said
     shutil.copy(best, unverified)
     longer = write_config(world / "pre8.json", "pretrain", {"total_steps": 8})
-    r = run_cli("run", "--phase", "pretrain", "--config", str(longer), "--resume", str(unverified),
-                cwd=world, env={"TRAINER_ARTIFACTS_DIR": "other"})
+    r = run_cli(
+        "run",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(longer),
+        "--resume",
+        str(unverified),
+        cwd=world,
+        env={"TRAINER_ARTIFACTS_DIR": "other"},
+    )
     assert r.returncode == 0 and "copy.pt: no copy.pt.json beside it, so nothing could verify this file" in r.stderr
 
     (world / "more.txt").write_text("\n\n".join(f"Paragraph {i} of some other text entirely." for i in range(20)))
     data = world / "data"
     shutil.copytree(data, world / "data_before")
     assert prepare.main(["--stream", "roam=more.txt"]) == 0
-    r = run_cli("run", "--phase", "pretrain", "--config", str(longer), "--resume", str(best), cwd=world,
-                env={"TRAINER_ARTIFACTS_DIR": "third"})
+    r = run_cli(
+        "run",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(longer),
+        "--resume",
+        str(best),
+        cwd=world,
+        env={"TRAINER_ARTIFACTS_DIR": "third"},
+    )
     assert r.returncode == 2 and "the caches differ from those this checkpoint was trained on" in r.stderr, r.stderr
     shutil.rmtree(data)
     shutil.move(world / "data_before", data)
@@ -294,8 +340,10 @@ def test_an_exported_pt_is_checked_like_a_checkpoint_directory(world):
     raw = bytearray(best.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte in the weights, same size
     best.write_bytes(bytes(raw))
-    for args in (("run", "--phase", "pretrain", "--config", str(longer), "--resume", str(best)),
-                 ("export", "--checkpoint", str(best), "--out", "again.pt")):
+    for args in (
+        ("run", "--phase", "pretrain", "--config", str(longer), "--resume", str(best)),
+        ("export", "--checkpoint", str(best), "--out", "again.pt"),
+    ):
         r = run_cli(*args, cwd=world, env={"TRAINER_ARTIFACTS_DIR": "fourth"})
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode == 2 and len(errors) == 1, r.stderr
@@ -314,8 +362,11 @@ def test_an_empty_pt_or_pytorch_model_bin_is_one_line_not_a_traceback(world, tmp
     assert "Traceback" not in r.stderr and not (world / "out.pt").exists()
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 260, "n_positions": 32,
-                                                "n_embd": 32, "n_layer": 2, "n_head": 2}))
+    (hf / "config.json").write_text(
+        json.dumps(
+            {"model_type": "gpt2", "vocab_size": 260, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2}
+        )
+    )
     (hf / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(UserError, match=r"pytorch_model.bin: cannot be loaded safely \(EOFError\)|unreadable weights"):
         load_start(hf, None, with_optimizer=False)

@@ -10,8 +10,12 @@ from conftest import events, run_cli, write_config
 def test_compare_two_runs(world):
     for sub, lr in (("slow", 1e-3), ("fast", 3e-3)):
         cfg = write_config(world / f"{sub}.json", "pretrain", {"base_lr": lr, "min_lr": lr / 10})
-        assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world,
-                       env={"TRAINER_ARTIFACTS_DIR": sub}).returncode == 0
+        assert (
+            run_cli(
+                "run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"TRAINER_ARTIFACTS_DIR": sub}
+            ).returncode
+            == 0
+        )
     r = run_cli("compare", "slow", "fast/metrics/events.jsonl", "--out", "out/cmp.png", cwd=world)
     assert r.returncode == 0, r.stderr
     png = (world / "out/cmp.png").read_bytes()

@@ -27,7 +27,8 @@ def reference(tmp_path_factory):
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=root, env=env)
     assert r.returncode == 0, r.stderr
     return load_file(str(root / "checkpoints/pretrain/latest/model.safetensors")), torch.load(
-        root / "checkpoints/best.pt", weights_only=True)["step"]
+        root / "checkpoints/best.pt", weights_only=True
+    )["step"]
 
 
 def leftovers(root):
@@ -128,9 +129,11 @@ def test_a_damaged_latest_is_reported_as_damage_not_as_an_interrupted_save(world
     assert r.returncode == 0, r.stderr
     broken = [line for line in r.stderr.splitlines() if " is broken (" in line]
     assert {line.split("checkpoint ")[1].split(" is broken")[0] for line in broken} == {
-        "checkpoints/pretrain/latest", "checkpoints/pretrain/step_0000004"}, r.stderr
-    assert all("does not match its sha256" in line and "a damaged file, not an interrupted save" in line
-               for line in broken)
+        "checkpoints/pretrain/latest",
+        "checkpoints/pretrain/step_0000004",
+    }, r.stderr
+    assert all(
+        "does not match its sha256" in line and "a damaged file, not an interrupted save" in line for line in broken
+    )
     assert "best/ was DAMAGED (model.safetensors does not match its sha256" in r.stderr  # best was step 4 too
     assert ckpt.read_meta(ck / "latest")["step"] == 4  # trained again from step 2
-

@@ -26,23 +26,54 @@ SAMPLE = [{"prompt": "The zordax is", "max_new_tokens": 8, "temperature": 0.0}]
 # FSDP2 shards on the CPU only where torch's CPU streams record events (torch 2.13 does; 2.6, the floor, stops in
 # FSDP2's pre-forward: "'Stream' object has no attribute 'record_event'"). There gpu_check runs FSDP2 on a GPU.
 CPU_FSDP2 = hasattr(torch.cpu.Stream, "record_event")
-needs_cpu_fsdp2 = pytest.mark.skipif(not CPU_FSDP2, reason=f"FSDP2 does not run on the CPU with torch {torch.__version__}")
+needs_cpu_fsdp2 = pytest.mark.skipif(
+    not CPU_FSDP2, reason=f"FSDP2 does not run on the CPU with torch {torch.__version__}"
+)
 
 
-def launch(world: Path, launch_file: str, target: list[str], *run_args: str, artifacts: str, launcher: tuple = (),
-           env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(
+    world: Path,
+    launch_file: str,
+    target: list[str],
+    *run_args: str,
+    artifacts: str,
+    launcher: tuple = (),
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file launch/<file> TARGET ARGS` with its own port and artifacts dir."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / launch_file),
-           "--main_process_port", str(free_port()), *launcher, *target, *run_args]
-    return subprocess.run(cmd, cwd=world, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRAINER_ARTIFACTS_DIR": str(world / artifacts), **(env or {})})
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch" / launch_file),
+        "--main_process_port",
+        str(free_port()),
+        *launcher,
+        *target,
+        *run_args,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=world,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRAINER_ARTIFACTS_DIR": str(world / artifacts), **(env or {})},
+    )
 
 
 def emulated_fp16(world: Path, cfg: Path, init_scale: float) -> subprocess.CompletedProcess:
-    """`python -m trainer_accel.run --phase pretrain` with fp16 and a loss scaler as on a GPU, starting at init_scale."""
-    return subprocess.run([sys.executable, str(EMULATED), "fp16", "--phase", "pretrain", "--config", str(cfg)], cwd=world,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TEST_INIT_SCALE": str(init_scale)})
+    """`python -m trainer_accel.run --phase pretrain` with fp16 and a loss scaler as on a GPU, starting at
+    init_scale."""
+    return subprocess.run(
+        [sys.executable, str(EMULATED), "fp16", "--phase", "pretrain", "--config", str(cfg)],
+        cwd=world,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TEST_INIT_SCALE": str(init_scale)},
+    )
 
 
 def samples(artifacts: Path) -> dict[str, str]:
@@ -61,8 +92,19 @@ def test_fsdp2_trains_samples_resumes_and_saves_the_same_checkpoint_as_ddp(world
     ddp = ("cpu_2proc.yaml", ["-m", "trainer_accel.run"], ())
     for steps in (4, 6):
         for artifacts, (launch_file, target, launcher) in (("fsdp", fsdp), ("ddp", ddp)):
-            r = launch(world, launch_file, target, "--phase", "pretrain", "--config", str(cfg), "--set",
-                       f"train_cfg.total_steps={steps}", artifacts=artifacts, launcher=launcher)
+            r = launch(
+                world,
+                launch_file,
+                target,
+                "--phase",
+                "pretrain",
+                "--config",
+                str(cfg),
+                "--set",
+                f"train_cfg.total_steps={steps}",
+                artifacts=artifacts,
+                launcher=launcher,
+            )
             assert r.returncode == 0, r.stderr[-3000:]
             if steps == 6:
                 assert "resumed from" in r.stderr and "at step 4" in r.stderr
@@ -70,8 +112,9 @@ def test_fsdp2_trains_samples_resumes_and_saves_the_same_checkpoint_as_ddp(world
     for pointer in ("latest", "best", "step_0000004"):
         fsdp_meta = json.loads((a / "checkpoints/pretrain" / pointer / "meta.json").read_text())
         assert fsdp_meta["tied"] == {"lm_head.weight": "tok_emb.weight"}
-        assert sha256_file(a / "checkpoints/pretrain" / pointer / "model.safetensors") == \
-            sha256_file(b / "checkpoints/pretrain" / pointer / "model.safetensors")
+        assert sha256_file(a / "checkpoints/pretrain" / pointer / "model.safetensors") == sha256_file(
+            b / "checkpoints/pretrain" / pointer / "model.safetensors"
+        )
     assert sorted(samples(a)) == ["step-00000002-00.json", "step-00000004-00.json", "step-00000006-00.json"]
     assert samples(a) == samples(b)
     best = torch.load(a / "checkpoints/best.pt", weights_only=True)
@@ -79,20 +122,50 @@ def test_fsdp2_trains_samples_resumes_and_saves_the_same_checkpoint_as_ddp(world
 
 
 @needs_cpu_fsdp2
-@pytest.mark.parametrize("model", [{}, {"model_cfg": {"V": 260, "T": 32, "C": 32, "L": 2, "H": 4, "n_kv_heads": 2,
-                                                    "d_ff": 48, "position": "rope", "norm": "rmsnorm", "mlp": "gated",
-                                                    "activation": "silu", "tie_embeddings": False}}],
-                         ids=["gpt2-style", "llama-style"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        {},
+        {
+            "model_cfg": {
+                "V": 260,
+                "T": 32,
+                "C": 32,
+                "L": 2,
+                "H": 4,
+                "n_kv_heads": 2,
+                "d_ff": 48,
+                "position": "rope",
+                "norm": "rmsnorm",
+                "mlp": "gated",
+                "activation": "silu",
+                "tie_embeddings": False,
+            }
+        },
+    ],
+    ids=["gpt2-style", "llama-style"],
+)
 def test_fsdp2_bf16_reduces_gradients_in_fp32_and_trains(world, model):
     """Accelerate's own FSDP2 bf16 policy reduces gradients in bf16, unlike DDP; ours reduces them in fp32. (An fp32
     output_dtype, tried first, broke the forward: Accelerate's separate unit for the final norm returned fp32 into
     the bf16 output layer.) A Llama-style model shards by block the same way (RMSNorm, rotary tables in fp32)."""
     cfg = write_config(world / "pre.json", "pretrain", {**SHORT, "total_steps": 2}, **model)
-    r = launch(world, "fsdp.yaml", [str(EMULATED), "fsdp"], "--phase", "pretrain", "--config", str(cfg),
-               artifacts="bf16", launcher=("--num_processes", "2", "--mixed_precision", "bf16"))
+    r = launch(
+        world,
+        "fsdp.yaml",
+        [str(EMULATED), "fsdp"],
+        "--phase",
+        "pretrain",
+        "--config",
+        str(cfg),
+        artifacts="bf16",
+        launcher=("--num_processes", "2", "--mixed_precision", "bf16"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert ("FSDP2: parameters gathered and computed in bfloat16, gradients reduced in float32; weights, optimizer "
-            "state and the loss float32") in r.stderr
+    assert (
+        "FSDP2: parameters gathered and computed in bfloat16, gradients reduced in float32; weights, optimizer "
+        "state and the loss float32"
+    ) in r.stderr
     losses = [e["val/loss"] for e in events(world / "bf16", "eval")]
     assert len(losses) == 2 and losses[1] < losses[0]
 
@@ -115,8 +188,17 @@ def test_fsdp_plugin_keeps_fp32_reduction_for_half_precision(monkeypatch):
 
 def test_fsdp_without_a_gpu_is_refused(world):
     cfg = write_config(world / "pre.json", "pretrain", SHORT)
-    r = launch(world, "fsdp.yaml", ["-m", "trainer_accel.run"], "--phase", "pretrain", "--config", str(cfg),
-               artifacts="run", launcher=("--num_processes", "2"))
+    r = launch(
+        world,
+        "fsdp.yaml",
+        ["-m", "trainer_accel.run"],
+        "--phase",
+        "pretrain",
+        "--config",
+        str(cfg),
+        artifacts="run",
+        launcher=("--num_processes", "2"),
+    )
     assert r.returncode != 0 and "error: FSDP was asked for (launch/fsdp.yaml) without a CUDA GPU" in r.stderr
     assert not (world / "run/checkpoints").exists()
 
@@ -142,9 +224,19 @@ def test_fp16_overflows_are_the_loss_scalers_to_skip(world):
 def test_fp16_non_finite_loss_is_the_trainers_skip(world):
     """A loss that is itself non-finite is the trainer's to skip ("skip" mode), counted, and it stops after
     max_nonfinite_skips in a row, under fp16 as without a scaler."""
-    cfg = write_config(world / "pre.json", "pretrain", {"base_lr": 1e12, "min_lr": 1e11, "grad_clip": 0.0,
-                                                        "on_nonfinite": "skip", "max_nonfinite_skips": 3,
-                                                        "total_steps": 8, "ckpt_every": 1})
+    cfg = write_config(
+        world / "pre.json",
+        "pretrain",
+        {
+            "base_lr": 1e12,
+            "min_lr": 1e11,
+            "grad_clip": 0.0,
+            "on_nonfinite": "skip",
+            "max_nonfinite_skips": 3,
+            "total_steps": 8,
+            "ckpt_every": 1,
+        },
+    )
     r = emulated_fp16(world, cfg, init_scale=2.0**16)
     assert r.returncode == 1 and "error: 3 non-finite updates in a row" in r.stderr, r.stderr[-3000:]
     skipped = [e["step"] for e in events(world, "skipped")]
@@ -160,28 +252,44 @@ def test_resume_keeps_the_optimizer_flags_of_this_device(world):
     for group in blob["optimizer_state"]["param_groups"]:
         group.update(fused=True, foreach=True)
     torch.save(blob, world / "from_cuda.pt")
-    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--resume", "from_cuda.pt", "--set",
-                "train_cfg.total_steps=4", cwd=world)
+    r = run_cli(
+        "run",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(cfg),
+        "--resume",
+        "from_cuda.pt",
+        "--set",
+        "train_cfg.total_steps=4",
+        cwd=world,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     saved = torch.load(world / "checkpoints/pretrain/latest/optimizer.pt", weights_only=True)
     built_here = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]
-    assert [(g["fused"], g["foreach"]) for g in saved["param_groups"]] == [(built_here["fused"], built_here["foreach"])] * 2
+    assert [(g["fused"], g["foreach"]) for g in saved["param_groups"]] == [
+        (built_here["fused"], built_here["foreach"])
+    ] * 2
     assert json.loads((world / "checkpoints/pretrain/latest/meta.json").read_text())["step"] == 4
 
 
-@pytest.mark.parametrize("name, precision, tf32, tflops, source", [
-    ("NVIDIA H100 80GB HBM3", "bf16", True, 989.0, "H100 bf16/fp16"),
-    ("NVIDIA H100 NVL", "bf16", True, 835.0, "H100 NVL bf16/fp16"),
-    ("NVIDIA H100 PCIe", "fp16", True, 756.0, "H100 PCIe bf16/fp16"),
-    ("NVIDIA GH200 480GB", "bf16", True, 989.0, "GH200 bf16/fp16"),
-    ("NVIDIA H200", "no", True, 494.0, "H200 tf32"),
-    ("NVIDIA H100 80GB HBM3", "no", False, 67.0, "H100 fp32"),
-    ("NVIDIA A100-SXM4-80GB", "bf16", True, 312.0, "A100 bf16/fp16"),
-    ("NVIDIA A10G", "no", False, 31.2, "A10G fp32"),
-    ("NVIDIA L40S", "bf16", True, 362.0, "L40S bf16/fp16"),
-])
-def test_gpu_peaks_match_the_card_and_the_precision_its_matmuls_run_in(monkeypatch, name, precision, tf32, tflops,
-                                                                       source):
+@pytest.mark.parametrize(
+    "name, precision, tf32, tflops, source",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", True, 989.0, "H100 bf16/fp16"),
+        ("NVIDIA H100 NVL", "bf16", True, 835.0, "H100 NVL bf16/fp16"),
+        ("NVIDIA H100 PCIe", "fp16", True, 756.0, "H100 PCIe bf16/fp16"),
+        ("NVIDIA GH200 480GB", "bf16", True, 989.0, "GH200 bf16/fp16"),
+        ("NVIDIA H200", "no", True, 494.0, "H200 tf32"),
+        ("NVIDIA H100 80GB HBM3", "no", False, 67.0, "H100 fp32"),
+        ("NVIDIA A100-SXM4-80GB", "bf16", True, 312.0, "A100 bf16/fp16"),
+        ("NVIDIA A10G", "no", False, 31.2, "A10G fp32"),
+        ("NVIDIA L40S", "bf16", True, 362.0, "L40S bf16/fp16"),
+    ],
+)
+def test_gpu_peaks_match_the_card_and_the_precision_its_matmuls_run_in(
+    monkeypatch, name, precision, tf32, tflops, source
+):
     from trainer_accel.devices import hardware
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
@@ -193,7 +301,10 @@ def test_unknown_gpu_has_no_peak(monkeypatch):
     from trainer_accel.devices import hardware
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Future 9000")
-    assert hardware.gpu_peak_flops(torch.device("cuda"), "bf16", True) == (None, "no datasheet peak known for 'NVIDIA Future 9000'")
+    assert hardware.gpu_peak_flops(torch.device("cuda"), "bf16", True) == (
+        None,
+        "no datasheet peak known for 'NVIDIA Future 9000'",
+    )
 
 
 def test_the_suite_runs_on_the_cpu_on_a_gpu_machine_too():
@@ -205,8 +316,9 @@ def test_the_suite_runs_on_the_cpu_on_a_gpu_machine_too():
 def test_gpu_check_without_a_gpu_says_so_and_runs_nothing(world):
     r = run_cli("gpu_check", cwd=world)
     assert r.returncode == 0
-    assert r.stdout.strip() == ("gpu_check: no CUDA GPU on this machine (torch.cuda.is_available() is False); "
-                                "nothing was run")
+    assert r.stdout.strip() == (
+        "gpu_check: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing was run"
+    )
     assert sorted(p.name for p in world.iterdir()) == ["data"]  # the world fixture's caches only
 
 
@@ -214,7 +326,8 @@ def test_unconnected_processes_are_refused(world):
     """Where Accelerate cannot connect launched processes (Apple MPS), they would each train alone and write the
     same checkpoints: refused, with the way out."""
     cfg = write_config(world / "pre.json", "pretrain", SHORT)
-    r = launch(world, "cpu_2proc.yaml", [str(EMULATED), "mps"], "--phase", "pretrain", "--config", str(cfg),
-               artifacts="run")
+    r = launch(
+        world, "cpu_2proc.yaml", [str(EMULATED), "mps"], "--phase", "pretrain", "--config", str(cfg), artifacts="run"
+    )
     assert r.returncode != 0 and "error: the launcher started 2 processes but they are not connected" in r.stderr
     assert "add --device cpu" in r.stderr and not (world / "run/checkpoints").exists()

@@ -24,9 +24,16 @@ def test_launch_files_load_and_are_documented(name):
 
     cfg = load_config_from_file(str(ROOT / "launch" / name))  # Accelerate's own parser: unknown keys are errors
     header = (ROOT / "launch" / name).read_text().split("\n")
-    assert header[0].startswith("# ") and any(f"--config_file launch/{name}" in line for line in header if line.startswith("#"))
+    assert header[0].startswith("# ") and any(
+        f"--config_file launch/{name}" in line for line in header if line.startswith("#")
+    )
     assert f"--config_file launch/{name}" in (ROOT / "docs" / "devices.md").read_text()
-    expected = {"fsdp.yaml": "FSDP", "ddp.yaml": "MULTI_GPU", "multi_node.yaml": "MULTI_GPU", "cpu_2proc.yaml": "MULTI_GPU"}
+    expected = {
+        "fsdp.yaml": "FSDP",
+        "ddp.yaml": "MULTI_GPU",
+        "multi_node.yaml": "MULTI_GPU",
+        "cpu_2proc.yaml": "MULTI_GPU",
+    }
     assert cfg.distributed_type.value == expected.get(name, "NO")
     if name == "multi_node.yaml":
         assert cfg.num_machines == 2 and cfg.main_process_ip and cfg.main_process_port
@@ -69,9 +76,22 @@ def test_run_logs_its_compute_plan_and_warns_about_one_thread(world):
 @needs_cpu_fsdp2
 def test_fsdp_sharded_optimizer_state_round_trips_to_the_checkpoint_form(world):
     """FSDP2 on 2 gloo CPU processes (torch's own launcher: Accelerate runs FSDP on GPUs only)."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                        str(ROOT / "tests" / "fsdp_state_roundtrip.py")], cwd=world, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "tests" / "fsdp_state_roundtrip.py"),
+        ],
+        cwd=world,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "FSDP STATE ROUNDTRIP OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
@@ -107,8 +127,14 @@ def test_bench_prints_and_writes_every_figure(world):
     assert figures["peak_flops"] > 0 and figures["sampling_tokens_per_sec"] > 0
     t = figures["trainer"]
     assert t["save_s"] > 0 and t["save_durable_s"] > 0 and t["load_s"] > 0 and t["torch_save_s"] > 0
-    for line in ("trainer / plain step time <= 1.02", "checkpoint save", "checkpoint load", "data sampling",
-                 "peak memory", "MFU"):
+    for line in (
+        "trainer / plain step time <= 1.02",
+        "checkpoint save",
+        "checkpoint load",
+        "data sampling",
+        "peak memory",
+        "MFU",
+    ):
         assert line in r.stdout
     assert "ms/step" in r.stdout and "tokens/s" in r.stdout
 
@@ -143,12 +169,16 @@ PACKING = ["bench", "--config", "configs/demo/sft.json", "--phase", "sft", "--pa
 EVALUATE = ["runs", "evaluate", "nowhere", "--baseline", "nowhere"]
 
 
-@pytest.mark.parametrize("command, device, says", [
-    (BENCH, "cuda", "--device cuda: CUDA is not available"), (PACKING, "cuda", "--device cuda: CUDA is not available"),
-    (EVALUATE, "cuda", "--device cuda: CUDA is not available"),
-    (EVALUATE, "cuda:1", "--device cuda: CUDA is not available"),
-    (EVALUATE, "gpu", "--device gpu: expected one of cpu, mps, cuda"),
-])
+@pytest.mark.parametrize(
+    "command, device, says",
+    [
+        (BENCH, "cuda", "--device cuda: CUDA is not available"),
+        (PACKING, "cuda", "--device cuda: CUDA is not available"),
+        (EVALUATE, "cuda", "--device cuda: CUDA is not available"),
+        (EVALUATE, "cuda:1", "--device cuda: CUDA is not available"),
+        (EVALUATE, "gpu", "--device gpu: expected one of cpu, mps, cuda"),
+    ],
+)
 def test_a_device_this_machine_lacks_is_one_line_from_every_command(tmp_path, command, device, says):
     if torch.cuda.is_available() and device.startswith("cuda"):
         pytest.skip("this machine has CUDA")
@@ -168,5 +198,7 @@ def test_the_collective_timeout_covers_the_main_processes_own_work_and_can_be_se
     assert accelerator.process_group_kwargs().timeout == timedelta(hours=2)
     for bad in ("0", "soon", "-5"):
         monkeypatch.setenv(accelerator.COLLECTIVE_TIMEOUT_ENV, bad)
-        with pytest.raises(UserError, match=f"TRAINER_COLLECTIVE_TIMEOUT_S={bad}: expected a number of seconds above 0"):
+        with pytest.raises(
+            UserError, match=f"TRAINER_COLLECTIVE_TIMEOUT_S={bad}: expected a number of seconds above 0"
+        ):
             accelerator.process_group_kwargs()

@@ -21,8 +21,14 @@ def test_missing_caches_are_all_listed(world):
         (world / "data/cache/streams" / f"{name}.bin").unlink()
     cfg = write_config(world / "pre.json", "pretrain")
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
-    assert_user_error(r, "data/cache/streams/roam_train.bin: cache missing", "data/cache/streams/wiki_val.bin: cache missing",
-                      "naming convention", "{source}_{split}.bin", "a source name is 1-64 lowercase letters, digits and _")
+    assert_user_error(
+        r,
+        "data/cache/streams/roam_train.bin: cache missing",
+        "data/cache/streams/wiki_val.bin: cache missing",
+        "naming convention",
+        "{source}_{split}.bin",
+        "a source name is 1-64 lowercase letters, digits and _",
+    )
     assert not (world / "checkpoints").exists()
 
 
@@ -30,14 +36,18 @@ def test_sft_with_missing_sft_caches_does_not_fall_back(world):
     shutil.rmtree(world / "data/cache/sft")
     cfg = write_config(world / "sft.json", "sft")
     r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world)
-    assert_user_error(r, "data/cache/sft/dolly_train.bin: cache missing", "data/cache/sft/oasst1_train.bin: cache missing")
+    assert_user_error(
+        r, "data/cache/sft/dolly_train.bin: cache missing", "data/cache/sft/oasst1_train.bin: cache missing"
+    )
 
 
 def test_pipeline_checks_sft_caches_before_pretraining(world):
     (world / "data/cache/sft/primer_train.bin").unlink()
     write_config(world / "c/pretrain.json", "pretrain")
     write_config(world / "c/sft.json", "sft")
-    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
+    (world / "c/pipeline.json").write_text(
+        json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"})
+    )
     r = run_cli("run", "--phase", "pipeline", "--config", "c/pipeline.json", cwd=world)
     assert_user_error(r, "sft/primer_train.bin: cache missing")
     assert not (world / "checkpoints" / "pretrain").exists()
@@ -93,10 +103,26 @@ def test_bad_config_names_the_key(tmp_path, patch, message):
 
 SFT_AND_PIPELINE = [
     ("sft", {"model_cfg": TINY_MODEL}, "sft_sources: missing"),
-    ("sft", {"model_cfg": TINY_MODEL, "sft_sources": {"dolly": 1.0}, "init_from": 5}, "init_from: expected a checkpoint path or null"),
-    ("sft", {"model_cfg": TINY_MODEL, "sft_sources": {"qa-set": 1.0}}, "sft_sources.qa-set: 'qa-set' is not a source name"),
-    ("pipeline", {"pretrain_config_path": "p.json", "sft_cfg_path": "s.json"}, "sft_cfg_path: unknown key (did you mean 'sft_config_path'?)"),
-    ("pipeline", {"pretrain_config_path": "missing.json", "sft_config_path": "s.json"}, "missing.json: pretrain config not found"),
+    (
+        "sft",
+        {"model_cfg": TINY_MODEL, "sft_sources": {"dolly": 1.0}, "init_from": 5},
+        "init_from: expected a checkpoint path or null",
+    ),
+    (
+        "sft",
+        {"model_cfg": TINY_MODEL, "sft_sources": {"qa-set": 1.0}},
+        "sft_sources.qa-set: 'qa-set' is not a source name",
+    ),
+    (
+        "pipeline",
+        {"pretrain_config_path": "p.json", "sft_cfg_path": "s.json"},
+        "sft_cfg_path: unknown key (did you mean 'sft_config_path'?)",
+    ),
+    (
+        "pipeline",
+        {"pretrain_config_path": "missing.json", "sft_config_path": "s.json"},
+        "missing.json: pretrain config not found",
+    ),
     ("pretrain", [1, 2], "expected a JSON object at the top level"),
 ]
 
@@ -109,7 +135,9 @@ def test_bad_sft_and_pipeline_configs_name_the_key(tmp_path, kind, data, message
     (tmp_path / "s.json").write_text(json.dumps({"model_cfg": TINY_MODEL, "sft_sources": {"dolly": 1.0}}))
     (tmp_path / "c.json").write_text(json.dumps(data))
     with pytest.raises(UserError) as e:
-        load_pipeline_config(tmp_path / "c.json") if kind == "pipeline" else load_phase_config(tmp_path / "c.json", kind)
+        load_pipeline_config(tmp_path / "c.json") if kind == "pipeline" else load_phase_config(
+            tmp_path / "c.json", kind
+        )
     assert any(message in p for p in e.value.problems), e.value.problems
 
 
@@ -119,26 +147,40 @@ def test_cache_hash_checked_on_demand(world):
     data[10] ^= 0x01  # same size, different content
     f.write_bytes(bytes(data))
     cfg = write_config(world / "pre.json", "pretrain", {"verify_cache_hash": True, "total_steps": 2, "eval_every": 2})
-    assert_user_error(run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world),
-                      "wiki_val.bin: content does not match the sha256 in its meta")
+    assert_user_error(
+        run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world),
+        "wiki_val.bin: content does not match the sha256 in its meta",
+    )
 
 
 def test_all_config_problems_reported_together_through_the_cli(world):
-    (world / "c.json").write_text(json.dumps({"model_cfg": {**TINY_MODEL, "L": 0}, "train_cfg": {"B": -1, "seed": "x"}}))
+    (world / "c.json").write_text(
+        json.dumps({"model_cfg": {**TINY_MODEL, "L": 0}, "train_cfg": {"B": -1, "seed": "x"}})
+    )
     r = run_cli("run", "--phase", "pretrain", "--config", "c.json", cwd=world)
-    assert_user_error(r, "model_cfg.L: must be a positive integer", "train_cfg.B: must be a positive integer, got -1",
-                      "train_cfg.seed: expected an integer")
-    (world / "broken.json").write_text("{\n  \"model_cfg\": }")
-    assert_user_error(run_cli("run", "--phase", "pretrain", "--config", "broken.json", cwd=world),
-                      "broken.json: pretrain config is not valid JSON (line 2")
-    assert_user_error(run_cli("run", "--phase", "pretrain", "--config", "nope.json", cwd=world),
-                      "nope.json: pretrain config not found")
+    assert_user_error(
+        r,
+        "model_cfg.L: must be a positive integer",
+        "train_cfg.B: must be a positive integer, got -1",
+        "train_cfg.seed: expected an integer",
+    )
+    (world / "broken.json").write_text('{\n  "model_cfg": }')
+    assert_user_error(
+        run_cli("run", "--phase", "pretrain", "--config", "broken.json", cwd=world),
+        "broken.json: pretrain config is not valid JSON (line 2",
+    )
+    assert_user_error(
+        run_cli("run", "--phase", "pretrain", "--config", "nope.json", cwd=world),
+        "nope.json: pretrain config not found",
+    )
 
 
 def test_resume_with_other_model_shape_is_refused(world):
     cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
     assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
-    wider = write_config(world / "wide.json", "pretrain", {"total_steps": 4}, model_cfg={**TINY_MODEL, "C": 64, "d_ff": 128})
+    wider = write_config(
+        world / "wide.json", "pretrain", {"total_steps": 4}, model_cfg={**TINY_MODEL, "C": 64, "d_ff": 128}
+    )
     r = run_cli("run", "--phase", "pretrain", "--config", str(wider), cwd=world)
     assert_user_error(r, "checkpoint model shape differs from the config (C: 32 vs 64, d_ff: 64 vs 128")
     r = run_cli("run", "--phase", "pretrain", "--config", str(wider), "--resume", "checkpoints/best.pt", cwd=world)
@@ -153,13 +195,18 @@ def test_unavailable_device_is_refused(world):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert_user_error(run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--device", "cuda", cwd=world),
-                      "--device cuda: CUDA is not available")
+    assert_user_error(
+        run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--device", "cuda", cwd=world),
+        "--device cuda: CUDA is not available",
+    )
 
 
 def test_diverging_run_stops_without_saving_non_finite_weights(world):
-    cfg = write_config(world / "pre.json", "pretrain", {"base_lr": 1e12, "min_lr": 1e11, "log_every": 4, "ckpt_every": 3,
-                                                       "total_steps": 8, "grad_clip": 0.0})
+    cfg = write_config(
+        world / "pre.json",
+        "pretrain",
+        {"base_lr": 1e12, "min_lr": 1e11, "log_every": 4, "ckpt_every": 3, "total_steps": 8, "grad_clip": 0.0},
+    )
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "error: training loss is not finite at step" in r.stderr
@@ -172,7 +219,7 @@ def test_diverging_run_stops_without_saving_non_finite_weights(world):
         assert all(torch.isfinite(t).all() for t in load_file(str(d / "model.safetensors")).values()), d
     assert not (world / "checkpoints" / "best.pt").exists()
     recorded = [e["train/loss"] for e in events(world, "train")]
-    assert None in recorded and all(math.isfinite(x) for x in recorded[:recorded.index(None)])  # null = not finite
+    assert None in recorded and all(math.isfinite(x) for x in recorded[: recorded.index(None)])  # null = not finite
 
 
 def test_sft_answers_beyond_t_and_token_ids_beyond_v_stop_the_start(world):
@@ -199,7 +246,9 @@ def test_sft_answers_beyond_t_and_token_ids_beyond_v_stop_the_start(world):
     pre = write_config(world / "pre.json", "pretrain")
     r = run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode == 2 and errors == [f"error: {cache.relative_to(world)}: holds token id 300, not below model_cfg.V=260"], r.stderr
+    assert r.returncode == 2 and errors == [
+        f"error: {cache.relative_to(world)}: holds token id 300, not below model_cfg.V=260"
+    ], r.stderr
 
 
 def test_outputs_that_cannot_be_written_stop_the_start(world):
@@ -210,16 +259,22 @@ def test_outputs_that_cannot_be_written_stop_the_start(world):
     cfg = write_config(world / "pre.json", "pretrain")
     run = ("run", "--phase", "pretrain", "--config", str(cfg))
     r = run_cli(*run, cwd=world, env={"TRAINER_ARTIFACTS_DIR": "blocker/art"})
-    assert_user_error(r, "error: blocker/art/checkpoints: cannot write checkpoints here",
-                      "error: blocker/art/runs: cannot write the run registry here")
+    assert_user_error(
+        r,
+        "error: blocker/art/checkpoints: cannot write checkpoints here",
+        "error: blocker/art/runs: cannot write the run registry here",
+    )
     plan = run_cli(*run, "--plan", cwd=world, env={"TRAINER_RUNS_DIR": "blocker/runs"})
     assert plan.returncode == 2 and "blocker/runs: cannot write the run registry here" in plan.stdout
     (world / "out").mkdir()
     assert_user_error(run_cli(*run, "--result-json", "out", cwd=world), "--result-json out: is a directory")
-    assert_user_error(run_cli("export", "--checkpoint", "nowhere", "--out", "out", cwd=world),
-                      "--out out: is a directory")
-    assert_user_error(run_cli("prepare", "--demo", cwd=world, env={"TRAINER_DATA_DIR": "blocker/data"}),
-                      "blocker/data/cache: cannot write caches here")
+    assert_user_error(
+        run_cli("export", "--checkpoint", "nowhere", "--out", "out", cwd=world), "--out out: is a directory"
+    )
+    assert_user_error(
+        run_cli("prepare", "--demo", cwd=world, env={"TRAINER_DATA_DIR": "blocker/data"}),
+        "blocker/data/cache: cannot write caches here",
+    )
     assert not list(world.rglob("meta.json")) and not list(world.rglob("events.jsonl"))  # nothing trained
 
 

@@ -23,7 +23,9 @@ from trainer_accel.training.loop import Trainer
 def pipeline_config(world, pretrain_top: dict | None = None, **sft_top):
     write_config(world / "c/pretrain.json", "pretrain", **(pretrain_top or {}))
     write_config(world / "c/sft.json", "sft", **sft_top)
-    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
+    (world / "c/pipeline.json").write_text(
+        json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"})
+    )
     return world / "c/pipeline.json"
 
 
@@ -35,19 +37,28 @@ def setting(plan_text: str, key: str) -> list[str]:
 
 def test_overrides_beat_the_file_which_beats_the_defaults(world):
     cfg_path = write_config(world / "pre.json", "pretrain", {"base_lr": 2e-3})
-    cfg = load_phase_config(cfg_path, "pretrain", parse_overrides(["train_cfg.base_lr=1e-3", "train_cfg.seed=3",
-                                                                   "val_source=roam", "tracking.tags=[\"sweep\"]"]))
+    cfg = load_phase_config(
+        cfg_path,
+        "pretrain",
+        parse_overrides(["train_cfg.base_lr=1e-3", "train_cfg.seed=3", "val_source=roam", 'tracking.tags=["sweep"]']),
+    )
     assert (cfg.train.base_lr, cfg.train.seed, cfg.val_source, cfg.tracking.tags) == (1e-3, 3, "roam", ("sweep",))
     assert cfg.train.B == 4 and cfg.train.beta1 == 0.9  # file, default
-    assert (cfg.provenance["train_cfg.base_lr"], cfg.provenance["train_cfg.B"], cfg.provenance["train_cfg.beta1"],
-            cfg.provenance["val_source"]) == ("override", "file", "default", "override")
+    assert (
+        cfg.provenance["train_cfg.base_lr"],
+        cfg.provenance["train_cfg.B"],
+        cfg.provenance["train_cfg.beta1"],
+        cfg.provenance["val_source"],
+    ) == ("override", "file", "default", "override")
     assert cfg.fingerprint == fingerprint(cfg.resolved()) != load_phase_config(cfg_path, "pretrain").fingerprint
     assert json.loads(cfg_path.read_text())["train_cfg"]["base_lr"] == 2e-3  # the file is not touched
 
-    for sets, message in [(["train_cfg.bse_lr=1"], "--set train_cfg.bse_lr=1: train_cfg.bse_lr: unknown key (did you mean 'base_lr'?)"),
-                          (["trian_cfg.B=2"], "config.trian_cfg: unknown key (did you mean 'train_cfg'?)"),
-                          (["train_cfg.B"], "expected KEY=VALUE"),
-                          (["train_cfg.B=two"], 'train_cfg.B: expected an integer, got "two" (from --set train_cfg.B=two)')]:
+    for sets, message in [
+        (["train_cfg.bse_lr=1"], "--set train_cfg.bse_lr=1: train_cfg.bse_lr: unknown key (did you mean 'base_lr'?)"),
+        (["trian_cfg.B=2"], "config.trian_cfg: unknown key (did you mean 'train_cfg'?)"),
+        (["train_cfg.B"], "expected KEY=VALUE"),
+        (["train_cfg.B=two"], 'train_cfg.B: expected an integer, got "two" (from --set train_cfg.B=two)'),
+    ]:
         with pytest.raises(UserError) as e:
             load_phase_config(cfg_path, "pretrain", parse_overrides(sets))
         assert message in str(e.value)
@@ -55,13 +66,33 @@ def test_overrides_beat_the_file_which_beats_the_defaults(world):
 
 def test_pipeline_overrides_reach_both_or_one_phase(world, capsys):
     path = pipeline_config(world)
-    assert run.main(["--phase", "pipeline", "--config", str(path), "--plan", "--set", "train_cfg.seed=5",
-                     "--set", "sft.train_cfg.base_lr=1e-3"]) == 0
+    assert (
+        run.main(
+            [
+                "--phase",
+                "pipeline",
+                "--config",
+                str(path),
+                "--plan",
+                "--set",
+                "train_cfg.seed=5",
+                "--set",
+                "sft.train_cfg.base_lr=1e-3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     pre, sft = out.split("== sft:")
     assert setting(pre, "train_cfg.seed") == setting(sft, "train_cfg.seed") == ["5", "override"]
-    assert setting(pre, "train_cfg.base_lr") == ["0.003", "file"] and setting(sft, "train_cfg.base_lr") == ["0.001", "override"]
-    assert run.main(["--phase", "pretrain", "--config", str(path.parent / "pretrain.json"), "--set", "train_cfg.nope=1"]) == 2
+    assert setting(pre, "train_cfg.base_lr") == ["0.003", "file"] and setting(sft, "train_cfg.base_lr") == [
+        "0.001",
+        "override",
+    ]
+    assert (
+        run.main(["--phase", "pretrain", "--config", str(path.parent / "pretrain.json"), "--set", "train_cfg.nope=1"])
+        == 2
+    )
     assert "train_cfg.nope: unknown key" in capsys.readouterr().err
 
 
@@ -70,22 +101,35 @@ def test_plan_prints_the_whole_plan_and_writes_nothing(world, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(usable_cores())  # as a user's process has (the suite runs one thread: conftest.py)
     try:
-        assert run.main(["--phase", "pretrain", "--config", str(cfg), "--plan", "--set", "train_cfg.total_steps=12"]) == 0
+        assert (
+            run.main(["--phase", "pretrain", "--config", str(cfg), "--plan", "--set", "train_cfg.total_steps=12"]) == 0
+        )
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert setting(out, "train_cfg.total_steps") == ["12", "override"] and setting(out, "train_cfg.B") == ["4", "file"]
     assert setting(out, "train_cfg.beta2") == ["0.95", "default"]
-    for needle in ["compute: 1 process(es) on cpu", "model: 25,888 parameters", "tokens: 128 per step (B=4 x accum_steps=1 x processes=1 x T=32); "
-                   "12 steps to run = 1.54k tokens", "FLOP per step", "found    data/cache/streams/wiki_train.bin",
-                   "data fingerprint: ", "3 to write (every 4 steps and at the end); at most 3 kept",
-                   "start: fresh (random weights)", "plan: ok", "at an assumed 50% of ", "an fp32 matmul peak measured now",
-                   "per process, a rough upper estimate (weights, gradients, AdamW state 0.4 MiB"]:
+    for needle in [
+        "compute: 1 process(es) on cpu",
+        "model: 25,888 parameters",
+        "tokens: 128 per step (B=4 x accum_steps=1 x processes=1 x T=32); 12 steps to run = 1.54k tokens",
+        "FLOP per step",
+        "found    data/cache/streams/wiki_train.bin",
+        "data fingerprint: ",
+        "3 to write (every 4 steps and at the end); at most 3 kept",
+        "start: fresh (random weights)",
+        "plan: ok",
+        "at an assumed 50% of ",
+        "an fp32 matmul peak measured now",
+        "per process, a rough upper estimate (weights, gradients, AdamW state 0.4 MiB",
+    ]:
         assert needle in out, (needle, out)
     assert not any((world / d).exists() for d in ("checkpoints", "runs", "metrics", "samples"))
     # 12 steps x 128 tokens, by the sources' shares (write_config keeps the configs' 0.784 / 0.196 / 0.02)
-    tokens = {s: json.loads((world / f"data/cache/streams/{s}_train.bin.meta.json").read_text())["num_tokens"]
-              for s in ("wiki", "roam", "primer")}
+    tokens = {
+        s: json.loads((world / f"data/cache/streams/{s}_train.bin.meta.json").read_text())["num_tokens"]
+        for s in ("wiki", "roam", "primer")
+    }
     passes = {s: 12 * 128 * share / tokens[s] for s, share in (("wiki", 0.784), ("roam", 0.196), ("primer", 0.02))}
     line = next(x for x in out.splitlines() if x.startswith("passes over the training caches: "))
     assert line == "passes over the training caches: " + ", ".join(f"{s} {n:.2g}" for s, n in passes.items()), line
@@ -106,9 +150,20 @@ def test_doctor_on_a_good_and_a_broken_setup(world, capsys):
     cfg = write_config(world / "pre.json", "pretrain")
     assert doctor.main(["--config", str(cfg)]) == 0
     out = capsys.readouterr().out
-    for needle in ["ok    python", "ok    torch", "ok    accelerate   ", "ok    safetensors", "ok    wandb        ",
-                   "ok    cuda", "ok    mps", "ok    cache        data/cache/streams/wiki_val.bin", "sha256 matches",
-                   "ok    disk", "ok    writable     checkpoints", "doctor: 0 failed"]:
+    for needle in [
+        "ok    python",
+        "ok    torch",
+        "ok    accelerate   ",
+        "ok    safetensors",
+        "ok    wandb        ",
+        "ok    cuda",
+        "ok    mps",
+        "ok    cache        data/cache/streams/wiki_val.bin",
+        "sha256 matches",
+        "ok    disk",
+        "ok    writable     checkpoints",
+        "doctor: 0 failed",
+    ]:
         assert needle in out, (needle, out)
 
     (world / "data/cache/streams/roam_train.bin").unlink()
@@ -127,11 +182,15 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypa
     """With the user's own sources beside the demo's: a fourth stream and a fourth SFT set under names of their own,
     through prepare, --set, --plan, doctor, training, the gate and lineage."""
     (world / "my notes.md").write_text("".join(f"Note {i}: the zorba eats plums in Kelm.\n\n" for i in range(60)))
-    (world / "qa.jsonl").write_text("".join(json.dumps({"prompt": f"Note {i}?", "response": "Plums."}) + "\n"
-                                            for i in range(20)))
+    (world / "qa.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"Note {i}?", "response": "Plums."}) + "\n" for i in range(20))
+    )
     assert prepare.main(["--stream", "my_notes_2=my notes.md", "--sft", "qa_set=qa.jsonl"]) == 0
-    path = pipeline_config(world, {"sources": {"wiki": 0.5, "roam": 0.2, "primer": 0.1, "my_notes_2": 0.2}},
-                           sft_sources={"dolly": 0.4, "oasst1": 0.3, "primer": 0.1, "qa_set": 0.2})
+    path = pipeline_config(
+        world,
+        {"sources": {"wiki": 0.5, "roam": 0.2, "primer": 0.1, "my_notes_2": 0.2}},
+        sft_sources={"dolly": 0.4, "oasst1": 0.3, "primer": 0.1, "qa_set": 0.2},
+    )
     free = ["--set", "pretrain.sources.roam=0.1", "--set", "pretrain.sources.my_notes_2=0.3"]
     assert run.main(["--phase", "pipeline", "--config", str(path), "--plan", *free]) == 0
     out = capsys.readouterr().out
@@ -143,14 +202,25 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypa
     assert "ok    cache        data/cache/sft/qa_set_train.bin" in capsys.readouterr().out
     assert run.main(["--phase", "pipeline", "--config", str(path), "--result-json", "out/result.json", *free]) == 0
     result = json.loads((world / "out/result.json").read_text())
-    assert (result["status"], result["exit_code"], result["final_step"], result["verdict"]) == ("completed", 0, 8, "pass")
+    assert (result["status"], result["exit_code"], result["final_step"], result["verdict"]) == (
+        "completed",
+        0,
+        8,
+        "pass",
+    )
     assert result["best_pt"] == str((world / "checkpoints/best.pt").resolve()) and result["failure"] is None
     pre_id, sft_id = result["run_ids"]
 
     pre_m, sft_m = (json.loads((world / "runs" / i / "run.json").read_text()) for i in (pre_id, sft_id))
     pre_best, sft_best = read_meta(world / "checkpoints/pretrain/best"), read_meta(world / "checkpoints/sft/best")
     for m, best in ((pre_m, pre_best), (sft_m, sft_best)):
-        assert (m["status"], m["start_step"], m["final_step"], m["processes"], m["device"]) == ("completed", 0, 8, 1, "cpu")
+        assert (m["status"], m["start_step"], m["final_step"], m["processes"], m["device"]) == (
+            "completed",
+            0,
+            8,
+            1,
+            "cpu",
+        )
         assert m["best_val_loss"] == best["best_val_loss"] and m["best_val_step"] == best["best_val_step"]
         assert m["config_fingerprint"] == fingerprint(m["config"]) == best["config_fingerprint"]
         assert m["data_fingerprint"] == best["data_fingerprint"] and best["run_id"] == m["run_id"]
@@ -162,8 +232,16 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypa
 
     summary = sft_m["eval_summary"]  # baseline = the pretrain best SFT started from, on every val cache
     assert summary["verdict"] == "pass" and summary["baseline"]["run_id"] == pre_id
-    assert {s["name"] for s in summary["sets"]} == {"streams/wiki", "streams/roam", "streams/primer", "streams/my_notes_2",
-                                                    "sft/dolly", "sft/oasst1", "sft/primer", "sft/qa_set"}
+    assert {s["name"] for s in summary["sets"]} == {
+        "streams/wiki",
+        "streams/roam",
+        "streams/primer",
+        "streams/my_notes_2",
+        "sft/dolly",
+        "sft/oasst1",
+        "sft/primer",
+        "sft/qa_set",
+    }
     assert sft_m["config"]["sft_sources"]["qa_set"] == 0.2 and pre_m["config"]["sources"]["my_notes_2"] == 0.3
     assert all(s["delta"] == pytest.approx(s["candidate"] - s["baseline"]) for s in summary["sets"])
 
@@ -172,7 +250,9 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypa
     assert [n["kind"] for n in chain] == ["export", "checkpoint", "run", "checkpoint", "run"]
     assert chain[0]["intact"] and chain[0]["verdict"] == "pass"
     assert (chain[2]["run_id"], chain[4]["run_id"]) == (sft_id, pre_id)
-    assert chain[4]["data_fingerprint"] == pre_best["data_fingerprint"] and "streams/wiki_train.bin" in chain[4]["caches"]
+    assert (
+        chain[4]["data_fingerprint"] == pre_best["data_fingerprint"] and "streams/wiki_train.bin" in chain[4]["caches"]
+    )
     assert runs.main(["show", sft_id[:6]]) == 0 and json.loads(capsys.readouterr().out)["run_id"] == sft_id
     assert runs.main(["list"]) == 0
     table = capsys.readouterr().out
@@ -195,10 +275,15 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypa
     other = next(d for d in pre_dir.glob("step_*") if read_meta(d)["step"] != pre_best["step"])
     assert runs.main(["evaluate", "checkpoints/sft/best", "--baseline", str(other), "--tolerance", "100"]) == 1
     out = capsys.readouterr().out
-    assert "verdict: pass" in out and f"NOT DEPLOYABLE whatever the verdict: the baseline {other.resolve()} is not" in out
+    assert (
+        "verdict: pass" in out and f"NOT DEPLOYABLE whatever the verdict: the baseline {other.resolve()} is not" in out
+    )
     assert export.main(["--checkpoint", "checkpoints/sft/best", "--out", "x.pt", "--deployable-only"]) == 2
     assert "not deployable: its pass was against another model" in capsys.readouterr().err
-    assert runs.main(["evaluate", "checkpoints/sft/best", "--baseline", "checkpoints/pretrain/best", "--tolerance", "-1"]) == 2
+    assert (
+        runs.main(["evaluate", "checkpoints/sft/best", "--baseline", "checkpoints/pretrain/best", "--tolerance", "-1"])
+        == 2
+    )
     assert "--tolerance: expected a number >= 0" in capsys.readouterr().err
     wide = write_config(world / "wide.json", "pretrain", {"total_steps": 2}, model_cfg={**TINY_MODEL, "C": 48})
     monkeypatch.setenv("TRAINER_ARTIFACTS_DIR", "wide")
@@ -224,8 +309,18 @@ def test_pipeline_manifests_lineage_promotion_and_result(world, capsys, monkeypa
 
 def test_exit_codes_and_result_for_bad_input_and_a_crash(world, monkeypatch):
     cfg = write_config(world / "pre.json", "pretrain")
-    bad = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.B=0", "--result-json", "r.json",
-                  cwd=world)
+    bad = run_cli(
+        "run",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(cfg),
+        "--set",
+        "train_cfg.B=0",
+        "--result-json",
+        "r.json",
+        cwd=world,
+    )
     result = json.loads((world / "r.json").read_text())
     assert bad.returncode == 2 and (result["status"], result["exit_code"]) == ("bad_input", 2)
     assert "train_cfg.B: must be a positive integer, got 0 (from --set train_cfg.B=0)" in result["failure"]
@@ -261,17 +356,21 @@ def test_the_gate_fails_a_set_it_could_not_measure():
     wiki = compare_set("streams/wiki", [(5.0, 10), (5.0, 10)], [(5.0, 10), (5.0, 10)])
     assert dolly["measured"] is False and primer["measured"] and primer["delta"] == pytest.approx(-1.05)
     result, reasons = verdict([dolly, primer, wiki], tolerance=0.1, min_improvement=0.001)
-    assert result == "fail" and reasons == ["sft/dolly: not measured (its 2 eval batches hold no counted tokens), "
-                                            "so nothing shows what SFT did to it"]
+    assert result == "fail" and reasons == [
+        "sft/dolly: not measured (its 2 eval batches hold no counted tokens), so nothing shows what SFT did to it"
+    ]
     infinite = compare_set("sft/oasst1", [(float("inf"), 10)], [(1.0, 10)])
     assert infinite["measured"] is False and "not finite" in infinite["why"]
 
 
-@pytest.mark.parametrize("candidate, floor, passes", [
-    ([(9.99999, 10), (9.99999, 10)], 0.001, False),  # a delta of -1e-6: a real change, far too small to matter
-    ([(8.0, 10), (11.9, 10)], 0.0, False),  # -0.005 on average, but the batches disagree: within the noise
-    ([(9.0, 10), (9.1, 10)], 0.001, True),  # -0.095, and every batch agrees
-])
+@pytest.mark.parametrize(
+    "candidate, floor, passes",
+    [
+        ([(9.99999, 10), (9.99999, 10)], 0.001, False),  # a delta of -1e-6: a real change, far too small to matter
+        ([(8.0, 10), (11.9, 10)], 0.0, False),  # -0.005 on average, but the batches disagree: within the noise
+        ([(9.0, 10), (9.1, 10)], 0.001, True),  # -0.095, and every batch agrees
+    ],
+)
 def test_the_gate_tells_an_improvement_from_noise(candidate, floor, passes):
     from trainer_accel.experiments.evaluation import (
         compare_set,
@@ -290,8 +389,12 @@ def test_the_gate_tells_an_improvement_from_noise(candidate, floor, passes):
 def test_runs_evaluate_prints_what_an_improvement_needed_and_fails_a_negligible_one(world):
     pre = write_config(world / "c/pretrain.json", "pretrain", {"total_steps": 4})
     assert run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world).returncode == 0
-    sft = write_config(world / "c/sft.json", "sft", {"total_steps": 4, "base_lr": 1e-9, "min_lr": 1e-9},
-                       init_from="checkpoints/pretrain/best")
+    sft = write_config(
+        world / "c/sft.json",
+        "sft",
+        {"total_steps": 4, "base_lr": 1e-9, "min_lr": 1e-9},
+        init_from="checkpoints/pretrain/best",
+    )
     assert run_cli("run", "--phase", "sft", "--config", str(sft), cwd=world).returncode == 0
     args = ("runs", "evaluate", "checkpoints/sft/best", "--baseline", "checkpoints/pretrain/best")
     r = run_cli(*args, cwd=world)

@@ -22,10 +22,14 @@ GENERATE_FLAGS = {  # flag -> values it must refuse
     "--batch-size": ["-1", "0", "abc"],
 }
 RUN_KEYS = {  # a config value given with --set -> values the run must refuse
-    "train_cfg.base_lr": ["nan", "inf", "-1", "abc"], "train_cfg.min_lr": ["nan", "-1"],
-    "train_cfg.total_steps": ["nan", "-1", "0", "1e400"], "train_cfg.B": ["nan", "0", "abc"],
-    "train_cfg.warmup_steps": ["nan", "-1"], "train_cfg.grad_clip": ["nan", "inf", "-1"],
-    "model_cfg.dropout": ["nan", "inf", "1"], "model_cfg.C": ["nan", "-1", str(2**40), "abc"],
+    "train_cfg.base_lr": ["nan", "inf", "-1", "abc"],
+    "train_cfg.min_lr": ["nan", "-1"],
+    "train_cfg.total_steps": ["nan", "-1", "0", "1e400"],
+    "train_cfg.B": ["nan", "0", "abc"],
+    "train_cfg.warmup_steps": ["nan", "-1"],
+    "train_cfg.grad_clip": ["nan", "inf", "-1"],
+    "model_cfg.dropout": ["nan", "inf", "1"],
+    "model_cfg.C": ["nan", "-1", str(2**40), "abc"],
 }
 
 
@@ -38,13 +42,17 @@ def one_error_line(r) -> list[str]:
 
 
 def files_of(world) -> dict[str, str]:
-    return {str(p.relative_to(world)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(world.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(world)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(world.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_data):
     import shutil
+
     world = tmp_path_factory.mktemp("fuzz")
     shutil.copytree(demo_data, world / "data")
     write_config(world / "pre.json", "pretrain", {"total_steps": 2})
@@ -58,6 +66,7 @@ def test_every_numeric_flag_refuses_what_is_not_a_number_in_range(trained, comma
     """Each value through the command's own main() in this process (the CLI is `exit(main())`), one run each
     through the real command below."""
     import importlib
+
     main = importlib.import_module(f"trainer_accel.{command}").main
     monkeypatch.chdir(trained)
     before = files_of(trained)
@@ -83,6 +92,7 @@ def test_every_numeric_flag_refuses_what_is_not_a_number_in_range(trained, comma
 def test_every_numeric_run_setting_refuses_what_is_not_a_number_in_range(trained, monkeypatch, capsys):
     """Through run's main() in this process (a config is refused before anything starts), once through the CLI."""
     from trainer_accel import run
+
     monkeypatch.chdir(trained)
     before = files_of(trained)
     for key, values in RUN_KEYS.items():
@@ -97,26 +107,50 @@ def test_every_numeric_run_setting_refuses_what_is_not_a_number_in_range(trained
     assert "train_cfg.base_lr" in one_error_line(r)[0]
 
 
-SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False)
+SMALL = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 CONFIG_CASES = [  # (key, value or DROP, what the one error line names)
-    ("vocab_size", "300", "vocab_size"), ("vocab_size", 200, "model.embed_tokens.weight"),
+    ("vocab_size", "300", "vocab_size"),
+    ("vocab_size", 200, "model.embed_tokens.weight"),
     ("vocab_size", "DROP", "model.embed_tokens.weight"),
-    ("hidden_size", 3.5, "hidden_size"), ("hidden_size", 80, "weight"), ("hidden_size", "DROP", "weight"),
-    ("intermediate_size", [96], "intermediate_size"), ("intermediate_size", 95, "mlp.gate_proj"),
-    ("num_hidden_layers", -2, "num_hidden_layers"), ("num_hidden_layers", 3, "missing"),
-    ("num_attention_heads", "4", "num_attention_heads"), ("num_attention_heads", 3, "n_kv_heads"),
-    ("num_key_value_heads", True, "num_key_value_heads"), ("num_key_value_heads", 3, "n_kv_heads"),
+    ("hidden_size", 3.5, "hidden_size"),
+    ("hidden_size", 80, "weight"),
+    ("hidden_size", "DROP", "weight"),
+    ("intermediate_size", [96], "intermediate_size"),
+    ("intermediate_size", 95, "mlp.gate_proj"),
+    ("num_hidden_layers", -2, "num_hidden_layers"),
+    ("num_hidden_layers", 3, "missing"),
+    ("num_attention_heads", "4", "num_attention_heads"),
+    ("num_attention_heads", 3, "n_kv_heads"),
+    ("num_key_value_heads", True, "num_key_value_heads"),
+    ("num_key_value_heads", 3, "n_kv_heads"),
     ("num_key_value_heads", 4, "k_proj"),
-    ("head_dim", "16", "head_dim"), ("head_dim", 8, "q_proj"),
+    ("head_dim", "16", "head_dim"),
+    ("head_dim", 8, "q_proj"),
     ("max_position_embeddings", 0, "max_position_embeddings"),
-    ("hidden_act", ["silu"], "hidden_act"), ("hidden_act", "relu", "hidden_act"),
-    ("rms_norm_eps", "x", "rms_norm_eps"), ("rms_norm_eps", -1, "rms_norm_eps"),
-    ("rope_theta", "x", "rope_theta"), ("rope_theta", 0, "rope_theta"),
-    ("tie_word_embeddings", "yes", "tie_word_embeddings"), ("tie_word_embeddings", True, "lm_head"),
-    ("layer_types", 2, "layer_types"), ("layer_types", ["sliding_attention", "full_attention"], "sliding"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"), ("rope_scaling", "x", "rope_scaling"),
-    ("model_type", ["llama"], "model_type"), ("architectures", "LlamaForCausalLM", "architectures"),
+    ("hidden_act", ["silu"], "hidden_act"),
+    ("hidden_act", "relu", "hidden_act"),
+    ("rms_norm_eps", "x", "rms_norm_eps"),
+    ("rms_norm_eps", -1, "rms_norm_eps"),
+    ("rope_theta", "x", "rope_theta"),
+    ("rope_theta", 0, "rope_theta"),
+    ("tie_word_embeddings", "yes", "tie_word_embeddings"),
+    ("tie_word_embeddings", True, "lm_head"),
+    ("layer_types", 2, "layer_types"),
+    ("layer_types", ["sliding_attention", "full_attention"], "sliding"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
+    ("rope_scaling", "x", "rope_scaling"),
+    ("model_type", ["llama"], "model_type"),
+    ("architectures", "LlamaForCausalLM", "architectures"),
 ]
 
 
@@ -126,6 +160,7 @@ def llama_dir(tmp_path_factory):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMALL)).save_pretrained(folder / "model")
     import tokenizers
+
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={chr(33 + i): i for i in range(94)}, merges=[]))
     tok.add_special_tokens(["<|endoftext|>"])
     tok.save(str(folder / "model" / "tokenizer.json"))
@@ -133,8 +168,9 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("key, value, named", CONFIG_CASES)
-def test_every_config_json_key_with_a_wrong_value_is_one_line(llama_dir, tmp_path, key, value, named, monkeypatch,
-                                                             capsys):
+def test_every_config_json_key_with_a_wrong_value_is_one_line(
+    llama_dir, tmp_path, key, value, named, monkeypatch, capsys
+):
     """generate --model DIR reads the directory as a run's start point does: one line, no traceback, whether the
     value has the wrong type, is missing, or contradicts the weights (through generate's main() in this process;
     the first case through the command as well)."""
@@ -155,6 +191,7 @@ def test_every_config_json_key_with_a_wrong_value_is_one_line(llama_dir, tmp_pat
     if (key, value) == CONFIG_CASES[0][:2]:
         assert named in one_error_line(run_cli("generate", *args, cwd=tmp_path))[0]
     from trainer_accel import generate
+
     monkeypatch.chdir(tmp_path)
     code = generate.main(args)
     err = capsys.readouterr().err

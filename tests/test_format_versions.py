@@ -46,11 +46,14 @@ def test_the_fixtures_are_version_1():
 
 def test_a_version_1_checkpoint_resumes_and_its_files_stay_as_they_were(v1_world):
     before = {p.name: p.read_bytes() for p in (v1_world / PRE).iterdir()}
-    done = run_cli("run", "--phase", "pretrain", "--config", "pretrain.json", "--set", "train_cfg.total_steps=6",
-                   cwd=v1_world)
+    done = run_cli(
+        "run", "--phase", "pretrain", "--config", "pretrain.json", "--set", "train_cfg.total_steps=6", cwd=v1_world
+    )
     assert done.returncode == 0, done.stderr
-    assert (f"{PRE}: checkpoint format version 1, upgraded to version {ckpt.FORMAT_VERSION} as it was read (the file "
-            "is unchanged)") in done.stderr
+    assert (
+        f"{PRE}: checkpoint format version 1, upgraded to version {ckpt.FORMAT_VERSION} as it was read (the file "
+        "is unchanged)"
+    ) in done.stderr
     # one notice per file, however often it is read: the checkpoint, and the run's two caches (train and val)
     assert done.stderr.count("checkpoint format version 1, upgraded to version") == 1
     assert done.stderr.count(f"cache format version 1, upgraded to version {CACHE_VERSION}") == 2
@@ -82,21 +85,28 @@ def test_a_newer_checkpoint_or_cache_is_refused_naming_both_versions(v1_world):
     meta_file = v1_world / PRE / "meta.json"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({**meta, "format_version": 99}))
-    for args in (("run", "--phase", "pretrain", "--config", "pretrain.json", "--set", "train_cfg.total_steps=6"),
-                 ("export", "--checkpoint", str(PRE), "--out", "x.pt"),
-                 ("export", "--format", "hf", "--checkpoint", str(PRE), "--out", "hf")):
+    for args in (
+        ("run", "--phase", "pretrain", "--config", "pretrain.json", "--set", "train_cfg.total_steps=6"),
+        ("export", "--checkpoint", str(PRE), "--out", "x.pt"),
+        ("export", "--format", "hf", "--checkpoint", str(PRE), "--out", "hf"),
+    ):
         done = run_cli(*args, cwd=v1_world)
         assert done.returncode == 2, (args, done.stderr)
-        assert (f"error: {PRE}: checkpoint format version 99 was written by a newer trainer_accel; this one reads "
-                f"versions up to {ckpt.FORMAT_VERSION} (upgrade trainer_accel to use it)") in done.stderr, done.stderr
+        assert (
+            f"error: {PRE}: checkpoint format version 99 was written by a newer trainer_accel; this one reads "
+            f"versions up to {ckpt.FORMAT_VERSION} (upgrade trainer_accel to use it)"
+        ) in done.stderr, done.stderr
     assert (v1_world / PRE / "model.safetensors").is_file()  # refused, not set aside as broken
     assert not (v1_world / "checkpoints" / "pretrain" / "rejected").exists()
 
     meta_file.write_text(json.dumps(meta))
     cache_meta = v1_world / "data" / "cache" / "streams" / "notes_val.bin.meta.json"
     cache_meta.write_text(json.dumps({**json.loads(cache_meta.read_text()), "version": CACHE_VERSION + 1}))
-    done = run_cli("run", "--phase", "pretrain", "--config", "pretrain.json", "--set", "train_cfg.total_steps=6",
-                   cwd=v1_world)
+    done = run_cli(
+        "run", "--phase", "pretrain", "--config", "pretrain.json", "--set", "train_cfg.total_steps=6", cwd=v1_world
+    )
     assert done.returncode == 2
-    assert (f"error: {cache_meta.relative_to(v1_world)}: cache format version {CACHE_VERSION + 1} was written by a newer "
-            f"trainer_accel; this one reads versions up to {CACHE_VERSION}") in done.stderr
+    assert (
+        f"error: {cache_meta.relative_to(v1_world)}: cache format version {CACHE_VERSION + 1} was written by a newer "
+        f"trainer_accel; this one reads versions up to {CACHE_VERSION}"
+    ) in done.stderr

@@ -36,7 +36,7 @@ def cache_docs(root, kind: str, source: str, tok=None) -> list[str]:
         c = open_cache(root / f"data/cache/{folder}/{source}_{split}.bin", kind, verify_hash=True)
         tokens = list(c.tokens)
         if kind == "sft":
-            out += [tok.decode(tokens[c.starts[i]:c.starts[i + 1]]) for i in range(c.num_examples)]
+            out += [tok.decode(tokens[c.starts[i] : c.starts[i + 1]]) for i in range(c.num_examples)]
         ids += tokens
     return out if kind == "sft" else tok.decode(ids).split(DOC)[:-1]
 
@@ -46,8 +46,10 @@ def bpe_tokenizer(path, texts):
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        tokenizers.trainers.BpeTrainer(vocab_size=400, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()),
+    )
     tok.save(str(path))
     return path
 
@@ -77,11 +79,19 @@ def test_a_text_round_trips_byte_for_byte_through_cache_and_tokenizer(here, monk
     assert tok.decode(ids[:-1]) == long_text
 
 
-@pytest.mark.parametrize("rule, expected", [
-    ("blank-lines", ["Title", "One line\nand the next.", "After two blank lines.", "  Indented, é, 🙂, <|user|> typed.\n"]),
-    ("separator=\\n\\n\\n", ["Title\n\nOne line\nand the next.", "After two blank lines.",
-                             "\n  Indented, é, 🙂, <|user|> typed.\n"]),
-])
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        (
+            "blank-lines",
+            ["Title", "One line\nand the next.", "After two blank lines.", "  Indented, é, 🙂, <|user|> typed.\n"],
+        ),
+        (
+            "separator=\\n\\n\\n",
+            ["Title\n\nOne line\nand the next.", "After two blank lines.", "\n  Indented, é, 🙂, <|user|> typed.\n"],
+        ),
+    ],
+)
 def test_document_rules_cut_only_where_asked(here, monkeypatch, rule, expected):
     monkeypatch.setattr(text_format, "BLOCK_BYTES", 5)
     (here / "notes.md").write_text(NEWLINES)
@@ -99,8 +109,12 @@ def test_stream_rows_from_jsonl_parquet_and_a_saved_dataset(here, capsys):
     with gzip.open(here / "a.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts[:4]))
     pq.write_table(pa.table({"body": texts[4:8], "n": list(range(4))}), here / "b.parquet", row_group_size=3)
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts[8:11]}),
-                          "test": datasets.Dataset.from_dict({"body": texts[11:]})}).save_to_disk(str(here / "c"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"body": texts[8:11]}),
+            "test": datasets.Dataset.from_dict({"body": texts[11:]}),
+        }
+    ).save_to_disk(str(here / "c"))
     args = ["--stream", "web=a.jsonl.gz", "--stream", "web=b.parquet", "--stream", "web=c", "--text-field", "body"]
     assert prepare.main(args) == 0
     assert sorted(cache_docs(here, "stream", "web")) == sorted(texts)
@@ -114,7 +128,10 @@ def test_stream_rows_from_jsonl_parquet_and_a_saved_dataset(here, capsys):
     assert "b.parquet: no column 'text' (columns: body, n; choose one with --text-field)" in err
     assert prepare.main(["--stream", "web=bad.jsonl", "--text-field", "body"]) == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl:2: no text field 'body' (row has: text;" in err and "bad.jsonl:3: no text field 'body' (row has: list;" in err
+    assert (
+        "bad.jsonl:2: no text field 'body' (row has: text;" in err
+        and "bad.jsonl:3: no text field 'body' (row has: list;" in err
+    )
     assert "bad.jsonl:4: field 'body' holds null, expected a string" in err
     datasets.Dataset.from_dict({"body": ["fine", None]}).save_to_disk(str(here / "d"))
     assert prepare.main(["--stream", "web=d", "--text-field", "body"]) == 2
@@ -123,15 +140,28 @@ def test_stream_rows_from_jsonl_parquet_and_a_saved_dataset(here, capsys):
 
 def oasst_messages() -> list[dict]:
     """Two trees: in English, a prompt with two ranked answers, the best one followed up; in German, one pair."""
+
     def m(mid, parent, role, text, rank=None, lang="en", deleted=False):
-        return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "lang": lang, "rank": rank,
-                "deleted": deleted}
+        return {
+            "message_id": mid,
+            "parent_id": parent,
+            "role": role,
+            "text": text,
+            "lang": lang,
+            "rank": rank,
+            "deleted": deleted,
+        }
+
     return [
-        m("a1", "p1", "assistant", "Second best.", rank=1), m("p1", None, "prompter", "Name a colour."),
-        m("a0", "p1", "assistant", "Blue.", rank=0), m("p2", "a0", "prompter", "Another?"),
-        m("a2", "p2", "assistant", "Red.", rank=0), m("p3", "a1", "prompter", "Unanswered."),
+        m("a1", "p1", "assistant", "Second best.", rank=1),
+        m("p1", None, "prompter", "Name a colour."),
+        m("a0", "p1", "assistant", "Blue.", rank=0),
+        m("p2", "a0", "prompter", "Another?"),
+        m("a2", "p2", "assistant", "Red.", rank=0),
+        m("p3", "a1", "prompter", "Unanswered."),
         m("gone", "p1", "assistant", "Deleted answer.", rank=2, deleted=True),
-        m("q1", None, "prompter", "Farbe?", lang="de"), m("r1", "q1", "assistant", "Grün.", rank=0, lang="de"),
+        m("q1", None, "prompter", "Farbe?", lang="de"),
+        m("r1", "q1", "assistant", "Grün.", rank=0, lang="de"),
     ]
 
 
@@ -140,22 +170,35 @@ def test_oasst1_trees_become_conversations(here, capsys):
     rows = oasst_messages()
     (here / "flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), here / "flat.parquet")
-    leaves = sorted(["<|user|>Name a colour.<|assistant|>Blue.<|eot|><|user|>Another?<|assistant|>Red.<|eot|>",
-                     "<|user|>Name a colour.<|assistant|>Second best.<|eot|>", "<|user|>Farbe?<|assistant|>Grün.<|eot|>"])
+    leaves = sorted(
+        [
+            "<|user|>Name a colour.<|assistant|>Blue.<|eot|><|user|>Another?<|assistant|>Red.<|eot|>",
+            "<|user|>Name a colour.<|assistant|>Second best.<|eot|>",
+            "<|user|>Farbe?<|assistant|>Grün.<|eot|>",
+        ]
+    )
     for f in ("flat.jsonl", "flat.parquet"):
         assert prepare.main(["--sft", f"chat={f}"]) == 0
         assert sorted(cache_docs(here, "sft", "chat")) == leaves
-    assert prepare.main(["--sft", "chat=flat.jsonl", "--oasst-paths", "best", "--lang", "en"]) == 2  # one tree: no split
+    assert (
+        prepare.main(["--sft", "chat=flat.jsonl", "--oasst-paths", "best", "--lang", "en"]) == 2
+    )  # one tree: no split
     assert "chat: 1 examples in flat.jsonl; at least 2 are needed" in capsys.readouterr().err
     assert prepare.main(["--sft", "chat=flat.jsonl", "--oasst-paths", "best"]) == 0
     assert sorted(cache_docs(here, "sft", "chat")) == leaves[:2]  # the best-ranked path only
 
     nested = {"message_tree_id": "p1", "prompt": {**rows[1], "replies": [{**rows[2], "replies": []}]}}
-    (here / "trees.jsonl").write_text(json.dumps(nested) + "\n" + json.dumps({**nested, "message_tree_id": "x", "prompt": {
-        **rows[7], "replies": [rows[8]]}}) + "\n")
+    (here / "trees.jsonl").write_text(
+        json.dumps(nested)
+        + "\n"
+        + json.dumps({**nested, "message_tree_id": "x", "prompt": {**rows[7], "replies": [rows[8]]}})
+        + "\n"
+    )
     assert prepare.main(["--sft", "chat=trees.jsonl"]) == 0
-    assert sorted(cache_docs(here, "sft", "chat")) == ["<|user|>Farbe?<|assistant|>Grün.<|eot|>",
-                                                       "<|user|>Name a colour.<|assistant|>Blue.<|eot|>"]
+    assert sorted(cache_docs(here, "sft", "chat")) == [
+        "<|user|>Farbe?<|assistant|>Grün.<|eot|>",
+        "<|user|>Name a colour.<|assistant|>Blue.<|eot|>",
+    ]
 
     bad = rows[:2] + [{**rows[2], "role": "user"}, {**rows[3], "message_id": "a1"}]
     (here / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
@@ -211,17 +254,24 @@ def test_a_prepare_killed_halfway_leaves_the_old_caches(here):
 def test_oasst1_counts_every_message_it_leaves_out_by_reason(here, capsys):
     """A missing parent's child, a reply to a deleted message, a self-parent and a two-message circle used to go
     uncounted (the log said 1 message was left out when more were)."""
+
     def m(mid, parent, role, text):
         return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "lang": "en", "rank": 0}
+
     rows = oasst_messages() + [
-        m("x1", "nowhere", "assistant", "Parent not here."), m("x2", "x1", "prompter", "Below it."),
+        m("x1", "nowhere", "assistant", "Parent not here."),
+        m("x2", "x1", "prompter", "Below it."),
         m("x3", "gone", "prompter", "Reply to a deleted one."),
-        m("s1", "s1", "prompter", "My own parent."), m("c1", "c2", "prompter", "Round"), m("c2", "c1", "assistant", "and round."),
+        m("s1", "s1", "prompter", "My own parent."),
+        m("c1", "c2", "prompter", "Round"),
+        m("c2", "c1", "assistant", "and round."),
     ]
     (here / "flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert prepare.main(["--sft", "chat=flat.jsonl"]) == 0
-    assert ("left out: 1 replies to a deleted message, 1 whose parent is not in the file, 1 under those, "
-            "3 in or under a circle of parent ids, 1 marked deleted") in capsys.readouterr().err
+    assert (
+        "left out: 1 replies to a deleted message, 1 whose parent is not in the file, 1 under those, "
+        "3 in or under a circle of parent ids, 1 marked deleted"
+    ) in capsys.readouterr().err
 
 
 def test_text_inputs_crlf_paragraphs_a_file_named_twice_and_bad_utf8_at_a_block_edge(here, capsys):
@@ -233,10 +283,14 @@ def test_text_inputs_crlf_paragraphs_a_file_named_twice_and_bad_utf8_at_a_block_
     (here / "notes").mkdir()
     (here / "notes" / "a.txt").write_text("some text\n")
     assert prepare.main(["--stream", "x=notes", "--stream", "x=notes/a.txt"]) == 2
-    assert "notes/a.txt: named twice in source 'x' (also as notes/a.txt); its documents would be read twice" in \
-        capsys.readouterr().err
+    assert (
+        "notes/a.txt: named twice in source 'x' (also as notes/a.txt); its documents would be read twice"
+        in capsys.readouterr().err
+    )
 
     edge = text_format.BLOCK_BYTES
-    (here / "bad.txt").write_bytes(b"a" * (edge - 1) + b"\xe2\x82" + b"\xff" + b"b" * 10)  # the sequence starts at edge-1
+    (here / "bad.txt").write_bytes(
+        b"a" * (edge - 1) + b"\xe2\x82" + b"\xff" + b"b" * 10
+    )  # the sequence starts at edge-1
     assert prepare.main(["--stream", "x=bad.txt"]) == 2
     assert f"bad.txt: not UTF-8 text (byte {edge - 1})" in capsys.readouterr().err

@@ -138,13 +138,29 @@ def test_two_processes_stop_after_the_same_step_when_one_is_signalled(world):
     from test_numerics import LAUNCH
 
     cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "B": 2})
-    args = ["-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "cpu_2proc.yaml"),
-            "--main_process_port", str(free_port()), "-m", "trainer_accel.run",
-            "--phase", "pretrain", "--config", str(cfg), "--device", "cpu"]
+    args = [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(LAUNCH / "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "trainer_accel.run",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(cfg),
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.Popen([sys.executable, *args], cwd=world, stderr=subprocess.PIPE, text=True)
     wait_for_training(world, proc)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "trainer_accel.run" in p.cmdline()
-               and "accelerate.commands.launch" not in p.cmdline()]
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "trainer_accel.run" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()
+    ]
     assert len(workers) == 2
     workers[-1].send_signal(signal.SIGTERM)  # one process only
     _, err = proc.communicate(timeout=120)
@@ -162,8 +178,11 @@ def test_two_processes_stop_after_the_same_step_when_one_is_signalled(world):
 def trainer_processes(launcher: subprocess.Popen) -> list:
     import psutil
 
-    return [p for p in psutil.Process(launcher.pid).children(recursive=True)
-            if "trainer_accel.run" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
+    return [
+        p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if "trainer_accel.run" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()
+    ]
 
 
 @pytest.mark.parametrize("launch_file, trackers", [("cpu.yaml", ["wandb"]), ("cpu_2proc.yaml", [])])
@@ -176,13 +195,31 @@ def test_a_signalled_launcher_stops_its_trainers_gracefully(world, launch_file, 
     from test_numerics import LAUNCH
     from test_trackers import env_without_wandb_credentials
 
-    cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 100000, "B": 2},
-                       tracking={"log_with": trackers})
-    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / launch_file),
-                             "--main_process_port", str(free_port()), "-m", "trainer_accel.run", "--phase", "pretrain",
-                             "--config", str(cfg), "--result-json", "result.json"],
-                            cwd=world, stderr=(world / "launch.log").open("w"),  # a pipe would outlive the launcher
-                            env=env_without_wandb_credentials(world))
+    cfg = write_config(
+        world / "pre.json", "pretrain", {**TRAIN, "total_steps": 100000, "B": 2}, tracking={"log_with": trackers}
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(LAUNCH / launch_file),
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "trainer_accel.run",
+            "--phase",
+            "pretrain",
+            "--config",
+            str(cfg),
+            "--result-json",
+            "result.json",
+        ],
+        cwd=world,
+        stderr=(world / "launch.log").open("w"),  # a pipe would outlive the launcher
+        env=env_without_wandb_credentials(world),
+    )
     wait_for_training(world, proc)
     trainers = trainer_processes(proc)
     assert len(trainers) == (2 if "2proc" in launch_file else 1)

@@ -44,16 +44,32 @@ def randomised(model: GPT, seed: int) -> GPT:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] == model.cfg.C else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] == model.cfg.C else 0.0)
+            )
     return model.eval()
 
 
 def write_tiny_checkpoint(path, model: GPT, phase: str = "sft", **meta):
     """A checkpoint directory as the loop writes one (byte tokenizer), without training."""
     opt = torch.optim.AdamW(model.parameters())
-    return ckpt.write_checkpoint(path, model.state_dict(), tied_aliases(model), opt.state_dict(), {
-        "phase": phase, "run_id": "r1", "step": 3, "best_val_loss": 1.5, "model_cfg": model.cfg.to_dict(),
-        "train_cfg": {"B": 4}, "tokenizer": "byte-v1", "tokenizer_path": None, **meta})
+    return ckpt.write_checkpoint(
+        path,
+        model.state_dict(),
+        tied_aliases(model),
+        opt.state_dict(),
+        {
+            "phase": phase,
+            "run_id": "r1",
+            "step": 3,
+            "best_val_loss": 1.5,
+            "model_cfg": model.cfg.to_dict(),
+            "train_cfg": {"B": 4},
+            "tokenizer": "byte-v1",
+            "tokenizer_path": None,
+            **meta,
+        },
+    )
 
 
 def hf_logits(hf, ids: torch.Tensor) -> torch.Tensor:
@@ -61,10 +77,14 @@ def hf_logits(hf, ids: torch.Tensor) -> torch.Tensor:
         return hf(ids).logits
 
 
-@pytest.mark.parametrize("options", [
-    {},  # today's default: no biases, tied head, exact GELU
-    {"bias": True, "tie_embeddings": False, "activation": "gelu_tanh", "ln_eps": 1e-6},
-], ids=["bias-free-tied", "gpt2-like-untied"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # today's default: no biases, tied head, exact GELU
+        {"bias": True, "tie_embeddings": False, "activation": "gelu_tanh", "ln_eps": 1e-6},
+    ],
+    ids=["bias-free-tied", "gpt2-like-untied"],
+)
 def test_export_gives_transformers_the_same_logits_and_greedy_tokens(tmp_path, monkeypatch, options):
     monkeypatch.chdir(tmp_path)
     cfg = ModelConfig(**{**TINY_MODEL, **options})
@@ -72,8 +92,14 @@ def test_export_gives_transformers_the_same_logits_and_greedy_tokens(tmp_path, m
     write_tiny_checkpoint(tmp_path / "ck", ours)
     assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
-        "tokenizer_config.json", "trainer_accel_export.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "trainer_accel_export.json",
+    ]
     stored = load_file(tmp_path / "hf" / "model.safetensors")
     assert ("lm_head.weight" in stored) == (not cfg.tie_embeddings)  # a tied head is stored once
     if not cfg.bias:
@@ -94,8 +120,14 @@ def test_export_gives_transformers_the_same_logits_and_greedy_tokens(tmp_path, m
 
     prompt = torch.randint(0, 256, (1, 5), generator=g)
     mine = generate(ours, prompt, 20, temperature=0)[0, 5:].tolist()
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                         eos_token_id=None, pad_token_id=256)[0, 5:].tolist()
+    theirs = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=256,
+    )[0, 5:].tolist()
     assert theirs == mine and len(mine) == 20
 
 
@@ -103,12 +135,15 @@ def test_export_gives_transformers_the_same_logits_and_greedy_tokens(tmp_path, m
 def bpe_json(tmp_path_factory):
     """A byte-level BPE trained here (no download), with merges that cross the words of MIXED."""
     import tokenizers
+
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.train_from_iterator([MIXED * 3, "the cat sat on the mat " * 20], tokenizers.trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [MIXED * 3, "the cat sat on the mat " * 20],
+        tokenizers.trainers.BpeTrainer(vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()),
+    )
     tok.save(str(path))
     return path
 
@@ -133,16 +168,18 @@ def test_the_exported_tokenizer_gives_our_ids_and_our_chat_format(tmp_path, monk
         assert theirs.convert_tokens_to_ids(name) == i and theirs.decode([i]) == name
 
     question, answer = "Where does the kestrel live? é🙂", "On the cliffs."
-    prompt = theirs.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=True).input_ids
+    prompt = theirs.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True
+    ).input_ids
     assert prompt == encode_chat_prompt(tok, question)
     turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}] * 2
     full = theirs.apply_chat_template(turns, tokenize=True, return_dict=True).input_ids
     assert full == encode_chat(tok, [(question, answer)] * 2)
     assert theirs.eos_token == "<|eot|>" and theirs.pad_token == "<|endoftext|>"
     system = [{"role": "system", "content": "be brief"}]  # at the start of the first user message, as SFT wrote it
-    assert theirs.apply_chat_template(system + turns[:1], add_generation_prompt=True, tokenize=True,
-                                      return_dict=True).input_ids == ChatFormat(tok).prompt(question, (), "be brief")
+    assert theirs.apply_chat_template(
+        system + turns[:1], add_generation_prompt=True, tokenize=True, return_dict=True
+    ).input_ids == ChatFormat(tok).prompt(question, (), "be brief")
     assert ChatFormat(tok).prompt(question, (), "be brief") == encode_chat_prompt(tok, "be brief\n\n" + question)
     with pytest.raises(Exception, match="user and assistant turns .after one system message. only"):
         theirs.apply_chat_template(turns[:2] + system, tokenize=False)
@@ -154,9 +191,13 @@ def test_an_sft_model_answers_through_the_pipeline_as_through_our_sampler(world)
     would not show that every byte of an answer comes through."""
     model = {**TINY_MODEL, "T": 128}  # a demo question and its answer fit
     write_tiny_checkpoint(world / "start", randomised(GPT(ModelConfig(**model)), seed=3), phase="pretrain")
-    write_config(world / "sft.json", "sft", {"total_steps": 4, "eval_every": 4, "ckpt_every": 4, "base_lr": 1e-4,
-                                            "min_lr": 1e-5},
-                 model_cfg=model, init_from=str(world / "start"))
+    write_config(
+        world / "sft.json",
+        "sft",
+        {"total_steps": 4, "eval_every": 4, "ckpt_every": 4, "base_lr": 1e-4, "min_lr": 1e-5},
+        model_cfg=model,
+        init_from=str(world / "start"),
+    )
     assert run_cli("run", "--phase", "sft", "--config", "sft.json", cwd=world).returncode == 0
     done = run_cli("export", "--format", "hf", cwd=world)
     assert done.returncode == 0, done.stderr
@@ -164,8 +205,8 @@ def test_an_sft_model_answers_through_the_pipeline_as_through_our_sampler(world)
 
     tok = ByteTokenizer()
     held_out = open_cache(world / "data" / "cache" / "sft" / "dolly_val.bin", "sft")
-    example = held_out.tokens[held_out.starts[0]:held_out.starts[1]].tolist()
-    question = tok.decode(example[1:example.index(tok.special[ASST])])
+    example = held_out.tokens[held_out.starts[0] : held_out.starts[1]].tolist()
+    question = tok.decode(example[1 : example.index(tok.special[ASST])])
     assert question.endswith("?")
 
     loaded = ckpt.load_checkpoint(world / "checkpoints" / "sft" / "best", with_optimizer=False)
@@ -200,17 +241,28 @@ def test_export_refuses_what_it_cannot_write_exactly_and_keeps_what_is_there(tmp
     assert export.main(["--format", "hf", "--checkpoint", "ck", "--out", "hf"]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file() and not list(tmp_path.glob(".*hf*"))
 
-    write_tiny_checkpoint(tmp_path / "moved", model, tokenizer="hf-0123456789abcdef", tokenizer_path="gone/tokenizer.json")
+    write_tiny_checkpoint(
+        tmp_path / "moved", model, tokenizer="hf-0123456789abcdef", tokenizer_path="gone/tokenizer.json"
+    )
     assert export.main(["--format", "hf", "--checkpoint", "moved", "--out", "hf2"]) == 2
-    assert ("its tokenizer.json (hf-0123456789abcdef) is not at gone/tokenizer.json; pass the file the caches were "
-            "made with as --tokenizer PATH") in capsys.readouterr().err
+    assert (
+        "its tokenizer.json (hf-0123456789abcdef) is not at gone/tokenizer.json; pass the file the caches were "
+        "made with as --tokenizer PATH"
+    ) in capsys.readouterr().err
     moved = HFTokenizer(bpe_json)  # a tokenizer.json that moved after training: --tokenizer names it, checked
-    write_tiny_checkpoint(tmp_path / "moved", GPT(ModelConfig(**{**TINY_MODEL, "V": 320})), tokenizer=moved.identity,
-                          tokenizer_path="gone/tokenizer.json")
+    write_tiny_checkpoint(
+        tmp_path / "moved",
+        GPT(ModelConfig(**{**TINY_MODEL, "V": 320})),
+        tokenizer=moved.identity,
+        tokenizer_path="gone/tokenizer.json",
+    )
     assert export.main(["--format", "hf", "--checkpoint", "moved", "--out", "hf2", "--tokenizer", str(bpe_json)]) == 0
     (tmp_path / "edited.json").write_text(json.dumps(json.loads(bpe_json.read_text())))  # the same, other bytes
     assert export.main(["--format", "hf", "--checkpoint", "moved", "--out", "hf2", "--tokenizer", "edited.json"]) == 2
-    assert f"but the checkpoint was trained on {moved.identity} (another file, or this one changed)" in capsys.readouterr().err
+    assert (
+        f"but the checkpoint was trained on {moved.identity} (another file, or this one changed)"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_re_export_replaces_only_what_an_export_writes(tmp_path, monkeypatch, caplog):
@@ -235,9 +287,16 @@ def test_a_re_export_replaces_only_what_an_export_writes(tmp_path, monkeypatch, 
     assert not list(tmp_path.glob(".*hf*"))
 
 
-@pytest.mark.parametrize("record", ["{}", "not json", '{"format": "trainer_accel.export.hf"}', "[1, 2]",
-                                    '{"format": "trainer_accel.export.hf", "step": "3", "model_cfg": {}, '
-                                    '"exported_at": "x", "source": "y"}'])
+@pytest.mark.parametrize(
+    "record",
+    [
+        "{}",
+        "not json",
+        '{"format": "trainer_accel.export.hf"}',
+        "[1, 2]",
+        '{"format": "trainer_accel.export.hf", "step": "3", "model_cfg": {}, "exported_at": "x", "source": "y"}',
+    ],
+)
 def test_a_directory_with_a_record_that_is_not_ours_is_left_alone(tmp_path, monkeypatch, capsys, record):
     """`echo {} > d/trainer_accel_export.json` made any directory an "earlier export", replaced whole."""
     monkeypatch.chdir(tmp_path)
@@ -279,8 +338,11 @@ def gpt2_dir(tmp_path_factory):
     """A tiny random GPT2LMHeadModel as transformers saves one (no download); its biases made non-zero."""
     path = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=260, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=256, eos_token_id=256))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=260, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=256, eos_token_id=256
+        )
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -318,7 +380,10 @@ def test_a_transformers_gpt2_gives_the_same_logits_in_our_model(gpt2_dir, tmp_pa
         assert torch.equal(grown.tok_emb.weight[260], grown.tok_emb.weight[:260].mean(0))
 
     torch.save({"weights": torch.zeros(2), "code": print}, legacy / "pytorch_model.bin")  # not plain tensors
-    with pytest.raises(Exception, match="holds more than tensors, so it is not loaded .loading it would run code in it: .*Unsupported global"):
+    with pytest.raises(
+        Exception,
+        match="holds more than tensors, so it is not loaded .loading it would run code in it: .*Unsupported global",
+    ):
         load_start(legacy, None, with_optimizer=False)
 
 
@@ -335,7 +400,7 @@ def test_shards_come_only_from_beside_their_index_and_each_is_hashed(gpt2_dir, t
         shutil.copy(gpt2_dir / "config.json", where)
         state = load_file(str(gpt2_dir / "model.safetensors"))
         keys = sorted(state)
-        halves = {names[0]: keys[: len(keys) // 2], names[1]: keys[len(keys) // 2:]}
+        halves = {names[0]: keys[: len(keys) // 2], names[1]: keys[len(keys) // 2 :]}
         for name, part in halves.items():
             if "/" not in name:
                 save_file({k: state[k] for k in part}, str(where / name))
@@ -367,9 +432,12 @@ def test_sft_from_a_gpt2_directory_exports_back_with_the_trained_weights(world, 
     done = run_cli("run", "--phase", "sft", "--config", "bad.json", cwd=world)
     assert done.returncode == 2
     where = f"{gpt2_dir}/config.json"
-    assert (f"error: {where}: n_inner (4 x n_embd when null) is 128 there, model_cfg.d_ff is 64 (set model_cfg.d_ff to "
-            "128)") in done.stderr
-    assert f"error: {where}: GPT-2 layers have biases, model_cfg.bias is false (set model_cfg.bias to true)" in done.stderr
+    assert (
+        f"error: {where}: n_inner (4 x n_embd when null) is 128 there, model_cfg.d_ff is 64 (set model_cfg.d_ff to 128)"
+    ) in done.stderr
+    assert (
+        f"error: {where}: GPT-2 layers have biases, model_cfg.bias is false (set model_cfg.bias to true)" in done.stderr
+    )
     assert f'error: {where}: activation_function is "gelu_new" there, model_cfg.activation is "gelu"' in done.stderr
     assert not (world / "checkpoints" / "sft").exists() or not any((world / "checkpoints" / "sft").iterdir())
 
@@ -380,16 +448,28 @@ def test_sft_from_a_gpt2_directory_exports_back_with_the_trained_weights(world, 
     for plan in ([], ["--plan"]):
         done = run_cli("run", "--phase", "sft", "--config", "other.json", *plan, cwd=world)
         assert done.returncode == 2
-        assert (f"{other}: its weights learnt the ids of tokenizer {HFTokenizer(bpe_json).identity}, this phase's "
-                "caches were made with byte-v1") in done.stdout + done.stderr
+        assert (
+            f"{other}: its weights learnt the ids of tokenizer {HFTokenizer(bpe_json).identity}, this phase's "
+            "caches were made with byte-v1"
+        ) in done.stdout + done.stderr
 
-    write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2},
-                 model_cfg=GPT2_TINY, init_from=str(gpt2_dir))  # continued pretraining starts from it too
+    write_config(
+        world / "pre.json",
+        "pretrain",
+        {"total_steps": 2, "eval_every": 2, "ckpt_every": 2},
+        model_cfg=GPT2_TINY,
+        init_from=str(gpt2_dir),
+    )  # continued pretraining starts from it too
     done = run_cli("run", "--phase", "pretrain", "--config", "pre.json", cwd=world)
     assert done.returncode == 0 and f"initialised weights from {gpt2_dir} (step 0" in done.stderr, done.stderr
 
-    write_config(world / "sft.json", "sft", {"total_steps": 4, "eval_every": 4, "ckpt_every": 4},
-                 model_cfg=GPT2_TINY, init_from=str(gpt2_dir))
+    write_config(
+        world / "sft.json",
+        "sft",
+        {"total_steps": 4, "eval_every": 4, "ckpt_every": 4},
+        model_cfg=GPT2_TINY,
+        init_from=str(gpt2_dir),
+    )
     done = run_cli("run", "--phase", "sft", "--config", "sft.json", cwd=world)
     assert done.returncode == 0, done.stderr
     assert f"initialised weights from {gpt2_dir} (step 0" in done.stderr
@@ -432,6 +512,7 @@ def test_a_pt_without_its_record_exports_to_hf_when_told_its_tokenizer(tmp_path,
 def test_a_second_export_to_the_same_out_is_refused_while_the_first_writes(tmp_path, monkeypatch, capsys):
     """By reading: the second export's sweep deleted the first one's temporary directory."""
     from trainer_accel.fsio import held_alone
+
     monkeypatch.chdir(tmp_path)
     write_tiny_checkpoint(tmp_path / "ck", GPT(ModelConfig(**TINY_MODEL)))
     with held_alone(tmp_path / ".hf.export.lock", "held by this test"):  # as a first export holds it

@@ -23,8 +23,13 @@ TRAIN = {"total_steps": 4, "B": 2, "eval_every": 2, "ckpt_every": 2, "warmup_ste
 def pipeline(world, name, train):
     """SFT with replay and packing on: rows addressed by (seed, step, micro-step, rank) hold for them too."""
     write_config(world / name / "pretrain.json", "pretrain", train)
-    write_config(world / name / "sft.json", "sft", {**train, "pack": True}, init_from="checkpoints/pretrain/best",
-                 replay={"wiki": 0.25, "roam": 0.05})
+    write_config(
+        world / name / "sft.json",
+        "sft",
+        {**train, "pack": True},
+        init_from="checkpoints/pretrain/best",
+        replay={"wiki": 0.25, "roam": 0.05},
+    )
     path = world / name / "pipeline.json"
     path.write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
     return ("--phase", "pipeline", "--config", str(path))
@@ -33,8 +38,11 @@ def pipeline(world, name, train):
 def val_losses(artifacts):
     from trainer_accel.observability.metrics import read_events
 
-    return [(e["phase"], e["step"], e["val/loss"]) for e in read_events(artifacts / "metrics/events.jsonl")
-            if e["event"] == "eval"]
+    return [
+        (e["phase"], e["step"], e["val/loss"])
+        for e in read_events(artifacts / "metrics/events.jsonl")
+        if e["event"] == "eval"
+    ]
 
 
 def assert_valid_run(artifacts, processes):
@@ -44,7 +52,9 @@ def assert_valid_run(artifacts, processes):
         for pointer in ("latest", "best"):
             meta = read_meta(artifacts / "checkpoints" / phase / pointer, verify=True)  # sizes and sha256 of every file
             assert meta["world_size"] == processes and meta["phase"] == phase
-            assert meta["step"] == TRAIN["total_steps"] if pointer == "latest" else meta["step"] == meta["best_val_step"]
+            assert (
+                meta["step"] == TRAIN["total_steps"] if pointer == "latest" else meta["step"] == meta["best_val_step"]
+            )
     best = torch.load(artifacts / "checkpoints/best.pt", weights_only=True)
     assert set(best) == {"model_cfg", "train_cfg", "model_state", "optimizer_state", "step", "best_val_loss"}
     assert len(best["optimizer_state"]["state"]) == len(best["model_state"]) - 1  # lm_head is tied to tok_emb
@@ -64,7 +74,9 @@ def test_two_process_pipeline_resumes_and_matches_one_process(world):
     assert_valid_run(two, processes=2)
 
     one = world / "one"
-    r = run_cli("run", *pipeline(world, "c1", {**TRAIN, "accum_steps": 2}), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(one)})
+    r = run_cli(
+        "run", *pipeline(world, "c1", {**TRAIN, "accum_steps": 2}), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(one)}
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert_valid_run(one, processes=1)
     a, b = val_losses(one), val_losses(two)
@@ -94,14 +106,48 @@ def test_processes_agree_at_the_end_of_each_phase_with_cpu_2proc_as_written(worl
 
 def test_two_machines_on_loopback_train_one_run(world):
     """launch/multi_node.yaml as two nodes would run it, each with its own launcher and machine rank."""
-    args = ("--phase", "pretrain", "--config", str(write_config(world / "pre.json", "pretrain", TRAIN)), "--device", "cpu")
+    args = (
+        "--phase",
+        "pretrain",
+        "--config",
+        str(write_config(world / "pre.json", "pretrain", TRAIN)),
+        "--device",
+        "cpu",
+    )
     port = str(free_port())
     env = {**os.environ, "TRAINER_ARTIFACTS_DIR": str(world / "run")}
-    machines = [subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "multi_node.yaml"),
-         "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-         "--main_process_port", port, "--mixed_precision", "no", "-m", "trainer_accel.run", *args],
-        cwd=world, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    machines = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(LAUNCH / "multi_node.yaml"),
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                "--mixed_precision",
+                "no",
+                "-m",
+                "trainer_accel.run",
+                *args,
+            ],
+            cwd=world,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [m.communicate(timeout=300) for m in machines]
     assert [m.returncode for m in machines] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     main_log = outputs[0][1]

@@ -31,8 +31,11 @@ def max_diff(a, b):
 def losses(world, sub):
     from trainer_accel.observability.metrics import read_events
 
-    return [(e["step"], e.get("train/loss"), e.get("val/loss")) for e in read_events(world / sub / "metrics/events.jsonl")
-            if e["event"] in ("train", "eval")]
+    return [
+        (e["step"], e.get("train/loss"), e.get("val/loss"))
+        for e in read_events(world / sub / "metrics/events.jsonl")
+        if e["event"] in ("train", "eval")
+    ]
 
 
 def grad_norms(world, sub):
@@ -43,15 +46,39 @@ def grad_norms(world, sub):
 
 def launch(world, config_file, *run_args, env):
     """`accelerate launch --config_file launch/<config_file> -m trainer_accel.run ...`, as the README shows."""
-    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / config_file),
-                           "--main_process_port", str(free_port()), "-m", "trainer_accel.run", *run_args], cwd=world, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(LAUNCH / config_file),
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "trainer_accel.run",
+            *run_args,
+        ],
+        cwd=world,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def run_split(world, sub, B, accum, launcher=None, extra=None):
-    top = {"replay": {"wiki": 0.2, "primer": 0.1}, "model_cfg": {**TINY_MODEL, "T": 64}} if (extra or {}).get("pack") else {}
-    cfg = write_config(world / f"{sub}.json", "sft", {"total_steps": 4, "B": B, "accum_steps": accum, "eval_every": 2,
-                                                      "ckpt_every": 2, **(extra or {})}, **top)
+    top = (
+        {"replay": {"wiki": 0.2, "primer": 0.1}, "model_cfg": {**TINY_MODEL, "T": 64}}
+        if (extra or {}).get("pack")
+        else {}
+    )
+    cfg = write_config(
+        world / f"{sub}.json",
+        "sft",
+        {"total_steps": 4, "B": B, "accum_steps": accum, "eval_every": 2, "ckpt_every": 2, **(extra or {})},
+        **top,
+    )
     env = {"TRAINER_ARTIFACTS_DIR": str(world / sub)}
     if launcher is None:
         r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world, env=env)
@@ -77,13 +104,14 @@ def test_accumulation_equals_one_big_batch(world):
         assert s1 == s2 and (l1 is None or abs(l1 - l2) < 1e-5)
 
 
-
 @pytest.mark.parametrize("phase", ["pretrain", "sft"])
 def test_resumed_run_is_bit_identical_to_an_unbroken_one(world, phase):
     train = {"total_steps": 8, "ckpt_every": 3, "eval_every": 3, "accum_steps": 2, "B": 2}
     model = {"model_cfg": {"V": 260, "T": 32, "C": 32, "L": 2, "H": 2, "d_ff": 64, "dropout": 0.1}}
     full = write_config(world / "full.json", phase, train, **model)
-    r = run_cli("run", "--phase", phase, "--config", str(full), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "full")})
+    r = run_cli(
+        "run", "--phase", phase, "--config", str(full), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "full")}
+    )
     assert r.returncode == 0, r.stderr
     # the same run, stopped after its step-6 checkpoint: a shorter total would change the LR schedule, so
     # stop it by removing what came after step 6 instead, as a crash would have left it
@@ -93,14 +121,16 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(world, phase):
         shutil.rmtree(ck / d, ignore_errors=True)
     (world / "cut/checkpoints/best.pt").unlink()
     (world / "cut/metrics/events.jsonl").unlink()
-    r = run_cli("run", "--phase", phase, "--config", str(full), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "cut")})
+    r = run_cli(
+        "run", "--phase", phase, "--config", str(full), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "cut")}
+    )
     assert r.returncode == 0, r.stderr
     assert "at step 6" in r.stderr
     a, b = weights(world, "full", phase), weights(world, "cut", phase)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    full_losses = {s: l for s, l, _ in losses(world, "full") if l is not None}
-    resumed = [(s, l) for s, l, _ in losses(world, "cut") if l is not None]
-    assert [s for s, _ in resumed] == [7, 8] and all(full_losses[s] == l for s, l in resumed)
+    full_losses = {s: loss for s, loss, _ in losses(world, "full") if loss is not None}
+    resumed = [(s, loss) for s, loss, _ in losses(world, "cut") if loss is not None]
+    assert [s for s, _ in resumed] == [7, 8] and all(full_losses[s] == loss for s, loss in resumed)
 
 
 def test_micro_batches_without_answer_tokens_count_nothing_and_never_nan(world):
@@ -109,11 +139,17 @@ def test_micro_batches_without_answer_tokens_count_nothing_and_never_nan(world):
     from trainer_accel.data import prepare
 
     rows = [{"prompt": "a", "response": f"{i}"} for i in range(30)] + [  # distinct: equal rows share a split side
-        {"prompt": f"a long question number {i}?", "response": "x"} for i in range(30)]
+        {"prompt": f"a long question number {i}?", "response": "x"} for i in range(30)
+    ]
     (world / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert prepare.main(["--sft", "dolly=mixed.jsonl"]) == 0
-    cfg = write_config(world / "sft.json", "sft", {"total_steps": 8, "B": 2, "eval_every": 4, "ckpt_every": 4},
-                       model_cfg={"V": 260, "T": 8, "C": 32, "L": 2, "H": 2, "d_ff": 64}, sft_sources={"dolly": 1.0})
+    cfg = write_config(
+        world / "sft.json",
+        "sft",
+        {"total_steps": 8, "B": 2, "eval_every": 4, "ckpt_every": 4},
+        model_cfg={"V": 260, "T": 8, "C": 32, "L": 2, "H": 2, "d_ff": 64},
+        sft_sources={"dolly": 1.0},
+    )
     r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world)
     assert r.returncode == 0, r.stderr
     assert re.search(r"\d+ micro-batches up to step \d+ had no counted tokens", r.stderr), r.stderr
@@ -124,8 +160,19 @@ def test_micro_batches_without_answer_tokens_count_nothing_and_never_nan(world):
 
 
 def test_skip_mode_skips_non_finite_updates_then_stops(world):
-    cfg = write_config(world / "pre.json", "pretrain", {"base_lr": 1e12, "min_lr": 1e11, "grad_clip": 0.0, "on_nonfinite": "skip",
-                                                       "max_nonfinite_skips": 3, "total_steps": 8, "ckpt_every": 1})
+    cfg = write_config(
+        world / "pre.json",
+        "pretrain",
+        {
+            "base_lr": 1e12,
+            "min_lr": 1e11,
+            "grad_clip": 0.0,
+            "on_nonfinite": "skip",
+            "max_nonfinite_skips": 3,
+            "total_steps": 8,
+            "ckpt_every": 1,
+        },
+    )
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
     assert r.returncode == 1 and "3 non-finite updates in a row" in r.stderr and "Traceback" not in r.stderr
     from conftest import events
@@ -145,9 +192,15 @@ def test_resume_on_changed_data_is_refused_unless_allowed(world):
     assert prepare.main(["--stream", "roam=more.txt"]) == 0
     longer = write_config(world / "pre4.json", "pretrain", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2})
     r = run_cli("run", "--phase", "pretrain", "--config", str(longer), cwd=world)
-    assert r.returncode == 2 and "the caches differ from those this checkpoint was trained on (streams/roam_train.bin:" in r.stderr
-    allowed = write_config(world / "pre4a.json", "pretrain", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2,
-                                                               "allow_data_change": True})
+    assert (
+        r.returncode == 2
+        and "the caches differ from those this checkpoint was trained on (streams/roam_train.bin:" in r.stderr
+    )
+    allowed = write_config(
+        world / "pre4a.json",
+        "pretrain",
+        {"total_steps": 4, "eval_every": 2, "ckpt_every": 2, "allow_data_change": True},
+    )
     r = run_cli("run", "--phase", "pretrain", "--config", str(allowed), cwd=world)
     assert r.returncode == 0 and "RESUMING ON CHANGED DATA" in r.stderr
 
@@ -186,7 +239,9 @@ def test_first_gradient_equals_a_hand_computed_big_batch(world):
     assert batch.segments is not None and batch.segments.max() > 0  # rows hold several examples
     assert {strategy.train.kinds[i] for i in batch.row_source.tolist()} == {"stream", "sft"}  # replayed rows too
     logits = model(batch.x, batch.segments)
-    loss = F.cross_entropy(logits.flatten(0, 1), batch.y_masked.flatten(), ignore_index=-100)  # mean over counted tokens
+    loss = F.cross_entropy(
+        logits.flatten(0, 1), batch.y_masked.flatten(), ignore_index=-100
+    )  # mean over counted tokens
     loss.backward()
     norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
     assert grad_norms(world, "acc")[0] == pytest.approx(norm, rel=1e-5)

@@ -14,7 +14,9 @@ from trainer_accel.checkpoints.store import read_meta
 def pipeline(world, pre_train=None, sft_train=None):
     write_config(world / "c/pretrain.json", "pretrain", pre_train)
     write_config(world / "c/sft.json", "sft", sft_train, init_from="checkpoints/pretrain/best")
-    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
+    (world / "c/pipeline.json").write_text(
+        json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"})
+    )
     return run_cli("run", "--phase", "pipeline", "--config", "c/pipeline.json", cwd=world)
 
 
@@ -90,8 +92,9 @@ def test_a_refused_no_resume_run_moves_no_checkpoint_aside(world, phase, bad):
     assert run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world).returncode == 0
     write_config(world / "c/pretrain.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2}, **bad)
     write_config(world / "c/sft.json", "sft", init_from="checkpoints/pretrain/best")
-    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json",
-                                                        "sft_config_path": "sft.json"}))
+    (world / "c/pipeline.json").write_text(
+        json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"})
+    )
     config = "c/pipeline.json" if phase == "pipeline" else "c/pretrain.json"
     r = run_cli("run", "--phase", phase, "--config", config, "--no-resume", cwd=world)
     assert r.returncode == 2 and next(iter(bad.values())) in r.stderr, r.stderr
@@ -101,8 +104,15 @@ def test_a_refused_no_resume_run_moves_no_checkpoint_aside(world, phase, bad):
 
 def test_pipeline_samples_of_both_phases_are_kept(world):
     write_config(world / "c/pretrain.json", "pretrain", sample_prompts=["The"])
-    write_config(world / "c/sft.json", "sft", init_from="checkpoints/pretrain/best", sample_prompts=[{"prompt": "Hi", "task": "chat"}])
-    (world / "c/pipeline.json").write_text(json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"}))
+    write_config(
+        world / "c/sft.json",
+        "sft",
+        init_from="checkpoints/pretrain/best",
+        sample_prompts=[{"prompt": "Hi", "task": "chat"}],
+    )
+    (world / "c/pipeline.json").write_text(
+        json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"})
+    )
     assert run_cli("run", "--phase", "pipeline", "--config", "c/pipeline.json", cwd=world).returncode == 0
     for phase, prompt in (("pretrain", "The"), ("sft", "Hi")):
         files = sorted((world / "samples" / phase).iterdir())

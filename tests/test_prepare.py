@@ -23,17 +23,38 @@ def inputs(tmp_path, monkeypatch):
     (tmp_path / "notes" / "a.txt").write_text("First doc.\n\nSecond doc, <|user|> stays text.\n")
     (tmp_path / "notes" / "b.md").write_text("Third doc.\n\n\nFourth doc.\n")
     rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(8)]
-    rows.append({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "u1"},
-                              {"role": "assistant", "content": "r1"}, {"role": "user", "content": "u2"},
-                              {"role": "assistant", "content": "r2"}]})
+    rows.append(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "u1"},
+                {"role": "assistant", "content": "r1"},
+                {"role": "user", "content": "u2"},
+                {"role": "assistant", "content": "r2"},
+            ]
+        }
+    )
     rows.append({"instruction": "summarise", "context": "text", "response": "done"})
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path
 
 
 def test_text_and_jsonl_become_caches(inputs):
-    assert prepare.main(["--stream", "roam=notes", "--sft", "dolly=sft.jsonl", "--val-fraction", "0.25",
-                         "--documents", "blank-lines"]) == 0
+    assert (
+        prepare.main(
+            [
+                "--stream",
+                "roam=notes",
+                "--sft",
+                "dolly=sft.jsonl",
+                "--val-fraction",
+                "0.25",
+                "--documents",
+                "blank-lines",
+            ]
+        )
+        == 0
+    )
     tok = ByteTokenizer()
     train = open_cache(inputs / "data/cache/streams/roam_train.bin", "stream", verify_hash=True)
     val = open_cache(inputs / "data/cache/streams/roam_val.bin", "stream", verify_hash=True)
@@ -41,8 +62,12 @@ def test_text_and_jsonl_become_caches(inputs):
     docs_train, docs_val = int((train.tokens == tok.special[DOC]).sum()), int((val.tokens == tok.special[DOC]).sum())
     assert docs_train + docs_val == 4 and docs_train and docs_val
     text = tok.decode(list(train.tokens) + list(val.tokens))
-    for doc in ("First doc.<|endoftext|>", "Second doc, <|user|> stays text.\n<|endoftext|>", "Third doc.<|endoftext|>",
-                "Fourth doc.\n<|endoftext|>"):
+    for doc in (
+        "First doc.<|endoftext|>",
+        "Second doc, <|user|> stays text.\n<|endoftext|>",
+        "Third doc.<|endoftext|>",
+        "Fourth doc.\n<|endoftext|>",
+    ):
         assert doc in text
     assert not np.any(train.tokens == tok.special[USER])  # a typed "<|user|>" never becomes the special token
     meta = train.meta
@@ -55,8 +80,11 @@ def test_text_and_jsonl_become_caches(inputs):
     sft_tr = open_cache(inputs / "data/cache/sft/dolly_train.bin", "sft", verify_hash=True)
     sft_va = open_cache(inputs / "data/cache/sft/dolly_val.bin", "sft", verify_hash=True)
     assert sft_tr.num_examples + sft_va.num_examples == 10 and sft_va.num_examples >= 1
-    examples = [tok.decode(list(c.tokens[c.starts[i]:c.starts[i + 1]]))
-                for c in (sft_tr, sft_va) for i in range(c.num_examples)]
+    examples = [
+        tok.decode(list(c.tokens[c.starts[i] : c.starts[i + 1]]))
+        for c in (sft_tr, sft_va)
+        for i in range(c.num_examples)
+    ]
     assert "<|user|>q3<|assistant|>a3<|eot|>" in examples
     assert "<|user|>be brief\n\nu1<|assistant|>r1<|eot|><|user|>u2<|assistant|>r2<|eot|>" in examples
     assert "<|user|>summarise\n\ntext<|assistant|>done<|eot|>" in examples
@@ -67,8 +95,10 @@ def test_text_and_jsonl_become_caches(inputs):
 
 
 def test_bad_inputs_are_all_named(inputs, capsys):
-    (inputs / "bad.jsonl").write_text('{"prompt": "x", "response": "y"}\nnot json\n{"prompt": 3}\n'
-                                      '{"messages": [{"role": "assistant", "content": "hi"}]}\n')
+    (inputs / "bad.jsonl").write_text(
+        '{"prompt": "x", "response": "y"}\nnot json\n{"prompt": 3}\n'
+        '{"messages": [{"role": "assistant", "content": "hi"}]}\n'
+    )
     code = prepare.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=missing_dir", "--stream", "bogus=x.txt"])
     err = capsys.readouterr().err
     assert code == 2 and "x.txt: file or folder not found" in err
@@ -104,10 +134,14 @@ def test_demo_is_deterministic(tmp_path, monkeypatch):
 
 def test_hf_tokenizer_json(inputs):
     tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "doc": 1, "first": 2, "q1": 3}, unk_token="[UNK]"))
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({"[UNK]": 0, "doc": 1, "first": 2, "q1": 3}, unk_token="[UNK]")
+    )
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(inputs / "tokenizer.json"))
-    r = run_cli("prepare", "--stream", "roam=notes", "--sft", "dolly=sft.jsonl", "--tokenizer", "tokenizer.json", cwd=inputs)
+    r = run_cli(
+        "prepare", "--stream", "roam=notes", "--sft", "dolly=sft.jsonl", "--tokenizer", "tokenizer.json", cwd=inputs
+    )
     assert r.returncode == 0, r.stderr
     meta = json.loads(meta_path(inputs / "data/cache/sft/dolly_train.bin").read_text())
     assert meta["tokenizer"].startswith("hf-") and meta["vocab_size"] == 4 + 4
@@ -117,5 +151,6 @@ def test_hf_tokenizer_json(inputs):
 def test_unreadable_tokenizer_is_a_user_error(inputs):
     (inputs / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="tokenizer.json: not a readable Hugging Face tokenizer.json"):
-        prepare.prepare([prepare.Source("roam", "stream", (inputs / "notes",))], inputs / "tokenizer.json",
-                        prepare.Split(), None)
+        prepare.prepare(
+            [prepare.Source("roam", "stream", (inputs / "notes",))], inputs / "tokenizer.json", prepare.Split(), None
+        )

@@ -32,9 +32,12 @@ def jobs(world) -> dict[int, sqlite3.Row]:
 def test_jobs_run_by_priority_and_a_failing_one_is_retried(world, capsys):
     cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 4, "ckpt_every": 2, "eval_every": 2})
     low = add(world, "--phase", "pretrain", "--config", str(cfg), "--priority", "low")
-    failing = add(world, "--phase", "pretrain", "--config", str(cfg), "--env", "TRAINER_FAULT=before_meta",
-                  "--max-attempts", "2")  # killed in its first save, every attempt
-    high = add(world, "--phase", "pretrain", "--config", str(cfg), "--priority", "high", "--set", "train_cfg.base_lr=1e-3")
+    failing = add(
+        world, "--phase", "pretrain", "--config", str(cfg), "--env", "TRAINER_FAULT=before_meta", "--max-attempts", "2"
+    )  # killed in its first save, every attempt
+    high = add(
+        world, "--phase", "pretrain", "--config", str(cfg), "--priority", "high", "--set", "train_cfg.base_lr=1e-3"
+    )
     capsys.readouterr()
     assert queue.main(["plan"]) == 0
     plan = capsys.readouterr().out
@@ -48,15 +51,22 @@ def test_jobs_run_by_priority_and_a_failing_one_is_retried(world, capsys):
     assert order == [high, failing, failing, low]
     done = jobs(world)
     assert [(done[j]["status"], done[j]["attempts"], done[j]["exit_code"]) for j in (high, failing, low)] == [
-        ("completed", 1, 0), ("failed", 2, 1), ("completed", 1, 0)]
+        ("completed", 1, 0),
+        ("failed", 2, 1),
+        ("completed", 1, 0),
+    ]
     assert "no result file" in done[failing]["failure"]
     for j in (high, low):  # each job in its own artifacts dir; runs registered in the shared registry
         (run_id,) = json.loads(done[j]["run_ids"])
         assert read_meta(world / "jobs" / str(j) / "checkpoints/pretrain/latest")["step"] == 4
         manifest = json.loads((world / "runs" / run_id / "run.json").read_text())
         assert manifest["status"] == "completed"
-    assert json.loads((world / "runs" / json.loads(done[high]["run_ids"])[0] / "run.json").read_text())[
-        "config"]["train_cfg"]["base_lr"] == 1e-3
+    assert (
+        json.loads((world / "runs" / json.loads(done[high]["run_ids"])[0] / "run.json").read_text())["config"][
+            "train_cfg"
+        ]["base_lr"]
+        == 1e-3
+    )
     assert queue.main(["list"]) == 0
     assert f"{failing}   normal  failed     2/2" in capsys.readouterr().out
     assert queue.main(["cancel", str(low)]) == 2  # already completed
@@ -84,8 +94,10 @@ print(json.dumps(got))
 def test_two_workers_never_take_the_same_job(world):
     q = queue.JobQueue(queue.resolve_paths())
     ids = [q.add("pretrain", world / "pre.json", [], {}, "normal", None, 1, None) for _ in range(60)]
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, name], cwd=world, stdout=subprocess.PIPE, text=True)
-             for name in ("a", "b")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WORKER, name], cwd=world, stdout=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
     while not all((world / f"ready-{n}").exists() for n in ("a", "b")):
         assert all(p.poll() is None for p in procs)
         time.sleep(0.01)

@@ -35,11 +35,27 @@ CONTEXT = {"qwen3": 64, "llama3": 128}  # Llama 3.2's template writes a dated sy
 
 
 def sft_config(folder: Path, T: int, **train) -> Path:
-    cfg = {"model_cfg_path": "model/config.json", "init_from": "model", "model_cfg": {"T": T},
-           "sft_sources": {"qa": 1.0}, "val_source": "notes", "tracking": {"log_with": []},
-           "sample_prompts": [{"prompt": "What does animal 7 eat?", "task": "chat", "temperature": 0.0}],
-           "train_cfg": {"total_steps": 24, "B": 4, "base_lr": 3e-3, "warmup_steps": 3, "min_lr": 3e-4,
-                         "eval_every": 12, "eval_batches": 2, "ckpt_every": 12, "log_every": 12, **train}}
+    cfg = {
+        "model_cfg_path": "model/config.json",
+        "init_from": "model",
+        "model_cfg": {"T": T},
+        "sft_sources": {"qa": 1.0},
+        "val_source": "notes",
+        "tracking": {"log_with": []},
+        "sample_prompts": [{"prompt": "What does animal 7 eat?", "task": "chat", "temperature": 0.0}],
+        "train_cfg": {
+            "total_steps": 24,
+            "B": 4,
+            "base_lr": 3e-3,
+            "warmup_steps": 3,
+            "min_lr": 3e-4,
+            "eval_every": 12,
+            "eval_batches": 2,
+            "ckpt_every": 12,
+            "log_every": 12,
+            **train,
+        },
+    }
     (folder / "sft.json").write_text(json.dumps(cfg))
     return folder / "sft.json"
 
@@ -65,8 +81,17 @@ def train(name: str, folder: Path):
     folder.mkdir()
     model_directory(name, folder / "model")
     write_data(folder)
-    r = run_cli("prepare", "--tokenizer", "model", "--stream", "notes=notes.txt", "--sft", "qa=qa.jsonl",
-                *ARGS[name], cwd=folder)
+    r = run_cli(
+        "prepare",
+        "--tokenizer",
+        "model",
+        "--stream",
+        "notes=notes.txt",
+        "--sft",
+        "qa=qa.jsonl",
+        *ARGS[name],
+        cwd=folder,
+    )
     assert r.returncode == 0, r.stderr
     prepared = r.stderr
     r = run_cli("run", "--phase", "sft", "--config", str(sft_config(folder, CONTEXT[name])), cwd=folder)
@@ -80,7 +105,9 @@ def cache(folder: Path, kind: str, name: str) -> tuple[dict, np.ndarray, np.ndar
     path = folder / "data" / "cache" / kind / name
     meta = json.loads(path.with_name(path.name + ".meta.json").read_text())
     tokens = np.fromfile(path, dtype=meta["dtype"]).astype(np.int64)
-    starts = np.fromfile(path.with_name(path.name + ".idx"), dtype=np.uint64).astype(np.int64) if kind == "sft" else None
+    starts = (
+        np.fromfile(path.with_name(path.name + ".idx"), dtype=np.uint64).astype(np.int64) if kind == "sft" else None
+    )
     return meta, tokens, starts
 
 
@@ -88,8 +115,10 @@ def conversations(folder: Path) -> list[list[dict]]:
     out = []
     for line in (folder / "qa.jsonl").read_text().splitlines():
         row = json.loads(line)
-        out.append(row.get("messages") or [{"role": "user", "content": row["prompt"]},
-                                           {"role": "assistant", "content": row["response"]}])
+        out.append(
+            row.get("messages")
+            or [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        )
     return out
 
 
@@ -104,7 +133,9 @@ def test_the_models_own_tokens_are_used_and_none_is_added(trained):
     assert meta["vocab_size"] == {"qwen3": 151669, "llama3": 128256}[name]
     doc_end = {"qwen3": 151643, "llama3": 128001}[name]
     assert tail[-1] == doc_end and meta["special_tokens"]["<|endoftext|>"] == doc_end
-    assert (tokens[0] == 128000) == (name == "llama3") and meta.get("bos_ids", []) == ([128000] if name == "llama3" else [])
+    assert (tokens[0] == 128000) == (name == "llama3") and meta.get("bos_ids", []) == (
+        [128000] if name == "llama3" else []
+    )
     config = json.loads((folder / "out" / "config.json").read_text())
     assert config["vocab_size"] == ROWS[name]  # never grown
 
@@ -115,8 +146,10 @@ def test_cached_sft_examples_are_apply_chat_templates_tokens_and_the_loss_counts
     generation header: Qwen3's empty think block in the last turn, the answer and its end-of-turn token."""
     name, folder, _ = trained
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "model")
-    expected = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, **TEMPLATE_KWARGS[name])["input_ids"]
-                for c in conversations(folder)]
+    expected = [
+        tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, **TEMPLATE_KWARGS[name])["input_ids"]
+        for c in conversations(folder)
+    ]
     cached = []
     for split in ("train", "val"):
         meta, tokens, starts = cache(folder, "sft", f"qa_{split}.bin")
@@ -127,8 +160,13 @@ def test_cached_sft_examples_are_apply_chat_templates_tokens_and_the_loss_counts
     counted = answer_mask(np.array([two_turn]), answer_rule(meta))[0]
     shown = tokenizer.decode([t for t, c in zip(two_turn[1:], counted) if c])
     end = {"qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}[name]
-    assert shown == {"qwen3": f"Hello!{end}<think>\n\n</think>\n\n Animal 3 eats plums. {end}",  # lstrip("\\n")
-                     "llama3": f"Hello!{end}Animal 3 eats plums.{end}"}[name]
+    assert (
+        shown
+        == {
+            "qwen3": f"Hello!{end}<think>\n\n</think>\n\n Animal 3 eats plums. {end}",  # lstrip("\\n")
+            "llama3": f"Hello!{end}Animal 3 eats plums.{end}",
+        }[name]
+    )
 
 
 def test_a_context_below_the_maximum_trains_and_the_export_keeps_the_models_own(trained):
@@ -144,8 +182,15 @@ def test_a_context_below_the_maximum_trains_and_the_export_keeps_the_models_own(
     assert (folder / "out" / "tokenizer.json").read_bytes() == (folder / "model" / "tokenizer.json").read_bytes()
     exported = json.loads((folder / "out" / "tokenizer_config.json").read_text())
     theirs = json.loads((folder / "model" / "tokenizer_config.json").read_text())
-    for key in ("bos_token", "pad_token", "tokenizer_class", "model_max_length", "additional_special_tokens",
-                "add_bos_token", "chat_template"):
+    for key in (
+        "bos_token",
+        "pad_token",
+        "tokenizer_class",
+        "model_max_length",
+        "additional_special_tokens",
+        "add_bos_token",
+        "chat_template",
+    ):
         assert exported.get(key) == theirs.get(key), key
     generation = json.loads((folder / "out" / "generation_config.json").read_text())
     if name == "qwen3":
@@ -169,9 +214,16 @@ def test_a_context_below_the_maximum_trains_and_the_export_keeps_the_models_own(
 def greedy(folder: Path, ids: list[int], new: int) -> list[int]:
     """transformers' greedy continuation with the export's own generation config (its stop ids)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(folder / "out").eval()
-    out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, top_p=None, top_k=None,
-                         temperature=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=new,
+        do_sample=False,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def test_generate_encodes_and_stops_as_transformers_does(trained):
@@ -182,13 +234,31 @@ def test_generate_encodes_and_stops_as_transformers_does(trained):
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "out")
     stops = json.loads((folder / "out" / "generation_config.json").read_text())["eos_token_id"]
     for chat, prompt in ((False, "What does animal 7 eat?"), (True, "What does animal 12 eat?")):
-        r = run_cli("generate", "--model", "out", "--prompt", prompt, "--max-new-tokens", "24", *(["--chat"] * chat),
-                    *ARGS[name], cwd=folder)
+        r = run_cli(
+            "generate",
+            "--model",
+            "out",
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "24",
+            *(["--chat"] * chat),
+            *ARGS[name],
+            cwd=folder,
+        )
         assert r.returncode == 0, r.stderr
         record = json.loads(r.stdout)
-        ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True, **TEMPLATE_KWARGS[name])["input_ids"]
-               if chat else tokenizer(prompt).input_ids)
+        ids = (
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                **TEMPLATE_KWARGS[name],
+            )["input_ids"]
+            if chat
+            else tokenizer(prompt).input_ids
+        )
         assert record["prompt_tokens"] == len(ids)
         theirs = greedy(folder, ids, 24)
         stopped = bool(theirs) and theirs[-1] in stops
@@ -200,13 +270,23 @@ def test_generate_encodes_and_stops_as_transformers_does(trained):
 
 def test_chat_answers_as_transformers_does_in_the_models_template(trained):
     name, folder, _ = trained
-    r = subprocess.run([sys.executable, "-m", "trainer_accel.chat", "--model", "out", *ARGS[name]], cwd=folder,
-                       input="What does animal 12 eat?\n", capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer_accel.chat", "--model", "out", *ARGS[name]],
+        cwd=folder,
+        input="What does animal 12 eat?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "out")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What does animal 12 eat?"}],
-                                        add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        **TEMPLATE_KWARGS[name])["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does animal 12 eat?"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        **TEMPLATE_KWARGS[name],
+    )["input_ids"]
     assert r.stdout.strip() == tokenizer.decode(greedy(folder, ids, 256), skip_special_tokens=True).strip()
 
 

@@ -58,7 +58,12 @@ SIDECAR_CASES = [  # (field, value, what the error says)
     ("best_val_step", 99, "best_val_step is 99, not a step between 0 and the checkpoint's step"),
     ("model_cfg.L", "2", 'model_cfg.L: expected an integer, got "2"'),
     ("model_cfg.V", -5, "model_cfg.V: must be a positive integer, got -5"),
-    ("model_cfg.C", 10**30, "model_cfg.C: must be at most 2,147,483,647 (a tensor dimension), got 1,000,000,000,000,000,000,000,000,000,000"),
+    (
+        "model_cfg.C",
+        10**30,
+        "model_cfg.C: must be at most 2,147,483,647 (a tensor dimension), got "
+        "1,000,000,000,000,000,000,000,000,000,000",
+    ),
     ("model_cfg", [1, 2], "model_cfg is list, not an object"),
     ("files", ["model.safetensors"], "malformed 'files'"),
     ("files.optimizer.pt", {"size": "big"}, "files.optimizer.pt is not {size, sha256}"),
@@ -72,17 +77,23 @@ def test_a_sidecar_edited_by_hand_or_nonsense_in_a_resealed_one_is_refused_in_on
     cases = {}
     for i, (field, value, needle) in enumerate(SIDECAR_CASES):
         ck = shutil.copytree(step, trained / f"case{i}")
-        edit_sidecar(ck, lambda meta, f=field, v=value: set_path(meta, f, v) if not f.startswith("files.") else
-                     meta["files"].update({f[len("files."):]: v}))
+        edit_sidecar(
+            ck,
+            lambda meta, f=field, v=value: (
+                set_path(meta, f, v) if not f.startswith("files.") else meta["files"].update({f[len("files.") :]: v})
+            ),
+        )
         cases[ck] = needle
     edited = shutil.copytree(step, trained / "edited")
     meta = json.loads((edited / "meta.json").read_text())
     (edited / "meta.json").write_text(json.dumps({**meta, "step": 1}, indent=2))  # a hand edit, not resealed
     cases[edited] = "meta.json was changed after the save (it does not match its sidecar_sha256)"
-    for name, text, needle in (("deep", DEEP, "nested too deeply"),
-                               ("twice", '{"format": "trainer_accel.checkpoint", "format": "x"}', 'key "format" appears twice'),
-                               ("list", "[1]", "is not a trainer_accel.checkpoint sidecar"),
-                               ("version", json.dumps({**meta, "format_version": "3"}), "format version (format_version) is '3'")):
+    for name, text, needle in (
+        ("deep", DEEP, "nested too deeply"),
+        ("twice", '{"format": "trainer_accel.checkpoint", "format": "x"}', 'key "format" appears twice'),
+        ("list", "[1]", "is not a trainer_accel.checkpoint sidecar"),
+        ("version", json.dumps({**meta, "format_version": "3"}), "format version (format_version) is '3'"),
+    ):
         ck = shutil.copytree(step, trained / name)
         (ck / "meta.json").unlink()
         (ck / "meta.json").write_text(text)
@@ -180,8 +191,13 @@ def test_a_run_config_with_nonsense_is_refused_by_the_plan_in_one_line(world):
     for i, (text, needle) in enumerate(CONFIG_CASES):
         try:  # a valid change: merged into a working config, so the case is the only problem
             change = json.loads(text)
-            doc = {**base, **{k: ({**base[k], **v} if isinstance(base.get(k), dict) and k != "sources" else v)
-                              for k, v in change.items()}}
+            doc = {
+                **base,
+                **{
+                    k: ({**base[k], **v} if isinstance(base.get(k), dict) and k != "sources" else v)
+                    for k, v in change.items()
+                },
+            }
             text = json.dumps(doc) if "appears twice" not in needle else text
         except (json.JSONDecodeError, RecursionError):
             pass
@@ -204,12 +220,15 @@ def test_damaged_input_files_and_a_long_seed_are_one_line_each(tmp_path):
     """What prepare reads besides JSON rows: gzip that is not gzip or is cut short, Parquet holding bytes where text
     belongs or with damaged data pages behind a good footer, and a --seed too long to key the split hash."""
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
-    rows = b"".join(json.dumps({"prompt": f"q {i}", "response": f"row {i} " * 20}).encode() + b"\n" for i in range(3000))
+    rows = b"".join(
+        json.dumps({"prompt": f"q {i}", "response": f"row {i} " * 20}).encode() + b"\n" for i in range(3000)
+    )
     (tmp_path / "notgz.jsonl.gz").write_bytes(rows[:200])
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(rows)[:-4000])
     pq.write_table(pa.table({"text": [b"abc"]}), tmp_path / "bytes.parquet")
-    pq.write_table(pa.table({"text": [f"row {i} " * 20 for i in range(3000)]}), tmp_path / "pages.parquet",
-                   compression="none")
+    pq.write_table(
+        pa.table({"text": [f"row {i} " * 20 for i in range(3000)]}), tmp_path / "pages.parquet", compression="none"
+    )
     damaged = bytearray((tmp_path / "pages.parquet").read_bytes())
     for i in range(100, len(damaged) // 2, 7):  # the data pages scrambled; the footer intact
         damaged[i] = (damaged[i] * 31 + 7) % 256

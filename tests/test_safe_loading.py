@@ -29,8 +29,12 @@ def test_pickle_payloads_are_refused_everywhere(world):
     opt = ck / "optimizer.pt"
     opt.unlink()  # break the hard link shared with latest/
     torch.save({"state": {}, "param_groups": [], "evil": Payload(marker)}, opt)
-    edit_sidecar(ck, lambda meta: meta["files"].update(
-        {"optimizer.pt": {"size": opt.stat().st_size, "sha256": hashlib.sha256(opt.read_bytes()).hexdigest()}}))
+    edit_sidecar(
+        ck,
+        lambda meta: meta["files"].update(
+            {"optimizer.pt": {"size": opt.stat().st_size, "sha256": hashlib.sha256(opt.read_bytes()).hexdigest()}}
+        ),
+    )
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), "--resume", str(ck), cwd=world, env=env)
     assert r.returncode == 2 and "optimizer.pt: cannot load optimizer state safely" in r.stderr, r.stderr
     r = run_cli("export", "--checkpoint", str(ck), "--out", "x.pt", cwd=world, env=env)

@@ -7,13 +7,17 @@ import json
 import torch
 from conftest import TINY_MODEL, events, run_cli, write_config
 
-PROMPTS = ["The zorba is", {"prompt": "What color is the zorba?", "task": "chat", "seed": 5, "max_new_tokens": 12,
-                            "temperature": 0.0},
-           {"prompt": "one and two make", "max_new_tokens": 8, "top_k": 3, "temperature": 1.0}]
+PROMPTS = [
+    "The zorba is",
+    {"prompt": "What color is the zorba?", "task": "chat", "seed": 5, "max_new_tokens": 12, "temperature": 0.0},
+    {"prompt": "one and two make", "max_new_tokens": 8, "top_k": 3, "temperature": 1.0},
+]
 
 
 def test_samples_at_every_checkpoint_are_deterministic(world):
-    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 4, "ckpt_every": 2}, sample_prompts=PROMPTS, sample_seed=9)
+    cfg = write_config(
+        world / "pre.json", "pretrain", {"total_steps": 4, "ckpt_every": 2}, sample_prompts=PROMPTS, sample_seed=9
+    )
     texts = []
     for sub in ("a", "b"):
         r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"TRAINER_ARTIFACTS_DIR": sub})
@@ -24,7 +28,12 @@ def test_samples_at_every_checkpoint_are_deterministic(world):
         texts.append([r["text"] for r in recs])
     assert texts[0] == texts[1]
     first, chat, third = recs[3:]
-    assert first["prompt"] == "The zorba is" and first["seed"] == 9 and first["task"] == "completion" and first["step"] == 4
+    assert (
+        first["prompt"] == "The zorba is"
+        and first["seed"] == 9
+        and first["task"] == "completion"
+        and first["step"] == 4
+    )
     assert chat["seed"] == 5 and chat["task"] == "chat" and "<|eot|>" not in chat["text"]
     assert third["top_k"] == 3 and third["max_new_tokens"] == 8
     assert len(events(world / "a", "samples")) == 2
@@ -56,8 +65,14 @@ def test_bad_sample_prompts_are_named(tmp_path):
     from trainer_accel.config import load_phase_config
     from trainer_accel.errors import UserError
 
-    (tmp_path / "c.json").write_text(json.dumps({"model_cfg": TINY_MODEL, "sample_prompts": [
-        3, {"prompt": "x", "task": "poem"}, {"prompt": "x", "system": "be brief"}]}))
+    (tmp_path / "c.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": TINY_MODEL,
+                "sample_prompts": [3, {"prompt": "x", "task": "poem"}, {"prompt": "x", "system": "be brief"}],
+            }
+        )
+    )
     with pytest.raises(UserError) as e:
         load_phase_config(tmp_path / "c.json", "pretrain")
     assert any("sample_prompts[0]: expected a JSON object" in p for p in e.value.problems)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # -- dependency floors ---------------------------------------------------------------------------------------------
 
+
 def test_the_floors_name_the_package_the_version_found_and_the_floor():
     assert floor_problems({"torch": "2.13.0+cpu", "accelerate": "1.16.0"}) == []
     assert floor_problems({"torch": "2.6.0", "accelerate": "1.13.0"}) == []
@@ -35,7 +36,8 @@ def test_the_floors_name_the_package_the_version_found_and_the_floor():
     assert old[0].endswith("pip install 'torch>=2.6'")
     assert old[1].startswith("accelerate 1.12.0 is installed; trainer_accel needs accelerate >= 1.13")
     assert floor_problems({"torch": "2.10.0", "accelerate": None}) == [
-        f"accelerate is not installed; trainer_accel needs accelerate >= 1.13 ({FLOORS['accelerate'][1]})"]
+        f"accelerate is not installed; trainer_accel needs accelerate >= 1.13 ({FLOORS['accelerate'][1]})"
+    ]
     assert release("2.10.1") == (2, 10) and release("nightly") is None
 
 
@@ -49,29 +51,53 @@ def old_torch_metadata(tmp_path):
     return {"PYTHONPATH": f"{tmp_path / 'old'}:{ROOT}"}
 
 
-@pytest.mark.parametrize("command", [["-m", "trainer_accel.run", "--phase", "pretrain", "--config", "x.json"],
-                                     ["-m", "trainer_accel.export", "--help"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "trainer_accel.run", "--phase", "pretrain", "--config", "x.json"],
+        ["-m", "trainer_accel.export", "--help"],
+    ],
+)
 def test_a_command_on_a_too_old_torch_stops_at_start_with_one_line(tmp_path, old_torch_metadata, command):
-    r = subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env={"PATH": "/usr/bin:/bin", **old_torch_metadata})
+    r = subprocess.run(
+        [sys.executable, *command],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", **old_torch_metadata},
+    )
     assert r.returncode == 2
-    assert r.stderr.splitlines() == ["error: torch 2.5.1 is installed; trainer_accel needs torch >= 2.6 (FSDP2 "
-                                     "through Accelerate, and SDPA's grouped-query attention): pip install 'torch>=2.6'"]
+    assert r.stderr.splitlines() == [
+        "error: torch 2.5.1 is installed; trainer_accel needs torch >= 2.6 (FSDP2 "
+        "through Accelerate, and SDPA's grouped-query attention): pip install 'torch>=2.6'"
+    ]
     assert r.stdout == ""
 
 
 def test_importing_the_package_on_a_too_old_torch_raises_importerror(tmp_path, old_torch_metadata):
-    r = subprocess.run([sys.executable, "-c", "import trainer_accel"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=60, env={"PATH": "/usr/bin:/bin", **old_torch_metadata})
+    r = subprocess.run(
+        [sys.executable, "-c", "import trainer_accel"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **old_torch_metadata},
+    )
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("ImportError: torch 2.5.1 is installed; trainer_accel needs")
 
 
 # -- masked attention ----------------------------------------------------------------------------------------------
 
+
 def test_masked_attention_runs_on_chosen_kernels_only_on_cuda_in_half_precision():
-    for device_is_cuda, dtype, pinned in ((True, torch.bfloat16, True), (True, torch.float16, True),
-                                          (True, torch.float32, False), (False, torch.bfloat16, False)):
+    for device_is_cuda, dtype, pinned in (
+        (True, torch.bfloat16, True),
+        (True, torch.float16, True),
+        (True, torch.float32, False),
+        (False, torch.bfloat16, False),
+    ):
         assert pinned_kernel(SimpleNamespace(is_cuda=device_is_cuda, dtype=dtype)) == pinned
 
 
@@ -96,15 +122,21 @@ def test_the_pinned_path_gives_sdpa_own_numbers_and_gradients(kv_heads):
     for a, b in zip(plain, pinned):
         assert torch.allclose(a, b, rtol=0, atol=1e-5)
     reference = F.scaled_dot_product_attention(  # the mask means causal within each example
-        *(t[:, :, :10] for t in (torch.randn(B, H, T, hd, generator=torch.Generator().manual_seed(1)),
-                                 torch.randn(B, kv_heads, T, hd, generator=g.manual_seed(2)).repeat_interleave(
-                                     H // kv_heads, dim=1),
-                                 torch.randn(B, kv_heads, T, hd, generator=g.manual_seed(3)).repeat_interleave(
-                                     H // kv_heads, dim=1))), is_causal=True)
+        *(
+            t[:, :, :10]
+            for t in (
+                torch.randn(B, H, T, hd, generator=torch.Generator().manual_seed(1)),
+                torch.randn(B, kv_heads, T, hd, generator=g.manual_seed(2)).repeat_interleave(H // kv_heads, dim=1),
+                torch.randn(B, kv_heads, T, hd, generator=g.manual_seed(3)).repeat_interleave(H // kv_heads, dim=1),
+            )
+        ),
+        is_causal=True,
+    )
     assert torch.allclose(pinned[0][:1, :, :10], reference[:1], rtol=0, atol=1e-5)
 
 
 # -- what torch.compile did ----------------------------------------------------------------------------------------
+
 
 def test_the_compile_watch_counts_warm_up_later_compiles_and_graph_breaks(caplog):
     torch._dynamo.reset()
@@ -137,11 +169,14 @@ def test_the_compile_watch_counts_warm_up_later_compiles_and_graph_breaks(caplog
     assert breaks and all(m.startswith("pretrain: graph break x") for m in breaks)
     assert any("graph_break" in m for m in breaks), breaks  # torch 2.13: "Call to `torch._dynamo.graph_break()`"
     info = [r.getMessage() for r in ours if r.levelno == logging.INFO]
-    assert info[0].startswith(f"pretrain: torch.compile: {first['frames']} frame(s) compiled ("
-                              f"{first['warmup_frames']} in the first train and eval calls, 0 later)")
+    assert info[0].startswith(
+        f"pretrain: torch.compile: {first['frames']} frame(s) compiled ("
+        f"{first['warmup_frames']} in the first train and eval calls, 0 later)"
+    )
 
 
 # -- samples under FSDP: no full fp32 copy on a GPU that is short of memory -----------------------------------------
+
 
 def test_the_sampling_copy_goes_where_it_fits_in_the_precision_the_run_computes_in(monkeypatch):
     from trainer_accel.checkpoints.full_state import plain_model
@@ -165,6 +200,7 @@ def test_the_sampling_copy_goes_where_it_fits_in_the_precision_the_run_computes_
 
 # -- the GPU benches' configs ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("config, params", [("llama_135m.json", 134_515_008), ("llama_1b.json", 1_235_814_400)])
 def test_the_llama_bench_configs_load_and_have_the_shapes_they_name(config, params):
     """SmolLM2-135M's and Llama-3.2-1B's shapes (their parameter counts as transformers gives them), so gpu_check's
@@ -183,8 +219,11 @@ def test_gpu_check_only_picks_checks_by_word_with_the_check_each_reads_from():
     keeps that one."""
     from trainer_accel.tools.gpu_check import selected
 
-    chain = [("FSDP2 fp16", 1), ("FSDP2 + activation checkpointing, Llama-style, resume", 2),
-             ("HF export of that FSDP2 checkpoint, read by transformers", 3)]
+    chain = [
+        ("FSDP2 fp16", 1),
+        ("FSDP2 + activation checkpointing, Llama-style, resume", 2),
+        ("HF export of that FSDP2 checkpoint, read by transformers", 3),
+    ]
     assert selected(chain, None) == chain
     assert selected(chain, "fp16") == chain[:1]
     assert selected(chain, "HF export") == chain[1:]
@@ -197,14 +236,23 @@ def test_a_compiled_run_says_what_compile_did_in_its_log_and_event_log(world):
     same graphs, without minutes of code generation on 2 cores): one process compiles the forward and the loss
     without a graph break, nothing after the first train and eval calls, and says so."""
     cfg = write_config(world / "c.json", "pretrain", {"total_steps": 4, "compile": True})
-    code = ("import functools, sys, torch; torch.compile = functools.partial(torch.compile, backend='eager'); "
-            "from trainer_accel.run import main; sys.exit(main(sys.argv[1:]))")
-    r = subprocess.run([sys.executable, "-c", code, "--phase", "pretrain", "--config", str(cfg)], cwd=world,
-                       capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "TRAINER_ARTIFACTS_DIR": str(world / "a")})
+    code = (
+        "import functools, sys, torch; torch.compile = functools.partial(torch.compile, backend='eager'); "
+        "from trainer_accel.run import main; sys.exit(main(sys.argv[1:]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, "--phase", "pretrain", "--config", str(cfg)],
+        cwd=world,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRAINER_ARTIFACTS_DIR": str(world / "a")},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     compiled = events(world / "a", "compile")
     assert compiled and compiled[-1]["graph_breaks"] == 0 and compiled[-1]["compiled_later"] == 0
     assert compiled[-1]["frames"] == compiled[-1]["warmup_frames"] >= 2
-    assert (f"pretrain: torch.compile: {compiled[-1]['frames']} frame(s) compiled ({compiled[-1]['frames']} in the "
-            f"first train and eval calls, 0 later)") in r.stderr
+    assert (
+        f"pretrain: torch.compile: {compiled[-1]['frames']} frame(s) compiled ({compiled[-1]['frames']} in the "
+        f"first train and eval calls, 0 later)"
+    ) in r.stderr

@@ -42,12 +42,12 @@ def wandb_records(path):
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
         if length == 0 and kind == 0:
             pos += left - 7
             continue
-        buf += data[pos:pos + length]
+        buf += data[pos : pos + length]
         pos += length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_internal_pb2.Record()
@@ -74,14 +74,24 @@ def wandb_run(world, run_id):
 
 
 def test_tensorboard_and_wandb_record_the_run(world):
-    cfg = write_config(world / "exp" / "pre.json", "pretrain", {"total_steps": 4, "eval_every": 2, "log_every": 2, "ckpt_every": 2},
-                       tracking=TRACKED,
-                       sample_prompts=["The", {"prompt": "Who?", "task": "chat", "max_new_tokens": 4}])
+    cfg = write_config(
+        world / "exp" / "pre.json",
+        "pretrain",
+        {"total_steps": 4, "eval_every": 2, "log_every": 2, "ckpt_every": 2},
+        tracking=TRACKED,
+        sample_prompts=["The", {"prompt": "Who?", "task": "chat", "max_new_tokens": 4}],
+    )
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg)], cwd=world,
-                       env=env_without_wandb_credentials(world), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg)],
+        cwd=world,
+        env=env_without_wandb_credentials(world),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "wandb: offline mode" in r.stderr
     run_id = events(world, "run_start")[0]["run_id"]
@@ -98,7 +108,9 @@ def test_tensorboard_and_wandb_record_the_run(world):
     run, history, config = wandb_run(world, run_id)
     assert run.run_id == run_id and run.display_name == f"pretrain-{run_id}" and list(run.tags) == ["pretrain", "smoke"]
     assert run.run_group == "exp/pre"
-    assert sorted(history) == [0, 2, 4] and all(history[s]["train/loss"] == pytest.approx(window_means[s]) for s in (2, 4))
+    assert sorted(history) == [0, 2, 4] and all(
+        history[s]["train/loss"] == pytest.approx(window_means[s]) for s in (2, 4)
+    )
     assert history[4]["val/loss"] == pytest.approx(events(world, "eval")[-1]["val/loss"])
     assert {"train_cfg.B", "model_cfg.C", "parameters", "data_fingerprint", "sources.wiki"} <= config
     # samples of the step-2 and step-4 checkpoints: a wandb table each, TensorBoard text
@@ -114,14 +126,20 @@ def test_tensorboard_and_wandb_record_the_run(world):
 
 
 def test_a_resumed_run_continues_the_same_tracker_history(world):
-    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 6, "ckpt_every": 3, "eval_every": 3, "log_every": 1},
-                       tracking=TRACKED)
+    cfg = write_config(
+        world / "pre.json",
+        "pretrain",
+        {"total_steps": 6, "ckpt_every": 3, "eval_every": 3, "log_every": 1},
+        tracking=TRACKED,
+    )
     env = env_without_wandb_credentials(world)
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg)]
-    killed = subprocess.run(cmd, cwd=world, env={**env, "TRAINER_FAULT": "before_model:2"}, capture_output=True, timeout=300)
+    killed = subprocess.run(
+        cmd, cwd=world, env={**env, "TRAINER_FAULT": "before_model:2"}, capture_output=True, timeout=300
+    )
     assert killed.returncode == -9  # steps 4-6 were logged, their checkpoint never completed
     r = subprocess.run(cmd, cwd=world, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -141,11 +159,20 @@ def test_a_tracker_that_fails_is_dropped_with_one_warning_and_the_run_finishes(w
     import subprocess
     import sys
 
-    cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 6, "ckpt_every": 3, "eval_every": 3,
-                                                        "log_every": 1}, tracking={"log_with": ["tensorboard"]})
-    r = subprocess.run([sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg)],
-                       cwd=world, env={**env_without_wandb_credentials(world), "TRAINER_FAULT": "tracker:3:raise"},
-                       capture_output=True, text=True, timeout=300)
+    cfg = write_config(
+        world / "pre.json",
+        "pretrain",
+        {"total_steps": 6, "ckpt_every": 3, "eval_every": 3, "log_every": 1},
+        tracking={"log_with": ["tensorboard"]},
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer_accel.run", "--phase", "pretrain", "--config", str(cfg)],
+        cwd=world,
+        env={**env_without_wandb_credentials(world), "TRAINER_FAULT": "tracker:3:raise"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     warned = [line for line in r.stderr.splitlines() if "tracker tensorboard failed" in line]
     assert len(warned) == 1 and "ConnectionResetError" in warned[0], r.stderr

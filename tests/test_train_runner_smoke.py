@@ -67,7 +67,7 @@ def test_sft_masking_loss_equals_manual_computation():
     total, count = strategy.loss(model, Batch(x, y, y_masked))
 
     logits = model(x)[0]
-    manual = sum(F.cross_entropy(logits[i:i + 1], y[0, i:i + 1]) for i in np.flatnonzero(mask))
+    manual = sum(F.cross_entropy(logits[i : i + 1], y[0, i : i + 1]) for i in np.flatnonzero(mask))
     assert int(count) == 3
     assert torch.allclose(total, manual, atol=1e-5)
     assert torch.allclose(total / count, manual / 3, atol=1e-6)
@@ -80,8 +80,19 @@ def test_resume_from_an_exported_pt(world):
 
     exported = torch.load(world / "checkpoints/best.pt", weights_only=True)
     cfg6 = write_config(world / "pre6.json", "pretrain", {"total_steps": 6, "eval_every": 2, "ckpt_every": 2})
-    r = run_cli("run", "--phase", "pretrain", "--config", str(cfg6), "--resume", "checkpoints/best.pt", "--device", "cpu",
-                cwd=world, env={"TRAINER_ARTIFACTS_DIR": "fromfile"})
+    r = run_cli(
+        "run",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(cfg6),
+        "--resume",
+        "checkpoints/best.pt",
+        "--device",
+        "cpu",
+        cwd=world,
+        env={"TRAINER_ARTIFACTS_DIR": "fromfile"},
+    )
     assert r.returncode == 0, r.stderr
     assert f"resumed from checkpoints/best.pt at step {exported['step']}" in r.stderr
     steps = [e["step"] for e in events(world / "fromfile", "train")]

@@ -8,10 +8,19 @@ import hashlib
 from conftest import run_cli, write_config
 
 PLANTED = [  # every folder a command writes into, and a file of the user's in each
-    "checkpoints/NOTES.md", "checkpoints/pretrain/why-this-run.txt", "checkpoints/sft/keep.txt",
-    "runs/README.md", "metrics/my_plot.py", "samples/pretrain/hand-picked.json", "data/cache/streams/NOTES.md",
-    "data/cache/sft/NOTES.md", "data/raw/demo/extra-notes.txt", "exported/model-card.md", "hf/README.md",
-    "generated/keep.jsonl", "notes.txt",
+    "checkpoints/NOTES.md",
+    "checkpoints/pretrain/why-this-run.txt",
+    "checkpoints/sft/keep.txt",
+    "runs/README.md",
+    "metrics/my_plot.py",
+    "samples/pretrain/hand-picked.json",
+    "data/cache/streams/NOTES.md",
+    "data/cache/sft/NOTES.md",
+    "data/raw/demo/extra-notes.txt",
+    "exported/model-card.md",
+    "hf/README.md",
+    "generated/keep.jsonl",
+    "notes.txt",
 ]
 
 

@@ -15,8 +15,16 @@ def test_a_forked_command_matches_a_fresh_process(world):
     assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
     assert forked.returncode == 2 and "train_cfg.B" in forked.stderr and "train_cfg.total_steps" in forked.stderr
 
-    plan = run_cli("run", "--phase", "pretrain", "--config", str(write_config(world / "ok.json", "pretrain")),
-                   "--plan", cwd=world, env=env)
+    plan = run_cli(
+        "run",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(write_config(world / "ok.json", "pretrain")),
+        "--plan",
+        cwd=world,
+        env=env,
+    )
     assert plan.returncode == 0, plan.stderr
     assert str(world / "elsewhere") in plan.stdout + plan.stderr  # the test's environment, not the server's
 

@@ -1,4 +1,5 @@
-"""`python -m trainer_accel.bench`: the trainer's loop against a plain PyTorch loop, kept where users know it; the code is in tools/bench.py."""
+"""`python -m trainer_accel.bench`: the trainer's loop against a plain PyTorch loop, kept where users know it; the
+code is in tools/bench.py."""
 
 import sys
 

@@ -36,7 +36,7 @@ class Stream:
         self.ids.append(token)
         text = self.lm.tok.decode(self.ids)
         if not text.endswith("\ufffd"):  # an incomplete character waits for its next bytes
-            self.out.write(text[len(self.shown):])
+            self.out.write(text[len(self.shown) :])
             self.out.flush()
             self.shown = text
         return False
@@ -45,20 +45,27 @@ class Stream:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.chat", description=__doc__.split("\n")[0])
     sampling_args(p)
-    p.add_argument("--system", default="", metavar="TEXT",
-                   help="the conversation's system message (in the template's system role; the built-in template, "
-                        "which has none, writes it at the start of the first message)")
+    p.add_argument(
+        "--system",
+        default="",
+        metavar="TEXT",
+        help="the conversation's system message (in the template's system role; the built-in template, "
+        "which has none, writes it at the start of the first message)",
+    )
     p.set_defaults(max_new_tokens=256)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     try:
         sampling = sampling_of(args)
-        lm = load_model(args.model, resolve_paths(), args.device, args.dtype, args.chat_template,
-                        template_args(args.template_arg))
+        lm = load_model(
+            args.model, resolve_paths(), args.device, args.dtype, args.chat_template, template_args(args.template_arg)
+        )
         if lm.chat is None:
-            raise UserError(f"{lm.source}: this model has no chat template (phase {lm.phase or 'unknown'}: it was not "
-                            "fine-tuned on conversations); chat with an SFT model, or use python -m "
-                            "trainer_accel.generate for completions")
+            raise UserError(
+                f"{lm.source}: this model has no chat template (phase {lm.phase or 'unknown'}: it was not "
+                "fine-tuned on conversations); chat with an SFT model, or use python -m "
+                "trainer_accel.generate for completions"
+            )
         lm.chat.prompt("Hello", [], args.system)  # a template that refuses the system message says so now, once
     except UserError as e:
         return report(e)
@@ -66,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     T, history = lm.model.cfg.T, []
     gen = torch.Generator().manual_seed(args.seed)
     if interactive:
-        print(f"chatting with {lm.source} ({lm.phase or 'Hugging Face'}); /reset, /quit; Ctrl-C stops an answer",
-              file=sys.stderr)
+        print(
+            f"chatting with {lm.source} ({lm.phase or 'Hugging Face'}); /reset, /quit; Ctrl-C stops an answer",
+            file=sys.stderr,
+        )
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -95,14 +104,18 @@ def main(argv: list[str] | None = None) -> int:
             while len(ids) >= T - 1 and history:  # room for at least a short answer
                 history.pop(0)
                 ids = lm.chat.prompt(message, history, args.system)
-                print(f"(the conversation no longer fits the context of {T} tokens: the oldest turn was dropped)",
-                      file=sys.stderr)
+                print(
+                    f"(the conversation no longer fits the context of {T} tokens: the oldest turn was dropped)",
+                    file=sys.stderr,
+                )
         except UserError as e:  # the template refused this message: said, and the conversation goes on
             print(f"error: {e.problems[0]}", file=sys.stderr)
             continue
         if len(ids) >= T - 1:
-            print(f"(this message is {len(ids)} tokens with the template; the context is {T}: say it shorter)",
-                  file=sys.stderr)
+            print(
+                f"(this message is {len(ids)} tokens with the template; the context is {T}: say it shorter)",
+                file=sys.stderr,
+            )
             continue
         if interactive:
             sys.stdout.write("model> ")

@@ -142,8 +142,9 @@ class PhaseConfig:
             return {f"streams/{s}": p / total for s, p in self.sources.items() if p > 0}
         rest = 1.0 - sum(self.replay.values())
         total = sum(self.sources.values())
-        return ({f"streams/{s}": p for s, p in self.replay.items() if p > 0}
-                | {f"sft/{s}": rest * p / total for s, p in self.sources.items() if p > 0})
+        return {f"streams/{s}": p for s, p in self.replay.items() if p > 0} | {
+            f"sft/{s}": rest * p / total for s, p in self.sources.items() if p > 0
+        }
 
     @property
     def seq_len(self) -> int:
@@ -152,12 +153,17 @@ class PhaseConfig:
     def resolved(self) -> dict[str, Any]:
         """Every setting as the run uses it, defaults filled in: what manifests and trackers record."""
         return {
-            "phase": self.phase, "model_cfg": self.model.to_dict(), "train_cfg": self.train.to_dict(),
+            "phase": self.phase,
+            "model_cfg": self.model.to_dict(),
+            "train_cfg": self.train.to_dict(),
             "sources" if self.phase == "pretrain" else "sft_sources": dict(self.sources),
-            **({"replay": dict(self.replay)} if self.phase == "sft" else {}), "mixture": self.mixture(),
+            **({"replay": dict(self.replay)} if self.phase == "sft" else {}),
+            "mixture": self.mixture(),
             **({"model_cfg_path": self.raw["model_cfg_path"]} if "model_cfg_path" in self.raw else {}),
-            "val_source": self.val_source, "init_from": self.init_from,
-            "sample_prompts": [p.to_dict() for p in self.sample_prompts], "sample_seed": self.sample_seed,
+            "val_source": self.val_source,
+            "init_from": self.init_from,
+            "sample_prompts": [p.to_dict() for p in self.sample_prompts],
+            "sample_seed": self.sample_seed,
             "tracking": dataclasses.asdict(self.tracking),
         }
 
@@ -183,9 +189,6 @@ SECTIONS = {"model_cfg": ModelConfig, "train_cfg": TrainConfig}  # where each op
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generic dataclass validation
-
-
-
 
 
 def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> list[str]:
@@ -227,12 +230,16 @@ def _train_problems(t: TrainConfig, model: ModelConfig | None, where: str) -> li
     if t.on_nonfinite not in ("stop", "skip"):
         out.append(f'{where}.on_nonfinite: expected "stop" or "skip", got {json.dumps(t.on_nonfinite)}')
     if t.activation_checkpointing < 0:
-        out.append(f"{where}.activation_checkpointing: 0 (off), 1 (every block) or k (every k-th block), got "
-                   f"{t.activation_checkpointing}")
+        out.append(
+            f"{where}.activation_checkpointing: 0 (off), 1 (every block) or k (every k-th block), got "
+            f"{t.activation_checkpointing}"
+        )
     if t.max_nonfinite_skips <= 0:
         out.append(f"{where}.max_nonfinite_skips: must be a positive integer, got {t.max_nonfinite_skips}")
     if t.mixed_precision not in (None, "no", "bf16", "fp16"):
-        out.append(f'{where}.mixed_precision: expected "no", "bf16", "fp16" or null, got {json.dumps(t.mixed_precision)}')
+        out.append(
+            f'{where}.mixed_precision: expected "no", "bf16", "fp16" or null, got {json.dumps(t.mixed_precision)}'
+        )
     return out
 
 
@@ -249,7 +256,7 @@ def _entry_problems(weights: dict, where: str, noun: str) -> list[str]:
 
 def _sources_problems(sources: Any, example: str, where: str) -> list[str]:
     if not isinstance(sources, dict) or not sources:
-        return [f"{where}: expected a non-empty object of source -> probability, e.g. {{\"{example}\": 1.0}}"]
+        return [f'{where}: expected a non-empty object of source -> probability, e.g. {{"{example}": 1.0}}']
     out = _entry_problems(sources, where, "probability")
     if not out and abs(sum(sources.values()) - 1.0) > 1e-6:
         out.append(f"{where}: probabilities must sum to 1, they sum to {sum(sources.values()):.6g}")
@@ -261,7 +268,7 @@ def _sources_problems(sources: Any, example: str, where: str) -> list[str]:
 def _replay_problems(replay: Any, where: str) -> list[str]:
     """SFT replay: {stream source: share of the training rows}; the SFT sources fill the rest of the rows."""
     if not isinstance(replay, dict):
-        return [f"{where}: expected an object of stream source -> share of the rows, e.g. {{\"wiki\": 0.1}}"]
+        return [f'{where}: expected an object of stream source -> share of the rows, e.g. {{"wiki": 0.1}}']
     out = _entry_problems(replay, where, "share")
     if not out and sum(replay.values()) >= 1.0:
         out.append(f"{where}: shares sum to {sum(replay.values()):.6g}; they must leave rows for the SFT sources (< 1)")
@@ -278,7 +285,9 @@ def parse_sample_prompts(value: object, where: str, problems: list[str]) -> list
         return []
     out = []
     for i, item in enumerate(value):
-        spec = build_dataclass(SamplePrompt, {"prompt": item} if isinstance(item, str) else item, f"{where}[{i}]", problems)
+        spec = build_dataclass(
+            SamplePrompt, {"prompt": item} if isinstance(item, str) else item, f"{where}[{i}]", problems
+        )
         if spec is None:
             continue
         if spec.task not in TASKS:
@@ -291,10 +300,9 @@ def parse_sample_prompts(value: object, where: str, problems: list[str]) -> list
     return out
 
 
-
 def parse_tracking(value: Any, where: str, problems: list[str]) -> TrackingConfig:
     if not isinstance(value, dict):
-        problems.append(f"{where}: expected an object like {{\"log_with\": [\"tensorboard\", \"wandb\"]}}")
+        problems.append(f'{where}: expected an object like {{"log_with": ["tensorboard", "wandb"]}}')
         return TrackingConfig()
     lists = {}
     for key in ("log_with", "tags"):
@@ -318,7 +326,8 @@ DEFAULT_PRETRAIN_SOURCES = {"wiki": 0.784, "roam": 0.196, "primer": 0.020}
 SAMPLE_KEYS = {"sample_prompts", "sample_seed", "tracking"}
 PHASE_KEYS = {
     "pretrain": {"model_cfg", "model_cfg_path", "train_cfg", "sources", "val_source", "init_from"} | SAMPLE_KEYS,
-    "sft": {"model_cfg", "model_cfg_path", "train_cfg", "sft_sources", "replay", "val_source", "init_from"} | SAMPLE_KEYS,
+    "sft": {"model_cfg", "model_cfg_path", "train_cfg", "sft_sources", "replay", "val_source", "init_from"}
+    | SAMPLE_KEYS,
 }
 LONG_DEFAULT_T = 8192  # a model's maximum above this, taken as the run's T because none was given, is said
 RUN_MODEL_KEYS = ("T", "dropout")  # what a model_cfg file leaves to the run: the context it trains at, its dropout
@@ -386,7 +395,7 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
         problems += _sources_problems(sources, "wiki", f"{where}.sources")
     else:
         if "sft_sources" not in data:
-            problems.append(f"{where}.sft_sources: missing (e.g. {{\"dolly\": 0.5, \"oasst1\": 0.5}})")
+            problems.append(f'{where}.sft_sources: missing (e.g. {{"dolly": 0.5, "oasst1": 0.5}})')
             sources = {}
         else:
             sources = data["sft_sources"]
@@ -395,8 +404,10 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
     problems += _replay_problems(replay, f"{where}.replay")
     for key in ("pack", "pack_val"):
         if phase == "pretrain" and train is not None and getattr(train, key):
-            problems.append(f"{where}.train_cfg.{key}: packing is for SFT; a pretrain row is already a full window of "
-                            "the stream (set it in the sft config)")
+            problems.append(
+                f"{where}.train_cfg.{key}: packing is for SFT; a pretrain row is already a full window of "
+                "the stream (set it in the sft config)"
+            )
     val_source = data.get("val_source", "wiki")
     if problem := source_name_problem(val_source):
         problems.append(f"{where}.val_source: {problem}")
@@ -410,9 +421,18 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
         problems.append(f"{where}.sample_seed: expected an integer, got {json.dumps(sample_seed)}")
     raise_if_any(ov.blame(problems, where, list(overrides)))
     return PhaseConfig(
-        phase=phase, model=model, train=train, sources={k: float(v) for k, v in sources.items()},
-        val_source=val_source, init_from=init_from, path=Path(path), raw=data, sample_prompts=prompts,
-        sample_seed=sample_seed, tracking=tracking, overrides=tuple(o.text for o in overrides),
+        phase=phase,
+        model=model,
+        train=train,
+        sources={k: float(v) for k, v in sources.items()},
+        val_source=val_source,
+        init_from=init_from,
+        path=Path(path),
+        raw=data,
+        sample_prompts=prompts,
+        sample_seed=sample_seed,
+        tracking=tracking,
+        overrides=tuple(o.text for o in overrides),
         replay={k: float(v) for k, v in replay.items()} if isinstance(replay, dict) else {},
         provenance=model_provenance(ov.provenance(file_data, list(overrides), schema), data, model),
     )
@@ -434,13 +454,17 @@ def model_cfg_of(data: dict, path: Path, problems: list[str]) -> Any:
     inline = data.get("model_cfg")
     if "model_cfg_path" not in data:
         if inline is None:
-            problems.append(f"{where}.model_cfg: missing (an object with V, T, C, L, H, d_ff, or model_cfg_path: a "
-                            "file that holds one, such as a Hugging Face config.json)")
+            problems.append(
+                f"{where}.model_cfg: missing (an object with V, T, C, L, H, d_ff, or model_cfg_path: a "
+                "file that holds one, such as a Hugging Face config.json)"
+            )
         return inline
     value = data["model_cfg_path"]
     if not isinstance(value, str) or not value:
-        problems.append(f"{where}.model_cfg_path: expected the path of a model_cfg JSON or a Hugging Face "
-                        f"config.json, got {json.dumps(value)}")
+        problems.append(
+            f"{where}.model_cfg_path: expected the path of a model_cfg JSON or a Hugging Face "
+            f"config.json, got {json.dumps(value)}"
+        )
         return None
     file = resolve_config_path(value, path)
     try:
@@ -453,15 +477,26 @@ def model_cfg_of(data: dict, path: Path, problems: list[str]) -> Any:
     if not isinstance(saved, dict):
         problems.append(f"{where}.model_cfg_path: {file} holds {type(saved).__name__}, not a model_cfg object")
         return None
-    if (not isinstance(inline, dict) or "T" not in inline) and saved.get("position") == "rope" \
-            and type_ok(saved.get("T"), int) and saved["T"] > LONG_DEFAULT_T:
-        log.warning("%s: model_cfg.T is %s, the model's max_position_embeddings in %s; set model_cfg.T to the context "
-                    "you train at (e.g. 2048): every row is T tokens", where, f"{saved['T']:,}", file)
+    if (
+        (not isinstance(inline, dict) or "T" not in inline)
+        and saved.get("position") == "rope"
+        and type_ok(saved.get("T"), int)
+        and saved["T"] > LONG_DEFAULT_T
+    ):
+        log.warning(
+            "%s: model_cfg.T is %s, the model's max_position_embeddings in %s; set model_cfg.T to the context "
+            "you train at (e.g. 2048): every row is T tokens",
+            where,
+            f"{saved['T']:,}",
+            file,
+        )
     if inline is None:
         return saved
     if not isinstance(inline, dict):
-        problems.append(f"{where}.model_cfg: expected an object of what the file leaves to the run "
-                        f"({', '.join(RUN_MODEL_KEYS)}), got {json.dumps(inline)}")
+        problems.append(
+            f"{where}.model_cfg: expected an object of what the file leaves to the run "
+            f"({', '.join(RUN_MODEL_KEYS)}), got {json.dumps(inline)}"
+        )
         return None
     learned = saved.get("position", "learned") == "learned"
     for key, value in inline.items():
@@ -469,9 +504,12 @@ def model_cfg_of(data: dict, path: Path, problems: list[str]) -> Any:
             continue
         if key == "V" and type_ok(value, int) and type_ok(saved.get("V"), int) and value > saved["V"]:
             continue  # room for the tokens prepare adds to the model's tokenizer: the embedding grows (grow_vocab)
-        why = (f"learned positions are a table of {saved.get('T')} rows there; train shorter rows with train_cfg.T"
-               if key == "T" else f"the file says {json.dumps(saved.get(key))}; only "
-               f"{' and '.join(RUN_MODEL_KEYS)} may be set beside model_cfg_path, and V larger than the file's")
+        why = (
+            f"learned positions are a table of {saved.get('T')} rows there; train shorter rows with train_cfg.T"
+            if key == "T"
+            else f"the file says {json.dumps(saved.get(key))}; only "
+            f"{' and '.join(RUN_MODEL_KEYS)} may be set beside model_cfg_path, and V larger than the file's"
+        )
         problems.append(f"{where}.model_cfg.{key}: {json.dumps(value)} contradicts model_cfg_path {file} ({why})")
     return {**saved, **inline}
 

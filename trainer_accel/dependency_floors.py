@@ -43,8 +43,10 @@ def floor_problems(installed: dict[str, str | None] | None = None) -> list[str]:
             continue
         found = release(version)
         if found is not None and found < floor:
-            problems.append(f"{name} {version} is installed; trainer_accel needs {name} >= {need} ({why}): "
-                            f"pip install '{name}>={need}'")
+            problems.append(
+                f"{name} {version} is installed; trainer_accel needs {name} >= {need} ({why}): "
+                f"pip install '{name}>={need}'"
+            )
     return problems
 
 

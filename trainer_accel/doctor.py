@@ -1,4 +1,5 @@
-"""`python -m trainer_accel.doctor`: checks of the machine, caches, disk, wandb and write access, kept where users know it; the code is in experiments/doctor.py."""
+"""`python -m trainer_accel.doctor`: checks of the machine, caches, disk, wandb and write access, kept where users
+know it; the code is in experiments/doctor.py."""
 
 from trainer_accel.errors import exit_with
 from trainer_accel.experiments.doctor import main

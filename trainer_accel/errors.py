@@ -11,7 +11,7 @@ import difflib
 import os
 import signal
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 USER_ERROR_EXIT = 2
 CTRL_C_EXIT = 128 + signal.SIGINT  # what a shell reports for a command stopped by Ctrl-C

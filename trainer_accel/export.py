@@ -39,14 +39,26 @@ log = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (or a .pt to re-export)")
-    p.add_argument("--format", choices=("pt", "hf"), default="pt",
-                   help="pt: the best.pt dict (default); hf: a Hugging Face transformers directory")
-    p.add_argument("--out", type=Path, help="where to write (default: checkpoints/best.pt; with --format hf: checkpoints/hf)")
-    p.add_argument("--tokenizer", type=Path,
-                   help="--format hf: the tokenizer.json the caches were made with, if it has moved since (or "
-                        "'bytes': the built-in byte tokenizer, for a .pt that records none)")
-    p.add_argument("--deployable-only", action="store_true",
-                   help="refuse unless the checkpoint's weights passed the SFT promotion gate")
+    p.add_argument(
+        "--format",
+        choices=("pt", "hf"),
+        default="pt",
+        help="pt: the best.pt dict (default); hf: a Hugging Face transformers directory",
+    )
+    p.add_argument(
+        "--out", type=Path, help="where to write (default: checkpoints/best.pt; with --format hf: checkpoints/hf)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="--format hf: the tokenizer.json the caches were made with, if it has moved since (or "
+        "'bytes': the built-in byte tokenizer, for a .pt that records none)",
+    )
+    p.add_argument(
+        "--deployable-only",
+        action="store_true",
+        help="refuse unless the checkpoint's weights passed the SFT promotion gate",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = resolve_paths()
@@ -58,18 +70,29 @@ def main(argv: list[str] | None = None) -> int:
         approved = summary["candidate"]["model_sha256"] if summary else None  # latest/ may move on before the load
         if args.format == "hf":
             out = args.out or paths.checkpoints / "hf"
-            raise_if_any(unwritable([("--out", out.parent)]) or (
-                [f"--out {out}: is a file; give a directory"] if out.exists() and not out.is_dir() else []))
-            verdict = (lambda meta: summary["verdict"]) if summary else (
-                lambda meta: known_verdict(paths, source) if Path(source).is_file() else verdict_of(paths, meta))
+            raise_if_any(
+                unwritable([("--out", out.parent)])
+                or ([f"--out {out}: is a file; give a directory"] if out.exists() and not out.is_dir() else [])
+            )
+            verdict = (
+                (lambda meta: summary["verdict"])
+                if summary
+                else (lambda meta: known_verdict(paths, source) if Path(source).is_file() else verdict_of(paths, meta))
+            )
             record = export_hf(source, out, paths, args.tokenizer, verdict, approved)
-            log.info("exported %s (Hugging Face transformers) from %s (step %d, verdict: %s)", out, source,
-                     record["step"], record.get("verdict") or "not evaluated")
+            log.info(
+                "exported %s (Hugging Face transformers) from %s (step %d, verdict: %s)",
+                out,
+                source,
+                record["step"],
+                record.get("verdict") or "not evaluated",
+            )
             return 0
         out = args.out or paths.best_pt
         raise_if_any(output_file_problem("--out", out) + (overwrite_problems(out) if args.out else []))
-        record = (export_with_record(source, out, paths, approved) if args.out
-                  else export_run_best(source, paths, approved))
+        record = (
+            export_with_record(source, out, paths, approved) if args.out else export_run_best(source, paths, approved)
+        )
     except UserError as e:
         return report(e)
     except InvalidCheckpoint as e:

@@ -17,7 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 ENV = "TRAINER_FAULT"
-FILE_POINTS = tuple(f"{when}_{what}" for what in ("model", "optimizer", "meta") for when in ("before", "while", "after"))
+FILE_POINTS = tuple(
+    f"{when}_{what}" for what in ("model", "optimizer", "meta") for when in ("before", "while", "after")
+)
 POINTS = FILE_POINTS + ("before_rename", "before_latest", "before_best", "mid_swap", "pruning", "export")
 PREPARE_POINTS = ("prepare_batch", "publish_rename")  # prepare: a batch of tokens written; a cache being renamed
 HF_EXPORT_POINTS = ("hf_export", "mid_swap")  # export --format hf: its files written, not yet in place; between renames

@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from trainer_accel.errors import UserError
 from trainer_accel.faults import fault_point

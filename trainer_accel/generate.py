@@ -37,16 +37,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop", action="append", default=[], help="also stop where the completion writes this text")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     p.add_argument("--out", type=Path, help="write the JSONL here (default: standard output)")
-    p.add_argument("--bench", action="store_true", help="print tokens/s with and without the KV cache (and "
-                   "transformers' own generate, for a Hugging Face --model) instead of completing prompts")
+    p.add_argument(
+        "--bench",
+        action="store_true",
+        help="print tokens/s with and without the KV cache (and "
+        "transformers' own generate, for a Hugging Face --model) instead of completing prompts",
+    )
     sampling_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     try:
         sampling = sampling_of(args)
         if args.bench:
-            lm = load_model(args.model, resolve_paths(), args.device, args.dtype, args.chat_template,
-                            template_args(args.template_arg))
+            lm = load_model(
+                args.model,
+                resolve_paths(),
+                args.device,
+                args.dtype,
+                args.chat_template,
+                template_args(args.template_arg),
+            )
             print_table(bench(lm, lm.source if is_hf_dir(lm.source) else None), sys.stdout)
             return 0
         if bool(args.prompt) == bool(args.prompts):
@@ -57,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts(args.prompts) if args.prompts else [Prompt(t, chat=False) for t in args.prompt]
         if args.chat:
             prompts = [Prompt(x.text, True, x.history, x.system) for x in prompts]
-        lm = load_model(args.model, resolve_paths(), args.device, args.dtype, args.chat_template,
-                        template_args(args.template_arg))
+        lm = load_model(
+            args.model, resolve_paths(), args.device, args.dtype, args.chat_template, template_args(args.template_arg)
+        )
         records = complete(lm, prompts, args.max_new_tokens, sampling, args.seed, args.stop, args.batch_size)
         if args.out is None:
             write_jsonl(records, sys.stdout)
@@ -74,8 +85,11 @@ def inputs_named_as_out(args) -> list[str]:
     if args.out is None or not args.out.exists():
         return []
     named = [("--model", args.model), ("--prompts", args.prompts)]
-    return [f"--out {args.out}: is the {flag} file; nothing was written: choose another output file"
-            for flag, path in named if path is not None and path.exists() and os.path.samefile(path, args.out)]
+    return [
+        f"--out {args.out}: is the {flag} file; nothing was written: choose another output file"
+        for flag, path in named
+        if path is not None and path.exists() and os.path.samefile(path, args.out)
+    ]
 
 
 def write_out(records, out: Path) -> None:
@@ -89,8 +103,9 @@ def write_out(records, out: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except OSError as e:
-        raise UserError(f"--out {out}: cannot be written ({e.strerror or type(e).__name__}); an existing file "
-                        "there is as it was") from None
+        raise UserError(
+            f"--out {out}: cannot be written ({e.strerror or type(e).__name__}); an existing file there is as it was"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 

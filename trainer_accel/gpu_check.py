@@ -1,4 +1,5 @@
-"""`python -m trainer_accel.gpu_check`: every CUDA path on the GPU at hand, kept where users know it; the code is in tools/gpu_check.py."""
+"""`python -m trainer_accel.gpu_check`: every CUDA path on the GPU at hand, kept where users know it; the code is in
+tools/gpu_check.py."""
 
 import sys
 

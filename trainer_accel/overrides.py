@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any
 
 from trainer_accel.errors import UserError, raise_if_any, unknown_key_message
 from trainer_accel.fsio import UnreadableJSON, loads
@@ -19,7 +20,7 @@ from trainer_accel.fsio import UnreadableJSON, loads
 PIPELINE_PHASES = ("pretrain", "sft")
 MAPPING = "mapping"  # a schema entry for an object of free keys (sources -> probability)
 # top-level key -> the field names of its section (an object of settings), MAPPING, or None (one value)
-Schema = Mapping[str, Union[frozenset, str, None]]
+Schema = Mapping[str, frozenset | str | None]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def parse_override(text: str) -> Override:
     try:
         value = loads(raw)
     except json.JSONDecodeError as e:
-        if raw.strip()[:1] in ('{', '[', '"'):  # meant as JSON, so not a bare word: say what is wrong with it
+        if raw.strip()[:1] in ("{", "[", '"'):  # meant as JSON, so not a bare word: say what is wrong with it
             where = "" if isinstance(e, UnreadableJSON) else f" at character {e.pos + 1}"
             raise UserError(f"--set {text}: the value is not valid JSON ({e.msg}{where})") from None
         value = raw  # --set val_source=roam reads as the string it obviously is
@@ -64,8 +65,10 @@ def _check_keys(keys: tuple[str, ...], schema: Schema, text: str) -> None:
     """Raise naming the key when `keys` does not name a setting of the config."""
     top, kind = keys[0], schema.get(keys[0])
     if top in PIPELINE_PHASES and top not in schema:  # a pipeline's phase prefix in a single-phase run
-        raise UserError(f"--set {text}: a phase prefix ({top}.) is for --phase pipeline; in a run of one phase "
-                        f"write {'.'.join(keys[1:]) or 'the key alone'}=...")
+        raise UserError(
+            f"--set {text}: a phase prefix ({top}.) is for --phase pipeline; in a run of one phase "
+            f"write {'.'.join(keys[1:]) or 'the key alone'}=..."
+        )
     if top not in schema:
         raise UserError(f"--set {text}: " + unknown_key_message("config", top, schema))
     if isinstance(kind, frozenset):
@@ -105,9 +108,16 @@ def blame(problems: list[str], where: str, overrides: list[Override]) -> list[st
     out = []
     for line in problems:
         # the problem's key: "sources" in "cfg.json.sources: probabilities must sum to 1" (--set sources.wiki=1)
-        key = line[len(where) + 1:].split(":")[0] if line.startswith(f"{where}.") else None
-        culprit = next((o for o in reversed(overrides) if key is not None and (
-            o.dotted == key or o.dotted.startswith(f"{key}.") or key.startswith(f"{o.dotted}."))), None)
+        key = line[len(where) + 1 :].split(":")[0] if line.startswith(f"{where}.") else None
+        culprit = next(
+            (
+                o
+                for o in reversed(overrides)
+                if key is not None
+                and (o.dotted == key or o.dotted.startswith(f"{key}.") or key.startswith(f"{o.dotted}."))
+            ),
+            None,
+        )
         out.append(line if culprit is None else f"{line} (from --set {culprit.text})")
     return out
 
@@ -127,6 +137,7 @@ def for_phase(overrides: list[Override], phase: str) -> list[Override]:
 
 def provenance(file_data: dict, overrides: list[Override], schema: Schema) -> dict[str, str]:
     """Where each setting's value came from, by dotted key: "default", "file" or "override"."""
+
     def origin(keys: tuple[str, ...]) -> str:
         if any(o.keys == keys[: len(o.keys)] for o in overrides):
             return "override"

@@ -1,4 +1,5 @@
-"""`python -m trainer_accel.prepare_bench`: prepare's throughput and memory, kept where users know it; the code is in tools/prepare_bench.py."""
+"""`python -m trainer_accel.prepare_bench`: prepare's throughput and memory, kept where users know it; the code is in
+tools/prepare_bench.py."""
 
 import sys
 

@@ -67,17 +67,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.run", description=__doc__.split("\n")[0])
     p.add_argument("--phase", required=True, choices=("pretrain", "sft", "pipeline"))
     p.add_argument("--config", required=True, type=Path, help="phase config JSON (pipeline: the pipeline config)")
-    p.add_argument("--device", choices=("cpu", "mps", "cuda"), default=None,
-                   help="default: CUDA, else MPS, else CPU; under accelerate launch the launcher decides unless cpu")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "mps", "cuda"),
+        default=None,
+        help="default: CUDA, else MPS, else CPU; under accelerate launch the launcher decides unless cpu",
+    )
     p.add_argument("--resume", type=Path, default=None, help="checkpoint directory or exported .pt to resume from")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train_cfg.base_lr=1e-3 (repeatable; VALUE is JSON; "
-                        "in a pipeline prefix pretrain. or sft. to reach one phase)")
-    p.add_argument("--plan", action="store_true", help="print what the run would do (config, compute, data, "
-                   "checkpoints, resume) and exit without training")
-    p.add_argument("--result-json", type=Path, default=None, metavar="PATH",
-                   help="write a machine-readable result here when the run exits, also on failure")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train_cfg.base_lr=1e-3 (repeatable; VALUE is JSON; "
+        "in a pipeline prefix pretrain. or sft. to reach one phase)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what the run would do (config, compute, data, checkpoints, resume) and exit without training",
+    )
+    p.add_argument(
+        "--result-json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write a machine-readable result here when the run exits, also on failure",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (Accelerate, trackers, checkpoints)")
     args = p.parse_args(argv)
     if args.resume is not None and args.no_resume:
@@ -88,8 +106,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def setup_logging(is_main: bool, verbose: bool = False) -> None:
     """INFO on the main process (DEBUG with -v), WARNING on the others: one process speaks for the run."""
     level = (logging.DEBUG if verbose else logging.INFO) if is_main else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else
-                        "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if verbose
+        else "%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
 
 
 def set_aside(phase_dir: Path) -> None:
@@ -125,21 +149,27 @@ def resume_point(cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resum
     if resume is not None:
         owner = checkpoint_phase(resume)
         if owner is not None and owner != cfg.phase:
-            raise UserError(f"{resume}: a {owner} checkpoint cannot resume the {cfg.phase} phase"
-                            + ("; set init_from in the sft config to start from its weights" if cfg.phase == "sft" else ""))
+            raise UserError(
+                f"{resume}: a {owner} checkpoint cannot resume the {cfg.phase} phase"
+                + ("; set init_from in the sft config to start from its weights" if cfg.phase == "sft" else "")
+            )
         return resume
     return find_resume_checkpoint(paths.phase_dir(cfg.phase)) if auto_resume else None
 
 
-def plan_phase(acc, cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume: bool,
-               init: Path | None) -> tuple[PhaseInputs, LoadedCheckpoint | None, LoadedCheckpoint | None]:
+def plan_phase(
+    acc, cfg: PhaseConfig, paths: Paths, resume: Path | None, auto_resume: bool, init: Path | None
+) -> tuple[PhaseInputs, LoadedCheckpoint | None, LoadedCheckpoint | None]:
     """Check caches and starting checkpoints together; return the inputs and what the phase starts from.
 
     Which checkpoint to resume from is the main process's answer; then every process loads it."""
     resume = main_process_decides(acc, lambda: resume_point(cfg, paths, resume, auto_resume))
     init = init if resume is None else None  # a resumed phase continues its own weights
-    inputs, resumed, initial = collect(lambda: check_phase_inputs(cfg, paths), lambda: check_start_checkpoint(resume, cfg),
-                                       lambda: check_start_checkpoint(init, cfg, with_optimizer=False))
+    inputs, resumed, initial = collect(
+        lambda: check_phase_inputs(cfg, paths),
+        lambda: check_start_checkpoint(resume, cfg),
+        lambda: check_start_checkpoint(init, cfg, with_optimizer=False),
+    )
     raise_if_any(same_tokenizer(initial, inputs))
     return inputs, resumed, initial
 
@@ -151,16 +181,28 @@ def check_same_start(acc, resumed: LoadedCheckpoint | None) -> None:
     steps = acc.gather(torch.tensor([-1 if resumed is None else resumed.step], device=acc.device)).tolist()
     if len(set(steps)) > 1:
         seen = ", ".join(f"process {r}: {'no checkpoint' if s < 0 else f'step {s}'}" for r, s in enumerate(steps))
-        raise UserError(f"the processes found different checkpoints to resume from ({seen}); the checkpoints dir "
-                        "must be one filesystem that every machine sees")
+        raise UserError(
+            f"the processes found different checkpoints to resume from ({seen}); the checkpoints dir "
+            "must be one filesystem that every machine sees"
+        )
 
 
-def run_phase(acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed, initial, outcome: Outcome) -> PhaseResult:
+def run_phase(
+    acc, cfg: PhaseConfig, paths: Paths, inputs: PhaseInputs, resumed, initial, outcome: Outcome
+) -> PhaseResult:
     check_same_start(acc, resumed)
     if cfg.sample_prompts:
         raise_if_any(unwritable([("samples", paths.samples)]))
-    trainer = Trainer(acc, cfg, inputs.strategy, paths, resume_from=resumed, init_from=initial, data_info=inputs.data_info(),
-                      chat=inputs.chat_format())
+    trainer = Trainer(
+        acc,
+        cfg,
+        inputs.strategy,
+        paths,
+        resume_from=resumed,
+        init_from=initial,
+        data_info=inputs.data_info(),
+        chat=inputs.chat_format(),
+    )
     outcome.started(trainer)
     result = trainer.fit()
     if cfg.phase == "sft":
@@ -174,8 +216,10 @@ def promotion_gate(acc, paths: Paths, result: PhaseResult, parent: dict | None) 
     if acc.is_main_process:
         baseline = Path(parent["checkpoint"]) if parent and parent.get("relation") == "initialised" else None
         if baseline is None or not baseline.exists() or not same_weights(baseline, parent.get("model_sha256")):
-            log.warning("sft: the checkpoint it started from is not there to compare with%s; no eval summary, "
-                        "not deployable", f" ({baseline} is gone or holds other weights now)" if baseline else "")
+            log.warning(
+                "sft: the checkpoint it started from is not there to compare with%s; no eval summary, not deployable",
+                f" ({baseline} is gone or holds other weights now)" if baseline else "",
+            )
         else:
             candidate = result.best_dir or result.latest_dir
             summary = evaluate_checkpoints(paths, candidate, baseline, None, acc.device)
@@ -202,9 +246,14 @@ def export_at_end(acc, result: PhaseResult, paths: Paths, outcome: Outcome) -> N
         source = result.best_dir or result.latest_dir
         record = export_run_best(source, paths)
         outcome.best_pt = paths.best_pt
-        log.info("exported %s from %s (step %d, best val loss %s, verdict %s)", paths.best_pt, source, result.state.step,
-                 "-" if result.state.best_val_loss is None else f"{result.state.best_val_loss:.4f}",
-                 record.get("verdict") or ("not evaluated" if result.phase == "sft" else "none (pretrain)"))
+        log.info(
+            "exported %s from %s (step %d, best val loss %s, verdict %s)",
+            paths.best_pt,
+            source,
+            result.state.step,
+            "-" if result.state.best_val_loss is None else f"{result.state.best_val_loss:.4f}",
+            record.get("verdict") or ("not evaluated" if result.phase == "sft" else "none (pretrain)"),
+        )
     acc.wait_for_everyone()
 
 
@@ -230,8 +279,10 @@ def pipeline_resume_phase(resume: Path | None) -> str | None:
         return None
     phase = checkpoint_phase(resume)
     if phase is None:
-        raise UserError(f"{resume}: a pipeline resumes from a checkpoint directory whose sidecar names its phase "
-                        "(not an exported .pt); use --phase pretrain or --phase sft with it")
+        raise UserError(
+            f"{resume}: a pipeline resumes from a checkpoint directory whose sidecar names its phase "
+            "(not an exported .pt); use --phase pretrain or --phase sft with it"
+        )
     return phase
 
 
@@ -240,8 +291,10 @@ def run_pipeline(args: argparse.Namespace, paths: Paths, overrides: list[Overrid
     pipe = load_pipeline_config(args.config, overrides)
     pre, sft = pipe.pretrain, pipe.sft
     if pre.train.mixed_precision != sft.train.mixed_precision:
-        raise UserError(f"{args.config}: pretrain and sft train_cfg.mixed_precision differ "
-                        f"({pre.train.mixed_precision} vs {sft.train.mixed_precision}); one process has one precision")
+        raise UserError(
+            f"{args.config}: pretrain and sft train_cfg.mixed_precision differ "
+            f"({pre.train.mixed_precision} vs {sft.train.mixed_precision}); one process has one precision"
+        )
     acc = make_accelerator(args.device, pre.train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
     announce_compute(acc, args.device)
@@ -249,8 +302,9 @@ def run_pipeline(args: argparse.Namespace, paths: Paths, overrides: list[Overrid
         pipeline_phases(acc, args, paths, pre, sft, outcome)
 
 
-def pipeline_phases(acc, args: argparse.Namespace, paths: Paths, pre: PhaseConfig, sft: PhaseConfig,
-                    outcome: Outcome) -> None:
+def pipeline_phases(
+    acc, args: argparse.Namespace, paths: Paths, pre: PhaseConfig, sft: PhaseConfig, outcome: Outcome
+) -> None:
     """The pipeline once it holds both phases' folders (ownership.own_phases)."""
     resume_phase = main_process_decides(acc, lambda: pipeline_resume_phase(args.resume))
     for phase in ("pretrain", "sft"):
@@ -270,8 +324,9 @@ def pipeline_phases(acc, args: argparse.Namespace, paths: Paths, pre: PhaseConfi
         pre_resume = args.resume if resume_phase == "pretrain" else None
         # both phases' inputs are checked before any time is spent on pretrain
         pre_init = paths.config_checkpoint(pre.init_from) if pre.init_from else None
-        pre_plan, _ = collect(lambda: plan_phase(acc, pre, paths, pre_resume, auto, pre_init),
-                              lambda: check_phase_inputs(sft, paths))
+        pre_plan, _ = collect(
+            lambda: plan_phase(acc, pre, paths, pre_resume, auto, pre_init), lambda: check_phase_inputs(sft, paths)
+        )
         if args.no_resume:
             start_afresh(acc, paths, ("pretrain", "sft"))
         run_phase(acc, pre, paths, *pre_plan, outcome)
@@ -288,12 +343,20 @@ def print_plan(args: argparse.Namespace, paths: Paths, overrides: list[Override]
     configs = load_configs(args.phase, args.config, overrides)
     acc = make_accelerator(args.device, configs[0].train.mixed_precision)
     setup_logging(acc.is_main_process, args.verbose)
-    plans = command_plans(args.phase, configs, paths, acc.num_processes, args.resume,
-                          auto_resume=not args.no_resume and args.resume is None)
+    plans = command_plans(
+        args.phase,
+        configs,
+        paths,
+        acc.num_processes,
+        args.resume,
+        auto_resume=not args.no_resume and args.resume is None,
+    )
     outputs = output_problems(args, paths)
     if acc.is_main_process:
-        print(f"compute: {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}, "
-              f"{torch.get_num_threads()} CPU threads per process")
+        print(
+            f"compute: {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}, "
+            f"{torch.get_num_threads()} CPU threads per process"
+        )
         for warning in compute_warnings(acc.device, acc.mixed_precision, acc.num_processes):
             print(f"warning: {warning}")
         rate = assumed_flops(acc.device, acc.mixed_precision, configs[0].train.tf32)
@@ -305,9 +368,14 @@ def print_plan(args: argparse.Namespace, paths: Paths, overrides: list[Override]
 
 def output_problems(args: argparse.Namespace, paths: Paths) -> list[str]:
     """Everything a run writes, checked before it trains (samples: where a config asks for them, in run_phase)."""
-    return (unwritable([("checkpoints", paths.checkpoints), ("the run registry", paths.runs),
-                        ("metrics", paths.metrics), ("the event log", paths.events.parent)])
-            + output_file_problem("--result-json", args.result_json))
+    return unwritable(
+        [
+            ("checkpoints", paths.checkpoints),
+            ("the run registry", paths.runs),
+            ("metrics", paths.metrics),
+            ("the event log", paths.events.parent),
+        ]
+    ) + output_file_problem("--result-json", args.result_json)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 outcome.write(args.result_json, status, failure)
             except OSError as e:  # a directory there, or no room: said at start too when it can be known then
-                print(f"error: --result-json {args.result_json}: cannot write the result ({e.strerror or e})",
-                      file=sys.stderr)
+                print(
+                    f"error: --result-json {args.result_json}: cannot write the result ({e.strerror or e})",
+                    file=sys.stderr,
+                )
         end_process_group()
     return EXIT_CODES[status]
 

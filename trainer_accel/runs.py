@@ -1,4 +1,5 @@
-"""`python -m trainer_accel.runs`: runs list / show / lineage / evaluate, kept where users know it; the code is in experiments/runs.py."""
+"""`python -m trainer_accel.runs`: runs list / show / lineage / evaluate, kept where users know it; the code is in
+experiments/runs.py."""
 
 from trainer_accel.errors import exit_with
 from trainer_accel.experiments.runs import main

@@ -40,8 +40,9 @@ def type_name(annotation: Any) -> str:
     args = typing.get_args(annotation)
     if args:
         return " or ".join("null" if a is type(None) else a.__name__ for a in args)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "an object"}.get(annotation, str(annotation))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}.get(
+        annotation, str(annotation)
+    )
 
 
 def build_dataclass(cls: type, data: Any, where: str, problems: list[str], homes: dict[str, type] | None = None):
@@ -58,10 +59,19 @@ def build_dataclass(cls: type, data: Any, where: str, problems: list[str], homes
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            home = next((section for section, other in (homes or {}).items()
-                         if other is not cls and key in {f.name for f in dataclasses.fields(other)}), None)
-            problems.append(f"{where}.{key}: unknown key (it belongs in {home}: {home}.{key})" if home
-                            else unknown_key_message(where, key, fields))
+            home = next(
+                (
+                    section
+                    for section, other in (homes or {}).items()
+                    if other is not cls and key in {f.name for f in dataclasses.fields(other)}
+                ),
+                None,
+            )
+            problems.append(
+                f"{where}.{key}: unknown key (it belongs in {home}: {home}.{key})"
+                if home
+                else unknown_key_message(where, key, fields)
+            )
     values, buildable = {}, True
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from trainer_accel.errors import UserError
 
@@ -27,8 +28,9 @@ class NewerFormat(UserError):
     """Written by a later trainer: refused, never read as if it were ours."""
 
 
-def upgrade(doc: dict[str, Any], key: str, current: int, steps: dict[int, Step], where: str, what: str,
-            file: Path | None = None) -> dict[str, Any]:
+def upgrade(
+    doc: dict[str, Any], key: str, current: int, steps: dict[int, Step], where: str, what: str, file: Path | None = None
+) -> dict[str, Any]:
     """`doc` (a parsed sidecar or meta whose version is `doc[key]`, read from `file`) as version `current`.
 
     `steps[v]` upgrades version v to v + 1. Raises NewerFormat for a version above `current`, ValueError for a
@@ -37,8 +39,10 @@ def upgrade(doc: dict[str, Any], key: str, current: int, steps: dict[int, Step],
     if isinstance(version, bool) or not isinstance(version, int):
         raise ValueError(f"its format version ({key}) is {version!r}, not an integer")
     if version > current:
-        raise NewerFormat(f"{where}: {what} format version {version} was written by a newer trainer_accel; this one "
-                          f"reads versions up to {current} (upgrade trainer_accel to use it)")
+        raise NewerFormat(
+            f"{where}: {what} format version {version} was written by a newer trainer_accel; this one "
+            f"reads versions up to {current} (upgrade trainer_accel to use it)"
+        )
     oldest = min(steps, default=current)
     if version < oldest:
         raise ValueError(f"format version {version}; this trainer reads versions {oldest} to {current}")
@@ -51,8 +55,13 @@ def upgrade(doc: dict[str, Any], key: str, current: int, steps: dict[int, Step],
     notice = _file_identity(file) or where  # latest/ and best/ are hard links to a step's files: one notice
     if notice not in _noticed:
         _noticed.add(notice)
-        log.info("%s: %s format version %d, upgraded to version %d as it was read (the file is unchanged)", where,
-                 what, version, current)
+        log.info(
+            "%s: %s format version %d, upgraded to version %d as it was read (the file is unchanged)",
+            where,
+            what,
+            version,
+            current,
+        )
     return upgraded
 
 

@@ -53,8 +53,13 @@ def full_model_state(acc: Accelerator, model: torch.nn.Module) -> tuple[dict[str
     return {k: v for k, v in state.items() if k not in aliases}, aliases
 
 
-def plain_model(model_cfg, state: dict[str, torch.Tensor], aliases: dict[str, str], device: torch.device,
-                dtype: torch.dtype = torch.float32):
+def plain_model(
+    model_cfg,
+    state: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+):
     """A plain GPT on `device` in `dtype` holding a full state: what the main process alone may run (sampling)
     while the training model is sharded, whose forward all-gathers with every process. Built on the meta device,
     so it draws no random numbers and allocates once, in `dtype`."""
@@ -91,8 +96,9 @@ def full_optimizer_state(acc: Accelerator, model: torch.nn.Module, optimizer: to
 DEVICE_FLAGS = ("fused", "foreach", "capturable")
 
 
-def load_full_optimizer_state(acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                              state: dict) -> None:
+def load_full_optimizer_state(
+    acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
     """Load an index-keyed full optimizer state (every process holds it) into a plain or sharded optimizer.
 
     The optimizer keeps the device flags it was built with (DEVICE_FLAGS); they are set in the state before
@@ -100,16 +106,22 @@ def load_full_optimizer_state(acc: Accelerator, model: torch.nn.Module, optimize
     """
     opt = _torch_optimizer(optimizer)
     if len(state.get("param_groups", [])) == len(opt.param_groups):
-        state = {**state, "param_groups": [{**saved, **{k: now[k] for k in DEVICE_FLAGS if k in now}}
-                                           for saved, now in zip(state["param_groups"], opt.param_groups)]}
+        state = {
+            **state,
+            "param_groups": [
+                {**saved, **{k: now[k] for k in DEVICE_FLAGS if k in now}}
+                for saved, now in zip(state["param_groups"], opt.param_groups)
+            ],
+        }
     if acc.distributed_type != DistributedType.FSDP:
         opt.load_state_dict(state)
     else:
         scatter_sharded_optimizer_state(model, acc.unwrap_model(model, keep_torch_compile=False), opt, state)
 
 
-def gather_sharded_optimizer_state(model: torch.nn.Module, canonical: torch.nn.Module,
-                                   opt: torch.optim.Optimizer) -> dict:
+def gather_sharded_optimizer_state(
+    model: torch.nn.Module, canonical: torch.nn.Module, opt: torch.optim.Optimizer
+) -> dict:
     """Index-keyed full state of a sharded optimizer on the main process ({} on the others). `model` is what was
     sharded (and possibly wrapped), `canonical` the plain module whose parameter names the checkpoint uses."""
     from torch.distributed.checkpoint.state_dict import (
@@ -121,12 +133,15 @@ def gather_sharded_optimizer_state(model: torch.nn.Module, canonical: torch.nn.M
     if not by_name:
         return {}
     index = {n: i for i, n in enumerate(parameter_names(canonical, opt))}
-    return {"state": {index[n]: s for n, s in by_name["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+    return {
+        "state": {index[n]: s for n, s in by_name["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
+    }
 
 
-def scatter_sharded_optimizer_state(model: torch.nn.Module, canonical: torch.nn.Module, opt: torch.optim.Optimizer,
-                                    state: dict) -> None:
+def scatter_sharded_optimizer_state(
+    model: torch.nn.Module, canonical: torch.nn.Module, opt: torch.optim.Optimizer, state: dict
+) -> None:
     """Each process keeps its shard of an index-keyed full optimizer state."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -134,8 +149,10 @@ def scatter_sharded_optimizer_state(model: torch.nn.Module, canonical: torch.nn.
     )
 
     names = parameter_names(canonical, opt)
-    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    by_name = {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
     set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
 

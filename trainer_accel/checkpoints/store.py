@@ -5,7 +5,8 @@ A checkpoint is a directory of three files:
     optimizer.pt       the optimizer's state_dict, read back with torch.load(weights_only=True)
     meta.json          the sidecar and the truth about the checkpoint: format version, phase, run id, step,
                        best_val_loss, model_cfg, train_cfg, the config as given, the tokenizer, tied-weight
-                       aliases, and the size and sha256 of the other two files. It is written last, so its presence marks the
+                       aliases, and the size and sha256 of the other two files. It is written last, so its presence
+                       marks the
                        directory complete, and its checksums catch truncation and flipped bytes alike.
 A directory is written under a hidden temporary name, every file and the directory fsynced, then renamed into
 place; `latest` and `best` are replaced by renaming too. Nothing here knows about strategies or phases beyond
@@ -22,9 +23,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -111,7 +113,7 @@ def canonical_state(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dic
     out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
         key = key.replace("_orig_mod.", "")
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key[len("module.") :] if key.startswith("module.") else key
         if key not in tied:
             out[key] = t.detach().to("cpu").contiguous()
     return out
@@ -135,15 +137,22 @@ def _temp_dir_for(target: Path) -> Path:
     return tmp
 
 
-def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], tied: dict[str, str],
-                     optimizer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+def write_checkpoint(
+    target: Path,
+    model_state: dict[str, torch.Tensor],
+    tied: dict[str, str],
+    optimizer_state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
     """Write a complete checkpoint directory at `target` (replacing one there). Main process only."""
     tensors = canonical_state(model_state, tied)
     tmp = _temp_dir_for(target)
     writers = {
         # safetensors writes its file 0600; the checkpoint's other files get the usual mode, so this one too
-        MODEL_FILE: ("model", lambda path: (save_file(tensors, str(path), metadata={"format": FORMAT}),
-                                            os.chmod(path, FILE_MODE))),
+        MODEL_FILE: (
+            "model",
+            lambda path: (save_file(tensors, str(path), metadata={"format": FORMAT}), os.chmod(path, FILE_MODE)),
+        ),
         OPTIMIZER_FILE: ("optimizer", lambda path: torch.save(optimizer_state, path)),
     }
     files = {}
@@ -186,8 +195,10 @@ def ensure_free_space(directory: Path, needed: int, copies: int = 1) -> None:
     free = shutil.disk_usage(probe).free
     want = int(needed * copies * 1.05) + (16 << 20)
     if free < want:
-        raise UserError(f"{directory}: {free / 2**20:,.0f} MiB free, a checkpoint needs about {want / 2**20:,.0f} MiB; "
-                        "nothing was written and the earlier checkpoints are intact (free some space and resume)")
+        raise UserError(
+            f"{directory}: {free / 2**20:,.0f} MiB free, a checkpoint needs about {want / 2**20:,.0f} MiB; "
+            "nothing was written and the earlier checkpoints are intact (free some space and resume)"
+        )
 
 
 def link_pointer(source: Path, target: Path) -> None:
@@ -224,7 +235,9 @@ def sweep_leftovers(phase_dir: Path) -> None:
         if (phase_dir / name).exists():
             continue
         # killed between the two renames of a swap: the new copy if it is complete, else the old one
-        for cand in sorted(phase_dir.glob(f"{TMP_PREFIX}{name}-*"), reverse=True) + sorted(phase_dir.glob(f"{TRASH_PREFIX}{name}-*")):
+        for cand in sorted(phase_dir.glob(f"{TMP_PREFIX}{name}-*"), reverse=True) + sorted(
+            phase_dir.glob(f"{TRASH_PREFIX}{name}-*")
+        ):
             try:
                 read_meta(cand)
             except InvalidCheckpoint:
@@ -311,8 +324,10 @@ def read_meta(ckpt: Path, verify: bool = True) -> dict[str, Any]:
     except ValueError as e:
         raise InvalidCheckpoint(str(e)) from None
     if as_written["format_version"] >= 3 and as_written.get(SEAL) != sidecar_sha256(as_written):
-        raise InvalidCheckpoint(f"{META_FILE} was changed after the save (it does not match its {SEAL}); its step, "
-                                "losses and settings cannot be trusted")
+        raise InvalidCheckpoint(
+            f"{META_FILE} was changed after the save (it does not match its {SEAL}); its step, "
+            "losses and settings cannot be trusted"
+        )
     for key in ("step", "model_cfg", "train_cfg", "best_val_loss", "phase", "run_id", "files"):
         if key not in meta:
             raise InvalidCheckpoint(f"{META_FILE} lacks '{key}'")
@@ -328,7 +343,11 @@ def read_meta(ckpt: Path, verify: bool = True) -> dict[str, Any]:
         path = ckpt / name
         if expected is None or not path.is_file():
             raise InvalidCheckpoint(f"{name} is missing")
-        if not isinstance(expected, dict) or not _whole(expected.get("size")) or not isinstance(expected.get("sha256"), str):
+        if (
+            not isinstance(expected, dict)
+            or not _whole(expected.get("size"))
+            or not isinstance(expected.get("sha256"), str)
+        ):
             raise InvalidCheckpoint(f"{META_FILE}: files.{name} is not {{size, sha256}}")
         size = path.stat().st_size
         if size != expected["size"]:
@@ -370,8 +389,12 @@ def set_aside_broken(phase_dir: Path) -> list[Path]:
             dest.parent.mkdir(exist_ok=True)
             os.rename(cand, dest)
             (dest.parent / f"{dest.name}.reason.txt").write_text(f"{e}\n")
-            shared = (" (a damaged file, not an interrupted save: step directories, latest/ and best/ of one step share "
-                      "their files by hard link, so the same damage shows in each)" if "sha256" in str(e) else "")
+            shared = (
+                " (a damaged file, not an interrupted save: step directories, latest/ and best/ of one step share "
+                "their files by hard link, so the same damage shows in each)"
+                if "sha256" in str(e)
+                else ""
+            )
             log.warning("checkpoint %s is broken (%s); set aside as %s%s", cand, e, dest, shared)
             moved.append(dest)
     return moved
@@ -408,8 +431,10 @@ def _why_not_current(pointer: Path) -> str:
         read_meta(pointer)
         return "was behind (an interrupted save)"
     except InvalidCheckpoint as e:
-        return (f"was DAMAGED ({e}), not interrupted: its files are hard links shared with the step directory of "
-                "its step (and latest/ or best/ when they are that step), damaged with it")
+        return (
+            f"was DAMAGED ({e}), not interrupted: its files are hard links shared with the step directory of "
+            "its step (and latest/ or best/ when they are that step), damaged with it"
+        )
 
 
 def _intact_step(ckpt: Path) -> int | None:
@@ -471,8 +496,10 @@ def read_steadily(ckpt: Path, read: Callable[[Path], Any], attempts: int = 20) -
         time.sleep(0.05)
     if error is not None:
         raise error
-    raise UserError(f"{ckpt}: replaced {attempts} times while being read (a run is saving there often); read one of "
-                    "the step_* directories beside it instead")
+    raise UserError(
+        f"{ckpt}: replaced {attempts} times while being read (a run is saving there often); read one of "
+        "the step_* directories beside it instead"
+    )
 
 
 def checkpoint_phase(path: Path) -> str | None:
@@ -529,12 +556,16 @@ def load_checkpoint(path: Path, with_optimizer: bool = True, approved: str | Non
     if path.is_file():
         return _load_best_pt(path)
     if not path.exists():
-        raise UserError(f"{path}: checkpoint not found (expected a checkpoint directory, an exported .pt file or a "
-                        "Hugging Face model directory)")
+        raise UserError(
+            f"{path}: checkpoint not found (expected a checkpoint directory, an exported .pt file or a "
+            "Hugging Face model directory)"
+        )
     loaded = read_steadily(path, lambda p: _load_directory(p, with_optimizer))
     if approved is not None and model_sha256(loaded.meta) != approved:
-        raise UserError(f"{path}: moved on to step {loaded.step} after it was checked (a run is saving there), and "
-                        "those weights were not; nothing was written: name the checkpoint's step directory instead")
+        raise UserError(
+            f"{path}: moved on to step {loaded.step} after it was checked (a run is saving there), and "
+            "those weights were not; nothing was written: name the checkpoint's step directory instead"
+        )
     return loaded
 
 
@@ -549,8 +580,13 @@ def _load_directory(path: Path, with_optimizer: bool) -> LoadedCheckpoint:
         raise UserError(f"{path / MODEL_FILE}: unreadable weights ({e})") from None
     optimizer_state = _load_optimizer(path / OPTIMIZER_FILE) if with_optimizer else None
     return LoadedCheckpoint(
-        source=path, model_state=expand_aliases(tensors, meta.get("tied", {})), optimizer_state=optimizer_state,
-        step=int(meta["step"]), best_val_loss=meta["best_val_loss"], meta=meta, origin=_origin(path, int(meta["step"])),
+        source=path,
+        model_state=expand_aliases(tensors, meta.get("tied", {})),
+        optimizer_state=optimizer_state,
+        step=int(meta["step"]),
+        best_val_loss=meta["best_val_loss"],
+        meta=meta,
+        origin=_origin(path, int(meta["step"])),
     )
 
 
@@ -570,11 +606,20 @@ def _load_best_pt(path: Path) -> LoadedCheckpoint:
     # what the record knows of the run that wrote it (phase, caches, batch) is checked as a sidecar's is; the run id
     # is not carried: a run started from a .pt is a new run whose parent is that .pt (manifest.parent_record)
     record = verified_export_record(path) or {}
-    meta = {"model_cfg": complete_model_cfg(blob["model_cfg"]), "train_cfg": blob["train_cfg"], "phase": record.get("phase"), "run_id": None,
-            **{k: record[k] for k in RECORD_CHECKS if record.get(k) is not None}}
+    meta = {
+        "model_cfg": complete_model_cfg(blob["model_cfg"]),
+        "train_cfg": blob["train_cfg"],
+        "phase": record.get("phase"),
+        "run_id": None,
+        **{k: record[k] for k in RECORD_CHECKS if record.get(k) is not None},
+    }
     return LoadedCheckpoint(
-        source=path, model_state=blob["model_state"], optimizer_state=blob["optimizer_state"],
-        step=int(blob["step"]), best_val_loss=blob["best_val_loss"], meta=meta,
+        source=path,
+        model_state=blob["model_state"],
+        optimizer_state=blob["optimizer_state"],
+        step=int(blob["step"]),
+        best_val_loss=blob["best_val_loss"],
+        meta=meta,
     )
 
 
@@ -584,7 +629,9 @@ def check_model_cfg(loaded: LoadedCheckpoint, model_cfg: dict[str, Any]) -> None
     saved = resolved_model_cfg(loaded.meta.get("model_cfg") or {})
     diff = shape_diff(saved, resolved_model_cfg(model_cfg), (*MODEL_SHAPE_KEYS, *MODEL_FUNCTION_KEYS))
     if diff:
-        raise UserError(f"{loaded.source}: checkpoint model shape differs from the config ({diff}; checkpoint vs config)")
+        raise UserError(
+            f"{loaded.source}: checkpoint model shape differs from the config ({diff}; checkpoint vs config)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -596,15 +643,20 @@ def state_problems(model_state: dict, model_cfg: dict) -> list[str]:
     wrong-shaped tensor. Checked on the meta device, so nothing is allocated."""
     try:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in GPT(ModelConfig(**complete_model_cfg(model_cfg))).state_dict().items()}
+            expected = {
+                k: tuple(v.shape) for k, v in GPT(ModelConfig(**complete_model_cfg(model_cfg))).state_dict().items()
+            }
     except (TypeError, ValueError, RuntimeError) as e:
         return [f"model_cfg describes no model ({first_line(e)})"]
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
         return ["model_state is not a dict of tensors"]
     problems = [f"model_state lacks {k} {list(shape)}" for k, shape in expected.items() if k not in model_state]
     problems += [f"model_state holds {k}, which the model has not" for k in model_state if k not in expected]
-    problems += [f"model_state {k} is {list(v.shape)}, the model's is {list(expected[k])}"
-                 for k, v in model_state.items() if k in expected and tuple(v.shape) != expected[k]]
+    problems += [
+        f"model_state {k} is {list(v.shape)}, the model's is {list(expected[k])}"
+        for k, v in model_state.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
     return problems
 
 
@@ -613,8 +665,9 @@ def best_pt_dict(loaded: LoadedCheckpoint) -> dict[str, Any]:
     problems = state_problems(loaded.model_state, loaded.meta["model_cfg"])
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UserError(f"{ckpt}: its weights do not fit its model_cfg: {'; '.join(problems[:3])}{more}; "
-                        "nothing was written")
+        raise UserError(
+            f"{ckpt}: its weights do not fit its model_cfg: {'; '.join(problems[:3])}{more}; nothing was written"
+        )
     return {
         "model_cfg": loaded.meta["model_cfg"],
         "train_cfg": loaded.meta["train_cfg"],
@@ -657,27 +710,44 @@ def verified_export_record(best_pt: Path) -> dict | None:
     A .pt whose bytes were damaged loads (torch checks nothing), resumes and, exported again, would get a fresh
     record that hides the damage: the record written with it is what can tell."""
     if not record_path(best_pt).exists():
-        log.warning("%s: no %s beside it, so nothing could verify this file (its bytes, its phase, its data)",
-                    best_pt, record_path(best_pt).name)
+        log.warning(
+            "%s: no %s beside it, so nothing could verify this file (its bytes, its phase, its data)",
+            best_pt,
+            record_path(best_pt).name,
+        )
         return None
     try:
         record = loads(record_path(best_pt).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{record_path(best_pt)}: unreadable export record ({e}); move it away to use {best_pt} "
-                        "unverified") from None
+        raise UserError(
+            f"{record_path(best_pt)}: unreadable export record ({e}); move it away to use {best_pt} unverified"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != "trainer_accel.export":
-        raise UserError(f"{record_path(best_pt)}: not an export record of this trainer; move it away to use {best_pt} "
-                        "unverified")
+        raise UserError(
+            f"{record_path(best_pt)}: not an export record of this trainer; move it away to use {best_pt} unverified"
+        )
     digest = sha256_file(best_pt)
     if digest != record.get("best_pt_sha256"):
-        raise UserError(f"{best_pt}: sha256 {digest[:12]} differs from the {str(record.get('best_pt_sha256'))[:12]} its "
-                        f"record {record_path(best_pt).name} holds: the file is damaged or was replaced without its "
-                        "record; export it again from its checkpoint directory")
+        raise UserError(
+            f"{best_pt}: sha256 {digest[:12]} differs from the {str(record.get('best_pt_sha256'))[:12]} its "
+            f"record {record_path(best_pt).name} holds: the file is damaged or was replaced without its "
+            "record; export it again from its checkpoint directory"
+        )
     return record
 
 
-RECORD_CHECKS = ("caches", "global_batch", "data_fingerprint", "config_fingerprint", "model_sha256", "parent",
-                 "tokenizer", "tokenizer_path", "added_tokens", "chat")  # carried from its record into a .pt's meta
+RECORD_CHECKS = (
+    "caches",
+    "global_batch",
+    "data_fingerprint",
+    "config_fingerprint",
+    "model_sha256",
+    "parent",
+    "tokenizer",
+    "tokenizer_path",
+    "added_tokens",
+    "chat",
+)  # carried from its record into a .pt's meta
 
 
 def read_export_record(best_pt: Path) -> dict | None:

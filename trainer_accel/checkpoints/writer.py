@@ -36,8 +36,9 @@ def write_snapshot(phase_dir: Path, snap: Snapshot, to_step_dir: bool, to_best: 
     """Files only: a step directory that latest/ (and best/) then point at, or best/ alone. Returns what it wrote."""
     if not to_step_dir:
         return store.write_checkpoint(phase_dir / "best", snap.model_state, snap.tied, snap.optimizer_state, snap.meta)
-    step_dir = store.write_checkpoint(phase_dir / store.step_dir_name(snap.meta["step"]), snap.model_state, snap.tied,
-                                      snap.optimizer_state, snap.meta)
+    step_dir = store.write_checkpoint(
+        phase_dir / store.step_dir_name(snap.meta["step"]), snap.model_state, snap.tied, snap.optimizer_state, snap.meta
+    )
     store.link_pointer(step_dir, phase_dir / "latest")
     if to_best:
         store.link_pointer(step_dir, phase_dir / "best")
@@ -70,8 +71,10 @@ class CheckpointWriter:
         try:
             return done.meta, done.future.result()
         except OSError as e:
-            raise UserError(f"{self.phase_dir}: writing the checkpoint of step {done.meta['step']} failed "
-                            f"({type(e).__name__}: {e}); the checkpoints written before it are intact") from None
+            raise UserError(
+                f"{self.phase_dir}: writing the checkpoint of step {done.meta['step']} failed "
+                f"({type(e).__name__}: {e}); the checkpoints written before it are intact"
+            ) from None
 
     def failure(self) -> BaseException | None:
         """The error of the write in flight, once it has failed; never waits."""
@@ -82,9 +85,11 @@ class CheckpointWriter:
         """Report a failed write as one line and forget it (so closing does not raise it again as a traceback)."""
         meta, e = self._in_flight.meta, self.failure()
         self._in_flight = None
-        raise UserError(f"{self.phase_dir}: writing the checkpoint of step {meta['step']} failed "
-                        f"({type(e).__name__}: {e}); training stopped at step {at_step}, the checkpoints "
-                        "written before it are intact")
+        raise UserError(
+            f"{self.phase_dir}: writing the checkpoint of step {meta['step']} failed "
+            f"({type(e).__name__}: {e}); training stopped at step {at_step}, the checkpoints "
+            "written before it are intact"
+        )
 
     def close(self) -> None:
         if self._thread is not None:

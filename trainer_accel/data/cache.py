@@ -79,7 +79,17 @@ def _v1_to_v2(meta: dict) -> dict:
 
 
 CACHE_UPGRADES = {1: _v1_to_v2}  # version -> the step to the next (versions.py); version 1 is the first there was
-REQUIRED_META = ("format", "version", "kind", "dtype", "num_tokens", "vocab_size", "tokenizer", "special_tokens", "sha256")
+REQUIRED_META = (
+    "format",
+    "version",
+    "kind",
+    "dtype",
+    "num_tokens",
+    "vocab_size",
+    "tokenizer",
+    "special_tokens",
+    "sha256",
+)
 
 
 def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
@@ -124,7 +134,12 @@ def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
             raise UserError(f"{ip}: example index missing (prepare the SFT cache again)")
         starts = np.fromfile(ip, dtype=np.uint64).astype(np.int64)
         n = meta.get("num_examples")
-        if len(starts) != (n or 0) + 1 or starts[0] != 0 or starts[-1] != meta["num_tokens"] or np.any(np.diff(starts) <= 0):
+        if (
+            len(starts) != (n or 0) + 1
+            or starts[0] != 0
+            or starts[-1] != meta["num_tokens"]
+            or np.any(np.diff(starts) <= 0)
+        ):
             raise UserError(f"{ip}: example index does not match its cache ({n} examples, {meta['num_tokens']} tokens)")
     return Cache(path=bin_path, meta=meta, starts=starts)
 
@@ -141,8 +156,9 @@ def _choose_sources(rng: np.random.Generator, probs: np.ndarray, n: int) -> np.n
     return rng.choice(len(probs), size=n, p=probs)
 
 
-def stream_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator, n: int, T: int,
-                keep: slice = slice(None)) -> np.ndarray:
+def stream_rows(
+    caches: list[Cache], probs: np.ndarray, rng: np.random.Generator, n: int, T: int, keep: slice = slice(None)
+) -> np.ndarray:
     """n random windows of T+1 tokens over the mixed streams; returns the rows selected by `keep`."""
     which = _choose_sources(rng, probs, n)
     u = rng.random(n)
@@ -151,7 +167,7 @@ def stream_rows(caches: list[Cache], probs: np.ndarray, rng: np.random.Generator
     for src, frac in zip(which[keep], u[keep]):
         arr = maps[src]
         start = int(frac * (len(arr) - T))  # len(arr) >= T + 1 is checked when the caches are opened
-        rows.append(arr[start:start + T + 1])
+        rows.append(arr[start : start + T + 1])
     return np.stack(rows).astype(np.int64)
 
 
@@ -165,8 +181,17 @@ class Rows:
     segment: np.ndarray | None  # (k, T+1) int64: the packed example each token belongs to; None when not packed
 
 
-def draw_rows(caches: list[Cache], kinds: list[str], probs: np.ndarray, rng: np.random.Generator, n: int, T: int,
-              pad_id: int, keep: slice = slice(None), pack: bool = False) -> Rows:
+def draw_rows(
+    caches: list[Cache],
+    kinds: list[str],
+    probs: np.ndarray,
+    rng: np.random.Generator,
+    n: int,
+    T: int,
+    pad_id: int,
+    keep: slice = slice(None),
+    pack: bool = False,
+) -> Rows:
     """n rows of a mixture of stream and SFT caches, by address; returns the rows selected by `keep`.
 
     A stream row is a window of T+1 tokens at a random place. An SFT row is one example, cut to T+1 tokens or
@@ -195,7 +220,7 @@ def draw_rows(caches: list[Cache], kinds: list[str], probs: np.ndarray, rng: np.
         if kinds[src] == "stream":
             arr = mapped(src)
             start = int(frac * (len(arr) - T))  # len(arr) >= T + 1 is checked when the caches are opened
-            tokens[r] = arr[start:start + T + 1]
+            tokens[r] = arr[start : start + T + 1]
             continue
         row_rng = np.random.default_rng([base, int(g)]) if pack else None
         filled, seg = 0, 0
@@ -204,11 +229,11 @@ def draw_rows(caches: list[Cache], kinds: list[str], probs: np.ndarray, rng: np.
             i = int(frac * c.num_examples)
             a = c.starts[i]
             b = min(c.starts[i + 1], a + T + 1 - filled)
-            tokens[r, filled:filled + b - a] = mapped(src)[a:b]
-            source[r, filled:filled + b - a] = src
+            tokens[r, filled : filled + b - a] = mapped(src)[a:b]
+            source[r, filled : filled + b - a] = src
             if not pack:
                 break
-            segment[r, filled:filled + b - a] = seg
+            segment[r, filled : filled + b - a] = seg
             filled, seg = filled + b - a, seg + 1
             src, frac = int(sft[row_rng.choice(len(sft), p=sft_probs)]), row_rng.random()
     return Rows(tokens, source, which[picked].astype(np.int64), segment)
@@ -234,4 +259,3 @@ def masked_targets(rows: np.ndarray, rule: AnswerRule) -> np.ndarray:
     y = rows[:, 1:].copy()
     y[~answer_mask(rows, rule)] = IGNORE_INDEX
     return y
-

@@ -15,8 +15,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -83,7 +83,7 @@ class CacheWriter:
             self.idx.flush()
             starts = np.fromfile(self.idx_tmp, dtype=np.uint64).astype(np.int64)
             keep_tokens = int(starts[keep])
-            moved_ends = starts[keep + 1:] - keep_tokens
+            moved_ends = starts[keep + 1 :] - keep_tokens
             other.items, self.items = self.items - keep, keep
             self.idx.truncate((keep + 1) * 8)
             self.idx.seek(0, os.SEEK_END)
@@ -113,11 +113,19 @@ class CacheWriter:
             os.fsync(handle.fileno())
             handle.close()
         meta = {
-            "format": CACHE_FORMAT, "version": CACHE_VERSION, "kind": self.kind, "dtype": self.dtype.name,
-            "num_tokens": self.num_tokens, "vocab_size": int(self.tok.vocab_size), "max_token_id": self.max_id,
-            "tokenizer": self.tok.identity, "tokenizer_path": getattr(self.tok, "path", None),
-            "special_tokens": dict(self.tok.special), "added_tokens": list(self.tok.added),
-            **({"bos_ids": list(self.tok.bos_ids)} if self.tok.bos_ids else {}), "sha256": self.sha.hexdigest(),
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "kind": self.kind,
+            "dtype": self.dtype.name,
+            "num_tokens": self.num_tokens,
+            "vocab_size": int(self.tok.vocab_size),
+            "max_token_id": self.max_id,
+            "tokenizer": self.tok.identity,
+            "tokenizer_path": getattr(self.tok, "path", None),
+            "special_tokens": dict(self.tok.special),
+            "added_tokens": list(self.tok.added),
+            **({"bos_ids": list(self.tok.bos_ids)} if self.tok.bos_ids else {}),
+            "sha256": self.sha.hexdigest(),
             **meta_extra,
         }
         if self.idx_tmp:
@@ -180,8 +188,9 @@ def recover(cache_dir: Path) -> None:
             _finish_publish(journal)
             log.warning("%s: a prepare was stopped while publishing its caches; finished publishing them", cache_dir)
         except (OSError, ValueError) as e:
-            raise UserError(f"{journal}: cannot finish the publishing a stopped prepare began ({e}); "
-                            "delete it and prepare again") from None
+            raise UserError(
+                f"{journal}: cannot finish the publishing a stopped prepare began ({e}); delete it and prepare again"
+            ) from None
     swept = [p for p in cache_dir.rglob(f".*{TMP_MARK}*") if p.is_file()]
     for p in swept:
         p.unlink()
@@ -192,6 +201,8 @@ def recover(cache_dir: Path) -> None:
 @contextlib.contextmanager
 def prepare_lock(cache_dir: Path) -> Iterator[None]:
     """One prepare at a time per cache folder: a second would sweep the first one's temporary files."""
-    with held_alone(cache_dir / LOCK, f"{cache_dir}: another prepare is writing caches here; wait for it or use "
-                                      "another TRAINER_DATA_DIR"):
+    with held_alone(
+        cache_dir / LOCK,
+        f"{cache_dir}: another prepare is writing caches here; wait for it or use another TRAINER_DATA_DIR",
+    ):
         yield

@@ -47,8 +47,7 @@ PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no template writes the
 PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 GEN_OPEN, GEN_CLOSE = "\ue002", "\ue003"  # where a {% generation %} block opens and closes in a rendering
 RENDER_NAMES = ("messages", "add_generation_prompt", "bos_token", "eos_token")  # what render() itself passes
-WAY_OUT = ("train in the built-in format (--chat-template builtin) or give a template of your own "
-           "(--chat-template PATH)")
+WAY_OUT = "train in the built-in format (--chat-template builtin) or give a template of your own (--chat-template PATH)"
 
 
 @dataclass(frozen=True)
@@ -80,8 +79,10 @@ def template_args(pairs: list[str] | dict[str, Any] | None) -> tuple[tuple[str, 
     for pair in pairs or []:
         name, sep, value = pair.partition("=")
         if not sep or not name.isidentifier() or name in RENDER_NAMES:
-            raise UserError(f"--template-arg {pair}: expected NAME=VALUE with NAME a template variable, e.g. "
-                            "--template-arg enable_thinking=false")
+            raise UserError(
+                f"--template-arg {pair}: expected NAME=VALUE with NAME a template variable, e.g. "
+                "--template-arg enable_thinking=false"
+            )
         try:
             parsed = json.loads(value)
         except ValueError:
@@ -123,8 +124,9 @@ def _template_text(config: dict, config_file: Path, jinja_file: Path) -> tuple[A
     return text, source
 
 
-def find_chat_template(tokenizer_json: Path, choice: str | Path = "model",
-                       args: tuple[tuple[str, str], ...] = ()) -> ChatTemplate | None:
+def find_chat_template(
+    tokenizer_json: Path, choice: str | Path = "model", args: tuple[tuple[str, str], ...] = ()
+) -> ChatTemplate | None:
     """The chat template beside a tokenizer.json (choice "model"): chat_template.jinja, else tokenizer_config.json's
     `chat_template` (a string, or a list of named templates of which "default" is taken); None when it has none.
     Any other choice is a user's template file: a .jinja file, or a tokenizer_config.json or model directory that
@@ -136,8 +138,11 @@ def find_chat_template(tokenizer_json: Path, choice: str | Path = "model",
     else:
         given = Path(choice)
         if given.is_dir():
-            text, source = _template_text(read_config(given / "tokenizer_config.json"), given / "tokenizer_config.json",
-                                          given / "chat_template.jinja")
+            text, source = _template_text(
+                read_config(given / "tokenizer_config.json"),
+                given / "tokenizer_config.json",
+                given / "chat_template.jinja",
+            )
         elif given.suffix == ".json":
             text, source = _template_text(read_config(given), given, given.with_name("-none-"))
         else:
@@ -146,14 +151,15 @@ def find_chat_template(tokenizer_json: Path, choice: str | Path = "model",
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"--chat-template {given}: cannot be read as a template file ({e})") from None
         if text is None:
-            raise UserError(f"--chat-template {given}: holds no chat template (a .jinja file, or a "
-                            "tokenizer_config.json or model directory with one)")
+            raise UserError(
+                f"--chat-template {given}: holds no chat template (a .jinja file, or a "
+                "tokenizer_config.json or model directory with one)"
+            )
     if text is None:
         return None
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"{source}: chat_template is not a template string")
-    return ChatTemplate(text, source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")),
-                        args)
+    return ChatTemplate(text, source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")), args)
 
 
 @functools.lru_cache(maxsize=8)
@@ -184,8 +190,9 @@ def _compiled(template: ChatTemplate):
         def _mark(self, caller):
             return GEN_OPEN + caller() + GEN_CLOSE
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", GenerationBlocks])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", GenerationBlocks]
+    )
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
     try:
@@ -202,10 +209,15 @@ def render(template: ChatTemplate, messages: list[dict], add_generation_prompt: 
     Any failure of the template (raise_exception, a division by zero, a range over the sandbox's limit, deep
     recursion) is the template's, said in one line."""
     import jinja2
+
     try:
-        text = _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                          bos_token=template.bos_token or "", eos_token=template.eos_token or "",
-                                          **template.kwargs)
+        text = _compiled(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=template.bos_token or "",
+            eos_token=template.eos_token or "",
+            **template.kwargs,
+        )
     except jinja2.exceptions.TemplateError as e:
         raise UserError(f"{template.source}: the chat template refused the conversation ({e})") from None
     except RecursionError:
@@ -213,8 +225,10 @@ def render(template: ChatTemplate, messages: list[dict], add_generation_prompt: 
     except Exception as e:  # a template is the user's code: ZeroDivisionError, OverflowError (range), TypeError...
         raise UserError(f"{template.source}: the chat template failed ({type(e).__name__}: {e})") from None
     if len(text) > MAX_RENDERED:
-        raise UserError(f"{template.source}: the chat template wrote {len(text):,} characters for one conversation "
-                        f"(more than {MAX_RENDERED:,})")
+        raise UserError(
+            f"{template.source}: the chat template wrote {len(text):,} characters for one conversation "
+            f"(more than {MAX_RENDERED:,})"
+        )
     return text if marks else text.replace(GEN_OPEN, "").replace(GEN_CLOSE, "")
 
 
@@ -235,9 +249,11 @@ def generation_suffix(template: ChatTemplate) -> str:
     messages = placeholder_messages(["user"])
     bare, opened = render(template, messages, False), render(template, messages, True)
     if not opened.startswith(bare) or opened == bare:
-        raise UserError(f"{template.source}: add_generation_prompt does not append an assistant header to the "
-                        f"conversation, so the answers cannot be found in its tokens; {WAY_OUT}")
-    return opened[len(bare):]
+        raise UserError(
+            f"{template.source}: add_generation_prompt does not append an assistant header to the "
+            f"conversation, so the answers cannot be found in its tokens; {WAY_OUT}"
+        )
+    return opened[len(bare) :]
 
 
 def generation_spans(pieces: list[str | int], texts: list[str]) -> tuple[list[str | int], list[tuple[int, int]]]:
@@ -272,8 +288,10 @@ def split_rendered(text: str, count: int, where: str) -> list[str | int]:
         pieces.append(int(piece) if j % 2 else piece)
     found = [p for p in pieces if isinstance(p, int)]
     if found != list(range(count)):
-        raise UserError(f"{where}: the chat template does not write each message's content once and in order "
-                        f"(it wrote {found[:8]} of {count}), so the answers cannot be found in its tokens")
+        raise UserError(
+            f"{where}: the chat template does not write each message's content once and in order "
+            f"(it wrote {found[:8]} of {count}), so the answers cannot be found in its tokens"
+        )
     return pieces
 
 
@@ -298,8 +316,8 @@ def answer_positions(ids: np.ndarray, rule: AnswerRule) -> np.ndarray:
     if n >= m:
         match = np.ones(ids.shape[:-1] + (n - m + 1,), dtype=bool)
         for k, t in enumerate(rule.start):
-            match &= ids[..., k:n - m + 1 + k] == t
-        opened[..., m - 1:] = match
+            match &= ids[..., k : n - m + 1 + k] == t
+        opened[..., m - 1 :] = match
     at = np.arange(n)
 
     def last_before(events: np.ndarray) -> np.ndarray:  # the latest event strictly before each token (-1: none)
@@ -343,24 +361,31 @@ class TemplateEncoder:
                 where[piece] = (at, at + width)
             at += width
         markup = {k: (where[k - 1][1], where[k][0]) for k in (1, 3)}  # between the question and its answer
-        n = max((m for m in range(1, len(suffix) + 1)
-                 if all(suffix[:m] in rendered[a:b] for a, b in markup.values())), default=0)
+        n = max(
+            (m for m in range(1, len(suffix) + 1) if all(suffix[:m] in rendered[a:b] for a, b in markup.values())),
+            default=0,
+        )
         headers = []
         for a, b in markup.values():
             first = rendered.rfind(suffix[:n], a, b) if n else -1
             headers.append([t for t, (x, y) in zip(ids, spans) if first >= 0 and first <= x and y <= first + n])
         if not headers[0] or headers[0] != headers[1]:
-            raise UserError(f"{src}: an assistant turn in the conversation does not open with what "
-                            f"add_generation_prompt writes ({suffix!r}), so the answers cannot be found in its "
-                            f"tokens; {WAY_OUT}")
-        end = next((i for i in ids[owner.index(1):] if i in self.tok.special_ids), None) if 1 in owner else None
+            raise UserError(
+                f"{src}: an assistant turn in the conversation does not open with what "
+                f"add_generation_prompt writes ({suffix!r}), so the answers cannot be found in its "
+                f"tokens; {WAY_OUT}"
+            )
+        end = next((i for i in ids[owner.index(1) :] if i in self.tok.special_ids), None) if 1 in owner else None
         if end is None:
-            raise UserError(f"{src}: the chat template closes an assistant turn with no special token, so where an "
-                            f"answer ends cannot be told; {WAY_OUT}")
+            raise UserError(
+                f"{src}: the chat template closes an assistant turn with no special token, so where an "
+                f"answer ends cannot be told; {WAY_OUT}"
+            )
         return AnswerRule(tuple(headers[0]), end)
 
-    def _tokens(self, pieces: list[str | int],
-                texts: list[str]) -> tuple[list[int], list[int | None], list[tuple[int, int]]]:
+    def _tokens(
+        self, pieces: list[str | int], texts: list[str]
+    ) -> tuple[list[int], list[int | None], list[tuple[int, int]]]:
         """Token ids of a rendered conversation (markup strings and content indices into `texts`) and, per token,
         the content it holds (its index; None: the template's own), and each token's character span."""
         items: list[tuple[str, int | None]] = []  # (text, owner), with special tokens as ("", -id - 1)
@@ -387,10 +412,10 @@ class TemplateEncoder:
             who = np.full(len(text), -1)
             pos = 0
             for t, o in stretch:
-                who[pos:pos + len(t)] = -1 if o is None else o
+                who[pos : pos + len(t)] = -1 if o is None else o
                 pos += len(t)
             for tid, (a, b) in zip(*self.tok.encode_with_offsets(text)):
-                inside = who[a:max(b, a + 1)]
+                inside = who[a : max(b, a + 1)]
                 content = inside[inside >= 0]
                 ids.append(tid)
                 owner.append(int(content.max()) if len(content) else None)
@@ -417,8 +442,11 @@ class TemplateEncoder:
         out = []
         for turns in examples:
             roles, texts = roles_and_contents(turns)
-            marked = split_rendered(render(self.template, placeholder_messages(roles), False, marks=True), len(roles),
-                                    where or self.template.source)
+            marked = split_rendered(
+                render(self.template, placeholder_messages(roles), False, marks=True),
+                len(roles),
+                where or self.template.source,
+            )
             pieces, _ = generation_spans(marked, texts)
             texts = self._as_rendered(roles, texts, pieces, False, where)
             _, blocks = generation_spans(marked, texts)
@@ -430,8 +458,9 @@ class TemplateEncoder:
             out.append(arr)
         return out
 
-    def _as_rendered(self, roles: list[str], texts: list[str], pieces: list[str | int], opened: bool,
-                     where: str) -> list[str]:
+    def _as_rendered(
+        self, roles: list[str], texts: list[str], pieces: list[str | int], opened: bool, where: str
+    ) -> list[str]:
         """The contents as the template writes them: as given, or trimmed as templates trim them (Llama 3's `| trim`,
         Qwen3's `lstrip('\\n')`), so the tokens are what transformers' apply_chat_template gives; any other change
         to a content cannot be reproduced and is refused."""
@@ -443,7 +472,7 @@ class TemplateEncoder:
                     break
                 at += len(piece)
                 continue
-            after = next((p for p in pieces[j + 1:] if isinstance(p, str) and p), "")
+            after = next((p for p in pieces[j + 1 :] if isinstance(p, str) and p), "")
             text = texts[piece]
             options = dict.fromkeys([text, text.strip(), text.lstrip("\n"), text.strip("\n"), text.rstrip()])
             found = next((c for c in options if actual.startswith(c + after, at)), None)
@@ -454,41 +483,51 @@ class TemplateEncoder:
         else:
             if at == len(actual):
                 return out
-        raise UserError(f"{self.template.source}: in {where or 'an example'} the chat template changes a message's "
-                        f"content in a way this trainer cannot reproduce token for token; {WAY_OUT}")
+        raise UserError(
+            f"{self.template.source}: in {where or 'an example'} the chat template changes a message's "
+            f"content in a way this trainer cannot reproduce token for token; {WAY_OUT}"
+        )
 
     def _check(self, ids: np.ndarray, owner: list[int | None], roles: list[str], where: str) -> None:
         inside = answer_positions(ids, self.rule)
         turns = roles.count("assistant")
         for i, o in enumerate(owner):
             if o is not None and inside[i] != (roles[o] == "assistant"):
-                raise UserError(f"{self.template.source}: in {where or 'an example'} the answer rule (after "
-                                f"{list(self.rule.start)}, up to {self.rule.end}) does not find exactly the assistant's "
-                                f"tokens; this template cannot be trained on: {WAY_OUT}")
+                raise UserError(
+                    f"{self.template.source}: in {where or 'an example'} the answer rule (after "
+                    f"{list(self.rule.start)}, up to {self.rule.end}) does not find exactly the assistant's "
+                    f"tokens; this template cannot be trained on: {WAY_OUT}"
+                )
         closes = int((ids[inside] == self.rule.end).sum())
         if closes != turns:
-            raise UserError(f"{self.template.source}: in {where or 'an example'} {closes} answer(s) end with token "
-                            f"{self.rule.end}, {turns} were written; {WAY_OUT}")
+            raise UserError(
+                f"{self.template.source}: in {where or 'an example'} {closes} answer(s) end with token "
+                f"{self.rule.end}, {turns} were written; {WAY_OUT}"
+            )
 
-    def _check_blocks(self, ids: np.ndarray, spans: list[tuple[int, int]], blocks: list[tuple[int, int]],
-                      where: str) -> None:
+    def _check_blocks(
+        self, ids: np.ndarray, spans: list[tuple[int, int]], blocks: list[tuple[int, int]], where: str
+    ) -> None:
         """The template's {% generation %} blocks mark what transformers' assistant mask counts: every token that
         overlaps a block. The rule must count exactly those."""
         marked = np.zeros(len(ids), dtype=bool)
         for a, b in blocks:
             marked |= np.array([s < b and e > a for s, e in spans], dtype=bool)
         if not np.array_equal(marked, answer_positions(ids, self.rule)):
-            raise UserError(f"{self.template.source}: in {where or 'an example'} the {{% generation %}} blocks mark "
-                            f"{int(marked.sum())} tokens, the answer rule (after {list(self.rule.start)}, up to "
-                            f"{self.rule.end}) counts {int(answer_positions(ids, self.rule).sum())}; this trainer "
-                            f"cannot train on those blocks: {WAY_OUT}")
+            raise UserError(
+                f"{self.template.source}: in {where or 'an example'} the {{% generation %}} blocks mark "
+                f"{int(marked.sum())} tokens, the answer rule (after {list(self.rule.start)}, up to "
+                f"{self.rule.end}) counts {int(answer_positions(ids, self.rule).sum())}; this trainer "
+                f"cannot train on those blocks: {WAY_OUT}"
+            )
 
     def prompt(self, history: list[tuple[str, str]], question: str, system: str = "") -> list[int]:
         """The conversation so far and a new question, the assistant's turn opened for the model to write."""
         roles, texts = roles_and_contents(Turns([*history, (question, "")], system))
         roles, texts = roles[:-1], texts[:-1]
-        pieces = split_rendered(render(self.template, placeholder_messages(roles), True), len(roles),
-                                self.template.source)
+        pieces = split_rendered(
+            render(self.template, placeholder_messages(roles), True), len(roles), self.template.source
+        )
         try:
             texts = self._as_rendered(roles, texts, pieces, True, "the prompt")
         except UserError:
@@ -501,21 +540,34 @@ def chat_meta(encoder: TemplateEncoder) -> dict[str, Any]:
     to prompt the model in it, and to export it with the model. Template arguments only when given, so a record
     without them reads as it did."""
     t = encoder.template
-    return {"template": t.text, "template_source": t.source, "template_sha256": t.sha256, "bos_token": t.bos_token,
-            "eos_token": t.eos_token, **({"template_args": t.kwargs} if t.args else {}), **encoder.rule.to_meta()}
+    return {
+        "template": t.text,
+        "template_source": t.source,
+        "template_sha256": t.sha256,
+        "bos_token": t.bos_token,
+        "eos_token": t.eos_token,
+        **({"template_args": t.kwargs} if t.args else {}),
+        **encoder.rule.to_meta(),
+    }
 
 
 def template_key(chat: dict[str, Any] | None) -> str:
     """One template with its arguments, as caches are compared: the built-in one, or the sha256 and the args."""
     if not chat:
         return "built-in"
-    return chat["template_sha256"] + (json.dumps(chat["template_args"], sort_keys=True)
-                                      if chat.get("template_args") else "")
+    return chat["template_sha256"] + (
+        json.dumps(chat["template_args"], sort_keys=True) if chat.get("template_args") else ""
+    )
 
 
 def template_of(chat: dict[str, Any]) -> ChatTemplate:
-    return ChatTemplate(chat["template"], chat["template_source"], chat.get("bos_token"), chat.get("eos_token"),
-                        template_args(chat.get("template_args") or {}))
+    return ChatTemplate(
+        chat["template"],
+        chat["template_source"],
+        chat.get("bos_token"),
+        chat.get("eos_token"),
+        template_args(chat.get("template_args") or {}),
+    )
 
 
 @dataclass

@@ -36,7 +36,10 @@ def creatures(rng: random.Random, n: int = 24) -> list[Creature]:
         name = "".join(rng.sample(SYLLABLES, 2))
         if name not in names:
             names.append(name)
-    return [Creature(nm, rng.choice(COLORS), rng.choice(PLACES), rng.choice(FOODS), rng.choice([2, 4, 6, 8])) for nm in names]
+    return [
+        Creature(nm, rng.choice(COLORS), rng.choice(PLACES), rng.choice(FOODS), rng.choice([2, 4, 6, 8]))
+        for nm in names
+    ]
 
 
 WIKI_TEMPLATES = [
@@ -60,8 +63,12 @@ def _facts(c: Creature) -> dict:
 
 
 def wiki_text(world: list[Creature], rng: random.Random) -> str:
-    paras = [t.format(**_facts(c)) + " " + rng.choice(WIKI_TEMPLATES).format(**_facts(c))
-             for _ in range(6) for c in world for t in WIKI_TEMPLATES]
+    paras = [
+        t.format(**_facts(c)) + " " + rng.choice(WIKI_TEMPLATES).format(**_facts(c))
+        for _ in range(6)
+        for c in world
+        for t in WIKI_TEMPLATES
+    ]
     rng.shuffle(paras)
     return "\n\n".join(paras) + "\n"
 
@@ -71,7 +78,9 @@ def roam_text(world: list[Creature], rng: random.Random) -> str:
     for _ in range(4):
         for c in world:
             f = _facts(c)
-            notes.append(f"- [[{c.name}]]\n  - color:: {f['color']}\n  - home:: [[{f['place']}]]\n  - eats:: {f['food']}")
+            notes.append(
+                f"- [[{c.name}]]\n  - color:: {f['color']}\n  - home:: [[{f['place']}]]\n  - eats:: {f['food']}"
+            )
     rng.shuffle(notes)
     return "\n\n".join(notes) + "\n"
 
@@ -95,8 +104,16 @@ def oasst_rows(conversations: list[list[tuple[str, str]]]) -> list[dict]:
         parent = None
         for i, text in enumerate(x for pair in turns for x in pair):
             mid = f"demo-{t}-{i}"
-            rows.append({"message_id": mid, "parent_id": parent, "role": "prompter" if i % 2 == 0 else "assistant",
-                         "text": text, "lang": "en", "rank": None if i % 2 == 0 else 0})
+            rows.append(
+                {
+                    "message_id": mid,
+                    "parent_id": parent,
+                    "role": "prompter" if i % 2 == 0 else "assistant",
+                    "text": text,
+                    "lang": "en",
+                    "rank": None if i % 2 == 0 else 0,
+                }
+            )
             parent = mid
     return rows
 
@@ -113,17 +130,28 @@ def write_demo_corpus(out_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     and SFT sources, name -> file."""
     rng = random.Random(SEED)
     world = creatures(rng)
-    streams = {name: _write_jsonl(out_dir / "streams" / f"{name}.jsonl",
-                                  [{"text": doc} for doc in text.rstrip("\n").split("\n\n")])
-               for name, text in (("wiki", wiki_text(world, rng)), ("roam", roam_text(world, rng)),
-                                  ("primer", primer_text(rng)))}
+    streams = {
+        name: _write_jsonl(
+            out_dir / "streams" / f"{name}.jsonl", [{"text": doc} for doc in text.rstrip("\n").split("\n\n")]
+        )
+        for name, text in (
+            ("wiki", wiki_text(world, rng)),
+            ("roam", roam_text(world, rng)),
+            ("primer", primer_text(rng)),
+        )
+    }
 
     pairs = qa_pairs(world)
     dolly = [{"prompt": q, "response": a} for q, a in pairs]
     rng.shuffle(dolly)
     conversations = [rng.sample(pairs, 2) for _ in range(len(pairs))]
-    primer = [{"prompt": f"What do {NUMBERS[a]} and {NUMBERS[b]} make?", "response": f"{NUMBERS[a + b]}."}
-              for a in range(5) for b in range(5)]
-    sfts = {name: _write_jsonl(out_dir / "sft" / f"{name}.jsonl", rows)
-            for name, rows in (("dolly", dolly), ("oasst1", oasst_rows(conversations)), ("primer", primer))}
+    primer = [
+        {"prompt": f"What do {NUMBERS[a]} and {NUMBERS[b]} make?", "response": f"{NUMBERS[a + b]}."}
+        for a in range(5)
+        for b in range(5)
+    ]
+    sfts = {
+        name: _write_jsonl(out_dir / "sft" / f"{name}.jsonl", rows)
+        for name, rows in (("dolly", dolly), ("oasst1", oasst_rows(conversations)), ("primer", primer))
+    }
     return streams, sfts

@@ -80,8 +80,9 @@ class Split:
 
     def is_val(self, key: str) -> bool:
         """The keyed hash of an item's start decides its side; stable across runs, machines and Python versions."""
-        digest = hashlib.blake2b(key[:formats.KEY_CHARS].encode("utf-8", "surrogatepass"), digest_size=8,
-                                 key=str(self.seed).encode()).digest()
+        digest = hashlib.blake2b(
+            key[: formats.KEY_CHARS].encode("utf-8", "surrogatepass"), digest_size=8, key=str(self.seed).encode()
+        ).digest()
         return int.from_bytes(digest, "little") < self.val_fraction * 2.0**64
 
 
@@ -98,14 +99,17 @@ class Progress:
 
     def add_tokens(self, n: int) -> None:
         self.tokens += n
-        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.started, 1e-9) / 1e6:.2f}M tok/s",
-                                 refresh=False)
+        self.bar.set_postfix_str(
+            f"{self.tokens / max(time.perf_counter() - self.started, 1e-9) / 1e6:.2f}M tok/s", refresh=False
+        )
 
     def close(self) -> str:
         self.bar.close()
         s = time.perf_counter() - self.started
-        return (f"{self.bytes / 1e6:,.1f} MB of input, {self.tokens:,} tokens in {s:.1f} s "
-                f"({self.bytes / 1e6 / s:.1f} MB/s, {self.tokens / 1e6 / s:.2f}M tokens/s)")
+        return (
+            f"{self.bytes / 1e6:,.1f} MB of input, {self.tokens:,} tokens in {s:.1f} s "
+            f"({self.bytes / 1e6 / s:.1f} MB/s, {self.tokens / 1e6 / s:.2f}M tokens/s)"
+        )
 
 
 def _encode_stream_batch(tok: Tokenizer, batch: list[tuple[str, CacheWriter, bool, bool]], progress: Progress) -> None:
@@ -128,8 +132,9 @@ def _encode_stream_batch(tok: Tokenizer, batch: list[tuple[str, CacheWriter, boo
         progress.add_tokens(len(tokens))
 
 
-def _encode_templated_batch(encoder: TemplateEncoder, batch: list[tuple[formats.chat.Turns, CacheWriter]],
-                            progress: Progress) -> None:
+def _encode_templated_batch(
+    encoder: TemplateEncoder, batch: list[tuple[formats.chat.Turns, CacheWriter]], progress: Progress
+) -> None:
     """SFT examples in the model's own chat template (chat_template.py), each example's answers checked."""
     out: dict[CacheWriter, tuple[list[np.ndarray], list[int]]] = {}
     for (_, writer), ids in zip(batch, encoder.encode_many([turns for turns, _ in batch])):
@@ -141,8 +146,12 @@ def _encode_templated_batch(encoder: TemplateEncoder, batch: list[tuple[formats.
         progress.add_tokens(ends[-1])
 
 
-def _encode_sft_batch(tok: Tokenizer, batch: list[tuple[formats.chat.Turns, CacheWriter]], progress: Progress,
-                      encoder: TemplateEncoder | None = None) -> None:
+def _encode_sft_batch(
+    tok: Tokenizer,
+    batch: list[tuple[formats.chat.Turns, CacheWriter]],
+    progress: Progress,
+    encoder: TemplateEncoder | None = None,
+) -> None:
     if encoder is not None:
         return _encode_templated_batch(encoder, batch, progress)
     s = tok.special
@@ -172,21 +181,38 @@ def _balance(src: Source, train: CacheWriter, val: CacheWriter, split: Split) ->
     unit = "examples" if src.kind == "sft" else "tokens"
     n = train.items if src.kind == "sft" else train.num_tokens
     if n < 2:
-        raise UserError(f"{src.name}: {n} {unit} in {', '.join(map(str, src.inputs))}; at least 2 are needed for a "
-                        "train/val split")
+        raise UserError(
+            f"{src.name}: {n} {unit} in {', '.join(map(str, src.inputs))}; at least 2 are needed for a train/val split"
+        )
     n_val = min(n - 1, max(1, round(n * split.val_fraction)))
     train.move_tail_to(val, n - n_val)
-    log.info("%s: every %s fell on one side of the hash split; its last %d %s are val", src.name,
-             "example" if src.kind == "sft" else "document", n_val, unit)
+    log.info(
+        "%s: every %s fell on one side of the hash split; its last %d %s are val",
+        src.name,
+        "example" if src.kind == "sft" else "document",
+        n_val,
+        unit,
+    )
     return train, val, "tail"
 
 
-def build(src: Source, options: formats.ReadOptions, split: Split, tok: Tokenizer, paths: Paths,
-          progress: Progress, problems: list[str], writers: list[CacheWriter],
-          encoder: TemplateEncoder | None = None) -> list[tuple[Path, Path]]:
+def build(
+    src: Source,
+    options: formats.ReadOptions,
+    split: Split,
+    tok: Tokenizer,
+    paths: Paths,
+    progress: Progress,
+    problems: list[str],
+    writers: list[CacheWriter],
+    encoder: TemplateEncoder | None = None,
+) -> list[tuple[Path, Path]]:
     """One source into its two temporary caches; returns the renames that publish them."""
     cache = paths.stream_cache if src.kind == "stream" else paths.sft_cache
-    train, val = CacheWriter(cache(src.name, "train"), src.kind, tok), CacheWriter(cache(src.name, "val"), src.kind, tok)
+    train, val = (
+        CacheWriter(cache(src.name, "train"), src.kind, tok),
+        CacheWriter(cache(src.name, "val"), src.kind, tok),
+    )
     writers += [train, val]
     files = [f for p in src.inputs for f in formats.input_files(p, src.kind)]
     batch: list = []
@@ -217,10 +243,13 @@ def build(src: Source, options: formats.ReadOptions, split: Split, tok: Tokenize
     if problems:
         return []  # nothing will be published; the caller reports every problem of every source
     train, val, rule = _balance(src, train, val, split)
-    meta = {"source": src.name, "source_files": [str(p) for p in src.inputs],
-            "documents": {str(f): formats.unit_of(f, options) if src.kind == "stream" else "row" for f in files},
-            "split": {"rule": rule, "val_fraction": split.val_fraction, "seed": split.seed},
-            **({"chat": chat_meta(encoder)} if encoder is not None and src.kind == "sft" else {})}
+    meta = {
+        "source": src.name,
+        "source_files": [str(p) for p in src.inputs],
+        "documents": {str(f): formats.unit_of(f, options) if src.kind == "stream" else "row" for f in files},
+        "split": {"rule": rule, "val_fraction": split.val_fraction, "seed": split.seed},
+        **({"chat": chat_meta(encoder)} if encoder is not None and src.kind == "sft" else {}),
+    }
     moves = []
     for name, w in (("train", train), ("val", val)):
         moves += w.finish(meta)
@@ -243,13 +272,17 @@ def _preflight(sources: list[Source], options: formats.ReadOptions) -> tuple[lis
                 continue
             for f in files:
                 if f.resolve() in seen:
-                    problems.append(f"{f}: named twice in source {src.name!r} (also as {seen[f.resolve()]}); its "
-                                    "documents would be read twice")
+                    problems.append(
+                        f"{f}: named twice in source {src.name!r} (also as {seen[f.resolve()]}); its "
+                        "documents would be read twice"
+                    )
                     continue
                 seen[f.resolve()] = f
                 needs = "datasets" if f.is_dir() else "pyarrow" if f.name.endswith(".parquet") else None
                 if needs and importlib.util.find_spec(needs) is None:
-                    problems.append(f"{f}: reading it needs the '{needs}' package (pip install 'trainer_accel[formats]')")
+                    problems.append(
+                        f"{f}: reading it needs the '{needs}' package (pip install 'trainer_accel[formats]')"
+                    )
                 total = None if total is None or f.is_dir() else total + f.stat().st_size
     if options.oasst_paths not in formats.OASST_PATHS:
         problems.append(f"--oasst-paths {options.oasst_paths}: expected one of {', '.join(formats.OASST_PATHS)}")
@@ -276,8 +309,13 @@ def template_encoder(tok: Tokenizer, template: ChatTemplate | None) -> TemplateE
         return None
     encoder = TemplateEncoder(tok, template)
     args = f" with {', '.join(f'{k}={v}' for k, v in template.args)}" if template.args else ""
-    log.info("SFT examples in the model's chat template (%s%s): answers after %r, up to and including %r",
-             template.source, args, tok.decode(list(encoder.rule.start)), tok.decode([encoder.rule.end]))
+    log.info(
+        "SFT examples in the model's chat template (%s%s): answers after %r, up to and including %r",
+        template.source,
+        args,
+        tok.decode(list(encoder.rule.start)),
+        tok.decode([encoder.rule.end]),
+    )
     return encoder
 
 
@@ -286,7 +324,11 @@ def say_added(tok: Tokenizer, tokenizer: Path) -> None:
     if not tok.added:
         return
     first = tok.vocab_size - len(tok.added)
-    why = "the built-in chat format" if set(tok.added) & {USER, ASST, EOT} else "documents (the tokenizer has no end-of-text token)"
+    why = (
+        "the built-in chat format"
+        if set(tok.added) & {USER, ASST, EOT}
+        else "documents (the tokenizer has no end-of-text token)"
+    )
     config = tokenizer_file(tokenizer).parent / "config.json"
     rows = None
     try:
@@ -295,17 +337,26 @@ def say_added(tok: Tokenizer, tokenizer: Path) -> None:
         pass
     fits = ""
     if isinstance(rows, int):
-        fits = (f"; the model in {config.parent} has {rows:,} embedding rows, so they take spare rows"
-                if rows >= tok.vocab_size else
-                f"; the model in {config.parent} has {rows:,} embedding rows: set model_cfg.V to {tok.vocab_size:,} "
-                f"(its embedding grows by {tok.vocab_size - rows} rows), or prepare in the model's own template")
-    log.info("added %s to the tokenizer (ids %d-%d) for %s%s", ", ".join(tok.added), first, tok.vocab_size - 1, why,
-             fits)
+        fits = (
+            f"; the model in {config.parent} has {rows:,} embedding rows, so they take spare rows"
+            if rows >= tok.vocab_size
+            else f"; the model in {config.parent} has {rows:,} embedding rows: set model_cfg.V to {tok.vocab_size:,} "
+            f"(its embedding grows by {tok.vocab_size - rows} rows), or prepare in the model's own template"
+        )
+    log.info(
+        "added %s to the tokenizer (ids %d-%d) for %s%s", ", ".join(tok.added), first, tok.vocab_size - 1, why, fits
+    )
 
 
-def prepare(sources: list[Source], tokenizer: Path | None, split: Split, paths: Paths,
-            options: formats.ReadOptions = formats.ReadOptions(), chat_template: str = "model",
-            template_arguments: tuple = ()) -> None:
+def prepare(
+    sources: list[Source],
+    tokenizer: Path | None,
+    split: Split,
+    paths: Paths,
+    options: formats.ReadOptions = formats.ReadOptions(),
+    chat_template: str = "model",
+    template_arguments: tuple = (),
+) -> None:
     """Build every requested cache. Input problems are all reported, and then nothing is published."""
     template = chosen_template(tokenizer, chat_template, template_arguments)
     tok = load_tokenizer(tokenizer, chat_tokens=template is None)
@@ -350,30 +401,59 @@ def _parse_sources(specs: list[str], kind: str, flag: str, problems: list[str]) 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.prepare", description=__doc__.split("\n")[0])
-    p.add_argument("--stream", action="append", default=[], metavar="SOURCE=PATH",
-                   help="pretraining text: a text/Markdown file, JSONL or Parquet with a text field, a saved Hugging "
-                        "Face dataset, or a folder of them (repeatable; one source may name several paths)")
-    p.add_argument("--sft", action="append", default=[], metavar="SOURCE=PATH",
-                   help="SFT examples: JSONL or Parquet rows (prompt/response, messages, or oasst1 messages), a saved "
-                        "Hugging Face dataset, or a folder of them (repeatable)")
+    p.add_argument(
+        "--stream",
+        action="append",
+        default=[],
+        metavar="SOURCE=PATH",
+        help="pretraining text: a text/Markdown file, JSONL or Parquet with a text field, a saved Hugging "
+        "Face dataset, or a folder of them (repeatable; one source may name several paths)",
+    )
+    p.add_argument(
+        "--sft",
+        action="append",
+        default=[],
+        metavar="SOURCE=PATH",
+        help="SFT examples: JSONL or Parquet rows (prompt/response, messages, or oasst1 messages), a saved "
+        "Hugging Face dataset, or a folder of them (repeatable)",
+    )
     p.add_argument("--demo", action="store_true", help="write the built-in synthetic corpus and cache its six sources")
-    p.add_argument("--documents", default="file", metavar="RULE",
-                   help="what one document of a text file is: file (default), blank-lines, or separator=TEXT "
-                        "(TEXT may spell \\n); rows are always one document each")
+    p.add_argument(
+        "--documents",
+        default="file",
+        metavar="RULE",
+        help="what one document of a text file is: file (default), blank-lines, or separator=TEXT "
+        "(TEXT may spell \\n); rows are always one document each",
+    )
     p.add_argument("--text-field", default="text", help="the field of a stream row that holds its text (default text)")
-    p.add_argument("--oasst-paths", default="leaves", help="oasst1 trees: one conversation per leaf (leaves, default) "
-                                                            "or only the best-ranked path (best)")
+    p.add_argument(
+        "--oasst-paths",
+        default="leaves",
+        help="oasst1 trees: one conversation per leaf (leaves, default) or only the best-ranked path (best)",
+    )
     p.add_argument("--lang", default="", help="oasst1 trees: keep only these languages, e.g. en,de (default all)")
-    p.add_argument("--tokenizer", type=Path, help="a Hugging Face model directory or its tokenizer.json (default: "
-                                                  "built-in bytes)")
-    p.add_argument("--chat-template", default="model", metavar="model|builtin|PATH",
-                   help="SFT examples in the chat template beside --tokenizer (tokenizer_config.json or "
-                        "chat_template.jinja; default, when it has one), in the built-in <|user|> ... <|eot|> one, "
-                        "or in a template file of yours (.jinja, or a tokenizer_config.json that holds one)")
-    p.add_argument("--template-arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="a variable the chat template reads, e.g. enable_thinking=false (VALUE as JSON where it "
-                        "parses; repeatable); recorded with the caches, so samples, chat and export use it too")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents / examples held out (default 0.1)")
+    p.add_argument(
+        "--tokenizer", type=Path, help="a Hugging Face model directory or its tokenizer.json (default: built-in bytes)"
+    )
+    p.add_argument(
+        "--chat-template",
+        default="model",
+        metavar="model|builtin|PATH",
+        help="SFT examples in the chat template beside --tokenizer (tokenizer_config.json or "
+        "chat_template.jinja; default, when it has one), in the built-in <|user|> ... <|eot|> one, "
+        "or in a template file of yours (.jinja, or a tokenizer_config.json that holds one)",
+    )
+    p.add_argument(
+        "--template-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a variable the chat template reads, e.g. enable_thinking=false (VALUE as JSON where it "
+        "parses; repeatable); recorded with the caches, so samples, chat and export use it too",
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of documents / examples held out (default 0.1)"
+    )
     p.add_argument("--seed", type=int, default=0, help="key of the train/val hash")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
@@ -383,31 +463,52 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--val-fraction: must be between 0 and 1, got {args.val_fraction}")
         if len(str(args.seed)) > MAX_SEED_DIGITS:  # it keys the split hash, and blake2b takes at most 64 bytes
             raise UserError(f"--seed: at most {MAX_SEED_DIGITS} digits, got {len(str(args.seed))}")
-        options = formats.ReadOptions(documents=formats.parse_document_rule(args.documents), text_field=args.text_field,
-                                      oasst_paths=args.oasst_paths,
-                                      langs=frozenset(x.strip() for x in args.lang.split(",") if x.strip()))
+        options = formats.ReadOptions(
+            documents=formats.parse_document_rule(args.documents),
+            text_field=args.text_field,
+            oasst_paths=args.oasst_paths,
+            langs=frozenset(x.strip() for x in args.lang.split(",") if x.strip()),
+        )
         problems: list[str] = []
-        sources = (_parse_sources(args.stream, "stream", "--stream", problems)
-                   + _parse_sources(args.sft, "sft", "--sft", problems))
+        sources = _parse_sources(args.stream, "stream", "--stream", problems) + _parse_sources(
+            args.sft, "sft", "--sft", problems
+        )
         raise_if_any(problems)
         if not sources and not args.demo:
             raise UserError("nothing to prepare: give --stream SOURCE=PATH, --sft SOURCE=PATH or --demo")
-        raise_if_any(unwritable([("caches", paths.data / "cache")]
-                                + ([("the demo corpus", paths.data / "raw" / "demo")] if args.demo else [])))
+        raise_if_any(
+            unwritable(
+                [("caches", paths.data / "cache")]
+                + ([("the demo corpus", paths.data / "raw" / "demo")] if args.demo else [])
+            )
+        )
         if args.demo:
             from trainer_accel.data.demo import write_demo_corpus
 
             streams, sfts = write_demo_corpus(paths.data / "raw" / "demo")
             given = {(s.kind, s.name) for s in sources}
-            sources = ([Source(n, "stream", (f,)) for n, f in streams.items() if ("stream", n) not in given]
-                       + [Source(n, "sft", (f,)) for n, f in sfts.items() if ("sft", n) not in given] + sources)
-        prepare(sources, args.tokenizer, Split(args.val_fraction, args.seed), paths, options, args.chat_template,
-                template_args(args.template_arg))
+            sources = (
+                [Source(n, "stream", (f,)) for n, f in streams.items() if ("stream", n) not in given]
+                + [Source(n, "sft", (f,)) for n, f in sfts.items() if ("sft", n) not in given]
+                + sources
+            )
+        prepare(
+            sources,
+            args.tokenizer,
+            Split(args.val_fraction, args.seed),
+            paths,
+            options,
+            args.chat_template,
+            template_args(args.template_arg),
+        )
     except UserError as e:
         return report(e)
     except KeyboardInterrupt:
-        print("\nstopped: interrupted (Ctrl-C); the caches are as they were (had it come while they were being "
-              "renamed into place, the next prepare finishes that)", file=sys.stderr)
+        print(
+            "\nstopped: interrupted (Ctrl-C); the caches are as they were (had it come while they were being "
+            "renamed into place, the next prepare finishes that)",
+            file=sys.stderr,
+        )
         return CTRL_C_EXIT
     return 0
 

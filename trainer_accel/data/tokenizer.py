@@ -94,8 +94,10 @@ def tokenizer_file(path: Path) -> Path:
     path = Path(path)
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
-            raise UserError(f"{path}: a directory without a tokenizer.json (a Hugging Face model directory holds one; "
-                            "a tokenizer.model alone is not read)")
+            raise UserError(
+                f"{path}: a directory without a tokenizer.json (a Hugging Face model directory holds one; "
+                "a tokenizer.model alone is not read)"
+            )
         return path / "tokenizer.json"
     if not path.is_file():
         raise UserError(f"{path}: tokenizer not found (expected a Hugging Face model directory or its tokenizer.json)")
@@ -115,7 +117,9 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer as _HF
         except ImportError:
-            raise UserError(f"{path}: reading a tokenizer.json needs the 'tokenizers' package (pip install tokenizers)") from None
+            raise UserError(
+                f"{path}: reading a tokenizer.json needs the 'tokenizers' package (pip install tokenizers)"
+            ) from None
         path = tokenizer_file(path)
         try:
             self._tok = _HF.from_file(str(path))
@@ -128,8 +132,10 @@ class HFTokenizer:
             self._tok.add_special_tokens(missing)
         self.added = tuple(missing)
         doc = self._doc_end() or DOC
-        self.special = {DOC: self._tok.token_to_id(doc), **{t: self._tok.token_to_id(t) for t in CHAT_TOKENS
-                                                             if self._tok.token_to_id(t) is not None}}
+        self.special = {
+            DOC: self._tok.token_to_id(doc),
+            **{t: self._tok.token_to_id(t) for t in CHAT_TOKENS if self._tok.token_to_id(t) is not None},
+        }
         self.doc_end_token = doc
         self.bos_ids = self._bos_ids()
         self._tok.encode_special_tokens = True  # text that spells a special token stays text
@@ -145,7 +151,7 @@ class HFTokenizer:
         as transformers' `tokenizer(text)` adds it."""
         plain = self._tok.encode("a", add_special_tokens=False).ids
         full = self._tok.encode("a", add_special_tokens=True).ids
-        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
         return tuple(full[:at])
 
     def encode(self, text: str) -> list[int]:

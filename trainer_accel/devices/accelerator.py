@@ -43,7 +43,9 @@ def pick_device(device: str | None) -> torch.device:
     try:
         picked = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device}: expected one of {', '.join(DEVICES)} (cuda:N for one GPU of several)") from None
+        raise UserError(
+            f"--device {device}: expected one of {', '.join(DEVICES)} (cuda:N for one GPU of several)"
+        ) from None
     check_device(picked.type)
     return picked
 
@@ -62,10 +64,16 @@ def make_accelerator(device: str | None, mixed_precision: str | None):
     cpu = device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not mps_available())
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp and (cpu or not torch.cuda.is_available()):
-        raise UserError("FSDP was asked for (launch/fsdp.yaml) without a CUDA GPU; Accelerate shards with FSDP on GPUs "
-                        "only: use launch/cpu_2proc.yaml for several CPU processes")
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin(mixed_precision) if fsdp else None,
-                      kwargs_handlers=[process_group_kwargs()])
+        raise UserError(
+            "FSDP was asked for (launch/fsdp.yaml) without a CUDA GPU; Accelerate shards with FSDP on GPUs "
+            "only: use launch/cpu_2proc.yaml for several CPU processes"
+        )
+    acc = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        fsdp_plugin=fsdp_plugin(mixed_precision) if fsdp else None,
+        kwargs_handlers=[process_group_kwargs()],
+    )
     if launched > 1 and acc.num_processes == 1:  # each process would train alone and write the same files
         raise UserError(
             f"the launcher started {launched} processes but they are not connected (several processes train together "
@@ -112,12 +120,16 @@ def fsdp_plugin(mixed_precision: str | None):
 
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        raise UserError(f"FSDP version {plugin.fsdp_version} was asked for; this trainer runs FSDP2 "
-                        "(fsdp_version: 2, as in launch/fsdp.yaml)")
+        raise UserError(
+            f"FSDP version {plugin.fsdp_version} was asked for; this trainer runs FSDP2 "
+            "(fsdp_version: 2, as in launch/fsdp.yaml)"
+        )
     if plugin.activation_checkpointing:  # its wrapper renames every parameter and redraws dropout masks
-        raise UserError("fsdp_activation_checkpointing: true in the launch file; set train_cfg.activation_checkpointing "
-                        "instead (Accelerate's wrapper renames the parameters a checkpoint is saved under and does not "
-                        "keep the dropout masks)")
+        raise UserError(
+            "fsdp_activation_checkpointing: true in the launch file; set train_cfg.activation_checkpointing "
+            "instead (Accelerate's wrapper renames the parameters a checkpoint is saved under and does not "
+            "keep the dropout masks)"
+        )
     precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     half = HALF_PRECISION.get(precision)
     if half is not None:
@@ -132,16 +144,26 @@ def announce_compute(acc, device_flag: str | None = None) -> None:
     how = ""
     if acc.num_processes > 1 and acc.device.type == "cpu":
         how = " connected over gloo" + ("" if device_flag == "cpu" else " (no CUDA or MPS here)")
-    log.info("compute: %d process(es) on %s%s, precision %s, %d CPU threads per process", acc.num_processes, acc.device,
-             how, acc.mixed_precision, torch.get_num_threads())
+    log.info(
+        "compute: %d process(es) on %s%s, precision %s, %d CPU threads per process",
+        acc.num_processes,
+        acc.device,
+        how,
+        acc.mixed_precision,
+        torch.get_num_threads(),
+    )
     if acc.distributed_type == DistributedType.FSDP:
         policy = acc.state.fsdp_plugin.mixed_precision_policy
 
         def name(dtype) -> str:
             return str(dtype or torch.float32).removeprefix("torch.")
 
-        log.info("FSDP2: parameters gathered and computed in %s, gradients reduced in %s; weights, optimizer state "
-                 "and the loss float32", name(policy and policy.param_dtype), name(policy and policy.reduce_dtype))
+        log.info(
+            "FSDP2: parameters gathered and computed in %s, gradients reduced in %s; weights, optimizer state "
+            "and the loss float32",
+            name(policy and policy.param_dtype),
+            name(policy and policy.reduce_dtype),
+        )
     if acc.is_main_process:
         for warning in compute_warnings(acc.device, acc.mixed_precision, acc.num_processes):
             log.warning("%s", warning)

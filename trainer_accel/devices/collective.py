@@ -10,7 +10,8 @@ different truths a millisecond apart.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from accelerate.utils import broadcast_object_list
 

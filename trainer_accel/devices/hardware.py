@@ -61,7 +61,9 @@ def cpu_has_native_bf16() -> bool:
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     if platform.system() == "Darwin":
         try:
-            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5)
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
+            )
             return out.stdout.strip() == "1"
         except (OSError, subprocess.SubprocessError):
             return False
@@ -79,14 +81,20 @@ def compute_warnings(device: torch.device, mixed_precision: str, processes: int)
         return out
     threads, cores, local = torch.get_num_threads(), usable_cores(), local_processes()
     if processes == 1 and threads == 1 and cores > 1:
-        out.append(f"this process trains on 1 CPU thread of {cores} cores (accelerate launch sets OMP_NUM_THREADS=1 "
-                   f"unless told --cpu); launch with --config_file launch/cpu.yaml, or set OMP_NUM_THREADS={cores}")
+        out.append(
+            f"this process trains on 1 CPU thread of {cores} cores (accelerate launch sets OMP_NUM_THREADS=1 "
+            f"unless told --cpu); launch with --config_file launch/cpu.yaml, or set OMP_NUM_THREADS={cores}"
+        )
     elif threads * local < cores // 2:
-        out.append(f"{local} process(es) x {threads} thread(s) use {threads * local} of {cores} CPU cores; "
-                   f"set OMP_NUM_THREADS={max(1, cores // local)}")
+        out.append(
+            f"{local} process(es) x {threads} thread(s) use {threads * local} of {cores} CPU cores; "
+            f"set OMP_NUM_THREADS={max(1, cores // local)}"
+        )
     if mixed_precision == "bf16" and not cpu_has_native_bf16():
-        out.append("bf16 was asked for on a CPU without bf16 instructions: autocast emulates it, about 18x slower "
-                   "than fp32; set train_cfg.mixed_precision to \"no\" (launch/cpu.yaml does)")
+        out.append(
+            "bf16 was asked for on a CPU without bf16 instructions: autocast emulates it, about 18x slower "
+            'than fp32; set train_cfg.mixed_precision to "no" (launch/cpu.yaml does)'
+        )
     return out
 
 
@@ -100,8 +108,13 @@ def gpu_peak_flops(device: torch.device, mixed_precision: str, tf32: bool) -> tu
     if not matches:
         return None, f"no datasheet peak known for {name!r}"
     key, half, tf32_peak, fp32_peak = max(matches, key=lambda row: len(row[0]))
-    peak, kind = ((half, "bf16/fp16") if mixed_precision in ("bf16", "fp16") else
-                  (tf32_peak, "tf32") if tf32 else (fp32_peak, "fp32"))
+    peak, kind = (
+        (half, "bf16/fp16")
+        if mixed_precision in ("bf16", "fp16")
+        else (tf32_peak, "tf32")
+        if tf32
+        else (fp32_peak, "fp32")
+    )
     return peak * 1e12, f"datasheet {key} {kind} dense"
 
 
@@ -110,11 +123,15 @@ def _words(name: str) -> list[str]:
 
 
 def _has_words(words: list[str], key: list[str]) -> bool:
-    return any(words[i:i + len(key)] == key for i in range(len(words) - len(key) + 1))
+    return any(words[i : i + len(key)] == key for i in range(len(words) - len(key) + 1))
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0,
-                          sizes: tuple[int, ...] = (512, 1024, 2048)) -> float:
+def measured_matmul_flops(
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    seconds: float = 1.0,
+    sizes: tuple[int, ...] = (512, 1024, 2048),
+) -> float:
     """Best FLOP/s of square matmuls on this device (the CPU's practical peak, with its current threads)."""
     best = 0.0
     for n in sizes:

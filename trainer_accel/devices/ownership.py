@@ -18,8 +18,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from trainer_accel.devices.collective import main_process_decides
 from trainer_accel.errors import UserError
@@ -48,9 +48,11 @@ def read_owner(path: Path) -> dict | None:
 
 def busy(paths: Paths, phase: str) -> str:
     owner = read_owner(lock_path(paths, phase))
-    return (f"{paths.phase_dir(phase)}: another run is training this phase here "
-            f"({describe(owner) if owner else 'owner unknown'}); wait for it, stop it, or give this run its own "
-            "TRAINER_ARTIFACTS_DIR")
+    return (
+        f"{paths.phase_dir(phase)}: another run is training this phase here "
+        f"({describe(owner) if owner else 'owner unknown'}); wait for it, stop it, or give this run its own "
+        "TRAINER_ARTIFACTS_DIR"
+    )
 
 
 def in_use(paths: Paths, phase: str) -> str | None:
@@ -83,12 +85,25 @@ def take(paths: Paths, phase: str):
     left = read_owner(path)
     if left is not None:  # the lock was free: its owner has ended (a clean end leaves no record)
         elsewhere = left.get("host") != socket.gethostname()
-        log.warning("%s: taking over the lock left by %s, %s", path, describe(left),
-                    "on another host: make sure it has stopped" if elsewhere else "which is no longer running")
+        log.warning(
+            "%s: taking over the lock left by %s, %s",
+            path,
+            describe(left),
+            "on another host: make sure it has stopped" if elsewhere else "which is no longer running",
+        )
     handle.seek(0)
     handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                             "command": " ".join(sys.argv), "phase": phase}))
+    handle.write(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.time(),
+                "command": " ".join(sys.argv),
+                "phase": phase,
+            }
+        )
+    )
     handle.flush()
     return handle
 

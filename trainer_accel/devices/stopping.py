@@ -3,7 +3,8 @@
 The first signal asks the loop to finish its current optimizer step, write a checkpoint and exit with
 INTERRUPTED_EXIT; a second one exits at once. A signal within SAME_STOP_S of the first is the same request, not a
 second one: a queue or a terminal signals the whole process group, and `accelerate launch` (from 1.16) passes
-the signal it got on to the trainer as well, so one stop arrives as two signals a moment apart. Handlers are installed only while a phase trains, and only in
+the signal it got on to the trainer as well, so one stop arrives as two signals a moment apart. Handlers are installed
+only while a phase trains, and only in
 the main thread (where Python delivers signals).
 
 A launcher's death is a stop request too. `accelerate launch` with one process does not pass on a SIGTERM or
@@ -67,19 +68,22 @@ class StopRequest:
             log.info("%s received; already stopping", signal.Signals(signum).name)  # group sends both at once
             return
         self.signum = signum
-        log.warning("%s received: finishing this step and writing a checkpoint (send again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: finishing this step and writing a checkpoint (send again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         if started_by_a_launcher():
-            threading.Thread(target=self._watch_launcher, args=(os.getppid(),), name="launcher-watch",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._watch_launcher, args=(os.getppid(),), name="launcher-watch", daemon=True
+            ).start()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -69,14 +69,20 @@ def overwrite_problems(out: Path) -> list[str]:
     if out.is_file():
         earlier = read_export_record(out)
         if earlier is None:
-            problems.append(f"--out {out}: an existing file that is not an earlier export (no {record.name} "
-                            "record of it beside it); nothing was written: choose another path, or move it away")
+            problems.append(
+                f"--out {out}: an existing file that is not an earlier export (no {record.name} "
+                "record of it beside it); nothing was written: choose another path, or move it away"
+            )
         elif earlier.get("best_pt_sha256") and sha256_file(out) != earlier["best_pt_sha256"]:
-            problems.append(f"--out {out}: changed since it was exported (its sha256 is not the one {record.name} "
-                            "records); nothing was written: choose another path, or move it away")
+            problems.append(
+                f"--out {out}: changed since it was exported (its sha256 is not the one {record.name} "
+                "records); nothing was written: choose another path, or move it away"
+            )
     elif record.exists() and not _is_export_record(record):
-        problems.append(f"--out {out}: {record} exists and is not an export record of this trainer (the record of "
-                        "--out is written there); nothing was written: choose another path")
+        problems.append(
+            f"--out {out}: {record} exists and is not an export record of this trainer (the record of "
+            "--out is written there); nothing was written: choose another path"
+        )
     return problems
 
 
@@ -92,13 +98,34 @@ def export_with_record(source: Path, out: Path, paths: Paths, approved: str | No
     """Write best.pt from a checkpoint directory and its record beside it; returns the record."""
     loaded = export_best_pt(source, out, approved)
     meta = loaded.meta
-    record = {"format": "trainer_accel.export", "best_pt": str(out.resolve()), "best_pt_sha256": sha256_file(out),
-              "best_pt_size": out.stat().st_size,
-              "exported_at": now_iso(), "source": str(loaded.origin or Path(source).resolve())}
+    record = {
+        "format": "trainer_accel.export",
+        "best_pt": str(out.resolve()),
+        "best_pt_sha256": sha256_file(out),
+        "best_pt_size": out.stat().st_size,
+        "exported_at": now_iso(),
+        "source": str(loaded.origin or Path(source).resolve()),
+    }
     if Path(source).is_dir():
-        record.update({k: meta.get(k) for k in ("phase", "run_id", "step", "best_val_loss", "data_fingerprint",
-                                                "config_fingerprint", "parent", "caches", "global_batch", "tokenizer",
-                                                "tokenizer_path", "chat")})
+        record.update(
+            {
+                k: meta.get(k)
+                for k in (
+                    "phase",
+                    "run_id",
+                    "step",
+                    "best_val_loss",
+                    "data_fingerprint",
+                    "config_fingerprint",
+                    "parent",
+                    "caches",
+                    "global_batch",
+                    "tokenizer",
+                    "tokenizer_path",
+                    "chat",
+                )
+            }
+        )
         record.update({"added_tokens": meta["added_tokens"]} if "added_tokens" in meta else {})
         record.update(model_sha256=model_sha256(meta), verdict=verdict_of(paths, meta))
     else:  # re-exporting a .pt keeps what its own record knew
@@ -106,8 +133,12 @@ def export_with_record(source: Path, out: Path, paths: Paths, approved: str | No
         if earlier is None:  # a record would vouch for a file nothing verified; out stays as unverified as it came
             if _is_export_record(record_path(out)):  # an earlier export's, which would now describe another file
                 record_path(out).unlink()
-            log.warning("%s came without a record (%s), so %s gets none: nothing can vouch for where it came from",
-                        source, record_path(Path(source)).name, out)
+            log.warning(
+                "%s came without a record (%s), so %s gets none: nothing can vouch for where it came from",
+                source,
+                record_path(Path(source)).name,
+                out,
+            )
             return record
         record.update({k: v for k, v in earlier.items() if k not in record})
     write_atomic(record_path(out), (json.dumps(record, indent=2) + "\n").encode())

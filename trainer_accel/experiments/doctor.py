@@ -43,8 +43,13 @@ class Check:
 
 def check_versions() -> list[Check]:
     py = sys.version_info
-    out = [Check("ok" if py >= (3, 10) else "fail", "python", f"{py.major}.{py.minor}.{py.micro}"
-                 + ("" if py >= (3, 10) else " (3.10 or newer is needed)"))]
+    out = [
+        Check(
+            "ok" if py >= (3, 10) else "fail",
+            "python",
+            f"{py.major}.{py.minor}.{py.micro}" + ("" if py >= (3, 10) else " (3.10 or newer is needed)"),
+        )
+    ]
     for name in PACKAGES:
         try:
             out.append(Check("ok", name, importlib.metadata.version(name)))
@@ -61,8 +66,14 @@ def check_devices() -> list[Check]:
         names = ", ".join(f"{i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
         out.append(Check("ok", "cuda", f"{torch.cuda.device_count()} device(s) ({names}), CUDA {torch.version.cuda}"))
     else:
-        out.append(Check("ok", "cuda", f"not available (torch {torch.__version__} "
-                         f"{'has no CUDA build' if torch.version.cuda is None else 'sees no GPU'}); training runs on CPU or MPS"))
+        out.append(
+            Check(
+                "ok",
+                "cuda",
+                f"not available (torch {torch.__version__} "
+                f"{'has no CUDA build' if torch.version.cuda is None else 'sees no GPU'}); training runs on CPU or MPS",
+            )
+        )
     mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     out.append(Check("ok", "mps", "available" if mps else "not available"))
     return out
@@ -78,15 +89,22 @@ def check_accelerate_config(launch: Path | None) -> Check:
     if not path.exists():
         if launch is not None:
             return Check("fail", "accelerate", f"{path}: launch file not found (see launch/*.yaml)")
-        return Check("ok", "accelerate", f"no default config ({path}); accelerate launch uses its defaults, "
-                     "or pass --config_file launch/<machine>.yaml")
+        return Check(
+            "ok",
+            "accelerate",
+            f"no default config ({path}); accelerate launch uses its defaults, "
+            "or pass --config_file launch/<machine>.yaml",
+        )
     try:
         cfg = load_config_from_file(str(path))
     except Exception as e:  # noqa: BLE001 - any parse error is the user's file to fix
-        return Check("fail", "accelerate", f"{path}: unreadable ({type(e).__name__}: {e}); fix it or run accelerate config")
+        return Check(
+            "fail", "accelerate", f"{path}: unreadable ({type(e).__name__}: {e}); fix it or run accelerate config"
+        )
     kind = getattr(cfg.distributed_type, "value", cfg.distributed_type)
-    return Check("ok", "accelerate", f"{path}: {kind}, {cfg.num_processes} process(es), "
-                 f"mixed precision {cfg.mixed_precision}")
+    return Check(
+        "ok", "accelerate", f"{path}: {kind}, {cfg.num_processes} process(es), mixed precision {cfg.mixed_precision}"
+    )
 
 
 def _phase_configs(config: Path | None) -> list[PhaseConfig]:
@@ -108,18 +126,31 @@ def check_caches(paths: Paths, configs: list[PhaseConfig], quick: bool) -> list[
     for path, kind in present:
         try:
             meta = open_cache(path, kind, verify_hash=not quick).meta
-            out.append(Check("ok", "cache", f"{path}: {meta['num_tokens']:,} tokens, {meta['dtype']}"
-                             + ("" if quick else ", sha256 matches")))
+            out.append(
+                Check(
+                    "ok",
+                    "cache",
+                    f"{path}: {meta['num_tokens']:,} tokens, {meta['dtype']}" + ("" if quick else ", sha256 matches"),
+                )
+            )
         except UserError as e:
             out.append(Check("fail", "cache", f"{e.problems[0]} (prepare it again: python -m trainer_accel.prepare)"))
     for cfg in configs:
         train, val = phase_cache_paths(cfg, paths)
         for r in train + val:
             if not r.path.is_file():
-                out.append(Check("fail", "cache", f"{r.path}: missing, needed by {cfg.path} (python -m trainer_accel.prepare)"))
+                out.append(
+                    Check("fail", "cache", f"{r.path}: missing, needed by {cfg.path} (python -m trainer_accel.prepare)")
+                )
     if not present and not configs:
-        out.append(Check("warn", "cache", f"no caches under {paths.data / 'cache'} (python -m trainer_accel.prepare --demo "
-                         "for the demo, or your own files)"))
+        out.append(
+            Check(
+                "warn",
+                "cache",
+                f"no caches under {paths.data / 'cache'} (python -m trainer_accel.prepare --demo "
+                "for the demo, or your own files)",
+            )
+        )
     return out
 
 
@@ -134,16 +165,24 @@ def check_disk(paths: Paths, configs: list[PhaseConfig]) -> Check:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if not configs:
-        return Check("ok", "disk", f"{_size(free)} free under {paths.checkpoints} (pass --config to compare "
-                     "with the checkpoints it will keep)")
+        return Check(
+            "ok",
+            "disk",
+            f"{_size(free)} free under {paths.checkpoints} (pass --config to compare "
+            "with the checkpoints it will keep)",
+        )
     need = 0
     for cfg in configs:
         with torch.device("meta"):
             size = checkpoint_bytes(GPT(cfg.model))
         need += size * (cfg.train.keep_last_n + 2)  # kept step dirs, best/, one being written
     status = "ok" if free >= need else "fail"
-    return Check(status, "disk", f"{_size(free)} free under {paths.checkpoints}, checkpoints need up to {_size(need)}"
-                 + ("" if status == "ok" else "; free space or lower keep_last_n"))
+    return Check(
+        status,
+        "disk",
+        f"{_size(free)} free under {paths.checkpoints}, checkpoints need up to {_size(need)}"
+        + ("" if status == "ok" else "; free space or lower keep_last_n"),
+    )
 
 
 def _size(n: float) -> str:
@@ -157,33 +196,64 @@ def check_wandb() -> Check:
     mode = os.environ.get("WANDB_MODE") or ("online" if creds else "offline")
     origin = "WANDB_MODE" if os.environ.get("WANDB_MODE") else "default"
     if mode == "online" and not creds:
-        return Check("warn", "wandb", "WANDB_MODE=online but no credentials (WANDB_API_KEY or ~/.netrc): runs will "
-                     "fail to log in; run wandb login or set WANDB_MODE=offline")
-    return Check("ok", "wandb", f"mode {mode} ({origin}), credentials {'found' if creds else 'none'}"
-                 + ("; offline runs upload later with: wandb sync metrics/wandb/offline-run-*" if mode == "offline" else ""))
+        return Check(
+            "warn",
+            "wandb",
+            "WANDB_MODE=online but no credentials (WANDB_API_KEY or ~/.netrc): runs will "
+            "fail to log in; run wandb login or set WANDB_MODE=offline",
+        )
+    return Check(
+        "ok",
+        "wandb",
+        f"mode {mode} ({origin}), credentials {'found' if creds else 'none'}"
+        + ("; offline runs upload later with: wandb sync metrics/wandb/offline-run-*" if mode == "offline" else ""),
+    )
 
 
 def check_writable(paths: Paths) -> list[Check]:
     out = []
-    for name, directory in (("checkpoints", paths.checkpoints), ("metrics", paths.metrics), ("samples", paths.samples),
-                            ("runs", paths.runs)):
+    for name, directory in (
+        ("checkpoints", paths.checkpoints),
+        ("metrics", paths.metrics),
+        ("samples", paths.samples),
+        ("runs", paths.runs),
+    ):
         probe = directory
         while not probe.exists():
             probe = probe.parent
         try:
             with tempfile.NamedTemporaryFile(dir=probe, prefix=".doctor-"):
                 pass
-            out.append(Check("ok", "writable", f"{directory}" + ("" if probe == directory else f" (not there yet; {probe} is writable)")))
+            out.append(
+                Check(
+                    "ok",
+                    "writable",
+                    f"{directory}" + ("" if probe == directory else f" (not there yet; {probe} is writable)"),
+                )
+            )
         except OSError as e:
-            out.append(Check("fail", "writable", f"{directory}: cannot write in {probe} ({e.strerror}); fix its "
-                             f"permissions or point TRAINER_ARTIFACTS_DIR elsewhere"))
+            out.append(
+                Check(
+                    "fail",
+                    "writable",
+                    f"{directory}: cannot write in {probe} ({e.strerror}); fix its "
+                    f"permissions or point TRAINER_ARTIFACTS_DIR elsewhere",
+                )
+            )
     return out
 
 
 def run_checks(paths: Paths, config: Path | None, launch: Path | None, quick: bool) -> list[Check]:
     configs = _phase_configs(config)
-    return [*check_versions(), *check_devices(), check_accelerate_config(launch), *check_caches(paths, configs, quick),
-            check_disk(paths, configs), check_wandb(), *check_writable(paths)]
+    return [
+        *check_versions(),
+        *check_devices(),
+        check_accelerate_config(launch),
+        *check_caches(paths, configs, quick),
+        check_disk(paths, configs),
+        check_wandb(),
+        *check_writable(paths),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,8 +72,12 @@ def compare_set(name: str, base: list[tuple[float, int]], cand: list[tuple[float
     the per-batch paired differences (both models see the same batches, so the same tokens are counted)."""
     kind = "sft" if name.startswith("sft/") else "stream"
     counted = sum(n for _, n in base)
-    entry: dict[str, Any] = {"name": name, "kind": kind, "batches_measured": sum(1 for _, n in base if n),
-                             "tokens": counted}
+    entry: dict[str, Any] = {
+        "name": name,
+        "kind": kind,
+        "batches_measured": sum(1 for _, n in base if n),
+        "tokens": counted,
+    }
     if not counted:
         return {**entry, "measured": False, "why": f"its {len(base)} eval batches hold no counted tokens"}
     b, c = sum(s for s, _ in base) / counted, sum(s for s, _ in cand) / counted
@@ -91,8 +95,13 @@ def _model(loaded: LoadedCheckpoint, device: torch.device) -> GPT:
 
 
 def _identity(loaded: LoadedCheckpoint) -> dict[str, Any]:
-    return {"checkpoint": str(Path(loaded.source).resolve()), "run_id": loaded.meta.get("run_id"),
-            "phase": loaded.meta.get("phase"), "step": loaded.step, "model_sha256": model_sha256(loaded.meta)}
+    return {
+        "checkpoint": str(Path(loaded.source).resolve()),
+        "run_id": loaded.meta.get("run_id"),
+        "phase": loaded.meta.get("phase"),
+        "step": loaded.step,
+        "model_sha256": model_sha256(loaded.meta),
+    }
 
 
 def needed_improvement(s: dict[str, Any], min_improvement: float) -> float:
@@ -103,8 +112,11 @@ def needed_improvement(s: dict[str, Any], min_improvement: float) -> float:
 
 def verdict(sets: list[dict], tolerance: float, min_improvement: float = 0.0) -> tuple[str, list[str]]:
     """A set that could not be measured fails the gate: a source never measured is never certified."""
-    reasons = [f"{s['name']}: not measured ({s['why']}), so nothing shows what SFT did to it"
-               for s in sets if not s.get("measured", True)]
+    reasons = [
+        f"{s['name']}: not measured ({s['why']}), so nothing shows what SFT did to it"
+        for s in sets
+        if not s.get("measured", True)
+    ]
     measured = [s for s in sets if s.get("measured", True)]
     sft = [s for s in measured if s["kind"] == "sft"]
     if not sft:
@@ -112,31 +124,56 @@ def verdict(sets: list[dict], tolerance: float, min_improvement: float = 0.0) ->
     for s in sft:
         need = needed_improvement(s, min_improvement)
         if not s["delta"] < -need:
-            reasons.append(f"{s['name']}: SFT val loss did not improve by more than {need:.4g} "
-                           f"({s['baseline']:.4f} -> {s['candidate']:.4f}, delta {s['delta']:+.4g})")
+            reasons.append(
+                f"{s['name']}: SFT val loss did not improve by more than {need:.4g} "
+                f"({s['baseline']:.4f} -> {s['candidate']:.4f}, delta {s['delta']:+.4g})"
+            )
     for s in measured:
         if s["kind"] == "stream" and not s["delta"] <= tolerance:
-            reasons.append(f"{s['name']}: pretrain val loss rose by {s['delta']:+.4f}, more than the tolerance {tolerance:g}")
+            reasons.append(
+                f"{s['name']}: pretrain val loss rose by {s['delta']:+.4f}, more than the tolerance {tolerance:g}"
+            )
     return ("pass" if not reasons else "fail"), reasons
 
 
-def eval_summary(candidate: LoadedCheckpoint, baseline: LoadedCheckpoint, paths: Paths, tolerance: float,
-                 batches: int, B: int, device: torch.device, min_improvement: float = 0.0) -> dict[str, Any]:
+def eval_summary(
+    candidate: LoadedCheckpoint,
+    baseline: LoadedCheckpoint,
+    paths: Paths,
+    tolerance: float,
+    batches: int,
+    B: int,
+    device: torch.device,
+    min_improvement: float = 0.0,
+) -> dict[str, Any]:
     """Both checkpoints on the same batches of every validation set; the deltas and the verdict."""
     mc, mb = candidate.meta["model_cfg"], baseline.meta["model_cfg"]
     T = min(mc["T"], mb["T"])
     sets = []
     cand_model, base_model = _model(candidate, device), _model(baseline, device)
     for name, strategy in val_sets(paths, min(mc["V"], mb["V"]), T, B):
-        s = compare_set(name, batch_losses(base_model, strategy, batches, device),
-                        batch_losses(cand_model, strategy, batches, device))
+        s = compare_set(
+            name,
+            batch_losses(base_model, strategy, batches, device),
+            batch_losses(cand_model, strategy, batches, device),
+        )
         if s["measured"] and s["kind"] == "sft":
             s["needed"] = needed_improvement(s, min_improvement)
         sets.append(s)
     result, reasons = verdict(sets, tolerance, min_improvement)
-    return {"candidate": _identity(candidate), "baseline": _identity(baseline), "sets": sets, "tolerance": tolerance,
-            "min_improvement": min_improvement, "batches": batches, "B": B, "T": T, "verdict": result,
-            "reasons": reasons, "evaluated_at": now_iso()}
+    return {
+        "candidate": _identity(candidate),
+        "baseline": _identity(baseline),
+        "sets": sets,
+        "tolerance": tolerance,
+        "min_improvement": min_improvement,
+        "batches": batches,
+        "B": B,
+        "T": T,
+        "verdict": result,
+        "reasons": reasons,
+        "evaluated_at": now_iso(),
+    }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -160,7 +197,9 @@ def record_summary(paths: Paths, summary: dict[str, Any]) -> Path | None:
         return None
     path = paths.manifest(run_id)
     manifest = read_manifest(path) or {"run_id": run_id, "phase": summary["candidate"]["phase"], "status": "unknown"}
-    write_manifest(path, {**manifest, "eval_summary": summary, "evaluations": [*manifest.get("evaluations", []), summary]})
+    write_manifest(
+        path, {**manifest, "eval_summary": summary, "evaluations": [*manifest.get("evaluations", []), summary]}
+    )
     return path
 
 
@@ -179,7 +218,9 @@ def require_deployable(paths: Paths, checkpoint: Path) -> dict[str, Any]:
     if Path(checkpoint).is_file():
         record = read_export_record(Path(checkpoint))
         if record is None:
-            raise UserError(f"{checkpoint}: no export record beside it to find its evaluation; pass its checkpoint directory")
+            raise UserError(
+                f"{checkpoint}: no export record beside it to find its evaluation; pass its checkpoint directory"
+            )
         run_id, weights = record.get("run_id"), record.get("model_sha256")
     else:
         try:
@@ -189,16 +230,24 @@ def require_deployable(paths: Paths, checkpoint: Path) -> dict[str, Any]:
         run_id, weights = meta.get("run_id"), model_sha256(meta)
     summary = find_verdict(paths, run_id, weights)
     if summary is None:
-        raise UserError(f"{checkpoint}: not deployable: never evaluated (run: python -m trainer_accel.runs evaluate "
-                        f"{checkpoint} --baseline BASELINE_CHECKPOINT)")
+        raise UserError(
+            f"{checkpoint}: not deployable: never evaluated (run: python -m trainer_accel.runs evaluate "
+            f"{checkpoint} --baseline BASELINE_CHECKPOINT)"
+        )
     if summary["verdict"] != "pass":
-        deltas = ", ".join(f"{s['name']} {s['delta']:+.4f}" if s.get("measured", True) else f"{s['name']} not measured"
-                           for s in summary["sets"])
-        raise UserError(f"{checkpoint}: not deployable: verdict {summary['verdict']} ({'; '.join(summary['reasons'])}); "
-                        f"deltas candidate - baseline: {deltas}")
+        deltas = ", ".join(
+            f"{s['name']} {s['delta']:+.4f}" if s.get("measured", True) else f"{s['name']} not measured"
+            for s in summary["sets"]
+        )
+        raise UserError(
+            f"{checkpoint}: not deployable: verdict {summary['verdict']} ({'; '.join(summary['reasons'])}); "
+            f"deltas candidate - baseline: {deltas}"
+        )
     if not_its_parent(summary):
-        raise UserError(f"{checkpoint}: not deployable: its pass was against another model ({not_its_parent(summary)}); "
-                        "evaluate it against the checkpoint it started from")
+        raise UserError(
+            f"{checkpoint}: not deployable: its pass was against another model ({not_its_parent(summary)}); "
+            "evaluate it against the checkpoint it started from"
+        )
     return summary
 
 
@@ -208,26 +257,37 @@ def baseline_is_parent(candidate: LoadedCheckpoint, baseline: LoadedCheckpoint) 
     return None if not started_from else model_sha256(baseline.meta) == started_from
 
 
-def evaluate_checkpoints(paths: Paths, candidate: Path, baseline: Path, tolerance: float | None,
-                         device: torch.device, min_improvement: float | None = None) -> dict[str, Any]:
+def evaluate_checkpoints(
+    paths: Paths,
+    candidate: Path,
+    baseline: Path,
+    tolerance: float | None,
+    device: torch.device,
+    min_improvement: float | None = None,
+) -> dict[str, Any]:
     """`runs evaluate` and the end of an SFT phase: load both, compare, record in the candidate's manifest.
 
     The gate measures what SFT cost the model it started from, so only that model is a baseline that can make
     the candidate deployable; another one is compared (and said to be another), models of other shapes are not."""
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
-        raise UserError(f"--tolerance: expected a number >= 0 (how far a pretrain val loss may rise, nats/token), "
-                        f"got {tolerance:g}")
+        raise UserError(
+            f"--tolerance: expected a number >= 0 (how far a pretrain val loss may rise, nats/token), got {tolerance:g}"
+        )
     cand = load_start(candidate, None, with_optimizer=False)
     base = load_start(baseline, ModelConfig(**cand.meta["model_cfg"]), with_optimizer=False)  # grown as SFT's start was
     diff = shape_diff(base.meta["model_cfg"], cand.meta["model_cfg"], MODEL_SHAPE_KEYS)
     if diff:
-        raise UserError(f"{baseline}: cannot be compared with {candidate}: the models differ ({diff}; baseline vs "
-                        "candidate); the baseline is the checkpoint the candidate started from")
+        raise UserError(
+            f"{baseline}: cannot be compared with {candidate}: the models differ ({diff}; baseline vs "
+            "candidate); the baseline is the checkpoint the candidate started from"
+        )
     t = cand.meta.get("train_cfg") or {}
     tol = tolerance if tolerance is not None else t.get("forgetting_tolerance", 0.1)
     if min_improvement is not None and not (math.isfinite(min_improvement) and min_improvement >= 0):
-        raise UserError(f"--min-improvement: expected a number >= 0 (how far an SFT val loss must fall, nats/token), "
-                        f"got {min_improvement:g}")
+        raise UserError(
+            f"--min-improvement: expected a number >= 0 (how far an SFT val loss must fall, nats/token), "
+            f"got {min_improvement:g}"
+        )
     floor = min_improvement if min_improvement is not None else t.get("min_improvement", 0.001)
     summary = eval_summary(cand, base, paths, tol, int(t.get("eval_batches", 8)), int(t.get("B", 8)), device, floor)
     summary["baseline_is_parent"] = baseline_is_parent(cand, base)
@@ -241,5 +301,6 @@ def not_its_parent(summary: dict[str, Any]) -> str | None:
     if known is True:
         return None
     if known is None:
-        return f"{summary['candidate']['checkpoint']} records no checkpoint it started from, so no baseline is known to be its parent"
+        checkpoint = summary["candidate"]["checkpoint"]
+        return f"{checkpoint} records no checkpoint it started from, so no baseline is known to be its parent"
     return f"the baseline {summary['baseline']['checkpoint']} is not the checkpoint the candidate started from"

@@ -49,13 +49,25 @@ def flops_per_token(cfg: PhaseConfig) -> float:
 def architecture(m) -> str:
     """The model's options in a few words: 'learned positions, layernorm, gelu MLP, 6 heads' or 'rope (theta
     10000), rmsnorm, gated silu MLP, 6 query / 2 key-value heads of 64'."""
-    pos = f"rope (theta {m.rope_theta:g}{', llama3 scaling' if m.rope_scaling else ''})" if m.position == "rope" \
+    pos = (
+        f"rope (theta {m.rope_theta:g}{', llama3 scaling' if m.rope_scaling else ''})"
+        if m.position == "rope"
         else "learned positions"
+    )
     heads = f"{m.H} heads" if m.kv_heads == m.H else f"{m.H} query / {m.kv_heads} key-value heads"
-    extras = [x for x, on in (("q/k/v biases", m.qkv_bias), ("q/k norm", m.qk_norm), ("biases", m.bias),
-                              ("untied head", not m.tie_embeddings)) if on]
-    return ", ".join([pos, m.norm, f"{'gated ' if m.mlp == 'gated' else ''}{m.activation} MLP", f"{heads} of {m.hd}",
-                      *extras])
+    extras = [
+        x
+        for x, on in (
+            ("q/k/v biases", m.qkv_bias),
+            ("q/k norm", m.qk_norm),
+            ("biases", m.bias),
+            ("untied head", not m.tie_embeddings),
+        )
+        if on
+    ]
+    return ", ".join(
+        [pos, m.norm, f"{'gated ' if m.mlp == 'gated' else ''}{m.activation} MLP", f"{heads} of {m.hd}", *extras]
+    )
 
 
 MANY_PASSES = 100  # over a training cache: past this the run mostly memorises
@@ -109,7 +121,8 @@ class PhasePlan:
         """A rough upper estimate of one process's peak memory: fp32 weights, gradients and AdamW state (16 bytes a
         parameter); the activations a micro-batch keeps for its backward (after Korthikanti et al. 2022, with flash
         attention: (18 C + 4 d_ff) bytes per token and layer in 16-bit); the logits and their gradient (in the
-        compute precision when compiled, with fp32 copies when not; one loss chunk of them for a large vocabulary). For GPT-2 small at B=64, bf16 + compile it says
+        compute precision when compiled, with fp32 copies when not; one loss chunk of them for a large vocabulary).
+        For GPT-2 small at B=64, bf16 + compile it says
         33.3 GiB where the bench measured 28.5 GiB on an H200."""
         m, t = self.cfg.model, self.cfg.train
         half = precision in ("bf16", "fp16")
@@ -118,10 +131,12 @@ class PhasePlan:
         per_layer = tokens * (18 * m.C + (6 if m.mlp == "gated" else 4) * m.d_ff) * (1 if half else 2)
         k = t.activation_checkpointing  # recomputed blocks keep their input alone, and one is recomputed at a time
         redone = len(range(0, m.L, k)) if k else 0
-        out = {"weights, gradients, AdamW state": 16.0 * self.parameters,
-               "activations": (m.L - redone) * per_layer + (redone * tokens * m.C * (2 if half else 4)
-                                                             + (per_layer if redone else 0)),
-               "logits": min(tokens, chunk) * m.V * (4 if half and t.compile and tokens <= chunk else 12)}
+        out = {
+            "weights, gradients, AdamW state": 16.0 * self.parameters,
+            "activations": (m.L - redone) * per_layer
+            + (redone * tokens * m.C * (2 if half else 4) + (per_layer if redone else 0)),
+            "logits": min(tokens, chunk) * m.V * (4 if half and t.compile and tokens <= chunk else 12),
+        }
         return {**out, "total": sum(out.values())}
 
     def passes(self) -> dict[str, float]:
@@ -140,16 +155,28 @@ class PhasePlan:
         return out
 
     def warnings(self) -> list[str]:
-        return [f"{source}: {n:,.0f} passes over its training cache; the model will have memorised it long before "
-                f"the end (add data, or lower train_cfg.total_steps)" for source, n in self.passes().items()
-                if n > MANY_PASSES]
+        return [
+            f"{source}: {n:,.0f} passes over its training cache; the model will have memorised it long before "
+            f"the end (add data, or lower train_cfg.total_steps)"
+            for source, n in self.passes().items()
+            if n > MANY_PASSES
+        ]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"phase": self.cfg.phase, "parameters": self.parameters, "tokens_per_step": self.tokens_per_step,
-                "steps_to_run": self.steps_to_run, "tokens_to_run": self.tokens_per_step * self.steps_to_run,
-                "flops_per_step": self.flops_per_step, "flops_to_run": self.flops_per_step * self.steps_to_run,
-                "checkpoint_bytes": self.checkpoint_bytes, "start": self.start, "start_step": self.start_step,
-                "data_fingerprint": self.data_fingerprint, "problems": self.problems}
+        return {
+            "phase": self.cfg.phase,
+            "parameters": self.parameters,
+            "tokens_per_step": self.tokens_per_step,
+            "steps_to_run": self.steps_to_run,
+            "tokens_to_run": self.tokens_per_step * self.steps_to_run,
+            "flops_per_step": self.flops_per_step,
+            "flops_to_run": self.flops_per_step * self.steps_to_run,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "start": self.start,
+            "start_step": self.start_step,
+            "data_fingerprint": self.data_fingerprint,
+            "problems": self.problems,
+        }
 
 
 def _describe_caches(cfg: PhaseConfig, paths: Paths) -> list[dict[str, Any]]:
@@ -170,13 +197,22 @@ def _describe_caches(cfg: PhaseConfig, paths: Paths) -> list[dict[str, Any]]:
     return out
 
 
-def phase_plan(cfg: PhaseConfig, paths: Paths, processes: int, resume: Path | None = None, auto_resume: bool = True,
-               init: Path | None = None, init_pending: bool = False) -> PhasePlan:
+def phase_plan(
+    cfg: PhaseConfig,
+    paths: Paths,
+    processes: int,
+    resume: Path | None = None,
+    auto_resume: bool = True,
+    init: Path | None = None,
+    init_pending: bool = False,
+) -> PhasePlan:
     """The plan of one phase. `init_pending`: the start checkpoint is written by an earlier phase of a pipeline."""
     with torch.device("meta"):  # shapes only: no memory for the weights, however big the model
         model = GPT(cfg.model)
     problems: list[str] = []
-    found = resume if resume is not None else find_resume_checkpoint(paths.phase_dir(cfg.phase)) if auto_resume else None
+    found = (
+        resume if resume is not None else find_resume_checkpoint(paths.phase_dir(cfg.phase)) if auto_resume else None
+    )
     start_step, start = 0, "fresh (random weights)"
     if found is not None:
         try:
@@ -186,16 +222,27 @@ def phase_plan(cfg: PhaseConfig, paths: Paths, processes: int, resume: Path | No
             problems += e.problems
     initial = None
     if found is None and init is not None:
-        start = f"initialise from {init} (weights only{', once the pretrain phase has written it' if init_pending else ''})"
+        start = (
+            f"initialise from {init} (weights only{', once the pretrain phase has written it' if init_pending else ''})"
+        )
         if not init_pending:
             try:
                 loaded = initial = check_start_checkpoint(init, cfg, with_optimizer=False)
-                start = (f"initialise from {init} (weights only; step {loaded.step}, run "
-                         f"{loaded.meta.get('run_id') or 'not recorded'})")
+                start = (
+                    f"initialise from {init} (weights only; step {loaded.step}, run "
+                    f"{loaded.meta.get('run_id') or 'not recorded'})"
+                )
             except UserError as e:
                 problems += e.problems
-    plan = PhasePlan(cfg=cfg, processes=processes, parameters=model.num_params(), checkpoint_bytes=checkpoint_bytes(model),
-                     start_step=start_step, start=start, caches=_describe_caches(cfg, paths))
+    plan = PhasePlan(
+        cfg=cfg,
+        processes=processes,
+        parameters=model.num_params(),
+        checkpoint_bytes=checkpoint_bytes(model),
+        start_step=start_step,
+        start=start,
+        caches=_describe_caches(cfg, paths),
+    )
     try:
         inputs = check_phase_inputs(cfg, paths)
         plan.data_fingerprint = inputs.data_info()["data_fingerprint"]
@@ -215,12 +262,20 @@ def load_configs(phase: str, config: Path, overrides: list) -> list[PhaseConfig]
     return [load_phase_config(config, phase, overrides)]
 
 
-def command_plans(phase: str, configs: list[PhaseConfig], paths: Paths, processes: int, resume: Path | None = None,
-                  auto_resume: bool = True) -> list[PhasePlan]:
+def command_plans(
+    phase: str,
+    configs: list[PhaseConfig],
+    paths: Paths,
+    processes: int,
+    resume: Path | None = None,
+    auto_resume: bool = True,
+) -> list[PhasePlan]:
     """The plan of each phase of one `run` command, starting where that command would start it."""
     plans = []
     for cfg in configs:
-        explicit = resume if resume is not None and (phase != "pipeline" or checkpoint_phase(resume) == cfg.phase) else None
+        explicit = (
+            resume if resume is not None and (phase != "pipeline" or checkpoint_phase(resume) == cfg.phase) else None
+        )
         init, pending = None, False
         if phase == "pipeline" and cfg.phase == "sft":  # SFT starts from what pretrain leaves in best/
             init = paths.phase_dir("pretrain") / "best"
@@ -245,11 +300,15 @@ def _si(n: float) -> str:
     return f"{n:.3g}"
 
 
-def format_phase_plan(plan: PhasePlan, paths: Paths, precision: str = "no", rate: tuple[float | None, str] = (None, "")) -> str:
+def format_phase_plan(
+    plan: PhasePlan, paths: Paths, precision: str = "no", rate: tuple[float | None, str] = (None, "")
+) -> str:
     cfg, t = plan.cfg, plan.cfg.train
     resolved = cfg.resolved()
-    lines = [f"== {cfg.phase}: {cfg.path}" + (f"  (--set {' '.join(cfg.overrides)})" if cfg.overrides else ""),
-             "config (value, origin):"]
+    lines = [
+        f"== {cfg.phase}: {cfg.path}" + (f"  (--set {' '.join(cfg.overrides)})" if cfg.overrides else ""),
+        "config (value, origin):",
+    ]
     for key, origin in cfg.provenance.items():
         value = str(_value(resolved, key))
         lines.append(f"  {key:<32} {value if len(value) <= 40 else value[:37] + '...':<40} {origin}")
@@ -261,23 +320,36 @@ def format_phase_plan(plan: PhasePlan, paths: Paths, precision: str = "no", rate
     lines += [
         f"model: {plan.parameters:,} parameters (V={cfg.model.V} T={cfg.model.T} C={cfg.model.C} L={cfg.model.L} "
         f"H={cfg.model.H} d_ff={cfg.model.d_ff}; {architecture(cfg.model)})",
-        f"tokens: {plan.tokens_per_step:,} per step (B={t.B} x accum_steps={t.accum_steps} x processes={plan.processes} "
-        f"x T={cfg.seq_len}); {plan.steps_to_run:,} steps to run = {_si(plan.tokens_per_step * plan.steps_to_run)} tokens",
+        f"tokens: {plan.tokens_per_step:,} per step (B={t.B} x accum_steps={t.accum_steps} x "
+        f"processes={plan.processes} "
+        f"x T={cfg.seq_len}); {plan.steps_to_run:,} steps to run = {_si(plan.tokens_per_step * plan.steps_to_run)} "
+        "tokens",
         f"compute: {_si(plan.flops_per_step)}FLOP per step, {_si(plan.flops_per_step * plan.steps_to_run)}FLOP to run",
-        "time: " + (f"about {plan.flops_per_step / rate[0]:.3g} s per step, {_duration(plan.flops_per_step * plan.steps_to_run / rate[0])} "
-                    f"to run, at an assumed {rate[1]}" if rate[0] else f"no estimate ({rate[1] or 'no FLOP/s given'})"),
+        "time: "
+        + (
+            f"about {plan.flops_per_step / rate[0]:.3g} s per step, "
+            f"{_duration(plan.flops_per_step * plan.steps_to_run / rate[0])} "
+            f"to run, at an assumed {rate[1]}"
+            if rate[0]
+            else f"no estimate ({rate[1] or 'no FLOP/s given'})"
+        ),
         "memory: about {total} per process, a rough upper estimate ({parts})".format(
             total=_bytes(plan.memory_bytes(precision)["total"]),
-            parts=", ".join(f"{k} {_bytes(v)}" for k, v in plan.memory_bytes(precision).items() if k != "total")),
-        "passes over the training caches: " + (", ".join(f"{s} {n:,.0f}" if n >= 10 else f"{s} {n:.2g}"
-                                                         for s, n in plan.passes().items()) or "-"),
+            parts=", ".join(f"{k} {_bytes(v)}" for k, v in plan.memory_bytes(precision).items() if k != "total"),
+        ),
+        "passes over the training caches: "
+        + (", ".join(f"{s} {n:,.0f}" if n >= 10 else f"{s} {n:.2g}" for s, n in plan.passes().items()) or "-"),
         "caches:",
-        *(f"  {c['split']:<5} {c['name']:<14} {c['status']:<8} {c['path']}"
-          + (f"  {c['tokens']:,} tokens" if "tokens" in c else "") + (f", {c['examples']:,} examples" if c.get("examples") else "")
-          + (f", {c['cut']:.0%} longer than T+1={cfg.seq_len + 1} and cut" if c.get("cut") else "")
-          for c in plan.caches),
+        *(
+            f"  {c['split']:<5} {c['name']:<14} {c['status']:<8} {c['path']}"
+            + (f"  {c['tokens']:,} tokens" if "tokens" in c else "")
+            + (f", {c['examples']:,} examples" if c.get("examples") else "")
+            + (f", {c['cut']:.0%} longer than T+1={cfg.seq_len + 1} and cut" if c.get("cut") else "")
+            for c in plan.caches
+        ),
         f"  data fingerprint: {plan.data_fingerprint or '- (caches missing or invalid)'}",
-        f"checkpoints: {plan.checkpoint_bytes / 2**20:,.1f} MiB each in {paths.phase_dir(cfg.phase)}; {written} to write "
+        f"checkpoints: {plan.checkpoint_bytes / 2**20:,.1f} MiB each in {paths.phase_dir(cfg.phase)}; {written} to "
+        "write "
         f"(every {t.ckpt_every} steps and at the end); at most {kept} kept ({t.keep_last_n} newest step dirs + best), "
         f"{kept * plan.checkpoint_bytes / 2**20:,.1f} MiB; {shutil.disk_usage(probe).free / 2**30:,.1f} GiB free",
         f"start: {plan.start}",

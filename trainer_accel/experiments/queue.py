@@ -14,8 +14,9 @@ two jobs of one phase must not resume each other's checkpoints), and with the sh
 The job's `--result-json` is how the worker learns what happened, since `accelerate launch` turns every failing
 exit code into 1. Outcomes: completed; interrupted (runnable again: it resumes from its latest checkpoint);
 failed with exit 2, bad input, at once (retrying cannot fix a config); any other failure is retried until
-`max_attempts` attempts have failed. A worker sent SIGTERM or SIGINT passes it on to its training processes, waits for the job's
-checkpoint, marks it interrupted and exits 3. Scheduling across machines is out of scope (use SLURM or Ray).
+`max_attempts` attempts have failed. A worker sent SIGTERM or SIGINT passes it on to its training processes, waits
+for the job's checkpoint, marks it interrupted and exits 3.
+Scheduling across machines is out of scope (use SLURM or Ray).
 Exit codes: 0 done (queue run: the queue is empty), 2 bad input, 3 the worker was stopped by a signal.
 """
 
@@ -31,9 +32,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from trainer_accel.errors import UserError, exit_with, report
 from trainer_accel.fsio import loads, now_iso
@@ -79,11 +80,23 @@ class Job:
     row: sqlite3.Row
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row, queue_artifacts: Path) -> "Job":
-        return cls(id=row["id"], phase=row["phase"], config=row["config"], sets=json.loads(row["sets"]),
-                   env=json.loads(row["env"]), priority=row["priority"], launch=row["launch"], cwd=row["cwd"],
-                   artifacts=row["artifacts"] or str(queue_artifacts / "jobs" / str(row["id"])), status=row["status"],
-                   attempts=row["attempts"], failures=row["failures"], max_attempts=row["max_attempts"], row=row)
+    def from_row(cls, row: sqlite3.Row, queue_artifacts: Path) -> Job:
+        return cls(
+            id=row["id"],
+            phase=row["phase"],
+            config=row["config"],
+            sets=json.loads(row["sets"]),
+            env=json.loads(row["env"]),
+            priority=row["priority"],
+            launch=row["launch"],
+            cwd=row["cwd"],
+            artifacts=row["artifacts"] or str(queue_artifacts / "jobs" / str(row["id"])),
+            status=row["status"],
+            attempts=row["attempts"],
+            failures=row["failures"],
+            max_attempts=row["max_attempts"],
+            row=row,
+        )
 
     def run_env(self, runs_dir: Path) -> dict[str, str]:
         """The worker's environment, the job's own variables, its artifacts dir and the shared run registry."""
@@ -99,8 +112,21 @@ class Job:
     def command(self) -> list[str]:
         launch = ["--config_file", self.launch] if self.launch else []
         sets = [arg for s in self.sets for arg in ("--set", s)]
-        return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "trainer_accel.run",
-                "--phase", self.phase, "--config", self.config, *sets, "--result-json", str(self.result_path)]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *launch,
+            "-m",
+            "trainer_accel.run",
+            "--phase",
+            self.phase,
+            "--config",
+            self.config,
+            *sets,
+            "--result-json",
+            str(self.result_path),
+        ]
 
 
 class JobQueue:
@@ -125,15 +151,35 @@ class JobQueue:
             self.db.execute("ROLLBACK")
             raise
 
-    def add(self, phase: str, config: Path, sets: list[str], env: dict[str, str], priority: str, launch: Path | None,
-            max_attempts: int, artifacts: Path | None) -> int:
+    def add(
+        self,
+        phase: str,
+        config: Path,
+        sets: list[str],
+        env: dict[str, str],
+        priority: str,
+        launch: Path | None,
+        max_attempts: int,
+        artifacts: Path | None,
+    ) -> int:
         with self.transaction() as db:
             cur = db.execute(
-                "INSERT INTO jobs (phase, config, sets, env, priority, launch, cwd, artifacts, max_attempts, submitted_at)"
+                "INSERT INTO jobs (phase, config, sets, env, priority, launch, cwd, artifacts, max_attempts, "
+                "submitted_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (phase, str(config.resolve()), json.dumps(sets), json.dumps(env), PRIORITIES[priority],
-                 str(launch.resolve()) if launch else None, os.getcwd(), str(artifacts.resolve()) if artifacts else None,
-                 max_attempts, now_iso()))
+                (
+                    phase,
+                    str(config.resolve()),
+                    json.dumps(sets),
+                    json.dumps(env),
+                    PRIORITIES[priority],
+                    str(launch.resolve()) if launch else None,
+                    os.getcwd(),
+                    str(artifacts.resolve()) if artifacts else None,
+                    max_attempts,
+                    now_iso(),
+                ),
+            )
             return int(cur.lastrowid)
 
     def jobs(self, statuses: tuple[str, ...] | None = None) -> list[Job]:
@@ -150,7 +196,9 @@ class JobQueue:
             for row in db.execute("SELECT id, worker, pid FROM jobs WHERE status = 'running'").fetchall():
                 host = (row["worker"] or "").rsplit(":", 1)[0]
                 if host == socket.gethostname() and row["pid"] and not _alive(row["pid"]):
-                    db.execute("UPDATE jobs SET status = 'interrupted', failure = 'its worker died' WHERE id = ?", (row["id"],))
+                    db.execute(
+                        "UPDATE jobs SET status = 'interrupted', failure = 'its worker died' WHERE id = ?", (row["id"],)
+                    )
                     recovered.append(row["id"])
         return recovered
 
@@ -159,12 +207,17 @@ class JobQueue:
         with self.transaction() as db:
             row = db.execute(
                 f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(RUNNABLE))}) AND cancel_requested = 0 "
-                "ORDER BY priority, id LIMIT 1", RUNNABLE).fetchone()
+                "ORDER BY priority, id LIMIT 1",
+                RUNNABLE,
+            ).fetchone()
             if row is None:
                 return None
             now = now_iso()
-            db.execute("UPDATE jobs SET status = 'running', attempts = attempts + 1, worker = ?, pid = ?, started_at = ?,"
-                       " finished_at = NULL WHERE id = ?", (worker, os.getpid(), now, row["id"]))
+            db.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, worker = ?, pid = ?, started_at = ?,"
+                " finished_at = NULL WHERE id = ?",
+                (worker, os.getpid(), now, row["id"]),
+            )
             db.execute("INSERT INTO attempts (job_id, worker, started_at) VALUES (?, ?, ?)", (row["id"], worker, now))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
         return Job.from_row(row, self.artifacts)
@@ -181,10 +234,16 @@ class JobQueue:
             else:
                 status = outcome
             now = now_iso()
-            db.execute("UPDATE jobs SET status = ?, failures = ?, finished_at = ?, exit_code = ?, failure = ?, run_ids = ?,"
-                       " pid = NULL WHERE id = ?", (status, failures, now, exit_code, failure, json.dumps(run_ids), job.id))
-            db.execute("UPDATE attempts SET finished_at = ?, exit_code = ?, outcome = ? WHERE id = "
-                       "(SELECT MAX(id) FROM attempts WHERE job_id = ?)", (now, exit_code, outcome, job.id))
+            db.execute(
+                "UPDATE jobs SET status = ?, failures = ?, finished_at = ?, exit_code = ?, failure = ?, run_ids = ?,"
+                " pid = NULL WHERE id = ?",
+                (status, failures, now, exit_code, failure, json.dumps(run_ids), job.id),
+            )
+            db.execute(
+                "UPDATE attempts SET finished_at = ?, exit_code = ?, outcome = ? WHERE id = "
+                "(SELECT MAX(id) FROM attempts WHERE job_id = ?)",
+                (now, exit_code, outcome, job.id),
+            )
         return status
 
     def cancel(self, job_id: int) -> str:
@@ -216,6 +275,7 @@ def _alive(pid: int) -> bool:
 
 # -- the worker ---------------------------------------------------------------------------------------------------
 
+
 class Signals:
     """The worker's own stop request: the first SIGTERM/SIGINT stops the job gracefully, a second one kills it."""
 
@@ -226,8 +286,11 @@ class Signals:
 
     def _handle(self, signum, frame) -> None:
         self.count += 1
-        print(f"queue: {signal.Signals(signum).name} received; "
-              + ("stopping the job gracefully (again to kill it)" if self.count == 1 else "killing the job"), file=sys.stderr)
+        print(
+            f"queue: {signal.Signals(signum).name} received; "
+            + ("stopping the job gracefully (again to kill it)" if self.count == 1 else "killing the job"),
+            file=sys.stderr,
+        )
 
 
 def run_attempt(queue: JobQueue, job: Job, signals: Signals) -> tuple[int | None, str, str | None, list[str]]:
@@ -238,8 +301,14 @@ def run_attempt(queue: JobQueue, job: Job, signals: Signals) -> tuple[int | None
     with open(log_path, "a") as log:
         log.write(f"\n=== attempt {job.attempts} at {now_iso()}: {' '.join(job.command())}\n")
         log.flush()
-        proc = subprocess.Popen(job.command(), cwd=job.cwd, env=job.run_env(queue.runs), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            job.command(),
+            cwd=job.cwd,
+            env=job.run_env(queue.runs),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         sent = 0
         while True:
             try:
@@ -263,7 +332,12 @@ def run_attempt(queue: JobQueue, job: Job, signals: Signals) -> tuple[int | None
     if result is None and sent:
         return proc.returncode, "interrupted", "stopped before it could write a result", []
     if result is None:
-        return proc.returncode, "failed", f"exit code {proc.returncode} and no result file (killed, or crashed at start)", []
+        return (
+            proc.returncode,
+            "failed",
+            f"exit code {proc.returncode} and no result file (killed, or crashed at start)",
+            [],
+        )
     outcome = {"completed": "completed", "interrupted": "interrupted"}.get(result["status"], "failed")
     return result["exit_code"], outcome, result.get("failure"), result.get("run_ids", [])
 
@@ -324,24 +398,43 @@ def work(queue: JobQueue, watch: bool, poll: float) -> int:
                 return 0
             time.sleep(poll)
             continue
-        print(f"queue: job {job.id} attempt {job.attempts}: {job.phase} {job.config}"
-              + (f" --set {' '.join(job.sets)}" if job.sets else "") + f" (log: {Path(job.artifacts) / 'job.log'})", flush=True)
+        print(
+            f"queue: job {job.id} attempt {job.attempts}: {job.phase} {job.config}"
+            + (f" --set {' '.join(job.sets)}" if job.sets else "")
+            + f" (log: {Path(job.artifacts) / 'job.log'})",
+            flush=True,
+        )
         code, outcome, failure, run_ids = run_attempt(queue, job, signals)
         status = queue.finish(job, code, outcome, failure, run_ids)
-        print(f"queue: job {job.id} {outcome} (exit {code}) -> {status}" + (f": {failure}" if failure else ""), flush=True)
+        print(
+            f"queue: job {job.id} {outcome} (exit {code}) -> {status}" + (f": {failure}" if failure else ""), flush=True
+        )
     return 3
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------
+
 
 def format_jobs(jobs: list[Job]) -> str:
     rows = [("id", "prio", "status", "tries", "phase", "config", "overrides", "exit", "runs", "submitted", "finished")]
     names = {v: k for k, v in PRIORITIES.items()}
     for j in jobs:
         r = j.row
-        rows.append((j.id, names[j.priority], j.status, f"{j.attempts}/{j.max_attempts}", j.phase, Path(j.config).name,
-                     " ".join(j.sets) or "-", "-" if r["exit_code"] is None else r["exit_code"],
-                     ",".join(json.loads(r["run_ids"] or "[]")) or "-", r["submitted_at"], r["finished_at"] or "-"))
+        rows.append(
+            (
+                j.id,
+                names[j.priority],
+                j.status,
+                f"{j.attempts}/{j.max_attempts}",
+                j.phase,
+                Path(j.config).name,
+                " ".join(j.sets) or "-",
+                "-" if r["exit_code"] is None else r["exit_code"],
+                ",".join(json.loads(r["run_ids"] or "[]")) or "-",
+                r["submitted_at"],
+                r["finished_at"] or "-",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -353,19 +446,25 @@ def plan_jobs(queue: JobQueue) -> str:
 
     lines = []
     for order, job in enumerate(queue.runnable_in_order(), 1):
-        lines.append(f"{order}. job {job.id} ({job.status}): {job.phase} {job.config}"
-                     + (f" --set {' '.join(job.sets)}" if job.sets else "") + f", artifacts {job.artifacts}")
+        lines.append(
+            f"{order}. job {job.id} ({job.status}): {job.phase} {job.config}"
+            + (f" --set {' '.join(job.sets)}" if job.sets else "")
+            + f", artifacts {job.artifacts}"
+        )
         paths = resolve_paths(job.run_env(queue.runs))
         cwd = os.getcwd()
         try:
             os.chdir(job.cwd)  # relative paths in the job's config resolve as they will when it runs
             processes = _launch_processes(job.launch)
-            for p in command_plans(job.phase, load_configs(job.phase, job.config, parse_overrides(job.sets)), paths,
-                                   processes):
+            for p in command_plans(
+                job.phase, load_configs(job.phase, job.config, parse_overrides(job.sets)), paths, processes
+            ):
                 d = p.to_dict()
-                lines.append(f"   {p.cfg.phase}: {d['parameters']:,} params, {processes} process(es), {d['steps_to_run']:,} "
-                             f"steps, {d['tokens_to_run']:,} tokens, {d['flops_to_run']:.3g} FLOP, "
-                             f"{d['checkpoint_bytes'] / 2**20:,.1f} MiB per checkpoint; {p.start}")
+                lines.append(
+                    f"   {p.cfg.phase}: {d['parameters']:,} params, {processes} process(es), {d['steps_to_run']:,} "
+                    f"steps, {d['tokens_to_run']:,} tokens, {d['flops_to_run']:.3g} FLOP, "
+                    f"{d['checkpoint_bytes'] / 2**20:,.1f} MiB per checkpoint; {p.start}"
+                )
                 lines += [f"   problem: {problem}" for problem in p.problems]
         except UserError as e:
             lines += [f"   problem: {problem}" for problem in e.problems]
@@ -401,9 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     add.add_argument("--priority", choices=tuple(PRIORITIES), default="normal")
     add.add_argument("--launch", type=Path, help="accelerate config file (launch/*.yaml); default: accelerate's own")
-    add.add_argument("--max-attempts", type=int, default=2, help="attempts before a failing job is given up (default 2)")
+    add.add_argument(
+        "--max-attempts", type=int, default=2, help="attempts before a failing job is given up (default 2)"
+    )
     add.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment of the job")
-    add.add_argument("--artifacts-dir", type=Path, help="where the job writes (default: jobs/{id} under the artifacts dir)")
+    add.add_argument(
+        "--artifacts-dir", type=Path, help="where the job writes (default: jobs/{id} under the artifacts dir)"
+    )
     sub.add_parser("list", help="all jobs")
     sub.add_parser("plan", help="what would run, in order, with estimates")
     run = sub.add_parser("run", help="work through the queue")
@@ -443,8 +546,16 @@ def _add(queue: JobQueue, args: argparse.Namespace) -> int:
     if problems:
         raise UserError(problems)
     parse_overrides(args.sets)  # malformed KEY=VALUE fails now, not at night
-    job_id = queue.add(args.phase, args.config, args.sets, _pairs(args.env, "--env"), args.priority, args.launch,
-                       args.max_attempts, args.artifacts_dir)
+    job_id = queue.add(
+        args.phase,
+        args.config,
+        args.sets,
+        _pairs(args.env, "--env"),
+        args.priority,
+        args.launch,
+        args.max_attempts,
+        args.artifacts_dir,
+    )
     print(f"job {job_id} queued ({args.priority})")
     return 0
 

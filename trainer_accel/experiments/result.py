@@ -42,9 +42,14 @@ class Outcome:
 
     def _phase_record(self, phase: str, total_steps: int, s, phase_dir: Path) -> dict[str, Any]:
         return {
-            "phase": phase, "run_id": s.run_id, "final_step": s.step, "total_steps": total_steps,
-            "best_val_loss": s.best_val_loss, "best_val_step": s.best_val_step,
-            "best": _absolute(phase_dir / "best"), "latest": _absolute(phase_dir / "latest"),
+            "phase": phase,
+            "run_id": s.run_id,
+            "final_step": s.step,
+            "total_steps": total_steps,
+            "best_val_loss": s.best_val_loss,
+            "best_val_step": s.best_val_step,
+            "best": _absolute(phase_dir / "best"),
+            "latest": _absolute(phase_dir / "latest"),
             "manifest": _absolute(self.paths.manifest(s.run_id)),
         }
 
@@ -52,12 +57,21 @@ class Outcome:
         runs = [self._phase_record(*p) for p in self.phases]
         last = runs[-1] if runs else {}
         return {
-            "status": status, "exit_code": EXIT_CODES[status], "phase": self.phase, "config": str(Path(self.config).resolve()),
-            "overrides": self.overrides, "run_ids": [r["run_id"] for r in runs], "runs": runs,
-            "final_step": last.get("final_step"), "best_val_loss": last.get("best_val_loss"),
-            "best": last.get("best"), "latest": last.get("latest"),
-            "best_pt": _absolute(self.best_pt) if self.best_pt else None, "verdict": self.verdict,
-            "failure": failure, "finished_at": now_iso(),
+            "status": status,
+            "exit_code": EXIT_CODES[status],
+            "phase": self.phase,
+            "config": str(Path(self.config).resolve()),
+            "overrides": self.overrides,
+            "run_ids": [r["run_id"] for r in runs],
+            "runs": runs,
+            "final_step": last.get("final_step"),
+            "best_val_loss": last.get("best_val_loss"),
+            "best": last.get("best"),
+            "latest": last.get("latest"),
+            "best_pt": _absolute(self.best_pt) if self.best_pt else None,
+            "verdict": self.verdict,
+            "failure": failure,
+            "finished_at": now_iso(),
         }
 
     def write(self, path: Path, status: str, failure: str | None) -> None:

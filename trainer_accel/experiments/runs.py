@@ -66,7 +66,11 @@ def shown_status(m: dict[str, Any]) -> str:
 def _duration(m: dict[str, Any]) -> str:
     if not m.get("started_at"):
         return "-"
-    end = datetime.datetime.fromisoformat(m["finished_at"]) if m.get("finished_at") else datetime.datetime.now(datetime.timezone.utc)
+    end = (
+        datetime.datetime.fromisoformat(m["finished_at"])
+        if m.get("finished_at")
+        else datetime.datetime.now(datetime.timezone.utc)
+    )
     seconds = int((end - datetime.datetime.fromisoformat(m["started_at"])).total_seconds())
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
@@ -76,9 +80,18 @@ def list_runs(paths: Paths) -> str:
     for m in all_manifests(paths):
         total = (m.get("config") or {}).get("train_cfg", {}).get("total_steps", "?")
         best = m.get("best_val_loss")
-        rows.append((m.get("run_id", "?"), m.get("phase", "?"), shown_status(m), f"{m.get('final_step', '?')}/{total}",
-                     "-" if best is None else f"{best:.4f}", (m.get("eval_summary") or {}).get("verdict") or "-",
-                     (m.get("started_at") or "-").replace("+00:00", "Z"), _duration(m)))
+        rows.append(
+            (
+                m.get("run_id", "?"),
+                m.get("phase", "?"),
+                shown_status(m),
+                f"{m.get('final_step', '?')}/{total}",
+                "-" if best is None else f"{best:.4f}",
+                (m.get("eval_summary") or {}).get("verdict") or "-",
+                (m.get("started_at") or "-").replace("+00:00", "Z"),
+                _duration(m),
+            )
+        )
     if len(rows) == 1:
         return f"no runs under {paths.runs}"
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -93,28 +106,49 @@ def find_run(paths: Paths, run_id: str) -> dict[str, Any]:
     matches = [m for m in all_manifests(paths) if m.get("run_id", "").startswith(run_id)]
     if len(matches) != 1:
         known = ", ".join(m.get("run_id", "?") for m in all_manifests(paths)) or "none"
-        raise UserError(f"{run_id}: {'no run' if not matches else 'several runs'} with that id under {paths.runs} (runs: {known})")
+        raise UserError(
+            f"{run_id}: {'no run' if not matches else 'several runs'} with that id under {paths.runs} (runs: {known})"
+        )
     return matches[0]
 
 
 # -- lineage ------------------------------------------------------------------------------------------------------
 
+
 def _checkpoint_node(path: Path, known: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint as its sidecar describes it, or as its child recorded it when the directory is gone."""
-    node = {"kind": "checkpoint", "path": str(path), "present": False, **{k: known.get(k) for k in (
-        "run_id", "phase", "step", "data_fingerprint", "config_fingerprint", "model_sha256")}, "parent": known.get("parent")}
+    node = {
+        "kind": "checkpoint",
+        "path": str(path),
+        "present": False,
+        **{
+            k: known.get(k)
+            for k in ("run_id", "phase", "step", "data_fingerprint", "config_fingerprint", "model_sha256")
+        },
+        "parent": known.get("parent"),
+    }
     if is_hf_dir(path):  # a Hugging Face directory a run started from: the model as it came, not one of our runs
         return {**node, "kind": "huggingface", "present": True, "model_sha256": weights_sha256(path), "parent": None}
     try:
         meta = read_meta(path, verify=False)
     except InvalidCheckpoint:
         return node
-    node.update(present=True, run_id=meta.get("run_id"), phase=meta.get("phase"), step=meta.get("step"),
-                data_fingerprint=meta.get("data_fingerprint"), config_fingerprint=meta.get("config_fingerprint"),
-                model_sha256=model_sha256(meta), best_val_loss=meta.get("best_val_loss"), parent=meta.get("parent"))
+    node.update(
+        present=True,
+        run_id=meta.get("run_id"),
+        phase=meta.get("phase"),
+        step=meta.get("step"),
+        data_fingerprint=meta.get("data_fingerprint"),
+        config_fingerprint=meta.get("config_fingerprint"),
+        model_sha256=model_sha256(meta),
+        best_val_loss=meta.get("best_val_loss"),
+        parent=meta.get("parent"),
+    )
     if known.get("model_sha256") and node["model_sha256"] != known["model_sha256"]:
         node["note"] = "replaced since: its weights are not the ones recorded (the recorded fingerprints are shown)"
-        node.update({k: known.get(k) for k in ("run_id", "step", "data_fingerprint", "config_fingerprint", "model_sha256")})
+        node.update(
+            {k: known.get(k) for k in ("run_id", "step", "data_fingerprint", "config_fingerprint", "model_sha256")}
+        )
         node["parent"] = known.get("parent")
     return node
 
@@ -125,11 +159,20 @@ def lineage(paths: Paths, start: Path) -> list[dict[str, Any]]:
     if start.is_file():
         record = read_export_record(start)
         if record is None:
-            raise UserError(f"{start}: no export record beside it ({start.name}.json), or it belongs to another file; "
-                            "re-export with python -m trainer_accel.export to trace it")
+            raise UserError(
+                f"{start}: no export record beside it ({start.name}.json), or it belongs to another file; "
+                "re-export with python -m trainer_accel.export to trace it"
+            )
         intact = sha256_file(start) == record.get("best_pt_sha256")
-        nodes.append({"kind": "export", "path": str(start), "exported_at": record.get("exported_at"),
-                      "verdict": record.get("verdict"), "intact": intact})
+        nodes.append(
+            {
+                "kind": "export",
+                "path": str(start),
+                "exported_at": record.get("exported_at"),
+                "verdict": record.get("verdict"),
+                "intact": intact,
+            }
+        )
         known, ckpt = record, Path(record["source"])
     elif start.is_dir():
         known, ckpt = {}, start
@@ -142,12 +185,22 @@ def lineage(paths: Paths, start: Path) -> list[dict[str, Any]]:
         nodes.append(node)
         manifest = read_manifest(paths.manifest(node["run_id"])) if node.get("run_id") else None
         if manifest:
-            nodes.append({"kind": "run", "run_id": manifest.get("run_id"), "phase": manifest.get("phase"),
-                          "status": shown_status(manifest), "steps": f"{manifest.get('start_step')}->{manifest.get('final_step')}",
-                          "config_path": manifest.get("config_path"), "overrides": manifest.get("overrides"),
-                          "config_fingerprint": manifest.get("config_fingerprint"),
-                          "data_fingerprint": manifest.get("data_fingerprint"), "caches": manifest.get("caches"),
-                          "code": manifest.get("code"), "verdict": (manifest.get("eval_summary") or {}).get("verdict")})
+            nodes.append(
+                {
+                    "kind": "run",
+                    "run_id": manifest.get("run_id"),
+                    "phase": manifest.get("phase"),
+                    "status": shown_status(manifest),
+                    "steps": f"{manifest.get('start_step')}->{manifest.get('final_step')}",
+                    "config_path": manifest.get("config_path"),
+                    "overrides": manifest.get("overrides"),
+                    "config_fingerprint": manifest.get("config_fingerprint"),
+                    "data_fingerprint": manifest.get("data_fingerprint"),
+                    "caches": manifest.get("caches"),
+                    "code": manifest.get("code"),
+                    "verdict": (manifest.get("eval_summary") or {}).get("verdict"),
+                }
+            )
         parent = node.get("parent") or (manifest or {}).get("parent")
         known, ckpt = (parent, Path(parent["checkpoint"])) if parent else ({}, None)
     return nodes
@@ -157,20 +210,27 @@ def format_lineage(nodes: list[dict[str, Any]]) -> str:
     lines = []
     for n in nodes:
         if n["kind"] == "export":
-            lines.append(f"export      {n['path']}  exported {n['exported_at']}, verdict {n['verdict'] or 'none'}"
-                         + ("" if n["intact"] else "  (CHANGED since export: sha256 differs)"))
+            lines.append(
+                f"export      {n['path']}  exported {n['exported_at']}, verdict {n['verdict'] or 'none'}"
+                + ("" if n["intact"] else "  (CHANGED since export: sha256 differs)")
+            )
         elif n["kind"] == "huggingface":
             lines.append(f"huggingface {n['path']}  a model directory (weights {str(n.get('model_sha256'))[:12]})")
         elif n["kind"] == "checkpoint":
-            lines.append(f"checkpoint  {n['path']}{'' if n['present'] else '  (gone)'}  {n.get('phase')} step {n.get('step')}, "
-                         f"run {n.get('run_id')}, weights {str(n.get('model_sha256'))[:12]}")
+            lines.append(
+                f"checkpoint  {n['path']}{'' if n['present'] else '  (gone)'}  {n.get('phase')} step {n.get('step')}, "
+                f"run {n.get('run_id')}, weights {str(n.get('model_sha256'))[:12]}"
+            )
             if n.get("note"):
                 lines.append(f"            {n['note']}")
         else:
             code = n.get("code") or {}
-            lines.append(f"run         {n['run_id']}  {n['phase']} {n['status']}, steps {n['steps']}, config {n['config_path']}"
-                         + (f" --set {' '.join(n['overrides'])}" if n.get("overrides") else "")
-                         + f", code {code.get('package')} {str(code.get('git_commit'))[:12]}{' (dirty)' if code.get('git_dirty') else ''}")
+            lines.append(
+                f"run         {n['run_id']}  {n['phase']} {n['status']}, steps {n['steps']}, config {n['config_path']}"
+                + (f" --set {' '.join(n['overrides'])}" if n.get("overrides") else "")
+                + f", code {code.get('package')} "
+                f"{str(code.get('git_commit'))[:12]}{' (dirty)' if code.get('git_dirty') else ''}"
+            )
             lines.append(f"            config fingerprint {n['config_fingerprint']}")
             lines.append(f"            data fingerprint   {n['data_fingerprint']}")
             for name, sha in (n.get("caches") or {}).items():
@@ -179,6 +239,7 @@ def format_lineage(nodes: list[dict[str, Any]]) -> str:
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.runs", description=__doc__.split("\n")[0])
@@ -192,12 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("evaluate", help="eval summary and promotion verdict of an SFT checkpoint")
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--baseline", type=Path, required=True, help="the checkpoint it started from")
-    ev.add_argument("--tolerance", type=float, default=None, help="default: the candidate's train_cfg.forgetting_tolerance")
-    ev.add_argument("--min-improvement", type=float, default=None,
-                    help="how far each SFT val loss must fall (nats/token); default: the candidate's "
-                         "train_cfg.min_improvement. It must also fall by more than twice its standard error")
-    ev.add_argument("--device", default=None, help="cpu, mps, cuda or cuda:N; default: as `run` picks, CUDA, else "
-                    "Apple MPS, else CPU")
+    ev.add_argument(
+        "--tolerance", type=float, default=None, help="default: the candidate's train_cfg.forgetting_tolerance"
+    )
+    ev.add_argument(
+        "--min-improvement",
+        type=float,
+        default=None,
+        help="how far each SFT val loss must fall (nats/token); default: the candidate's "
+        "train_cfg.min_improvement. It must also fall by more than twice its standard error",
+    )
+    ev.add_argument(
+        "--device",
+        default=None,
+        help="cpu, mps, cuda or cuda:N; default: as `run` picks, CUDA, else Apple MPS, else CPU",
+    )
     args = p.parse_args(argv)
     paths = resolve_paths()
     try:
@@ -209,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             nodes = lineage(paths, args.path)
             print(json.dumps(nodes, indent=2) if args.json else format_lineage(nodes))
         else:
-            summary = evaluate_checkpoints(paths, args.checkpoint, args.baseline, args.tolerance,
-                                           pick_device(args.device), args.min_improvement)
+            summary = evaluate_checkpoints(
+                paths, args.checkpoint, args.baseline, args.tolerance, pick_device(args.device), args.min_improvement
+            )
             print(format_summary(summary))
             return 0 if summary["verdict"] == "pass" and not not_its_parent(summary) else 1
     except UserError as e:

@@ -80,11 +80,14 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as e:
         raise UserError(f"{directory}: unreadable weights ({first_line(e)})") from None
     except pickle.UnpicklingError as e:  # torch.load's refusal of a pickle that is not plain tensors
-        unsupported = next((line.strip().split(" Please use")[0] for line in str(e).splitlines()
-                            if "Unsupported global" in line), "")  # without torch's advice to allow it
-        raise UserError(f"{pickled}: holds more than tensors, so it is not loaded (loading it would run code in it"
-                        f"{': ' + unsupported if unsupported else ''}); convert it to model.safetensors where it came "
-                        "from") from None
+        unsupported = next(
+            (line.strip().split(" Please use")[0] for line in str(e).splitlines() if "Unsupported global" in line), ""
+        )  # without torch's advice to allow it
+        raise UserError(
+            f"{pickled}: holds more than tensors, so it is not loaded (loading it would run code in it"
+            f"{': ' + unsupported if unsupported else ''}); convert it to model.safetensors where it came "
+            "from"
+        ) from None
     except Exception as e:  # a truncated or empty file (EOFError), anything else torch.load raises
         raise UserError(f"{pickled}: unreadable weights ({type(e).__name__}: {first_line(e)})") from None
     raise UserError(f"{directory}: no weights ({' or '.join(WEIGHT_FILES)}) beside config.json")
@@ -97,17 +100,19 @@ def shard_files(index: Path) -> list[Path]:
         weight_map = loads(index.read_text()).get("weight_map")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
         raise UserError(f"{index}: not a readable shard index ({first_line(e)})") from None
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(v, str) for v in weight_map.values()):
-        raise UserError(f'{index}: "weight_map" must be an object of tensor name -> shard file name, got '
-                        f"{type(weight_map).__name__}")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(
+            f'{index}: "weight_map" must be an object of tensor name -> shard file name, got '
+            f"{type(weight_map).__name__}"
+        )
     shards, problems = [], []
     for name in sorted(set(weight_map.values())):
         shard = index.parent / name
         # by name, not by resolving links: a hub snapshot's shards are links into its blobs/ folder
         if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            problems.append(f"{index}: shard {name!r} is not a file name beside the index; shards must sit in "
-                            f"{index.parent}")
+            problems.append(
+                f"{index}: shard {name!r} is not a file name beside the index; shards must sit in {index.parent}"
+            )
         elif not shard.is_file():
             problems.append(f"{index}: shard {name!r} is missing")
         shards.append(shard)
@@ -153,10 +158,18 @@ def load_hf_dir(directory: Path) -> LoadedCheckpoint:
     tensors = read_hf_weights(directory)
     raise_if_any(weight_value_problems(tensors, directory))
     state = mapping.state_from_hf(tensors, cfg, str(directory))
-    meta = {"format": HF_FORMAT, "model_cfg": cfg, "train_cfg": {}, "phase": None, "run_id": None,
-            "model_sha256": weights_sha256(directory), "tokenizer": tokenizer_identity(directory)}
-    return LoadedCheckpoint(source=directory, model_state=state, optimizer_state=None, step=0, best_val_loss=None,
-                            meta=meta)
+    meta = {
+        "format": HF_FORMAT,
+        "model_cfg": cfg,
+        "train_cfg": {},
+        "phase": None,
+        "run_id": None,
+        "model_sha256": weights_sha256(directory),
+        "tokenizer": tokenizer_identity(directory),
+    }
+    return LoadedCheckpoint(
+        source=directory, model_state=state, optimizer_state=None, step=0, best_val_loss=None, meta=meta
+    )
 
 
 def weight_value_problems(tensors: dict[str, torch.Tensor], directory: Path) -> list[str]:
@@ -167,8 +180,10 @@ def weight_value_problems(tensors: dict[str, torch.Tensor], directory: Path) -> 
         if name.endswith(BUFFERS):
             continue
         if not t.is_floating_point():
-            problems.append(f"{directory}: weight {name} is {str(t.dtype).removeprefix('torch.')}, not floating point "
-                            "(a quantized model is not read: use the unquantized weights)")
+            problems.append(
+                f"{directory}: weight {name} is {str(t.dtype).removeprefix('torch.')}, not floating point "
+                "(a quantized model is not read: use the unquantized weights)"
+            )
         elif not bool(torch.isfinite(t).all()):
             problems.append(f"{directory}: weight {name} holds NaN or infinite values; the file is damaged")
     return problems[:8] + ([f"{directory}: ... and {len(problems) - 8} more"] if len(problems) > 8 else [])
@@ -188,7 +203,11 @@ def fit(loaded: LoadedCheckpoint, model: ModelConfig) -> LoadedCheckpoint:
         loaded = dataclasses.replace(loaded, meta={**loaded.meta, "model_cfg": cfg})
     if model.V == cfg["V"]:
         return loaded
-    log.info("%s: embedding grown from %d to %d rows (model_cfg.V); the new rows start at the mean embedding",
-             loaded.source, cfg["V"], model.V)
+    log.info(
+        "%s: embedding grown from %d to %d rows (model_cfg.V); the new rows start at the mean embedding",
+        loaded.source,
+        cfg["V"],
+        model.V,
+    )
     state = grow_vocab(loaded.model_state, model.V, cfg["tie_embeddings"])
     return dataclasses.replace(loaded, model_state=state, meta={**loaded.meta, "model_cfg": {**cfg, "V": model.V}})

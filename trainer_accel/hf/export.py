@@ -15,8 +15,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -65,8 +66,18 @@ log = logging.getLogger(__name__)
 RECORD = EXPORT_RECORD
 RECORD_FORMAT = "trainer_accel.export.hf"
 # Every file an export writes, and so every file a re-export may replace; anything else in --out is the user's.
-EXPORT_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                          "special_tokens_map.json", "model.safetensors", "model.safetensors.index.json", RECORD})
+EXPORT_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        RECORD,
+    }
+)
 # what a re-export replaces: what it writes, and a chat_template.jinja, which no export writes and which would override
 # the template in tokenizer_config.json for transformers
 REPLACED = EXPORT_FILES | {"chat_template.jinja"}
@@ -75,46 +86,72 @@ BYTES = "bytes"  # --tokenizer bytes: the built-in byte tokenizer, which has no 
 SHARD_BYTES = 5 * 2**30  # above this an export is sharded (transformers' own default for save_pretrained)
 
 
-def find_tokenizer(loaded: LoadedCheckpoint, given: Path | None, paths: Paths,
-                   way: str = "pass the file the caches were made with as --tokenizer PATH") -> Tokenizer:
+def find_tokenizer(
+    loaded: LoadedCheckpoint,
+    given: Path | None,
+    paths: Paths,
+    way: str = "pass the file the caches were made with as --tokenizer PATH",
+) -> Tokenizer:
     """The tokenizer the checkpoint's caches were made with: built in, or its tokenizer.json, found through
     --tokenizer, the path the checkpoint recorded, or a cache of the same tokenizer that records one; a file whose
     identity differs is refused, since its ids would not be the ones the model learnt."""
     identity, recorded = loaded.meta.get("tokenizer"), loaded.meta.get("tokenizer_path")
     if identity is None and given is None:
-        raise UserError(f"{loaded.source}: records no tokenizer (a .pt without its record, or one exported before "
-                        "tokenizers were recorded): use its checkpoint directory instead, or "
-                        + ("name the tokenizer it was trained with: --tokenizer MODEL_DIR, or --tokenizer "
-                           f"{BYTES} for the built-in byte tokenizer" if "--tokenizer" in way else way))
+        raise UserError(
+            f"{loaded.source}: records no tokenizer (a .pt without its record, or one exported before "
+            "tokenizers were recorded): use its checkpoint directory instead, or "
+            + (
+                "name the tokenizer it was trained with: --tokenizer MODEL_DIR, or --tokenizer "
+                f"{BYTES} for the built-in byte tokenizer"
+                if "--tokenizer" in way
+                else way
+            )
+        )
     if given is not None and str(given) == BYTES:
         if identity not in (None, ByteTokenizer.identity):
-            raise UserError(f"--tokenizer {BYTES}: the checkpoint was trained on {identity}, not the built-in byte "
-                            "tokenizer")
+            raise UserError(
+                f"--tokenizer {BYTES}: the checkpoint was trained on {identity}, not the built-in byte tokenizer"
+            )
         if identity is None:
-            log.warning("%s: records no tokenizer; exported with the built-in byte tokenizer as --tokenizer %s says "
-                        "(nothing can verify that it is the one it learnt)", loaded.source, BYTES)
+            log.warning(
+                "%s: records no tokenizer; exported with the built-in byte tokenizer as --tokenizer %s says "
+                "(nothing can verify that it is the one it learnt)",
+                loaded.source,
+                BYTES,
+            )
         return ByteTokenizer()
     if given is not None:
         if identity == ByteTokenizer.identity:
-            raise UserError(f"--tokenizer {given}: the checkpoint was trained on the built-in byte tokenizer; leave "
-                            "--tokenizer out")
+            raise UserError(
+                f"--tokenizer {given}: the checkpoint was trained on the built-in byte tokenizer; leave --tokenizer out"
+            )
         tok = HFTokenizer(given, added=loaded.meta.get("added_tokens", LEGACY_ADDED))
         if identity is None:
-            log.warning("%s: records no tokenizer; exported with %s as --tokenizer says (nothing can verify that it "
-                        "is the one it learnt)", loaded.source, given)
+            log.warning(
+                "%s: records no tokenizer; exported with %s as --tokenizer says (nothing can verify that it "
+                "is the one it learnt)",
+                loaded.source,
+                given,
+            )
         elif tok.identity != identity:
-            raise UserError(f"--tokenizer {given}: tokenizer {tok.identity}, but the checkpoint was trained on "
-                            f"{identity} (another file, or this one changed)")
+            raise UserError(
+                f"--tokenizer {given}: tokenizer {tok.identity}, but the checkpoint was trained on "
+                f"{identity} (another file, or this one changed)"
+            )
         return tok
-    own = {"tokenizer": identity, "tokenizer_path": recorded,
-           **({"added_tokens": loaded.meta["added_tokens"]} if "added_tokens" in loaded.meta else {})}
+    own = {
+        "tokenizer": identity,
+        "tokenizer_path": recorded,
+        **({"added_tokens": loaded.meta["added_tokens"]} if "added_tokens" in loaded.meta else {}),
+    }
     metas = [own] + [_cache_meta(cache) for _, _, cache in paths.caches()]
     for meta in metas:
         tok = tokenizer_from_meta(meta) if meta.get("tokenizer") == identity else None
         if tok is not None:
             return tok
-    raise UserError(f"{loaded.source}: its tokenizer.json ({identity}) is not at {recorded or 'a recorded path'}; "
-                    f"{way}")
+    raise UserError(
+        f"{loaded.source}: its tokenizer.json ({identity}) is not at {recorded or 'a recorded path'}; {way}"
+    )
 
 
 def _cache_meta(cache: Path) -> dict:
@@ -164,13 +201,17 @@ def check_out(out: Path) -> list[str]:
         return []
     listed = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
     if RECORD not in present:
-        raise UserError(f"--out {out}: a directory with other files in it ({listed}), not an earlier export (no "
-                        f"{RECORD}); nothing was written: choose a new or empty directory")
+        raise UserError(
+            f"--out {out}: a directory with other files in it ({listed}), not an earlier export (no "
+            f"{RECORD}); nothing was written: choose a new or empty directory"
+        )
     problem = record_problem(out / RECORD)
     if problem:
-        raise UserError(f"--out {out}: {RECORD} {problem}, so this is not an earlier export of this trainer and "
-                        f"its files ({listed}) are not ours to replace; nothing was written: choose a new or empty "
-                        "directory")
+        raise UserError(
+            f"--out {out}: {RECORD} {problem}, so this is not an earlier export of this trainer and "
+            f"its files ({listed}) are not ours to replace; nothing was written: choose a new or empty "
+            "directory"
+        )
     return [name for name in present if name not in REPLACED and not SHARD.match(name)]
 
 
@@ -182,14 +223,18 @@ def record_problem(path: Path) -> str | None:
         return f"cannot be read as JSON ({type(e).__name__})"
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         return f'has no "format": "{RECORD_FORMAT}"'
-    wrong = [k for k, kind in (("step", int), ("model_cfg", dict), ("exported_at", str), ("source", str))
-             if not isinstance(record.get(k), kind) or isinstance(record.get(k), bool)]
+    wrong = [
+        k
+        for k, kind in (("step", int), ("model_cfg", dict), ("exported_at", str), ("source", str))
+        if not isinstance(record.get(k), kind) or isinstance(record.get(k), bool)
+    ]
     return f"lacks what an export records ({', '.join(wrong)})" if wrong else None
 
 
 def carry_over(names: list[str], earlier: Path, into: Path) -> None:
     """The user's files of an earlier export, into the new one as hard links (copies across filesystems): the
     earlier directory keeps them until the new one has replaced it, so a kill at any moment loses none."""
+
     def link(src: str, dst: str) -> None:
         try:
             os.link(src, dst)
@@ -206,28 +251,45 @@ def carry_over(names: list[str], earlier: Path, into: Path) -> None:
             link(str(src), str(dst))
 
 
-def export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None = None,
-              verdict: Callable[[dict], str | None] = lambda meta: None, approved: str | None = None) -> dict[str, Any]:
+def export_hf(
+    source: Path,
+    out: Path,
+    paths: Paths,
+    tokenizer: Path | None = None,
+    verdict: Callable[[dict], str | None] = lambda meta: None,
+    approved: str | None = None,
+) -> dict[str, Any]:
     """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record. One export
     at a time per --out: a second one's sweep would delete the first one's temporary directory. `verdict` gives
     the promotion verdict of the weights loaded from their sidecar (latest/ may have moved on since the command
     started); `approved`, the only weights a check made before the load allows."""
     if Path(out).is_symlink():
-        raise UserError(f"--out {out}: a symbolic link (to {os.readlink(out)}); an export replaces its directory "
-                        "whole, so name the directory itself")
+        raise UserError(
+            f"--out {out}: a symbolic link (to {os.readlink(out)}); an export replaces its directory "
+            "whole, so name the directory itself"
+        )
     if Path(out).name in ("", ".", ".."):  # --out . is the directory itself, with its lock beside it, not inside
         out = Path(os.path.abspath(out))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: its folder cannot be made ({e.strerror or type(e).__name__})") from None
-    with held_alone(out.parent / f".{out.name}.export.lock", f"--out {out}: another export is writing there; wait "
-                                                               "for it", remove=True):
+    with held_alone(
+        out.parent / f".{out.name}.export.lock",
+        f"--out {out}: another export is writing there; wait for it",
+        remove=True,
+    ):
         return _export_hf(source, out, paths, tokenizer, verdict, approved)
 
 
-def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, verdict: Callable[[dict], str | None],
-               approved: str | None) -> dict[str, Any]:
+def _export_hf(
+    source: Path,
+    out: Path,
+    paths: Paths,
+    tokenizer: Path | None,
+    verdict: Callable[[dict], str | None],
+    approved: str | None,
+) -> dict[str, Any]:
     sweep_leftovers(out)  # first: an export set aside by a kill goes back in place, and its user files with it
     kept = check_out(out)
     if is_hf_dir(source):
@@ -235,17 +297,24 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
     loaded = load_checkpoint(source, with_optimizer=False, approved=approved)
     cfg = loaded.meta["model_cfg"]
     mapping = families.writing(cfg)
-    raise_if_any([f"{source}: {p}; not exported (an approximation would compute something else)"
-                  for p in mapping.unrepresentable(cfg)])
+    raise_if_any(
+        [
+            f"{source}: {p}; not exported (an approximation would compute something else)"
+            for p in mapping.unrepresentable(cfg)
+        ]
+    )
     tok = find_tokenizer(loaded, tokenizer, paths)
     if tok.vocab_size > cfg["V"]:
         raise UserError(f"{source}: the tokenizer has {tok.vocab_size} tokens, the model's V is {cfg['V']}")
     chat = loaded.meta.get("chat")  # the model's own chat template, when SFT used one (chat_template.py)
     sft = loaded.meta.get("phase") == "sft"
     if "tokenizer" not in loaded.meta or loaded.meta.get("phase") is None:
-        log.warning("%s: records neither its phase nor the chat template it was trained in (a .pt without its "
-                    "record): exported as a pretrained model with the built-in template; if it was fine-tuned in a "
-                    "model's own template, export its checkpoint directory instead", source)
+        log.warning(
+            "%s: records neither its phase nor the chat template it was trained in (a .pt without its "
+            "record): exported as a pretrained model with the built-in template; if it was fine-tuned in a "
+            "model's own template, export its checkpoint directory instead",
+            source,
+        )
     doc = tok.decode([tok.special[DOC]]) if isinstance(tok, HFTokenizer) else DOC
     special = {doc: tok.special[DOC], **({EOT: tok.special[EOT]} if EOT in tok.special else {})}
     bos = tok.decode(list(tok.bos_ids[:1])) if tok.bos_ids else doc
@@ -260,8 +329,9 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
     # the template it was trained in; a pretrained model keeps the one it came with (None), or gets ours
     template = chat["template"] if chat else CHAT_TEMPLATE if sft else None
     changes: list[str] = []
-    carried = (model_tokenizer_files(tok, eos if sft else None, template, changes) if isinstance(tok, HFTokenizer)
-               else None)
+    carried = (
+        model_tokenizer_files(tok, eos if sft else None, template, changes) if isinstance(tok, HFTokenizer) else None
+    )
     stops = [special[eos]] + ([tok.special[DOC]] if sft else [])
     gen = model_generation_config(tok, stops, changes) or generation_config(special, end, bos, doc)
     config = {**mapping.hf_config(cfg, special, eos, doc), "bos_token_id": special[bos]}
@@ -272,27 +342,46 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
         **(carried or tokenizer_files(tok, cfg["T"], eos, bos, chat["template"] if chat else None)),
     }
     carries = "the one the model came with" if carried else "the built-in one"
-    template_said = (f"none trained (a pretrained model); it carries {carries}" if not sft else
-                     f"the model's own, as trained ({chat['template_source']})" if chat else
-                     "the built-in <|user|> ... <|eot|> format the SFT data used")
+    template_said = (
+        f"none trained (a pretrained model); it carries {carries}"
+        if not sft
+        else f"the model's own, as trained ({chat['template_source']})"
+        if chat
+        else "the built-in <|user|> ... <|eot|> format the SFT data used"
+    )
     log.info("chat template in the export: %s", template_said)
     if sft and not chat and isinstance(tok, HFTokenizer) and find_chat_template(Path(tok.path)) is not None:
-        log.warning("%s: trained in the built-in chat format, so the export carries it, not the template the model "
-                    "came with (%s)", source, find_chat_template(Path(tok.path)).source)
+        log.warning(
+            "%s: trained in the built-in chat format, so the export carries it, not the template the model "
+            "came with (%s)",
+            source,
+            find_chat_template(Path(tok.path)).source,
+        )
     if chat and chat.get("template_args"):
-        log.warning("the model was trained with template arguments %s: pass them to apply_chat_template too",
-                    json.dumps(chat["template_args"]))
+        log.warning(
+            "the model was trained with template arguments %s: pass them to apply_chat_template too",
+            json.dumps(chat["template_args"]),
+        )
     for change in changes:
         log.info("changed from what the model came with: %s", change)
-    record = {"format": RECORD_FORMAT, "out": str(out.resolve()), "exported_at": now_iso(),
-              "source": str(loaded.origin or Path(source).resolve()), "phase": loaded.meta.get("phase"),
-              "run_id": loaded.meta.get("run_id"),
-              "step": loaded.step, "best_val_loss": loaded.best_val_loss, "model_sha256": model_sha256(loaded.meta),
-              "verdict": verdict(loaded.meta), "tokenizer": tok.identity, "model_cfg": cfg,
-              "chat_template": template_said, **({"template_args": chat["template_args"]}
-                                                 if chat and chat.get("template_args") else {}),
-              "tokenizer_files": "carried over from " + str(Path(tok.path).parent) if carried else "written",
-              "changed": changes}
+    record = {
+        "format": RECORD_FORMAT,
+        "out": str(out.resolve()),
+        "exported_at": now_iso(),
+        "source": str(loaded.origin or Path(source).resolve()),
+        "phase": loaded.meta.get("phase"),
+        "run_id": loaded.meta.get("run_id"),
+        "step": loaded.step,
+        "best_val_loss": loaded.best_val_loss,
+        "model_sha256": model_sha256(loaded.meta),
+        "verdict": verdict(loaded.meta),
+        "tokenizer": tok.identity,
+        "model_cfg": cfg,
+        "chat_template": template_said,
+        **({"template_args": chat["template_args"]} if chat and chat.get("template_args") else {}),
+        "tokenizer_files": "carried over from " + str(Path(tok.path).parent) if carried else "written",
+        "changed": changes,
+    }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
@@ -304,8 +393,9 @@ def _export_hf(source: Path, out: Path, paths: Paths, tokenizer: Path | None, ve
         fsync_dir(tmp)
         swap_into_place(tmp, out)
     except (OSError, SafetensorError) as e:  # a full disk, a quota: the earlier export was never touched
-        raise UserError(f"--out {out}: the export could not be written ({first_line(e)}); nothing there was "
-                        "changed") from None
+        raise UserError(
+            f"--out {out}: the export could not be written ({first_line(e)}); nothing there was changed"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if kept:
@@ -325,15 +415,20 @@ def write_weights(state: dict[str, Any], folder: Path) -> list[str]:
             size = 0
         shards[-1][name] = t
         size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for name, part in zip(names, shards):
         save_file(part, str(folder / name), metadata={"format": "pt"})
         os.chmod(folder / name, FILE_MODE)  # safetensors writes 0600; a served model is read by others
         fsync_file(folder / name)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: name for name, part in zip(names, shards) for k in part},
+        }
         write_atomic(folder / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
     return names
 

@@ -85,7 +85,9 @@ def tokenizer_json(tok: Tokenizer) -> str:
     raise UserError(f"tokenizer {tok.identity}: no Hugging Face form known")
 
 
-def tokenizer_files(tok: Tokenizer, context: int, eos: str, bos: str = DOC, template: str | None = None) -> dict[str, str]:
+def tokenizer_files(
+    tok: Tokenizer, context: int, eos: str, bos: str = DOC, template: str | None = None
+) -> dict[str, str]:
     """File name -> text of the tokenizer part of an export written from nothing (the built-in byte tokenizer, or a
     tokenizer.json with no tokenizer_config.json beside it). `eos`: the token that ends what the model writes
     (<|eot|> or the model's own template's end-of-turn token after SFT, <|endoftext|> for a pretrained model);
@@ -93,19 +95,31 @@ def tokenizer_files(tok: Tokenizer, context: int, eos: str, bos: str = DOC, temp
     pad = tok.decode([tok.special[DOC]]) if isinstance(tok, HFTokenizer) else DOC
     chat_tokens = [t for t in (USER, ASST, EOT) if t in tok.special]
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context, "eos_token": eos,
-        "pad_token": pad, "bos_token": bos, "unk_token": None, "add_bos_token": bool(tok.bos_ids),
-        "add_eos_token": False, "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": context,
+        "eos_token": eos,
+        "pad_token": pad,
+        "bos_token": bos,
+        "unk_token": None,
+        "add_bos_token": bool(tok.bos_ids),
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
         "chat_template": template or CHAT_TEMPLATE,
     }
-    return {"tokenizer.json": tokenizer_json(tok),
-            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-            "special_tokens_map.json": json.dumps({"eos_token": eos, "pad_token": pad, "bos_token": bos,
-                                                   "additional_special_tokens": chat_tokens}, indent=2) + "\n"}
+    return {
+        "tokenizer.json": tokenizer_json(tok),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+        "special_tokens_map.json": json.dumps(
+            {"eos_token": eos, "pad_token": pad, "bos_token": bos, "additional_special_tokens": chat_tokens}, indent=2
+        )
+        + "\n",
+    }
 
 
-def model_tokenizer_files(tok: HFTokenizer, eos: str | None, template: str | None,
-                          changes: list[str]) -> dict[str, str] | None:
+def model_tokenizer_files(
+    tok: HFTokenizer, eos: str | None, template: str | None, changes: list[str]
+) -> dict[str, str] | None:
     """The tokenizer files the model came with (the folder of the tokenizer.json its caches were made with),
     carried into an export: tokenizer.json byte for byte when prepare added nothing, tokenizer_config.json with
     every setting kept (special tokens, bos null, add_bos_token, tokenizer_class, model_max_length) but the chat
@@ -131,16 +145,23 @@ def model_tokenizer_files(tok: HFTokenizer, eos: str | None, template: str | Non
         decoder = config.setdefault("added_tokens_decoder", {})
         if isinstance(decoder, dict):
             for t in tok.added:
-                decoder[str(tok.token_id(t))] = {"content": t, "lstrip": False, "normalized": False,
-                                                 "rstrip": False, "single_word": False, "special": True}
+                decoder[str(tok.token_id(t))] = {
+                    "content": t,
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                }
         changes.append(f"added tokens {', '.join(tok.added)} (prepare added them)")
     own_eos = config.get("eos_token")
     own_eos = own_eos.get("content") if isinstance(own_eos, dict) else own_eos
     if eos is not None and own_eos != eos:
         changes.append(f"eos_token {own_eos!r} -> {eos!r} (the token that ends what the model was trained to write)")
         config["eos_token"] = eos
-    out["tokenizer.json"] = (tokenizer_file(Path(tok.path)).read_text(encoding="utf-8") if not tok.added
-                             else tok.hf_json())
+    out["tokenizer.json"] = (
+        tokenizer_file(Path(tok.path)).read_text(encoding="utf-8") if not tok.added else tok.hf_json()
+    )
     out["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     tokens_map = folder / "special_tokens_map.json"
     if tokens_map.is_file():

@@ -19,7 +19,7 @@ def uncached(model, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt], device=model.lm_head.weight.device)
     for _ in range(n):
         ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[0, len(prompt):].tolist()
+    return ids[0, len(prompt) :].tolist()
 
 
 def _timed(fn, repeats: int = 3):
@@ -36,6 +36,7 @@ def bench(lm: LoadedModel, hf_dir: Path | None) -> list[dict]:
     theirs = None
     if hf_dir is not None:
         import transformers
+
         theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rows = []
     for plen, new in ((16, 64), (T // 4, T // 4), (T // 2, T // 2)):
@@ -44,13 +45,27 @@ def bench(lm: LoadedModel, hf_dir: Path | None) -> list[dict]:
         prompt = [int(x) for x in torch.randint(0, 256, (plen,), generator=torch.Generator().manual_seed(plen))]
         t_cached, a = _timed(lambda: generate_ids(lm.model, [prompt], new)[0])
         t_plain, b = _timed(lambda: uncached(lm.model, prompt, new))
-        row = {"prompt": plen, "new": new, "cached_tok_s": new / t_cached, "uncached_tok_s": new / t_plain,
-               "speedup": t_plain / t_cached, "same_tokens": a == b}
+        row = {
+            "prompt": plen,
+            "new": new,
+            "cached_tok_s": new / t_cached,
+            "uncached_tok_s": new / t_plain,
+            "speedup": t_plain / t_cached,
+            "same_tokens": a == b,
+        }
         if theirs is not None:
             ids = torch.tensor([prompt])
-            t_hf, c = _timed(lambda: theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                                     min_new_tokens=new, do_sample=False, eos_token_id=None,
-                                                     pad_token_id=0)[0, plen:].tolist())
+            t_hf, c = _timed(
+                lambda: theirs.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )[0, plen:].tolist()
+            )
             row.update(transformers_tok_s=new / t_hf, ours_vs_transformers=t_cached / t_hf, same_as_transformers=a == c)
         rows.append(row)
     return rows
@@ -61,8 +76,12 @@ def print_table(rows: list[dict], out) -> None:
     head = f"{'prompt':>6} {'new':>5} {'cached tok/s':>13} {'uncached tok/s':>15} {'speedup':>8}"
     out.write(head + (f" {'transformers tok/s':>19} {'time vs transformers':>21}" if hf else "") + "\n")
     for r in rows:
-        line = (f"{r['prompt']:>6} {r['new']:>5} {r['cached_tok_s']:>13,.0f} {r['uncached_tok_s']:>15,.0f} "
-                f"{r['speedup']:>7.2f}x")
+        line = (
+            f"{r['prompt']:>6} {r['new']:>5} {r['cached_tok_s']:>13,.0f} {r['uncached_tok_s']:>15,.0f} "
+            f"{r['speedup']:>7.2f}x"
+        )
         if hf:
             line += f" {r['transformers_tok_s']:>19,.0f} {r['ours_vs_transformers']:>20.2f}x"
-        out.write(line + ("" if r["same_tokens"] and r.get("same_as_transformers", True) else "  (tokens differ!)") + "\n")
+        out.write(
+            line + ("" if r["same_tokens"] and r.get("same_as_transformers", True) else "  (tokens differ!)") + "\n"
+        )

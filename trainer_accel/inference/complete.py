@@ -72,11 +72,17 @@ def _from_messages(messages: list, where: str, problems: list[str]) -> Prompt:
     if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
         system, messages = messages[0].get("content"), messages[1:]
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-    ok = (all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) and messages
-          and isinstance(system, str) and roles == ["user", "assistant"] * (len(roles) // 2) + ["user"])
+    ok = (
+        all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+        and messages
+        and isinstance(system, str)
+        and roles == ["user", "assistant"] * (len(roles) // 2) + ["user"]
+    )
     if not ok:
-        problems.append(f"{where}: messages must be an optional system message, then user and assistant in turn, "
-                        "ending on a user message, each with a string content")
+        problems.append(
+            f"{where}: messages must be an optional system message, then user and assistant in turn, "
+            "ending on a user message, each with a string content"
+        )
         return Prompt("", chat=True)
     history = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages) - 1, 2)]
     return Prompt(messages[-1]["content"], chat=True, history=history, system=system)
@@ -85,21 +91,32 @@ def _from_messages(messages: list, where: str, problems: list[str]) -> Prompt:
 def encode(lm: LoadedModel, prompt: Prompt, index: int) -> list[int]:
     if prompt.chat:
         if lm.chat is None:
-            raise UserError(f"{lm.source}: this model has no chat template (it was not fine-tuned on conversations); "
-                            "give plain prompts, or use an SFT model")
+            raise UserError(
+                f"{lm.source}: this model has no chat template (it was not fine-tuned on conversations); "
+                "give plain prompts, or use an SFT model"
+            )
         ids = lm.chat.prompt(prompt.text, prompt.history, prompt.system)
     else:
         ids = lm.tok.encode_prompt(prompt.text)
     if not ids:
         raise UserError(f"prompt {index + 1} is empty")
     if len(ids) >= lm.model.cfg.T:
-        raise UserError(f"prompt {index + 1} is {len(ids):,} tokens; the model's context T is {lm.model.cfg.T:,}, and "
-                        "an answer needs room after the prompt")
+        raise UserError(
+            f"prompt {index + 1} is {len(ids):,} tokens; the model's context T is {lm.model.cfg.T:,}, and "
+            "an answer needs room after the prompt"
+        )
     return ids
 
 
-def complete(lm: LoadedModel, prompts: list[Prompt], max_new_tokens: int, sampling: Sampling, seed: int,
-             stops: list[str], batch_size: int):
+def complete(
+    lm: LoadedModel,
+    prompts: list[Prompt],
+    max_new_tokens: int,
+    sampling: Sampling,
+    seed: int,
+    stops: list[str],
+    batch_size: int,
+):
     """Yields one record per prompt, in order, batch by batch."""
     encoded = [encode(lm, p, i) for i, p in enumerate(prompts)]
     for first in range(0, len(prompts), batch_size):
@@ -115,8 +132,9 @@ def complete(lm: LoadedModel, prompts: list[Prompt], max_new_tokens: int, sampli
             return bool(stops) and any(s in lm.tok.decode(so_far[row]) for s in stops)
 
         start = time.perf_counter()
-        new = generate_ids(lm.model, [encoded[i] for i in batch], max_new_tokens, sampling, gens, frozenset(),
-                           on_token=stopped)
+        new = generate_ids(
+            lm.model, [encoded[i] for i in batch], max_new_tokens, sampling, gens, frozenset(), on_token=stopped
+        )
         seconds = time.perf_counter() - start
         total = sum(len(n) for n in new)
         for row, i in enumerate(batch):
@@ -127,10 +145,15 @@ def complete(lm: LoadedModel, prompts: list[Prompt], max_new_tokens: int, sampli
             text = lm.tok.decode(ids)
             for s in stops:
                 if s in text:
-                    text, reason = text[:text.index(s)], "stop"
-            yield {"prompt": prompts[i].text, "completion": text, "prompt_tokens": len(encoded[i]),
-                   "completion_tokens": len(new[row]), "finish_reason": reason,
-                   "tokens_per_s": round(total / seconds, 1) if seconds > 0 else None}
+                    text, reason = text[: text.index(s)], "stop"
+            yield {
+                "prompt": prompts[i].text,
+                "completion": text,
+                "prompt_tokens": len(encoded[i]),
+                "completion_tokens": len(new[row]),
+                "finish_reason": reason,
+                "tokens_per_s": round(total / seconds, 1) if seconds > 0 else None,
+            }
 
 
 def write_jsonl(records, out) -> None:

@@ -82,9 +82,11 @@ def default_model(paths: Paths) -> Path:
     for name in ("best.deployable.pt", "best.pt"):
         if (paths.checkpoints / name).is_file():
             return paths.checkpoints / name
-    raise UserError(f"{paths.checkpoints}: no best.deployable.pt or best.pt; train a model first (python -m "
-                    "trainer_accel.run) or name one with --model (a checkpoint directory, a .pt or a Hugging Face "
-                    "directory)")
+    raise UserError(
+        f"{paths.checkpoints}: no best.deployable.pt or best.pt; train a model first (python -m "
+        "trainer_accel.run) or name one with --model (a checkpoint directory, a .pt or a Hugging Face "
+        "directory)"
+    )
 
 
 def _export_phase(directory: Path) -> str | None:
@@ -117,25 +119,38 @@ def chosen_format(tok: Tokenizer, chat: ChatFormat | None, choice: str, args: tu
         if args:
             raise UserError("--template-arg: the built-in chat format takes no template arguments")
         if not all(t in tok.special for t in CHAT_TOKENS):
-            raise UserError(f"{source}: its tokenizer has no <|user|>, <|assistant|>, <|eot|>: it was not trained in "
-                            "the built-in format; leave --chat-template out")
+            raise UserError(
+                f"{source}: its tokenizer has no <|user|>, <|assistant|>, <|eot|>: it was not trained in "
+                "the built-in format; leave --chat-template out"
+            )
         return ChatFormat(tok)
     path = getattr(tok, "path", None)
     if choice == "model":
         if chat is None or chat.encoder is None:
-            raise UserError("--template-arg: this model was trained in the built-in format, which takes no template "
-                            "arguments")
+            raise UserError(
+                "--template-arg: this model was trained in the built-in format, which takes no template arguments"
+            )
         template = dataclasses.replace(chat.encoder.template, args=args)
     else:
         template = find_chat_template(Path(path) if path else Path(choice), choice, args)
     if chat is not None and chat.encoder is not None and chat.encoder.template.text != template.text:
-        log.warning("%s was trained in the template of %s; prompting in %s instead", source,
-                    chat.encoder.template.source, template.source)
+        log.warning(
+            "%s was trained in the template of %s; prompting in %s instead",
+            source,
+            chat.encoder.template.source,
+            template.source,
+        )
     return ChatFormat(tok, TemplateEncoder(tok, template))
 
 
-def load_model(path: Path | None, paths: Paths, device: str | None = None, dtype: str = "fp32",
-               template: str = "model", template_arguments: tuple = ()) -> LoadedModel:
+def load_model(
+    path: Path | None,
+    paths: Paths,
+    device: str | None = None,
+    dtype: str = "fp32",
+    template: str = "model",
+    template_arguments: tuple = (),
+) -> LoadedModel:
     """The model at `path` (default: default_model) in eval mode on the trainer's default device, in `dtype`;
     conversations in the template it was trained in, or `template` (builtin, or a file) with `template_arguments`."""
     source = Path(path) if path is not None else default_model(paths)
@@ -152,19 +167,29 @@ def load_model(path: Path | None, paths: Paths, device: str | None = None, dtype
         tok, chat = _hf_tokenizer_and_chat(source)
         phase, folder = _export_phase(source), source
     else:
-        tok = find_tokenizer(loaded, None, paths, "put it back there, or export the model with python -m "
-                             "trainer_accel.export --format hf --tokenizer PATH and use that directory as --model")
+        tok = find_tokenizer(
+            loaded,
+            None,
+            paths,
+            "put it back there, or export the model with python -m "
+            "trainer_accel.export --format hf --tokenizer PATH and use that directory as --model",
+        )
         chat = chat_format(tok, loaded.meta.get("chat")) if loaded.meta.get("phase") == "sft" else None
         folder = Path(tok.path).parent if getattr(tok, "path", None) else None
     chat = chosen_format(tok, chat, template, template_arguments, source)
     cfg = loaded.meta["model_cfg"]
     # the checks a run makes of its start point: a config.json that contradicts its weights is said, not a traceback
-    raise_if_any(model_cfg_problems(cfg, f"{source}: model_cfg", known_only=True)
-                 or [f"{source}: {p}" for p in state_problems(loaded.model_state, cfg)])
+    raise_if_any(
+        model_cfg_problems(cfg, f"{source}: model_cfg", known_only=True)
+        or [f"{source}: {p}" for p in state_problems(loaded.model_state, cfg)]
+    )
     if tok.vocab_size > cfg["V"]:
-        raise UserError(f"{source}: its tokenizer has {tok.vocab_size:,} tokens, the model {cfg['V']:,} rows: a token "
-                        "past them has no embedding; the tokenizer does not belong to these weights")
+        raise UserError(
+            f"{source}: its tokenizer has {tok.vocab_size:,} tokens, the model {cfg['V']:,} rows: a token "
+            "past them has no embedding; the tokenizer does not belong to these weights"
+        )
     model = GPT(ModelConfig(**cfg))
     model.load_state_dict(loaded.model_state, strict=True)
-    return LoadedModel(model.to(device=dev, dtype=DTYPES[dtype]).eval(), tok, chat, source, phase,
-                       model_stop_ids(folder))
+    return LoadedModel(
+        model.to(device=dev, dtype=DTYPES[dtype]).eval(), tok, chat, source, phase, model_stop_ids(folder)
+    )

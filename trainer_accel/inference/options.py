@@ -14,8 +14,12 @@ from trainer_accel.models.generation import Sampling
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
     """The decoding flags `generate` and `chat` share."""
-    p.add_argument("--model", type=Path, help="checkpoint directory, .pt or Hugging Face directory "
-                                              "(default: checkpoints/best.deployable.pt, else best.pt)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="checkpoint directory, .pt or Hugging Face directory "
+        "(default: checkpoints/best.deployable.pt, else best.pt)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
@@ -24,11 +28,20 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", choices=("cpu", "mps", "cuda"), help="default: CUDA, else MPS, else CPU")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="bf16 / fp16 on a GPU (default fp32)")
-    p.add_argument("--chat-template", default="model", metavar="model|builtin|PATH",
-                   help="the template of chat prompts: the one the model was trained in or came with (default), the "
-                        "built-in one, or a template file of yours (.jinja, or a tokenizer_config.json with one)")
-    p.add_argument("--template-arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="a variable the chat template reads, e.g. enable_thinking=false (repeatable)")
+    p.add_argument(
+        "--chat-template",
+        default="model",
+        metavar="model|builtin|PATH",
+        help="the template of chat prompts: the one the model was trained in or came with (default), the "
+        "built-in one, or a template file of yours (.jinja, or a tokenizer_config.json with one)",
+    )
+    p.add_argument(
+        "--template-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a variable the chat template reads, e.g. enable_thinking=false (repeatable)",
+    )
 
 
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes

@@ -28,8 +28,9 @@ def pinned_kernel(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float,
-                     pin: bool | None = None) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float, pin: bool | None = None
+) -> torch.Tensor:
     """SDPA of (B, H, T, hd) queries over (B, KV, S, hd) keys and values under a boolean (B, 1, T, S) mask (True:
     may attend). `pin` (default: `pinned_kernel(q)`) runs the memory-efficient / math kernels with k and v
     repeated per query head."""

@@ -24,9 +24,21 @@ MLPS = ("plain", "gated")
 ROPE_SCALING_TYPES = ("llama3",)  # the rope scalings computed exactly; any other is refused, never approximated
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # with the shape: what the weights mean (a checkpoint that differs in any of these is refused on resume)
-MODEL_FUNCTION_KEYS = ("bias", "tie_embeddings", "activation", "ln_eps", "position", "rope_theta", "rope_scaling",
-                       "norm", "mlp", "n_kv_heads", "head_dim", "qkv_bias", "qk_norm")
-
+MODEL_FUNCTION_KEYS = (
+    "bias",
+    "tie_embeddings",
+    "activation",
+    "ln_eps",
+    "position",
+    "rope_theta",
+    "rope_scaling",
+    "norm",
+    "mlp",
+    "n_kv_heads",
+    "head_dim",
+    "qkv_bias",
+    "qk_norm",
+)
 
 
 @dataclass(frozen=True)
@@ -83,9 +95,14 @@ class ModelConfig:
 
 
 def model_problems(m: ModelConfig, where: str) -> list[str]:
-    out = [f"{where}.{k}: must be a positive integer, got {getattr(m, k)}" for k in MODEL_SHAPE_KEYS if getattr(m, k) <= 0]
-    out += [f"{where}.{k}: must be at most {MAX_DIM:,} (a tensor dimension), got {getattr(m, k):,}"
-            for k in MODEL_SHAPE_KEYS if getattr(m, k) > MAX_DIM]
+    out = [
+        f"{where}.{k}: must be a positive integer, got {getattr(m, k)}" for k in MODEL_SHAPE_KEYS if getattr(m, k) <= 0
+    ]
+    out += [
+        f"{where}.{k}: must be at most {MAX_DIM:,} (a tensor dimension), got {getattr(m, k):,}"
+        for k in MODEL_SHAPE_KEYS
+        if getattr(m, k) > MAX_DIM
+    ]
     if m.head_dim is None and m.C > 0 and m.H > 0 and m.C % m.H:
         out.append(f"{where}.C: width {m.C} must be divisible by the number of heads H={m.H} (or set head_dim)")
     if not 0.0 <= m.dropout < 1.0:
@@ -100,28 +117,36 @@ def model_problems(m: ModelConfig, where: str) -> list[str]:
         if value is not None and not 0 < value <= MAX_DIM:
             out.append(f"{where}.{key}: must be a positive integer or null, got {value}")
     if m.n_kv_heads is not None and m.n_kv_heads > 0 and m.H > 0 and m.H % m.n_kv_heads:
-        out.append(f"{where}.n_kv_heads: {m.n_kv_heads} must divide the number of heads H={m.H} (each key/value head "
-                   "serves the same number of query heads)")
+        out.append(
+            f"{where}.n_kv_heads: {m.n_kv_heads} must divide the number of heads H={m.H} (each key/value head "
+            "serves the same number of query heads)"
+        )
     out += _position_problems(m, where)
     return out
 
 
 def _position_problems(m: ModelConfig, where: str) -> list[str]:
     if m.position != "rope":
-        return [f"{where}.{key}: only for rotary positions (position \"rope\"); learned positions have a table of "
-                f"T={m.T}" for key in ("rope_scaling", "max_positions", "sliding_window") if getattr(m, key) is not None]
+        return [
+            f'{where}.{key}: only for rotary positions (position "rope"); learned positions have a table of T={m.T}'
+            for key in ("rope_scaling", "max_positions", "sliding_window")
+            if getattr(m, key) is not None
+        ]
     out = []
     if not (math.isfinite(m.rope_theta) and m.rope_theta > 0):
         out.append(f"{where}.rope_theta: must be a positive number, got {m.rope_theta}")
     if m.hd > 0 and m.hd % 2:
-        out.append(f"{where}.head_dim: rotary positions turn pairs of features, so the head width must be even, "
-                   f"got {m.hd}")
+        out.append(
+            f"{where}.head_dim: rotary positions turn pairs of features, so the head width must be even, got {m.hd}"
+        )
     if m.max_positions is not None and 0 < m.max_positions < m.T:
         out.append(f"{where}.T: {m.T} is longer than the model's own context max_positions={m.max_positions}")
     if m.sliding_window is not None and 0 < m.sliding_window < m.T:
-        out.append(f"{where}.T: {m.T} is longer than the model's attention window sliding_window={m.sliding_window}, "
-                   "which this trainer does not compute (its attention sees the whole row); set T to at most "
-                   f"{m.sliding_window}")
+        out.append(
+            f"{where}.T: {m.T} is longer than the model's attention window sliding_window={m.sliding_window}, "
+            "which this trainer does not compute (its attention sees the whole row); set T to at most "
+            f"{m.sliding_window}"
+        )
     if m.rope_scaling is not None:
         out += rope_scaling_problems(m.rope_scaling, f"{where}.rope_scaling")
     return out
@@ -133,8 +158,10 @@ def rope_scaling_problems(scaling: Any, where: str) -> list[str]:
         return [f"{where}: expected an object or null, got {json.dumps(scaling)}"]
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind not in ROPE_SCALING_TYPES:
-        return [f"{where}: rope_type {json.dumps(kind)} is not computed by this trainer (it computes "
-                f"{', '.join(ROPE_SCALING_TYPES)}); refused rather than approximated"]
+        return [
+            f"{where}: rope_type {json.dumps(kind)} is not computed by this trainer (it computes "
+            f"{', '.join(ROPE_SCALING_TYPES)}); refused rather than approximated"
+        ]
     out = []
     for key in LLAMA3_SCALING_KEYS:
         value = scaling.get(key)
@@ -142,10 +169,12 @@ def rope_scaling_problems(scaling: Any, where: str) -> list[str]:
             out.append(f"{where}.{key}: expected a positive number, got {json.dumps(value)}")
     extra = sorted(set(scaling) - {"rope_type", "type", *LLAMA3_SCALING_KEYS})
     if extra:
-        out.append(f"{where}: unknown key{'s' * (len(extra) > 1)} {', '.join(extra)} for rope_type \"llama3\"")
+        out.append(f'{where}: unknown key{"s" * (len(extra) > 1)} {", ".join(extra)} for rope_type "llama3"')
     if not out and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
-        out.append(f"{where}: low_freq_factor {scaling['low_freq_factor']} must be below high_freq_factor "
-                   f"{scaling['high_freq_factor']}")
+        out.append(
+            f"{where}: low_freq_factor {scaling['low_freq_factor']} must be below high_freq_factor "
+            f"{scaling['high_freq_factor']}"
+        )
     return out
 
 

@@ -19,8 +19,10 @@ def reading(hf: Any, where: str) -> ModuleType:
     """The mapping for a config.json; anything else (an unknown model_type, MoE families, encoders) is refused."""
     kind = hf.get("model_type") if isinstance(hf, dict) else None
     if not isinstance(kind, str) or kind not in MAPPINGS:
-        raise UserError(f"{where}: model_type {json.dumps(kind)} is not a family this trainer computes (it reads "
-                        f"{', '.join(MAPPINGS)})")
+        raise UserError(
+            f"{where}: model_type {json.dumps(kind)} is not a family this trainer computes (it reads "
+            f"{', '.join(MAPPINGS)})"
+        )
     return MAPPINGS[kind]
 
 

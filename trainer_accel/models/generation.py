@@ -10,8 +10,8 @@ from its own generator, seeded by (seed, its index), so a sample does not depend
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, model: GPT, rows: int, size: int) -> "KVCache":
+    def empty(cls, model: GPT, rows: int, size: int) -> KVCache:
         p = model.lm_head.weight
         shape = (rows, model.cfg.kv_heads, size, model.cfg.hd)
         k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(model.cfg.L)]
@@ -51,13 +51,16 @@ class Sampling:
     repetition_penalty: float = 1.0
 
 
-def choose(logits: torch.Tensor, s: Sampling, generators: list[torch.Generator], seen: torch.Tensor | None) -> torch.Tensor:
+def choose(
+    logits: torch.Tensor, s: Sampling, generators: list[torch.Generator], seen: torch.Tensor | None
+) -> torch.Tensor:
     """(B, V) float logits -> (B,) next tokens; `seen` (B, n) the rows' tokens so far (for the penalty)."""
     logits = logits.float()
     if s.repetition_penalty != 1.0 and seen is not None and seen.numel():
         picked = logits.gather(1, seen)
-        logits = logits.scatter(1, seen, torch.where(picked > 0, picked / s.repetition_penalty,
-                                                     picked * s.repetition_penalty))
+        logits = logits.scatter(
+            1, seen, torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
+        )
     if s.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / s.temperature
@@ -73,7 +76,8 @@ def choose(logits: torch.Tensor, s: Sampling, generators: list[torch.Generator],
     if len(generators) == 1:  # one generator for the batch (the samples written during training)
         return torch.multinomial(probs, 1, generator=generators[0]).squeeze(1).to(logits.device)
     return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)]).to(
-        logits.device)
+        logits.device
+    )
 
 
 def _mask(pad: torch.Tensor, queries: torch.Tensor, size: int) -> torch.Tensor:
@@ -85,9 +89,15 @@ def _mask(pad: torch.Tensor, queries: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 generators: list[torch.Generator] | None = None, stop_ids: frozenset[int] = frozenset(),
-                 on_token: Callable[[int, int], bool | None] | None = None) -> list[list[int]]:
+def generate_ids(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    generators: list[torch.Generator] | None = None,
+    stop_ids: frozenset[int] = frozenset(),
+    on_token: Callable[[int, int], bool | None] | None = None,
+) -> list[list[int]]:
     """The new tokens of each prompt (a stop token included, and nothing after it), at most max_new_tokens and no
     further than the context T. `generators`: one per prompt, or one for all; `on_token(row, token)` is called
     as each token is chosen (streaming) and may return True to stop that row. Prompts must fit in T.
@@ -109,8 +119,9 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, samp
     cache = KVCache.empty(model, B, longest + max(0, min(max_new_tokens, max(room))))
     padded = bool(pad.any())  # without padding the attention is plainly causal: no mask to build or apply
     at = torch.arange(longest, device=device)[None].expand(B, -1)
-    logits = model.decode(idx, (at - pad[:, None]).clamp(min=0), _mask(pad, at, cache.size) if padded else None,
-                          cache)[:, -1]
+    logits = model.decode(idx, (at - pad[:, None]).clamp(min=0), _mask(pad, at, cache.size) if padded else None, cache)[
+        :, -1
+    ]
     cache.length = longest
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -135,8 +146,15 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, samp
 
 
 @torch.no_grad()
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None, stop_id: int | None = None) -> torch.Tensor:
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    stop_id: int | None = None,
+) -> torch.Tensor:
     """Extend (B, T0) ids by up to max_new_tokens; deterministic for a given generator seed and weights. temperature
     0 is greedy. Stops early when every row has produced `stop_id`. Through the KV cache while the context lasts;
     past T, each further token is read from the last T tokens again (the window slides)."""
@@ -147,13 +165,20 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     new = generate_ids(model, idx.tolist(), budget, sampling, gens, stops) if budget > 0 else [[] for _ in idx]
     width = max(len(n) for n in new)
     fill = stop_id if stop_id is not None else 0
-    idx = torch.cat([idx, torch.tensor([n + [fill] * (width - len(n)) for n in new], dtype=idx.dtype,
-                                       device=idx.device).reshape(len(new), width)], dim=1)
+    idx = torch.cat(
+        [
+            idx,
+            torch.tensor([n + [fill] * (width - len(n)) for n in new], dtype=idx.dtype, device=idx.device).reshape(
+                len(new), width
+            ),
+        ],
+        dim=1,
+    )
     was_training = model.training
     model.eval()
     done = torch.tensor([stop_id in n for n in new], device=idx.device) if stop_id is not None else None
     for _ in range(max_new_tokens - width if (done is None or not bool(done.all())) else 0):
-        nxt = choose(model(idx[:, -model.cfg.T:])[:, -1, :], sampling, gens, None)[:, None]
+        nxt = choose(model(idx[:, -model.cfg.T :])[:, -1, :], sampling, gens, None)[:, None]
         idx = torch.cat([idx, nxt], dim=1)
         if done is not None:
             done |= nxt.squeeze(1) == stop_id

@@ -5,7 +5,8 @@ and a GELU MLP with multi-head attention; Llama, Mistral and SmolLM are rotary p
 MLP (SwiGLU) and grouped-query attention; Qwen2 adds biases on q, k and v; Qwen3 a norm on q and k and a head
 width of its own. Every option's default is GPT-2's (config.ModelConfig), so older checkpoints keep their keys.
 
-The model returns logits (`decode` is the KV-cached path generation.py uses); the loss belongs to the training strategies, so a new phase never touches this file.
+The model returns logits (`decode` is the KV-cached path generation.py uses); the loss belongs to the training
+strategies, so a new phase never touches this file.
 A strategy that passes its targets gets the summed cross-entropy instead, computed in chunks of tokens so that a
 large vocabulary's (B, T, V) fp32 logits never exist at once. Shapes use the config's letters: (B, T) token ids
 in, (B, T, V) logits out, (B, T, C) inside; hd is one head's width.
@@ -79,8 +80,13 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None, kv=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv=None,
+    ) -> torch.Tensor:
         """`kv`: (k buffer, v buffer, start) of a KV cache (generation.py): this call's keys and values are written
         at start.., and the queries attend over the filled part under `mask` (None: no padding, so a prefill from
         position 0 is plainly causal and a single new token sees every key)."""
@@ -95,12 +101,12 @@ class SelfAttention(nn.Module):
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if kv is not None:
             k_buf, v_buf, start = kv
-            k_buf[:, :, start:start + T], v_buf[:, :, start:start + T] = k, v
-            k, v = k_buf[:, :, :start + T], v_buf[:, :, :start + T]
+            k_buf[:, :, start : start + T], v_buf[:, :, start : start + T] = k, v
+            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]
             if mask is None and start > 0 and T > 1:
                 raise ValueError("tokens after the first call of a cache need a mask unless they come one at a time")
             if mask is not None:
-                mask = mask[..., :start + T]
+                mask = mask[..., : start + T]
             elif T == 1:  # one query that sees every key so far
                 gqa = {"enable_gqa": True} if self.KV != self.H else {}
                 y = F.scaled_dot_product_attention(q, k, v, **gqa)
@@ -141,8 +147,13 @@ class Block(nn.Module):
         self.ln2 = make_norm(cfg, cfg.C)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None, kv=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv=None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), mask, rope, kv)
         return x + self.mlp(self.ln2(x))
 
@@ -175,7 +186,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
         return _chunk_loss(h, weight, targets)
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
-        total = total + checkpoint(_chunk_loss, h[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, h[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False)
     return total
 
 
@@ -209,8 +220,9 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, segments: torch.Tensor | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T, V) logits; with `targets` (B, T) the summed cross-entropy of the targets that are not
         IGNORE_INDEX, in fp32 (chunked_cross_entropy). `segments` (B, T): packed rows' example ids; each example
         then sees only itself, from position 0."""

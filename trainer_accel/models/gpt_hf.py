@@ -11,7 +11,8 @@ The two models compute the same function; what differs is the layout:
     activation gelu / gelu_tanh   activation_function "gelu" / "gelu_new"
     ln_eps, T, V, tie_embeddings  layer_norm_epsilon, n_positions (and n_ctx, which llama.cpp's converter reads),
                                   vocab_size, tie_word_embeddings
-A model option GPT-2 cannot express is refused, never exported approximately. Reading a directory (hf/directory.py) takes
+A model option GPT-2 cannot express is refused, never exported approximately. Reading a directory (hf/directory.py)
+takes
 model.safetensors (or the shards its index names) or, failing that, pytorch_model.bin through
 torch.load(weights_only=True); GPT-2 checkpoints from the Hub store keys with or without the `transformer.`
 prefix and carry the causal-mask buffers (`attn.bias`, `attn.masked_bias`), which hold no weights.
@@ -32,17 +33,27 @@ ACTIVATION_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 ACTIVATION_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}  # same function
 REPRESENTABLE = {"V", "T", "C", "L", "H", "d_ff", "dropout", "bias", "tie_embeddings", "activation", "ln_eps"}
 BLOCK_LAYOUT = (  # (ours, theirs, transposed): the weights of block i
-    ("ln1.weight", "ln_1.weight", False), ("ln1.bias", "ln_1.bias", False),
-    ("attn.qkv.weight", "attn.c_attn.weight", True), ("attn.qkv.bias", "attn.c_attn.bias", False),
-    ("attn.proj.weight", "attn.c_proj.weight", True), ("attn.proj.bias", "attn.c_proj.bias", False),
-    ("ln2.weight", "ln_2.weight", False), ("ln2.bias", "ln_2.bias", False),
-    ("mlp.up.weight", "mlp.c_fc.weight", True), ("mlp.up.bias", "mlp.c_fc.bias", False),
-    ("mlp.down.weight", "mlp.c_proj.weight", True), ("mlp.down.bias", "mlp.c_proj.bias", False),
+    ("ln1.weight", "ln_1.weight", False),
+    ("ln1.bias", "ln_1.bias", False),
+    ("attn.qkv.weight", "attn.c_attn.weight", True),
+    ("attn.qkv.bias", "attn.c_attn.bias", False),
+    ("attn.proj.weight", "attn.c_proj.weight", True),
+    ("attn.proj.bias", "attn.c_proj.bias", False),
+    ("ln2.weight", "ln_2.weight", False),
+    ("ln2.bias", "ln_2.bias", False),
+    ("mlp.up.weight", "mlp.c_fc.weight", True),
+    ("mlp.up.bias", "mlp.c_fc.bias", False),
+    ("mlp.down.weight", "mlp.c_proj.weight", True),
+    ("mlp.down.bias", "mlp.c_proj.bias", False),
 )
 
 
-TOP_LAYOUT = (("tok_emb.weight", "transformer.wte.weight"), ("pos_emb.weight", "transformer.wpe.weight"),
-              ("ln_f.weight", "transformer.ln_f.weight"), ("ln_f.bias", "transformer.ln_f.bias"))
+TOP_LAYOUT = (
+    ("tok_emb.weight", "transformer.wte.weight"),
+    ("pos_emb.weight", "transformer.wpe.weight"),
+    ("ln_f.weight", "transformer.ln_f.weight"),
+    ("ln_f.bias", "transformer.ln_f.bias"),
+)
 
 
 def layout(L: int) -> list[tuple[str, str, bool]]:
@@ -56,8 +67,11 @@ def layout(L: int) -> list[tuple[str, str, bool]]:
 def unrepresentable(model_cfg: dict[str, Any]) -> list[str]:
     """Why a model cannot be written as GPT-2, one line per option (empty: it can)."""
     cfg, defaults = complete_model_cfg(model_cfg), complete_model_cfg({})
-    out = [f"model_cfg.{k}={json.dumps(cfg[k])} has no GPT-2 equivalent" for k in sorted(set(cfg) - REPRESENTABLE)
-           if cfg[k] != defaults.get(k, object()) and k != "architecture"]
+    out = [
+        f"model_cfg.{k}={json.dumps(cfg[k])} has no GPT-2 equivalent"
+        for k in sorted(set(cfg) - REPRESENTABLE)
+        if cfg[k] != defaults.get(k, object()) and k != "architecture"
+    ]
     if cfg.get("activation") not in ACTIVATION_TO_HF:
         out.append(f"model_cfg.activation={json.dumps(cfg.get('activation'))} has no GPT-2 activation_function")
     return out
@@ -67,14 +81,31 @@ def hf_config(model_cfg: dict[str, Any], special: dict[str, int], eos: str, pad:
     """config.json of the GPT2LMHeadModel that computes what our model computes."""
     m = ModelConfig(**complete_model_cfg(model_cfg))
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": m.V, "n_positions": m.T, "n_ctx": m.T, "n_embd": m.C, "n_layer": m.L, "n_head": m.H, "n_inner": m.d_ff,
-        "activation_function": ACTIVATION_TO_HF[m.activation], "layer_norm_epsilon": m.ln_eps,
-        "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
-        "tie_word_embeddings": m.tie_embeddings, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False, "add_cross_attention": False, "initializer_range": 0.02,
-        "bos_token_id": special[pad], "eos_token_id": special[eos], "pad_token_id": special[pad],
-        "use_cache": True, "torch_dtype": "float32",
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": m.V,
+        "n_positions": m.T,
+        "n_ctx": m.T,
+        "n_embd": m.C,
+        "n_layer": m.L,
+        "n_head": m.H,
+        "n_inner": m.d_ff,
+        "activation_function": ACTIVATION_TO_HF[m.activation],
+        "layer_norm_epsilon": m.ln_eps,
+        "resid_pdrop": m.dropout,
+        "embd_pdrop": m.dropout,
+        "attn_pdrop": m.dropout,
+        "tie_word_embeddings": m.tie_embeddings,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "initializer_range": 0.02,
+        "bos_token_id": special[pad],
+        "eos_token_id": special[eos],
+        "pad_token_id": special[pad],
+        "use_cache": True,
+        "torch_dtype": "float32",
     }
 
 
@@ -98,11 +129,15 @@ POSITIVE_INTS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 
 def value_problems(hf: dict[str, Any], where: str) -> list[str]:
     """Types and ranges of the config.json values the model is built from, before anything is built from them."""
+
     def whole(x):
         return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
-    out = [f"{where}: {key} is {json.dumps(hf[key])}, expected a positive integer"
-           for key in POSITIVE_INTS if key in hf and not whole(hf[key])]
+    out = [
+        f"{where}: {key} is {json.dumps(hf[key])}, expected a positive integer"
+        for key in POSITIVE_INTS
+        if key in hf and not whole(hf[key])
+    ]
     if hf.get("n_inner") is not None and not whole(hf["n_inner"]):
         out.append(f"{where}: n_inner is {json.dumps(hf['n_inner'])}, expected a positive integer or null")
     eps = hf.get("layer_norm_epsilon", 1e-5)
@@ -119,37 +154,63 @@ def value_problems(hf: dict[str, Any], where: str) -> list[str]:
 def model_cfg_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """Our model_cfg for a GPT-2 config.json; refuses the GPT-2 options our model does not compute."""
     problems = []
-    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                    ("add_cross_attention", False)):
+    for key, ok in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ):
         if hf.get(key, ok) != ok:
-            problems.append(f"{where}: {key} is {json.dumps(hf.get(key))}; this trainer's attention needs {json.dumps(ok)}")
+            problems.append(
+                f"{where}: {key} is {json.dumps(hf.get(key))}; this trainer's attention needs {json.dumps(ok)}"
+            )
     act = hf.get("activation_function", "gelu_new")
     if not isinstance(act, str) or act not in ACTIVATION_FROM_HF:
-        problems.append(f"{where}: activation_function {json.dumps(act)} is not one this trainer computes "
-                        f"({', '.join(ACTIVATION_FROM_HF)})")
+        problems.append(
+            f"{where}: activation_function {json.dumps(act)} is not one this trainer computes "
+            f"({', '.join(ACTIVATION_FROM_HF)})"
+        )
     problems += value_problems(hf, where)
     if problems:
         raise UserError(problems)
     C = hf.get("n_embd", 768)
-    return complete_model_cfg({
-        "V": hf.get("vocab_size", 50257), "T": hf.get("n_positions", 1024), "C": C, "L": hf.get("n_layer", 12),
-        "H": hf.get("n_head", 12), "d_ff": hf.get("n_inner") or 4 * C, "bias": True,
-        "tie_embeddings": hf.get("tie_word_embeddings", True), "activation": ACTIVATION_FROM_HF[act],
-        "ln_eps": hf.get("layer_norm_epsilon", 1e-5),
-    })
+    return complete_model_cfg(
+        {
+            "V": hf.get("vocab_size", 50257),
+            "T": hf.get("n_positions", 1024),
+            "C": C,
+            "L": hf.get("n_layer", 12),
+            "H": hf.get("n_head", 12),
+            "d_ff": hf.get("n_inner") or 4 * C,
+            "bias": True,
+            "tie_embeddings": hf.get("tie_word_embeddings", True),
+            "activation": ACTIVATION_FROM_HF[act],
+            "ln_eps": hf.get("layer_norm_epsilon", 1e-5),
+        }
+    )
 
 
-CONFIG_NAMES = {"V": "vocab_size", "T": "n_positions", "C": "n_embd", "L": "n_layer", "H": "n_head",
-                "d_ff": "n_inner (4 x n_embd when null)", "tie_embeddings": "tie_word_embeddings",
-                "activation": "activation_function", "ln_eps": "layer_norm_epsilon"}
+CONFIG_NAMES = {
+    "V": "vocab_size",
+    "T": "n_positions",
+    "C": "n_embd",
+    "L": "n_layer",
+    "H": "n_head",
+    "d_ff": "n_inner (4 x n_embd when null)",
+    "tie_embeddings": "tie_word_embeddings",
+    "activation": "activation_function",
+    "ln_eps": "layer_norm_epsilon",
+}
 
 
 def mismatches(hf_cfg: dict[str, Any], model: ModelConfig, where: str) -> list[str]:
     """One line per model option where the config disagrees with the checkpoint's config.json. A larger V is no
     mismatch: the embedding grows by rows for the tokens the checkpoint lacks (`grow_vocab`)."""
     ours = model.to_dict()
-    out = [] if model.bias or not hf_cfg["bias"] else [
-        f"{where}: GPT-2 layers have biases, model_cfg.bias is false (set model_cfg.bias to true)"]
+    out = (
+        []
+        if model.bias or not hf_cfg["bias"]
+        else [f"{where}: GPT-2 layers have biases, model_cfg.bias is false (set model_cfg.bias to true)"]
+    )
     for key, name in CONFIG_NAMES.items():
         want, have = hf_cfg[key], ours[key]
         if key == "V" and have >= want or want == have:
@@ -179,7 +240,9 @@ def state_from_hf(tensors: dict[str, torch.Tensor], model_cfg: dict[str, Any], w
     if m.tie_embeddings:
         state["lm_head.weight"] = state.get("tok_emb.weight")
         if head is not None and "tok_emb.weight" in state and not torch.equal(head.float(), state["tok_emb.weight"]):
-            problems.append(f"{where}: tie_word_embeddings is true but lm_head.weight differs from transformer.wte.weight")
+            problems.append(
+                f"{where}: tie_word_embeddings is true but lm_head.weight differs from transformer.wte.weight"
+            )
     elif head is None:
         problems.append(f"{where}: weight lm_head.weight is missing (tie_word_embeddings is false)")
     else:

@@ -38,43 +38,104 @@ from trainer_accel.models.config import (
     rope_scaling_problems,
 )
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 MODEL_TYPES = tuple(ARCHITECTURES)
-ACTIVATION_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                      "gelu_new": "gelu_tanh"}
+ACTIVATION_FROM_HF = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+}
 ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # What each family's transformers config class takes for a key its config.json leaves out (None: derived, as
 # transformers derives it: num_key_value_heads from num_attention_heads, head_dim from hidden_size / heads).
 # tests/test_model_families.py compares every value with the installed transformers' config classes.
 COMMON_DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
 FAMILY_DEFAULTS = {
-    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None,
-              "max_position_embeddings": 2048, "sliding_window": None},
-    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None,
-                "max_position_embeddings": 131072, "sliding_window": 4096},
-    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None,
-              "max_position_embeddings": 32768, "sliding_window": None},
-    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
-              "max_position_embeddings": 32768, "sliding_window": None},
+    "llama": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": None,
+        "head_dim": None,
+        "max_position_embeddings": 2048,
+        "sliding_window": None,
+    },
+    "mistral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": None,
+        "max_position_embeddings": 131072,
+        "sliding_window": 4096,
+    },
+    "qwen2": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": None,
+        "max_position_embeddings": 32768,
+        "sliding_window": None,
+    },
+    "qwen3": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+        "max_position_embeddings": 32768,
+        "sliding_window": None,
+    },
 }
 # what the family's own model computes, beside what every one of them computes (rope, rmsnorm, gated, no bias)
 FAMILY_SWITCHES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
-BLOCK_NORMS = (("ln1.weight", "input_layernorm.weight"), ("ln2.weight", "post_attention_layernorm.weight"),
-               ("attn.proj.weight", "self_attn.o_proj.weight"), ("mlp.down.weight", "mlp.down_proj.weight"))
+BLOCK_NORMS = (
+    ("ln1.weight", "input_layernorm.weight"),
+    ("ln2.weight", "post_attention_layernorm.weight"),
+    ("attn.proj.weight", "self_attn.o_proj.weight"),
+    ("mlp.down.weight", "mlp.down_proj.weight"),
+)
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-CONFIG_NAMES = {"V": "vocab_size", "T": "max_position_embeddings", "C": "hidden_size", "L": "num_hidden_layers",
-                "H": "num_attention_heads", "d_ff": "intermediate_size", "n_kv_heads": "num_key_value_heads",
-                "head_dim": "head_dim", "tie_embeddings": "tie_word_embeddings", "activation": "hidden_act",
-                "ln_eps": "rms_norm_eps", "rope_theta": "rope_theta", "rope_scaling": "rope_scaling",
-                "qkv_bias": "q/k/v biases (Qwen2)", "qk_norm": "q/k norm (Qwen3)",
-                "max_positions": "max_position_embeddings", "sliding_window": "sliding_window", "position": "position encoding", "norm": "norm",
-                "mlp": "MLP", "bias": "biases"}
+CONFIG_NAMES = {
+    "V": "vocab_size",
+    "T": "max_position_embeddings",
+    "C": "hidden_size",
+    "L": "num_hidden_layers",
+    "H": "num_attention_heads",
+    "d_ff": "intermediate_size",
+    "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "tie_embeddings": "tie_word_embeddings",
+    "activation": "hidden_act",
+    "ln_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "rope_scaling": "rope_scaling",
+    "qkv_bias": "q/k/v biases (Qwen2)",
+    "qk_norm": "q/k norm (Qwen3)",
+    "max_positions": "max_position_embeddings",
+    "sliding_window": "sliding_window",
+    "position": "position encoding",
+    "norm": "norm",
+    "mlp": "MLP",
+    "bias": "biases",
+}
 
 
 def is_llama_like(model_cfg: dict[str, Any]) -> bool:
@@ -85,9 +146,11 @@ def is_llama_like(model_cfg: dict[str, Any]) -> bool:
 def rope_of(hf: dict[str, Any]) -> tuple[Any, Any]:
     """(theta, scaling or None) from either form a config.json carries: transformers 5's `rope_parameters`, or the
     `rope_theta` and `rope_scaling` that configs written before it (every model on the Hub today) hold."""
+
     def plain(scaling: Any) -> bool:  # rope_type "default" is the plain rotation, whatever else the dict holds
-        return scaling is None or (isinstance(scaling, dict)
-                                   and scaling.get("rope_type", scaling.get("type")) == "default")
+        return scaling is None or (
+            isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
+        )
 
     params = hf.get("rope_parameters")
     params = params if isinstance(params, dict) else {}
@@ -104,15 +167,20 @@ def _whole(x: Any) -> bool:
 def refusals(hf: dict[str, Any], where: str) -> list[str]:
     """The settings of a config.json that this trainer cannot compute exactly, and values of the wrong type."""
     kind = hf.get("model_type")
-    out = [f"{where}: {key} is {json.dumps(hf[key])}, expected a positive integer"
-           for key in POSITIVE_INTS if key in hf and not _whole(hf[key])]
+    out = [
+        f"{where}: {key} is {json.dumps(hf[key])}, expected a positive integer"
+        for key in POSITIVE_INTS
+        if key in hf and not _whole(hf[key])
+    ]
     for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
         if hf.get(key) is not None and not _whole(hf[key]):
             out.append(f"{where}: {key} is {json.dumps(hf[key])}, expected a positive integer or null")
     archs = hf.get("architectures")
     if archs is not None and archs != [ARCHITECTURES[kind]]:
-        out.append(f"{where}: architectures {json.dumps(archs)}; model_type {json.dumps(kind)} is read as "
-                   f"[\"{ARCHITECTURES[kind]}\"] only")
+        out.append(
+            f"{where}: architectures {json.dumps(archs)}; model_type {json.dumps(kind)} is read as "
+            f'["{ARCHITECTURES[kind]}"] only'
+        )
     window = hf.get("sliding_window")
     types = hf.get("layer_types")
     if types is not None and not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
@@ -127,9 +195,11 @@ def refusals(hf: dict[str, Any], where: str) -> list[str]:
     if out:
         return out
     if hf.get("use_sliding_window") or any(t != "full_attention" for t in types or []):
-        out.append(f"{where}: sliding-window attention in some layers (use_sliding_window, layer_types; "
-                   f"sliding_window {json.dumps(window)}) is not computed by this trainer; refused rather than "
-                   "approximated")
+        out.append(
+            f"{where}: sliding-window attention in some layers (use_sliding_window, layer_types; "
+            f"sliding_window {json.dumps(window)}) is not computed by this trainer; refused rather than "
+            "approximated"
+        )
     if kind == "mistral" and window is not None and not _whole(window):
         out.append(f"{where}: sliding_window is {json.dumps(window)}, expected a positive integer or null")
     if hf.get("attention_bias") and kind != "qwen2":
@@ -138,12 +208,16 @@ def refusals(hf: dict[str, Any], where: str) -> list[str]:
         out.append(f"{where}: mlp_bias true is not computed by this trainer")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         out.append(f"{where}: partial_rotary_factor {hf['partial_rotary_factor']} is not computed (only 1.0)")
-    out += [f"{where}: {key} {json.dumps(hf[key])}: mixture-of-experts is not computed by this trainer"
-            for key in MOE_KEYS if hf.get(key)]
+    out += [
+        f"{where}: {key} {json.dumps(hf[key])}: mixture-of-experts is not computed by this trainer"
+        for key in MOE_KEYS
+        if hf.get(key)
+    ]
     act = hf.get("hidden_act") or "silu"
     if act not in ACTIVATION_FROM_HF:
-        out.append(f"{where}: hidden_act {json.dumps(act)} is not one this trainer computes "
-                   f"({', '.join(ACTIVATION_FROM_HF)})")
+        out.append(
+            f"{where}: hidden_act {json.dumps(act)} is not one this trainer computes ({', '.join(ACTIVATION_FROM_HF)})"
+        )
     theta, scaling = rope_of(hf)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
         out.append(f"{where}: rope_theta is {json.dumps(theta)}, expected a positive number")
@@ -162,8 +236,16 @@ def family_value(hf: dict[str, Any], key: str) -> Any:
     a null that transformers replaces with its default is replaced here too."""
     defaults = {**COMMON_DEFAULTS, **FAMILY_DEFAULTS[hf.get("model_type")]}
     value = hf.get(key, defaults[key])
-    if value is None and key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                 "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act"):
+    if value is None and key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "hidden_act",
+    ):
         value = defaults[key]
     return value
 
@@ -180,21 +262,38 @@ def model_cfg_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     C, H = family_value(hf, "hidden_size"), family_value(hf, "num_attention_heads")
     head_dim = family_value(hf, "head_dim") or (C // H if C % H == 0 else None)
     if head_dim is None:
-        raise UserError(f"{where}: hidden_size {C} is not divisible by num_attention_heads {H} and no head_dim is given")
+        raise UserError(
+            f"{where}: hidden_size {C} is not divisible by num_attention_heads {H} and no head_dim is given"
+        )
     T = family_value(hf, "max_position_embeddings")
     window = family_value(hf, "sliding_window") if kind == "mistral" else None
-    return complete_model_cfg({
-        "V": family_value(hf, "vocab_size"), "C": C, "L": family_value(hf, "num_hidden_layers"), "H": H,
-        "d_ff": family_value(hf, "intermediate_size"), "bias": False,
-        "tie_embeddings": family_value(hf, "tie_word_embeddings"),
-        "activation": ACTIVATION_FROM_HF[family_value(hf, "hidden_act")],
-        "ln_eps": float(family_value(hf, "rms_norm_eps")), "position": "rope", "rope_theta": float(theta),
-        "rope_scaling": dict(scaling) if scaling else None, "norm": "rmsnorm", "mlp": "gated",
-        "n_kv_heads": family_value(hf, "num_key_value_heads") or H, "head_dim": head_dim, "qkv_bias": qkv_bias,
-        "qk_norm": qk_norm, "max_positions": T, "architecture": ARCHITECTURES[kind],
-        # a window computes the whole context up to its length: the directory's own context is that much of it
-        "T": min(T, window) if window else T, "sliding_window": window,
-    })
+    return complete_model_cfg(
+        {
+            "V": family_value(hf, "vocab_size"),
+            "C": C,
+            "L": family_value(hf, "num_hidden_layers"),
+            "H": H,
+            "d_ff": family_value(hf, "intermediate_size"),
+            "bias": False,
+            "tie_embeddings": family_value(hf, "tie_word_embeddings"),
+            "activation": ACTIVATION_FROM_HF[family_value(hf, "hidden_act")],
+            "ln_eps": float(family_value(hf, "rms_norm_eps")),
+            "position": "rope",
+            "rope_theta": float(theta),
+            "rope_scaling": dict(scaling) if scaling else None,
+            "norm": "rmsnorm",
+            "mlp": "gated",
+            "n_kv_heads": family_value(hf, "num_key_value_heads") or H,
+            "head_dim": head_dim,
+            "qkv_bias": qkv_bias,
+            "qk_norm": qk_norm,
+            "max_positions": T,
+            "architecture": ARCHITECTURES[kind],
+            # a window computes the whole context up to its length: the directory's own context is that much of it
+            "T": min(T, window) if window else T,
+            "sliding_window": window,
+        }
+    )
 
 
 def family_of(model_cfg: dict[str, Any]) -> str:
@@ -212,8 +311,11 @@ def unrepresentable(model_cfg: dict[str, Any]) -> list[str]:
     """Why a model cannot be written as a Llama-family model, one line per option (empty: it can)."""
     cfg = complete_model_cfg(model_cfg)
     need = {"position": "rope", "norm": "rmsnorm", "mlp": "gated", "bias": False}
-    out = [f"model_cfg.{k}={json.dumps(cfg[k])}: a Llama-family model has {json.dumps(v)}"
-           for k, v in need.items() if cfg[k] != v]
+    out = [
+        f"model_cfg.{k}={json.dumps(cfg[k])}: a Llama-family model has {json.dumps(v)}"
+        for k, v in need.items()
+        if cfg[k] != v
+    ]
     if cfg["qkv_bias"] and cfg["qk_norm"]:
         out.append("model_cfg.qkv_bias and qk_norm together: no Hugging Face family has both")
     if cfg["activation"] not in ACTIVATION_TO_HF:
@@ -227,14 +329,28 @@ def hf_config(model_cfg: dict[str, Any], special: dict[str, int], eos: str, pad:
     m = ModelConfig(**complete_model_cfg(model_cfg))
     kind = family_of(model_cfg)
     out = {
-        "architectures": [ARCHITECTURES[kind]], "model_type": kind,
-        "vocab_size": m.V, "hidden_size": m.C, "intermediate_size": m.d_ff, "num_hidden_layers": m.L,
-        "num_attention_heads": m.H, "num_key_value_heads": m.kv_heads, "head_dim": m.hd,
-        "hidden_act": ACTIVATION_TO_HF[m.activation], "max_position_embeddings": m.max_positions or m.T,
-        "rms_norm_eps": m.ln_eps, "rope_theta": m.rope_theta, "rope_scaling": m.rope_scaling,
-        "tie_word_embeddings": m.tie_embeddings, "attention_dropout": m.dropout, "initializer_range": 0.02,
-        "bos_token_id": special[pad], "eos_token_id": special[eos], "pad_token_id": special[pad],
-        "use_cache": True, "torch_dtype": "float32",
+        "architectures": [ARCHITECTURES[kind]],
+        "model_type": kind,
+        "vocab_size": m.V,
+        "hidden_size": m.C,
+        "intermediate_size": m.d_ff,
+        "num_hidden_layers": m.L,
+        "num_attention_heads": m.H,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.hd,
+        "hidden_act": ACTIVATION_TO_HF[m.activation],
+        "max_position_embeddings": m.max_positions or m.T,
+        "rms_norm_eps": m.ln_eps,
+        "rope_theta": m.rope_theta,
+        "rope_scaling": m.rope_scaling,
+        "tie_word_embeddings": m.tie_embeddings,
+        "attention_dropout": m.dropout,
+        "initializer_range": 0.02,
+        "bos_token_id": special[pad],
+        "eos_token_id": special[eos],
+        "pad_token_id": special[pad],
+        "use_cache": True,
+        "torch_dtype": "float32",
     }
     if kind in ("llama", "qwen3"):
         out.update(attention_bias=False)
@@ -250,12 +366,20 @@ def hf_config(model_cfg: dict[str, Any], special: dict[str, int], eos: str, pad:
 def _stacked(m: ModelConfig) -> dict[str, list[tuple[str, int]]]:
     """Our stacked weights of one block -> (HF name, rows) of each part, in order."""
     q, kv = m.H * m.hd, m.kv_heads * m.hd
-    out = {"attn.qkv.weight": [("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
-                               ("self_attn.v_proj.weight", kv)],
-           "mlp.up.weight": [("mlp.gate_proj.weight", m.d_ff), ("mlp.up_proj.weight", m.d_ff)]}
+    out = {
+        "attn.qkv.weight": [
+            ("self_attn.q_proj.weight", q),
+            ("self_attn.k_proj.weight", kv),
+            ("self_attn.v_proj.weight", kv),
+        ],
+        "mlp.up.weight": [("mlp.gate_proj.weight", m.d_ff), ("mlp.up_proj.weight", m.d_ff)],
+    }
     if m.qkv_bias:
-        out["attn.qkv.bias"] = [("self_attn.q_proj.bias", q), ("self_attn.k_proj.bias", kv),
-                                ("self_attn.v_proj.bias", kv)]
+        out["attn.qkv.bias"] = [
+            ("self_attn.q_proj.bias", q),
+            ("self_attn.k_proj.bias", kv),
+            ("self_attn.v_proj.bias", kv),
+        ]
     return out
 
 
@@ -287,14 +411,27 @@ def hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     out = {"model.embed_tokens.weight": (m.V, m.C), "model.norm.weight": (m.C,)}
     for i in range(m.L):
         p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (m.C,), p + "post_attention_layernorm.weight": (m.C,),
-                    p + "self_attn.q_proj.weight": (q, m.C), p + "self_attn.k_proj.weight": (kv, m.C),
-                    p + "self_attn.v_proj.weight": (kv, m.C), p + "self_attn.o_proj.weight": (m.C, q),
-                    p + "mlp.gate_proj.weight": (m.d_ff, m.C), p + "mlp.up_proj.weight": (m.d_ff, m.C),
-                    p + "mlp.down_proj.weight": (m.C, m.d_ff)})
+        out.update(
+            {
+                p + "input_layernorm.weight": (m.C,),
+                p + "post_attention_layernorm.weight": (m.C,),
+                p + "self_attn.q_proj.weight": (q, m.C),
+                p + "self_attn.k_proj.weight": (kv, m.C),
+                p + "self_attn.v_proj.weight": (kv, m.C),
+                p + "self_attn.o_proj.weight": (m.C, q),
+                p + "mlp.gate_proj.weight": (m.d_ff, m.C),
+                p + "mlp.up_proj.weight": (m.d_ff, m.C),
+                p + "mlp.down_proj.weight": (m.C, m.d_ff),
+            }
+        )
         if m.qkv_bias:
-            out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                        p + "self_attn.v_proj.bias": (kv,)})
+            out.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
         if m.qk_norm:
             out.update({p + "self_attn.q_norm.weight": (m.hd,), p + "self_attn.k_norm.weight": (m.hd,)})
     if not m.tie_embeddings:
@@ -309,12 +446,17 @@ def state_from_hf(tensors: dict[str, torch.Tensor], model_cfg: dict[str, Any], w
     m = ModelConfig(**complete_model_cfg(model_cfg))
     found = {k: t for k, t in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer older files hold
     shapes = hf_shapes(m)
-    wrong = [f"{k} is {list(t.shape)}, config.json gives it {list(shapes[k])}"
-             for k, t in found.items() if k in shapes and tuple(t.shape) != shapes[k]]
+    wrong = [
+        f"{k} is {list(t.shape)}, config.json gives it {list(shapes[k])}"
+        for k, t in found.items()
+        if k in shapes and tuple(t.shape) != shapes[k]
+    ]
     if wrong:  # one line: a wrong width in config.json makes every weight wrong
-        raise UserError(f"{where}: {len(wrong)} weight(s) do not have the shape config.json gives them "
-                        f"(config.json and the weights are of different models): {'; '.join(wrong[:3])}"
-                        + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+        raise UserError(
+            f"{where}: {len(wrong)} weight(s) do not have the shape config.json gives them "
+            f"(config.json and the weights are of different models): {'; '.join(wrong[:3])}"
+            + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        )
     problems: list[str] = []
     missing: list[str] = []
 
@@ -335,26 +477,51 @@ def state_from_hf(tensors: dict[str, torch.Tensor], model_cfg: dict[str, Any], w
     if m.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
         if head is not None and state["tok_emb.weight"] is not None and not torch.equal(head, state["tok_emb.weight"]):
-            problems.append(f"{where}: tie_word_embeddings is true but lm_head.weight differs from "
-                            "model.embed_tokens.weight")
+            problems.append(
+                f"{where}: tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight"
+            )
     elif head is None:
         problems.append(f"{where}: weight lm_head.weight is missing (tie_word_embeddings is false)")
     else:
         state["lm_head.weight"] = head
     if missing:
-        problems.insert(0, f"{where}: {len(missing)} weight(s) missing that config.json calls for: "
-                        f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        problems.insert(
+            0,
+            f"{where}: {len(missing)} weight(s) missing that config.json calls for: "
+            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}",
+        )
     if found:
-        problems.append(f"{where}: {len(found)} unexpected weight(s), not part of a "
-                        f"{ARCHITECTURES.get(family_of(model_cfg))} as config.json describes it: "
-                        f"{', '.join(sorted(found)[:4])}{' ...' if len(found) > 4 else ''}")
+        problems.append(
+            f"{where}: {len(found)} unexpected weight(s), not part of a "
+            f"{ARCHITECTURES.get(family_of(model_cfg))} as config.json describes it: "
+            f"{', '.join(sorted(found)[:4])}{' ...' if len(found) > 4 else ''}"
+        )
     if problems:
         raise UserError(problems)
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-CHECKED = ("C", "L", "H", "d_ff", "n_kv_heads", "head_dim", "tie_embeddings", "activation", "ln_eps", "position",
-           "rope_theta", "rope_scaling", "norm", "mlp", "bias", "qkv_bias", "qk_norm", "max_positions", "sliding_window")
+CHECKED = (
+    "C",
+    "L",
+    "H",
+    "d_ff",
+    "n_kv_heads",
+    "head_dim",
+    "tie_embeddings",
+    "activation",
+    "ln_eps",
+    "position",
+    "rope_theta",
+    "rope_scaling",
+    "norm",
+    "mlp",
+    "bias",
+    "qkv_bias",
+    "qk_norm",
+    "max_positions",
+    "sliding_window",
+)
 
 
 def mismatches(hf_cfg: dict[str, Any], model: ModelConfig, where: str) -> list[str]:
@@ -363,13 +530,19 @@ def mismatches(hf_cfg: dict[str, Any], model: ModelConfig, where: str) -> list[s
     theirs, ours = resolved_model_cfg(hf_cfg), resolved_model_cfg(model.to_dict())
     out = []
     if ours["V"] < theirs["V"]:
-        out.append(f"{where}: vocab_size is {theirs['V']} there, model_cfg.V is {ours['V']} (model_cfg.V must be at "
-                   f"least {theirs['V']})")
+        out.append(
+            f"{where}: vocab_size is {theirs['V']} there, model_cfg.V is {ours['V']} (model_cfg.V must be at "
+            f"least {theirs['V']})"
+        )
     if ours["T"] > theirs["max_positions"]:
-        out.append(f"{where}: max_position_embeddings is {theirs['max_positions']} there, model_cfg.T is {ours['T']} "
-                   "(train at a T up to it)")
+        out.append(
+            f"{where}: max_position_embeddings is {theirs['max_positions']} there, model_cfg.T is {ours['T']} "
+            "(train at a T up to it)"
+        )
     for key in CHECKED:
         if ours[key] != theirs[key]:
-            out.append(f"{where}: {CONFIG_NAMES[key]} is {json.dumps(theirs[key])} there, model_cfg.{key} is "
-                       f"{json.dumps(ours[key])} (set model_cfg.{key} to {json.dumps(theirs[key])})")
+            out.append(
+                f"{where}: {CONFIG_NAMES[key]} is {json.dumps(theirs[key])} there, model_cfg.{key} is "
+                f"{json.dumps(ours[key])} (set model_cfg.{key} to {json.dumps(theirs[key])})"
+            )
     return out

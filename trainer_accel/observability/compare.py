@@ -32,16 +32,20 @@ class RunSeries:
     records: list[dict]
 
     def summary(self) -> dict:
-        trained = [e for e in self.evals if e["step"] > 0 and e.get("val/loss") is not None] or \
-                  [e for e in self.evals if e.get("val/loss") is not None]
+        trained = [e for e in self.evals if e["step"] > 0 and e.get("val/loss") is not None] or [
+            e for e in self.evals if e.get("val/loss") is not None
+        ]
         best = min(trained, key=lambda e: e["val/loss"], default=None)
         speeds = [r["train/tokens_per_sec"] for r in self.train if r.get("train/tokens_per_sec")]
         times = [r["time"] for r in self.records]
         return {
-            "run": self.label, "run_id": self.run_id, "phase": self.phase,
+            "run": self.label,
+            "run_id": self.run_id,
+            "phase": self.phase,
             "steps": max((r["step"] for r in self.train), default=0),
             "tokens": max((r.get("train/tokens_seen") or 0 for r in self.train), default=0),
-            "best_val_loss": None if best is None else best["val/loss"], "best_step": None if best is None else best["step"],
+            "best_val_loss": None if best is None else best["val/loss"],
+            "best_step": None if best is None else best["step"],
             "tokens_per_sec": sum(speeds) / len(speeds) if speeds else None,
             "wall_s": max(times) - min(times) if times else 0.0,
         }
@@ -71,8 +75,16 @@ def load_runs(runs: list[Path]) -> list[RunSeries]:
             problems.append(f"{path}: holds no training records")
         label = run.resolve().name if run.is_dir() else path.resolve().parent.parent.name or path.stem
         for (run_id, phase), recs in found:
-            series.append(RunSeries(label, run_id, phase, [r for r in recs if r["event"] == "train"],
-                                    [r for r in recs if r["event"] == "eval"], recs))
+            series.append(
+                RunSeries(
+                    label,
+                    run_id,
+                    phase,
+                    [r for r in recs if r["event"] == "train"],
+                    [r for r in recs if r["event"] == "eval"],
+                    recs,
+                )
+            )
     raise_if_any(problems)
     return series
 
@@ -94,7 +106,9 @@ def plot(series: list[RunSeries], out: Path) -> None:
         evals = [e for e in s.evals if e.get("val/loss") is not None]
         for col, x_of in ((0, lambda r: r["step"]), (1, lambda r: tokens_at.get(r["step"], 0))):
             axes[0, col].plot([x_of(r) for r in s.train], [r["train/loss"] for r in s.train], **style)
-            axes[1, col].plot([x_of(e) for e in evals], [e["val/loss"] for e in evals], marker="o", markersize=3, **style)
+            axes[1, col].plot(
+                [x_of(e) for e in evals], [e["val/loss"] for e in evals], marker="o", markersize=3, **style
+            )
     for row, name in enumerate(("train loss", "val loss")):
         for col, xlabel in enumerate(("step", "tokens seen")):
             ax = axes[row, col]
@@ -109,22 +123,28 @@ def plot(series: list[RunSeries], out: Path) -> None:
 
 
 def format_table(series: list[RunSeries]) -> str:
-    head = f"{'run':<16} {'run_id':<12} {'phase':<8} {'steps':>7} {'tokens':>12} {'best val':>9} {'at step':>7} {'tok/s':>9} {'wall s':>8}"
+    head = (
+        f"{'run':<16} {'run_id':<12} {'phase':<8} {'steps':>7} {'tokens':>12} {'best val':>9} {'at step':>7} "
+        f"{'tok/s':>9} {'wall s':>8}"
+    )
     lines = [head, "-" * len(head)]
     for s in series:
         m = s.summary()
         best = "-" if m["best_val_loss"] is None else f"{m['best_val_loss']:.4f}"
         tps = "-" if m["tokens_per_sec"] is None else f"{m['tokens_per_sec']:,.0f}"
-        lines.append(f"{m['run'][:16]:<16} {str(m['run_id'])[:12]:<12} {m['phase']:<8} {m['steps']:>7} {m['tokens']:>12,} "
-                     f"{best:>9} {str(m['best_step'] if m['best_step'] is not None else '-'):>7} {tps:>9} {m['wall_s']:>8.1f}")
+        lines.append(
+            f"{m['run'][:16]:<16} {str(m['run_id'])[:12]:<12} {m['phase']:<8} {m['steps']:>7} {m['tokens']:>12,} "
+            f"{best:>9} {str(m['best_step'] if m['best_step'] is not None else '-'):>7} {tps:>9} {m['wall_s']:>8.1f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.compare", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="artifacts dir or events.jsonl")
-    p.add_argument("--out", type=Path, default=None, help="the PNG to draw (default compare.png, when matplotlib is "
-                   "installed)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="the PNG to draw (default compare.png, when matplotlib is installed)"
+    )
     args = p.parse_args(argv)
     try:
         series = load_runs(args.runs)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class CompileCounts:
     graphs: int = 0  # graphs captured
     breaks: Counter = field(default_factory=Counter)  # graph breaks by their reason in one line (`summary`)
 
-    def __sub__(self, other: "CompileCounts") -> "CompileCounts":
+    def __sub__(self, other: CompileCounts) -> CompileCounts:
         return CompileCounts(self.frames - other.frames, self.graphs - other.graphs, self.breaks - other.breaks)
 
 
@@ -94,11 +94,24 @@ class CompileWatch:
             return None
         new_breaks = now.breaks - self._reported.breaks
         self._reported = now
-        figures = {"frames": now.frames, "graphs": now.graphs, "graph_breaks": sum(now.breaks.values()),
-                   "compiled_later": self.compiled_later, "warmup_frames": self.warmup_frames}
-        log.info("%s: torch.compile: %d frame(s) compiled (%d in the first train and eval calls, %d "
-                 "later), %d graph(s), %d graph break(s)%s", where, now.frames, self.warmup_frames, self.compiled_later,
-                 now.graphs, figures["graph_breaks"], " (reasons at debug level: run -v)" if new_breaks else "")
+        figures = {
+            "frames": now.frames,
+            "graphs": now.graphs,
+            "graph_breaks": sum(now.breaks.values()),
+            "compiled_later": self.compiled_later,
+            "warmup_frames": self.warmup_frames,
+        }
+        log.info(
+            "%s: torch.compile: %d frame(s) compiled (%d in the first train and eval calls, %d "
+            "later), %d graph(s), %d graph break(s)%s",
+            where,
+            now.frames,
+            self.warmup_frames,
+            self.compiled_later,
+            now.graphs,
+            figures["graph_breaks"],
+            " (reasons at debug level: run -v)" if new_breaks else "",
+        )
         for reason, n in new_breaks.items():
             log.debug("%s: graph break x%d: %s", where, n, reason)
         return figures

@@ -35,8 +35,13 @@ def code_version() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                    capture_output=True, text=True, timeout=10)
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             out["git_commit"] = commit.stdout.strip()
             out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):  # no git on this machine: the package version has to do
@@ -44,14 +49,16 @@ def code_version() -> dict[str, Any]:
     return out
 
 
-
 def parent_record(loaded: LoadedCheckpoint, relation: str) -> dict[str, Any]:
     """What a run records of the checkpoint it starts from, enough to follow the chain if the files move on."""
     meta = loaded.meta
     origin = (read_export_record(Path(loaded.source)) or {}) if Path(loaded.source).is_file() else {}  # an exported .pt
     return {
-        "relation": relation, "checkpoint": str(Path(loaded.source).resolve()), "step": loaded.step,
-        "phase": meta.get("phase") or origin.get("phase"), "run_id": meta.get("run_id") or origin.get("run_id"),
+        "relation": relation,
+        "checkpoint": str(Path(loaded.source).resolve()),
+        "step": loaded.step,
+        "phase": meta.get("phase") or origin.get("phase"),
+        "run_id": meta.get("run_id") or origin.get("run_id"),
         "data_fingerprint": meta.get("data_fingerprint") or origin.get("data_fingerprint"),
         "config_fingerprint": meta.get("config_fingerprint") or origin.get("config_fingerprint"),
         "model_sha256": model_sha256(meta) or origin.get("model_sha256"),
@@ -76,16 +83,38 @@ class ManifestSink:
     def __init__(self, path: Path, facts: dict[str, Any], start_step: int, resumed_from: str | None):
         self.path = path
         earlier = read_manifest(path)
-        session = {"started_at": now_iso(), "start_step": start_step, "resumed_from": resumed_from,
-                   "host": facts["host"], "pid": os.getpid()}
+        session = {
+            "started_at": now_iso(),
+            "start_step": start_step,
+            "resumed_from": resumed_from,
+            "host": facts["host"],
+            "pid": os.getpid(),
+        }
         if earlier is None:
-            self.m = {**facts, "status": "running", "started_at": session["started_at"], "finished_at": None,
-                      "start_step": start_step, "final_step": start_step, "best_val_loss": None, "best_val_step": None,
-                      "last_val_loss": None, "checkpoints": [], "failure": None, "sessions": [session]}
+            self.m = {
+                **facts,
+                "status": "running",
+                "started_at": session["started_at"],
+                "finished_at": None,
+                "start_step": start_step,
+                "final_step": start_step,
+                "best_val_loss": None,
+                "best_val_step": None,
+                "last_val_loss": None,
+                "checkpoints": [],
+                "failure": None,
+                "sessions": [session],
+            }
         else:  # a resumed run: the same record goes on, this process is one more session of it
-            self.m = {**earlier, **facts, "status": "running", "finished_at": None, "failure": None,
-                      "sessions": [*earlier.get("sessions", []), session],
-                      "parent": earlier.get("parent") or facts.get("parent")}
+            self.m = {
+                **earlier,
+                **facts,
+                "status": "running",
+                "finished_at": None,
+                "failure": None,
+                "sessions": [*earlier.get("sessions", []), session],
+                "parent": earlier.get("parent") or facts.get("parent"),
+            }
         write_manifest(path, self.m)
 
     def write(self, record: dict) -> None:
@@ -99,11 +128,16 @@ class ManifestSink:
         elif event == "checkpoint":
             path = str(Path(record["path"]).resolve())
             self.m["checkpoints"] = [c for c in self.m["checkpoints"] if c["path"] != path] + [
-                {"path": path, "step": step, "written_at": now_iso()}]
+                {"path": path, "step": step, "written_at": now_iso()}
+            ]
             self.m["best_val_loss"], self.m["best_val_step"] = record["best_val_loss"], record["best_val_step"]
         elif event == "run_end":
-            self.m.update(status="completed", finished_at=now_iso(), best_val_loss=record.get("best_val_loss"),
-                          best_val_step=record.get("best_val_step"))
+            self.m.update(
+                status="completed",
+                finished_at=now_iso(),
+                best_val_loss=record.get("best_val_loss"),
+                best_val_step=record.get("best_val_step"),
+            )
         elif event == "stopped":
             self.m.update(status="interrupted", finished_at=now_iso())
         elif event == "failure":
@@ -124,14 +158,34 @@ class ManifestSink:
         write_manifest(self.path, self.m)
 
 
-def run_facts(*, run_id: str, cfg, data_info: dict, device: str, processes: int, precision: str,
-              parent: dict | None, wandb_run_id: str | None) -> dict[str, Any]:
+def run_facts(
+    *,
+    run_id: str,
+    cfg,
+    data_info: dict,
+    device: str,
+    processes: int,
+    precision: str,
+    parent: dict | None,
+    wandb_run_id: str | None,
+) -> dict[str, Any]:
     """The fields of a manifest that are known before the first step (and refreshed by each session)."""
     return {
-        "run_id": run_id, "name": cfg.tracking.run_name or f"{cfg.phase}-{run_id}", "phase": cfg.phase,
-        "config_path": str(Path(cfg.path).resolve()), "overrides": list(cfg.overrides), "config": cfg.resolved(),
-        "config_fingerprint": cfg.fingerprint, "data_fingerprint": data_info.get("data_fingerprint"),
-        "caches": data_info.get("caches"), "tokenizer": data_info.get("tokenizer"), "code": code_version(),
-        "host": socket.gethostname(), "device": device, "processes": processes, "precision": precision,
-        "wandb_run_id": wandb_run_id, "parent": parent,
+        "run_id": run_id,
+        "name": cfg.tracking.run_name or f"{cfg.phase}-{run_id}",
+        "phase": cfg.phase,
+        "config_path": str(Path(cfg.path).resolve()),
+        "overrides": list(cfg.overrides),
+        "config": cfg.resolved(),
+        "config_fingerprint": cfg.fingerprint,
+        "data_fingerprint": data_info.get("data_fingerprint"),
+        "caches": data_info.get("caches"),
+        "tokenizer": data_info.get("tokenizer"),
+        "code": code_version(),
+        "host": socket.gethostname(),
+        "device": device,
+        "processes": processes,
+        "precision": precision,
+        "wandb_run_id": wandb_run_id,
+        "parent": parent,
     }

@@ -31,8 +31,11 @@ from typing import Any
 from trainer_accel.fsio import loads
 
 ALIASES = {
-    "loss": "train/loss", "train_loss": "train/loss",
-    "lr": "train/lr", "learning_rate": "train/lr", "train_lr": "train/lr",
+    "loss": "train/loss",
+    "train_loss": "train/loss",
+    "lr": "train/lr",
+    "learning_rate": "train/lr",
+    "train_lr": "train/lr",
 }
 METRIC_EVENTS = ("train", "eval")  # every step's and every evaluation's values: the CSV holds these
 TRACKED_EVENTS = ("progress", "eval")  # what TensorBoard and wandb chart: a point per progress line, per evaluation
@@ -82,7 +85,11 @@ class JsonlSink:
     def supersede_after(self, run_id: str, phase: str, step: int) -> int:
         self._f.close()
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        keep = [line for line in lines if (record := _parse(line)) is not None and not _superseded(record, run_id, phase, step)]
+        keep = [
+            line
+            for line in lines
+            if (record := _parse(line)) is not None and not _superseded(record, run_id, phase, step)
+        ]
         if len(keep) != len(lines):
             _rewrite_atomic(self.path, "".join(keep))
         self._f = open(self.path, "a", encoding="utf-8")
@@ -129,7 +136,8 @@ class CsvSink:
         if self._f is None:
             self._f = open(self.path, "a", newline="", encoding="utf-8")
         csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="ignore").writerow(
-            {k: "" if v is None else v for k, v in record.items()})
+            {k: "" if v is None else v for k, v in record.items()}
+        )
         self._f.flush()
 
     def supersede_after(self, run_id: str, phase: str, step: int) -> int:
@@ -169,7 +177,9 @@ class MetricsLog:
             sink.close()
 
 
-def open_metrics(metrics_dir: Path, events_path: Path, phase: str, run_id: str, stage_id: int, is_main: bool) -> MetricsLog:
+def open_metrics(
+    metrics_dir: Path, events_path: Path, phase: str, run_id: str, stage_id: int, is_main: bool
+) -> MetricsLog:
     sinks = [JsonlSink(events_path), CsvSink(metrics_dir / "metrics.csv")] if is_main else []
     return MetricsLog(sinks, phase, run_id, stage_id)
 

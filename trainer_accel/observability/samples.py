@@ -24,8 +24,9 @@ from trainer_accel.models.generation import generate
 from trainer_accel.models.gpt import GPT
 
 
-def sample_text(model: GPT, tok: Tokenizer, spec: SamplePrompt, default_seed: int,
-                chat_form: ChatFormat | None = None) -> str:
+def sample_text(
+    model: GPT, tok: Tokenizer, spec: SamplePrompt, default_seed: int, chat_form: ChatFormat | None = None
+) -> str:
     """One completion, deterministic for given weights, settings and seed. Usable on any GPT, e.g. after export.
     `chat_form`: the template of chat prompts (default: the built-in one)."""
     device = next(model.parameters()).device
@@ -34,23 +35,35 @@ def sample_text(model: GPT, tok: Tokenizer, spec: SamplePrompt, default_seed: in
     ids = form.prompt(spec.prompt, (), spec.system) if chat else tok.encode_prompt(spec.prompt)
     if not ids:
         ids = [tok.special.get(EOT, tok.special[DOC])]
-    ids = ids[-model.cfg.T:]
+    ids = ids[-model.cfg.T :]
     gen = torch.Generator().manual_seed(spec.seed if spec.seed is not None else default_seed)
-    out = generate(model, torch.tensor([ids], device=device), spec.max_new_tokens, spec.temperature, spec.top_k,
-                   generator=gen, stop_id=form.stop_id if chat else None)
-    new = out[0, len(ids):].tolist()
+    out = generate(
+        model,
+        torch.tensor([ids], device=device),
+        spec.max_new_tokens,
+        spec.temperature,
+        spec.top_k,
+        generator=gen,
+        stop_id=form.stop_id if chat else None,
+    )
+    new = out[0, len(ids) :].tolist()
     if chat and form.stop_id in new:
-        new = new[:new.index(form.stop_id)]
+        new = new[: new.index(form.stop_id)]
     return tok.decode(new)
 
 
-def write_samples(model: GPT, chat_form: ChatFormat, specs: list[SamplePrompt], default_seed: int, step: int,
-                  samples_dir: Path) -> list[dict]:
+def write_samples(
+    model: GPT, chat_form: ChatFormat, specs: list[SamplePrompt], default_seed: int, step: int, samples_dir: Path
+) -> list[dict]:
     """Generate and write every prompt's sample; returns the records (each with its file's path)."""
     records = []
     for i, spec in enumerate(specs):
-        record = {"step": step, **spec.to_dict(), "seed": spec.seed if spec.seed is not None else default_seed,
-                  "text": sample_text(model, chat_form.tok, spec, default_seed, chat_form)}
+        record = {
+            "step": step,
+            **spec.to_dict(),
+            "seed": spec.seed if spec.seed is not None else default_seed,
+            "text": sample_text(model, chat_form.tok, spec, default_seed, chat_form),
+        }
         path = samples_dir / f"step-{step:08d}-{i:02d}.json"
         write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
         records.append({**record, "path": str(path)})

@@ -41,8 +41,14 @@ class TrackerSink:
             call(*args, **kwargs)
         except Exception as e:  # whatever the tracker's library raises, training is not its to stop
             self.failed = True
-            log.warning("tracker %s failed (%s: %s) while %s; it is not used for the rest of this run (the event log "
-                        "and metrics.csv are complete)", self.tracker.name, type(e).__name__, e, what)
+            log.warning(
+                "tracker %s failed (%s: %s) while %s; it is not used for the rest of this run (the event log "
+                "and metrics.csv are complete)",
+                self.tracker.name,
+                type(e).__name__,
+                e,
+                what,
+            )
 
     def write(self, record: dict) -> None:
         self._guarded(f"logging step {record.get('step')}", self._write, record)
@@ -51,7 +57,9 @@ class TrackerSink:
         if record["event"] == "samples":
             self._samples(record["step"], record.get("samples", []))
         elif record["event"] in TRACKED_EVENTS:
-            values = {k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            values = {
+                k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             if values:
                 self.tracker.log(values, step=record["step"])
 
@@ -63,8 +71,10 @@ class TrackerSink:
             self.tracker.log_table("samples", columns=columns, data=rows, step=step)
         elif self.tracker.name == "tensorboard":
             cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-            table = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-                              + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+            table = "\n".join(
+                ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+            )
             self.tracker.writer.add_text("samples", table, step)
 
     def supersede_after(self, run_id: str, phase: str, step: int) -> int:
@@ -97,7 +107,9 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def open_trackers(cfg: PhaseConfig, metrics_dir: Path, run_id: str, resume_step: int | None, run_info: dict) -> list[TrackerSink]:
+def open_trackers(
+    cfg: PhaseConfig, metrics_dir: Path, run_id: str, resume_step: int | None, run_info: dict
+) -> list[TrackerSink]:
     """Start the configured trackers (main process only) and record the run's config and identity in them."""
     t = cfg.tracking
     name = t.run_name or f"{cfg.phase}-{run_id}"
@@ -114,11 +126,29 @@ def open_trackers(cfg: PhaseConfig, metrics_dir: Path, run_id: str, resume_step:
             os.environ["WANDB_MODE"] = "offline"
         (metrics_dir / "wandb").mkdir(parents=True, exist_ok=True)
         group = t.group or f"{cfg.path.parent.name}/{cfg.path.stem}"
-        trackers.append(WandBTracker(t.project, name=name, id=run_id, resume="allow", group=group,
-                                     tags=[cfg.phase, *t.tags], dir=str(metrics_dir), job_type=cfg.phase))
+        trackers.append(
+            WandBTracker(
+                t.project,
+                name=name,
+                id=run_id,
+                resume="allow",
+                group=group,
+                tags=[cfg.phase, *t.tags],
+                dir=str(metrics_dir),
+                job_type=cfg.phase,
+            )
+        )
         log.info("wandb: %s mode, run %s (%s)", os.environ.get("WANDB_MODE", "online"), run_id, metrics_dir / "wandb")
-    config = _flat({"run_id": run_id, "config_path": str(cfg.path), **run_info, **cfg.resolved(),
-                    "overrides": list(cfg.overrides), "config_fingerprint": cfg.fingerprint})
+    config = _flat(
+        {
+            "run_id": run_id,
+            "config_path": str(cfg.path),
+            **run_info,
+            **cfg.resolved(),
+            "overrides": list(cfg.overrides),
+            "config_fingerprint": cfg.fingerprint,
+        }
+    )
     sinks = []
     for tracker in trackers:
         sink = TrackerSink(tracker)

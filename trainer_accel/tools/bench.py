@@ -9,8 +9,8 @@ metric sinks and trackers) and, interleaved with it, a plain PyTorch loop writte
 logging, no checkpointing), so both see the machine at the same moments (see `Pacer`). Each window of
 `log_every` trainer steps after a warm-up window is compared with the plain steps run inside it; the median
 over windows counts. Evaluation (paired batch by batch) and checkpointing (the trainer's) are timed after
-training and amortised at the config's cadence (eval_every, ckpt_every). Also measured: FLOP/s and MFU against the device's
-peak (a matmul peak measured in each window on CPU, a datasheet table on GPU), checkpoint save and load next to
+training and amortised at the config's cadence (eval_every, ckpt_every). Also measured: FLOP/s and MFU against the
+device's peak (a matmul peak measured in each window on CPU, a datasheet table on GPU), checkpoint save and load next to
 a plain torch.save / torch.load of the same state, the peak memory of each loop alone in a fresh process, and
 how much faster the data sampling is than the model consumes tokens. Figures only: timing is no test (shared
 machines are noisy).
@@ -51,13 +51,14 @@ MIB = 2**20
 
 # -- measuring ----------------------------------------------------------------------------------------------------
 
+
 class PeakMemory:
     """Peak memory while a loop runs: the CUDA allocator's peak on a GPU, else resident memory sampled every 10 ms."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak, self._stop = device, 0, threading.Event()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -101,6 +102,7 @@ def median_seconds(fn, repeats: int = 5, device: torch.device = torch.device("cp
 
 # -- the plain loop -----------------------------------------------------------------------------------------------
 
+
 class PlainLoop:
     """What a user would write by hand with the same model, optimizer settings, batches and precision: no
     Accelerate, no logging, no checkpoints."""
@@ -115,8 +117,13 @@ class PlainLoop:
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(device)
         self.model.checkpoint_every = t.activation_checkpointing  # the same blocks recomputed as the trainer's
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.base_lr, betas=(t.beta1, t.beta2),
-                                     weight_decay=t.weight_decay, fused=device.type == "cuda")
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=t.base_lr,
+            betas=(t.beta1, t.beta2),
+            weight_decay=t.weight_decay,
+            fused=device.type == "cuda",
+        )
         self.half = HALF_PRECISION.get(t.mixed_precision or "no")
         self.forward_loss = torch.compile(self._forward_loss) if t.compile else self._forward_loss  # as nanoGPT
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.half is torch.float16)
@@ -160,6 +167,7 @@ class PlainLoop:
 
 # -- the paired run: both loops in one process, interleaved -------------------------------------------------------
 
+
 class Pacer:
     """The trainer's strategy, which also runs the plain loop between the trainer's steps.
 
@@ -197,8 +205,11 @@ class Pacer:
 
     def _interlude(self, step: int) -> None:
         if self.device.type == "cpu" and step % self.log_every == self.log_every // 2:
-            self._excluded(lambda: self.peaks.append(
-                (step, measured_matmul_flops(self.device, self.plain.half or torch.float32, seconds=0.6))))
+            self._excluded(
+                lambda: self.peaks.append(
+                    (step, measured_matmul_flops(self.device, self.plain.half or torch.float32, seconds=0.6))
+                )
+            )
         self.plain_s += self._excluded(self._plain_steps)
 
     def _plain_steps(self) -> None:
@@ -243,9 +254,16 @@ class WindowClock:
 
     def mark(self, step: int) -> None:
         p = self.pacer
-        self.marks.append({"step": step, "t": time.perf_counter(), "excluded_s": p.excluded_s if p else 0.0,
-                           "plain_s": p.plain_s if p else 0.0, "plain_steps": p.plain_step if p else 0,
-                           "background_cpu_s": background_cpu_s()})
+        self.marks.append(
+            {
+                "step": step,
+                "t": time.perf_counter(),
+                "excluded_s": p.excluded_s if p else 0.0,
+                "plain_s": p.plain_s if p else 0.0,
+                "plain_steps": p.plain_step if p else 0,
+                "background_cpu_s": background_cpu_s(),
+            }
+        )
 
     def write(self, record: dict) -> None:
         if record["event"] == "train" and record["step"] % self.log_every == 0:
@@ -262,8 +280,10 @@ class WindowClock:
         out = []
         for a, b in zip(self.marks[1:], self.marks[2:]):
             steps, wall = b["step"] - a["step"], b["t"] - a["t"]
-            w = {"trainer_ms": 1e3 * (wall - (b["excluded_s"] - a["excluded_s"])) / steps,
-                 "background_cpu": (b["background_cpu_s"] - a["background_cpu_s"]) / wall}
+            w = {
+                "trainer_ms": 1e3 * (wall - (b["excluded_s"] - a["excluded_s"])) / steps,
+                "background_cpu": (b["background_cpu_s"] - a["background_cpu_s"]) / wall,
+            }
             if self.pacer is not None:
                 w["steps"], w["plain_steps"] = steps, b["plain_steps"] - a["plain_steps"]
                 w["plain_ms"] = 1e3 * (b["plain_s"] - a["plain_s"]) / max(1, w["plain_steps"])
@@ -273,6 +293,7 @@ class WindowClock:
 
 
 # -- the runs, each in a fresh process ---------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Job:
@@ -290,8 +311,9 @@ def _setup(job: Job):
     from trainer_accel.training.inputs import check_phase_inputs
 
     cfg = load_phase_config(job.config, job.phase)
-    t = dataclasses.replace(cfg.train, total_steps=(job.windows + 1) * cfg.train.log_every,
-                            eval_every=10**9, ckpt_every=10**9)  # measured windows hold training steps only
+    t = dataclasses.replace(
+        cfg.train, total_steps=(job.windows + 1) * cfg.train.log_every, eval_every=10**9, ckpt_every=10**9
+    )  # measured windows hold training steps only
     cfg = dataclasses.replace(cfg, train=t)
     work = Path(job.workdir)
     paths = resolve_paths({"TRAINER_DATA_DIR": job.data_dir, "TRAINER_ARTIFACTS_DIR": str(work)})
@@ -311,7 +333,8 @@ def _trainer(job: Job, wrap=None):
 
 
 def paired_run(job: Job) -> dict:
-    """Both loops interleaved: step time per window, then evaluation (paired batch by batch) and the trainer's checkpoints."""
+    """Both loops interleaved: step time per window, then evaluation (paired batch by batch) and the trainer's
+    checkpoints."""
     from trainer_accel.checkpoints import store as ckpt
     from trainer_accel.checkpoints.full_state import (
         full_model_state,
@@ -340,12 +363,16 @@ def paired_run(job: Job) -> dict:
     # fsynced, hashed, published as latest), vs torch.save of the same state
     out["save_s"] = median_seconds(lambda: trainer.save(to_step_dir=True, to_best=False), before=trainer.wait_for_save)
     trainer.wait_for_save()
-    out["save_durable_s"] = median_seconds(lambda: (trainer.save(to_step_dir=True, to_best=False), trainer.wait_for_save()))
+    out["save_durable_s"] = median_seconds(
+        lambda: (trainer.save(to_step_dir=True, to_best=False), trainer.wait_for_save())
+    )
     step_dir = paths.phase_dir(cfg.phase) / ckpt.step_dir_name(trainer.state.step)
     out["ckpt_bytes"] = sum((step_dir / f).stat().st_size for f in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE))
     out["load_s"] = median_seconds(lambda: ckpt.load_checkpoint(step_dir))
-    state = {"model": full_model_state(acc, trainer.model)[0],  # each tied tensor once, as the checkpoint holds it
-             "optimizer": full_optimizer_state(acc, trainer.model, trainer.optimizer)}
+    state = {
+        "model": full_model_state(acc, trainer.model)[0],  # each tied tensor once, as the checkpoint holds it
+        "optimizer": full_optimizer_state(acc, trainer.model, trainer.optimizer),
+    }
     plain_file = Path(job.workdir) / "plain.pt"
     out["torch_save_s"] = median_seconds(lambda: torch.save(state, plain_file))
     out["torch_save_fsync_s"] = median_seconds(lambda: _save_and_fsync(state, plain_file))
@@ -398,13 +425,15 @@ def in_fresh_process(fn, job: Job) -> dict:
 def in_fresh_processes(calls: list[tuple], together: bool = False) -> list[dict]:
     """Each `fn(job)` in a fresh process of its own, one after the other or all at once."""
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=len(calls) if together else 1, mp_context=ctx,
-                                                initializer=_quiet) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=len(calls) if together else 1, mp_context=ctx, initializer=_quiet
+    ) as pool:
         futures = [pool.submit(fn, job) for fn, job in calls]
         return [f.result() for f in futures]
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
+
 
 def sampling_tokens_per_sec(config: str, phase: str, data_dir: Path, steps: int = 200) -> float:
     """Tokens/s the strategy produces on one process (batches drawn, nothing trained)."""
@@ -459,6 +488,7 @@ def big_cache_rss(gb: float, workdir: Path, batches: int = 20000, B: int = 16, T
 
 # -- report -------------------------------------------------------------------------------------------------------
 
+
 def fmt_bytes(n: float) -> str:
     return f"{n / MIB:,.1f} MiB"
 
@@ -467,16 +497,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.bench", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="a pretrain or sft config (model, batch, precision, cadence)")
     p.add_argument("--phase", choices=("pretrain", "sft"), default="pretrain")
-    p.add_argument("--device", choices=DEVICES, default=None,
-                   help="default: as `run` picks, CUDA, else Apple MPS, else CPU")
+    p.add_argument(
+        "--device", choices=DEVICES, default=None, help="default: as `run` picks, CUDA, else Apple MPS, else CPU"
+    )
     p.add_argument("--windows", type=int, default=6, help="measured windows of log_every steps (after 1 warm-up)")
-    p.add_argument("--interleave", choices=("step", "window"), default=None,
-                   help="how the plain loop runs between the trainer's steps: alternating step by step (default on "
-                        "CPU) or a window's worth mid-window (default on a GPU, whose steps are asynchronous)")
+    p.add_argument(
+        "--interleave",
+        choices=("step", "window"),
+        default=None,
+        help="how the plain loop runs between the trainer's steps: alternating step by step (default on "
+        "CPU) or a window's worth mid-window (default on a GPU, whose steps are asynchronous)",
+    )
     p.add_argument("--big-cache-gb", type=float, default=0.0, help="also show resident memory on a cache this big")
     p.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
-    p.add_argument("--packing", action="store_true",
-                   help="SFT only: counted (answer) tokens per second with train_cfg.pack off and on, same T and B")
+    p.add_argument(
+        "--packing",
+        action="store_true",
+        help="SFT only: counted (answer) tokens per second with train_cfg.pack off and on, same T and B",
+    )
     args = p.parse_args(argv)
     if args.windows < 1:
         p.error(f"--windows: expected a positive number of windows, got {args.windows}")
@@ -496,8 +534,12 @@ def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
     cfg = load_phase_config(args.config, "sft")
     device = pick_device(args.device)
     paths = resolve_paths()
-    strategies = {pack: check_phase_inputs(dataclasses.replace(cfg, replay={}, train=dataclasses.replace(
-        cfg.train, pack=pack)), paths).strategy for pack in (False, True)}
+    strategies = {
+        pack: check_phase_inputs(
+            dataclasses.replace(cfg, replay={}, train=dataclasses.replace(cfg.train, pack=pack)), paths
+        ).strategy
+        for pack in (False, True)
+    }
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.min_lr)
@@ -519,10 +561,16 @@ def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
                 counted[pack] += int(n)
                 seconds[pack] += time.perf_counter() - start
     t = cfg.train
-    print(f"packing bench: {cfg.path}; {device}, T={cfg.seq_len}, B={t.B}, {args.windows} windows of {steps} steps each way")
+    print(
+        f"packing bench: {cfg.path}; {device}, T={cfg.seq_len}, B={t.B}, {args.windows} windows of {steps} steps "
+        "each way"
+    )
     for pack in (False, True):
-        print(f"  {'packed' if pack else 'one example per row':22} {counted[pack] / seconds[pack]:>10,.0f} answer tokens/s"
-              f"  ({counted[pack] / (args.windows * steps * t.B):.1f} per row)")
+        print(
+            f"  {'packed' if pack else 'one example per row':22} {counted[pack] / seconds[pack]:>10,.0f} answer "
+            "tokens/s"
+            f"  ({counted[pack] / (args.windows * steps * t.B):.1f} per row)"
+        )
     ratio = (counted[True] / seconds[True]) / (counted[False] / seconds[False])
     print(f"  packed / unpacked: {ratio:.2f}x (target >= 2x)")
     return 0
@@ -535,21 +583,41 @@ def run_bench(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     precision = t.mixed_precision or "no"
     alone_windows = min(args.windows, 2)
-    print(f"bench: {cfg.path} ({args.phase}); {device}, precision {precision}, compile {t.compile}, "
-          f"{torch.get_num_threads()} CPU threads; both loops interleaved ({args.interleave or default_interleave(device)}"
-          f" by {args.interleave or default_interleave(device)}) in one process over {args.windows} windows "
-          f"of {t.log_every} steps after 1 warm-up, then each alone in a fresh process for its peak memory", flush=True)
+    print(
+        f"bench: {cfg.path} ({args.phase}); {device}, precision {precision}, compile {t.compile}, "
+        f"{torch.get_num_threads()} CPU threads; both loops interleaved "
+        f"({args.interleave or default_interleave(device)}"
+        f" by {args.interleave or default_interleave(device)}) in one process over {args.windows} windows "
+        f"of {t.log_every} steps after 1 warm-up, then each alone in a fresh process for its peak memory",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="trainer_bench_") as tmp:
+
         def job(name: str, windows: int) -> Job:
-            return Job(str(args.config), args.phase, args.device, str(device), windows, str(data_dir),
-                       str(Path(tmp) / name), args.interleave)
+            return Job(
+                str(args.config),
+                args.phase,
+                args.device,
+                str(device),
+                windows,
+                str(data_dir),
+                str(Path(tmp) / name),
+                args.interleave,
+            )
 
         paired = in_fresh_process(paired_run, job("paired", args.windows))
         # a GPU's allocator peak is per process, so on a GPU both measure at once (each compiles the model anew:
         # a minute saved on GPT-2 small); their step times then shared the GPU and are left out
         together = device.type == "cuda"
-        alone = dict(zip(("trainer", "plain loop"), in_fresh_processes(
-            [(trainer_alone, job("trainer", alone_windows)), (plain_alone, job("plain", alone_windows))], together)))
+        alone = dict(
+            zip(
+                ("trainer", "plain loop"),
+                in_fresh_processes(
+                    [(trainer_alone, job("trainer", alone_windows)), (plain_alone, job("plain", alone_windows))],
+                    together,
+                ),
+            )
+        )
         if together:
             for a in alone.values():
                 a["window_ms"] = []
@@ -565,7 +633,10 @@ def run_bench(args: argparse.Namespace) -> int:
         peak_src = f"{'bf16' if precision == 'bf16' else 'fp32'} matmul peak measured on {device} in each window"
     tokens_per_step = t.B * t.accum_steps * cfg.seq_len
     flops_per_step = flops_per_token(cfg) * tokens_per_step
-    eval_ms = {name: 1e3 * paired["eval_s"][key] / t.eval_every for name, key in (("plain loop", "plain"), ("trainer", "trainer"))}
+    eval_ms = {
+        name: 1e3 * paired["eval_s"][key] / t.eval_every
+        for name, key in (("plain loop", "plain"), ("trainer", "trainer"))
+    }
     ckpt_ms = {"plain loop": 0.0, "trainer": 1e3 * paired["save_s"] / t.ckpt_every}
     for w in windows:  # each window's whole step time, its ratio and MFU
         w["plain_total_ms"] = w["plain_ms"] + eval_ms["plain loop"]
@@ -578,77 +649,131 @@ def run_bench(args: argparse.Namespace) -> int:
         values = [w[key] for w in windows if w[key] is not None]
         return statistics.median(values) if values else None
 
-    figures = {"config": str(cfg.path), "device": str(device), "precision": precision, "compile": t.compile,
-               "threads": torch.get_num_threads(), "peak_flops": median_of("peak_flops"), "peak_source": peak_src,
-               "interleave": args.interleave or default_interleave(device), "windows": windows}
+    figures = {
+        "config": str(cfg.path),
+        "device": str(device),
+        "precision": precision,
+        "compile": t.compile,
+        "threads": torch.get_num_threads(),
+        "peak_flops": median_of("peak_flops"),
+        "peak_source": peak_src,
+        "interleave": args.interleave or default_interleave(device),
+        "windows": windows,
+    }
     for name, key in (("plain loop", "plain"), ("trainer", "trainer")):
         train_ms = median_of(f"{key}_ms")
         total = median_of(f"{key}_total_ms")
         alone_ms = statistics.median(alone[name]["window_ms"]) if alone[name]["window_ms"] else None
-        figures[name] = {"train_ms": train_ms, "eval_ms_amortised": eval_ms[name], "ckpt_ms_amortised": ckpt_ms[name],
-                         "ms_per_step": total, "tokens_per_sec": tokens_per_step / (total / 1e3),
-                         "flops": flops_per_step / (train_ms / 1e3), "mfu": median_of(f"{key}_mfu"),
-                         "eval_s": paired["eval_s"][key], "peak_memory": alone[name]["peak_memory"],
-                         "alone_window_ms": alone[name]["window_ms"], "alone_train_ms": alone_ms}
+        figures[name] = {
+            "train_ms": train_ms,
+            "eval_ms_amortised": eval_ms[name],
+            "ckpt_ms_amortised": ckpt_ms[name],
+            "ms_per_step": total,
+            "tokens_per_sec": tokens_per_step / (total / 1e3),
+            "flops": flops_per_step / (train_ms / 1e3),
+            "mfu": median_of(f"{key}_mfu"),
+            "eval_s": paired["eval_s"][key],
+            "peak_memory": alone[name]["peak_memory"],
+            "alone_window_ms": alone[name]["window_ms"],
+            "alone_train_ms": alone_ms,
+        }
     figures["trainer"].update({k: v for k, v in paired.items() if k not in ("windows", "eval_s", "eval_ratio")})
     figures["eval_ratio"] = paired["eval_ratio"]
     a, b = figures["plain loop"], figures["trainer"]
     ratios = [w["ratio"] for w in windows]
     ratio = statistics.median(ratios)
 
-    print(f"\n{'loop':<12}{'train ms':>10}{'+eval':>8}{'+ckpt':>8}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>9}"
-          f"{'MFU':>7}{'peak mem':>13}")
+    print(
+        f"\n{'loop':<12}{'train ms':>10}{'+eval':>8}{'+ckpt':>8}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>9}"
+        f"{'MFU':>7}{'peak mem':>13}"
+    )
     for name in ("plain loop", "trainer"):
         f = figures[name]
         mfu = "-" if f["mfu"] is None else f"{100 * f['mfu']:.1f}%"
-        print(f"{name:<12}{f['train_ms']:>10.2f}{f['eval_ms_amortised']:>8.2f}{f['ckpt_ms_amortised']:>8.2f}"
-              f"{f['ms_per_step']:>10.2f}{f['tokens_per_sec']:>12,.0f}{f['flops'] / 1e12:>9.3f}{mfu:>7}"
-              f"{fmt_bytes(f['peak_memory']):>13}")
+        print(
+            f"{name:<12}{f['train_ms']:>10.2f}{f['eval_ms_amortised']:>8.2f}{f['ckpt_ms_amortised']:>8.2f}"
+            f"{f['ms_per_step']:>10.2f}{f['tokens_per_sec']:>12,.0f}{f['flops'] / 1e12:>9.3f}{mfu:>7}"
+            f"{fmt_bytes(f['peak_memory']):>13}"
+        )
     print("paired windows (trainer / plain train ms/step, ratio with eval and checkpoint amortised):")
     print("  " + ", ".join(f"{w['trainer_ms']:.1f}/{w['plain_ms']:.1f} {w['ratio']:.3f}" for w in windows))
     if a["alone_train_ms"] and b["alone_train_ms"]:
-        print(f"each loop alone in its own process (the memory runs, unpaired: the machine's drift shows): trainer "
-              f"{b['alone_train_ms']:.1f}, plain loop {a['alone_train_ms']:.1f} ms/step")
+        print(
+            f"each loop alone in its own process (the memory runs, unpaired: the machine's drift shows): trainer "
+            f"{b['alone_train_ms']:.1f}, plain loop {a['alone_train_ms']:.1f} ms/step"
+        )
     peak = figures["peak_flops"]
-    print(f"evaluation ({t.eval_batches} batches, paired batch by batch): plain loop {a['eval_s']:.3f} s, trainer/plain "
-          f"{paired['eval_ratio']:.3f} (median of 3 passes)")
-    print(f"peak FLOP/s {peak / 1e12 if peak else float('nan'):.3f} T ({peak_src}); "
-          f"{flops_per_token(cfg) / 1e6:.2f} MFLOP/token, {tokens_per_step:,} tokens/step; eval every {t.eval_every}, "
-          f"checkpoint every {t.ckpt_every} steps")
+    print(
+        f"evaluation ({t.eval_batches} batches, paired batch by batch): plain loop {a['eval_s']:.3f} s, trainer/plain "
+        f"{paired['eval_ratio']:.3f} (median of 3 passes)"
+    )
+    print(
+        f"peak FLOP/s {peak / 1e12 if peak else float('nan'):.3f} T ({peak_src}); "
+        f"{flops_per_token(cfg) / 1e6:.2f} MFLOP/token, {tokens_per_step:,} tokens/step; eval every {t.eval_every}, "
+        f"checkpoint every {t.ckpt_every} steps"
+    )
     background = statistics.median(w["background_cpu"] for w in windows)
-    print(f"processes the trainer started (the wandb service) used {100 * background:.1f}% of one core while it "
-          f"trained; the plain loop, interleaved, shares that cost")
+    print(
+        f"processes the trainer started (the wandb service) used {100 * background:.1f}% of one core while it "
+        f"trained; the plain loop, interleaved, shares that cost"
+    )
     mb = b["ckpt_bytes"] / 1e6
-    print(f"checkpoint {mb:.1f} MB: save {b['save_s']:.3f} s ({mb / b['save_s']:.0f} MB/s; until durable "
-          f"{b['save_durable_s']:.3f} s, {mb / b['save_durable_s']:.0f} MB/s, in the background) vs torch.save "
-          f"{b['torch_save_s']:.3f} s ({b['torch_bytes'] / 1e6 / b['torch_save_s']:.0f} MB/s; with fsync "
-          f"{b['torch_save_fsync_s']:.3f} s); load {b['load_s']:.3f} s vs torch.load {b['torch_load_s']:.3f} s")
+    print(
+        f"checkpoint {mb:.1f} MB: save {b['save_s']:.3f} s ({mb / b['save_s']:.0f} MB/s; until durable "
+        f"{b['save_durable_s']:.3f} s, {mb / b['save_durable_s']:.0f} MB/s, in the background) vs torch.save "
+        f"{b['torch_save_s']:.3f} s ({b['torch_bytes'] / 1e6 / b['torch_save_s']:.0f} MB/s; with fsync "
+        f"{b['torch_save_fsync_s']:.3f} s); load {b['load_s']:.3f} s vs torch.load {b['torch_load_s']:.3f} s"
+    )
     consumed = b["tokens_per_sec"]
     print(f"data sampling {sampled:,.0f} tokens/s, {sampled / consumed:.0f}x what the trainer consumes")
     if big:
-        for label, key in (("trainer (map per batch)", "trainer_rss"), ("control (one long-lived map)", "persistent_map_rss")):
+        for label, key in (
+            ("trainer (map per batch)", "trainer_rss"),
+            ("control (one long-lived map)", "persistent_map_rss"),
+        ):
             before, after = big[key]
-            print(f"{big['gb']:g} GB cache, {big['batches']:,} batches, {label}: resident {fmt_bytes(before)} -> peak "
-                  f"{fmt_bytes(after)} (+{fmt_bytes(after - before)})")
+            print(
+                f"{big['gb']:g} GB cache, {big['batches']:,} batches, {label}: resident {fmt_bytes(before)} -> peak "
+                f"{fmt_bytes(after)} (+{fmt_bytes(after - before)})"
+            )
     targets = [
-        ("trainer / plain step time <= 1.02", ratio <= 1.02,
-         f"{ratio:.3f} (median of {len(ratios)} paired windows, {min(ratios):.3f}-{max(ratios):.3f})"),
-        ("checkpoint save (loop pays) <= 1.2x torch.save", b["save_s"] <= 1.2 * b["torch_save_s"],
-         f"{b['save_s'] / b['torch_save_s']:.2f}x"),
+        (
+            "trainer / plain step time <= 1.02",
+            ratio <= 1.02,
+            f"{ratio:.3f} (median of {len(ratios)} paired windows, {min(ratios):.3f}-{max(ratios):.3f})",
+        ),
+        (
+            "checkpoint save (loop pays) <= 1.2x torch.save",
+            b["save_s"] <= 1.2 * b["torch_save_s"],
+            f"{b['save_s'] / b['torch_save_s']:.2f}x",
+        ),
         ("checkpoint load <= torch.load", b["load_s"] <= b["torch_load_s"], f"{b['load_s'] / b['torch_load_s']:.2f}x"),
         ("data sampling >= 20x consumption", sampled >= 20 * consumed, f"{sampled / consumed:.0f}x"),
-        ("trainer peak memory within 10% of plain", b["peak_memory"] <= 1.1 * a["peak_memory"],
-         f"{b['peak_memory'] / a['peak_memory']:.3f}x"),
+        (
+            "trainer peak memory within 10% of plain",
+            b["peak_memory"] <= 1.1 * a["peak_memory"],
+            f"{b['peak_memory'] / a['peak_memory']:.3f}x",
+        ),
     ]
     if b["mfu"] is not None:
         goal = 0.45 if device.type == "cuda" else 0.50
-        targets.append((f"trainer MFU >= {goal:.0%}", b["mfu"] >= goal,
-                        f"{100 * b['mfu']:.1f}% (plain loop {100 * a['mfu']:.1f}%)"))
+        targets.append(
+            (
+                f"trainer MFU >= {goal:.0%}",
+                b["mfu"] >= goal,
+                f"{100 * b['mfu']:.1f}% (plain loop {100 * a['mfu']:.1f}%)",
+            )
+        )
     print()
     for label, ok, value in targets:
         print(f"{'met ' if ok else 'MISS'}  {label}: {value}")
-    figures.update(ratio=ratio, background_cpu=background, sampling_tokens_per_sec=sampled, big_cache=big,
-                   targets={label: {"met": ok, "value": value} for label, ok, value in targets})
+    figures.update(
+        ratio=ratio,
+        background_cpu=background,
+        sampling_tokens_per_sec=sampled,
+        big_cache=big,
+        targets={label: {"met": ok, "value": value} for label, ok, value in targets},
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
     return 0

@@ -43,15 +43,40 @@ import torch
 from trainer_accel.paths import REPO_ROOT
 
 MODEL = {"V": 260, "T": 256, "C": 256, "L": 4, "H": 4, "d_ff": 1024}
-TRAIN = {"seed": 1, "B": 16, "total_steps": 20, "base_lr": 1e-3, "warmup_steps": 5, "min_lr": 1e-4, "eval_every": 10,
-         "eval_batches": 4, "ckpt_every": 20, "log_every": 10}
+TRAIN = {
+    "seed": 1,
+    "B": 16,
+    "total_steps": 20,
+    "base_lr": 1e-3,
+    "warmup_steps": 5,
+    "min_lr": 1e-4,
+    "eval_every": 10,
+    "eval_batches": 4,
+    "ckpt_every": 20,
+    "log_every": 10,
+}
 # a Llama-style model (rotary, RMSNorm, SwiGLU, 2 key-value heads for 4 query heads) at T % 128 == 64: the
 # sequence lengths at which cuDNN's masked attention was reported to give NaN gradients (pytorch issue 196678)
-LLAMA = {"V": 260, "T": 320, "C": 256, "L": 4, "H": 4, "n_kv_heads": 2, "d_ff": 688, "position": "rope",
-         "norm": "rmsnorm", "mlp": "gated", "activation": "silu", "bias": False}
+LLAMA = {
+    "V": 260,
+    "T": 320,
+    "C": 256,
+    "L": 4,
+    "H": 4,
+    "n_kv_heads": 2,
+    "d_ff": 688,
+    "position": "rope",
+    "norm": "rmsnorm",
+    "mlp": "gated",
+    "activation": "silu",
+    "bias": False,
+}
 SAMPLES = [{"prompt": "The zordax is", "max_new_tokens": 16, "temperature": 0.0}]
-BENCHES = {"gpt2": ("configs/bench/gpt2_124m.json", 0.50), "llama135m": ("configs/bench/llama_135m.json", None),
-           "llama1b": ("configs/bench/llama_1b.json", None)}  # name: (config, MFU target or None: a figure only)
+BENCHES = {
+    "gpt2": ("configs/bench/gpt2_124m.json", 0.50),
+    "llama135m": ("configs/bench/llama_135m.json", None),
+    "llama1b": ("configs/bench/llama_1b.json", None),
+}  # name: (config, MFU target or None: a figure only)
 BATCH_CANDIDATES = [128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1]
 BENCH_MEMORY_BUDGET = 40 * 2**30  # one model's step in the 1B bench: half of an 80 GB GPU
 FORCED_SCALE = 2.0**32  # the loss gradient times this is far past fp16's range (65504): the next updates overflow
@@ -73,30 +98,56 @@ class Runner:
 
     def __init__(self, workdir: Path, deadline: float):
         self.workdir, self.deadline = workdir, deadline  # deadline: time.perf_counter() value
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINER_DATA_DIR": str(workdir / "data"),
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-                    "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        self.env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TRAINER_DATA_DIR": str(workdir / "data"),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true",
+        }
 
-    def config(self, name: str, phase: str = "pretrain", train: dict | None = None, model: dict | None = None,
-               **top) -> Path:
-        cfg = {"model_cfg": model or MODEL, "train_cfg": {**TRAIN, **(train or {})}, "tracking": {"log_with": []},
-               **top}
+    def config(
+        self, name: str, phase: str = "pretrain", train: dict | None = None, model: dict | None = None, **top
+    ) -> Path:
+        cfg = {
+            "model_cfg": model or MODEL,
+            "train_cfg": {**TRAIN, **(train or {})},
+            "tracking": {"log_with": []},
+            **top,
+        }
         if phase == "sft":
             cfg.setdefault("sft_sources", {"dolly": 0.5, "oasst1": 0.4, "primer": 0.1})
         path = self.workdir / f"{name}.json"
         path.write_text(json.dumps(cfg))
         return path
 
-    def run(self, artifacts: str, *args: str, launch: list[str] | None = None, env: dict | None = None,
-            timeout: float = 180, module: str = "run") -> subprocess.CompletedProcess:
+    def run(
+        self,
+        artifacts: str,
+        *args: str,
+        launch: list[str] | None = None,
+        env: dict | None = None,
+        timeout: float = 180,
+        module: str = "run",
+    ) -> subprocess.CompletedProcess:
         """`python -m trainer_accel.run ARGS` (or another command), through `accelerate launch LAUNCH` when given;
         a run that hangs (a collective waiting for a process that never comes) fails after `timeout` seconds."""
         timeout = max(10.0, min(timeout, self.deadline - time.perf_counter()))
-        head = ([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *launch]
-                if launch else [sys.executable])  # a port of its own: launched checks run at once in other chains
+        head = (
+            [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *launch]
+            if launch
+            else [sys.executable]
+        )  # a port of its own: launched checks run at once in other chains
         cmd = [*head, "-m", f"trainer_accel.{module}", *args]
-        r = subprocess.run(cmd, cwd=self.workdir, capture_output=True, text=True, timeout=timeout,
-                           env={**self.env, "TRAINER_ARTIFACTS_DIR": str(self.workdir / artifacts), **(env or {})})
+        r = subprocess.run(
+            cmd,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**self.env, "TRAINER_ARTIFACTS_DIR": str(self.workdir / artifacts), **(env or {})},
+        )
         with (self.workdir / f"{artifacts}.log").open("a") as f:
             f.write(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}\n")
         if r.returncode != 0:
@@ -127,7 +178,10 @@ class CheckFailed(Exception):
 
 
 # checks that read what the check before them in their chain wrote
-READS_THE_PREVIOUS = {"SFT bf16 + compile from that pretrain", "HF export of that FSDP2 checkpoint, read by transformers"}
+READS_THE_PREVIOUS = {
+    "SFT bf16 + compile from that pretrain",
+    "HF export of that FSDP2 checkpoint, read by transformers",
+}
 
 
 def selected(chain: list[tuple], only: str | None) -> list[tuple]:
@@ -193,12 +247,14 @@ COMPILE_LOGS = {"TORCH_LOGS": "recompiles"}
 
 # -- the checks: each returns its figures or raises CheckFailed ---------------------------------------------------
 
+
 def check_bf16_compile(run: Runner) -> str:
     cfg = run.config("bf16", train={"mixed_precision": "bf16", "compile": True})
     first = run.run("bf16", "--phase", "pretrain", "--config", str(cfg), env=COMPILE_LOGS)
     expect(run.meta("bf16")["step"] == 20, "no checkpoint at the last step (20)")
-    again = run.run("bf16", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.total_steps=40",
-                    env=COMPILE_LOGS)
+    again = run.run(
+        "bf16", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.total_steps=40", env=COMPILE_LOGS
+    )
     expect("resumed from" in again.stderr and "at step 20" in again.stderr, "the second run did not resume at step 20")
     expect(run.meta("bf16")["step"] == 40, "the resumed run did not reach step 40")
     counts = (recompiles(first), recompiles(again))
@@ -228,13 +284,16 @@ def check_fp16_stop(run: Runner) -> str:
     run.run("fp16_stop", "--phase", "pretrain", "--config", str(cfg))
     meta = run.meta("fp16_stop")
     skips, scale = scaler_figures(run, "fp16_stop")
-    expect(meta["step"] == 30 and meta["skipped_steps"] == 0, f"step {meta['step']}, trainer skips {meta['skipped_steps']}")
+    expect(
+        meta["step"] == 30 and meta["skipped_steps"] == 0, f"step {meta['step']}, trainer skips {meta['skipped_steps']}"
+    )
     return f"30 steps, scaler skipped {skips} (scale now {scale:g}), trainer skips 0, val {meta['last_val_loss']:.3f}"
 
 
 def check_fp16_skip(run: Runner) -> str:
-    cfg = run.config("fp16_skip", train={"mixed_precision": "fp16", "on_nonfinite": "skip", "total_steps": 10,
-                                         "ckpt_every": 10})
+    cfg = run.config(
+        "fp16_skip", train={"mixed_precision": "fp16", "on_nonfinite": "skip", "total_steps": 10, "ckpt_every": 10}
+    )
     run.run("fp16_skip", "--phase", "pretrain", "--config", str(cfg))
     before = run.meta("fp16_skip")
     # force an overflow: the checkpoint's loss scale (its sidecar holds the scaler's state) far past fp16's range;
@@ -248,8 +307,10 @@ def check_fp16_skip(run: Runner) -> str:
     expect(skips >= 1 and scale < FORCED_SCALE, f"no overflow handled: scaler skips {skips}, scale {scale:g}")
     expect(after["skipped_steps"] == 0, f"{after['skipped_steps']} overflows counted as the trainer's skips")
     expect(after["last_val_loss"] < before["last_val_loss"], "val loss did not fall after the overflows")
-    return (f"scale set to 2^32 at step 10, 40 more steps: scaler skipped {skips}, scale now {scale:g}, trainer skips 0, "
-            f"val {before['last_val_loss']:.3f} -> {after['last_val_loss']:.3f}")
+    return (
+        f"scale set to 2^32 at step 10, 40 more steps: scaler skipped {skips}, scale now {scale:g}, trainer skips 0, "
+        f"val {before['last_val_loss']:.3f} -> {after['last_val_loss']:.3f}"
+    )
 
 
 def check_fsdp(run: Runner, processes: int, artifacts: str) -> str:
@@ -257,8 +318,9 @@ def check_fsdp(run: Runner, processes: int, artifacts: str) -> str:
     launch = ["--config_file", str(REPO_ROOT / "launch/fsdp.yaml"), "--num_processes", str(processes)]
     first = run.run(artifacts, "--phase", "pretrain", "--config", str(cfg), launch=launch)
     expect("gradients reduced in float32" in first.stderr, "the FSDP2 precision line does not say fp32 reduction")
-    again = run.run(artifacts, "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.total_steps=30",
-                    launch=launch)
+    again = run.run(
+        artifacts, "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.total_steps=30", launch=launch
+    )
     expect("at step 20" in again.stderr, "the second run did not resume at step 20")
     samples = sorted(p.name for p in (run.workdir / artifacts / "samples/pretrain").glob("*.json"))
     expect(len(samples) == 2, f"samples written: {samples}")
@@ -278,8 +340,9 @@ def check_ddp(run: Runner, processes: int) -> str:
 
 
 def check_fused_after_cpu(run: Runner) -> str:
-    cfg = run.config("fused", train={"total_steps": 4, "warmup_steps": 1, "ckpt_every": 4, "eval_every": 4,
-                                     "log_every": 2})
+    cfg = run.config(
+        "fused", train={"total_steps": 4, "warmup_steps": 1, "ckpt_every": 4, "eval_every": 4, "log_every": 2}
+    )
     run.run("fused", "--phase", "pretrain", "--config", str(cfg), "--device", "cpu")
     on_cpu = {g.get("fused") for g in run.optimizer_groups("fused")}
     run.run("fused", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.total_steps=8")
@@ -300,27 +363,47 @@ def compile_figures(run: Runner, artifacts: str, phase: str) -> str:
 
 def val_losses(run: Runner, artifacts: str, phase: str) -> list[float]:
     losses = [e["val/loss"] for e in run.events(artifacts, "eval") if e["phase"] == phase]
-    expect(len(losses) >= 2 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0],
-           f"{phase} val loss did not fall (or is not finite): {losses}")
+    expect(
+        len(losses) >= 2 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0],
+        f"{phase} val loss did not fall (or is not finite): {losses}",
+    )
     return losses
 
 
 def check_packed_sft(run: Runner) -> str:
     """SFT of a Llama-style model on packed rows with pretrain replay, bf16 + compile, at T = 320: the masked
     attention path (models/attention.py) through the trainer, rows of several examples each."""
-    cfg = run.config("packed", "sft", model=LLAMA, replay={"wiki": 0.2},
-                     train={"mixed_precision": "bf16", "compile": True, "pack": True, "total_steps": 30,
-                            "eval_every": 10, "ckpt_every": 30})
+    cfg = run.config(
+        "packed",
+        "sft",
+        model=LLAMA,
+        replay={"wiki": 0.2},
+        train={
+            "mixed_precision": "bf16",
+            "compile": True,
+            "pack": True,
+            "total_steps": 30,
+            "eval_every": 10,
+            "ckpt_every": 30,
+        },
+    )
     r = run.run("packed", "--phase", "sft", "--config", str(cfg), env=COMPILE_LOGS)
     losses = val_losses(run, "packed", "sft")
     graphs = compile_figures(run, "packed", "sft")
     expect(recompiles(r) <= 1, f"{recompiles(r)} recompiles, at most 1 (train -> eval) expected")
-    return f"val {losses[0]:.3f} -> {losses[-1]:.3f}, {graphs}, recompiles {recompiles(r)}, {tokens_per_sec(run, 'packed')}"
+    speed = tokens_per_sec(run, "packed")
+    return f"val {losses[0]:.3f} -> {losses[-1]:.3f}, {graphs}, recompiles {recompiles(r)}, {speed}"
 
 
 def fsdp_launch(processes: int = 1, precision: str = "bf16") -> list[str]:
-    return ["--config_file", str(REPO_ROOT / "launch/fsdp.yaml"), "--num_processes", str(processes),
-            "--mixed_precision", precision]
+    return [
+        "--config_file",
+        str(REPO_ROOT / "launch/fsdp.yaml"),
+        "--num_processes",
+        str(processes),
+        "--mixed_precision",
+        precision,
+    ]
 
 
 def check_fsdp_fp16(run: Runner) -> str:
@@ -337,13 +420,24 @@ def check_fsdp_fp16(run: Runner) -> str:
 def check_fsdp_compile(run: Runner) -> str:
     cfg = run.config("fsdp_compile", train={"mixed_precision": "bf16", "compile": True})
     first = run.run("fsdp_compile", "--phase", "pretrain", "--config", str(cfg), launch=fsdp_launch(), env=COMPILE_LOGS)
-    again = run.run("fsdp_compile", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.total_steps=30",
-                    launch=fsdp_launch(), env=COMPILE_LOGS)
+    again = run.run(
+        "fsdp_compile",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(cfg),
+        "--set",
+        "train_cfg.total_steps=30",
+        launch=fsdp_launch(),
+        env=COMPILE_LOGS,
+    )
     expect("at step 20" in again.stderr, "the second run did not resume at step 20")
     losses = val_losses(run, "fsdp_compile", "pretrain")
     graphs = compile_figures(run, "fsdp_compile", "pretrain")
-    return (f"val {losses[0]:.3f} -> {losses[-1]:.3f}, {graphs}, recompiles {recompiles(first)} / {recompiles(again)}, "
-            f"{tokens_per_sec(run, 'fsdp_compile')}")
+    return (
+        f"val {losses[0]:.3f} -> {losses[-1]:.3f}, {graphs}, recompiles {recompiles(first)} / {recompiles(again)}, "
+        f"{tokens_per_sec(run, 'fsdp_compile')}"
+    )
 
 
 def weight_names(run: Runner, artifacts: str) -> list[str]:
@@ -372,8 +466,16 @@ def check_fsdp_activation_checkpointing(run: Runner) -> str:
     cfg = run.config("fsdp_ac", model=LLAMA, train={"mixed_precision": "bf16", "activation_checkpointing": 1})
     first = run.run("fsdp_ac", "--phase", "pretrain", "--config", str(cfg), launch=fsdp_launch())
     expect("activation checkpointing: 4 of 4 blocks recomputed" in first.stderr, "activation checkpointing not on")
-    again = run.run("fsdp_ac", "--phase", "pretrain", "--config", str(cfg), "--set", "train_cfg.total_steps=30",
-                    launch=fsdp_launch())
+    again = run.run(
+        "fsdp_ac",
+        "--phase",
+        "pretrain",
+        "--config",
+        str(cfg),
+        "--set",
+        "train_cfg.total_steps=30",
+        launch=fsdp_launch(),
+    )
     expect("at step 20" in again.stderr, "the second run did not resume at step 20")
     losses = val_losses(run, "fsdp_ac", "pretrain")
     return f"Llama-style, 20 + 10 steps, val {losses[0]:.3f} -> {losses[-1]:.3f}, {tokens_per_sec(run, 'fsdp_ac')}"
@@ -456,8 +558,9 @@ def masked_attention_kernels(_: object = None) -> dict:
                 loss.backward()
                 torch.cuda.synchronize()
             finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
-            names = sorted({e.name for e in prof.events()
-                            if re.search("flash|fmha|attention|sdpa|efficient|cudnn", e.name, re.I)})
+            names = sorted(
+                {e.name for e in prof.events() if re.search("flash|fmha|attention|sdpa|efficient|cudnn", e.name, re.I)}
+            )
             found[f"{str(dtype).removeprefix('torch.')} T={T}"] = {"kernels": names, "finite": finite}
     return found
 
@@ -540,8 +643,19 @@ def check_bench(run: Runner, name: str, windows: int, timeout: float) -> list[Re
     label, target = f"bench {name} ({Path(BENCHES[name][0]).name})", BENCHES[name][1]
     config, batch = bench_config(run, name)
     out = run.workdir / f"bench_{name}.json"
-    cmd = [sys.executable, "-m", "trainer_accel.bench", "--config", str(config), "--device", "cuda", "--windows",
-           str(windows), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer_accel.bench",
+        "--config",
+        str(config),
+        "--device",
+        "cuda",
+        "--windows",
+        str(windows),
+        "--json",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=run.workdir, capture_output=True, text=True, timeout=max(1.0, timeout), env=run.env)
     (run.workdir / f"bench_{name}.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
@@ -550,28 +664,42 @@ def check_bench(run: Runner, name: str, windows: int, timeout: float) -> list[Re
     results = [Result(label, "pass", batch + bench_figures(f))]
     mfu = f["trainer"]["mfu"]
     if target is not None:
-        results.append(Result(f"MFU >= {100 * target:.0f}% ({name}, trainer)", "pass" if mfu >= target else "MISS",
-                              f"{100 * mfu:.1f}% (plain loop {100 * f['plain loop']['mfu']:.1f}%)"))
+        results.append(
+            Result(
+                f"MFU >= {100 * target:.0f}% ({name}, trainer)",
+                "pass" if mfu >= target else "MISS",
+                f"{100 * mfu:.1f}% (plain loop {100 * f['plain loop']['mfu']:.1f}%)",
+            )
+        )
     return results
 
 
 def bench_figures(f: dict) -> str:
     """One table cell from the bench's JSON: the training step, what evaluation and checkpoints add, MFU."""
     t = f["trainer"]
-    return (f"trainer {t['train_ms']:.1f} ms/step training (+{t['eval_ms_amortised']:.1f} eval, "
-            f"+{t['ckpt_ms_amortised']:.1f} checkpoints, amortised), {t['tokens_per_sec']:,.0f} tok/s, "
-            f"MFU {100 * t['mfu']:.1f}% of {f['peak_flops'] / 1e12:.0f} TFLOP/s ({f['peak_source']}); "
-            f"trainer/plain {f['ratio']:.3f}, peak memory {t['peak_memory'] / 2**30:.1f} GiB")
+    return (
+        f"trainer {t['train_ms']:.1f} ms/step training (+{t['eval_ms_amortised']:.1f} eval, "
+        f"+{t['ckpt_ms_amortised']:.1f} checkpoints, amortised), {t['tokens_per_sec']:,.0f} tok/s, "
+        f"MFU {100 * t['mfu']:.1f}% of {f['peak_flops'] / 1e12:.0f} TFLOP/s ({f['peak_source']}); "
+        f"trainer/plain {f['ratio']:.3f}, peak memory {t['peak_memory'] / 2**30:.1f} GiB"
+    )
 
 
 def run_tests(workers: int, log: Path) -> subprocess.Popen:
     """The CPU test suite on this machine (its conftest hides the GPU), in the background. Each test process and
     each command it starts would take a thread per core: workers x cores threads fighting for the cores."""
     threads = str(max(1, (os.cpu_count() or 2) // (2 * workers)))
-    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-n", str(workers), "-p", "no:cacheprovider", "tests"],
-                            cwd=REPO_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": threads,
-                                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-n", str(workers), "-p", "no:cacheprovider", "tests"],
+        cwd=REPO_ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": threads,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        },
+    )
 
 
 def tests_result(proc: subprocess.Popen, log: Path, started: float, timeout: float) -> Result:
@@ -579,12 +707,18 @@ def tests_result(proc: subprocess.Popen, log: Path, started: float, timeout: flo
         code = proc.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
         proc.kill()
-        return Result("test suite on CPU (this machine)", "FAIL", f"not finished after {time.perf_counter() - started:.0f} s "
-                      "(--time-limit); see tests.log")
+        return Result(
+            "test suite on CPU (this machine)",
+            "FAIL",
+            f"not finished after {time.perf_counter() - started:.0f} s (--time-limit); see tests.log",
+        )
     lines = [line for line in log.read_text().splitlines() if re.search(r"\d+ (passed|failed)", line)]
     summary = lines[-1].strip("= ") if lines else f"exit {code}"
-    return Result("test suite on CPU (this machine)", "pass" if code == 0 else "FAIL",
-                  f"{summary} ({time.perf_counter() - started:.0f} s)")
+    return Result(
+        "test suite on CPU (this machine)",
+        "pass" if code == 0 else "FAIL",
+        f"{summary} ({time.perf_counter() - started:.0f} s)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -592,19 +726,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep runs and logs here (default: a temporary dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--no-tests", action="store_true", help="skip the CPU test suite")
-    p.add_argument("--only", metavar="WORDS", default=None,
-                   help="run only the checks whose name holds one of these comma-separated words, e.g. "
-                        "'FSDP2,activation' (with the check each reads from); the suite and benches as their own "
-                        "flags say")
+    p.add_argument(
+        "--only",
+        metavar="WORDS",
+        default=None,
+        help="run only the checks whose name holds one of these comma-separated words, e.g. "
+        "'FSDP2,activation' (with the check each reads from); the suite and benches as their own "
+        "flags say",
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the benches")
-    p.add_argument("--bench", default=",".join(BENCHES), metavar="NAMES",
-                   help=f"which benches, comma-separated, in order (default: {','.join(BENCHES)}: GPT-2 small, a "
-                        "SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model, the last with activation checkpointing "
-                        "at the largest batch that fits)")
+    p.add_argument(
+        "--bench",
+        default=",".join(BENCHES),
+        metavar="NAMES",
+        help=f"which benches, comma-separated, in order (default: {','.join(BENCHES)}: GPT-2 small, a "
+        "SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model, the last with activation checkpointing "
+        "at the largest batch that fits)",
+    )
     p.add_argument("--bench-windows", type=int, default=2, help="measured bench windows (default 2)")
-    p.add_argument("--time-limit", type=float, default=900.0, metavar="SECONDS",
-                   help="stop waiting for the test suite and the bench when this much time has passed, so that the "
-                        "table is still printed (default 900)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="stop waiting for the test suite and the bench when this much time has passed, so that the "
+        "table is still printed (default 900)",
+    )
     args = p.parse_args(argv)
     unknown = [b for b in args.bench.split(",") if b and b not in BENCHES]
     if unknown:
@@ -623,19 +770,30 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
 
     def left() -> float:
         return args.time_limit - (time.perf_counter() - start)
+
     gpus = torch.cuda.device_count()
     name = torch.cuda.get_device_name(0)
     import accelerate
 
-    print(f"gpu_check: {gpus} x {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), accelerate "
-          f"{accelerate.__version__}; work dir {workdir}", flush=True)
+    print(
+        f"gpu_check: {gpus} x {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), accelerate "
+        f"{accelerate.__version__}; work dir {workdir}",
+        flush=True,
+    )
     run = Runner(workdir, start + args.time_limit)
     missing: list[Result] = []  # checks left out for want of an optional package, said so in the table
-    subprocess.run([sys.executable, "-m", "trainer_accel.prepare", "--demo"], cwd=workdir, env=run.env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "trainer_accel.prepare", "--demo"],
+        cwd=workdir,
+        env=run.env,
+        check=True,
+        capture_output=True,
+    )
     tests = None
     if not args.no_tests and importlib.util.find_spec("pytest") is None:
-        missing.append(Result("test suite on CPU (this machine)", "skip", "pytest is not installed (pip install -e '.[test]')"))
+        missing.append(
+            Result("test suite on CPU (this machine)", "skip", "pytest is not installed (pip install -e '.[test]')")
+        )
     elif not args.no_tests and (REPO_ROOT / "tests").is_dir():
         tests_started = time.perf_counter()
         # most of the suite waits on process starts, so it takes half the cores; the checks beside it need few
@@ -644,22 +802,36 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
     # checkpoint before it); the chains run at once, since each check is a few small trainer processes that wait
     # on start-up and compilation, not on the GPU. Each `accelerate launch` gets a port of its own.
     chains = [
-        [("bf16 + compile pretrain, ckpt at last step, resume", lambda: check_bf16_compile(run)),
-         ("SFT bf16 + compile from that pretrain", lambda: check_sft_compile(run))],
+        [
+            ("bf16 + compile pretrain, ckpt at last step, resume", lambda: check_bf16_compile(run)),
+            ("SFT bf16 + compile from that pretrain", lambda: check_sft_compile(run)),
+        ],
         [("fp16, on_nonfinite stop", lambda: check_fp16_stop(run))],
         [("fp16, on_nonfinite skip, forced overflow", lambda: check_fp16_skip(run))],
         [("FSDP2 1 process: samples, resume, best.pt", lambda: check_fsdp(run, 1, "fsdp1"))]
-        + ([(f"DDP across {gpus} GPUs", lambda: check_ddp(run, gpus)),
-            (f"FSDP2 across {gpus} GPUs", lambda: check_fsdp(run, gpus, "fsdpN"))] if gpus >= 2 else []),
-        [("fused AdamW after a resume from CPU", lambda: check_fused_after_cpu(run)),
-         ("packed SFT, Llama-style, replay, bf16 + compile, T=320", lambda: check_packed_sft(run))],
-        [("flash attention under bf16", lambda: check_flash(run)),
-         ("masked (packed) attention bf16/fp16: kernel, gradients", lambda: check_masked_attention(run)),
-         ("activation checkpointing, 1 process: loss, names", lambda: check_activation_checkpointing(run))],
-        [("FSDP2 fp16", lambda: check_fsdp_fp16(run)),
-         ("FSDP2 bf16 + compile, resume", lambda: check_fsdp_compile(run)),
-         ("FSDP2 + activation checkpointing, Llama-style, resume", lambda: check_fsdp_activation_checkpointing(run)),
-         ("HF export of that FSDP2 checkpoint, read by transformers", lambda: check_hf_export_of_fsdp(run))],
+        + (
+            [
+                (f"DDP across {gpus} GPUs", lambda: check_ddp(run, gpus)),
+                (f"FSDP2 across {gpus} GPUs", lambda: check_fsdp(run, gpus, "fsdpN")),
+            ]
+            if gpus >= 2
+            else []
+        ),
+        [
+            ("fused AdamW after a resume from CPU", lambda: check_fused_after_cpu(run)),
+            ("packed SFT, Llama-style, replay, bf16 + compile, T=320", lambda: check_packed_sft(run)),
+        ],
+        [
+            ("flash attention under bf16", lambda: check_flash(run)),
+            ("masked (packed) attention bf16/fp16: kernel, gradients", lambda: check_masked_attention(run)),
+            ("activation checkpointing, 1 process: loss, names", lambda: check_activation_checkpointing(run)),
+        ],
+        [
+            ("FSDP2 fp16", lambda: check_fsdp_fp16(run)),
+            ("FSDP2 bf16 + compile, resume", lambda: check_fsdp_compile(run)),
+            ("FSDP2 + activation checkpointing, Llama-style, resume", lambda: check_fsdp_activation_checkpointing(run)),
+            ("HF export of that FSDP2 checkpoint, read by transformers", lambda: check_hf_export_of_fsdp(run)),
+        ],
     ]
     chains = [c for c in (selected(chain, args.only) for chain in chains) if c]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(chains))) as pool:
@@ -667,7 +839,7 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
         results = [r for chain in done for r in chain] + missing
     if tests is not None:  # before the bench: its timings should not share the CPU with the tests
         results.append(tests_result(tests, workdir / "tests.log", tests_started, left()))
-    for name in ([] if args.no_bench else [b for b in args.bench.split(",") if b]):
+    for name in [] if args.no_bench else [b for b in args.bench.split(",") if b]:
         t0 = time.perf_counter()
         if left() < 60:
             results.append(Result(f"bench {name}", "skip", "not run: --time-limit reached (run it with --bench)"))
@@ -683,12 +855,19 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
     for r in results:
         print(f"{r.name:<{width}}  {r.status:<6}  {r.figures}")
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "MISS", "skip")}
-    print(f"\nsummary: {counts['pass']} passed, {counts['FAIL']} failed, {counts['MISS']} target(s) missed, "
-          f"{counts['skip']} skipped, "
-          f"{time.perf_counter() - start:.0f} s on {gpus} x {name}")
+    print(
+        f"\nsummary: {counts['pass']} passed, {counts['FAIL']} failed, {counts['MISS']} target(s) missed, "
+        f"{counts['skip']} skipped, "
+        f"{time.perf_counter() - start:.0f} s on {gpus} x {name}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "gpus": gpus, "torch": torch.__version__,
-                                         "results": [r.__dict__ for r in results]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"device": name, "gpus": gpus, "torch": torch.__version__, "results": [r.__dict__ for r in results]},
+                indent=2,
+            )
+            + "\n"
+        )
     return 1 if counts["FAIL"] else 0
 
 

@@ -29,7 +29,7 @@ def score(model_path: Path | None, source: str, out=sys.stdout) -> tuple[int, in
     rule, tokens = answer_rule(cache.meta), cache.tokens
     exact = too_long = 0
     for i in range(cache.num_examples):
-        example = tokens[cache.starts[i]:cache.starts[i + 1]].tolist()
+        example = tokens[cache.starts[i] : cache.starts[i + 1]].tolist()
         inside = answer_positions(example, rule)
         first = next((j for j, x in enumerate(inside) if x), None)
         if first is None:
@@ -38,8 +38,9 @@ def score(model_path: Path | None, source: str, out=sys.stdout) -> tuple[int, in
         prompt, answer = example[:first], example[first:end]
         if len(prompt) >= lm.model.cfg.T:  # it cannot be asked: counted, and counted as not answered
             too_long += 1
-            out.write(f"long   {lm.tok.decode(prompt)!r}: {len(prompt)} tokens, the model's context T is "
-                      f"{lm.model.cfg.T}\n")
+            out.write(
+                f"long   {lm.tok.decode(prompt)!r}: {len(prompt)} tokens, the model's context T is {lm.model.cfg.T}\n"
+            )
             continue
         got = generate_ids(lm.model, [prompt], len(answer) + 1, stop_ids=frozenset({rule.end}))[0]
         ok = got == answer + [rule.end]

@@ -22,11 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("the of and to in is was for on that with as by it at from his an were are which this be or has had not "
-         "first one their its new after who they two her she been other when there all during into school time may "
-         "years more most only over city some world would where later up such used many can state about national "
-         "out known university united then made").split()
-PLAIN_LOOP = r'''
+WORDS = (
+    "the of and to in is was for on that with as by it at from his an were are which this be or has had not "
+    "first one their its new after who they two her she been other when there all during into school time may "
+    "years more most only over city some world would where later up such used many can state about national "
+    "out known university united then made"
+).split()
+PLAIN_LOOP = r"""
 import json, resource, sys, time
 import numpy as np
 from tokenizers import Tokenizer
@@ -50,27 +52,32 @@ with open(corpus, "rb") as f, open(out, "wb") as o:
     flush()
 print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-'''
-PREPARE = r'''
+"""
+PREPARE = r"""
 import json, resource, sys, time
 from trainer_accel import prepare
 start = time.perf_counter()
 assert prepare.main(sys.argv[1:]) == 0
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-'''
+"""
 
 
 def write_corpus(path: Path, size_bytes: int, seed: int = 0) -> int:
     """JSONL rows {"text": ...} up to size_bytes; returns the number of documents."""
     rng = random.Random(seed)
     base = " ".join(rng.choices(WORDS, k=400_000))
-    base = ".\n".join(base[i:i + 300] for i in range(0, len(base), 300))  # sentences, and lines within documents
+    base = ".\n".join(base[i : i + 300] for i in range(0, len(base), 300))  # sentences, and lines within documents
     n, written = 0, 0
     with open(path, "w") as f:
         while written < size_bytes:
             start, length = rng.randrange(len(base) - 4096), rng.randrange(1024, 4096)
-            line = json.dumps({"text": f"Document {n}: {rng.choice(WORDS)} {rng.random():.6f}\n{base[start:start + length]}"}) + "\n"
+            line = (
+                json.dumps(
+                    {"text": f"Document {n}: {rng.choice(WORDS)} {rng.random():.6f}\n{base[start : start + length]}"}
+                )
+                + "\n"
+            )
             f.write(line)
             written += len(line)
             n += 1
@@ -85,8 +92,10 @@ def train_tokenizer(corpus: Path, out: Path) -> Path:
     tok.decoder = decoders.ByteLevel()
     with open(corpus) as f:
         sample = [json.loads(next(f))["text"] for _ in range(2000)]
-    tok.train_from_iterator(sample, trainers.BpeTrainer(vocab_size=8192, show_progress=False,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        sample,
+        trainers.BpeTrainer(vocab_size=8192, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     tok.save(str(out))
     return out
 
@@ -100,7 +109,9 @@ def run_child(code: str, args: list[str], env: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.prepare_bench", description=__doc__.split("\n")[0])
-    p.add_argument("--gb", type=float, default=2.0, help="size of the large corpus in GB (the small one is 10x smaller)")
+    p.add_argument(
+        "--gb", type=float, default=2.0, help="size of the large corpus in GB (the small one is 10x smaller)"
+    )
     p.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe")
     p.add_argument("--dir", type=Path, help="work folder (default: a temporary one, removed after)")
     args = p.parse_args(argv)
@@ -112,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             docs = write_corpus(work / f"{name}.jsonl", size, seed=len(name))
             corpora[name] = work / f"{name}.jsonl"
-            print(f"generated {name} corpus: {size / 1e6:,.0f} MB, {docs:,} documents ({time.perf_counter() - t:.0f} s)",
-                  flush=True)
+            print(
+                f"generated {name} corpus: {size / 1e6:,.0f} MB, {docs:,} documents ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
         tok_args, tok_path = [], None
         if args.tokenizer == "bpe":
             tok_path = train_tokenizer(corpora["small"], work / "tokenizer.json")
@@ -124,13 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("large", "small"):
             env = {**os.environ, "TRAINER_DATA_DIR": str(work / f"data_{name}")}
             if name == "large" and tok_path:
-                plain = run_child(PLAIN_LOOP, [str(corpora[name]), str(tok_path), str(work / "plain.bin"),
-                                               str(BATCH_CHARS)], env)
+                plain = run_child(
+                    PLAIN_LOOP, [str(corpora[name]), str(tok_path), str(work / "plain.bin"), str(BATCH_CHARS)], env
+                )
                 rows.append(("plain loop, tokenizer batch API", name, plain))
                 (work / "plain.bin").unlink()
             ours = run_child(PREPARE, ["--stream", f"bench={corpora[name]}", *tok_args], env)
-            meta = [json.loads((work / f"data_{name}/cache/streams/bench_{s}.bin.meta.json").read_text())
-                    for s in ("train", "val")]
+            meta = [
+                json.loads((work / f"data_{name}/cache/streams/bench_{s}.bin.meta.json").read_text())
+                for s in ("train", "val")
+            ]
             ours["tokens"] = sum(m["num_tokens"] for m in meta)
             rows.append(("prepare", name, ours))
             for f in (work / f"data_{name}").rglob("*.bin"):
@@ -138,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'what':34} {'input':>7} {'MB':>8} {'s':>7} {'MB/s':>7} {'Mtok/s':>7} {'peak RSS MB':>12}")
     for what, name, r in rows:
         mb = sizes[name] / 1e6
-        print(f"{what:34} {name:>7} {mb:8,.0f} {r['seconds']:7.1f} {mb / r['seconds']:7.1f} "
-              f"{r['tokens'] / r['seconds'] / 1e6:7.2f} {r['peak_rss_mb']:12,.0f}")
+        print(
+            f"{what:34} {name:>7} {mb:8,.0f} {r['seconds']:7.1f} {mb / r['seconds']:7.1f} "
+            f"{r['tokens'] / r['seconds'] / 1e6:7.2f} {r['peak_rss_mb']:12,.0f}"
+        )
     by = {(w, n): r for w, n, r in rows}
     if tok_path:
         ratio = by[("plain loop, tokenizer batch API", "large")]["seconds"] / by[("prepare", "large")]["seconds"]

@@ -80,8 +80,14 @@ class PhaseInputs:
         fingerprint = hashlib.sha256(json.dumps(caches, sort_keys=True).encode()).hexdigest()
         meta = self.tokenizer_meta
         added = {"added_tokens": meta["added_tokens"]} if "added_tokens" in meta else {}
-        return {"tokenizer": self.tokenizer, "tokenizer_path": meta.get("tokenizer_path"), **added, "caches": caches,
-                "data_fingerprint": fingerprint, **({"chat": self.chat} if self.chat else {})}
+        return {
+            "tokenizer": self.tokenizer,
+            "tokenizer_path": meta.get("tokenizer_path"),
+            **added,
+            "caches": caches,
+            "data_fingerprint": fingerprint,
+            **({"chat": self.chat} if self.chat else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -105,11 +111,17 @@ def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[list[CacheRef], l
     for name in cfg.mixture():
         folder, source = name.split("/", 1)
         kind = "stream" if folder == "streams" else "sft"
-        key = f"{'sources' if cfg.phase == 'pretrain' else 'replay'}.{source}" if kind == "stream" else f"sft_sources.{source}"
-        train.append(CacheRef(source, kind, (paths.stream_cache if kind == "stream" else paths.sft_cache)(source, "train"),
-                              key))
-    stream_val = [CacheRef(cfg.val_source, "stream", paths.stream_cache(cfg.val_source, "val"),
-                           f'val_source "{cfg.val_source}"')]
+        key = (
+            f"{'sources' if cfg.phase == 'pretrain' else 'replay'}.{source}"
+            if kind == "stream"
+            else f"sft_sources.{source}"
+        )
+        train.append(
+            CacheRef(source, kind, (paths.stream_cache if kind == "stream" else paths.sft_cache)(source, "train"), key)
+        )
+    stream_val = [
+        CacheRef(cfg.val_source, "stream", paths.stream_cache(cfg.val_source, "val"), f'val_source "{cfg.val_source}"')
+    ]
     if cfg.phase == "pretrain":
         return train, stream_val
     sft_val = [CacheRef(r.source, "sft", paths.sft_cache(r.source, "val"), r.key) for r in train if r.kind == "sft"]
@@ -124,11 +136,15 @@ def max_token_id(cache: Cache) -> int:
     cache, said in the log: an id at or above V would otherwise end the run with an IndexError mid-training."""
     if "max_token_id" not in cache.meta:
         tokens, chunk = cache.tokens, 1 << 24
-        cache.meta["max_token_id"] = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)),
-                                         default=-1)
+        cache.meta["max_token_id"] = max(
+            (int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1
+        )
         del tokens
-        log.warning("%s: its meta has no max_token_id; read the whole cache to find it (%d)", cache.path,
-                    cache.meta["max_token_id"])
+        log.warning(
+            "%s: its meta has no max_token_id; read the whole cache to find it (%d)",
+            cache.path,
+            cache.meta["max_token_id"],
+        )
     return int(cache.meta["max_token_id"])
 
 
@@ -141,12 +157,17 @@ def _vocab_problem(caches: list[Cache], V: int) -> str | None:
     meta = max((c.meta for c in over), key=lambda m: m["vocab_size"])
     n, added = meta["vocab_size"], meta.get("added_tokens") or []
     names = ", ".join(c.path.name for c in over[:3]) + (f" and {len(over) - 3} more" if len(over) > 3 else "")
-    what = (f"; prepare added {', '.join(added)} to the model's own {n - len(added):,}" if added else "")
-    way = (" (or prepare the SFT data in the model's own chat template, which adds none)"
-           if {USER, ASST, EOT} & set(added) else "")
-    return (f"{over[0].path.parent}: {names}: the tokenizer has {n:,} tokens{what}, model_cfg.V={V:,} has rows for "
-            f"{V:,}: set model_cfg.V to {n:,} (a Hugging Face start grows its embedding; new rows start at the mean "
-            f"embedding){way}")
+    what = f"; prepare added {', '.join(added)} to the model's own {n - len(added):,}" if added else ""
+    way = (
+        " (or prepare the SFT data in the model's own chat template, which adds none)"
+        if {USER, ASST, EOT} & set(added)
+        else ""
+    )
+    return (
+        f"{over[0].path.parent}: {names}: the tokenizer has {n:,} tokens{what}, model_cfg.V={V:,} has rows for "
+        f"{V:,}: set model_cfg.V to {n:,} (a Hugging Face start grows its embedding; new rows start at the mean "
+        f"embedding){way}"
+    )
 
 
 def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
@@ -171,9 +192,11 @@ def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
                 roles.setdefault(role, set()).add(i)
         clash = {role: sorted(ids) for role, ids in roles.items() if len(ids) > 1}
         if clash:
-            problems.append(f"caches made with one tokenizer disagree on special token ids ({json.dumps(clash)}: "
-                            "some were prepared by an older trainer that added tokens the model has its own of); "
-                            "prepare them again together")
+            problems.append(
+                f"caches made with one tokenizer disagree on special token ids ({json.dumps(clash)}: "
+                "some were prepared by an older trainer that added tokens the model has its own of); "
+                "prepare them again together"
+            )
     sft = [c for c in caches if c.meta["kind"] == "sft"]
     templates = {template_key(c.meta.get("chat")) for c in sft}
     if len(templates) > 1:
@@ -191,7 +214,11 @@ def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
     first T+1 tokens of at most ANSWER_SAMPLE examples, so the check costs the same for any cache size."""
     T, n = cfg.seq_len, cache.num_examples
     lengths = np.diff(cache.starts)
-    picked = np.arange(n) if n <= ANSWER_SAMPLE else np.sort(np.random.default_rng(0).choice(n, ANSWER_SAMPLE, replace=False))
+    picked = (
+        np.arange(n)
+        if n <= ANSWER_SAMPLE
+        else np.sort(np.random.default_rng(0).choice(n, ANSWER_SAMPLE, replace=False))
+    )
     s = cache.meta["special_tokens"]
     rows = np.full((len(picked), T + 1), s[DOC], dtype=np.int64)
     tokens = cache.tokens
@@ -203,12 +230,21 @@ def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
     answered = answer_mask(rows, answer_rule(cache.meta)).any(axis=1)
     of = f"{len(picked):,} of {n:,}" if n > len(picked) else f"all {n:,}"
     if not answered.any():
-        return (f"{cache.path}: no example keeps any of its answer within T={T} tokens ({of} examples looked at); "
-                "raise model_cfg.T or shorten the prompts")
+        return (
+            f"{cache.path}: no example keeps any of its answer within T={T} tokens ({of} examples looked at); "
+            "raise model_cfg.T or shorten the prompts"
+        )
     lost, cut = 1 - answered.mean(), (lengths > T + 1).mean()
     if lost > 0.1 or cut > 0.5:
-        log.warning("%s: %.0f%% of examples are longer than T+1=%d tokens and cut; %.0f%% lose their whole answer and "
-                    "train nothing (%s examples looked at)", cache.path, 100 * cut, T + 1, 100 * lost, of)
+        log.warning(
+            "%s: %.0f%% of examples are longer than T+1=%d tokens and cut; %.0f%% lose their whole answer and "
+            "train nothing (%s examples looked at)",
+            cache.path,
+            100 * cut,
+            T + 1,
+            100 * lost,
+            of,
+        )
     return None
 
 
@@ -227,8 +263,12 @@ def say_template(caches: list[Cache]) -> None:
     if own is None or (chat and chat["template_sha256"] == own.sha256):
         return
     trained = f"the template of {chat['template_source']}" if chat else "the built-in <|user|> ... <|eot|> format"
-    log.warning("SFT examples are in %s, not the template the model came with (%s); the model learns that one and "
-                "its exports carry it", trained, own.source)
+    log.warning(
+        "SFT examples are in %s, not the template the model came with (%s); the model learns that one and "
+        "its exports carry it",
+        trained,
+        own.source,
+    )
 
 
 def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
@@ -237,7 +277,9 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     missing = [r for r in wanted if not r.path.is_file()]
     if missing:
         naming = CACHE_NAMING.replace("{data}", str(paths.data)).replace("{file}", "X.bin")
-        raise UserError([f"{r.path}: cache missing (named by {r.key})" for r in missing] + [f"naming convention: {naming}"])
+        raise UserError(
+            [f"{r.path}: cache missing (named by {r.key})" for r in missing] + [f"naming convention: {naming}"]
+        )
     problems, opened = [], {}
     for r in wanted:
         try:
@@ -252,11 +294,23 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
 
     probs = np.array(list(cfg.mixture().values()), dtype=np.float64)
     probs /= probs.sum()
-    train = RowSource([opened[r.path] for r in train_refs], probs, cfg.seq_len, [r.kind for r in train_refs],
-                      [r.name for r in train_refs], pack=cfg.train.pack)
+    train = RowSource(
+        [opened[r.path] for r in train_refs],
+        probs,
+        cfg.seq_len,
+        [r.kind for r in train_refs],
+        [r.name for r in train_refs],
+        pack=cfg.train.pack,
+    )
     val_probs = np.array([cfg.sources[r.source] for r in val_refs]) if val_refs[0].kind == "sft" else np.ones(1)
-    val = RowSource([opened[r.path] for r in val_refs], val_probs / val_probs.sum(), cfg.seq_len,
-                    [r.kind for r in val_refs], [r.name for r in val_refs], pack=cfg.train.pack_val)
+    val = RowSource(
+        [opened[r.path] for r in val_refs],
+        val_probs / val_probs.sum(),
+        cfg.seq_len,
+        [r.kind for r in val_refs],
+        [r.name for r in val_refs],
+        pack=cfg.train.pack_val,
+    )
     strategy = STRATEGIES[cfg.phase](train, val, cfg.train.B, cfg.train.seed)
     inputs = PhaseInputs(strategy=strategy, caches=caches, tokenizer=caches[0].meta["tokenizer"])
     raise_if_any(sample_prompt_problems(cfg, inputs))
@@ -285,8 +339,10 @@ def check_start_checkpoint(path: Path | None, cfg: PhaseConfig, with_optimizer: 
     check_model_cfg(loaded, cfg.model.to_dict())
     broken = [k for k, t in loaded.model_state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if broken:  # a run from them would diverge at its first step, and blame the learning rate
-        raise UserError(f"{path}: weights {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or "
-                        "infinite values; start from an earlier checkpoint")
+        raise UserError(
+            f"{path}: weights {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or "
+            "infinite values; start from an earlier checkpoint"
+        )
     # the strict load the loop will do, done here so that --plan names a missing or wrong-shaped tensor too
     raise_if_any([f"{path}: {p}" for p in state_problems(loaded.model_state, cfg.model.to_dict())])
     return loaded
@@ -298,8 +354,10 @@ def same_tokenizer(start: LoadedCheckpoint | None, inputs: PhaseInputs) -> list[
     learnt = start.meta.get("tokenizer") if start is not None else None
     if learnt is None or learnt == inputs.tokenizer:
         return []
-    return [f"{start.source}: its weights learnt the ids of tokenizer {learnt}, this phase's caches were made with "
-            f"{inputs.tokenizer}; prepare the caches with its tokenizer (prepare --tokenizer MODEL_DIR)"]
+    return [
+        f"{start.source}: its weights learnt the ids of tokenizer {learnt}, this phase's caches were made with "
+        f"{inputs.tokenizer}; prepare the caches with its tokenizer (prepare --tokenizer MODEL_DIR)"
+    ]
 
 
 def collect(*checks) -> list:

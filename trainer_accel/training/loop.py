@@ -125,9 +125,17 @@ class PhaseResult:
 class Trainer:
     """One phase of training: setup from config and a starting point, then `fit()`."""
 
-    def __init__(self, accelerator: Accelerator, cfg: PhaseConfig, strategy: Strategy, paths: Paths,
-                 resume_from: LoadedCheckpoint | None = None, init_from: LoadedCheckpoint | None = None,
-                 data_info: dict | None = None, chat: ChatFormat | None = None):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        cfg: PhaseConfig,
+        strategy: Strategy,
+        paths: Paths,
+        resume_from: LoadedCheckpoint | None = None,
+        init_from: LoadedCheckpoint | None = None,
+        data_info: dict | None = None,
+        chat: ChatFormat | None = None,
+    ):
         self.acc, self.cfg, self.strategy, self.paths = accelerator, cfg, strategy, paths
         self.t = cfg.train
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
@@ -149,8 +157,12 @@ class Trainer:
         model.checkpoint_every = self.t.activation_checkpointing  # no wrapper modules: parameter names unchanged
         if self.t.activation_checkpointing:
             recomputed = len(range(0, cfg.model.L, self.t.activation_checkpointing))
-            log.info("%s: activation checkpointing: %d of %d blocks recomputed in the backward pass", cfg.phase,
-                     recomputed, cfg.model.L)
+            log.info(
+                "%s: activation checkpointing: %d of %d blocks recomputed in the backward pass",
+                cfg.phase,
+                recomputed,
+                cfg.model.L,
+            )
         self.state = LoopState()
         start = resume_from or init_from
         if start is not None:
@@ -166,8 +178,12 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         elif init_from is not None:
-            log.info("initialised weights from %s (step %d, run %s); optimizer fresh", init_from.source, init_from.step,
-                     init_from.meta.get("run_id") or "not recorded")
+            log.info(
+                "initialised weights from %s (step %d, run %s); optimizer fresh",
+                init_from.source,
+                init_from.step,
+                init_from.meta.get("run_id") or "not recorded",
+            )
         # lineage: a resumed run keeps the parent its checkpoint names; a run from an exported .pt is a new run
         if init_from is not None:
             self.parent = parent_record(init_from, "initialised")
@@ -175,19 +191,39 @@ class Trainer:
             self.parent = parent_record(resume_from, "resumed")
         else:
             self.parent = resume_from.meta.get("parent") if resume_from is not None else None
-        self.events = open_metrics(paths.metrics, paths.events, cfg.phase, self.state.run_id, strategy.stage_id,
-                                   accelerator.is_main_process)
+        self.events = open_metrics(
+            paths.metrics, paths.events, cfg.phase, self.state.run_id, strategy.stage_id, accelerator.is_main_process
+        )
         if accelerator.is_main_process:
-            facts = run_facts(run_id=self.state.run_id, cfg=cfg, data_info=self.data_info, device=str(accelerator.device),
-                              processes=self.world, precision=accelerator.mixed_precision, parent=self.parent,
-                              wandb_run_id=self.state.run_id if "wandb" in cfg.tracking.log_with else None)
-            self.events.sinks.append(ManifestSink(paths.manifest(self.state.run_id), facts, self.state.step,
-                                                  str(resume_from.source) if resume_from is not None else None))
+            facts = run_facts(
+                run_id=self.state.run_id,
+                cfg=cfg,
+                data_info=self.data_info,
+                device=str(accelerator.device),
+                processes=self.world,
+                precision=accelerator.mixed_precision,
+                parent=self.parent,
+                wandb_run_id=self.state.run_id if "wandb" in cfg.tracking.log_with else None,
+            )
+            self.events.sinks.append(
+                ManifestSink(
+                    paths.manifest(self.state.run_id),
+                    facts,
+                    self.state.step,
+                    str(resume_from.source) if resume_from is not None else None,
+                )
+            )
         if accelerator.is_main_process and cfg.tracking.log_with:
-            run_info = {"parameters": model.num_params(), "processes": self.world, "global_batch": self.global_batch,
-                        "tokenizer": self.data_info.get("tokenizer"), "data_fingerprint": self.data_info.get("data_fingerprint")}
-            self.events.sinks += open_trackers(cfg, paths.metrics, self.state.run_id,
-                                               resume_from.step if resume_from is not None else None, run_info)
+            run_info = {
+                "parameters": model.num_params(),
+                "processes": self.world,
+                "global_batch": self.global_batch,
+                "tokenizer": self.data_info.get("tokenizer"),
+                "data_fingerprint": self.data_info.get("data_fingerprint"),
+            }
+            self.events.sinks += open_trackers(
+                cfg, paths.metrics, self.state.run_id, resume_from.step if resume_from is not None else None, run_info
+            )
         if resume_from is not None:  # the same history goes on: what an earlier process logged past here is superseded
             superseded = self.events.continue_from(self.state.step)
             self.events.write("resume", self.state.step, source=str(resume_from.source), superseded=superseded)
@@ -202,7 +238,8 @@ class Trainer:
             raise UserError(
                 f"{loaded.source}: checkpoint was trained with a global batch of {saved_global} sequences "
                 f"(B x accum_steps x processes), this run has {self.global_batch} "
-                f"(B={self.t.B}, accum_steps={self.t.accum_steps}, processes={self.world}); keep the product equal to resume"
+                f"(B={self.t.B}, accum_steps={self.t.accum_steps}, processes={self.world}); keep the product equal "
+                "to resume"
             )
         self._check_same_data(loaded)
         if loaded.optimizer_state is not None:
@@ -210,22 +247,32 @@ class Trainer:
         if self.acc.scaler is not None and meta.get("grad_scaler"):
             self.acc.scaler.load_state_dict(meta["grad_scaler"])
         self.state = LoopState(
-            run_id=meta.get("run_id") or self.state.run_id, step=loaded.step,
+            run_id=meta.get("run_id") or self.state.run_id,
+            step=loaded.step,
             tokens_seen=int(meta.get("tokens_seen", loaded.step * self.global_batch * self.cfg.seq_len)),
-            best_val_loss=loaded.best_val_loss, best_val_step=meta.get("best_val_step"),
-            last_val_loss=meta.get("last_val_loss"), skipped_steps=int(meta.get("skipped_steps", 0)),
+            best_val_loss=loaded.best_val_loss,
+            best_val_step=meta.get("best_val_step"),
+            last_val_loss=meta.get("last_val_loss"),
+            skipped_steps=int(meta.get("skipped_steps", 0)),
         )
-        log.info("resumed from %s at step %d (best val loss %s)", loaded.source, loaded.step, _fmt(loaded.best_val_loss))
+        log.info(
+            "resumed from %s at step %d (best val loss %s)", loaded.source, loaded.step, _fmt(loaded.best_val_loss)
+        )
 
     def _check_same_data(self, loaded: LoadedCheckpoint) -> None:
         saved, now = loaded.meta.get("caches"), self.data_info.get("caches")
         if not saved or not now or saved == now:
             return
-        diff = "; ".join(f"{k}: {saved.get(k, 'absent')[:12]} -> {now.get(k, 'absent')[:12]}"
-                         for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+        diff = "; ".join(
+            f"{k}: {saved.get(k, 'absent')[:12]} -> {now.get(k, 'absent')[:12]}"
+            for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)
+        )
         if not self.t.allow_data_change:
-            raise UserError(f"{loaded.source}: the caches differ from those this checkpoint was trained on ({diff}); "
-                            "set train_cfg.allow_data_change to resume anyway")
+            raise UserError(
+                f"{loaded.source}: the caches differ from those this checkpoint was trained on ({diff}); "
+                "set train_cfg.allow_data_change to resume anyway"
+            )
         log.warning("RESUMING ON CHANGED DATA (train_cfg.allow_data_change is set): %s", diff)
 
     @property
@@ -241,8 +288,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.t)
         device = self.acc.device
-        batches = [self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps).to(device)
-                   for m in range(self.t.accum_steps)]
+        batches = [
+            self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps).to(device)
+            for m in range(self.t.accum_steps)
+        ]
         counts = torch.stack([self.strategy.count_tokens(b) for b in batches])  # on the device: no host sync
         by_source = torch.stack([self.strategy.count_by_source(b) for b in batches]).sum(0)  # (tokens, rows) x sources
         self.empty_micro_batches += (counts == 0).sum()  # they add nothing to loss or gradient; reported in the log
@@ -292,11 +341,17 @@ class Trainer:
         self.nonfinite_in_a_row += 1
         self.state.skipped_steps += 1
         self.events.write("skipped", step + 1, reason="non-finite loss or gradient norm")
-        log.warning("%s step %d: non-finite loss or gradient norm, update skipped (%d in a row)",
-                    self.cfg.phase, step + 1, self.nonfinite_in_a_row)
+        log.warning(
+            "%s step %d: non-finite loss or gradient norm, update skipped (%d in a row)",
+            self.cfg.phase,
+            step + 1,
+            self.nonfinite_in_a_row,
+        )
         if self.nonfinite_in_a_row >= self.t.max_nonfinite_skips:
-            raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite updates in a row up to step {step + 1} "
-                                     "(train_cfg.max_nonfinite_skips); the last checkpoint is kept as it was")
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} non-finite updates in a row up to step {step + 1} "
+                "(train_cfg.max_nonfinite_skips); the last checkpoint is kept as it was"
+            )
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -318,7 +373,9 @@ class Trainer:
         self.model.train()
         loss_sum, count = self.acc.reduce(total, "sum").tolist()
         if count == 0:
-            log.warning("%s: the validation batches hold no counted tokens (every answer cut off by T?)", self.cfg.phase)
+            log.warning(
+                "%s: the validation batches hold no counted tokens (every answer cut off by T?)", self.cfg.phase
+            )
             return float("nan")
         return loss_sum / count
 
@@ -327,13 +384,26 @@ class Trainer:
     def _meta(self) -> dict:
         s = self.state
         return {
-            "phase": self.cfg.phase, "run_id": s.run_id, "step": s.step, "best_val_loss": s.best_val_loss,
-            "best_val_step": s.best_val_step, "last_val_loss": s.last_val_loss, "tokens_seen": s.tokens_seen,
+            "phase": self.cfg.phase,
+            "run_id": s.run_id,
+            "step": s.step,
+            "best_val_loss": s.best_val_loss,
+            "best_val_step": s.best_val_step,
+            "last_val_loss": s.last_val_loss,
+            "tokens_seen": s.tokens_seen,
             "skipped_steps": s.skipped_steps,
-            "model_cfg": self.cfg.model.to_dict(), "train_cfg": self.t.to_dict(), "config": self.cfg.raw,
-            "config_path": str(self.cfg.path), "global_batch": self.global_batch, "world_size": self.world,
-            "created_at": time.time(), **self.data_info, "config_fingerprint": self.cfg.fingerprint,
-            "overrides": list(self.cfg.overrides), "code": code_version(), "parent": self.parent,
+            "model_cfg": self.cfg.model.to_dict(),
+            "train_cfg": self.t.to_dict(),
+            "config": self.cfg.raw,
+            "config_path": str(self.cfg.path),
+            "global_batch": self.global_batch,
+            "world_size": self.world,
+            "created_at": time.time(),
+            **self.data_info,
+            "config_fingerprint": self.cfg.fingerprint,
+            "overrides": list(self.cfg.overrides),
+            "code": code_version(),
+            "parent": self.parent,
             "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
 
@@ -347,13 +417,18 @@ class Trainer:
         # all, so all stop together rather than leave some waiting in the gather below
         main_process_decides(self.acc, self.wait_for_save)  # one save at a time; a failed one stops every process
         needed = checkpoint_bytes(self.acc.unwrap_model(self.model, keep_torch_compile=False))
-        main_process_decides(self.acc, lambda: ckpt.ensure_free_space(
-            self.phase_dir, needed, copies=int(to_step_dir) + int(to_best and not to_step_dir)))
+        main_process_decides(
+            self.acc,
+            lambda: ckpt.ensure_free_space(
+                self.phase_dir, needed, copies=int(to_step_dir) + int(to_best and not to_step_dir)
+            ),
+        )
         model_state, tied = full_model_state(self.acc, self.model)  # collectives under FSDP: every process takes part
         opt_state = full_optimizer_state(self.acc, self.model, self.optimizer)
         if self.acc.is_main_process:
-            self.writer.submit(Snapshot(ckpt.cpu_copy(model_state), tied, ckpt.cpu_copy(opt_state), self._meta()),
-                               to_step_dir, to_best)
+            self.writer.submit(
+                Snapshot(ckpt.cpu_copy(model_state), tied, ckpt.cpu_copy(opt_state), self._meta()), to_step_dir, to_best
+            )
             if to_step_dir:
                 self._write_samples(model_state, tied)
         self.acc.wait_for_everyone()
@@ -364,8 +439,13 @@ class Trainer:
         if done is None:
             return
         meta, path = done
-        self.events.write("checkpoint", meta["step"], path=str(path), best_val_loss=meta["best_val_loss"],
-                          best_val_step=meta["best_val_step"])
+        self.events.write(
+            "checkpoint",
+            meta["step"],
+            path=str(path),
+            best_val_loss=meta["best_val_loss"],
+            best_val_step=meta["best_val_step"],
+        )
 
     def _write_samples(self, model_state: dict, tied: dict) -> None:
         """On the main process alone. A sharded (FSDP) model cannot run there, since its forward all-gathers with
@@ -378,14 +458,24 @@ class Trainer:
             device, dtype = self.acc.device, HALF_PRECISION.get(self.acc.mixed_precision, torch.float32)
             nbytes = sum(t.numel() for t in model_state.values()) * dtype.itemsize
             if not fits_in_free_memory(device, nbytes):
-                log.info("%s: samples on the CPU: their %.1f GiB copy of the model does not fit in %s's free memory",
-                         self.cfg.phase, nbytes / 2**30, device)
+                log.info(
+                    "%s: samples on the CPU: their %.1f GiB copy of the model does not fit in %s's free memory",
+                    self.cfg.phase,
+                    nbytes / 2**30,
+                    device,
+                )
                 device, dtype = torch.device("cpu"), torch.float32
             model = plain_model(self.cfg.model, model_state, tied, device, dtype)
         else:
             model = self.acc.unwrap_model(self.model, keep_torch_compile=False)
-        written = write_samples(model, self.chat, self.cfg.sample_prompts, self.cfg.sample_seed, self.state.step,
-                                self.paths.samples / self.cfg.phase)
+        written = write_samples(
+            model,
+            self.chat,
+            self.cfg.sample_prompts,
+            self.cfg.sample_seed,
+            self.state.step,
+            self.paths.samples / self.cfg.phase,
+        )
         self.events.write("samples", self.state.step, samples=written)
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -393,9 +483,18 @@ class Trainer:
     def fit(self) -> PhaseResult:
         """Train to total_steps. A progress bar on a terminal, else a plain progress line every log_every steps."""
         show_bar = self.acc.is_main_process and sys.stderr.isatty()
-        with StopRequest() as stop, logging_redirect_tqdm(), tqdm(
-                total=self.t.total_steps, initial=self.state.step, desc=self.cfg.phase, unit="step",
-                disable=not show_bar, dynamic_ncols=True) as self._bar:
+        with (
+            StopRequest() as stop,
+            logging_redirect_tqdm(),
+            tqdm(
+                total=self.t.total_steps,
+                initial=self.state.step,
+                desc=self.cfg.phase,
+                unit="step",
+                disable=not show_bar,
+                dynamic_ncols=True,
+            ) as self._bar,
+        ):
             try:
                 return self._fit(stop)
             except Interrupted:
@@ -435,14 +534,34 @@ class Trainer:
     def _fit(self, stop: StopRequest) -> PhaseResult:
         t, s = self.t, self.state
         tokens_per_step = self.global_batch * self.cfg.seq_len
-        self.events.write("run_start", s.step, total_steps=t.total_steps, processes=self.world,
-                          device=str(self.acc.device), stage_id=self.strategy.stage_id)
-        log.info("%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters",
-                 self.cfg.phase, s.step, t.total_steps, self.world, self.acc.device, self.acc.mixed_precision,
-                 torch.get_num_threads(), f"{tokens_per_step:,}", f"{self.acc.unwrap_model(self.model).num_params():,}")
+        self.events.write(
+            "run_start",
+            s.step,
+            total_steps=t.total_steps,
+            processes=self.world,
+            device=str(self.acc.device),
+            stage_id=self.strategy.stage_id,
+        )
+        log.info(
+            "%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters",
+            self.cfg.phase,
+            s.step,
+            t.total_steps,
+            self.world,
+            self.acc.device,
+            self.acc.mixed_precision,
+            torch.get_num_threads(),
+            f"{tokens_per_step:,}",
+            f"{self.acc.unwrap_model(self.model).num_params():,}",
+        )
         if s.step > t.total_steps:
-            log.warning("%s: resumed at step %d, past train_cfg.total_steps=%d: nothing to train (raise total_steps to "
-                        "go on, or --no-resume to start again)", self.cfg.phase, s.step, t.total_steps)
+            log.warning(
+                "%s: resumed at step %d, past train_cfg.total_steps=%d: nothing to train (raise total_steps to "
+                "go on, or --no-resume to start again)",
+                self.cfg.phase,
+                s.step,
+                t.total_steps,
+            )
         if s.step == 0:  # where the phase starts from, for comparison; never a "best"
             s.last_val_loss = self.evaluate()
             self.events.write("eval", 0, **{"val/loss": s.last_val_loss})
@@ -450,8 +569,11 @@ class Trainer:
         self.model.train()
         pending: list[StepTotals] = []  # the updates since the last progress line
         names = self.strategy.train.names
-        log.info("%s: rows drawn from %s (shares of the rows)", self.cfg.phase,
-                 ", ".join(f"{n} {p:.1%}" for n, p in zip(names, self.strategy.train.probs)))
+        log.info(
+            "%s: rows drawn from %s (shares of the rows)",
+            self.cfg.phase,
+            ", ".join(f"{n} {p:.1%}" for n, p in zip(names, self.strategy.train.probs)),
+        )
         window_start, window_tokens = time.perf_counter(), 0
         first_step = s.step
         while s.step < t.total_steps:
@@ -476,8 +598,10 @@ class Trainer:
             if stopping:  # everyone waits for the write: a process that exits first would have the launcher kill it
                 main_process_decides(self.acc, self.wait_for_save)
                 self.events.write("stopped", s.step, signal=stop.signum)
-                raise Interrupted(f"{self.cfg.phase} stopped by a signal after step {s.step}; its checkpoint is "
-                                  f"{self.phase_dir / ckpt.step_dir_name(s.step)} (run the same command to resume)")
+                raise Interrupted(
+                    f"{self.cfg.phase} stopped by a signal after step {s.step}; its checkpoint is "
+                    f"{self.phase_dir / ckpt.step_dir_name(s.step)} (run the same command to resume)"
+                )
         # A step ran: the last one was due and saved. None ran (resumed at the end): save only if this phase has
         # no latest/ yet (resumed from elsewhere), as the main process sees it once its writes are done.
         latest, best = self.phase_dir / "latest", self.phase_dir / "best"
@@ -488,12 +612,16 @@ class Trainer:
         # the main process answers once its writes are done, so every process returns with them complete on disk
         best_dir = best if main_process_decides(self.acc, best.exists) else None
         if self.rows_drawn.sum():
-            log.info("%s: rows drawn in this session: %s (configured %s)", self.cfg.phase,
-                     ", ".join(f"{k.removeprefix('train/mixture/')} {v:.1%}" for k, v in self.realised_mixture().items()),
-                     ", ".join(f"{n} {p:.1%}" for n, p in zip(self.strategy.train.names, self.strategy.train.probs)))
+            log.info(
+                "%s: rows drawn in this session: %s (configured %s)",
+                self.cfg.phase,
+                ", ".join(f"{k.removeprefix('train/mixture/')} {v:.1%}" for k, v in self.realised_mixture().items()),
+                ", ".join(f"{n} {p:.1%}" for n, p in zip(self.strategy.train.names, self.strategy.train.probs)),
+            )
         self._report_compile(s.step)  # the last evaluation's compiles, if any
-        self.events.write("run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step,
-                          **self.realised_mixture())
+        self.events.write(
+            "run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step, **self.realised_mixture()
+        )
         return PhaseResult(self.cfg.phase, s, best_dir, latest)
 
     def _log_train(self, pending: list[StepTotals], tokens_per_sec: float) -> None:
@@ -502,46 +630,85 @@ class Trainer:
         local = torch.stack([torch.cat([p.loss_sum.float().view(1), p.by_source.flatten()]) for p in pending])
         reduced = self.acc.reduce(local, "sum")  # loss sums and per-source counts: one collective per progress line
         losses = reduced[:, 0] / torch.stack([p.counted.float() for p in pending])
-        rows = torch.cat([torch.stack([losses, torch.stack([p.grad_norm.float() for p in pending])], dim=1), reduced[:, 1:]],
-                         dim=1).tolist()  # one host sync
+        rows = torch.cat(
+            [torch.stack([losses, torch.stack([p.grad_norm.float() for p in pending])], dim=1), reduced[:, 1:]], dim=1
+        ).tolist()  # one host sync
         values = [r[:2] for r in rows]
         for p, row in zip(pending, rows):
             per_source = {f"train/tokens/{n}": row[2 + i] for i, n in enumerate(names)}
             per_source |= {f"train/rows/{n}": row[2 + len(names) + i] for i, n in enumerate(names)}
-            self.events.write("train", p.step, **{
-                "train/loss": row[0], "train/lr": p.lr, "train/grad_norm": row[1], "train/tokens_seen": p.tokens_seen,
-                "train/tokens_per_sec": tokens_per_sec, **per_source,
-            })
-            self.rows_drawn += np.array(row[2 + len(names):])
+            self.events.write(
+                "train",
+                p.step,
+                **{
+                    "train/loss": row[0],
+                    "train/lr": p.lr,
+                    "train/grad_norm": row[1],
+                    "train/tokens_seen": p.tokens_seen,
+                    "train/tokens_per_sec": tokens_per_sec,
+                    **per_source,
+                },
+            )
+            self.rows_drawn += np.array(row[2 + len(names) :])
         empty = int(self.empty_micro_batches)
         if empty:
-            log.warning("%s: %d micro-batches up to step %d had no counted tokens (every label -100); they "
-                        "contributed nothing", self.cfg.phase, empty, pending[-1].step)
+            log.warning(
+                "%s: %d micro-batches up to step %d had no counted tokens (every label -100); they contributed nothing",
+                self.cfg.phase,
+                empty,
+                pending[-1].step,
+            )
             self.empty_micro_batches.zero_()
         finite = [v for v in values if math.isfinite(v[0])]
         if self.t.on_nonfinite == "stop" and len(finite) < len(values):
             bad = next(p.step for p, v in zip(pending, values) if not math.isfinite(v[0]))
-            raise FloatingPointError(f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
-                                     "(try a lower base_lr or grad_clip)")
+            raise FloatingPointError(
+                f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
+                "(try a lower base_lr or grad_clip)"
+            )
         avg = sum(v[0] for v in finite) / len(finite) if finite else float("nan")
         norms = [v[1] for v in finite if math.isfinite(v[1])]
         step, tokens, lr = pending[-1].step, pending[-1].tokens_seen, pending[-1].lr
-        progress = {"train/loss": avg, "train/lr": lr, "train/tokens_seen": tokens, "train/tokens_per_sec": tokens_per_sec,
-                    "train/grad_norm": sum(norms) / len(norms) if norms else float("nan"), **self.realised_mixture()}
+        progress = {
+            "train/loss": avg,
+            "train/lr": lr,
+            "train/tokens_seen": tokens,
+            "train/tokens_per_sec": tokens_per_sec,
+            "train/grad_norm": sum(norms) / len(norms) if norms else float("nan"),
+            **self.realised_mixture(),
+        }
         if self.acc.scaler is not None:  # fp16: updates the scaler skipped (finite loss, overflowed gradient)
             progress["train/loss_scale"] = self.acc.scaler.get_scale()
             progress["train/scaler_skips"] = len(finite) - len(norms)
             if len(finite) > len(norms):
-                log.info("%s: the fp16 loss scaler skipped %d of the last %d updates (gradient overflow); scale now %g",
-                         self.cfg.phase, len(finite) - len(norms), len(values), progress["train/loss_scale"])
+                log.info(
+                    "%s: the fp16 loss scaler skipped %d of the last %d updates (gradient overflow); scale now %g",
+                    self.cfg.phase,
+                    len(finite) - len(norms),
+                    len(values),
+                    progress["train/loss_scale"],
+                )
         self.events.write("progress", step, **progress)
         self._report_compile(step)
         if self._bar is not None and not self._bar.disable:
-            self._bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", val=_fmt(self.state.last_val_loss),
-                                  tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            self._bar.set_postfix(
+                loss=f"{avg:.4f}",
+                lr=f"{lr:.2e}",
+                val=_fmt(self.state.last_val_loss),
+                tok_s=f"{tokens_per_sec:,.0f}",
+                refresh=False,
+            )
             return
-        log.info("%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s", self.cfg.phase, step, self.t.total_steps,
-                 lr, avg, _fmt(self.state.last_val_loss), f"{tokens_per_sec:,.0f}")
+        log.info(
+            "%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s",
+            self.cfg.phase,
+            step,
+            self.t.total_steps,
+            lr,
+            avg,
+            _fmt(self.state.last_val_loss),
+            f"{tokens_per_sec:,.0f}",
+        )
 
     def realised_mixture(self) -> dict[str, float]:
         """Each source's share of the training rows drawn in this session so far (configured: strategy.train.probs)."""

@@ -23,7 +23,9 @@ def load_start(path: Path, model: ModelConfig | None, with_optimizer: bool) -> L
     if not is_hf_dir(path):
         return load_checkpoint(path, with_optimizer=with_optimizer)
     if with_optimizer:
-        raise UserError(f"{path}: a Hugging Face directory has no optimizer state or step to resume; name it in the "
-                        "config's init_from to start from its weights")
+        raise UserError(
+            f"{path}: a Hugging Face directory has no optimizer state or step to resume; name it in the "
+            "config's init_from to start from its weights"
+        )
     loaded = load_hf_dir(path)
     return fit(loaded, model) if model is not None else loaded

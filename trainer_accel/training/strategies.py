@@ -41,7 +41,7 @@ class Batch:
     row_source: torch.Tensor | None = None
     segments: torch.Tensor | None = None
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         pin = device.type == "cuda"
         move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if pin else (lambda t: t.to(device))
         y = move(self.y)
@@ -78,8 +78,14 @@ class RowSource:
         else:
             y_masked = y
         segments = None if rows.segment is None else torch.from_numpy(rows.segment[:, :-1])
-        return Batch(tokens[:, :-1], y, y_masked, torch.from_numpy(rows.source[:, 1:]), torch.from_numpy(rows.row_source),
-                     segments)
+        return Batch(
+            tokens[:, :-1],
+            y,
+            y_masked,
+            torch.from_numpy(rows.source[:, 1:]),
+            torch.from_numpy(rows.row_source),
+            segments,
+        )
 
 
 class Strategy:
@@ -91,7 +97,9 @@ class Strategy:
     def __init__(self, train: RowSource, val: RowSource, B: int, seed: int):
         self.train, self.val, self.B, self.seed = train, val, B, seed
 
-    def _slice(self, source: RowSource, rng: np.random.Generator, micro: int, rank: int, world: int, accum: int) -> Batch:
+    def _slice(
+        self, source: RowSource, rng: np.random.Generator, micro: int, rank: int, world: int, accum: int
+    ) -> Batch:
         """Rows of one global batch are drawn together; this process keeps its own slice of B rows.
 
         The global batch is the same for any split into processes and micro-steps with the same product.
@@ -118,8 +126,9 @@ class Strategy:
         n = len(self.train.names)
         counted = (self.targets(batch) != IGNORE_INDEX).flatten().float()
         tokens = torch.zeros(n, device=counted.device).scatter_add_(0, batch.source.flatten(), counted)
-        rows = torch.zeros(n, device=counted.device).scatter_add_(0, batch.row_source, torch.ones_like(batch.row_source,
-                                                                                                     dtype=torch.float))
+        rows = torch.zeros(n, device=counted.device).scatter_add_(
+            0, batch.row_source, torch.ones_like(batch.row_source, dtype=torch.float)
+        )
         return torch.stack([tokens, rows])
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

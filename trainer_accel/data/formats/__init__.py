@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from trainer_accel.data.formats import text as text_format
 from trainer_accel.data.formats.chat import (
@@ -40,8 +40,18 @@ from trainer_accel.data.formats.text import (
 )
 from trainer_accel.errors import UserError
 
-__all__ = ["KEY_CHARS", "OASST_PATHS", "DocumentRule", "Piece", "ReadOptions", "document_pieces", "examples",
-           "input_files", "parse_document_rule", "unit_of"]
+__all__ = [
+    "KEY_CHARS",
+    "OASST_PATHS",
+    "DocumentRule",
+    "Piece",
+    "ReadOptions",
+    "document_pieces",
+    "examples",
+    "input_files",
+    "parse_document_rule",
+    "unit_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +120,13 @@ def document_pieces(path: Path, options: ReadOptions, problems: list[str], tick:
             problems.append(f"{where}: {row.problem}")
         elif not isinstance(row, dict) or options.text_field not in row:
             fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-            problems.append(f"{where}: no text field {options.text_field!r} (row has: {fields}; "
-                            "choose the field with --text-field)")
+            problems.append(
+                f"{where}: no text field {options.text_field!r} (row has: {fields}; choose the field with --text-field)"
+            )
         elif not isinstance(row[options.text_field], str):
-            problems.append(f"{where}: field {options.text_field!r} holds {_shown(row[options.text_field])}, "
-                            "expected a string")
+            problems.append(
+                f"{where}: field {options.text_field!r} holds {_shown(row[options.text_field])}, expected a string"
+            )
         elif len(text := row[options.text_field]) <= text_format.PIECE_CHARS:
             if text:
                 yield Piece(text, start=True, end=True)  # the common case, without the splitter's machinery
@@ -142,8 +154,13 @@ def examples(path: Path, options: ReadOptions, problems: list[str], tick: Tick) 
     if trees.messages:
         conversations, bad = trees.conversations()
         problems += bad
-        log.info("%s: %d oasst1 messages -> %d conversations (%s%s)%s", path, len(trees.messages), len(conversations),
-                 "one per leaf" if options.oasst_paths == "leaves" else "best-ranked path",
-                 f", languages {', '.join(sorted(options.langs))}" if options.langs else "",
-                 "; left out: " + ", ".join(f"{n} {why}" for why, n in trees.dropped.items()) if trees.dropped else "")
+        log.info(
+            "%s: %d oasst1 messages -> %d conversations (%s%s)%s",
+            path,
+            len(trees.messages),
+            len(conversations),
+            "one per leaf" if options.oasst_paths == "leaves" else "best-ranked path",
+            f", languages {', '.join(sorted(options.langs))}" if options.langs else "",
+            "; left out: " + ", ".join(f"{n} {why}" for why, n in trees.dropped.items()) if trees.dropped else "",
+        )
         yield from conversations

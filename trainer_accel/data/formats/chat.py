@@ -34,6 +34,8 @@ class Turns(list):
         if self.system and pairs:
             pairs[0] = (self.system + "\n\n" + pairs[0][0], pairs[0][1])
         return pairs
+
+
 OASST_PATHS = ("leaves", "best")
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 
@@ -48,7 +50,11 @@ def turns_of(obj: Any) -> Turns:
             raise ValueError('"messages" must be a non-empty list')
         system, turns, pending, leading = "", Turns(), None, None
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("content"), str)
+                or m.get("role") not in ("system", "user", "assistant")
+            ):
                 raise ValueError(f'messages[{i}] must be {{"role": "system"|"user"|"assistant", "content": "..."}}')
             if m["role"] == "system":
                 system += m["content"] + "\n\n"
@@ -71,8 +77,10 @@ def turns_of(obj: Any) -> Turns:
     prompt = obj.get("prompt", obj.get("instruction"))
     response = obj.get("response")
     if not isinstance(prompt, str) or not isinstance(response, str):
-        raise ValueError('expected {"prompt": "...", "response": "..."}, {"messages": [...]} or an oasst1 message '
-                         '{"message_id", "parent_id", "role", "text"}')
+        raise ValueError(
+            'expected {"prompt": "...", "response": "..."}, {"messages": [...]} or an oasst1 message '
+            '{"message_id", "parent_id", "role", "text"}'
+        )
     context = obj.get("context")
     if isinstance(context, str) and context.strip():
         prompt = f"{prompt}\n\n{context}"
@@ -129,9 +137,16 @@ class MessageTrees:
             self.deleted.add(mid)
             return
         rank = obj.get("rank")
-        self.messages[mid] = Message(mid, parent or None, role, text, obj.get("lang"),
-                                     float(rank) if isinstance(rank, (int, float)) else float("inf"),
-                                     len(self.messages), where)
+        self.messages[mid] = Message(
+            mid,
+            parent or None,
+            role,
+            text,
+            obj.get("lang"),
+            float(rank) if isinstance(rank, (int, float)) else float("inf"),
+            len(self.messages),
+            where,
+        )
 
     def add_tree(self, obj: dict, where: str) -> None:
         """One nested tree row: its messages, each with its parent's id filled in."""
@@ -160,7 +175,7 @@ class MessageTrees:
         for root in roots:
             if self.langs and root.lang not in self.langs:
                 continue
-            for path in (self._leaf_paths(root) if self.paths == "leaves" else [self._best_path(root)]):
+            for path in self._leaf_paths(root) if self.paths == "leaves" else [self._best_path(root)]:
                 if len(path) < 2:
                     continue  # a prompt nobody answered
                 try:
@@ -172,6 +187,7 @@ class MessageTrees:
     def _count_dropped(self, roots: list[Message]) -> None:
         """Every message that no conversation can reach, by why: its parent was deleted, its parent is not in the
         file, it lies under such a message, or its parent ids go round in a circle (its own parent included)."""
+
         def under(tops: list[Message]) -> set[str]:
             found, stack = set(), [m.id for m in tops]
             while stack:
@@ -187,9 +203,13 @@ class MessageTrees:
         missing = [m for m in lost if m.parent not in self.deleted]
         below = under(lost) - {m.id for m in lost}
         circular = set(self.messages) - reached - under(lost)
-        counts = {"replies to a deleted message": len(to_deleted), "whose parent is not in the file": len(missing),
-                  "under those": len(below), "in or under a circle of parent ids": len(circular),
-                  "marked deleted": len(self.deleted)}
+        counts = {
+            "replies to a deleted message": len(to_deleted),
+            "whose parent is not in the file": len(missing),
+            "under those": len(below),
+            "in or under a circle of parent ids": len(circular),
+            "marked deleted": len(self.deleted),
+        }
         self.dropped = {reason: n for reason, n in counts.items() if n}
 
     def _children(self, m: Message) -> list[Message]:

@@ -12,9 +12,10 @@ import gzip
 import json
 import re
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from trainer_accel.errors import UserError, first_line
 from trainer_accel.fsio import loads
@@ -86,8 +87,10 @@ def parquet_rows(path: Path, tick: Tick, columns: list[str] | None = None) -> It
     if columns:
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
-            raise UserError(f"{path}: no column {', '.join(repr(c) for c in missing)} "
-                            f"(columns: {', '.join(pf.schema_arrow.names)}; choose one with --text-field)")
+            raise UserError(
+                f"{path}: no column {', '.join(repr(c) for c in missing)} "
+                f"(columns: {', '.join(pf.schema_arrow.names)}; choose one with --text-field)"
+            )
     size, rows_total, done = path.stat().st_size, max(1, pf.metadata.num_rows), 0
     n = 0
     batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
@@ -118,8 +121,10 @@ def saved_dataset_rows(path: Path, tick: Tick, columns: list[str] | None = None)
         if columns:
             missing = [c for c in columns if c not in ds.column_names]
             if missing:
-                raise UserError(f"{where}: no column {', '.join(repr(c) for c in missing)} "
-                                f"(columns: {', '.join(ds.column_names)}; choose one with --text-field)")
+                raise UserError(
+                    f"{where}: no column {', '.join(repr(c) for c in missing)} "
+                    f"(columns: {', '.join(ds.column_names)}; choose one with --text-field)"
+                )
             ds = ds.select_columns(columns)
         n = 0
         for batch in ds.iter(batch_size=BATCH_ROWS):

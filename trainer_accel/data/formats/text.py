@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from trainer_accel.errors import UserError
 
@@ -53,7 +53,7 @@ def parse_document_rule(value: str) -> DocumentRule:
     if value in ("file", "blank-lines"):
         return DocumentRule(value)
     if value.startswith("separator="):
-        sep = re.sub(r"\\[ntr\\]", lambda m: ESCAPES[m.group()], value[len("separator="):])
+        sep = re.sub(r"\\[ntr\\]", lambda m: ESCAPES[m.group()], value[len("separator=") :])
         if sep:
             return DocumentRule("separator", sep)
     raise UserError(f"--documents {value}: expected file, blank-lines or separator=TEXT (e.g. separator='\\n\\n\\n')")
@@ -69,6 +69,7 @@ def _separator_finder(rule: DocumentRule) -> Callable[[str, int, bool], tuple[in
         def literal(buf: str, pos: int, final: bool) -> tuple[int, int] | None:
             i = buf.find(sep, pos)
             return None if i < 0 else (i, i + len(sep))
+
         return literal
 
     def blank(buf: str, pos: int, final: bool) -> tuple[int, int] | None:
@@ -76,6 +77,7 @@ def _separator_finder(rule: DocumentRule) -> Callable[[str, int, bool], tuple[in
         if m is None or not (final or NON_SPACE.search(buf, m.end())):
             return None  # more blank lines may follow in the next block
         return m.start(), m.end()
+
     return blank
 
 
@@ -109,7 +111,7 @@ def split_documents(blocks: Iterator[str], rule: DocumentRule) -> Iterator[Piece
             buf += block
         pos = 0
         while (sep := find(buf, pos, final)) is not None:
-            text = buf[pos:sep[0]]
+            text = buf[pos : sep[0]]
             if started or keep(text):
                 yield Piece(text, start=not started, end=True)
             started, pos = False, sep[1]
