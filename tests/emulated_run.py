@@ -24,6 +24,7 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
+import trainer_accel.experiments.runner as runner
 import trainer_accel.run as run
 from trainer_accel.devices.accelerator import fsdp_plugin, make_accelerator
 
@@ -52,5 +53,5 @@ def as_on_a_mac(device, mixed_precision):
 
 
 if __name__ == "__main__":
-    run.make_accelerator = {"fsdp": fsdp_on_cpu, "fp16": fp16_on_cpu, "mps": as_on_a_mac}[sys.argv[1]]
+    runner.make_accelerator = {"fsdp": fsdp_on_cpu, "fp16": fp16_on_cpu, "mps": as_on_a_mac}[sys.argv[1]]
     sys.exit(run.main(sys.argv[2:]))

@@ -1,8 +1,8 @@
-"""The package's imports go one way (docs/architecture.md): no cycle, and no module imports a layer above its own.
+"""The package's imports go one way (trainer_accel/layers.py): no cycle, and no module imports a layer above its own.
 
 Every import is read from the source, function-level and TYPE_CHECKING ones included: a lazy import inside a
 function is how the last cycle (checkpoint.py <-> hf_gpt2.py) hid. A new top-level module or folder must be given
-a layer here and in docs/architecture.md before the test passes.
+a floor in trainer_accel/layers.py before the test passes.
 """
 
 from __future__ import annotations
@@ -12,45 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from trainer_accel.layers import FLOORS, SHARED
+from trainer_accel.layers import PEERS as FLOOR_PEERS
+
 PACKAGE = "trainer_accel"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
-# Lowest first. A module may import its own folder and any layer below its own, never a peer folder or above.
-LAYERS: list[tuple[str, set[str]]] = [
-    ("ground", {"", "errors", "paths", "fsio", "faults", "versions", "overrides", "schema", "dependency_floors"}),
-    ("data", {"data/"}),
-    ("models", {"models/"}),
-    ("devices", {"devices/"}),
-    ("config", {"config"}),  # a phase config: its model_cfg may come from a model family's Hugging Face config.json
-    ("checkpoints", {"checkpoints/"}),
-    ("hf", {"hf/"}),
-    ("observability", {"observability/"}),
-    ("training", {"training/"}),
-    ("experiments", {"experiments/"}),
-    ("inference", {"inference/"}),
-    ("tools", {"tools/"}),
-    (
-        "commands",
-        {
-            "run",
-            "export",
-            "prepare",
-            "queue",
-            "runs",
-            "doctor",
-            "compare",
-            "bench",
-            "gpu_check",
-            "prepare_bench",
-            "generate",
-            "chat",
-        },
-    ),
-]
-# data, models and devices stand side by side on the floor above the ground: none imports another.
-PEERS = {"data", "models", "devices"}
-# The ground floor is one layer of small modules that may import each other (acyclically); commands may not.
-SHARED_LAYERS = {"ground"}
+# The rules are the package's own (trainer_accel/layers.py): written once, read here.
+LAYERS, PEERS, SHARED_LAYERS = FLOORS, FLOOR_PEERS, SHARED
 
 
 def unit(module: str) -> str:
@@ -66,7 +35,7 @@ def layer_of(module: str) -> int:
     for i, (_, units) in enumerate(LAYERS):
         if u in units:
             return i
-    raise AssertionError(f"{module}: {u!r} is in no layer; add it to LAYERS here and to docs/architecture.md")
+    raise AssertionError(f"{module}: {u!r} is in no layer; give it a floor in trainer_accel/layers.py")
 
 
 def module_name(path: Path) -> str:
@@ -144,16 +113,20 @@ def test_the_package_has_no_import_cycle():
 
 def test_no_module_imports_against_the_layer_order():
     problems = against_the_order(import_graph())
-    assert not problems, "imports against docs/architecture.md's order:\n" + "\n".join(problems)
+    assert not problems, "imports against trainer_accel/layers.py's order:\n" + "\n".join(problems)
 
 
-def test_every_module_has_a_layer_and_every_folder_says_what_it_may_import():
+def test_every_module_has_a_layer_and_no_folder_repeats_the_rules():
+    """The rules live in layers.py alone: a folder's docstring that restated them drifted from them before (data
+    listed config below itself; checkpoints named imports it did not make and missed one it made)."""
     graph = import_graph()
     for module in graph:
         layer_of(module)
     for folder in sorted(p for p in ROOT.iterdir() if (p / "__init__.py").is_file()):
         doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
-        assert "May import" in doc, f"{folder}/__init__.py: its docstring does not say what the folder may import"
+        assert "layers.py" in doc and "May import" not in doc, (
+            f"{folder}/__init__.py: its docstring should point at trainer_accel/layers.py, not restate the rules"
+        )
 
 
 @pytest.mark.parametrize(

@@ -89,15 +89,15 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("patch,message", BAD_CONFIGS, ids=[m.split(":")[0] for _, m in BAD_CONFIGS])
 def test_bad_config_names_the_key(tmp_path, patch, message):
-    from trainer_accel.config import load_phase_config
     from trainer_accel.errors import UserError
+    from trainer_accel.phases.registry import load_config
 
     cfg = {"model_cfg": dict(TINY_MODEL), "train_cfg": {}}
     for k, v in patch.items():
         cfg[k] = {**cfg[k], **v} if k == "train_cfg" else v
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError) as e:
-        load_phase_config(tmp_path / "c.json", "pretrain")
+        load_config(tmp_path / "c.json", "pretrain")
     assert any(message in p for p in e.value.problems), e.value.problems
 
 
@@ -129,15 +129,14 @@ SFT_AND_PIPELINE = [
 
 @pytest.mark.parametrize("kind,data,message", SFT_AND_PIPELINE, ids=[m.split(":")[0] for _, _, m in SFT_AND_PIPELINE])
 def test_bad_sft_and_pipeline_configs_name_the_key(tmp_path, kind, data, message):
-    from trainer_accel.config import load_phase_config, load_pipeline_config
     from trainer_accel.errors import UserError
+    from trainer_accel.phases.pipeline import load_pipeline
+    from trainer_accel.phases.registry import load_config
 
     (tmp_path / "s.json").write_text(json.dumps({"model_cfg": TINY_MODEL, "sft_sources": {"dolly": 1.0}}))
     (tmp_path / "c.json").write_text(json.dumps(data))
     with pytest.raises(UserError) as e:
-        load_pipeline_config(tmp_path / "c.json") if kind == "pipeline" else load_phase_config(
-            tmp_path / "c.json", kind
-        )
+        load_pipeline(tmp_path / "c.json") if kind == "pipeline" else load_config(tmp_path / "c.json", kind)
     assert any(message in p for p in e.value.problems), e.value.problems
 
 

@@ -11,13 +11,14 @@ from conftest import TINY_MODEL, run_cli, write_config
 
 from trainer_accel import export, run
 from trainer_accel.checkpoints.store import read_meta
-from trainer_accel.config import fingerprint, load_phase_config
+from trainer_accel.config import fingerprint
 from trainer_accel.data import prepare
 from trainer_accel.devices.hardware import usable_cores
 from trainer_accel.errors import UserError
 from trainer_accel.experiments import doctor, runs
 from trainer_accel.overrides import parse_overrides
-from trainer_accel.training.loop import Trainer
+from trainer_accel.phases.registry import load_config
+from trainer_accel.training.progress import Progress
 
 
 def pipeline_config(world, pretrain_top: dict | None = None, **sft_top):
@@ -37,7 +38,7 @@ def setting(plan_text: str, key: str) -> list[str]:
 
 def test_overrides_beat_the_file_which_beats_the_defaults(world):
     cfg_path = write_config(world / "pre.json", "pretrain", {"base_lr": 2e-3})
-    cfg = load_phase_config(
+    cfg = load_config(
         cfg_path,
         "pretrain",
         parse_overrides(["train_cfg.base_lr=1e-3", "train_cfg.seed=3", "val_source=roam", 'tracking.tags=["sweep"]']),
@@ -50,7 +51,7 @@ def test_overrides_beat_the_file_which_beats_the_defaults(world):
         cfg.provenance["train_cfg.beta1"],
         cfg.provenance["val_source"],
     ) == ("override", "file", "default", "override")
-    assert cfg.fingerprint == fingerprint(cfg.resolved()) != load_phase_config(cfg_path, "pretrain").fingerprint
+    assert cfg.fingerprint == fingerprint(cfg.resolved()) != load_config(cfg_path, "pretrain").fingerprint
     assert json.loads(cfg_path.read_text())["train_cfg"]["base_lr"] == 2e-3  # the file is not touched
 
     for sets, message in [
@@ -60,7 +61,7 @@ def test_overrides_beat_the_file_which_beats_the_defaults(world):
         (["train_cfg.B=two"], 'train_cfg.B: expected an integer, got "two" (from --set train_cfg.B=two)'),
     ]:
         with pytest.raises(UserError) as e:
-            load_phase_config(cfg_path, "pretrain", parse_overrides(sets))
+            load_config(cfg_path, "pretrain", parse_overrides(sets))
         assert message in str(e.value)
 
 
@@ -336,7 +337,7 @@ def test_exit_codes_and_result_for_bad_input_and_a_crash(world, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("a bug in the progress line")
 
-    monkeypatch.setattr(Trainer, "_log_train", bug)  # a bug-like failure keeps its traceback and exit 1
+    monkeypatch.setattr(Progress, "train_lines", bug)  # a bug-like failure keeps its traceback and exit 1
     with pytest.raises(RuntimeError, match="a bug in the progress line"):
         run.main(["--phase", "pretrain", "--config", str(cfg), "--result-json", "r.json"])
     result = json.loads((world / "r.json").read_text())
@@ -349,7 +350,8 @@ def test_exit_codes_and_result_for_bad_input_and_a_crash(world, monkeypatch):
 def test_the_gate_fails_a_set_it_could_not_measure():
     """An SFT val set whose eval batches hold no answer tokens (dolly at T=32) used to drop out of the summary,
     and the verdict was `pass` for a source never measured."""
-    from trainer_accel.experiments.evaluation import compare_set, verdict
+    from trainer_accel.experiments.evaluation import compare_set
+    from trainer_accel.phases.sft import promotion_gate as verdict
 
     dolly = compare_set("sft/dolly", [(0.0, 0), (0.0, 0)], [(0.0, 0), (0.0, 0)])
     primer = compare_set("sft/primer", [(20.0, 10), (22.0, 10)], [(10.0, 10), (11.0, 10)])
@@ -372,11 +374,9 @@ def test_the_gate_fails_a_set_it_could_not_measure():
     ],
 )
 def test_the_gate_tells_an_improvement_from_noise(candidate, floor, passes):
-    from trainer_accel.experiments.evaluation import (
-        compare_set,
-        needed_improvement,
-        verdict,
-    )
+    from trainer_accel.experiments.evaluation import compare_set
+    from trainer_accel.phases.sft import needed_improvement
+    from trainer_accel.phases.sft import promotion_gate as verdict
 
     s = compare_set("sft/primer", [(10.0, 10), (10.0, 10)], candidate)
     assert s["stderr"] is not None and needed_improvement(s, floor) == max(floor, 2 * s["stderr"])

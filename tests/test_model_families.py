@@ -21,10 +21,11 @@ from test_formats import bpe_tokenizer
 from test_huggingface import randomised, write_tiny_checkpoint
 
 from trainer_accel import export
-from trainer_accel.config import ModelConfig, load_phase_config
+from trainer_accel.config import ModelConfig
 from trainer_accel.errors import UserError
 from trainer_accel.models.generation import generate
 from trainer_accel.models.gpt import GPT
+from trainer_accel.phases.registry import load_config
 from trainer_accel.training.start import load_start
 
 transformers.logging.set_verbosity_error()
@@ -376,7 +377,7 @@ def test_model_cfg_path_beside_an_inline_model_cfg_takes_only_what_the_file_leav
     hf_model("qwen3-qk-norm-head-dim").config.save_pretrained(tmp_path / "hf")
     base = {"model_cfg_path": "hf/config.json", "sources": {"wiki": 1.0}}
     (tmp_path / "ok.json").write_text(json.dumps({**base, "model_cfg": {"T": 32, "dropout": 0.1, "head_dim": 32}}))
-    cfg = load_phase_config(tmp_path / "ok.json", "pretrain")
+    cfg = load_config(tmp_path / "ok.json", "pretrain")
     assert (cfg.model.T, cfg.model.dropout, cfg.model.max_positions, cfg.model.architecture) == (
         32,
         0.1,
@@ -386,14 +387,14 @@ def test_model_cfg_path_beside_an_inline_model_cfg_takes_only_what_the_file_leav
     assert cfg.provenance["model_cfg.C"] == "model_cfg_path" and cfg.provenance["model_cfg.T"] == "file"
     (tmp_path / "bad.json").write_text(json.dumps({**base, "model_cfg": {"T": 128, "C": 96}}))
     with pytest.raises(UserError) as e:
-        load_phase_config(tmp_path / "bad.json", "pretrain")
+        load_config(tmp_path / "bad.json", "pretrain")
     assert any("model_cfg.C: 96 contradicts model_cfg_path" in p and "the file says 64" in p for p in e.value.problems)
     assert any(
         "model_cfg.T: 128 is longer than the model's own context max_positions=64" in p for p in e.value.problems
     )
     (tmp_path / "missing.json").write_text(json.dumps({**base, "model_cfg_path": "nowhere/config.json"}))
     with pytest.raises(UserError) as e:
-        load_phase_config(tmp_path / "missing.json", "pretrain")
+        load_config(tmp_path / "missing.json", "pretrain")
     assert any("model_cfg_path" in p and "not found" in p for p in e.value.problems), e.value.problems
 
 
@@ -585,11 +586,11 @@ def test_a_mistral_window_shorter_than_the_context_is_refused_by_name(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     base = {"model_cfg_path": "config.json", "sources": {"wiki": 1.0}}
     (tmp_path / "ok.json").write_text(json.dumps({**base, "model_cfg": {"T": 4096}}))
-    cfg = load_phase_config(tmp_path / "ok.json", "pretrain")
+    cfg = load_config(tmp_path / "ok.json", "pretrain")
     assert (cfg.model.sliding_window, cfg.model.max_positions) == (4096, 131072)
     (tmp_path / "long.json").write_text(json.dumps({**base, "model_cfg": {"T": 8192}}))
     with pytest.raises(UserError) as e:
-        load_phase_config(tmp_path / "long.json", "pretrain")
+        load_config(tmp_path / "long.json", "pretrain")
     assert any("T: 8192 is longer than the model's attention window sliding_window=4096" in p for p in e.value.problems)
     from trainer_accel.models.llama_hf import hf_config
 
@@ -613,12 +614,12 @@ def test_a_context_taken_from_a_large_maximum_is_warned_about(tmp_path, caplog):
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "a.json").write_text(json.dumps({"model_cfg_path": "config.json", "sources": {"wiki": 1.0}}))
     with caplog.at_level("WARNING"):
-        assert load_phase_config(tmp_path / "a.json", "pretrain").model.T == 40960
+        assert load_config(tmp_path / "a.json", "pretrain").model.T == 40960
     assert "model_cfg.T is 40,960, the model's max_position_embeddings" in caplog.text
     caplog.clear()
     (tmp_path / "b.json").write_text(
         json.dumps({"model_cfg_path": "config.json", "sources": {"wiki": 1.0}, "model_cfg": {"T": 2048}})
     )
     with caplog.at_level("WARNING"):
-        cfg = load_phase_config(tmp_path / "b.json", "pretrain")
+        cfg = load_config(tmp_path / "b.json", "pretrain")
     assert (cfg.model.T, cfg.model.max_positions) == (2048, 40960) and "max_position_embeddings" not in caplog.text

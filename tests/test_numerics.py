@@ -224,14 +224,14 @@ def test_first_gradient_equals_a_hand_computed_big_batch(world):
     packed SFT rows (answers) and replayed stream rows (every token), as one batch."""
     import torch.nn.functional as F
 
-    from trainer_accel.config import load_phase_config
     from trainer_accel.models.gpt import GPT
     from trainer_accel.paths import resolve_paths
+    from trainer_accel.phases.registry import load_config
     from trainer_accel.training.inputs import check_phase_inputs
 
     run_split(world, "acc", B=2, accum=4, extra={"grad_clip": 0.0, **REPLAY_PACKED})
-    cfg = load_phase_config(world / "acc.json", "sft")
-    strategy = check_phase_inputs(cfg, resolve_paths()).strategy
+    cfg = load_config(world / "acc.json", "sft")
+    strategy = check_phase_inputs(cfg, resolve_paths()).batches
     strategy.B = 8
     batch = strategy.train_batch(0, 0, 0, 1, 1)  # the whole global batch of step 0, as one batch
     torch.manual_seed(cfg.train.seed)

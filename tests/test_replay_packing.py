@@ -9,17 +9,18 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_MODEL, run_cli, write_config
 
-from trainer_accel.config import ModelConfig, load_phase_config
+from trainer_accel.config import ModelConfig
 from trainer_accel.data.cache import IGNORE_INDEX, masked_targets
 from trainer_accel.data.chat_template import AnswerRule
 from trainer_accel.models.gpt import GPT
 from trainer_accel.paths import resolve_paths
+from trainer_accel.phases.registry import load_config
 from trainer_accel.training.inputs import check_phase_inputs
 
 
 def strategy_of(world, train=None, **top):
     cfg = write_config(world / "sft.json", "sft", train, **top)
-    return check_phase_inputs(load_phase_config(cfg, "sft"), resolve_paths()).strategy
+    return check_phase_inputs(load_config(cfg, "sft"), resolve_paths()).batches
 
 
 def test_the_configured_mixture_is_the_realised_one(world):

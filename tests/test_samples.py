@@ -62,8 +62,8 @@ def test_sample_text_works_on_an_exported_model(world):
 def test_bad_sample_prompts_are_named(tmp_path):
     import pytest
 
-    from trainer_accel.config import load_phase_config
     from trainer_accel.errors import UserError
+    from trainer_accel.phases.registry import load_config
 
     (tmp_path / "c.json").write_text(
         json.dumps(
@@ -74,7 +74,7 @@ def test_bad_sample_prompts_are_named(tmp_path):
         )
     )
     with pytest.raises(UserError) as e:
-        load_phase_config(tmp_path / "c.json", "pretrain")
+        load_config(tmp_path / "c.json", "pretrain")
     assert any("sample_prompts[0]: expected a JSON object" in p for p in e.value.problems)
     assert any('sample_prompts[1].task: expected "completion" or "chat", got "poem"' in p for p in e.value.problems)
     assert any('sample_prompts[2].system: only for task "chat"' in p for p in e.value.problems)

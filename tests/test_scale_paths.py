@@ -205,10 +205,10 @@ def test_the_sampling_copy_goes_where_it_fits_in_the_precision_the_run_computes_
 def test_the_llama_bench_configs_load_and_have_the_shapes_they_name(config, params):
     """SmolLM2-135M's and Llama-3.2-1B's shapes (their parameter counts as transformers gives them), so gpu_check's
     bench rows measure the models users train."""
-    from trainer_accel.config import load_phase_config
     from trainer_accel.models.gpt import GPT
+    from trainer_accel.phases.registry import load_config
 
-    cfg = load_phase_config(ROOT / "configs/bench" / config, "pretrain")
+    cfg = load_config(ROOT / "configs/bench" / config, "pretrain")
     with torch.device("meta"):
         assert GPT(cfg.model).num_params() == params
     assert cfg.train.mixed_precision == "bf16" and cfg.train.compile

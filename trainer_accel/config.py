@@ -30,10 +30,8 @@ from trainer_accel.models.config import (  # noqa: F401 (the model's config, rea
     model_problems,
     resolved_model_cfg,
 )
-from trainer_accel.paths import source_name_problem
+from trainer_accel.paths import KIND_FOLDERS, STREAM, source_name_problem
 from trainer_accel.schema import build_dataclass, type_ok
-
-PHASES = ("pretrain", "sft")
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +113,26 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class PhaseKeys:
+    """What a phase's config holds besides the keys every phase shares: declared by the phase (phases/), read here.
+
+    A phase's sources name caches of one kind; a phase with `replay` mixes stream rows in beside them."""
+
+    sources_key: str  # the object of source -> probability: "sources", "sft_sources"
+    sources_kind: str  # the kind of cache its sources name (paths.STREAM or paths.EXAMPLES)
+    example: str  # a source name for messages: {"wiki": 1.0}
+    default_sources: dict[str, float] | None = None  # used when the key is absent; None: the key is required
+    missing: str = ""  # what the message for an absent key suggests
+    replay: bool = False  # a `replay` object: stream caches mixed in, each a share of the rows
+    packs: bool = False  # train_cfg.pack and pack_val mean something here
+    no_packing: str = ""  # why not, when they do not
+
+
+@dataclass(frozen=True)
 class PhaseConfig:
     """One phase as the loop needs it, plus the JSON as the user gave it (stored verbatim in checkpoints)."""
 
-    phase: str  # "pretrain" or "sft"
+    phase: str  # the phase's name (phases/: the registry)
     model: ModelConfig
     train: TrainConfig
     sources: dict[str, float]  # training caches to mix and their probabilities
@@ -127,23 +141,24 @@ class PhaseConfig:
     # GPT-2 directory (config.json + model.safetensors or pytorch_model.bin); a pipeline's SFT takes the pretrain best
     path: Path  # the config file
     raw: dict = field(repr=False)  # the JSON as given, with the --set overrides applied
+    keys: PhaseKeys = field(repr=False)  # what the phase's own part of the config is
     sample_prompts: list[SamplePrompt] = field(default_factory=list)  # completions written at every checkpoint
     sample_seed: int = 1234  # sampling seed of prompts that name none
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     overrides: tuple[str, ...] = ()  # the --set KEY=VALUE texts that reached this phase, in order
     provenance: dict[str, str] = field(default_factory=dict, repr=False)  # dotted key -> default | file | override
-    replay: dict[str, float] = field(default_factory=dict)  # SFT: stream caches mixed in, each a share of the rows
+    replay: dict[str, float] = field(default_factory=dict)  # stream caches mixed in, each a share of the rows
 
     def mixture(self) -> dict[str, float]:
-        """Each training cache's share of the rows ("streams/wiki", "sft/dolly"): a pretrain's sources as given;
-        in SFT the replay streams take their shares and the SFT sources split the rest by their weights."""
-        if self.phase == "pretrain":
-            total = sum(self.sources.values())
-            return {f"streams/{s}": p / total for s, p in self.sources.items() if p > 0}
-        rest = 1.0 - sum(self.replay.values())
+        """Each training cache's share of the rows ("streams/wiki", "sft/dolly"): the replay streams take their
+        shares and the phase's sources split the rest by their weights (all of it without replay)."""
+        folder = KIND_FOLDERS[self.keys.sources_kind]
         total = sum(self.sources.values())
-        return {f"streams/{s}": p for s, p in self.replay.items() if p > 0} | {
-            f"sft/{s}": rest * p / total for s, p in self.sources.items() if p > 0
+        if not self.replay:
+            return {f"{folder}/{s}": p / total for s, p in self.sources.items() if p > 0}
+        rest = 1.0 - sum(self.replay.values())
+        return {f"{KIND_FOLDERS[STREAM]}/{s}": p for s, p in self.replay.items() if p > 0} | {
+            f"{folder}/{s}": rest * p / total for s, p in self.sources.items() if p > 0
         }
 
     @property
@@ -156,8 +171,8 @@ class PhaseConfig:
             "phase": self.phase,
             "model_cfg": self.model.to_dict(),
             "train_cfg": self.train.to_dict(),
-            "sources" if self.phase == "pretrain" else "sft_sources": dict(self.sources),
-            **({"replay": dict(self.replay)} if self.phase == "sft" else {}),
+            self.keys.sources_key: dict(self.sources),
+            **({"replay": dict(self.replay)} if self.keys.replay else {}),
             "mixture": self.mixture(),
             **({"model_cfg_path": self.raw["model_cfg_path"]} if "model_cfg_path" in self.raw else {}),
             "val_source": self.val_source,
@@ -175,13 +190,6 @@ class PhaseConfig:
 def fingerprint(obj: Any) -> str:
     """sha256 of an object's canonical JSON (sorted keys, no whitespace): equal settings, equal fingerprint."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    pretrain: PhaseConfig
-    sft: PhaseConfig
-    path: Path
 
 
 SECTIONS = {"model_cfg": ModelConfig, "train_cfg": TrainConfig}  # where each option of a phase config lives
@@ -322,24 +330,23 @@ def parse_tracking(value: Any, where: str, problems: list[str]) -> TrackingConfi
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
-DEFAULT_PRETRAIN_SOURCES = {"wiki": 0.784, "roam": 0.196, "primer": 0.020}
 SAMPLE_KEYS = {"sample_prompts", "sample_seed", "tracking"}
-PHASE_KEYS = {
-    "pretrain": {"model_cfg", "model_cfg_path", "train_cfg", "sources", "val_source", "init_from"} | SAMPLE_KEYS,
-    "sft": {"model_cfg", "model_cfg_path", "train_cfg", "sft_sources", "replay", "val_source", "init_from"}
-    | SAMPLE_KEYS,
-}
+COMMON_KEYS = {"model_cfg", "model_cfg_path", "train_cfg", "val_source", "init_from"} | SAMPLE_KEYS
 LONG_DEFAULT_T = 8192  # a model's maximum above this, taken as the run's T because none was given, is said
 RUN_MODEL_KEYS = ("T", "dropout")  # what a model_cfg file leaves to the run: the context it trains at, its dropout
-PIPELINE_KEYS = {"pretrain_config_path", "sft_config_path"}
 
 
-def phase_schema(phase: str) -> ov.Schema:
+def phase_keys(keys: PhaseKeys) -> set[str]:
+    """The top-level keys a phase's config may hold."""
+    return COMMON_KEYS | {keys.sources_key} | ({"replay"} if keys.replay else set())
+
+
+def phase_schema(keys: PhaseKeys) -> ov.Schema:
     """The keys a phase config may hold, for checking --set keys: sections list their fields."""
-    schema: dict = {key: None for key in PHASE_KEYS[phase]}
+    schema: dict = {key: None for key in phase_keys(keys)}
     for key, cls in (("model_cfg", ModelConfig), ("train_cfg", TrainConfig), ("tracking", TrackingConfig)):
         schema[key] = frozenset(f.name for f in dataclasses.fields(cls))
-    for key in ("sources", "sft_sources", "replay"):
+    for key in (keys.sources_key, "replay"):
         if key in schema:
             schema[key] = ov.MAPPING
     return schema
@@ -369,16 +376,26 @@ def resolve_config_path(value: str, relative_to: Path) -> Path:
     return beside if beside.exists() or not p.exists() else p
 
 
-def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[ov.Override] = ()) -> PhaseConfig:
+def parse_phase_config(
+    file_data: Any,
+    phase: str,
+    keys: PhaseKeys,
+    path: Path,
+    overrides: list[ov.Override] = (),
+    phase_names: typing.Collection[str] = (),
+) -> PhaseConfig:
+    """The config of phase `phase`, whose own keys are `keys`; `phase_names`: every phase's, which a --set of a
+    single phase may not use as a prefix."""
     where = str(path)
     if not isinstance(file_data, dict):
         raise UserError(f"{where}: expected a JSON object at the top level")
-    schema = phase_schema(phase)
-    data = ov.apply(file_data, list(overrides), schema)
+    schema = phase_schema(keys)
+    data = ov.apply(file_data, list(overrides), schema, phase_names)
     problems: list[str] = []
+    known = phase_keys(keys)
     for key in data:
-        if key not in PHASE_KEYS[phase]:
-            problems.append(unknown_key_message(where, key, PHASE_KEYS[phase]))
+        if key not in known:
+            problems.append(unknown_key_message(where, key, known))
     model_data = model_cfg_of(data, path, problems)
     if model_data is None:
         model = None
@@ -390,24 +407,17 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
     if train is not None:
         problems += _train_problems(train, model, f"{where}.train_cfg")
 
-    if phase == "pretrain":
-        sources = data.get("sources", DEFAULT_PRETRAIN_SOURCES)
-        problems += _sources_problems(sources, "wiki", f"{where}.sources")
+    if keys.sources_key in data or keys.default_sources is not None:
+        sources = data.get(keys.sources_key, keys.default_sources)
+        problems += _sources_problems(sources, keys.example, f"{where}.{keys.sources_key}")
     else:
-        if "sft_sources" not in data:
-            problems.append(f'{where}.sft_sources: missing (e.g. {{"dolly": 0.5, "oasst1": 0.5}})')
-            sources = {}
-        else:
-            sources = data["sft_sources"]
-            problems += _sources_problems(sources, "dolly", f"{where}.sft_sources")
-    replay = data.get("replay", {}) if phase == "sft" else {}
+        problems.append(f"{where}.{keys.sources_key}: missing (e.g. {keys.missing})")
+        sources = {}
+    replay = data.get("replay", {}) if keys.replay else {}
     problems += _replay_problems(replay, f"{where}.replay")
     for key in ("pack", "pack_val"):
-        if phase == "pretrain" and train is not None and getattr(train, key):
-            problems.append(
-                f"{where}.train_cfg.{key}: packing is for SFT; a pretrain row is already a full window of "
-                "the stream (set it in the sft config)"
-            )
+        if not keys.packs and train is not None and getattr(train, key):
+            problems.append(f"{where}.train_cfg.{key}: {keys.no_packing}")
     val_source = data.get("val_source", "wiki")
     if problem := source_name_problem(val_source):
         problems.append(f"{where}.val_source: {problem}")
@@ -429,6 +439,7 @@ def parse_phase_config(file_data: Any, phase: str, path: Path, overrides: list[o
         init_from=init_from,
         path=Path(path),
         raw=data,
+        keys=keys,
         sample_prompts=prompts,
         sample_seed=sample_seed,
         tracking=tracking,
@@ -514,36 +525,16 @@ def model_cfg_of(data: dict, path: Path, problems: list[str]) -> Any:
     return {**saved, **inline}
 
 
-def load_phase_config(path: Path | str, phase: str, overrides: list[ov.Override] = ()) -> PhaseConfig:
-    """Defaults < the JSON file < the --set overrides."""
+def load_phase_config(
+    path: Path | str,
+    phase: str,
+    keys: PhaseKeys,
+    overrides: list[ov.Override] = (),
+    phase_names: typing.Collection[str] = (),
+) -> PhaseConfig:
+    """Defaults < the JSON file < the --set overrides (phases/registry.py names the phase's keys)."""
     path = Path(path)
-    return parse_phase_config(read_json(path, f"{phase} config"), phase, path, overrides)
-
-
-def load_pipeline_config(path: Path | str, overrides: list[ov.Override] = ()) -> PipelineConfig:
-    path = Path(path)
-    data = read_json(path, "pipeline config")
-    where = str(path)
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a JSON object at the top level")
-    problems = [unknown_key_message(where, k, PIPELINE_KEYS) for k in data if k not in PIPELINE_KEYS]
-    for key in sorted(PIPELINE_KEYS):
-        if not isinstance(data.get(key), str):
-            problems.append(f"{where}.{key}: expected the path of a config file, got {json.dumps(data.get(key))}")
-    raise_if_any(problems)
-    phases = {}
-    for phase in PHASES:
-        sub = resolve_config_path(data[f"{phase}_config_path"], path)
-        try:
-            phases[phase] = load_phase_config(sub, phase, ov.for_phase(list(overrides), phase))
-        except UserError as e:
-            problems += [line for line in e.problems if line not in problems]  # a --set reaches both phases
-    raise_if_any(problems)
-    pre, sft = phases["pretrain"], phases["sft"]
-    if pre.model != sft.model:
-        diff = shape_diff(pre.model.to_dict(), sft.model.to_dict())
-        raise UserError(f"{where}: pretrain and sft model_cfg differ ({diff}); SFT starts from the pretrain weights")
-    return PipelineConfig(pretrain=pre, sft=sft, path=path)
+    return parse_phase_config(read_json(path, f"{phase} config"), phase, keys, path, overrides, phase_names)
 
 
 def shape_diff(a: dict, b: dict, keys: typing.Iterable[str] | None = None) -> str:

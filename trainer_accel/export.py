@@ -32,6 +32,7 @@ from trainer_accel.experiments.best_pt import (
 from trainer_accel.experiments.evaluation import require_deployable
 from trainer_accel.hf.export import export_hf
 from trainer_accel.paths import output_file_problem, resolve_paths, unwritable
+from trainer_accel.phases.registry import is_chat_model
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 if summary
                 else (lambda meta: known_verdict(paths, source) if Path(source).is_file() else verdict_of(paths, meta))
             )
-            record = export_hf(source, out, paths, args.tokenizer, verdict, approved)
+            record = export_hf(source, out, paths, args.tokenizer, verdict, approved, is_chat_model)
             log.info(
                 "exported %s (Hugging Face transformers) from %s (step %d, verdict: %s)",
                 out,

@@ -3,21 +3,20 @@
 Precedence is TrainConfig defaults < the JSON config < `--set`. An override is applied to the config's JSON before
 it is validated, so an overridden value gets exactly the checks a value in the file gets. Keys are checked here
 first, against the same dataclasses, so a typo fails with the key named instead of silently adding a field.
-In a pipeline, `train_cfg.x=...` applies to both phases and `pretrain.train_cfg.x=...` / `sft....` to one.
+In a pipeline, `train_cfg.x=...` applies to every phase and `NAME.train_cfg.x=...` to the phase of that name.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from trainer_accel.errors import UserError, raise_if_any, unknown_key_message
 from trainer_accel.fsio import UnreadableJSON, loads
 
-PIPELINE_PHASES = ("pretrain", "sft")
 MAPPING = "mapping"  # a schema entry for an object of free keys (sources -> probability)
 # top-level key -> the field names of its section (an object of settings), MAPPING, or None (one value)
 Schema = Mapping[str, frozenset | str | None]
@@ -61,10 +60,10 @@ def parse_overrides(texts: list[str] | None) -> list[Override]:
     return out
 
 
-def _check_keys(keys: tuple[str, ...], schema: Schema, text: str) -> None:
+def _check_keys(keys: tuple[str, ...], schema: Schema, text: str, phase_names: Collection[str] = ()) -> None:
     """Raise naming the key when `keys` does not name a setting of the config."""
     top, kind = keys[0], schema.get(keys[0])
-    if top in PIPELINE_PHASES and top not in schema:  # a pipeline's phase prefix in a single-phase run
+    if top in phase_names and top not in schema:  # a pipeline's phase prefix in a single-phase run
         raise UserError(
             f"--set {text}: a phase prefix ({top}.) is for --phase pipeline; in a run of one phase "
             f"write {'.'.join(keys[1:]) or 'the key alone'}=..."
@@ -83,13 +82,14 @@ def _check_keys(keys: tuple[str, ...], schema: Schema, text: str) -> None:
         raise UserError(f"--set {text}: {top} is a single value; set it whole ({top}=...)")
 
 
-def apply(data: dict, overrides: list[Override], schema: Schema) -> dict:
-    """The config's JSON with the overrides applied, in order (a copy; the file's dict is left as it was)."""
+def apply(data: dict, overrides: list[Override], schema: Schema, phase_names: Collection[str] = ()) -> dict:
+    """The config's JSON with the overrides applied, in order (a copy; the file's dict is left as it was).
+    `phase_names`: the phases a pipeline's prefixed --set may name, refused in a run of one phase."""
     out = copy.deepcopy(data)
     problems = []
     for o in overrides:  # every unknown key at once, not the first only
         try:
-            _check_keys(o.keys, schema, o.text)
+            _check_keys(o.keys, schema, o.text, phase_names)
         except UserError as e:
             problems += e.problems
     raise_if_any(problems)
@@ -122,11 +122,12 @@ def blame(problems: list[str], where: str, overrides: list[Override]) -> list[st
     return out
 
 
-def for_phase(overrides: list[Override], phase: str) -> list[Override]:
-    """The overrides of a pipeline that reach one phase: unprefixed ones and those prefixed with its name."""
+def for_phase(overrides: list[Override], phase: str, phase_names: Collection[str]) -> list[Override]:
+    """The overrides of a pipeline that reach one phase: unprefixed ones and those prefixed with its name (any of
+    `phase_names` is a prefix)."""
     out = []
     for o in overrides:
-        if o.keys[0] not in PIPELINE_PHASES:
+        if o.keys[0] not in phase_names:
             out.append(o)
         elif len(o.keys) < 2:
             raise UserError(f"--set {o.text}: name a key inside the phase, e.g. {o.keys[0]}.train_cfg.base_lr=1e-3")

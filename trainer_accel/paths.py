@@ -32,6 +32,13 @@ def source_name_problem(name: object) -> str | None:
     return f"{name!r} is not a source name ({NAME_RULE})"
 
 
+# The two kinds of cache, and the folder each lives in: a token stream (documents back to back) and examples
+# (one conversation each, with an index of where each starts and the answers to learn). Phases name the kinds
+# they read (phases/); nothing else compares with these words.
+STREAM, EXAMPLES = "stream", "sft"
+KIND_FOLDERS = {STREAM: "streams", EXAMPLES: "sft"}
+
+
 @dataclass(frozen=True)
 class Paths:
     data: Path
@@ -43,15 +50,18 @@ class Paths:
     runs: Path  # the run registry: runs/{run_id}/run.json
 
     def stream_cache(self, source: str, split: str) -> Path:
-        return self.data / "cache" / "streams" / f"{source}_{split}.bin"
+        return self.cache(STREAM, source, split)
 
     def sft_cache(self, source: str, split: str) -> Path:
-        return self.data / "cache" / "sft" / f"{source}_{split}.bin"
+        return self.cache(EXAMPLES, source, split)
+
+    def cache(self, kind: str, source: str, split: str) -> Path:
+        return self.data / "cache" / KIND_FOLDERS[kind] / f"{source}_{split}.bin"
 
     def caches(self, split: str | None = None) -> list[tuple[str, str, Path]]:
         """(kind, source, path) of every cache present under the naming convention, streams first, by name."""
         out = []
-        for kind, folder in (("stream", "streams"), ("sft", "sft")):
+        for kind, folder in KIND_FOLDERS.items():
             for path in sorted((self.data / "cache" / folder).glob("*_*.bin")):
                 source, _, part = path.stem.rpartition("_")
                 if part in SPLITS and (split is None or part == split) and SOURCE_NAME.fullmatch(source):

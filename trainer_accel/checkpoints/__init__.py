@@ -1,6 +1,6 @@
 """Checkpoints: directories written whole or not at all (store), found, checked and loaded; full unsharded state
-out of DDP / FSDP / compiled models and back (full_state); the background writer the loop saves through (writer).
+out of DDP / FSDP / compiled models and back (full_state); the background writer (writer). Nothing here knows about
+phases, their inputs or Hugging Face directories.
 
-May import: the ground floor, data (the tokenizer), models (to rebuild a plain model from a full state) and
-devices. Nothing here knows about strategies, phases' inputs or Hugging Face directories.
+Its place in the import order: trainer_accel/layers.py.
 """

@@ -64,10 +64,9 @@ def plain_model(
     while the training model is sharded, whose forward all-gathers with every process. Built on the meta device,
     so it draws no random numbers and allocates once, in `dtype`."""
     from trainer_accel.checkpoints.store import expand_aliases
-    from trainer_accel.models.gpt import GPT
+    from trainer_accel.models.build import build_model
 
-    with torch.device("meta"):
-        model = GPT(model_cfg).to(dtype)
+    model = build_model(model_cfg, "meta", dtype)
     model.to_empty(device=device)  # gives each name its own tensor: the ties are made again, so each is held once
     for alias, name in aliases.items():
         owner, _, leaf = alias.rpartition(".")

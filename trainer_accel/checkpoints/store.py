@@ -55,7 +55,7 @@ from trainer_accel.fsio import (
     swap_into_place,
     write_atomic,
 )
-from trainer_accel.models.gpt import GPT
+from trainer_accel.models.build import expected_shapes
 from trainer_accel.versions import upgrade
 
 log = logging.getLogger(__name__)
@@ -642,10 +642,7 @@ def state_problems(model_state: dict, model_cfg: dict) -> list[str]:
     """What keeps a state from loading, strictly, into the model its model_cfg describes: a missing, extra or
     wrong-shaped tensor. Checked on the meta device, so nothing is allocated."""
     try:
-        with torch.device("meta"):
-            expected = {
-                k: tuple(v.shape) for k, v in GPT(ModelConfig(**complete_model_cfg(model_cfg))).state_dict().items()
-            }
+        expected = expected_shapes(ModelConfig(**complete_model_cfg(model_cfg)))
     except (TypeError, ValueError, RuntimeError) as e:
         return [f"model_cfg describes no model ({first_line(e)})"]
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):

@@ -29,6 +29,7 @@ from trainer_accel.data.chat_template import AnswerRule, answer_positions
 from trainer_accel.data.tokenizer import ASST, EOT
 from trainer_accel.errors import UserError
 from trainer_accel.fsio import loads, sha256_file
+from trainer_accel.paths import EXAMPLES, STREAM
 from trainer_accel.versions import upgrade
 
 CACHE_FORMAT = "trainer_accel.cache"
@@ -128,7 +129,7 @@ def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
     if meta["num_tokens"] == 0:
         raise UserError(f"{bin_path}: cache is empty")
     starts = None
-    if kind == "sft":
+    if kind == EXAMPLES:
         ip = index_path(bin_path)
         if not ip.is_file():
             raise UserError(f"{ip}: example index missing (prepare the SFT cache again)")
@@ -206,7 +207,7 @@ def draw_rows(
     tokens = np.full((len(picked), T + 1), pad_id, dtype=np.int64)
     source = np.repeat(which[picked][:, None], T + 1, axis=1).astype(np.int64)
     segment = np.zeros_like(tokens) if pack else None
-    sft = np.array([i for i, k in enumerate(kinds) if k == "sft"])
+    sft = np.array([i for i, k in enumerate(kinds) if k == EXAMPLES])
     sft_probs = probs[sft] / probs[sft].sum() if len(sft) else None
     maps: dict[int, np.ndarray] = {}  # one map per cache for this batch only
 
@@ -217,7 +218,7 @@ def draw_rows(
 
     for r, g in enumerate(picked):
         src, frac = int(which[g]), u[g]
-        if kinds[src] == "stream":
+        if kinds[src] == STREAM:
             arr = mapped(src)
             start = int(frac * (len(arr) - T))  # len(arr) >= T + 1 is checked when the caches are opened
             tokens[r] = arr[start : start + T + 1]

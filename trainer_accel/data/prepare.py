@@ -57,7 +57,7 @@ from trainer_accel.data.tokenizer import (
 )
 from trainer_accel.errors import CTRL_C_EXIT, UserError, exit_with, raise_if_any, report
 from trainer_accel.fsio import loads
-from trainer_accel.paths import Paths, resolve_paths, source_name_problem, unwritable
+from trainer_accel.paths import EXAMPLES, STREAM, Paths, resolve_paths, source_name_problem, unwritable
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ MAX_SEED_DIGITS = 64
 @dataclass(frozen=True)
 class Source:
     name: str
-    kind: str  # "stream" | "sft"
+    kind: str  # STREAM or EXAMPLES (paths.py)
     inputs: tuple[Path, ...]
 
 
@@ -178,8 +178,8 @@ def _balance(src: Source, train: CacheWriter, val: CacheWriter, split: Split) ->
     if not train.num_tokens:
         train.final, val.final = val.final, train.final
         train, val = val, train
-    unit = "examples" if src.kind == "sft" else "tokens"
-    n = train.items if src.kind == "sft" else train.num_tokens
+    unit = "examples" if src.kind == EXAMPLES else "tokens"
+    n = train.items if src.kind == EXAMPLES else train.num_tokens
     if n < 2:
         raise UserError(
             f"{src.name}: {n} {unit} in {', '.join(map(str, src.inputs))}; at least 2 are needed for a train/val split"
@@ -189,7 +189,7 @@ def _balance(src: Source, train: CacheWriter, val: CacheWriter, split: Split) ->
     log.info(
         "%s: every %s fell on one side of the hash split; its last %d %s are val",
         src.name,
-        "example" if src.kind == "sft" else "document",
+        "example" if src.kind == EXAMPLES else "document",
         n_val,
         unit,
     )
@@ -208,7 +208,7 @@ def build(
     encoder: TemplateEncoder | None = None,
 ) -> list[tuple[Path, Path]]:
     """One source into its two temporary caches; returns the renames that publish them."""
-    cache = paths.stream_cache if src.kind == "stream" else paths.sft_cache
+    cache = paths.stream_cache if src.kind == STREAM else paths.sft_cache
     train, val = (
         CacheWriter(cache(src.name, "train"), src.kind, tok),
         CacheWriter(cache(src.name, "val"), src.kind, tok),
@@ -217,7 +217,7 @@ def build(
     files = [f for p in src.inputs for f in formats.input_files(p, src.kind)]
     batch: list = []
     chars = 0
-    if src.kind == "stream":
+    if src.kind == STREAM:
         writer = train
         for f in files:
             for piece in formats.document_pieces(f, options, problems, progress.tick):
@@ -246,14 +246,14 @@ def build(
     meta = {
         "source": src.name,
         "source_files": [str(p) for p in src.inputs],
-        "documents": {str(f): formats.unit_of(f, options) if src.kind == "stream" else "row" for f in files},
+        "documents": {str(f): formats.unit_of(f, options) if src.kind == STREAM else "row" for f in files},
         "split": {"rule": rule, "val_fraction": split.val_fraction, "seed": split.seed},
-        **({"chat": chat_meta(encoder)} if encoder is not None and src.kind == "sft" else {}),
+        **({"chat": chat_meta(encoder)} if encoder is not None and src.kind == EXAMPLES else {}),
     }
     moves = []
     for name, w in (("train", train), ("val", val)):
         moves += w.finish(meta)
-        what = f"{w.items:,} examples" if src.kind == "sft" else f"{w.items:,} documents"
+        what = f"{w.items:,} examples" if src.kind == EXAMPLES else f"{w.items:,} documents"
         log.info("%s %s: %s, %s tokens -> %s", src.name, name, what, f"{w.num_tokens:,}", w.final)
     return moves
 
@@ -362,7 +362,7 @@ def prepare(
     tok = load_tokenizer(tokenizer, chat_tokens=template is None)
     if tokenizer is not None:
         say_added(tok, tokenizer)
-    encoder = template_encoder(tok, template) if any(s.kind == "sft" for s in sources) else None
+    encoder = template_encoder(tok, template) if any(s.kind == EXAMPLES for s in sources) else None
     problems, total = _preflight(sources, options)
     raise_if_any(problems)
     cache_dir = paths.data / "cache"
@@ -470,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             langs=frozenset(x.strip() for x in args.lang.split(",") if x.strip()),
         )
         problems: list[str] = []
-        sources = _parse_sources(args.stream, "stream", "--stream", problems) + _parse_sources(
-            args.sft, "sft", "--sft", problems
+        sources = _parse_sources(args.stream, STREAM, "--stream", problems) + _parse_sources(
+            args.sft, EXAMPLES, "--sft", problems
         )
         raise_if_any(problems)
         if not sources and not args.demo:
@@ -488,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             streams, sfts = write_demo_corpus(paths.data / "raw" / "demo")
             given = {(s.kind, s.name) for s in sources}
             sources = (
-                [Source(n, "stream", (f,)) for n, f in streams.items() if ("stream", n) not in given]
-                + [Source(n, "sft", (f,)) for n, f in sfts.items() if ("sft", n) not in given]
+                [Source(n, STREAM, (f,)) for n, f in streams.items() if (STREAM, n) not in given]
+                + [Source(n, EXAMPLES, (f,)) for n, f in sfts.items() if (EXAMPLES, n) not in given]
                 + sources
             )
         prepare(

@@ -1,5 +1,5 @@
 """Devices and processes: the Accelerator set-up (device choice, gloo on CPUs, FSDP2), hardware facts and
 warnings, decisions every process takes together, graceful stops, and the one-run-per-phase-folder lock.
 
-May import: the ground floor. Nothing here knows about data, models, checkpoints or training.
+Its place in the import order: trainer_accel/layers.py.
 """

@@ -1,5 +1,6 @@
-"""Experiments: what a run would do (plan), the SFT eval summary and promotion gate (evaluation), the
-machine-readable result, the run registry's CLI (runs), the local job queue (queue) and `doctor`.
+"""Experiments: the run policy of `run` (runner: one phase, or a pipeline's phases in order, the gate, best.pt),
+what a run would do (plan), the eval summary behind every gate (evaluation), best.pt exports, the machine-readable
+result, the run registry's CLI (runs), the local job queue (queue) and `doctor`.
 
-May import: everything below it, training included. The CLIs at the top level call into here.
+Its place in the import order: trainer_accel/layers.py.
 """

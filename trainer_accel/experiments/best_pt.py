@@ -21,12 +21,12 @@ from trainer_accel.checkpoints.store import (
     read_meta,
     record_path,
 )
-from trainer_accel.config import PHASES
 from trainer_accel.errors import UserError
 from trainer_accel.experiments.evaluation import find_verdict
 from trainer_accel.fsio import loads, now_iso, sha256_file, write_atomic
 from trainer_accel.hf.directory import is_hf_dir
 from trainer_accel.paths import Paths
+from trainer_accel.phases.registry import phase_names
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ log = logging.getLogger(__name__)
 def newest_best(paths: Paths) -> Path:
     """The best/ checkpoint written last among the phases (after a pipeline: the SFT best)."""
     found = []
-    for phase in PHASES:
+    for phase in phase_names():
         best = paths.phase_dir(phase) / "best"
         try:
             found.append((read_meta(best, verify=False).get("created_at", 0.0), best))
         except InvalidCheckpoint:
             continue
     if not found:
-        tried = ", ".join(str(paths.phase_dir(p) / "best") for p in PHASES)
+        tried = ", ".join(str(paths.phase_dir(p) / "best") for p in phase_names())
         raise UserError(f"no best checkpoint to export (looked in {tried}); pass --checkpoint PATH")
     return max(found)[1]
 
@@ -153,7 +153,7 @@ def export_run_best(source: Path, paths: Paths, approved: str | None = None) -> 
     verdict as best.deployable.pt, each with its record. Names that hold the same export are hard links to one
     file: the history costs disk only once the files differ."""
     record = export_with_record(source, paths.best_pt, paths, approved)
-    kept = [f"best.{record['phase']}.pt"] if record.get("phase") in PHASES else []
+    kept = [f"best.{record['phase']}.pt"] if record.get("phase") in phase_names() else []
     kept += ["best.deployable.pt"] if record.get("verdict") == "pass" else []
     for name in kept:
         link_export(paths.best_pt, paths.checkpoints / name, record)

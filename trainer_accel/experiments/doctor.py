@@ -18,15 +18,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer_accel.config import (
-    PhaseConfig,
-    load_phase_config,
-    load_pipeline_config,
-    read_json,
-)
+from trainer_accel.config import PhaseConfig, read_json
 from trainer_accel.data.cache import open_cache
 from trainer_accel.errors import UserError, exit_with, report
 from trainer_accel.paths import Paths, resolve_paths
+from trainer_accel.phases.pipeline import is_pipeline, load_pipeline
+from trainer_accel.phases.registry import guess_phase, load_config
 
 PACKAGES = ("torch", "accelerate", "safetensors", "wandb")
 
@@ -111,10 +108,9 @@ def _phase_configs(config: Path | None) -> list[PhaseConfig]:
     if config is None:
         return []
     data = read_json(config, "config")
-    if isinstance(data, dict) and "pretrain_config_path" in data:
-        pipe = load_pipeline_config(config)
-        return [pipe.pretrain, pipe.sft]
-    return [load_phase_config(config, "sft" if isinstance(data, dict) and "sft_sources" in data else "pretrain")]
+    if is_pipeline(data):
+        return load_pipeline(config).phases
+    return [load_config(config, guess_phase(data).name)]
 
 
 def check_caches(paths: Paths, configs: list[PhaseConfig], quick: bool) -> list[Check]:
@@ -155,10 +151,9 @@ def check_caches(paths: Paths, configs: list[PhaseConfig], quick: bool) -> list[
 
 
 def check_disk(paths: Paths, configs: list[PhaseConfig]) -> Check:
-    import torch
 
     from trainer_accel.checkpoints.full_state import checkpoint_bytes
-    from trainer_accel.models.gpt import GPT
+    from trainer_accel.models.build import build_model
 
     probe = paths.checkpoints
     while not probe.exists():
@@ -173,8 +168,7 @@ def check_disk(paths: Paths, configs: list[PhaseConfig]) -> Check:
         )
     need = 0
     for cfg in configs:
-        with torch.device("meta"):
-            size = checkpoint_bytes(GPT(cfg.model))
+        size = checkpoint_bytes(build_model(cfg.model, "meta"))
         need += size * (cfg.train.keep_last_n + 2)  # kept step dirs, best/, one being written
     status = "ok" if free >= need else "fail"
     return Check(

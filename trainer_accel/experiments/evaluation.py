@@ -30,39 +30,42 @@ from trainer_accel.config import MODEL_SHAPE_KEYS, ModelConfig, shape_diff
 from trainer_accel.data.cache import open_cache
 from trainer_accel.errors import UserError
 from trainer_accel.fsio import now_iso
+from trainer_accel.models.build import build_model
 from trainer_accel.models.gpt import GPT
 from trainer_accel.observability.manifest import (
     read_manifest,
     write_manifest,
 )
-from trainer_accel.paths import Paths
+from trainer_accel.paths import KIND_FOLDERS, STREAM, Paths
+from trainer_accel.phases.phase import Gate
+from trainer_accel.phases.registry import gate_of
+from trainer_accel.training.batches import Batches, RowSource
+from trainer_accel.training.losses import token_cross_entropy
 from trainer_accel.training.start import load_start
-from trainer_accel.training.strategies import STRATEGIES, RowSource
-
-KIND_PHASE = {"stream": "pretrain", "sft": "sft"}
 
 
-def val_sets(paths: Paths, V: int, T: int, B: int) -> list[tuple[str, Any]]:
-    """(name, strategy) for every validation cache present that the model can read, streams first."""
+def val_sets(paths: Paths, V: int, T: int, B: int) -> list[tuple[str, Batches]]:
+    """(name, batches) for every validation cache present that the model can read, streams first."""
     out = []
     for kind, source, path in paths.caches("val"):
         if not path.is_file():
             continue
         name = f"{path.parent.name}/{source}"  # streams/wiki, sft/dolly
         cache = open_cache(path, kind)
-        if cache.meta["vocab_size"] > V or (kind == "stream" and cache.meta["num_tokens"] < T + 1):
+        if cache.meta["vocab_size"] > V or (kind == STREAM and cache.meta["num_tokens"] < T + 1):
             continue  # another tokenizer's cache, or too short for one window: not comparable
         source = RowSource([cache], np.ones(1), T, [kind], [name])
-        out.append((name, STRATEGIES[KIND_PHASE[kind]](source, source, B, 0)))
+        out.append((name, Batches(source, source, B, 0)))
     return out
 
 
 @torch.no_grad()
-def batch_losses(model: torch.nn.Module, strategy, batches: int, device: torch.device) -> list[tuple[float, int]]:
-    """(loss sum, counted tokens) of validation batches 0..batches-1 (the loop's own fixed batches)."""
+def batch_losses(model: torch.nn.Module, rows: Batches, batches: int, device: torch.device) -> list[tuple[float, int]]:
+    """(loss sum, counted tokens) of validation batches 0..batches-1 (the loop's own fixed batches): the token loss
+    of what each cache teaches (a stream's every next token, an example's answers)."""
     out = []
     for i in range(batches):
-        s, n = strategy.loss(model, strategy.val_batch(i).to(device))
+        s, n, _ = token_cross_entropy(model, rows.val_batch(i).to(device))
         out.append((float(s), int(n)))
     return out
 
@@ -70,7 +73,7 @@ def batch_losses(model: torch.nn.Module, strategy, batches: int, device: torch.d
 def compare_set(name: str, base: list[tuple[float, int]], cand: list[tuple[float, int]]) -> dict[str, Any]:
     """One validation set measured on both models: token-weighted losses, their delta, and the standard error of
     the per-batch paired differences (both models see the same batches, so the same tokens are counted)."""
-    kind = "sft" if name.startswith("sft/") else "stream"
+    kind = {folder: kind for kind, folder in KIND_FOLDERS.items()}[name.split("/", 1)[0]]
     counted = sum(n for _, n in base)
     entry: dict[str, Any] = {
         "name": name,
@@ -89,9 +92,7 @@ def compare_set(name: str, base: list[tuple[float, int]], cand: list[tuple[float
 
 
 def _model(loaded: LoadedCheckpoint, device: torch.device) -> GPT:
-    model = GPT(ModelConfig(**loaded.meta["model_cfg"]))
-    model.load_state_dict(loaded.model_state, strict=True)
-    return model.to(device).eval()
+    return build_model(ModelConfig(**loaded.meta["model_cfg"]), device, state=loaded.model_state).eval()
 
 
 def _identity(loaded: LoadedCheckpoint) -> dict[str, Any]:
@@ -104,38 +105,6 @@ def _identity(loaded: LoadedCheckpoint) -> dict[str, Any]:
     }
 
 
-def needed_improvement(s: dict[str, Any], min_improvement: float) -> float:
-    """How far an SFT val loss must fall to be told from noise: the configured minimum, and twice the standard
-    error of the per-batch differences (one batch has no spread to measure: the minimum alone)."""
-    return max(min_improvement, 2 * s["stderr"]) if s.get("stderr") is not None else min_improvement
-
-
-def verdict(sets: list[dict], tolerance: float, min_improvement: float = 0.0) -> tuple[str, list[str]]:
-    """A set that could not be measured fails the gate: a source never measured is never certified."""
-    reasons = [
-        f"{s['name']}: not measured ({s['why']}), so nothing shows what SFT did to it"
-        for s in sets
-        if not s.get("measured", True)
-    ]
-    measured = [s for s in sets if s.get("measured", True)]
-    sft = [s for s in measured if s["kind"] == "sft"]
-    if not sft:
-        reasons.append("no measured SFT validation set to show an improvement on")
-    for s in sft:
-        need = needed_improvement(s, min_improvement)
-        if not s["delta"] < -need:
-            reasons.append(
-                f"{s['name']}: SFT val loss did not improve by more than {need:.4g} "
-                f"({s['baseline']:.4f} -> {s['candidate']:.4f}, delta {s['delta']:+.4g})"
-            )
-    for s in measured:
-        if s["kind"] == "stream" and not s["delta"] <= tolerance:
-            reasons.append(
-                f"{s['name']}: pretrain val loss rose by {s['delta']:+.4f}, more than the tolerance {tolerance:g}"
-            )
-    return ("pass" if not reasons else "fail"), reasons
-
-
 def eval_summary(
     candidate: LoadedCheckpoint,
     baseline: LoadedCheckpoint,
@@ -145,22 +114,21 @@ def eval_summary(
     B: int,
     device: torch.device,
     min_improvement: float = 0.0,
+    gate: Gate | None = None,
 ) -> dict[str, Any]:
-    """Both checkpoints on the same batches of every validation set; the deltas and the verdict."""
+    """Both checkpoints on the same batches of every validation set; the deltas and the verdict of `gate` (None:
+    the candidate's phase's, registry.gate_of)."""
     mc, mb = candidate.meta["model_cfg"], baseline.meta["model_cfg"]
     T = min(mc["T"], mb["T"])
     sets = []
     cand_model, base_model = _model(candidate, device), _model(baseline, device)
-    for name, strategy in val_sets(paths, min(mc["V"], mb["V"]), T, B):
-        s = compare_set(
-            name,
-            batch_losses(base_model, strategy, batches, device),
-            batch_losses(cand_model, strategy, batches, device),
+    for name, rows in val_sets(paths, min(mc["V"], mb["V"]), T, B):
+        sets.append(
+            compare_set(
+                name, batch_losses(base_model, rows, batches, device), batch_losses(cand_model, rows, batches, device)
+            )
         )
-        if s["measured"] and s["kind"] == "sft":
-            s["needed"] = needed_improvement(s, min_improvement)
-        sets.append(s)
-    result, reasons = verdict(sets, tolerance, min_improvement)
+    result, reasons = (gate or gate_of(candidate.meta))(sets, tolerance, min_improvement)
     return {
         "candidate": _identity(candidate),
         "baseline": _identity(baseline),

@@ -22,18 +22,17 @@ from trainer_accel.checkpoints.store import (
     find_resume_checkpoint,
     phase_finished,
 )
-from trainer_accel.config import PhaseConfig, load_phase_config, load_pipeline_config
+from trainer_accel.config import PhaseConfig
 from trainer_accel.data.cache import open_cache
 from trainer_accel.devices.ownership import in_use
 from trainer_accel.errors import UserError
-from trainer_accel.models.gpt import GPT, LOGIT_CHUNK_BYTES
-from trainer_accel.paths import Paths
-from trainer_accel.training.inputs import (
-    check_phase_inputs,
-    check_start_checkpoint,
-    phase_cache_paths,
-    same_tokenizer,
-)
+from trainer_accel.models.build import build_model
+from trainer_accel.models.gpt import LOGIT_CHUNK_BYTES
+from trainer_accel.paths import STREAM, Paths
+from trainer_accel.phases.pipeline import load_pipeline
+from trainer_accel.phases.registry import PIPELINE, load_config
+from trainer_accel.training.inputs import check_phase_inputs, phase_cache_paths
+from trainer_accel.training.start import check_start_checkpoint, same_tokenizer
 
 
 def flops_per_token(cfg: PhaseConfig) -> float:
@@ -147,7 +146,8 @@ class PhasePlan:
             share = mixture.get(c["name"], 0)
             if c["split"] != "train" or c["status"] != "found" or share <= 0:
                 continue
-            key = c["source"] if self.cfg.phase == "pretrain" else c["name"]  # SFT may name a stream and a set alike
+            key = c["name"] if self.cfg.replay or self.cfg.keys.sources_kind != STREAM else c["source"]  # SFT may
+            # name a stream and a set alike
             if c.get("examples"):
                 out[key] = self.steps_to_run * t.B * t.accum_steps * self.processes * share / c["examples"]
             else:
@@ -204,11 +204,11 @@ def phase_plan(
     resume: Path | None = None,
     auto_resume: bool = True,
     init: Path | None = None,
-    init_pending: bool = False,
+    init_pending: str | None = None,
 ) -> PhasePlan:
-    """The plan of one phase. `init_pending`: the start checkpoint is written by an earlier phase of a pipeline."""
-    with torch.device("meta"):  # shapes only: no memory for the weights, however big the model
-        model = GPT(cfg.model)
+    """The plan of one phase. `init_pending`: the earlier phase of a pipeline that writes its start checkpoint and
+    has not yet."""
+    model = build_model(cfg.model, "meta")  # shapes only: no memory for the weights, however big the model
     problems: list[str] = []
     found = (
         resume if resume is not None else find_resume_checkpoint(paths.phase_dir(cfg.phase)) if auto_resume else None
@@ -222,9 +222,8 @@ def phase_plan(
             problems += e.problems
     initial = None
     if found is None and init is not None:
-        start = (
-            f"initialise from {init} (weights only{', once the pretrain phase has written it' if init_pending else ''})"
-        )
+        later = f", once the {init_pending} phase has written it" if init_pending else ""
+        start = f"initialise from {init} (weights only{later})"
         if not init_pending:
             try:
                 loaded = initial = check_start_checkpoint(init, cfg, with_optimizer=False)
@@ -246,7 +245,7 @@ def phase_plan(
     try:
         inputs = check_phase_inputs(cfg, paths)
         plan.data_fingerprint = inputs.data_info()["data_fingerprint"]
-        problems += same_tokenizer(initial, inputs)
+        problems += same_tokenizer(initial, inputs.tokenizer)
     except UserError as e:
         problems += e.problems
     owner = in_use(paths, cfg.phase)
@@ -256,10 +255,9 @@ def phase_plan(
 
 def load_configs(phase: str, config: Path, overrides: list) -> list[PhaseConfig]:
     """The phase configs a `run --phase PHASE --config CONFIG` command trains, in order."""
-    if phase == "pipeline":
-        pipe = load_pipeline_config(config, overrides)
-        return [pipe.pretrain, pipe.sft]
-    return [load_phase_config(config, phase, overrides)]
+    if phase == PIPELINE:
+        return load_pipeline(config, overrides).phases
+    return [load_config(config, phase, overrides)]
 
 
 def command_plans(
@@ -272,14 +270,16 @@ def command_plans(
 ) -> list[PhasePlan]:
     """The plan of each phase of one `run` command, starting where that command would start it."""
     plans = []
-    for cfg in configs:
+    for i, cfg in enumerate(configs):
         explicit = (
-            resume if resume is not None and (phase != "pipeline" or checkpoint_phase(resume) == cfg.phase) else None
+            resume if resume is not None and (phase != PIPELINE or checkpoint_phase(resume) == cfg.phase) else None
         )
-        init, pending = None, False
-        if phase == "pipeline" and cfg.phase == "sft":  # SFT starts from what pretrain leaves in best/
-            init = paths.phase_dir("pretrain") / "best"
-            pending = not init.exists() or not phase_finished(paths.phase_dir("pretrain"), configs[0].train.total_steps)
+        init, pending = None, None
+        if phase == PIPELINE and i > 0:  # a later phase starts from what the one before leaves in best/
+            before = configs[i - 1]
+            init = paths.phase_dir(before.phase) / "best"
+            done = init.exists() and phase_finished(paths.phase_dir(before.phase), before.train.total_steps)
+            pending = None if done else before.phase
         elif cfg.init_from:
             init = paths.config_checkpoint(cfg.init_from)
         plans.append(phase_plan(cfg, paths, processes, explicit, auto_resume, init, pending))

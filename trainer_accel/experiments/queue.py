@@ -39,6 +39,7 @@ from pathlib import Path
 from trainer_accel.errors import UserError, exit_with, report
 from trainer_accel.fsio import loads, now_iso
 from trainer_accel.paths import Paths, resolve_paths
+from trainer_accel.phases.registry import PIPELINE, phase_names
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 RUNNABLE = ("queued", "interrupted")
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.queue", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="queue a job")
-    add.add_argument("--phase", required=True, choices=("pretrain", "sft", "pipeline"))
+    add.add_argument("--phase", required=True, choices=(*phase_names(), PIPELINE))
     add.add_argument("--config", required=True, type=Path)
     add.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     add.add_argument("--priority", choices=tuple(PRIORITIES), default="normal")

@@ -258,11 +258,13 @@ def export_hf(
     tokenizer: Path | None = None,
     verdict: Callable[[dict], str | None] = lambda meta: None,
     approved: str | None = None,
+    chat_model: Callable[[dict], bool] = lambda meta: "chat" in meta,
 ) -> dict[str, Any]:
     """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record. One export
     at a time per --out: a second one's sweep would delete the first one's temporary directory. `verdict` gives
     the promotion verdict of the weights loaded from their sidecar (latest/ may have moved on since the command
-    started); `approved`, the only weights a check made before the load allows."""
+    started); `approved`, the only weights a check made before the load allows; `chat_model`, whether the sidecar's
+    phase makes a chat model (phases/registry.is_chat_model), which ends its turns with the end-of-turn token."""
     if Path(out).is_symlink():
         raise UserError(
             f"--out {out}: a symbolic link (to {os.readlink(out)}); an export replaces its directory "
@@ -279,7 +281,7 @@ def export_hf(
         f"--out {out}: another export is writing there; wait for it",
         remove=True,
     ):
-        return _export_hf(source, out, paths, tokenizer, verdict, approved)
+        return _export_hf(source, out, paths, tokenizer, verdict, approved, chat_model)
 
 
 def _export_hf(
@@ -289,6 +291,7 @@ def _export_hf(
     tokenizer: Path | None,
     verdict: Callable[[dict], str | None],
     approved: str | None,
+    chat_model: Callable[[dict], bool],
 ) -> dict[str, Any]:
     sweep_leftovers(out)  # first: an export set aside by a kill goes back in place, and its user files with it
     kept = check_out(out)
@@ -307,7 +310,7 @@ def _export_hf(
     if tok.vocab_size > cfg["V"]:
         raise UserError(f"{source}: the tokenizer has {tok.vocab_size} tokens, the model's V is {cfg['V']}")
     chat = loaded.meta.get("chat")  # the model's own chat template, when SFT used one (chat_template.py)
-    sft = loaded.meta.get("phase") == "sft"
+    sft = chat_model(loaded.meta)
     if "tokenizer" not in loaded.meta or loaded.meta.get("phase") is None:
         log.warning(
             "%s: records neither its phase nor the chat template it was trained in (a .pt without its "

@@ -34,9 +34,11 @@ from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.fsio import loads
 from trainer_accel.hf.directory import EXPORT_RECORD, is_hf_dir, tokenizer_identity
 from trainer_accel.hf.export import find_tokenizer
+from trainer_accel.models.build import build_model
 from trainer_accel.models.config import ModelConfig, model_cfg_problems
 from trainer_accel.models.gpt import GPT
 from trainer_accel.paths import Paths
+from trainer_accel.phases.registry import is_chat_model
 from trainer_accel.training.start import load_start
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,8 @@ def _hf_tokenizer_and_chat(directory: Path) -> tuple[Tokenizer, ChatFormat | Non
     byte_export = tokenizer_identity(directory) == ByteTokenizer.identity  # ours, exported: the ids are bytes
     tok: Tokenizer = ByteTokenizer() if byte_export else HFTokenizer(tok_file)
     template = find_chat_template(tok_file)
-    if template is None or _export_phase(directory) == "pretrain":  # our exports carry the template whatever the phase
+    record = {"phase": _export_phase(directory)}  # our exports carry the template whatever the phase: used if chat
+    if template is None or (record["phase"] is not None and not is_chat_model(record)):
         return tok, None
     return tok, ChatFormat(tok, TemplateEncoder(tok, template) if not byte_export else None)
 
@@ -174,7 +177,7 @@ def load_model(
             "put it back there, or export the model with python -m "
             "trainer_accel.export --format hf --tokenizer PATH and use that directory as --model",
         )
-        chat = chat_format(tok, loaded.meta.get("chat")) if loaded.meta.get("phase") == "sft" else None
+        chat = chat_format(tok, loaded.meta.get("chat")) if is_chat_model(loaded.meta) else None
         folder = Path(tok.path).parent if getattr(tok, "path", None) else None
     chat = chosen_format(tok, chat, template, template_arguments, source)
     cfg = loaded.meta["model_cfg"]
@@ -188,8 +191,5 @@ def load_model(
             f"{source}: its tokenizer has {tok.vocab_size:,} tokens, the model {cfg['V']:,} rows: a token "
             "past them has no embedding; the tokenizer does not belong to these weights"
         )
-    model = GPT(ModelConfig(**cfg))
-    model.load_state_dict(loaded.model_state, strict=True)
-    return LoadedModel(
-        model.to(device=dev, dtype=DTYPES[dtype]).eval(), tok, chat, source, phase, model_stop_ids(folder)
-    )
+    model = build_model(ModelConfig(**cfg), dev, DTYPES[dtype], state=loaded.model_state)
+    return LoadedModel(model.eval(), tok, chat, source, phase, model_stop_ids(folder))

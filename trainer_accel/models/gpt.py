@@ -5,10 +5,10 @@ and a GELU MLP with multi-head attention; Llama, Mistral and SmolLM are rotary p
 MLP (SwiGLU) and grouped-query attention; Qwen2 adds biases on q, k and v; Qwen3 a norm on q and k and a head
 width of its own. Every option's default is GPT-2's (config.ModelConfig), so older checkpoints keep their keys.
 
-The model returns logits (`decode` is the KV-cached path generation.py uses); the loss belongs to the training
-strategies, so a new phase never touches this file.
-A strategy that passes its targets gets the summed cross-entropy instead, computed in chunks of tokens so that a
-large vocabulary's (B, T, V) fp32 logits never exist at once. Shapes use the config's letters: (B, T) token ids
+The model returns logits (`decode` is the KV-cached path generation.py uses); the loss belongs to the phase, so
+a new phase never touches this file. A phase that passes its targets gets their per-token log-probabilities, or
+their summed cross-entropy, computed in chunks of tokens so that a large vocabulary's (B, T, V) fp32 logits never
+exist at once. Shapes use the config's letters: (B, T) token ids
 in, (B, T, V) logits out, (B, T, C) inside; hd is one head's width.
 """
 
@@ -174,19 +174,28 @@ def packed_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pos, ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Summed cross-entropy of (N, C) hidden states through the (V, C) head against (N,) targets, `chunk` tokens
-    at a time; each chunk's logits are recomputed in the backward pass instead of kept, so at most one chunk's
-    fp32 logits exist (the price: the head's forward matmul twice). One chunk when N fits: today's exact path."""
+def chunked_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, reduction: str = "sum"
+) -> torch.Tensor:
+    """Cross-entropy of (N, C) hidden states through the (V, C) head against (N,) targets, `chunk` tokens at a
+    time: summed ("sum"), or per token ("none": (N,), 0 where a target is IGNORE_INDEX). Each chunk's logits are
+    recomputed in the backward pass instead of kept, so at most one chunk's fp32 logits exist (the price: the
+    head's forward matmul twice). One chunk when N fits: today's exact path."""
     if h.shape[0] <= chunk:
-        return _chunk_loss(h, weight, targets)
+        return _chunk_loss(h, weight, targets, reduction)
+    parts = [
+        checkpoint(_chunk_loss, h[i : i + chunk], weight, targets[i : i + chunk], reduction, use_reentrant=False)
+        for i in range(0, h.shape[0], chunk)
+    ]
+    if reduction == "none":
+        return torch.cat(parts)
     total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk):
-        total = total + checkpoint(_chunk_loss, h[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False)
+    for part in parts:
+        total = total + part
     return total
 
 
@@ -221,10 +230,15 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
     def forward(
-        self, idx: torch.Tensor, segments: torch.Tensor | None = None, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        segments: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        reduction: str = "sum",
     ) -> torch.Tensor:
         """(B, T, V) logits; with `targets` (B, T) the summed cross-entropy of the targets that are not
-        IGNORE_INDEX, in fp32 (chunked_cross_entropy). `segments` (B, T): packed rows' example ids; each example
+        IGNORE_INDEX, in fp32 (chunked_cross_entropy), or with reduction "none" each target's (B, T) log-probability
+        (0 where not counted): the phase reduces them. `segments` (B, T): packed rows' example ids; each example
         then sees only itself, from position 0."""
         B, T = idx.shape
         if T > self.cfg.T:
@@ -245,6 +259,11 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x)  # (B, T, V)
+        if reduction == "none":
+            nll = chunked_cross_entropy(
+                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk, "none"
+            )
+            return -nll.view(B, T)
         return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk)
 
     def decode(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 from trainer_accel.errors import UserError, exit_with, raise_if_any, report
 from trainer_accel.observability.metrics import read_events
 
-STYLES = {"pretrain": "-", "sft": "--"}
+LINE_STYLES = ("-", "--", "-.", ":")  # one per phase, in the order the phases first appear (pretrain, then SFT)
 
 
 @dataclass
@@ -100,8 +100,10 @@ def plot(series: list[RunSeries], out: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey="row")
     labels = list(dict.fromkeys(s.label for s in series))
     colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    phases = list(dict.fromkeys(s.phase for s in series))
+    styles = {p: LINE_STYLES[i % len(LINE_STYLES)] for i, p in enumerate(phases)}
     for s in series:
-        style = dict(color=colours[s.label], linestyle=STYLES.get(s.phase, ":"), label=f"{s.label} {s.phase}")
+        style = dict(color=colours[s.label], linestyle=styles[s.phase], label=f"{s.label} {s.phase}")
         tokens_at = {r["step"]: r.get("train/tokens_seen") or 0 for r in s.train}
         evals = [e for e in s.evals if e.get("val/loss") is not None]
         for col, x_of in ((0, lambda r: r["step"]), (1, lambda r: tokens_at.get(r["step"], 0))):

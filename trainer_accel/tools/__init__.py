@@ -1,5 +1,5 @@
 """Measuring tools, run by hand and never by training: bench (the loop against a plain PyTorch loop), gpu_check
-(every CUDA path on the GPU at hand) and prepare_bench.
+(every CUDA path on the GPU at hand), prepare_bench and heldout.
 
-May import: anything in the package but the top-level CLIs.
+Its place in the import order: trainer_accel/layers.py.
 """

@@ -38,13 +38,15 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from trainer_accel.config import PhaseConfig, load_phase_config
+from trainer_accel.config import PhaseConfig
 from trainer_accel.data.cache import CACHE_FORMAT, CACHE_VERSION, Cache, stream_rows
 from trainer_accel.devices.accelerator import DEVICES, HALF_PRECISION, pick_device
 from trainer_accel.devices.hardware import gpu_peak_flops, measured_matmul_flops
 from trainer_accel.errors import UserError, report
 from trainer_accel.experiments.plan import flops_per_token
 from trainer_accel.paths import resolve_paths
+from trainer_accel.phases.registry import load_config, phase_named, phase_names
+from trainer_accel.training.losses import token_cross_entropy
 
 MIB = 2**20
 
@@ -108,15 +110,15 @@ class PlainLoop:
     Accelerate, no logging, no checkpoints."""
 
     def __init__(self, cfg: PhaseConfig, strategy, device: torch.device):
-        from trainer_accel.models.gpt import GPT
+        from trainer_accel.models.build import build_model
 
         self.t, self.strategy, self.device = cfg.train, strategy, device
         t = self.t
         if device.type == "cuda":  # as the trainer sets them
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
         torch.manual_seed(t.seed)
-        self.model = GPT(cfg.model).to(device)
-        self.model.checkpoint_every = t.activation_checkpointing  # the same blocks recomputed as the trainer's
+        # the same blocks recomputed as the trainer's
+        self.model = build_model(cfg.model, device, activation_checkpointing=t.activation_checkpointing)
         self.opt = torch.optim.AdamW(
             self.model.parameters(),
             lr=t.base_lr,
@@ -138,7 +140,7 @@ class PlainLoop:
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
 
     def _loss(self, batch) -> torch.Tensor:
-        return self.forward_loss(self._to_device(batch.x), self._to_device(self.strategy.targets(batch)))
+        return self.forward_loss(self._to_device(batch.x), self._to_device(batch.y_masked))
 
     def step(self, step: int) -> None:
         t = self.t
@@ -310,7 +312,7 @@ class Job:
 def _setup(job: Job):
     from trainer_accel.training.inputs import check_phase_inputs
 
-    cfg = load_phase_config(job.config, job.phase)
+    cfg = load_config(job.config, job.phase)
     t = dataclasses.replace(
         cfg.train, total_steps=(job.windows + 1) * cfg.train.log_every, eval_every=10**9, ckpt_every=10**9
     )  # measured windows hold training steps only
@@ -321,14 +323,15 @@ def _setup(job: Job):
 
 
 def _trainer(job: Job, wrap=None):
-    """The trainer as a run sets it up; `wrap(strategy, device, cfg)` may stand in for its strategy."""
+    """The trainer as a run sets it up; `wrap(batches, device, cfg)` may stand in for its batches."""
     from trainer_accel.devices.accelerator import make_accelerator
     from trainer_accel.training.loop import Trainer
 
     cfg, paths, inputs = _setup(job)
     acc = make_accelerator(job.device, cfg.train.mixed_precision)
-    strategy = wrap(inputs.strategy, acc.device, cfg) if wrap else inputs.strategy
-    trainer = Trainer(acc, cfg, strategy, paths, data_info=inputs.data_info(), chat=inputs.chat_format())
+    batches = wrap(inputs.batches, acc.device, cfg) if wrap else inputs.batches
+    phase = phase_named(cfg.phase)
+    trainer = Trainer(acc, cfg, phase, batches, paths, data_info=inputs.data_info(), chat=inputs.chat_format())
     return trainer, cfg, paths
 
 
@@ -342,7 +345,7 @@ def paired_run(job: Job) -> dict:
     )
 
     trainer, cfg, paths = _trainer(job, wrap=functools.partial(Pacer, interleave=job.interleave))
-    pacer: Pacer = trainer.strategy
+    pacer: Pacer = trainer.batches
     acc = trainer.acc
     clock = WindowClock(cfg.train.log_every, pacer)
     trainer.events.sinks.append(clock)
@@ -402,7 +405,7 @@ def plain_alone(job: Job) -> dict:
     """The plain loop alone in this process, as `trainer_alone`."""
     cfg, _, inputs = _setup(job)
     device, t = torch.device(job.resolved), cfg.train
-    plain = PlainLoop(cfg, inputs.strategy, device)
+    plain = PlainLoop(cfg, inputs.batches, device)
     marks = [(0, time.perf_counter())]
     with PeakMemory(device) as memory:
         for step in range(t.total_steps):
@@ -439,9 +442,9 @@ def sampling_tokens_per_sec(config: str, phase: str, data_dir: Path, steps: int 
     """Tokens/s the strategy produces on one process (batches drawn, nothing trained)."""
     from trainer_accel.training.inputs import check_phase_inputs
 
-    cfg = load_phase_config(config, phase)
+    cfg = load_config(config, phase)
     paths = dataclasses.replace(resolve_paths(), data=data_dir)
-    strategy, t = check_phase_inputs(cfg, paths).strategy, cfg.train
+    strategy, t = check_phase_inputs(cfg, paths).batches, cfg.train
     start = time.perf_counter()
     for step in range(steps):
         for m in range(t.accum_steps):
@@ -496,7 +499,7 @@ def fmt_bytes(n: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_accel.bench", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="a pretrain or sft config (model, batch, precision, cadence)")
-    p.add_argument("--phase", choices=("pretrain", "sft"), default="pretrain")
+    p.add_argument("--phase", choices=phase_names(), default="pretrain")
     p.add_argument(
         "--device", choices=DEVICES, default=None, help="default: as `run` picks, CUDA, else Apple MPS, else CPU"
     )
@@ -528,20 +531,20 @@ def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
     """One model trained on the config's SFT rows, alternately unpacked and packed, window by window (so both see
     the machine at the same moments); answer tokens per second of each, and their ratio. Replay is left out:
     its stream rows would be the same in both."""
-    from trainer_accel.models.gpt import GPT
+    from trainer_accel.models.build import build_model
     from trainer_accel.training.inputs import check_phase_inputs
 
-    cfg = load_phase_config(args.config, "sft")
+    cfg = load_config(args.config, "sft")
     device = pick_device(args.device)
     paths = resolve_paths()
     strategies = {
         pack: check_phase_inputs(
             dataclasses.replace(cfg, replay={}, train=dataclasses.replace(cfg.train, pack=pack)), paths
-        ).strategy
+        ).batches
         for pack in (False, True)
     }
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.min_lr)
     counted, seconds = {False: 0, True: 0}, {False: 0.0, True: 0.0}
     for window in range(args.windows + 1):  # window 0 warms up
@@ -551,7 +554,7 @@ def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
             n = torch.zeros((), device=device)
             for i in range(steps):
                 batch = strategy.train_batch(window * steps + i, 0, 0, 1, 1).to(device)
-                total, count = strategy.loss(model, batch)
+                total, count, _ = token_cross_entropy(model, batch)
                 (total / count.clamp_min(1)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -577,7 +580,7 @@ def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    cfg = load_phase_config(args.config, args.phase)
+    cfg = load_config(args.config, args.phase)
     data_dir = resolve_paths().data
     t = cfg.train
     device = pick_device(args.device)

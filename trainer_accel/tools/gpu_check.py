@@ -504,12 +504,12 @@ def hf_logit_diff(paths: tuple[str, str]) -> dict:
 
     from trainer_accel.checkpoints.store import load_checkpoint
     from trainer_accel.config import ModelConfig
-    from trainer_accel.models.gpt import GPT
+    from trainer_accel.models.build import build_model
 
     ckpt, hf_dir = paths
     loaded = load_checkpoint(Path(ckpt), with_optimizer=False)
     cfg = ModelConfig(**loaded.meta["model_cfg"])
-    ours = GPT(cfg)
+    ours = build_model(cfg)
     ours.load_state_dict(loaded.model_state)
     theirs = AutoModelForCausalLM.from_pretrained(hf_dir).float()  # what the export stores, then fp32 as ours
     x = torch.randint(0, cfg.V, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -524,10 +524,10 @@ def attention_kernels(_: object = None) -> list[str]:
 
     from trainer_accel.config import ModelConfig
     from trainer_accel.devices.accelerator import make_accelerator
-    from trainer_accel.models.gpt import GPT
+    from trainer_accel.models.build import build_model
 
     acc = make_accelerator("cuda", "bf16")
-    model = GPT(ModelConfig(**MODEL))
+    model = build_model(ModelConfig(**MODEL))
     model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters()))
     x = torch.randint(0, MODEL["V"], (8, MODEL["T"]), device=acc.device)
     acc.backward(model(x).float().logsumexp(-1).mean())  # warm-up: kernel selection
@@ -543,13 +543,13 @@ def masked_attention_kernels(_: object = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from trainer_accel.config import ModelConfig
-    from trainer_accel.models.gpt import GPT
+    from trainer_accel.models.build import build_model
 
     found = {}
     for dtype in (torch.bfloat16, torch.float16):
         for T in (320, 1088):
             torch.manual_seed(0)
-            model = GPT(ModelConfig(**{**LLAMA, "T": T})).cuda()
+            model = build_model(ModelConfig(**{**LLAMA, "T": T}), "cuda")
             x = torch.randint(0, LLAMA["V"], (4, T), device="cuda")
             segments = torch.cumsum(torch.rand(4, T, device="cuda") < 0.01, dim=1)  # examples of ~100 tokens
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -590,13 +590,13 @@ def largest_batch(job: tuple[str, list[int], float]) -> dict:
     """The largest B of `candidates` at which one training step of the config's model (bf16 autocast, its
     activation checkpointing, fused AdamW, no compile: compile only lowers the peak) fits in `budget` bytes of
     the GPU's memory."""
-    from trainer_accel.config import load_phase_config
-    from trainer_accel.models.gpt import GPT
+    from trainer_accel.models.build import build_model
+    from trainer_accel.phases.registry import load_config
 
     config, candidates, budget = job
-    cfg = load_phase_config(config, "pretrain")
+    cfg = load_config(config, "pretrain")
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
-    model = GPT(cfg.model).cuda()
+    model = build_model(cfg.model, "cuda")
     model.checkpoint_every = cfg.train.activation_checkpointing
     opt = torch.optim.AdamW(model.parameters(), fused=True)
     for B in candidates:

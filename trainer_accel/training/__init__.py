@@ -1,5 +1,6 @@
-"""Training: the phases' batch and loss strategies, the check of every input a phase reads, where a phase starts
-from (start), and the one Accelerator-wrapped loop.
+"""Training: batches by address (batches), what a loss gives the loop (losses), the check of every input a phase
+reads (inputs), where a phase's weights come from (start), and the one Accelerator-wrapped loop (loop) with its
+collaborators: saving and progress.
 
-May import: everything below it (ground floor, data, models, devices, checkpoints, hf, observability).
+Its place in the import order: trainer_accel/layers.py.
 """

@@ -14,13 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from trainer_accel.checkpoints.store import (
-    LoadedCheckpoint,
-    check_model_cfg,
-    state_problems,
-)
 from trainer_accel.config import PhaseConfig
 from trainer_accel.data.cache import Cache, answer_mask, answer_rule, open_cache
 from trainer_accel.data.chat_template import (
@@ -38,16 +32,15 @@ from trainer_accel.data.tokenizer import (
     tokenizer_from_meta,
 )
 from trainer_accel.errors import UserError, raise_if_any
-from trainer_accel.paths import CACHE_NAMING, Paths
-from trainer_accel.training.start import load_start
-from trainer_accel.training.strategies import STRATEGIES, RowSource, Strategy
+from trainer_accel.paths import CACHE_NAMING, EXAMPLES, KIND_FOLDERS, STREAM, Paths
+from trainer_accel.training.batches import Batches, RowSource
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PhaseInputs:
-    strategy: Strategy
+    batches: Batches
     caches: list[Cache]  # every cache the phase reads
     tokenizer: str  # the tokenizer identity all caches share
 
@@ -66,7 +59,7 @@ class PhaseInputs:
     def chat(self) -> dict | None:
         """The model's own chat template the SFT caches were written in (chat_template.chat_meta), or None: the
         built-in template (and for pretraining, which has no conversations)."""
-        return next((c.meta.get("chat") for c in self.caches if c.meta["kind"] == "sft"), None)
+        return next((c.meta.get("chat") for c in self.caches if c.meta["kind"] == EXAMPLES), None)
 
     def chat_format(self) -> ChatFormat | None:
         """How to prompt the model for samples: in the template its SFT caches used (None without a tokenizer)."""
@@ -95,39 +88,40 @@ class CacheRef:
     """A cache a phase reads: its source as configs name it, its kind, its path."""
 
     source: str
-    kind: str  # "stream" | "sft"
+    kind: str  # paths.STREAM or paths.EXAMPLES
     path: Path
     key: str = ""  # the config key that names it: sources.wiki, replay.wiki, sft_sources.dolly, val_source
 
     @property
     def name(self) -> str:
         """As the mixture, the per-source counts and the gate name it: streams/wiki, sft/dolly."""
-        return f"{'streams' if self.kind == 'stream' else 'sft'}/{self.source}"
+        return f"{KIND_FOLDERS[self.kind]}/{self.source}"
 
 
 def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[list[CacheRef], list[CacheRef]]:
-    """(train caches in the order of cfg.mixture(), val caches) of a phase."""
+    """(train caches in the order of cfg.mixture(), val caches) of a phase: its sources' caches and the replayed
+    streams; validated on its sources' val caches when they are examples and all there, else on the val_source
+    stream."""
+    keys, kinds = cfg.keys, {folder: kind for kind, folder in KIND_FOLDERS.items()}
     train = []
     for name in cfg.mixture():
         folder, source = name.split("/", 1)
-        kind = "stream" if folder == "streams" else "sft"
-        key = (
-            f"{'sources' if cfg.phase == 'pretrain' else 'replay'}.{source}"
-            if kind == "stream"
-            else f"sft_sources.{source}"
-        )
-        train.append(
-            CacheRef(source, kind, (paths.stream_cache if kind == "stream" else paths.sft_cache)(source, "train"), key)
-        )
+        kind = kinds[folder]
+        key = f"{keys.sources_key if kind == keys.sources_kind else 'replay'}.{source}"
+        train.append(CacheRef(source, kind, paths.cache(kind, source, "train"), key))
     stream_val = [
-        CacheRef(cfg.val_source, "stream", paths.stream_cache(cfg.val_source, "val"), f'val_source "{cfg.val_source}"')
+        CacheRef(cfg.val_source, STREAM, paths.stream_cache(cfg.val_source, "val"), f'val_source "{cfg.val_source}"')
     ]
-    if cfg.phase == "pretrain":
+    if keys.sources_kind == STREAM:
         return train, stream_val
-    sft_val = [CacheRef(r.source, "sft", paths.sft_cache(r.source, "val"), r.key) for r in train if r.kind == "sft"]
-    if all(r.path.is_file() for r in sft_val):
-        return train, sft_val
-    log.info("SFT val caches not all present; evaluating on the %s stream val cache", cfg.val_source)
+    own_val = [
+        CacheRef(r.source, r.kind, paths.cache(r.kind, r.source, "val"), r.key)
+        for r in train
+        if r.kind == keys.sources_kind
+    ]
+    if all(r.path.is_file() for r in own_val):
+        return train, own_val
+    log.info("%s val caches not all present; evaluating on the %s stream val cache", cfg.phase.upper(), cfg.val_source)
     return train, stream_val
 
 
@@ -179,7 +173,7 @@ def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
     for c in caches:
         if c.meta["vocab_size"] <= V and max_token_id(c) >= V:
             problems.append(f"{c.path}: holds token id {max_token_id(c)}, not below model_cfg.V={V}")
-        if c.meta["kind"] == "stream" and c.meta["num_tokens"] < T + 1:
+        if c.meta["kind"] == STREAM and c.meta["num_tokens"] < T + 1:
             problems.append(f"{c.path}: {c.meta['num_tokens']} tokens, fewer than one window of T+1={T + 1}")
     identities = sorted({c.meta["tokenizer"] for c in caches})
     if len(identities) > 1:
@@ -197,7 +191,7 @@ def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
                 "some were prepared by an older trainer that added tokens the model has its own of); "
                 "prepare them again together"
             )
-    sft = [c for c in caches if c.meta["kind"] == "sft"]
+    sft = [c for c in caches if c.meta["kind"] == EXAMPLES]
     templates = {template_key(c.meta.get("chat")) for c in sft}
     if len(templates) > 1:
         per = "; ".join(f"{c.path.name}: {(c.meta.get('chat') or {}).get('template_source', 'built-in')}" for c in sft)
@@ -251,7 +245,7 @@ def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
 def say_template(caches: list[Cache]) -> None:
     """A run in another template than the one the model came with (the one beside its tokenizer) says so at
     start: the model learns the template it is trained in, and its exports carry that one."""
-    sft = [c for c in caches if c.meta["kind"] == "sft"]
+    sft = [c for c in caches if c.meta["kind"] == EXAMPLES]
     path = sft[0].meta.get("tokenizer_path") if sft else None
     if not path or not Path(path).is_file():
         return
@@ -289,7 +283,7 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     raise_if_any(problems)
     caches = list(opened.values())
     raise_if_any(_check_caches(cfg, caches))
-    raise_if_any([p for c in caches if c.meta["kind"] == "sft" and (p := _check_answers(cfg, c))])
+    raise_if_any([p for c in caches if c.meta["kind"] == EXAMPLES and (p := _check_answers(cfg, c))])
     say_template(caches)
 
     probs = np.array(list(cfg.mixture().values()), dtype=np.float64)
@@ -302,7 +296,7 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
         [r.name for r in train_refs],
         pack=cfg.train.pack,
     )
-    val_probs = np.array([cfg.sources[r.source] for r in val_refs]) if val_refs[0].kind == "sft" else np.ones(1)
+    val_probs = np.array([cfg.sources[r.source] for r in val_refs]) if val_refs[0].kind == EXAMPLES else np.ones(1)
     val = RowSource(
         [opened[r.path] for r in val_refs],
         val_probs / val_probs.sum(),
@@ -311,8 +305,9 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
         [r.name for r in val_refs],
         pack=cfg.train.pack_val,
     )
-    strategy = STRATEGIES[cfg.phase](train, val, cfg.train.B, cfg.train.seed)
-    inputs = PhaseInputs(strategy=strategy, caches=caches, tokenizer=caches[0].meta["tokenizer"])
+    inputs = PhaseInputs(
+        batches=Batches(train, val, cfg.train.B, cfg.train.seed), caches=caches, tokenizer=caches[0].meta["tokenizer"]
+    )
     raise_if_any(sample_prompt_problems(cfg, inputs))
     return inputs
 
@@ -329,35 +324,6 @@ def sample_prompt_problems(cfg: PhaseConfig, inputs: PhaseInputs) -> list[str]:
         except UserError as e:
             problems += [f"sample_prompts[{i}]: {line}" for line in e.problems]
     return problems
-
-
-def check_start_checkpoint(path: Path | None, cfg: PhaseConfig, with_optimizer: bool = True) -> LoadedCheckpoint | None:
-    """Load the checkpoint a phase starts from (if any) and check that its weights fit the model config."""
-    if path is None:
-        return None
-    loaded = load_start(path, cfg.model, with_optimizer)
-    check_model_cfg(loaded, cfg.model.to_dict())
-    broken = [k for k, t in loaded.model_state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if broken:  # a run from them would diverge at its first step, and blame the learning rate
-        raise UserError(
-            f"{path}: weights {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or "
-            "infinite values; start from an earlier checkpoint"
-        )
-    # the strict load the loop will do, done here so that --plan names a missing or wrong-shaped tensor too
-    raise_if_any([f"{path}: {p}" for p in state_problems(loaded.model_state, cfg.model.to_dict())])
-    return loaded
-
-
-def same_tokenizer(start: LoadedCheckpoint | None, inputs: PhaseInputs) -> list[str]:
-    """The weights a phase starts from must have learnt the ids its caches hold: the same tokenizer (a start that
-    records none, such as a GPT-2 directory without a tokenizer.json, cannot be checked)."""
-    learnt = start.meta.get("tokenizer") if start is not None else None
-    if learnt is None or learnt == inputs.tokenizer:
-        return []
-    return [
-        f"{start.source}: its weights learnt the ids of tokenizer {learnt}, this phase's caches were made with "
-        f"{inputs.tokenizer}; prepare the caches with its tokenizer (prepare --tokenizer MODEL_DIR)"
-    ]
 
 
 def collect(*checks) -> list:

@@ -1,11 +1,12 @@
 """The one training loop, for every phase, device and process count.
 
-It asks the strategy for batches and losses and never which phase it runs. Accelerate owns the device,
-processes and precision. Gradient accumulation is explicit: Accelerate's own `gradient_accumulation_steps`
-stays at 1 and the non-final micro-steps run under `accelerator.no_sync`, because the loss is token-weighted:
-each micro-step backpropagates (sum of its token losses) / (tokens counted in the whole step, over all
-micro-steps and processes), times the process count to undo DDP's gradient averaging. The gradient is then
-exactly that of one big batch, whatever the split. Evaluation uses the same weighting.
+It draws the phase's batches by address and calls its loss, and never asks which phase it runs. Accelerate owns
+the device, processes and precision. Gradient accumulation is explicit: Accelerate's own
+`gradient_accumulation_steps` stays at 1 and the non-final micro-steps run under `accelerator.no_sync`, because the
+loss is weighted: each micro-step backpropagates (its summed loss) / (the weight of the whole step, over all
+micro-steps and processes: counted tokens for a token loss), times the process count to undo DDP's gradient
+averaging. The gradient is then exactly that of one big batch, whatever the split. Evaluation uses the same
+weighting. Saving (saving.py) and what the run tells (progress.py) are the Trainer's collaborators.
 """
 
 from __future__ import annotations
@@ -18,45 +19,30 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer_accel.checkpoints import store as ckpt
-from trainer_accel.checkpoints.full_state import (
-    checkpoint_bytes,
-    full_model_state,
-    full_optimizer_state,
-    load_full_optimizer_state,
-    local_value,
-    plain_model,
-)
+from trainer_accel.checkpoints.full_state import load_full_optimizer_state, local_value
 from trainer_accel.checkpoints.store import LoadedCheckpoint
-from trainer_accel.checkpoints.writer import CheckpointWriter, Snapshot
 from trainer_accel.config import PhaseConfig, TrainConfig
 from trainer_accel.data.chat_template import ChatFormat
-from trainer_accel.devices.accelerator import HALF_PRECISION
 from trainer_accel.devices.collective import main_process_decides
-from trainer_accel.devices.hardware import fits_in_free_memory
 from trainer_accel.devices.stopping import Interrupted, StopRequest
 from trainer_accel.errors import UserError
-from trainer_accel.models.gpt import GPT
+from trainer_accel.models.build import build_model
 from trainer_accel.observability.compile_report import CompileWatch
-from trainer_accel.observability.manifest import (
-    ManifestSink,
-    code_version,
-    parent_record,
-    run_facts,
-)
-from trainer_accel.observability.metrics import open_metrics
-from trainer_accel.observability.samples import write_samples
-from trainer_accel.observability.trackers import open_trackers
 from trainer_accel.paths import Paths
-from trainer_accel.training.strategies import Strategy
+from trainer_accel.training.batches import Batch, Batches
+from trainer_accel.training.losses import LossOut
+from trainer_accel.training.progress import Progress, StepTotals, fmt
+from trainer_accel.training.saving import Saver, checkpoint_meta
+from trainer_accel.training.start import StartPoint
 
 log = logging.getLogger(__name__)
 
@@ -102,24 +88,21 @@ class LoopState:
 
 
 @dataclass
-class StepTotals:
-    """One update's figures, kept on the device until the next progress line reads them all in one host sync."""
-
-    step: int
-    tokens_seen: int
-    lr: float
-    loss_sum: torch.Tensor  # this process's summed token loss
-    counted: torch.Tensor  # tokens counted in the whole step, all micro-steps and processes
-    grad_norm: torch.Tensor
-    by_source: torch.Tensor  # this process's (tokens, rows) per training source
-
-
-@dataclass
 class PhaseResult:
     phase: str
     state: LoopState
     best_dir: Path | None
     latest_dir: Path
+
+
+class TrainingPhase(Protocol):
+    """What the loop needs of a phase (phases/phase.Phase is one)."""
+
+    stage_id: int
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut: ...
+
+    def weight(self, batch: Batch) -> torch.Tensor: ...
 
 
 class Trainer:
@@ -129,32 +112,34 @@ class Trainer:
         self,
         accelerator: Accelerator,
         cfg: PhaseConfig,
-        strategy: Strategy,
+        phase: TrainingPhase,
+        batches: Batches,
         paths: Paths,
-        resume_from: LoadedCheckpoint | None = None,
-        init_from: LoadedCheckpoint | None = None,
+        start: StartPoint | None = None,
         data_info: dict | None = None,
         chat: ChatFormat | None = None,
     ):
-        self.acc, self.cfg, self.strategy, self.paths = accelerator, cfg, strategy, paths
+        self.acc, self.cfg, self.phase, self.batches = accelerator, cfg, phase, batches
         self.t = cfg.train
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.phase_dir = paths.phase_dir(cfg.phase)
-        self.data_info = data_info or {}
-        self.chat = chat  # the caches' tokenizer and chat template, for samples
+        start = start or StartPoint()
+        data_info = data_info or {}
         if cfg.sample_prompts and chat is None:
             log.warning("%s: sample_prompts are set but the caches' tokenizer cannot be found; no samples", cfg.path)
         self.empty_micro_batches = torch.zeros((), dtype=torch.long, device=accelerator.device)  # since the last line
-        self.rows_drawn = np.zeros(len(strategy.train.names))  # per training source, this session, all processes
         self.nonfinite_in_a_row = 0
         self._stop_flag: torch.Tensor | None = None  # all-reduced stop request of the previous step
-        self.writer = CheckpointWriter(self.phase_dir, self.t.keep_last_n)  # the main process's background saves
+        self.saver = Saver(accelerator, cfg, paths, chat)
         if accelerator.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.t.tf32
 
         torch.manual_seed(self.t.seed)  # the same initial weights on every process and every run
-        model = GPT(cfg.model)
-        model.checkpoint_every = self.t.activation_checkpointing  # no wrapper modules: parameter names unchanged
+        model = build_model(
+            cfg.model,
+            state=start.weights.model_state if start.weights is not None else None,
+            activation_checkpointing=self.t.activation_checkpointing,
+        )
         if self.t.activation_checkpointing:
             recomputed = len(range(0, cfg.model.L, self.t.activation_checkpointing))
             log.info(
@@ -164,74 +149,50 @@ class Trainer:
                 cfg.model.L,
             )
         self.state = LoopState()
-        start = resume_from or init_from
-        if start is not None:
-            model.load_state_dict(start.model_state, strict=True)
         optimizer = build_optimizer(model, self.t, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # train_cfg.compile: the forward and the loss as one graph, after Accelerate's wrapping (as its own dynamo
         # plugin does). Compiled apart, the (B, T, V) logits would leave the model's graph in fp32 (Accelerate's
         # autocast output) and the loss would read and write them again, forward and backward: on GPT-2 small at
         # B=16, T=1024 that is 3.3 GB a pass. The model itself stays uncompiled, so checkpoints keep plain names.
-        self.loss = torch.compile(strategy.loss) if self.t.compile else strategy.loss
+        self.loss = torch.compile(phase.loss) if self.t.compile else phase.loss
         self.compile_watch = CompileWatch() if self.t.compile else None  # graphs, graph breaks, recompiles: logged
-        if resume_from is not None:
-            self._restore(resume_from)
-        elif init_from is not None:
+        if start.resumed is not None:
+            self._restore(start.resumed, data_info)
+        elif start.initial is not None:
             log.info(
                 "initialised weights from %s (step %d, run %s); optimizer fresh",
-                init_from.source,
-                init_from.step,
-                init_from.meta.get("run_id") or "not recorded",
+                start.initial.source,
+                start.initial.step,
+                start.initial.meta.get("run_id") or "not recorded",
             )
-        # lineage: a resumed run keeps the parent its checkpoint names; a run from an exported .pt is a new run
-        if init_from is not None:
-            self.parent = parent_record(init_from, "initialised")
-        elif resume_from is not None and resume_from.meta.get("run_id") is None:
-            self.parent = parent_record(resume_from, "resumed")
-        else:
-            self.parent = resume_from.meta.get("parent") if resume_from is not None else None
-        self.events = open_metrics(
-            paths.metrics, paths.events, cfg.phase, self.state.run_id, strategy.stage_id, accelerator.is_main_process
-        )
-        if accelerator.is_main_process:
-            facts = run_facts(
-                run_id=self.state.run_id,
-                cfg=cfg,
-                data_info=self.data_info,
-                device=str(accelerator.device),
-                processes=self.world,
-                precision=accelerator.mixed_precision,
-                parent=self.parent,
-                wandb_run_id=self.state.run_id if "wandb" in cfg.tracking.log_with else None,
-            )
-            self.events.sinks.append(
-                ManifestSink(
-                    paths.manifest(self.state.run_id),
-                    facts,
-                    self.state.step,
-                    str(resume_from.source) if resume_from is not None else None,
-                )
-            )
-        if accelerator.is_main_process and cfg.tracking.log_with:
-            run_info = {
-                "parameters": model.num_params(),
-                "processes": self.world,
-                "global_batch": self.global_batch,
-                "tokenizer": self.data_info.get("tokenizer"),
-                "data_fingerprint": self.data_info.get("data_fingerprint"),
-            }
-            self.events.sinks += open_trackers(
-                cfg, paths.metrics, self.state.run_id, resume_from.step if resume_from is not None else None, run_info
-            )
-        if resume_from is not None:  # the same history goes on: what an earlier process logged past here is superseded
-            superseded = self.events.continue_from(self.state.step)
-            self.events.write("resume", self.state.step, source=str(resume_from.source), superseded=superseded)
-        self._bar = None
+        self.parent = start.lineage()
+        self.data_info = data_info
+        resumed_from = str(start.resumed.source) if start.resumed is not None else None
+        facts = {
+            "data_info": data_info,
+            "device": str(accelerator.device),
+            "processes": self.world,
+            "precision": accelerator.mixed_precision,
+            "parent": self.parent,
+            "wandb_run_id": self.state.run_id if "wandb" in cfg.tracking.log_with else None,
+        }
+        run_info = {
+            "parameters": model.num_params(),
+            "processes": self.world,
+            "global_batch": self.global_batch,
+            "tokenizer": data_info.get("tokenizer"),
+            "data_fingerprint": data_info.get("data_fingerprint"),
+        }
+        self.progress = Progress(
+            accelerator, cfg, paths, phase.stage_id, batches.train.names, self.state.run_id, self.state.step, facts,
+            resumed_from, run_info,
+        )  # fmt: skip
+        self.events = self.saver.events = self.progress.events
 
     # -- resume ---------------------------------------------------------------------------------------------------
 
-    def _restore(self, loaded: LoadedCheckpoint) -> None:
+    def _restore(self, loaded: LoadedCheckpoint, data_info: dict) -> None:
         meta = loaded.meta
         saved_global = meta.get("global_batch")
         if saved_global is not None and saved_global != self.global_batch:
@@ -241,7 +202,7 @@ class Trainer:
                 f"(B={self.t.B}, accum_steps={self.t.accum_steps}, processes={self.world}); keep the product equal "
                 "to resume"
             )
-        self._check_same_data(loaded)
+        self._check_same_data(loaded, data_info)
         if loaded.optimizer_state is not None:
             load_full_optimizer_state(self.acc, self.model, self.optimizer, loaded.optimizer_state)
         if self.acc.scaler is not None and meta.get("grad_scaler"):
@@ -255,12 +216,10 @@ class Trainer:
             last_val_loss=meta.get("last_val_loss"),
             skipped_steps=int(meta.get("skipped_steps", 0)),
         )
-        log.info(
-            "resumed from %s at step %d (best val loss %s)", loaded.source, loaded.step, _fmt(loaded.best_val_loss)
-        )
+        log.info("resumed from %s at step %d (best val loss %s)", loaded.source, loaded.step, fmt(loaded.best_val_loss))
 
-    def _check_same_data(self, loaded: LoadedCheckpoint) -> None:
-        saved, now = loaded.meta.get("caches"), self.data_info.get("caches")
+    def _check_same_data(self, loaded: LoadedCheckpoint, data_info: dict) -> None:
+        saved, now = loaded.meta.get("caches"), data_info.get("caches")
         if not saved or not now or saved == now:
             return
         diff = "; ".join(
@@ -281,30 +240,32 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------------
 
-    def _train_step(self, step: int) -> tuple[torch.Tensor, ...]:
-        """One optimizer update. Returns this process's loss sum, the step's global token count, the grad norm and
-        this process's counted tokens and rows per source, as device tensors: no host sync, and what is summed over
-        processes is summed only at progress lines."""
+    def _train_step(self, step: int) -> tuple:
+        """One optimizer update. Returns this process's loss sum, the step's global weight (counted tokens), the grad
+        norm, this process's counted tokens and rows per source and its sums of the phase's metrics, as device
+        tensors: no host sync, and what is summed over processes is summed only at progress lines."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.t)
         device = self.acc.device
         batches = [
-            self.strategy.train_batch(step, m, self.rank, self.world, self.t.accum_steps).to(device)
+            self.batches.train_batch(step, m, self.rank, self.world, self.t.accum_steps).to(device)
             for m in range(self.t.accum_steps)
         ]
-        counts = torch.stack([self.strategy.count_tokens(b) for b in batches])  # on the device: no host sync
-        by_source = torch.stack([self.strategy.count_by_source(b) for b in batches]).sum(0)  # (tokens, rows) x sources
+        counts = torch.stack([self.phase.weight(b) for b in batches])  # on the device: no host sync
+        by_source = torch.stack([self.batches.count_by_source(b) for b in batches]).sum(0)  # (tokens, rows) x sources
         self.empty_micro_batches += (counts == 0).sum()  # they add nothing to loss or gradient; reported in the log
         counted = self.acc.reduce(counts.sum().float(), "sum").clamp_min(1.0)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, metrics = torch.zeros((), device=device), {}
         for m, batch in enumerate(batches):
             # dropout masks by address: the global slice (micro * processes + rank), so any split draws the same
             torch.manual_seed(address_seed(self.t.seed, DROPOUT_TAG, step, m * self.world + self.rank))
             sync = m == len(batches) - 1
             with contextlib.nullcontext() if sync else self.acc.no_sync(self.model), self._watched("train"):
-                total, _ = self.loss(self.model, batch)
-                self.acc.backward(total * (self.world / counted))
-            loss_sum += total.detach()
+                out = self.loss(self.model, batch)
+                self.acc.backward(out.total * (self.world / counted))
+            loss_sum += out.total.detach()
+            for name, value in out.metrics.items():
+                metrics[name] = metrics.get(name, 0) + value.detach()
         max_norm = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")  # inf: measure, do not clip
         grad_norm = local_value(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))  # FSDP2: a DTensor
         if self.t.on_nonfinite == "skip" and self._update_is_nonfinite(loss_sum, grad_norm):  # host sync, "skip" only
@@ -313,7 +274,7 @@ class Trainer:
             self.optimizer.step()  # under fp16 the loss scaler skips an overflowed update and lowers its scale itself
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, counted, grad_norm, by_source
+        return loss_sum, counted, grad_norm, by_source, metrics
 
     def _watched(self, mode: str) -> contextlib.AbstractContextManager:
         return self.compile_watch.mode(mode) if self.compile_watch is not None else contextlib.nullcontext()
@@ -355,7 +316,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted mean loss over the `eval_batches` fixed validation batches of B rows.
+        """Weighted mean loss (token-weighted, for token losses) over the `eval_batches` fixed validation batches of
+        B rows.
 
         The batches are the same whatever the process count or accumulation; process r evaluates batches
         r, r + processes, ... A process with none left in the last round repeats batch 0 with weight 0, so every
@@ -365,11 +327,11 @@ class Trainer:
         total = torch.zeros(2, device=self.acc.device)
         for first in range(0, self.t.eval_batches, self.world):
             index = first + self.rank
-            batch = self.strategy.val_batch(index if index < self.t.eval_batches else 0)
+            batch = self.batches.val_batch(index if index < self.t.eval_batches else 0)
             with self._watched("eval"):
-                s, n = self.loss(self.model, batch.to(self.acc.device))
+                out = self.loss(self.model, batch.to(self.acc.device))
             if index < self.t.eval_batches:
-                total += torch.stack([s.float(), n.float()])
+                total += torch.stack([out.total.float(), out.weight.float()])
         self.model.train()
         loss_sum, count = self.acc.reduce(total, "sum").tolist()
         if count == 0:
@@ -381,102 +343,12 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
-    def _meta(self) -> dict:
-        s = self.state
-        return {
-            "phase": self.cfg.phase,
-            "run_id": s.run_id,
-            "step": s.step,
-            "best_val_loss": s.best_val_loss,
-            "best_val_step": s.best_val_step,
-            "last_val_loss": s.last_val_loss,
-            "tokens_seen": s.tokens_seen,
-            "skipped_steps": s.skipped_steps,
-            "model_cfg": self.cfg.model.to_dict(),
-            "train_cfg": self.t.to_dict(),
-            "config": self.cfg.raw,
-            "config_path": str(self.cfg.path),
-            "global_batch": self.global_batch,
-            "world_size": self.world,
-            "created_at": time.time(),
-            **self.data_info,
-            "config_fingerprint": self.cfg.fingerprint,
-            "overrides": list(self.cfg.overrides),
-            "code": code_version(),
-            "parent": self.parent,
-            "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-        }
-
     def save(self, to_step_dir: bool, to_best: bool) -> None:
-        """Checkpoint the state of now; training goes on while the main process writes it in the background.
-
-        The loop pays only for a CPU copy of the state (the gather too, under FSDP); checkpoints/writer.py writes
-        it, one save at a time. A failed write stops the run at the next step (`_stop_agreed`).
-        """
-        # the main process's free space (it writes, and its writer thread may be using space right now) decides for
-        # all, so all stop together rather than leave some waiting in the gather below
-        main_process_decides(self.acc, self.wait_for_save)  # one save at a time; a failed one stops every process
-        needed = checkpoint_bytes(self.acc.unwrap_model(self.model, keep_torch_compile=False))
-        main_process_decides(
-            self.acc,
-            lambda: ckpt.ensure_free_space(
-                self.phase_dir, needed, copies=int(to_step_dir) + int(to_best and not to_step_dir)
-            ),
-        )
-        model_state, tied = full_model_state(self.acc, self.model)  # collectives under FSDP: every process takes part
-        opt_state = full_optimizer_state(self.acc, self.model, self.optimizer)
-        if self.acc.is_main_process:
-            self.writer.submit(
-                Snapshot(ckpt.cpu_copy(model_state), tied, ckpt.cpu_copy(opt_state), self._meta()), to_step_dir, to_best
-            )
-            if to_step_dir:
-                self._write_samples(model_state, tied)
-        self.acc.wait_for_everyone()
+        meta = checkpoint_meta(self.cfg, self.state, self.acc, self.global_batch, self.data_info, self.parent)
+        self.saver.save(self.model, self.optimizer, meta, to_step_dir, to_best)
 
     def wait_for_save(self) -> None:
-        """Block until the checkpoint being written is complete (re-raising its error), and log it."""
-        done = self.writer.wait()
-        if done is None:
-            return
-        meta, path = done
-        self.events.write(
-            "checkpoint",
-            meta["step"],
-            path=str(path),
-            best_val_loss=meta["best_val_loss"],
-            best_val_step=meta["best_val_step"],
-        )
-
-    def _write_samples(self, model_state: dict, tied: dict) -> None:
-        """On the main process alone. A sharded (FSDP) model cannot run there, since its forward all-gathers with
-        every process, so samples come from a plain copy built from the full state the save just gathered: in the
-        precision the run computes in (a bf16 copy is half of fp32's), on the GPU when it fits in the free memory
-        with a quarter to spare, else in fp32 on the CPU (slower, but FSDP is for models the GPU barely holds)."""
-        if not self.cfg.sample_prompts or self.chat is None:
-            return
-        if self.acc.distributed_type == DistributedType.FSDP:
-            device, dtype = self.acc.device, HALF_PRECISION.get(self.acc.mixed_precision, torch.float32)
-            nbytes = sum(t.numel() for t in model_state.values()) * dtype.itemsize
-            if not fits_in_free_memory(device, nbytes):
-                log.info(
-                    "%s: samples on the CPU: their %.1f GiB copy of the model does not fit in %s's free memory",
-                    self.cfg.phase,
-                    nbytes / 2**30,
-                    device,
-                )
-                device, dtype = torch.device("cpu"), torch.float32
-            model = plain_model(self.cfg.model, model_state, tied, device, dtype)
-        else:
-            model = self.acc.unwrap_model(self.model, keep_torch_compile=False)
-        written = write_samples(
-            model,
-            self.chat,
-            self.cfg.sample_prompts,
-            self.cfg.sample_seed,
-            self.state.step,
-            self.paths.samples / self.cfg.phase,
-        )
-        self.events.write("samples", self.state.step, samples=written)
+        self.saver.wait()
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
@@ -493,7 +365,7 @@ class Trainer:
                 unit="step",
                 disable=not show_bar,
                 dynamic_ncols=True,
-            ) as self._bar,
+            ) as self.progress.bar,
         ):
             try:
                 return self._fit(stop)
@@ -506,7 +378,7 @@ class Trainer:
                 try:  # a checkpoint in flight holds a good earlier state: finish it whatever happened
                     self.wait_for_save()
                 finally:
-                    self.writer.close()
+                    self.saver.close()
                     self.events.close()
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
@@ -515,10 +387,10 @@ class Trainer:
         With several processes the request is all-reduced each step and read one step later: by then the next
         step is queued, so reading it waits only for work already done and never stalls the device.
         """
-        failed = self.acc.is_main_process and self.writer.failure() is not None
+        failed = self.acc.is_main_process and self.saver.failure() is not None
         if self.world == 1:
             if failed:
-                self.writer.raise_failure(self.state.step)
+                self.saver.raise_failure(self.state.step)
             return stop.requested
         previous = self._stop_flag
         flags = torch.zeros(2, device=self.acc.device)  # filled on the device: a tensor from a list would copy from
@@ -528,7 +400,7 @@ class Trainer:
             return False
         requested, save_failed = previous.tolist()
         if save_failed > 0:  # every process raises the main process's error together
-            main_process_decides(self.acc, lambda: self.writer.raise_failure(self.state.step))
+            main_process_decides(self.acc, lambda: self.saver.raise_failure(self.state.step))
         return requested > 0
 
     def _fit(self, stop: StopRequest) -> PhaseResult:
@@ -540,7 +412,7 @@ class Trainer:
             total_steps=t.total_steps,
             processes=self.world,
             device=str(self.acc.device),
-            stage_id=self.strategy.stage_id,
+            stage_id=self.phase.stage_id,
         )
         log.info(
             "%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters",
@@ -568,27 +440,28 @@ class Trainer:
             log.info("%s step 0 | val loss %.4f (before training)", self.cfg.phase, s.last_val_loss)
         self.model.train()
         pending: list[StepTotals] = []  # the updates since the last progress line
-        names = self.strategy.train.names
+        names = self.batches.train.names
         log.info(
             "%s: rows drawn from %s (shares of the rows)",
             self.cfg.phase,
-            ", ".join(f"{n} {p:.1%}" for n, p in zip(names, self.strategy.train.probs)),
+            ", ".join(f"{n} {p:.1%}" for n, p in zip(names, self.batches.train.probs)),
         )
         window_start, window_tokens = time.perf_counter(), 0
         first_step = s.step
         while s.step < t.total_steps:
-            loss_sum, counted, grad_norm, by_source = self._train_step(s.step)
+            loss_sum, counted, grad_norm, by_source, metrics = self._train_step(s.step)
             lr = self.optimizer.param_groups[0]["lr"]
             s.step += 1
             s.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            pending.append(StepTotals(s.step, s.tokens_seen, lr, loss_sum, counted, grad_norm, by_source))
-            self._bar.update(1)
+            pending.append(StepTotals(s.step, s.tokens_seen, lr, loss_sum, counted, grad_norm, by_source, metrics))
+            self.progress.bar.update(1)
             stopping = self._stop_agreed(stop) and s.step < t.total_steps  # at the end, just finish
             due = s.step % t.ckpt_every == 0 or s.step == t.total_steps or stopping
             if s.step % t.log_every == 0 or due:  # also checks the losses are finite before a checkpoint
                 tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                self._log_train(pending, tps)
+                self.progress.train_lines(pending, tps, self.empty_micro_batches, s.last_val_loss)
+                self._report_compile(s.step)
                 pending, window_start, window_tokens = [], time.perf_counter(), 0
             improved = False
             if s.step % t.eval_every == 0 or s.step == t.total_steps:
@@ -611,111 +484,24 @@ class Trainer:
             main_process_decides(self.acc, self.wait_for_save)
         # the main process answers once its writes are done, so every process returns with them complete on disk
         best_dir = best if main_process_decides(self.acc, best.exists) else None
-        if self.rows_drawn.sum():
+        if self.progress.rows_drawn.sum():
             log.info(
                 "%s: rows drawn in this session: %s (configured %s)",
                 self.cfg.phase,
-                ", ".join(f"{k.removeprefix('train/mixture/')} {v:.1%}" for k, v in self.realised_mixture().items()),
-                ", ".join(f"{n} {p:.1%}" for n, p in zip(self.strategy.train.names, self.strategy.train.probs)),
+                ", ".join(
+                    f"{k.removeprefix('train/mixture/')} {v:.1%}" for k, v in self.progress.realised_mixture().items()
+                ),
+                ", ".join(f"{n} {p:.1%}" for n, p in zip(self.batches.train.names, self.batches.train.probs)),
             )
         self._report_compile(s.step)  # the last evaluation's compiles, if any
         self.events.write(
-            "run_end", s.step, best_val_loss=s.best_val_loss, best_val_step=s.best_val_step, **self.realised_mixture()
+            "run_end",
+            s.step,
+            best_val_loss=s.best_val_loss,
+            best_val_step=s.best_val_step,
+            **self.progress.realised_mixture(),
         )
         return PhaseResult(self.cfg.phase, s, best_dir, latest)
-
-    def _log_train(self, pending: list[StepTotals], tokens_per_sec: float) -> None:
-        """Every step's values to the event log and CSV; the window's summary to the progress line and trackers."""
-        names = self.strategy.train.names
-        local = torch.stack([torch.cat([p.loss_sum.float().view(1), p.by_source.flatten()]) for p in pending])
-        reduced = self.acc.reduce(local, "sum")  # loss sums and per-source counts: one collective per progress line
-        losses = reduced[:, 0] / torch.stack([p.counted.float() for p in pending])
-        rows = torch.cat(
-            [torch.stack([losses, torch.stack([p.grad_norm.float() for p in pending])], dim=1), reduced[:, 1:]], dim=1
-        ).tolist()  # one host sync
-        values = [r[:2] for r in rows]
-        for p, row in zip(pending, rows):
-            per_source = {f"train/tokens/{n}": row[2 + i] for i, n in enumerate(names)}
-            per_source |= {f"train/rows/{n}": row[2 + len(names) + i] for i, n in enumerate(names)}
-            self.events.write(
-                "train",
-                p.step,
-                **{
-                    "train/loss": row[0],
-                    "train/lr": p.lr,
-                    "train/grad_norm": row[1],
-                    "train/tokens_seen": p.tokens_seen,
-                    "train/tokens_per_sec": tokens_per_sec,
-                    **per_source,
-                },
-            )
-            self.rows_drawn += np.array(row[2 + len(names) :])
-        empty = int(self.empty_micro_batches)
-        if empty:
-            log.warning(
-                "%s: %d micro-batches up to step %d had no counted tokens (every label -100); they contributed nothing",
-                self.cfg.phase,
-                empty,
-                pending[-1].step,
-            )
-            self.empty_micro_batches.zero_()
-        finite = [v for v in values if math.isfinite(v[0])]
-        if self.t.on_nonfinite == "stop" and len(finite) < len(values):
-            bad = next(p.step for p, v in zip(pending, values) if not math.isfinite(v[0]))
-            raise FloatingPointError(
-                f"training loss is not finite at step {bad}; the last checkpoint is kept as it was "
-                "(try a lower base_lr or grad_clip)"
-            )
-        avg = sum(v[0] for v in finite) / len(finite) if finite else float("nan")
-        norms = [v[1] for v in finite if math.isfinite(v[1])]
-        step, tokens, lr = pending[-1].step, pending[-1].tokens_seen, pending[-1].lr
-        progress = {
-            "train/loss": avg,
-            "train/lr": lr,
-            "train/tokens_seen": tokens,
-            "train/tokens_per_sec": tokens_per_sec,
-            "train/grad_norm": sum(norms) / len(norms) if norms else float("nan"),
-            **self.realised_mixture(),
-        }
-        if self.acc.scaler is not None:  # fp16: updates the scaler skipped (finite loss, overflowed gradient)
-            progress["train/loss_scale"] = self.acc.scaler.get_scale()
-            progress["train/scaler_skips"] = len(finite) - len(norms)
-            if len(finite) > len(norms):
-                log.info(
-                    "%s: the fp16 loss scaler skipped %d of the last %d updates (gradient overflow); scale now %g",
-                    self.cfg.phase,
-                    len(finite) - len(norms),
-                    len(values),
-                    progress["train/loss_scale"],
-                )
-        self.events.write("progress", step, **progress)
-        self._report_compile(step)
-        if self._bar is not None and not self._bar.disable:
-            self._bar.set_postfix(
-                loss=f"{avg:.4f}",
-                lr=f"{lr:.2e}",
-                val=_fmt(self.state.last_val_loss),
-                tok_s=f"{tokens_per_sec:,.0f}",
-                refresh=False,
-            )
-            return
-        log.info(
-            "%s step %d/%d | lr %.2e | loss %.4f | val %s | %s tok/s",
-            self.cfg.phase,
-            step,
-            self.t.total_steps,
-            lr,
-            avg,
-            _fmt(self.state.last_val_loss),
-            f"{tokens_per_sec:,.0f}",
-        )
-
-    def realised_mixture(self) -> dict[str, float]:
-        """Each source's share of the training rows drawn in this session so far (configured: strategy.train.probs)."""
-        total = self.rows_drawn.sum()
-        if not total:
-            return {}
-        return {f"train/mixture/{n}": float(r / total) for n, r in zip(self.strategy.train.names, self.rows_drawn)}
 
     def _eval_and_track(self) -> bool:
         s = self.state
@@ -727,7 +513,3 @@ class Trainer:
         self.events.write("eval", s.step, **{"val/loss": val})
         log.info("%s step %d | val loss %.4f%s", self.cfg.phase, s.step, val, " (best)" if improved else "")
         return improved
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"

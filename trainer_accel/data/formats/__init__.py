@@ -39,6 +39,7 @@ from trainer_accel.data.formats.text import (
     text_blocks,
 )
 from trainer_accel.errors import UserError
+from trainer_accel.paths import EXAMPLES, STREAM
 
 __all__ = [
     "KEY_CHARS",
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md")
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-SUFFIXES = {"stream": TEXT_SUFFIXES + ROW_SUFFIXES, "sft": ROW_SUFFIXES}
+SUFFIXES = {STREAM: TEXT_SUFFIXES + ROW_SUFFIXES, EXAMPLES: ROW_SUFFIXES}
 Tick = Callable[[int], None]
 
 

@@ -1,8 +1,9 @@
-"""What makes pretrain and SFT different: where batches come from and which targets the loss counts.
+"""Batches by address: where a phase's rows come from, which of their targets count, and which source each came from.
 
-A strategy supplies batches by address and the loss; it never touches devices, processes or files (the caches
-arrive already open). The loop calls only `train_batch`, `val_batch`, `count_tokens` and `loss`, so a new phase
-is a new strategy here and no change to the loop.
+`Batches` supplies training and validation batches as pure functions of their address (seed, step, micro-step,
+rank); it never touches devices, processes or files (the caches arrive already open). Which targets count is
+decided by the caches: every next token of a stream row, the answers of an example row (data/cache.answer_mask).
+What a phase does with them is its loss (training/losses.py and the phase's module, phases/).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from trainer_accel.data.cache import (
 )
 from trainer_accel.data.chat_template import AnswerRule
 from trainer_accel.data.tokenizer import DOC
+from trainer_accel.paths import EXAMPLES, STREAM
 
 VAL_SEED = 0  # validation batches are the same for every run, so val losses compare across runs and seeds
 
@@ -56,23 +58,23 @@ class RowSource:
     caches: list[Cache]
     probs: np.ndarray
     T: int
-    kinds: list[str]  # "stream" or "sft", per cache
+    kinds: list[str]  # each cache's kind (data/cache.py: STREAM or EXAMPLES)
     names: list[str]  # "streams/wiki", "sft/dolly": per cache, for the per-source counts
     pack: bool = False
 
     @property
     def answers(self) -> AnswerRule:
         """Where the SFT rows' answers are (every SFT cache of a phase shares it: inputs.py checks)."""
-        return answer_rule(next(c.meta for c, k in zip(self.caches, self.kinds) if k == "sft"))
+        return answer_rule(next(c.meta for c, k in zip(self.caches, self.kinds) if k == EXAMPLES))
 
     def batch(self, rng: np.random.Generator, n: int, keep: slice) -> Batch:
         s = self.caches[0].meta["special_tokens"]
         rows = draw_rows(self.caches, self.kinds, self.probs, rng, n, self.T, s[DOC], keep, self.pack)
         tokens = torch.from_numpy(rows.tokens)
         y = tokens[:, 1:]
-        if "sft" in self.kinds:  # answers only; a stream row's targets all count
+        if EXAMPLES in self.kinds:  # answers only; a stream row's targets all count
             y_masked = masked_targets(rows.tokens, self.answers)
-            streams = np.array([self.kinds[i] == "stream" for i in rows.row_source], dtype=bool)
+            streams = np.array([self.kinds[i] == STREAM for i in rows.row_source], dtype=bool)
             y_masked[streams] = rows.tokens[streams, 1:]
             y_masked = torch.from_numpy(y_masked)
         else:
@@ -88,11 +90,8 @@ class RowSource:
         )
 
 
-class Strategy:
-    """Batches by address (seed, step, micro-step, rank); subclasses choose the targets the loss counts."""
-
-    name = "base"
-    stage_id = -1
+class Batches:
+    """Batches by address (seed, step, micro-step, rank) from a phase's training and validation rows."""
 
     def __init__(self, train: RowSource, val: RowSource, B: int, seed: int):
         self.train, self.val, self.B, self.seed = train, val, B, seed
@@ -114,49 +113,12 @@ class Strategy:
         """Validation batch `index` (B rows): fixed for all runs with the same B, whatever the process count."""
         return self.val.batch(address_rng(VAL_SEED, VAL_TAG, index), self.B, slice(0, self.B))
 
-    def targets(self, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
-
-    def count_tokens(self, batch: Batch) -> torch.Tensor:
-        """Counted targets, as a tensor on the batch's device (reading it would be a host sync)."""
-        return (self.targets(batch) != IGNORE_INDEX).sum()
-
     def count_by_source(self, batch: Batch) -> torch.Tensor:
         """(2, sources): counted targets and rows per training source (train.names), on the device, no host sync."""
         n = len(self.train.names)
-        counted = (self.targets(batch) != IGNORE_INDEX).flatten().float()
+        counted = (batch.y_masked != IGNORE_INDEX).flatten().float()
         tokens = torch.zeros(n, device=counted.device).scatter_add_(0, batch.source.flatten(), counted)
         rows = torch.zeros(n, device=counted.device).scatter_add_(
             0, batch.row_source, torch.ones_like(batch.row_source, dtype=torch.float)
         )
         return torch.stack([tokens, rows])
-
-    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of per-token cross-entropy, number of counted tokens); the loop does the weighting."""
-        targets = self.targets(batch)
-        # the model computes the cross-entropy of the targets chosen here (in chunks: a large vocabulary's fp32
-        # logits never exist whole); calling it through forward keeps DDP's and FSDP's hooks around the head
-        total = model(batch.x, batch.segments, targets=targets)
-        return total, (targets != IGNORE_INDEX).sum()
-
-
-class PretrainStrategy(Strategy):
-    """Token streams; cross-entropy on every next token."""
-
-    name, stage_id = "pretrain", 0
-
-    def targets(self, batch: Batch) -> torch.Tensor:
-        return batch.y
-
-
-class SFTStrategy(Strategy):
-    """Instruction examples, packed or one per row, with stream rows mixed in as replay; cross-entropy on the
-    answers (see data/cache.answer_mask) and on every target of a replayed stream row."""
-
-    name, stage_id = "sft", 1
-
-    def targets(self, batch: Batch) -> torch.Tensor:
-        return batch.y_masked
-
-
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PretrainStrategy, SFTStrategy)}
