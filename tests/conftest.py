@@ -54,7 +54,7 @@ TRAINER_ENV = (
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """`prepare --demo` once per test process; each world gets its own copy (its files record relative paths)."""
-    from trainer_accel.data import prepare
+    from trainer_accel import prepare
 
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
@@ -273,7 +273,7 @@ def free_port() -> int:
 def edit_sidecar(ckpt: Path, edit) -> dict:
     """Change a checkpoint's meta.json as a later trainer or a tool would, resealing it (store.sidecar_sha256), so
     that only the change itself is on trial; returns the new sidecar."""
-    from trainer_accel.checkpoints.store import SEAL, sidecar_sha256
+    from trainer_accel.checkpoints.layout import SEAL, sidecar_sha256
 
     meta_file = ckpt / "meta.json"
     meta = json.loads(meta_file.read_text())

@@ -88,7 +88,8 @@ def kill_anywhere(
 ) -> dict:
     from safetensors.torch import load_file
 
-    from trainer_accel.checkpoints.store import find_resume_checkpoint, read_meta
+    from trainer_accel.checkpoints.discovery import find_resume_checkpoint
+    from trainer_accel.checkpoints.layout import read_meta
 
     rng = random.Random(seed)
     total = total_steps or max(60, kills * 40)

@@ -132,7 +132,7 @@ def test_every_module_has_a_layer_and_no_folder_repeats_the_rules():
 @pytest.mark.parametrize(
     "importer, target, why",
     [
-        ("trainer_accel.checkpoints.store", "trainer_accel.training.loop", "checkpoints may not import training"),
+        ("trainer_accel.checkpoints.loading", "trainer_accel.training.loop", "checkpoints may not import training"),
         ("trainer_accel.data.cache", "trainer_accel.models.gpt", "data may not import models"),
         ("trainer_accel.errors", "trainer_accel.data.cache", "ground may not import data"),
         ("trainer_accel.tools.bench", "trainer_accel.run", "tools may not import commands"),

@@ -55,7 +55,7 @@ def test_output_into_a_closed_pipe_ends_quietly(world):
 
 
 def test_a_bom_a_file_mode_and_a_resume_past_the_end(world):
-    from trainer_accel.data import prepare
+    from trainer_accel import prepare
 
     rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(20)]
     (world / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import TINY_MODEL, run_cli, write_config
 
-from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.checkpoints import discovery, layout, loading, writing
 from trainer_accel.checkpoints.full_state import tied_aliases
 from trainer_accel.config import ModelConfig
+from trainer_accel.errors import UserError
 from trainer_accel.models.gpt import GPT
 
 
@@ -33,7 +34,7 @@ def save(model: GPT, path, step=3, state=None):
         "train_cfg": {"B": 4},
     }
     state = state if state is not None else model.state_dict()
-    return ckpt.write_checkpoint(path, state, tied_aliases(model), opt.state_dict(), meta), opt
+    return writing.write_checkpoint(path, state, tied_aliases(model), opt.state_dict(), meta), opt
 
 
 def test_round_trip_keeps_tied_weights_tied(tmp_path):
@@ -45,12 +46,15 @@ def test_round_trip_keeps_tied_weights_tied(tmp_path):
 
     stored = load_file(str(out / "model.safetensors"))
     assert "lm_head.weight" not in stored and "tok_emb.weight" in stored  # stored once
-    meta = ckpt.read_meta(out)
+    meta = layout.read_meta(out)
     assert meta["tied"] == {"lm_head.weight": "tok_emb.weight"}
-    assert meta["format_version"] == ckpt.FORMAT_VERSION and set(meta["files"]) == {"model.safetensors", "optimizer.pt"}
+    assert meta["format_version"] == layout.FORMAT_VERSION and set(meta["files"]) == {
+        "model.safetensors",
+        "optimizer.pt",
+    }
 
     fresh = tiny_model(seed=1)
-    fresh.load_state_dict(ckpt.load_checkpoint(out).model_state, strict=True)
+    fresh.load_state_dict(loading.load_checkpoint(out).model_state, strict=True)
     assert fresh.lm_head.weight.data_ptr() == fresh.tok_emb.weight.data_ptr()  # still one tensor
     x = torch.randint(0, 260, (2, 16))
     assert torch.equal(fresh(x), model(x))
@@ -60,7 +64,7 @@ def test_wrapper_prefixes_are_stripped(tmp_path):
     model = tiny_model()
     wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
     out, _ = save(model, tmp_path / "ck", state=wrapped)
-    keys = set(ckpt.load_checkpoint(out).model_state)
+    keys = set(loading.load_checkpoint(out).model_state)
     assert keys == set(model.state_dict())
 
 
@@ -80,7 +84,7 @@ def test_damaged_checkpoint_is_skipped_for_the_older_one(tmp_path, damage, caplo
         (newer / "meta.json").write_text("{")
     else:
         (newer / "meta.json").unlink()
-    assert ckpt.find_resume_checkpoint(tmp_path) == tmp_path / "step_0000003"
+    assert discovery.find_resume_checkpoint(tmp_path) == tmp_path / "step_0000003"
     assert "skipping checkpoint" in caplog.text and "step_0000006" in caplog.text
 
 
@@ -89,17 +93,17 @@ def test_interrupted_swap_is_undone(tmp_path):
     save(model, tmp_path / "latest", step=3)
     (tmp_path / "latest").rename(tmp_path / ".trash-latest-1-2")  # killed between the two renames
     (tmp_path / ".tmp-latest-1-3").mkdir()  # and a half-written new one
-    ckpt.sweep_leftovers(tmp_path)
-    assert ckpt.read_meta(tmp_path / "latest")["step"] == 3
+    writing.sweep_leftovers(tmp_path)
+    assert layout.read_meta(tmp_path / "latest")["step"] == 3
     assert not list(tmp_path.glob(".t*"))
 
 
 def test_pruning_keeps_newest_and_nothing_else_touched(tmp_path):
     model = tiny_model()
     for step in (1, 2, 3, 4):
-        save(model, tmp_path / ckpt.step_dir_name(step), step=step)
+        save(model, tmp_path / layout.step_dir_name(step), step=step)
     (tmp_path / "my_notes").mkdir()
-    removed = ckpt.prune_step_dirs(tmp_path, keep_last_n=2)
+    removed = writing.prune_step_dirs(tmp_path, keep_last_n=2)
     assert [p.name for p in removed] == ["step_0000001", "step_0000002"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my_notes", "step_0000003", "step_0000004"]
 
@@ -132,7 +136,7 @@ def test_export_cli_gives_the_six_keys_and_identical_logits(world):
     model = GPT(ModelConfig(**blob["model_cfg"]))
     model.load_state_dict(blob["model_state"], strict=True)
     reference = GPT(ModelConfig(**blob["model_cfg"]))
-    reference.load_state_dict(ckpt.load_checkpoint(world / "checkpoints/pretrain/latest").model_state, strict=True)
+    reference.load_state_dict(loading.load_checkpoint(world / "checkpoints/pretrain/latest").model_state, strict=True)
     x = torch.randint(0, 260, (2, 32))
     assert torch.equal(model(x), reference(x))
 
@@ -146,7 +150,7 @@ def test_export_cli_gives_the_six_keys_and_identical_logits(world):
     # the records name the step directory the moving best/ and latest/ pointers stood for
     best_step = json.loads((world / "checkpoints/pretrain/best/meta.json").read_text())["step"]
     record = json.loads((world / "checkpoints/best.pt.json").read_text())
-    assert record["source"] == str((world / f"checkpoints/pretrain/{ckpt.step_dir_name(best_step)}").resolve())
+    assert record["source"] == str((world / f"checkpoints/pretrain/{layout.step_dir_name(best_step)}").resolve())
     assert json.loads((world / "exported/model.pt.json").read_text())["source"] == str(
         (world / "checkpoints/pretrain/step_0000004").resolve()
     )
@@ -236,17 +240,17 @@ def test_start_up_checks_hash_each_file_once(tmp_path, monkeypatch):
     """latest/ shares the step directory's files (hard links); repeated checks must not re-read them."""
     model = tiny_model()
     step, _ = save(model, tmp_path / "step_0000003")
-    ckpt.link_pointer(step, tmp_path / "latest")
+    writing.link_pointer(step, tmp_path / "latest")
     calls = []
-    real = ckpt.sha256_of
-    monkeypatch.setattr(ckpt, "sha256_of", lambda f: calls.append(f.name) or real(f))
+    real = layout.sha256_of
+    monkeypatch.setattr(layout, "sha256_of", lambda f: calls.append(f.name) or real(f))
     for _ in range(3):
-        ckpt.read_meta(step)
-        ckpt.read_meta(tmp_path / "latest")
+        layout.read_meta(step)
+        layout.read_meta(tmp_path / "latest")
     assert len(calls) == 2  # model.safetensors and optimizer.pt, once each
     (tmp_path / "latest" / "optimizer.pt").unlink()  # a changed file is a new file: hashed again
     (tmp_path / "latest" / "optimizer.pt").write_bytes((step / "optimizer.pt").read_bytes())
-    ckpt.read_meta(tmp_path / "latest")
+    layout.read_meta(tmp_path / "latest")
     assert len(calls) == 3
 
 
@@ -257,35 +261,35 @@ def test_a_reader_of_latest_beside_a_saving_run_gets_one_whole_save(tmp_path, mo
     first, _ = save(tiny_model(seed=0), tmp_path / "step_0000003", step=3)
     second, _ = save(tiny_model(seed=1), tmp_path / "step_0000006", step=6)
     latest = tmp_path / "latest"
-    ckpt.link_pointer(first, latest)
-    real_hash, real_load = ckpt.file_sha256, ckpt.load_file
+    writing.link_pointer(first, latest)
+    real_hash, real_load = layout.file_sha256, loading.load_file
     moves = []
 
     def hash_then_save(path):  # the run's next save lands while the reader checks step 3's sidecar
         if not moves:
-            moves.append(ckpt.link_pointer(second, latest))
+            moves.append(writing.link_pointer(second, latest))
         return real_hash(path)
 
-    monkeypatch.setattr(ckpt, "file_sha256", hash_then_save)
-    loaded = ckpt.load_checkpoint(latest)
-    assert moves and loaded.step == 6 and loaded.meta["files"] == ckpt.read_meta(second)["files"]
-    assert all(torch.equal(loaded.model_state[k], v) for k, v in ckpt.load_checkpoint(second).model_state.items())
+    monkeypatch.setattr(layout, "file_sha256", hash_then_save)
+    loaded = loading.load_checkpoint(latest)
+    assert moves and loaded.step == 6 and loaded.meta["files"] == layout.read_meta(second)["files"]
+    assert all(torch.equal(loaded.model_state[k], v) for k, v in loading.load_checkpoint(second).model_state.items())
 
-    monkeypatch.setattr(ckpt, "file_sha256", real_hash)
-    ckpt.link_pointer(first, latest)
-    approved = ckpt.model_sha256(ckpt.read_meta(first))
-    monkeypatch.setattr(ckpt, "load_file", lambda p: ckpt.link_pointer(second, latest) or real_load(p))
-    with pytest.raises(ckpt.UserError, match="moved on to step 6 after it was checked"):
-        ckpt.load_checkpoint(latest, approved=approved)
+    monkeypatch.setattr(layout, "file_sha256", real_hash)
+    writing.link_pointer(first, latest)
+    approved = layout.model_sha256(layout.read_meta(first))
+    monkeypatch.setattr(loading, "load_file", lambda p: writing.link_pointer(second, latest) or real_load(p))
+    with pytest.raises(UserError, match="moved on to step 6 after it was checked"):
+        loading.load_checkpoint(latest, approved=approved)
 
-    monkeypatch.setattr(ckpt, "load_file", real_load)
-    assert ckpt.load_checkpoint(latest).origin == second.resolve()  # what a record names: the step latest/ was
+    monkeypatch.setattr(loading, "load_file", real_load)
+    assert loading.load_checkpoint(latest).origin == second.resolve()  # what a record names: the step latest/ was
     (second / "model.safetensors").unlink()
     (second / "model.safetensors").write_bytes(
         (latest / "model.safetensors").read_bytes()
     )  # a copy: not the same files
-    assert ckpt.load_checkpoint(latest).origin == latest.resolve()
-    assert ckpt.load_checkpoint(first).origin == first.resolve()
+    assert loading.load_checkpoint(latest).origin == latest.resolve()
+    assert loading.load_checkpoint(first).origin == first.resolve()
 
 
 def test_an_exported_pt_is_checked_like_a_checkpoint_directory(world):
@@ -293,7 +297,7 @@ def test_an_exported_pt_is_checked_like_a_checkpoint_directory(world):
     hid the damage). Its record (best.pt.json) now says its phase, caches and sha256; without one, a warning."""
     import shutil
 
-    from trainer_accel.data import prepare
+    from trainer_accel import prepare
 
     pre = write_config(world / "pre.json", "pretrain", {"total_steps": 4})
     assert run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world).returncode == 0

@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli, write_config
 from safetensors.torch import load_file
 
-from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.checkpoints import layout, writing
 from trainer_accel.faults import POINTS
 
 TRAIN = {"total_steps": 6, "ckpt_every": 2, "eval_every": 2, "keep_last_n": 2, "warmup_steps": 2}
@@ -40,8 +40,8 @@ def assert_no_visible_partial_checkpoint(world, point):
     for d in ck.iterdir() if ck.exists() else []:
         if not d.name.startswith(".") and d.name != "rejected":
             try:
-                ckpt.read_meta(d)
-            except ckpt.InvalidCheckpoint as e:
+                layout.read_meta(d)
+            except layout.InvalidCheckpoint as e:
                 raise AssertionError(f"{d} is visible but broken after a kill at {point}: {e}")
     if (world / "checkpoints/best.pt").exists():
         torch.load(world / "checkpoints/best.pt", weights_only=True)
@@ -70,7 +70,7 @@ def test_crash_at_every_save_point(world, reference, point):
     assert leftovers(world) == []
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == ["step_0000004", "step_0000006"]
     for d in ("latest", "best", "step_0000004", "step_0000006"):
-        ckpt.read_meta(ck / d)
+        layout.read_meta(ck / d)
 
 
 def test_broken_latest_is_set_aside_and_the_older_one_resumed(world):
@@ -103,15 +103,15 @@ def test_stale_latest_and_best_are_brought_up_to_date(world):
     cfg = write_config(world / "pre.json", "pretrain", {**TRAIN, "total_steps": 4})
     assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
     ck = world / "checkpoints" / "pretrain"
-    best_step = ckpt.read_meta(ck / "step_0000004")["best_val_step"]
+    best_step = layout.read_meta(ck / "step_0000004")["best_val_step"]
     for name in ("latest", "best"):
         shutil.rmtree(ck / name)
-        ckpt.link_pointer(ck / "step_0000002", ck / name)  # what they held before the last save
+        writing.link_pointer(ck / "step_0000002", ck / name)  # what they held before the last save
     (world / "checkpoints/best.pt").unlink()
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
     assert r.returncode == 0, r.stderr
     assert "latest/ was behind (an interrupted save); now step 4" in r.stderr
-    assert ckpt.read_meta(ck / "latest")["step"] == 4 and ckpt.read_meta(ck / "best")["step"] == best_step
+    assert layout.read_meta(ck / "latest")["step"] == 4 and layout.read_meta(ck / "best")["step"] == best_step
     assert torch.load(world / "checkpoints/best.pt", weights_only=True)["step"] == best_step
 
 
@@ -124,7 +124,9 @@ def test_a_damaged_latest_is_reported_as_damage_not_as_an_interrupted_save(world
     raw = bytearray(model.read_bytes())
     raw[-1] ^= 0xFF
     model.write_bytes(bytes(raw))
-    assert ckpt.read_meta(ck / "step_0000004", verify=False) and (ck / "step_0000004/model.safetensors").samefile(model)
+    assert layout.read_meta(ck / "step_0000004", verify=False) and (ck / "step_0000004/model.safetensors").samefile(
+        model
+    )
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world)
     assert r.returncode == 0, r.stderr
     broken = [line for line in r.stderr.splitlines() if " is broken (" in line]
@@ -136,4 +138,4 @@ def test_a_damaged_latest_is_reported_as_damage_not_as_an_interrupted_save(world
         "does not match its sha256" in line and "a damaged file, not an interrupted save" in line for line in broken
     )
     assert "best/ was DAMAGED (model.safetensors does not match its sha256" in r.stderr  # best was step 4 too
-    assert ckpt.read_meta(ck / "latest")["step"] == 4  # trained again from step 2
+    assert layout.read_meta(ck / "latest")["step"] == 4  # trained again from step 2

@@ -279,9 +279,9 @@ def test_outputs_that_cannot_be_written_stop_the_start(world):
 
 def test_a_failed_background_save_stops_the_run_at_the_next_step(world, monkeypatch, capsys):
     from trainer_accel import run
-    from trainer_accel.checkpoints import store as ckpt
+    from trainer_accel.checkpoints import layout, writing
 
-    real, calls = ckpt.write_checkpoint, []
+    real, calls = writing.write_checkpoint, []
 
     def failing(target, *args, **kwargs):
         calls.append(target.name)
@@ -289,7 +289,7 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(world, monkeypa
             raise OSError(28, "No space left on device")
         return real(target, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "write_checkpoint", failing)
+    monkeypatch.setattr(writing, "write_checkpoint", failing)
     cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 40, "ckpt_every": 4, "eval_every": 100})
     assert run.main(["--phase", "pretrain", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
@@ -298,4 +298,4 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(world, monkeypa
     stopped_at = int(line[0].split("training stopped at step ")[1].split(",")[0])
     assert 8 < stopped_at < 12, line[0]  # before the next save (step 12), not at it or at the end (step 40)
     assert calls == ["step_0000004", "step_0000008"] and "Traceback" not in err
-    assert ckpt.read_meta(world / "checkpoints/pretrain/latest")["step"] == 4  # what was written before is intact
+    assert layout.read_meta(world / "checkpoints/pretrain/latest")["step"] == 4  # what was written before is intact

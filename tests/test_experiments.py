@@ -9,13 +9,11 @@ import pytest
 import torch
 from conftest import TINY_MODEL, run_cli, write_config
 
-from trainer_accel import export, run
-from trainer_accel.checkpoints.store import read_meta
+from trainer_accel import doctor, export, prepare, run, runs
+from trainer_accel.checkpoints.layout import read_meta
 from trainer_accel.config import fingerprint
-from trainer_accel.data import prepare
 from trainer_accel.devices.hardware import usable_cores
 from trainer_accel.errors import UserError
-from trainer_accel.experiments import doctor, runs
 from trainer_accel.overrides import parse_overrides
 from trainer_accel.phases.registry import load_config
 from trainer_accel.training.progress import Progress

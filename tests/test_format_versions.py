@@ -15,7 +15,7 @@ import torch
 import transformers
 from conftest import TRAINER_ENV, run_cli
 
-from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.checkpoints import layout
 from trainer_accel.config import ModelConfig
 from trainer_accel.data.cache import CACHE_VERSION
 from trainer_accel.models.gpt import GPT
@@ -51,7 +51,7 @@ def test_a_version_1_checkpoint_resumes_and_its_files_stay_as_they_were(v1_world
     )
     assert done.returncode == 0, done.stderr
     assert (
-        f"{PRE}: checkpoint format version 1, upgraded to version {ckpt.FORMAT_VERSION} as it was read (the file "
+        f"{PRE}: checkpoint format version 1, upgraded to version {layout.FORMAT_VERSION} as it was read (the file "
         "is unchanged)"
     ) in done.stderr
     # one notice per file, however often it is read: the checkpoint, and the run's two caches (train and val)
@@ -60,7 +60,7 @@ def test_a_version_1_checkpoint_resumes_and_its_files_stay_as_they_were(v1_world
     assert "pretrain: steps 4 -> 6" in done.stderr
     assert {p.name: p.read_bytes() for p in (v1_world / PRE).iterdir()} == before
     new = json.loads((v1_world / "checkpoints" / "pretrain" / "step_0000006" / "meta.json").read_text())
-    assert new["format_version"] == ckpt.FORMAT_VERSION and new["step"] == 6
+    assert new["format_version"] == layout.FORMAT_VERSION and new["step"] == 6
     assert new["model_cfg"]["activation"] == "gelu" and new["tokenizer_path"] is None
 
 
@@ -94,7 +94,7 @@ def test_a_newer_checkpoint_or_cache_is_refused_naming_both_versions(v1_world):
         assert done.returncode == 2, (args, done.stderr)
         assert (
             f"error: {PRE}: checkpoint format version 99 was written by a newer trainer_accel; this one reads "
-            f"versions up to {ckpt.FORMAT_VERSION} (upgrade trainer_accel to use it)"
+            f"versions up to {layout.FORMAT_VERSION} (upgrade trainer_accel to use it)"
         ) in done.stderr, done.stderr
     assert (v1_world / PRE / "model.safetensors").is_file()  # refused, not set aside as broken
     assert not (v1_world / "checkpoints" / "pretrain" / "rejected").exists()

@@ -10,7 +10,8 @@ import tracemalloc
 import pytest
 from conftest import run_cli
 
-from trainer_accel.data import prepare
+from trainer_accel import prepare
+from trainer_accel.data import prepare as data_prepare
 from trainer_accel.data.cache import open_cache
 from trainer_accel.data.cache_writer import JOURNAL
 from trainer_accel.data.formats import text as text_format
@@ -212,7 +213,7 @@ def test_memory_stays_bounded_as_the_input_grows(here, monkeypatch):
     """With blocks and batches of 64 KB, the traced peak (Python objects and numpy's buffers) while preparing
     2 MB and 20 MB of text is the same, and a small fraction of the input: nothing grows with its size."""
     monkeypatch.setattr(text_format, "BLOCK_BYTES", 1 << 16)
-    monkeypatch.setattr(prepare, "BATCH_CHARS", 1 << 16)
+    monkeypatch.setattr(data_prepare, "BATCH_CHARS", 1 << 16)
     peaks = {}
     for mb in (2, 20):
         with open(here / f"big{mb}.txt", "w") as f:

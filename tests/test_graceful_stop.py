@@ -14,7 +14,7 @@ import torch
 from conftest import events, free_port, run_cli, start_cli, write_config
 from safetensors.torch import load_file
 
-from trainer_accel.checkpoints.store import read_meta
+from trainer_accel.checkpoints.layout import read_meta
 
 STEPS = 120  # long enough that a signal sent once training has begun always lands inside the loop
 TRAIN = {"total_steps": STEPS, "ckpt_every": 1000, "eval_every": 1000, "log_every": 1, "warmup_steps": 10}

@@ -17,7 +17,7 @@ from conftest import TINY_MODEL, edit_sidecar, run_cli, write_config
 from safetensors.torch import load_file
 
 from trainer_accel import export
-from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.checkpoints import loading, writing
 from trainer_accel.checkpoints.full_state import tied_aliases
 from trainer_accel.config import ModelConfig, SamplePrompt
 from trainer_accel.data.cache import open_cache
@@ -53,7 +53,7 @@ def randomised(model: GPT, seed: int) -> GPT:
 def write_tiny_checkpoint(path, model: GPT, phase: str = "sft", **meta):
     """A checkpoint directory as the loop writes one (byte tokenizer), without training."""
     opt = torch.optim.AdamW(model.parameters())
-    return ckpt.write_checkpoint(
+    return writing.write_checkpoint(
         path,
         model.state_dict(),
         tied_aliases(model),
@@ -209,7 +209,7 @@ def test_an_sft_model_answers_through_the_pipeline_as_through_our_sampler(world)
     question = tok.decode(example[1 : example.index(tok.special[ASST])])
     assert question.endswith("?")
 
-    loaded = ckpt.load_checkpoint(world / "checkpoints" / "sft" / "best", with_optimizer=False)
+    loaded = loading.load_checkpoint(world / "checkpoints" / "sft" / "best", with_optimizer=False)
     ours = GPT(ModelConfig(**loaded.meta["model_cfg"]))
     ours.load_state_dict(loaded.model_state)
     budget = 128 - len(encode_chat_prompt(tok, question))
@@ -477,7 +477,7 @@ def test_sft_from_a_gpt2_directory_exports_back_with_the_trained_weights(world, 
     assert "verdict: pass" in done.stderr
     assert run_cli("export", "--format", "hf", "--out", "back", cwd=world).returncode == 0
 
-    trained = ckpt.load_checkpoint(world / "checkpoints" / "sft" / "best", with_optimizer=False).model_state
+    trained = loading.load_checkpoint(world / "checkpoints" / "sft" / "best", with_optimizer=False).model_state
     start = load_start(gpt2_dir, None, with_optimizer=False).model_state
     assert not torch.equal(trained["blocks.0.mlp.up.weight"], start["blocks.0.mlp.up.weight"])
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(world / "back").eval()

@@ -46,7 +46,7 @@ def val_losses(artifacts):
 
 
 def assert_valid_run(artifacts, processes):
-    from trainer_accel.checkpoints.store import read_meta
+    from trainer_accel.checkpoints.layout import read_meta
 
     for phase in ("pretrain", "sft"):
         for pointer in ("latest", "best"):
@@ -95,7 +95,7 @@ def test_processes_agree_at_the_end_of_each_phase_with_cpu_2proc_as_written(worl
     r = launch(world, "cpu_2proc.yaml", *args, env={"TRAINER_ARTIFACTS_DIR": str(world / "race")})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compute: 2 process(es) on cpu" in r.stderr and "connected over gloo (no CUDA or MPS here)" in r.stderr
-    from trainer_accel.checkpoints.store import read_meta
+    from trainer_accel.checkpoints.layout import read_meta
 
     for phase in ("pretrain", "sft"):
         names = sorted(p.name for p in (world / "race/checkpoints" / phase).iterdir())
@@ -153,7 +153,7 @@ def test_two_machines_on_loopback_train_one_run(world):
     main_log = outputs[0][1]
     assert "2 process(es) on cpu" in main_log and "exported" in main_log
     assert "exported" not in outputs[1][1]  # machine 1 trains but writes and reports nothing
-    from trainer_accel.checkpoints.store import read_meta
+    from trainer_accel.checkpoints.layout import read_meta
 
     ckpts = sorted(p.name for p in (world / "run/checkpoints/pretrain").iterdir())
     assert ckpts == ["best", "latest", "step_0000002", "step_0000004"]

@@ -136,7 +136,7 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(world, phase):
 def test_micro_batches_without_answer_tokens_count_nothing_and_never_nan(world):
     """With T=8, only the short examples keep an answer inside the window: a micro-batch of long ones has every
     label -100 and must add nothing (no nan). A cache where every answer is cut is refused at start (test_errors)."""
-    from trainer_accel.data import prepare
+    from trainer_accel import prepare
 
     rows = [{"prompt": "a", "response": f"{i}"} for i in range(30)] + [  # distinct: equal rows share a split side
         {"prompt": f"a long question number {i}?", "response": "x"} for i in range(30)
@@ -186,7 +186,7 @@ def test_skip_mode_skips_non_finite_updates_then_stops(world):
 def test_resume_on_changed_data_is_refused_unless_allowed(world):
     cfg = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
     assert run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world).returncode == 0
-    from trainer_accel.data import prepare
+    from trainer_accel import prepare
 
     (world / "more.txt").write_text("\n\n".join(f"Paragraph {i} of some other text entirely." for i in range(20)))
     assert prepare.main(["--stream", "roam=more.txt"]) == 0
@@ -208,14 +208,14 @@ def test_resume_on_changed_data_is_refused_unless_allowed(world):
 def test_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from trainer_accel.checkpoints import store as ckpt
+    from trainer_accel.checkpoints import writing
     from trainer_accel.errors import UserError
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(100 << 20, 60 << 20, 40 << 20))
+    monkeypatch.setattr(writing.shutil, "disk_usage", lambda p: usage(100 << 20, 60 << 20, 40 << 20))
     with pytest.raises(UserError, match=r"MiB free, a checkpoint needs about .* nothing was written"):
-        ckpt.ensure_free_space(tmp_path / "checkpoints" / "pretrain", 50 << 20)
-    ckpt.ensure_free_space(tmp_path, 1 << 20)  # room enough: no error
+        writing.ensure_free_space(tmp_path / "checkpoints" / "pretrain", 50 << 20)
+    writing.ensure_free_space(tmp_path, 1 << 20)  # room enough: no error
     assert list(tmp_path.iterdir()) == []
 
 

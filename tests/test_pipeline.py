@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import events, run_cli, write_config
 
-from trainer_accel.checkpoints.store import read_meta
+from trainer_accel.checkpoints.layout import read_meta
 
 
 def pipeline(world, pre_train=None, sft_train=None):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from trainer_accel import prepare as prepare_command
 from trainer_accel.data import prepare
 from trainer_accel.data.cache import meta_path, open_cache
 from trainer_accel.data.tokenizer import DOC, EOT, USER, ByteTokenizer
@@ -41,7 +42,7 @@ def inputs(tmp_path, monkeypatch):
 
 def test_text_and_jsonl_become_caches(inputs):
     assert (
-        prepare.main(
+        prepare_command.main(
             [
                 "--stream",
                 "roam=notes",
@@ -99,19 +100,21 @@ def test_bad_inputs_are_all_named(inputs, capsys):
         '{"prompt": "x", "response": "y"}\nnot json\n{"prompt": 3}\n'
         '{"messages": [{"role": "assistant", "content": "hi"}]}\n'
     )
-    code = prepare.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=missing_dir", "--stream", "bogus=x.txt"])
+    code = prepare_command.main(
+        ["--sft", "oasst1=bad.jsonl", "--stream", "wiki=missing_dir", "--stream", "bogus=x.txt"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "x.txt: file or folder not found" in err
     assert "--stream bogus=x.txt" not in err  # any short name is a source now
-    code = prepare.main(["--stream", "My-Notes=notes", "--sft", "=x.jsonl"])
+    code = prepare_command.main(["--stream", "My-Notes=notes", "--sft", "=x.jsonl"])
     err = capsys.readouterr().err
     assert code == 2
     assert "--stream My-Notes=notes: 'My-Notes' is not a source name (a source name is 1-64 lowercase letters" in err
     assert "--sft =x.jsonl: expected SOURCE=PATH" in err
-    code = prepare.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=missing_dir"])
+    code = prepare_command.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=missing_dir"])
     err = capsys.readouterr().err
     assert code == 2 and "missing_dir: file or folder not found" in err  # found before any data is read
-    code = prepare.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=notes"])
+    code = prepare_command.main(["--sft", "oasst1=bad.jsonl", "--stream", "wiki=notes"])
     err = capsys.readouterr().err
     assert code == 2
     assert "bad.jsonl:2: not valid JSON" in err
@@ -125,7 +128,7 @@ def test_demo_is_deterministic(tmp_path, monkeypatch):
     hashes = []
     for sub in ("a", "b"):
         monkeypatch.setenv("TRAINER_DATA_DIR", str(tmp_path / sub))
-        assert prepare.main(["--demo"]) == 0
+        assert prepare_command.main(["--demo"]) == 0
         metas = sorted((tmp_path / sub / "cache").rglob("*.meta.json"))
         assert len(metas) == 12
         hashes.append([json.loads(m.read_text())["sha256"] for m in metas])

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from conftest import run_cli, start_cli, write_config
 
-from trainer_accel.checkpoints.store import read_meta
+from trainer_accel import queue as queue_command
+from trainer_accel.checkpoints.layout import read_meta
 from trainer_accel.experiments import queue
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch" / "cpu.yaml"
 
 
 def add(world, *args: str) -> int:
-    assert queue.main(["add", "--launch", str(LAUNCH), *args]) == 0
+    assert queue_command.main(["add", "--launch", str(LAUNCH), *args]) == 0
     return sqlite3.connect(world / "queue.db").execute("SELECT MAX(id) FROM jobs").fetchone()[0]
 
 
@@ -39,7 +40,7 @@ def test_jobs_run_by_priority_and_a_failing_one_is_retried(world, capsys):
         world, "--phase", "pretrain", "--config", str(cfg), "--priority", "high", "--set", "train_cfg.base_lr=1e-3"
     )
     capsys.readouterr()
-    assert queue.main(["plan"]) == 0
+    assert queue_command.main(["plan"]) == 0
     plan = capsys.readouterr().out
     assert plan.index(f"job {high} ") < plan.index(f"job {failing} ") < plan.index(f"job {low} ")
     assert "pretrain: 25,888 params, 1 process(es), 4 steps, 512 tokens" in plan
@@ -67,9 +68,9 @@ def test_jobs_run_by_priority_and_a_failing_one_is_retried(world, capsys):
         ]["base_lr"]
         == 1e-3
     )
-    assert queue.main(["list"]) == 0
+    assert queue_command.main(["list"]) == 0
     assert f"{failing}   normal  failed     2/2" in capsys.readouterr().out
-    assert queue.main(["cancel", str(low)]) == 2  # already completed
+    assert queue_command.main(["cancel", str(low)]) == 2  # already completed
     assert "already completed" in capsys.readouterr().err
 
 
@@ -127,7 +128,7 @@ def start_worker_on_one_job(world, steps: int = STEPS):
 
 def test_cancelling_a_running_job_stops_it_gracefully(world, capsys):
     job, worker = start_worker_on_one_job(world, steps=100_000)  # never finishes first, however fast the machine
-    assert queue.main(["cancel", str(job)]) == 0
+    assert queue_command.main(["cancel", str(job)]) == 0
     assert "cancelling" in capsys.readouterr().out
     out = "".join(worker.communicate(timeout=120))
     assert worker.returncode == 0 and "queue: empty" in out, out  # the worker goes on to the next job: none

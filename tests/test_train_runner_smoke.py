@@ -40,7 +40,7 @@ def test_resume_smoke(world):
     assert "resumed from" in r.stderr and "at step 5" in r.stderr
     steps = [e["step"] for e in events(world, "train")]
     assert steps == list(range(1, 11))
-    from trainer_accel.checkpoints.store import read_meta
+    from trainer_accel.checkpoints.layout import read_meta
 
     meta = read_meta(world / "checkpoints" / "pretrain" / "latest")
     assert meta["step"] == 10

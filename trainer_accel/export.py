@@ -19,7 +19,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from trainer_accel.checkpoints.store import InvalidCheckpoint
+from trainer_accel.checkpoints.layout import InvalidCheckpoint
 from trainer_accel.errors import UserError, exit_with, raise_if_any, report
 from trainer_accel.experiments.best_pt import (
     export_run_best,

@@ -63,7 +63,7 @@ def plain_model(
     """A plain GPT on `device` in `dtype` holding a full state: what the main process alone may run (sampling)
     while the training model is sharded, whose forward all-gathers with every process. Built on the meta device,
     so it draws no random numbers and allocates once, in `dtype`."""
-    from trainer_accel.checkpoints.store import expand_aliases
+    from trainer_accel.checkpoints.layout import expand_aliases
     from trainer_accel.models.build import build_model
 
     model = build_model(model_cfg, "meta", dtype)

@@ -1,7 +1,7 @@
 """The background checkpoint writer: the loop hands over a CPU copy of its state and trains on while it is written.
 
 The write, fsync, hashing and the moves of latest/ and best/ run on one thread, one checkpoint at a time, and a
-checkpoint still appears only when it is complete (store.write_checkpoint), so a crash at any moment leaves the
+checkpoint still appears only when it is complete (writing.write_checkpoint), so a crash at any moment leaves the
 newest complete checkpoint to resume from. The loop polls `failure()` every step without waiting, so a failed
 write stops the run at the next step instead of at the next save.
 """
@@ -12,7 +12,7 @@ import concurrent.futures
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer_accel.checkpoints import store
+from trainer_accel.checkpoints import layout, writing
 from trainer_accel.errors import UserError
 
 
@@ -35,14 +35,20 @@ class _InFlight:
 def write_snapshot(phase_dir: Path, snap: Snapshot, to_step_dir: bool, to_best: bool, keep_last_n: int) -> Path:
     """Files only: a step directory that latest/ (and best/) then point at, or best/ alone. Returns what it wrote."""
     if not to_step_dir:
-        return store.write_checkpoint(phase_dir / "best", snap.model_state, snap.tied, snap.optimizer_state, snap.meta)
-    step_dir = store.write_checkpoint(
-        phase_dir / store.step_dir_name(snap.meta["step"]), snap.model_state, snap.tied, snap.optimizer_state, snap.meta
+        return writing.write_checkpoint(
+            phase_dir / "best", snap.model_state, snap.tied, snap.optimizer_state, snap.meta
+        )
+    step_dir = writing.write_checkpoint(
+        phase_dir / layout.step_dir_name(snap.meta["step"]),
+        snap.model_state,
+        snap.tied,
+        snap.optimizer_state,
+        snap.meta,
     )
-    store.link_pointer(step_dir, phase_dir / "latest")
+    writing.link_pointer(step_dir, phase_dir / "latest")
     if to_best:
-        store.link_pointer(step_dir, phase_dir / "best")
-    store.prune_step_dirs(phase_dir, keep_last_n)
+        writing.link_pointer(step_dir, phase_dir / "best")
+    writing.prune_step_dirs(phase_dir, keep_last_n)
     return step_dir
 
 

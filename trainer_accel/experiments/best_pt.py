@@ -13,14 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-from trainer_accel.checkpoints.store import (
-    InvalidCheckpoint,
-    export_best_pt,
-    model_sha256,
-    read_export_record,
-    read_meta,
-    record_path,
-)
+from trainer_accel.checkpoints.layout import InvalidCheckpoint, model_sha256, read_meta
+from trainer_accel.checkpoints.loading import export_best_pt
+from trainer_accel.checkpoints.records import read_export_record, record_path
 from trainer_accel.errors import UserError
 from trainer_accel.experiments.evaluation import find_verdict
 from trainer_accel.fsio import loads, now_iso, sha256_file, write_atomic

@@ -9,7 +9,6 @@ the caches. Exit codes: 0 no check failed (warnings allowed), 1 a check failed, 
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import os
 import shutil
@@ -20,8 +19,8 @@ from pathlib import Path
 
 from trainer_accel.config import PhaseConfig, read_json
 from trainer_accel.data.cache import open_cache
-from trainer_accel.errors import UserError, exit_with, report
-from trainer_accel.paths import Paths, resolve_paths
+from trainer_accel.errors import UserError
+from trainer_accel.paths import Paths
 from trainer_accel.phases.pipeline import is_pipeline, load_pipeline
 from trainer_accel.phases.registry import guess_phase, load_config
 
@@ -248,25 +247,3 @@ def run_checks(paths: Paths, config: Path | None, launch: Path | None, quick: bo
         check_wandb(),
         *check_writable(paths),
     ]
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer_accel.doctor", description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, help="a phase or pipeline config: check its caches and checkpoint disk too")
-    p.add_argument("--launch", type=Path, help="the accelerate launch file to check (default: accelerate's own)")
-    p.add_argument("--quick", action="store_true", help="do not hash the caches (size and dtype are still checked)")
-    args = p.parse_args(argv)
-    try:
-        checks = run_checks(resolve_paths(), args.config, args.launch, args.quick)
-    except UserError as e:
-        return report(e)
-    for check in checks:
-        print(check)
-    failed = sum(c.status == "fail" for c in checks)
-    warned = sum(c.status == "warn" for c in checks)
-    print(f"doctor: {failed} failed, {warned} warning(s), {len(checks) - failed - warned} ok")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    exit_with(main)

@@ -18,14 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer_accel.checkpoints.store import (
-    InvalidCheckpoint,
-    LoadedCheckpoint,
-    model_sha256,
-    read_export_record,
-    read_meta,
-    read_steadily,
-)
+from trainer_accel.checkpoints.discovery import read_steadily
+from trainer_accel.checkpoints.layout import InvalidCheckpoint, model_sha256, read_meta
+from trainer_accel.checkpoints.loading import LoadedCheckpoint
+from trainer_accel.checkpoints.records import read_export_record
 from trainer_accel.config import MODEL_SHAPE_KEYS, ModelConfig, shape_diff
 from trainer_accel.data.cache import open_cache
 from trainer_accel.errors import UserError

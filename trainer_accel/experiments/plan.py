@@ -16,12 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer_accel.checkpoints.discovery import checkpoint_phase, find_resume_checkpoint, phase_finished
 from trainer_accel.checkpoints.full_state import checkpoint_bytes
-from trainer_accel.checkpoints.store import (
-    checkpoint_phase,
-    find_resume_checkpoint,
-    phase_finished,
-)
 from trainer_accel.config import PhaseConfig
 from trainer_accel.data.cache import open_cache
 from trainer_accel.devices.ownership import in_use

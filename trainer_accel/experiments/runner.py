@@ -21,17 +21,15 @@ from pathlib import Path
 
 import torch
 
-from trainer_accel.checkpoints.store import (
-    InvalidCheckpoint,
+from trainer_accel.checkpoints.discovery import (
     checkpoint_phase,
     find_resume_checkpoint,
-    model_sha256,
     phase_finished,
-    read_meta,
     reconcile_pointers,
     set_aside_broken,
-    sweep_leftovers,
 )
+from trainer_accel.checkpoints.layout import InvalidCheckpoint, model_sha256, read_meta
+from trainer_accel.checkpoints.writing import sweep_leftovers
 from trainer_accel.config import PhaseConfig
 from trainer_accel.devices.accelerator import announce_compute, make_accelerator
 from trainer_accel.devices.collective import end_process_group, main_process_decides

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from trainer_accel.checkpoints.store import LoadedCheckpoint
+from trainer_accel.checkpoints.loading import LoadedCheckpoint
 from trainer_accel.config import ModelConfig
 from trainer_accel.data.tokenizer import file_identity
 from trainer_accel.errors import UserError, first_line, raise_if_any

@@ -22,11 +22,8 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from trainer_accel.checkpoints.store import (
-    LoadedCheckpoint,
-    load_checkpoint,
-    model_sha256,
-)
+from trainer_accel.checkpoints.layout import model_sha256
+from trainer_accel.checkpoints.loading import LoadedCheckpoint, load_checkpoint
 from trainer_accel.data.cache import meta_path
 from trainer_accel.data.chat_template import find_chat_template
 from trainer_accel.data.tokenizer import (

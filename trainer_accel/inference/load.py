@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer_accel.checkpoints.store import state_problems
+from trainer_accel.checkpoints.shapes import state_problems
 from trainer_accel.data.chat_template import (
     ChatFormat,
     TemplateEncoder,

@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer_accel import __version__
-from trainer_accel.checkpoints.store import (
-    LoadedCheckpoint,
-    model_sha256,
-    read_export_record,
-)
+from trainer_accel.checkpoints.layout import model_sha256
+from trainer_accel.checkpoints.loading import LoadedCheckpoint
+from trainer_accel.checkpoints.records import read_export_record
 from trainer_accel.fsio import loads, now_iso, write_atomic
 from trainer_accel.paths import REPO_ROOT
 

@@ -27,7 +27,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -40,12 +39,11 @@ import torch.nn.functional as F
 
 from trainer_accel.config import PhaseConfig
 from trainer_accel.data.cache import CACHE_FORMAT, CACHE_VERSION, Cache, stream_rows
-from trainer_accel.devices.accelerator import DEVICES, HALF_PRECISION, pick_device
+from trainer_accel.devices.accelerator import HALF_PRECISION, pick_device
 from trainer_accel.devices.hardware import gpu_peak_flops, measured_matmul_flops
-from trainer_accel.errors import UserError, report
 from trainer_accel.experiments.plan import flops_per_token
 from trainer_accel.paths import resolve_paths
-from trainer_accel.phases.registry import load_config, phase_named, phase_names
+from trainer_accel.phases.registry import load_config, phase_named
 from trainer_accel.training.losses import token_cross_entropy
 
 MIB = 2**20
@@ -338,7 +336,7 @@ def _trainer(job: Job, wrap=None):
 def paired_run(job: Job) -> dict:
     """Both loops interleaved: step time per window, then evaluation (paired batch by batch) and the trainer's
     checkpoints."""
-    from trainer_accel.checkpoints import store as ckpt
+    from trainer_accel.checkpoints import layout, loading
     from trainer_accel.checkpoints.full_state import (
         full_model_state,
         full_optimizer_state,
@@ -369,9 +367,9 @@ def paired_run(job: Job) -> dict:
     out["save_durable_s"] = median_seconds(
         lambda: (trainer.save(to_step_dir=True, to_best=False), trainer.wait_for_save())
     )
-    step_dir = paths.phase_dir(cfg.phase) / ckpt.step_dir_name(trainer.state.step)
-    out["ckpt_bytes"] = sum((step_dir / f).stat().st_size for f in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE))
-    out["load_s"] = median_seconds(lambda: ckpt.load_checkpoint(step_dir))
+    step_dir = paths.phase_dir(cfg.phase) / layout.step_dir_name(trainer.state.step)
+    out["ckpt_bytes"] = sum((step_dir / f).stat().st_size for f in (layout.MODEL_FILE, layout.OPTIMIZER_FILE))
+    out["load_s"] = median_seconds(lambda: loading.load_checkpoint(step_dir))
     state = {
         "model": full_model_state(acc, trainer.model)[0],  # each tied tensor once, as the checkpoint holds it
         "optimizer": full_optimizer_state(acc, trainer.model, trainer.optimizer),
@@ -494,37 +492,6 @@ def big_cache_rss(gb: float, workdir: Path, batches: int = 20000, B: int = 16, T
 
 def fmt_bytes(n: float) -> str:
     return f"{n / MIB:,.1f} MiB"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer_accel.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="a pretrain or sft config (model, batch, precision, cadence)")
-    p.add_argument("--phase", choices=phase_names(), default="pretrain")
-    p.add_argument(
-        "--device", choices=DEVICES, default=None, help="default: as `run` picks, CUDA, else Apple MPS, else CPU"
-    )
-    p.add_argument("--windows", type=int, default=6, help="measured windows of log_every steps (after 1 warm-up)")
-    p.add_argument(
-        "--interleave",
-        choices=("step", "window"),
-        default=None,
-        help="how the plain loop runs between the trainer's steps: alternating step by step (default on "
-        "CPU) or a window's worth mid-window (default on a GPU, whose steps are asynchronous)",
-    )
-    p.add_argument("--big-cache-gb", type=float, default=0.0, help="also show resident memory on a cache this big")
-    p.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
-    p.add_argument(
-        "--packing",
-        action="store_true",
-        help="SFT only: counted (answer) tokens per second with train_cfg.pack off and on, same T and B",
-    )
-    args = p.parse_args(argv)
-    if args.windows < 1:
-        p.error(f"--windows: expected a positive number of windows, got {args.windows}")
-    try:
-        return packing_bench(args) if args.packing else run_bench(args)
-    except UserError as e:
-        return report(e)
 
 
 def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
@@ -780,7 +747,3 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,7 +33,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,7 +501,7 @@ def check_hf_export_of_fsdp(run: Runner) -> str:
 def hf_logit_diff(paths: tuple[str, str]) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from trainer_accel.checkpoints.store import load_checkpoint
+    from trainer_accel.checkpoints.loading import load_checkpoint
     from trainer_accel.config import ModelConfig
     from trainer_accel.models.build import build_model
 
@@ -721,50 +720,6 @@ def tests_result(proc: subprocess.Popen, log: Path, started: float, timeout: flo
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer_accel.gpu_check", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", type=Path, default=None, help="keep runs and logs here (default: a temporary dir)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--no-tests", action="store_true", help="skip the CPU test suite")
-    p.add_argument(
-        "--only",
-        metavar="WORDS",
-        default=None,
-        help="run only the checks whose name holds one of these comma-separated words, e.g. "
-        "'FSDP2,activation' (with the check each reads from); the suite and benches as their own "
-        "flags say",
-    )
-    p.add_argument("--no-bench", action="store_true", help="skip the benches")
-    p.add_argument(
-        "--bench",
-        default=",".join(BENCHES),
-        metavar="NAMES",
-        help=f"which benches, comma-separated, in order (default: {','.join(BENCHES)}: GPT-2 small, a "
-        "SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model, the last with activation checkpointing "
-        "at the largest batch that fits)",
-    )
-    p.add_argument("--bench-windows", type=int, default=2, help="measured bench windows (default 2)")
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        default=900.0,
-        metavar="SECONDS",
-        help="stop waiting for the test suite and the bench when this much time has passed, so that the "
-        "table is still printed (default 900)",
-    )
-    args = p.parse_args(argv)
-    unknown = [b for b in args.bench.split(",") if b and b not in BENCHES]
-    if unknown:
-        p.error(f"--bench {args.bench}: unknown {', '.join(unknown)} (known: {', '.join(BENCHES)})")
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing was run")
-        return 0
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        workdir = args.workdir or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        return run_checks(args, workdir)
-
-
 def run_checks(args: argparse.Namespace, workdir: Path) -> int:
     start = time.perf_counter()
 
@@ -869,7 +824,3 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
             + "\n"
         )
     return 1 if counts["FAIL"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,9 +27,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.checkpoints import layout
 from trainer_accel.checkpoints.full_state import load_full_optimizer_state, local_value
-from trainer_accel.checkpoints.store import LoadedCheckpoint
+from trainer_accel.checkpoints.loading import LoadedCheckpoint
 from trainer_accel.config import PhaseConfig, TrainConfig
 from trainer_accel.data.chat_template import ChatFormat
 from trainer_accel.devices.collective import main_process_decides
@@ -473,7 +473,7 @@ class Trainer:
                 self.events.write("stopped", s.step, signal=stop.signum)
                 raise Interrupted(
                     f"{self.cfg.phase} stopped by a signal after step {s.step}; its checkpoint is "
-                    f"{self.phase_dir / ckpt.step_dir_name(s.step)} (run the same command to resume)"
+                    f"{self.phase_dir / layout.step_dir_name(s.step)} (run the same command to resume)"
                 )
         # A step ran: the last one was due and saved. None ran (resumed at the end): save only if this phase has
         # no latest/ yet (resumed from elsewhere), as the main process sees it once its writes are done.

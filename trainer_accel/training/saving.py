@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from trainer_accel.checkpoints import store as ckpt
+from trainer_accel.checkpoints import writing
 from trainer_accel.checkpoints.full_state import checkpoint_bytes, full_model_state, full_optimizer_state, plain_model
 from trainer_accel.checkpoints.writer import CheckpointWriter, Snapshot
 from trainer_accel.config import PhaseConfig
@@ -80,11 +80,11 @@ class Saver:
         main_process_decides(self.acc, self.wait)  # one save at a time; a failed one stops every process
         needed = checkpoint_bytes(self.acc.unwrap_model(model, keep_torch_compile=False))
         copies = int(to_step_dir) + int(to_best and not to_step_dir)
-        main_process_decides(self.acc, lambda: ckpt.ensure_free_space(self.phase_dir, needed, copies=copies))
+        main_process_decides(self.acc, lambda: writing.ensure_free_space(self.phase_dir, needed, copies=copies))
         model_state, tied = full_model_state(self.acc, model)  # collectives under FSDP: every process takes part
         opt_state = full_optimizer_state(self.acc, model, optimizer)
         if self.acc.is_main_process:
-            snapshot = Snapshot(ckpt.cpu_copy(model_state), tied, ckpt.cpu_copy(opt_state), meta)
+            snapshot = Snapshot(writing.cpu_copy(model_state), tied, writing.cpu_copy(opt_state), meta)
             self.writer.submit(snapshot, to_step_dir, to_best)
             if to_step_dir:
                 self.write_samples(model, model_state, tied, meta["step"])

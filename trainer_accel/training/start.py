@@ -6,7 +6,7 @@ weights from the seed). Whatever is loaded is checked against the run's model co
 
 The run, --plan, doctor and the promotion gate's baseline all ask here, so a start point means one thing to all
 of them: a Hugging Face directory is read by hf/directory.py and fitted to the model config, everything else by
-checkpoints/store.py.
+checkpoints/loading.py.
 """
 
 from __future__ import annotations
@@ -17,14 +17,9 @@ from typing import Any
 
 import torch
 
-from trainer_accel.checkpoints.store import (
-    LoadedCheckpoint,
-    check_model_cfg,
-    checkpoint_phase,
-    find_resume_checkpoint,
-    load_checkpoint,
-    state_problems,
-)
+from trainer_accel.checkpoints.discovery import checkpoint_phase, find_resume_checkpoint
+from trainer_accel.checkpoints.loading import LoadedCheckpoint, check_model_cfg, load_checkpoint
+from trainer_accel.checkpoints.shapes import state_problems
 from trainer_accel.config import ModelConfig, PhaseConfig
 from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.hf.directory import fit, is_hf_dir, load_hf_dir
