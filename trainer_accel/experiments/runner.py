@@ -54,8 +54,8 @@ from trainer_accel.phases.phase import Phase
 from trainer_accel.phases.pipeline import load_pipeline
 from trainer_accel.phases.registry import PIPELINE, load_config, phase_named, phase_names
 from trainer_accel.training.inputs import PhaseInputs, check_phase_inputs, collect
-from trainer_accel.training.loop import PhaseResult, Trainer
-from trainer_accel.training.start import StartPoint, resume_point, same_tokenizer, start_point
+from trainer_accel.training.loop import PhaseResult, Trainer, build_optimizer
+from trainer_accel.training.start import StartPoint, model_for, resume_point, same_tokenizer, start_point
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,11 @@ def run_phase(
     check_same_start(acc, start)
     if cfg.sample_prompts:
         raise_if_any(unwritable([("samples", paths.samples)]))
-    trainer = Trainer(acc, cfg, phase, inputs.batches, paths, start, inputs.data_info(), inputs.chat_format())
+    model = model_for(cfg, start)
+    optimizer = build_optimizer(model, cfg.train, acc.device)
+    trainer = Trainer(
+        acc, cfg, phase, inputs.batches, paths, model, optimizer, start, inputs.data_info(), inputs.chat_format()
+    )
     outcome.started(trainer)
     result = trainer.fit()
     if phase.gate is not None:

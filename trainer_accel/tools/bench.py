@@ -323,13 +323,17 @@ def _setup(job: Job):
 def _trainer(job: Job, wrap=None):
     """The trainer as a run sets it up; `wrap(batches, device, cfg)` may stand in for its batches."""
     from trainer_accel.devices.accelerator import make_accelerator
-    from trainer_accel.training.loop import Trainer
+    from trainer_accel.training.loop import Trainer, build_optimizer
+    from trainer_accel.training.start import StartPoint, model_for
 
     cfg, paths, inputs = _setup(job)
     acc = make_accelerator(job.device, cfg.train.mixed_precision)
     batches = wrap(inputs.batches, acc.device, cfg) if wrap else inputs.batches
-    phase = phase_named(cfg.phase)
-    trainer = Trainer(acc, cfg, phase, batches, paths, data_info=inputs.data_info(), chat=inputs.chat_format())
+    phase, model = phase_named(cfg.phase), model_for(cfg, StartPoint())
+    optimizer = build_optimizer(model, cfg.train, acc.device)
+    trainer = Trainer(
+        acc, cfg, phase, batches, paths, model, optimizer, data_info=inputs.data_info(), chat=inputs.chat_format()
+    )
     return trainer, cfg, paths
 
 

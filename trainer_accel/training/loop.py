@@ -35,7 +35,6 @@ from trainer_accel.data.chat_template import ChatFormat
 from trainer_accel.devices.collective import main_process_decides
 from trainer_accel.devices.stopping import Interrupted, StopRequest
 from trainer_accel.errors import UserError
-from trainer_accel.models.build import build_model
 from trainer_accel.observability.compile_report import CompileWatch
 from trainer_accel.paths import Paths
 from trainer_accel.training.batches import Batch, Batches
@@ -106,7 +105,8 @@ class TrainingPhase(Protocol):
 
 
 class Trainer:
-    """One phase of training: setup from config and a starting point, then `fit()`."""
+    """One phase of training: set up from a built model (training/start.model_for), its optimizer and the phase,
+    then `fit()`: the steps, evaluation and the agreed stop."""
 
     def __init__(
         self,
@@ -115,6 +115,8 @@ class Trainer:
         phase: TrainingPhase,
         batches: Batches,
         paths: Paths,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
         start: StartPoint | None = None,
         data_info: dict | None = None,
         chat: ChatFormat | None = None,
@@ -133,13 +135,6 @@ class Trainer:
         self.saver = Saver(accelerator, cfg, paths, chat)
         if accelerator.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.t.tf32
-
-        torch.manual_seed(self.t.seed)  # the same initial weights on every process and every run
-        model = build_model(
-            cfg.model,
-            state=start.weights.model_state if start.weights is not None else None,
-            activation_checkpointing=self.t.activation_checkpointing,
-        )
         if self.t.activation_checkpointing:
             recomputed = len(range(0, cfg.model.L, self.t.activation_checkpointing))
             log.info(
@@ -149,7 +144,6 @@ class Trainer:
                 cfg.model.L,
             )
         self.state = LoopState()
-        optimizer = build_optimizer(model, self.t, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # train_cfg.compile: the forward and the loss as one graph, after Accelerate's wrapping (as its own dynamo
         # plugin does). Compiled apart, the (B, T, V) logits would leave the model's graph in fp32 (Accelerate's

@@ -23,6 +23,7 @@ from trainer_accel.checkpoints.shapes import state_problems
 from trainer_accel.config import ModelConfig, PhaseConfig
 from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.hf.directory import fit, is_hf_dir, load_hf_dir
+from trainer_accel.models.build import build_model
 from trainer_accel.observability.manifest import parent_record
 from trainer_accel.paths import Paths
 
@@ -44,6 +45,18 @@ class StartPoint:
         if self.resumed is not None and self.resumed.meta.get("run_id") is None:
             return parent_record(self.resumed, "resumed")
         return self.resumed.meta.get("parent") if self.resumed is not None else None
+
+
+def model_for(cfg: PhaseConfig, start: StartPoint) -> torch.nn.Module:
+    """The model a phase trains, on the CPU: its start point's weights, or random ones drawn from train_cfg.seed,
+    so every process and every run of the config starts from the same weights."""
+    torch.manual_seed(cfg.train.seed)
+    weights = start.weights
+    return build_model(
+        cfg.model,
+        state=weights.model_state if weights is not None else None,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+    )
 
 
 def load_start(path: Path, model: ModelConfig | None, with_optimizer: bool) -> LoadedCheckpoint:
