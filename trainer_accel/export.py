@@ -19,22 +19,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from trainer_accel.checkpoints.layout import InvalidCheckpoint
-from trainer_accel.errors import UserError, exit_with, raise_if_any, report
-from trainer_accel.experiments.best_pt import (
-    export_run_best,
-    export_with_record,
-    known_verdict,
-    newest_best,
-    overwrite_problems,
-    verdict_of,
-)
-from trainer_accel.experiments.evaluation import require_deployable
-from trainer_accel.hf.export import export_hf
-from trainer_accel.paths import output_file_problem, resolve_paths, unwritable
-from trainer_accel.phases.registry import is_chat_model
-
-log = logging.getLogger(__name__)
+from trainer_accel.errors import UserError, exit_with, report
+from trainer_accel.experiments.exports import export
+from trainer_accel.paths import resolve_paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,45 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = resolve_paths()
     try:
-        if args.tokenizer is not None and args.format != "hf":
-            raise UserError("--tokenizer: only for --format hf (best.pt holds no tokenizer)")
-        source = args.checkpoint or newest_best(paths)
-        summary = require_deployable(paths, source) if args.deployable_only else None
-        approved = summary["candidate"]["model_sha256"] if summary else None  # latest/ may move on before the load
-        if args.format == "hf":
-            out = args.out or paths.checkpoints / "hf"
-            raise_if_any(
-                unwritable([("--out", out.parent)])
-                or ([f"--out {out}: is a file; give a directory"] if out.exists() and not out.is_dir() else [])
-            )
-            verdict = (
-                (lambda meta: summary["verdict"])
-                if summary
-                else (lambda meta: known_verdict(paths, source) if Path(source).is_file() else verdict_of(paths, meta))
-            )
-            record = export_hf(source, out, paths, args.tokenizer, verdict, approved, is_chat_model)
-            log.info(
-                "exported %s (Hugging Face transformers) from %s (step %d, verdict: %s)",
-                out,
-                source,
-                record["step"],
-                record.get("verdict") or "not evaluated",
-            )
-            return 0
-        out = args.out or paths.best_pt
-        raise_if_any(output_file_problem("--out", out) + (overwrite_problems(out) if args.out else []))
-        record = (
-            export_with_record(source, out, paths, approved) if args.out else export_run_best(source, paths, approved)
-        )
+        export(resolve_paths(), args.checkpoint, args.format, args.out, args.tokenizer, args.deployable_only)
     except UserError as e:
         return report(e)
-    except InvalidCheckpoint as e:
-        return report(UserError(f"{source}: invalid checkpoint: {e}"))
-    except OSError as e:  # the disk, not the input: full, read-only, or changed under the export
-        return report(UserError(f"{e.filename or args.out}: cannot write the export ({e.strerror or e})"))
-    log.info("exported %s from %s (verdict: %s)", out, source, record.get("verdict") or "not evaluated")
     return 0
 
 

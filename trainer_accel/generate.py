@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,14 @@ from trainer_accel.data.chat_template import template_args
 from trainer_accel.errors import UserError, exit_with, raise_if_any, report
 from trainer_accel.hf.directory import is_hf_dir
 from trainer_accel.inference.bench import bench, print_table
-from trainer_accel.inference.complete import Prompt, complete, read_prompts, write_jsonl
+from trainer_accel.inference.complete import (
+    Prompt,
+    complete,
+    inputs_named_as_out,
+    read_prompts,
+    write_jsonl,
+    write_out,
+)
 from trainer_accel.inference.load import load_model
 from trainer_accel.inference.options import sampling_args, sampling_of
 from trainer_accel.paths import output_file_problem, resolve_paths
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give --prompt TEXT (repeatable) or --prompts FILE")
         if args.batch_size <= 0:
             raise UserError(f"--batch-size: must be positive, got {args.batch_size}")
-        raise_if_any(output_file_problem("--out", args.out) + inputs_named_as_out(args))
+        raise_if_any(output_file_problem("--out", args.out) + inputs_named_as_out(args.out, args.model, args.prompts))
         prompts = read_prompts(args.prompts) if args.prompts else [Prompt(t, chat=False) for t in args.prompt]
         if args.chat:
             prompts = [Prompt(x.text, True, x.history, x.system) for x in prompts]
@@ -78,36 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return report(e)
     return 0
-
-
-def inputs_named_as_out(args) -> list[str]:
-    """--out naming a file this command reads (the model, the prompts) would replace it with completions."""
-    if args.out is None or not args.out.exists():
-        return []
-    named = [("--model", args.model), ("--prompts", args.prompts)]
-    return [
-        f"--out {args.out}: is the {flag} file; nothing was written: choose another output file"
-        for flag, path in named
-        if path is not None and path.exists() and os.path.samefile(path, args.out)
-    ]
-
-
-def write_out(records, out: Path) -> None:
-    """The completions into a new file beside --out, renamed over it when all are written: a run refused or
-    stopped half way (a prompt too long, a full disk, Ctrl-C) leaves an existing --out as it was."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write_jsonl(records, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as e:
-        raise UserError(
-            f"--out {out}: cannot be written ({e.strerror or type(e).__name__}); an existing file there is as it was"
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ batching, stop texts, and the figures each completion reports (tokens, tokens/s,
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,3 +161,33 @@ def write_jsonl(records, out) -> None:
     for r in records:
         out.write(json.dumps(r, ensure_ascii=False) + "\n")
         out.flush()
+
+
+def inputs_named_as_out(out: Path | None, model: Path | None, prompts: Path | None) -> list[str]:
+    """--out naming a file `generate` reads (the model, the prompts) would replace it with completions."""
+    if out is None or not out.exists():
+        return []
+    named = [("--model", model), ("--prompts", prompts)]
+    return [
+        f"--out {out}: is the {flag} file; nothing was written: choose another output file"
+        for flag, path in named
+        if path is not None and path.exists() and os.path.samefile(path, out)
+    ]
+
+
+def write_out(records, out: Path) -> None:
+    """The completions into a new file beside --out, renamed over it when all are written: a run refused or
+    stopped half way (a prompt too long, a full disk, Ctrl-C) leaves an existing --out as it was."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write_jsonl(records, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(
+            f"--out {out}: cannot be written ({e.strerror or type(e).__name__}); an existing file there is as it was"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
