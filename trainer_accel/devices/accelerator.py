@@ -112,7 +112,7 @@ def fsdp_plugin(mixed_precision: str | None):
     Under FSDP2 Accelerate turns bf16 / fp16 into a policy that also reduces gradients in half precision, and
     (unlike one GPU or DDP) adds no autocast. Here parameters are gathered and computed in half precision, but
     gradients are reduced in fp32, as DDP reduces them; the master weights and the optimizer state stay fp32 and
-    the loss is computed in fp32 from the logits (the strategies upcast them). Outputs stay in half precision: an
+    the loss is computed in fp32 from the logits (the phase's loss upcasts them). Outputs stay in half precision: an
     fp32 output_dtype would also apply to Accelerate's separate unit for the final norm, whose fp32 output then
     meets the half-precision output layer ("expected m1 and m2 to have the same dtype").
     """

@@ -2,7 +2,8 @@
 
 Canonical names: `train/loss`, `train/lr`, `train/grad_norm`, `train/tokens_per_sec`, `train/tokens_seen`,
 `val/loss`, `metrics/stage_id` (0 pretrain, 1 sft), and under fp16 `train/loss_scale` and `train/scaler_skips`
-(updates the loss scaler skipped in a progress window); anything else a strategy reports keeps its own prefix.
+(updates the loss scaler skipped in a progress window); anything else a phase reports (its loss's metrics, as
+train/NAME) keeps its own prefix.
 Aliases are folded into them here and nowhere else. Every record carries `event`, `step`, `phase`, `run_id`
 and `time` (unix seconds).
 

@@ -107,10 +107,10 @@ class PlainLoop:
     """What a user would write by hand with the same model, optimizer settings, batches and precision: no
     Accelerate, no logging, no checkpoints."""
 
-    def __init__(self, cfg: PhaseConfig, strategy, device: torch.device):
+    def __init__(self, cfg: PhaseConfig, batches, device: torch.device):
         from trainer_accel.models.build import build_model
 
-        self.t, self.strategy, self.device = cfg.train, strategy, device
+        self.t, self.batches, self.device = cfg.train, batches, device
         t = self.t
         if device.type == "cuda":  # as the trainer sets them
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
@@ -143,7 +143,7 @@ class PlainLoop:
     def step(self, step: int) -> None:
         t = self.t
         for m in range(t.accum_steps):
-            loss = self._loss(self.strategy.train_batch(step, m, 0, 1, t.accum_steps)) / t.accum_steps
+            loss = self._loss(self.batches.train_batch(step, m, 0, 1, t.accum_steps)) / t.accum_steps
             self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
@@ -160,7 +160,7 @@ class PlainLoop:
     @torch.no_grad()
     def eval_batch(self, index: int) -> torch.Tensor:
         self.model.eval()
-        loss = self._loss(self.strategy.val_batch(index))
+        loss = self._loss(self.batches.val_batch(index))
         self.model.train()
         return loss
 
@@ -169,7 +169,7 @@ class PlainLoop:
 
 
 class Pacer:
-    """The trainer's strategy, which also runs the plain loop between the trainer's steps.
+    """The trainer's batches, which also runs the plain loop between the trainer's steps.
 
     A shared machine's speed drifts within seconds (windows of one loop vary by 30% here), so two loops timed
     one after the other, or in two processes, differ by more than the overhead being measured. Here the plain
@@ -181,9 +181,9 @@ class Pacer:
     is paired batch by batch. Time spent here is excluded from the trainer's timings.
     """
 
-    def __init__(self, strategy, device: torch.device, cfg: PhaseConfig, interleave: str | None = None):
-        self.strategy, self.device, self.log_every = strategy, device, cfg.train.log_every
-        self.plain = PlainLoop(cfg, strategy, device)
+    def __init__(self, batches, device: torch.device, cfg: PhaseConfig, interleave: str | None = None):
+        self.batches, self.device, self.log_every = batches, device, cfg.train.log_every
+        self.plain = PlainLoop(cfg, batches, device)
         self.interleave = interleave or default_interleave(device)
         self.chunk = 1 if self.interleave == "step" else self.log_every
         self.plain_step = 0
@@ -191,17 +191,17 @@ class Pacer:
         self.peaks: list[tuple[int, float]] = []  # (trainer step, measured matmul FLOP/s)
 
     def __getattr__(self, name: str):
-        return getattr(self.strategy, name)
+        return getattr(self.batches, name)
 
     def train_batch(self, step: int, micro: int, rank: int, world: int, accum: int):
         if micro == 0 and (self.chunk == 1 or step % self.log_every == self.log_every // 2):
             self._interlude(step)
-        return self.strategy.train_batch(step, micro, rank, world, accum)
+        return self.batches.train_batch(step, micro, rank, world, accum)
 
     def val_batch(self, index: int):
         """Evaluation is paired batch by batch: the plain loop's forward on the same batch first."""
         self.plain_eval_s += self._excluded(lambda: self.plain.eval_batch(index))
-        return self.strategy.val_batch(index)
+        return self.batches.val_batch(index)
 
     def _interlude(self, step: int) -> None:
         if self.device.type == "cpu" and step % self.log_every == self.log_every // 2:
@@ -441,16 +441,16 @@ def in_fresh_processes(calls: list[tuple], together: bool = False) -> list[dict]
 
 
 def sampling_tokens_per_sec(config: str, phase: str, data_dir: Path, steps: int = 200) -> float:
-    """Tokens/s the strategy produces on one process (batches drawn, nothing trained)."""
+    """Tokens/s the batches produces on one process (batches drawn, nothing trained)."""
     from trainer_accel.training.inputs import check_phase_inputs
 
     cfg = load_config(config, phase)
     paths = dataclasses.replace(resolve_paths(), data=data_dir)
-    strategy, t = check_phase_inputs(cfg, paths).batches, cfg.train
+    batches, t = check_phase_inputs(cfg, paths).batches, cfg.train
     start = time.perf_counter()
     for step in range(steps):
         for m in range(t.accum_steps):
-            strategy.train_batch(step, m, 0, 1, t.accum_steps)
+            batches.train_batch(step, m, 0, 1, t.accum_steps)
     return steps * t.B * t.accum_steps * cfg.seq_len / (time.perf_counter() - start)
 
 
@@ -508,7 +508,7 @@ def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
     cfg = load_config(args.config, "sft")
     device = pick_device(args.device)
     paths = resolve_paths()
-    strategies = {
+    by_packing = {
         pack: check_phase_inputs(
             dataclasses.replace(cfg, replay={}, train=dataclasses.replace(cfg.train, pack=pack)), paths
         ).batches
@@ -519,12 +519,12 @@ def packing_bench(args: argparse.Namespace, steps: int = 10) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.min_lr)
     counted, seconds = {False: 0, True: 0}, {False: 0.0, True: 0.0}
     for window in range(args.windows + 1):  # window 0 warms up
-        for pack, strategy in strategies.items():
+        for pack, batches in by_packing.items():
             sync(device)
             start = time.perf_counter()
             n = torch.zeros((), device=device)
             for i in range(steps):
-                batch = strategy.train_batch(window * steps + i, 0, 0, 1, 1).to(device)
+                batch = batches.train_batch(window * steps + i, 0, 0, 1, 1).to(device)
                 total, count, _ = token_cross_entropy(model, batch)
                 (total / count.clamp_min(1)).backward()
                 optimizer.step()
