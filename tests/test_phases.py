@@ -137,6 +137,31 @@ def test_a_pipeline_lists_three_phases_each_from_the_one_before(world, plugin):
     assert "pipeline: rows_alike already finished; continuing with SFT" in r.stderr
 
 
+def test_a_three_phase_pipeline_killed_in_its_second_phase_resumes_there_and_ends_as_if_never_stopped(world, plugin):
+    """SIGKILLed while its second phase writes its step-4 checkpoint (the step-2 one complete): run again, it
+    skips the finished pretrain, resumes the second phase from step 2, then runs SFT; the final SFT weights equal
+    those of a pipeline never stopped, to the bit."""
+    c = world / "c"
+    write_config(c / "pretrain.json", "pretrain", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2})
+    write_config(c / "more.json", "pretrain", {"total_steps": 4, "eval_every": 2, "ckpt_every": 2})
+    write_config(c / "sft.json", "sft", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    steps = [("pretrain", "pretrain.json"), ("rows_alike", "more.json"), ("sft", "sft.json")]
+    (c / "pipeline.json").write_text(json.dumps({"phases": [{"phase": p, "config_path": f} for p, f in steps]}))
+    args = ("--phase", "pipeline", "--config", str(c / "pipeline.json"))
+    whole = {**plugin, "TRAINER_ARTIFACTS_DIR": str(world / "whole")}
+    assert run(world, whole, *args).returncode == 0
+    killed = run(world, {**plugin, "TRAINER_FAULT": "after_meta:4"}, *args)  # pretrain saved twice, then step 2
+    assert killed.returncode == -9, killed.stderr
+    assert json.loads((world / "checkpoints/rows_alike/latest/meta.json").read_text())["step"] == 2
+    assert not (world / "checkpoints/sft").exists() or not any((world / "checkpoints/sft").iterdir())
+    r = run(world, plugin, *args)
+    assert r.returncode == 0, r.stderr
+    assert "pipeline: pretrain already finished; continuing with rows-alike pretrain" in r.stderr
+    assert "resumed from" in r.stderr
+    final = "checkpoints/sft/latest/model.safetensors"
+    assert (world / final).read_bytes() == (world / "whole" / final).read_bytes()
+
+
 @pytest.mark.parametrize(
     "pipeline, message",
     [
