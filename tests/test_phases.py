@@ -80,6 +80,8 @@ def test_a_phase_from_one_outside_module_trains_resumes_and_exports(world, plugi
     # the phase's own metric is in the records, divided by the step's weight (rows): the mean counted targets of
     # a row, every target of a T=32 stream window
     assert all(e["train/row_tokens"] == pytest.approx(32.0) for e in train_events)
+    evals = [e for e in events(world, "eval") if e["phase"] == "rows_alike"]
+    assert [e["step"] for e in evals] == [0, 2, 4] and all(e["val/row_tokens"] == pytest.approx(32.0) for e in evals)
     # the loss the loop logged is the phase's: at step 1 each row's mean equals the token mean, the windows being
     # all counted, so it is the pretrain loss of the same weights and batch
     assert train_events[0]["train/loss"] == pytest.approx(run_pretrain_first_loss(world, whole), rel=1e-5)

@@ -131,6 +131,7 @@ class Trainer:
             log.warning("%s: sample_prompts are set but the caches' tokenizer cannot be found; no samples", cfg.path)
         self.empty_micro_batches = torch.zeros((), dtype=torch.long, device=accelerator.device)  # since the last line
         self.nonfinite_in_a_row = 0
+        self.val_metrics: dict[str, float] = {}  # the phase's metrics of the last evaluation, as val/NAME
         self._stop_flag: torch.Tensor | None = None  # all-reduced stop request of the previous step
         self.saver = Saver(accelerator, cfg, paths, chat)
         if accelerator.device.type == "cuda":
@@ -318,16 +319,21 @@ class Trainer:
         process runs the same number of forward passes (FSDP gathers weights collectively in each).
         """
         self.model.eval()
-        total = torch.zeros(2, device=self.acc.device)
+        total, names = None, []
         for first in range(0, self.t.eval_batches, self.world):
             index = first + self.rank
             batch = self.batches.val_batch(index if index < self.t.eval_batches else 0)
             with self._watched("eval"):
                 out = self.loss(self.model, batch.to(self.acc.device))
+            names = sorted(out.metrics)
+            sums = torch.stack([out.total.float(), out.weight.float(), *(out.metrics[m].float() for m in names)])
+            total = torch.zeros_like(sums) if total is None else total
             if index < self.t.eval_batches:
-                total += torch.stack([out.total.float(), out.weight.float()])
+                total += sums
         self.model.train()
-        loss_sum, count = self.acc.reduce(total, "sum").tolist()
+        loss_sum, count, *metrics = self.acc.reduce(total, "sum").tolist()
+        # the phase's own metrics (none for token losses), weighted as the loss is: logged beside val/loss
+        self.val_metrics = {f"val/{m}": v / count if count else float("nan") for m, v in zip(names, metrics)}
         if count == 0:
             log.warning(
                 "%s: the validation batches hold no counted tokens (every answer cut off by T?)", self.cfg.phase
@@ -430,7 +436,7 @@ class Trainer:
             )
         if s.step == 0:  # where the phase starts from, for comparison; never a "best"
             s.last_val_loss = self.evaluate()
-            self.events.write("eval", 0, **{"val/loss": s.last_val_loss})
+            self.events.write("eval", 0, **{"val/loss": s.last_val_loss}, **self.val_metrics)
             log.info("%s step 0 | val loss %.4f (before training)", self.cfg.phase, s.last_val_loss)
         self.model.train()
         pending: list[StepTotals] = []  # the updates since the last progress line
@@ -504,6 +510,6 @@ class Trainer:
         improved = math.isfinite(val) and (s.best_val_loss is None or val < s.best_val_loss)
         if improved:
             s.best_val_loss, s.best_val_step = val, s.step
-        self.events.write("eval", s.step, **{"val/loss": val})
+        self.events.write("eval", s.step, **{"val/loss": val}, **self.val_metrics)
         log.info("%s step %d | val loss %.4f%s", self.cfg.phase, s.step, val, " (best)" if improved else "")
         return improved
