@@ -19,13 +19,13 @@ from trainer_accel.data.chat_template import answer_positions
 from trainer_accel.errors import UserError, exit_with, report
 from trainer_accel.inference.load import load_model
 from trainer_accel.models.generation import generate_ids
-from trainer_accel.paths import resolve_paths
+from trainer_accel.paths import EXAMPLES, resolve_paths
 
 
 def score(model_path: Path | None, source: str, out=sys.stdout) -> tuple[int, int]:
     paths = resolve_paths()
     lm = load_model(model_path, paths)
-    cache = open_cache(paths.sft_cache(source, "val"), "sft")
+    cache = open_cache(paths.sft_cache(source, "val"), EXAMPLES)
     rule, tokens = answer_rule(cache.meta), cache.tokens
     exact = too_long = 0
     for i in range(cache.num_examples):
