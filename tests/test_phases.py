@@ -205,17 +205,36 @@ def test_the_two_key_pipeline_and_its_list_form_train_the_same(world):
     assert weights["two"] == weights["list"]
 
 
-def test_a_broken_phase_entry_point_is_one_line(world, tmp_path):
+@pytest.mark.parametrize(
+    "module, target, message",
+    [
+        ("", "no_such_module:PHASE", "cannot be loaded (ModuleNotFoundError"),
+        ("PHASE = 3\n", "odd_phase:PHASE", "is a int, not a trainer_accel.phases.phase.Phase"),
+        (
+            "from trainer_accel.phases.pretrain import PRETRAIN\nimport dataclasses\n"
+            "PHASE = dataclasses.replace(PRETRAIN, name='train_cfg')\n",
+            "odd_phase:PHASE",
+            "name 'train_cfg' is not a usable phase name",
+        ),
+        (
+            "from trainer_accel.phases.sft import SFT as PHASE\n",
+            "odd_phase:PHASE",
+            "a phase named 'sft' exists already",
+        ),
+    ],
+)
+def test_a_bad_phase_entry_point_is_one_line(world, tmp_path, module, target, message):
     site = tmp_path / "site"
-    info = site / "broken-0.1.dist-info"
+    info = site / "odd-0.1.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[trainer_accel.phases]\nbroken = no_such_module:PHASE\n")
+    (site / "odd_phase.py").write_text(module)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: odd\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[trainer_accel.phases]\nodd = {target}\n")
     cfg = write_config(world / "c.json", "pretrain")
     r = run_cli("run", "--phase", "pretrain", "--config", str(cfg), cwd=world, env={"PYTHONPATH": str(site)})
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: entry point broken = no_such_module:PHASE")
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: entry point odd = {target}") and message in last, last
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 10_000])

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import re
 from pathlib import Path
 from typing import Any
 
 from trainer_accel import overrides as ov
-from trainer_accel.config import PhaseConfig, load_phase_config, parse_phase_config
+from trainer_accel.config import COMMON_KEYS, PhaseConfig, load_phase_config, parse_phase_config
 from trainer_accel.errors import UserError
 from trainer_accel.phases.phase import Gate, Phase
 from trainer_accel.phases.pretrain import PRETRAIN
@@ -25,6 +26,7 @@ ENTRY_POINTS = "trainer_accel.phases"
 PIPELINE = "pipeline"  # --phase pipeline: the phases a pipeline config lists, in order
 # what a pipeline.json of two keys (pretrain_config_path, sft_config_path) runs: the runner spec's two phases
 TWO_PHASE_PIPELINE = ("pretrain", "sft")
+NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 @functools.cache
@@ -39,6 +41,11 @@ def phases() -> dict[str, Phase]:
             raise UserError(f"{where}: cannot be loaded ({type(e).__name__}: {e})") from None
         if not isinstance(phase, Phase):
             raise UserError(f"{where}: is a {type(phase).__name__}, not a trainer_accel.phases.phase.Phase")
+        if not isinstance(phase.name, str) or not NAME.fullmatch(phase.name) or phase.name in COMMON_KEYS:
+            raise UserError(
+                f"{where}: name {phase.name!r} is not a usable phase name (lowercase letters, digits and _, starting "
+                "with a letter; it names a checkpoints folder and a --set prefix, so not a config key)"
+            )
         if phase.name in found or phase.name == PIPELINE:
             raise UserError(f"{where}: a phase named {phase.name!r} exists already; give it another name")
         found[phase.name] = phase
