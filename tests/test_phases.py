@@ -256,6 +256,13 @@ def test_the_model_gives_per_token_logprobs_in_chunks(chunk):
     want = logits.gather(-1, targets.clamp_min(0)[..., None])[..., 0].masked_fill(targets == -100, 0.0)
     assert per_token.shape == (3, 16)
     torch.testing.assert_close(per_token, want, rtol=1e-5, atol=1e-5)
+    # what a sequence-level loss reduces: each row's summed log-probability and its counted targets
+    from trainer_accel.training.batches import Batch
+    from trainer_accel.training.losses import sequence_logprobs
+
+    row_logp, row_n = sequence_logprobs(model, Batch(x, targets, targets))
+    assert row_n.tolist() == [11, 16, 16]
+    torch.testing.assert_close(row_logp, want.sum(dim=1), rtol=1e-5, atol=1e-4)
     summed = model(x, targets=targets)
     torch.testing.assert_close(-per_token.sum(), summed, rtol=1e-5, atol=1e-4)
     (-per_token.sum()).backward()
@@ -290,3 +297,18 @@ def test_one_place_builds_a_model_and_phase_names_live_in_their_modules():
                 named.append(f"{rel}:{node.lineno}")
     assert not builders, builders
     assert not named, named
+
+
+def test_plan_refuses_a_resume_from_another_phase_as_the_run_does(world):
+    """--plan finds the resume point by the run's own rule (training/start.resume_point): a pretrain checkpoint
+    named as --resume of SFT is refused by both, with the same line."""
+    pre = write_config(world / "pre.json", "pretrain", {"total_steps": 2, "eval_every": 2, "ckpt_every": 2})
+    assert run_cli("run", "--phase", "pretrain", "--config", str(pre), cwd=world).returncode == 0
+    sft = write_config(world / "sft.json", "sft", {"total_steps": 2})
+    args = ("--phase", "sft", "--config", str(sft), "--resume", str(world / "checkpoints/pretrain/latest"))
+    plan, ran = run_cli("run", *args, "--plan", cwd=world), run_cli("run", *args, cwd=world)
+    line = (
+        "a pretrain checkpoint cannot resume the sft phase; set init_from in the sft config to start from its weights"
+    )
+    assert plan.returncode == ran.returncode == 2
+    assert line in plan.stdout + plan.stderr and line in ran.stderr

@@ -154,9 +154,7 @@ class PhaseConfig:
         shares and the phase's sources split the rest by their weights (all of it without replay)."""
         folder = KIND_FOLDERS[self.keys.sources_kind]
         total = sum(self.sources.values())
-        if not self.replay:
-            return {f"{folder}/{s}": p / total for s, p in self.sources.items() if p > 0}
-        rest = 1.0 - sum(self.replay.values())
+        rest = 1.0 - sum(self.replay.values())  # exactly 1.0 without replay, so the shares are p / total
         return {f"{KIND_FOLDERS[STREAM]}/{s}": p for s, p in self.replay.items() if p > 0} | {
             f"{folder}/{s}": rest * p / total for s, p in self.sources.items() if p > 0
         }

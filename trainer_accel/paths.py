@@ -37,6 +37,7 @@ def source_name_problem(name: object) -> str | None:
 # they read (phases/); nothing else compares with these words.
 STREAM, EXAMPLES = "stream", "sft"
 KIND_FOLDERS = {STREAM: "streams", EXAMPLES: "sft"}
+FOLDER_KINDS = {folder: kind for kind, folder in KIND_FOLDERS.items()}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from trainer_accel.observability.manifest import (
     read_manifest,
     write_manifest,
 )
-from trainer_accel.paths import KIND_FOLDERS, STREAM, Paths
+from trainer_accel.paths import FOLDER_KINDS, STREAM, Paths
 from trainer_accel.phases.phase import Gate
 from trainer_accel.phases.registry import gate_of
 from trainer_accel.training.batches import Batches, RowSource
@@ -69,7 +69,7 @@ def batch_losses(model: torch.nn.Module, rows: Batches, batches: int, device: to
 def compare_set(name: str, base: list[tuple[float, int]], cand: list[tuple[float, int]]) -> dict[str, Any]:
     """One validation set measured on both models: token-weighted losses, their delta, and the standard error of
     the per-batch paired differences (both models see the same batches, so the same tokens are counted)."""
-    kind = {folder: kind for kind, folder in KIND_FOLDERS.items()}[name.split("/", 1)[0]]
+    kind = FOLDER_KINDS[name.split("/", 1)[0]]
     counted = sum(n for _, n in base)
     entry: dict[str, Any] = {
         "name": name,

@@ -60,7 +60,7 @@ def _export(paths: Paths, source: Path, fmt: str, out: Path | None, tokenizer: P
             if summary
             else (lambda meta: known_verdict(paths, source) if Path(source).is_file() else verdict_of(paths, meta))
         )
-        record = export_hf(source, out, paths, tokenizer, verdict, approved, is_chat_model)
+        record = export_hf(source, out, paths, tokenizer, verdict, approved, chat_model=is_chat_model)
         log.info(
             "exported %s (Hugging Face transformers) from %s (step %d, verdict: %s)",
             out,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer_accel.checkpoints.discovery import checkpoint_phase, find_resume_checkpoint, phase_finished
+from trainer_accel.checkpoints.discovery import checkpoint_phase, phase_finished
 from trainer_accel.checkpoints.full_state import checkpoint_bytes
 from trainer_accel.config import PhaseConfig
 from trainer_accel.data.cache import open_cache
@@ -26,9 +26,9 @@ from trainer_accel.models.build import build_model
 from trainer_accel.models.gpt import LOGIT_CHUNK_BYTES
 from trainer_accel.paths import STREAM, Paths
 from trainer_accel.phases.pipeline import load_pipeline
-from trainer_accel.phases.registry import PIPELINE, load_config
+from trainer_accel.phases.registry import PIPELINE, load_config, phase_named
 from trainer_accel.training.inputs import check_phase_inputs, phase_cache_paths
-from trainer_accel.training.start import check_start_checkpoint, same_tokenizer
+from trainer_accel.training.start import check_start_checkpoint, resume_point, same_tokenizer
 
 
 def flops_per_token(cfg: PhaseConfig) -> float:
@@ -206,10 +206,11 @@ def phase_plan(
     has not yet."""
     model = build_model(cfg.model, "meta")  # shapes only: no memory for the weights, however big the model
     problems: list[str] = []
-    found = (
-        resume if resume is not None else find_resume_checkpoint(paths.phase_dir(cfg.phase)) if auto_resume else None
-    )
-    start_step, start = 0, "fresh (random weights)"
+    start_step, start, found = 0, "fresh (random weights)", None
+    try:  # where the run would resume, by the rule the run uses (training/start.py)
+        found = resume_point(cfg, paths, resume, auto_resume, phase_named(cfg.phase).starts_from_a_model)
+    except UserError as e:
+        problems += e.problems
     if found is not None:
         try:
             loaded = check_start_checkpoint(found, cfg)

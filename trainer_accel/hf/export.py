@@ -255,7 +255,8 @@ def export_hf(
     tokenizer: Path | None = None,
     verdict: Callable[[dict], str | None] = lambda meta: None,
     approved: str | None = None,
-    chat_model: Callable[[dict], bool] = lambda meta: "chat" in meta,
+    *,
+    chat_model: Callable[[dict], bool],
 ) -> dict[str, Any]:
     """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record. One export
     at a time per --out: a second one's sweep would delete the first one's temporary directory. `verdict` gives

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer_accel import overrides as ov
-from trainer_accel.config import COMMON_KEYS, PhaseConfig, load_phase_config, parse_phase_config
+from trainer_accel.config import COMMON_KEYS, PhaseConfig, load_phase_config
 from trainer_accel.errors import UserError
 from trainer_accel.phases.phase import Gate, Phase
 from trainer_accel.phases.pretrain import PRETRAIN
@@ -92,10 +92,6 @@ def load_config(path: Path | str, name: str, overrides: list[ov.Override] = ()) 
     """The config of phase `name` at `path`: defaults < the file < the --set overrides."""
     phase = phase_named(name)
     return load_phase_config(path, name, phase.keys, overrides, phase_names())
-
-
-def parse_config(data: Any, name: str, path: Path, overrides: list[ov.Override] = ()) -> PhaseConfig:
-    return parse_phase_config(data, name, phase_named(name).keys, Path(path), overrides, phase_names())
 
 
 def guess_phase(data: Any) -> Phase:

@@ -32,7 +32,7 @@ from trainer_accel.data.tokenizer import (
     tokenizer_from_meta,
 )
 from trainer_accel.errors import UserError, raise_if_any
-from trainer_accel.paths import CACHE_NAMING, EXAMPLES, KIND_FOLDERS, STREAM, Paths
+from trainer_accel.paths import CACHE_NAMING, EXAMPLES, FOLDER_KINDS, KIND_FOLDERS, STREAM, Paths
 from trainer_accel.training.batches import Batches, RowSource
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,11 @@ def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[list[CacheRef], l
     """(train caches in the order of cfg.mixture(), val caches) of a phase: its sources' caches and the replayed
     streams; validated on its sources' val caches when they are examples and all there, else on the val_source
     stream."""
-    keys, kinds = cfg.keys, {folder: kind for kind, folder in KIND_FOLDERS.items()}
+    keys = cfg.keys
     train = []
     for name in cfg.mixture():
         folder, source = name.split("/", 1)
-        kind = kinds[folder]
+        kind = FOLDER_KINDS[folder]
         key = f"{keys.sources_key if kind == keys.sources_kind else 'replay'}.{source}"
         train.append(CacheRef(source, kind, paths.cache(kind, source, "train"), key))
     stream_val = [
