@@ -30,6 +30,7 @@ from trainer_accel.models.config import (  # noqa: F401 (the model's config, rea
     model_problems,
     resolved_model_cfg,
 )
+from trainer_accel.models.lora import ALL_LINEAR, AdapterConfig, adapter_problems
 from trainer_accel.paths import KIND_FOLDERS, STREAM, source_name_problem
 from trainer_accel.schema import build_dataclass, type_ok
 
@@ -148,6 +149,7 @@ class PhaseConfig:
     overrides: tuple[str, ...] = ()  # the --set KEY=VALUE texts that reached this phase, in order
     provenance: dict[str, str] = field(default_factory=dict, repr=False)  # dotted key -> default | file | override
     replay: dict[str, float] = field(default_factory=dict)  # stream caches mixed in, each a share of the rows
+    adapter: AdapterConfig | None = None  # LoRA adapters on a frozen base (models/lora.py); null: every weight trains
 
     def mixture(self) -> dict[str, float]:
         """Each training cache's share of the rows ("streams/wiki", "sft/dolly"): the replay streams take their
@@ -175,6 +177,7 @@ class PhaseConfig:
             **({"model_cfg_path": self.raw["model_cfg_path"]} if "model_cfg_path" in self.raw else {}),
             "val_source": self.val_source,
             "init_from": self.init_from,
+            **({"adapter": self.adapter.to_dict()} if self.adapter is not None else {}),
             "sample_prompts": [p.to_dict() for p in self.sample_prompts],
             "sample_seed": self.sample_seed,
             "tracking": dataclasses.asdict(self.tracking),
@@ -306,6 +309,27 @@ def parse_sample_prompts(value: object, where: str, problems: list[str]) -> list
     return out
 
 
+def parse_adapter(value: Any, model: ModelConfig | None, where: str, problems: list[str]) -> AdapterConfig | None:
+    """The `adapter` section: null or absent for full training; an object (`{}` for PEFT's defaults) for LoRA."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        problems.append(f'{where}: expected an object like {{"r": 16, "alpha": 32, "target_modules": "{ALL_LINEAR}"}}')
+        return None
+    tm = value.get("target_modules")
+    if not (tm is None or tm == ALL_LINEAR or isinstance(tm, list) and all(isinstance(n, str) for n in tm)):
+        problems.append(f'{where}.target_modules: expected a list of module names, "{ALL_LINEAR}" or null, got '
+                        f"{json.dumps(tm)}")  # fmt: skip
+        tm = None
+    rest = {k: v for k, v in value.items() if k != "target_modules"}
+    built = build_dataclass(AdapterConfig, rest, where, problems)
+    if built is None:
+        return None
+    adapter = dataclasses.replace(built, target_modules=tuple(tm) if isinstance(tm, list) else tm)
+    problems += adapter_problems(adapter, model, where)
+    return adapter
+
+
 def parse_tracking(value: Any, where: str, problems: list[str]) -> TrackingConfig:
     if not isinstance(value, dict):
         problems.append(f'{where}: expected an object like {{"log_with": ["tensorboard", "wandb"]}}')
@@ -329,7 +353,7 @@ def parse_tracking(value: Any, where: str, problems: list[str]) -> TrackingConfi
 # Loading
 
 SAMPLE_KEYS = {"sample_prompts", "sample_seed", "tracking"}
-COMMON_KEYS = {"model_cfg", "model_cfg_path", "train_cfg", "val_source", "init_from"} | SAMPLE_KEYS
+COMMON_KEYS = {"model_cfg", "model_cfg_path", "train_cfg", "val_source", "init_from", "adapter"} | SAMPLE_KEYS
 LONG_DEFAULT_T = 8192  # a model's maximum above this, taken as the run's T because none was given, is said
 RUN_MODEL_KEYS = ("T", "dropout")  # what a model_cfg file leaves to the run: the context it trains at, its dropout
 
@@ -342,7 +366,8 @@ def phase_keys(keys: PhaseKeys) -> set[str]:
 def phase_schema(keys: PhaseKeys) -> ov.Schema:
     """The keys a phase config may hold, for checking --set keys: sections list their fields."""
     schema: dict = {key: None for key in phase_keys(keys)}
-    for key, cls in (("model_cfg", ModelConfig), ("train_cfg", TrainConfig), ("tracking", TrackingConfig)):
+    sections = (("model_cfg", ModelConfig), ("train_cfg", TrainConfig), ("tracking", TrackingConfig))
+    for key, cls in (*sections, ("adapter", AdapterConfig)):
         schema[key] = frozenset(f.name for f in dataclasses.fields(cls))
     for key in (keys.sources_key, "replay"):
         if key in schema:
@@ -424,6 +449,7 @@ def parse_phase_config(
         problems.append(f"{where}.init_from: expected a checkpoint path or null, got {json.dumps(init_from)}")
     prompts = parse_sample_prompts(data.get("sample_prompts", []), f"{where}.sample_prompts", problems)
     tracking = parse_tracking(data.get("tracking", {}), f"{where}.tracking", problems)
+    adapter = parse_adapter(data.get("adapter"), model, f"{where}.adapter", problems)
     sample_seed = data.get("sample_seed", 1234)
     if not type_ok(sample_seed, int):
         problems.append(f"{where}.sample_seed: expected an integer, got {json.dumps(sample_seed)}")
@@ -443,6 +469,7 @@ def parse_phase_config(
         tracking=tracking,
         overrides=tuple(o.text for o in overrides),
         replay={k: float(v) for k, v in replay.items()} if isinstance(replay, dict) else {},
+        adapter=adapter,
         provenance=model_provenance(ov.provenance(file_data, list(overrides), schema), data, model),
     )
 

@@ -59,6 +59,7 @@ def plain_model(
     aliases: dict[str, str],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    converters=(),
 ):
     """A plain GPT on `device` in `dtype` holding a full state: what the main process alone may run (sampling)
     while the training model is sharded, whose forward all-gathers with every process. Built on the meta device,
@@ -66,7 +67,7 @@ def plain_model(
     from trainer_accel.checkpoints.layout import expand_aliases
     from trainer_accel.models.build import build_model
 
-    model = build_model(model_cfg, "meta", dtype)
+    model = build_model(model_cfg, "meta", dtype, converters=converters)
     model.to_empty(device=device)  # gives each name its own tensor: the ties are made again, so each is held once
     for alias, name in aliases.items():
         owner, _, leaf = alias.rpartition(".")
@@ -155,9 +156,11 @@ def scatter_sharded_optimizer_state(
     set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
 
-def checkpoint_bytes(model: torch.nn.Module) -> int:
+def checkpoint_bytes(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Bytes a checkpoint of this model takes (weights + AdamW's two fp32 moments), from parameter shapes alone,
-    so every process computes the same figure whether or not it holds the gathered state."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    so every process computes the same figure whether or not it holds the gathered state. `trainable_only`: an
+    adapter run's, which holds the adapter alone."""
+    kept = [p for p in model.parameters() if p.requires_grad or not trainable_only]  # tied weights counted once
+    weights = sum(p.numel() * p.element_size() for p in kept)
     moments = sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
     return weights + moments

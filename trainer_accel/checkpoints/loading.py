@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,10 +175,14 @@ def best_pt_dict(loaded: LoadedCheckpoint) -> dict[str, Any]:
     }
 
 
-def export_best_pt(ckpt: Path, out: Path, approved: str | None = None) -> LoadedCheckpoint:
+def export_best_pt(
+    ckpt: Path, out: Path, approved: str | None = None, load: Callable[..., LoadedCheckpoint] | None = None
+) -> LoadedCheckpoint:
     """Write the six-key best.pt atomically: a kill leaves the old file or none, never part of one. Returns what
-    was loaded: its sidecar is the one of the weights written (a re-read of latest/ could be the next save's)."""
-    loaded = load_checkpoint(ckpt, approved=approved)
+    was loaded: its sidecar is the one of the weights written (a re-read of latest/ could be the next save's).
+    `load(path, approved)`: how the weights are read (training/start.py's, which merges an adapter into its
+    base); by default a checkpoint's own files."""
+    loaded = (load or (lambda p, a: load_checkpoint(p, approved=a)))(ckpt, approved)
     blob = best_pt_dict(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -22,6 +22,7 @@ from trainer_accel.fsio import loads, now_iso, sha256_file, write_atomic
 from trainer_accel.hf.directory import is_hf_dir
 from trainer_accel.paths import Paths
 from trainer_accel.phases.registry import phase_names
+from trainer_accel.training.start import merged_weights
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _is_export_record(path: Path) -> bool:
 
 def export_with_record(source: Path, out: Path, paths: Paths, approved: str | None = None) -> dict:
     """Write best.pt from a checkpoint directory and its record beside it; returns the record."""
-    loaded = export_best_pt(source, out, approved)
+    loaded = export_best_pt(source, out, approved, load=merged_weights)
     meta = loaded.meta
     record = {
         "format": "trainer_accel.export",

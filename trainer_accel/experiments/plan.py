@@ -24,6 +24,7 @@ from trainer_accel.devices.ownership import in_use
 from trainer_accel.errors import UserError
 from trainer_accel.models.build import build_model
 from trainer_accel.models.gpt import LOGIT_CHUNK_BYTES
+from trainer_accel.models.lora import chosen_targets, is_adapter_name, lora_converter
 from trainer_accel.paths import STREAM, Paths
 from trainer_accel.phases.pipeline import load_pipeline
 from trainer_accel.phases.registry import PIPELINE, load_config, phase_named
@@ -96,6 +97,7 @@ class PhasePlan:
     start_step: int
     start: str  # "fresh", or where it resumes / initialises from
     caches: list[dict[str, Any]] = field(default_factory=list)
+    trainable: int | None = None  # an adapter run's trainable parameters (None: all of them train)
     data_fingerprint: str | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -126,8 +128,17 @@ class PhasePlan:
         per_layer = tokens * (18 * m.C + (6 if m.mlp == "gated" else 4) * m.d_ff) * (1 if half else 2)
         k = t.activation_checkpointing  # recomputed blocks keep their input alone, and one is recomputed at a time
         redone = len(range(0, m.L, k)) if k else 0
+        if self.trainable is None:
+            state = {"weights, gradients, AdamW state": 16.0 * self.parameters}
+        else:  # a frozen base has no gradients or optimizer state: fp32 weights, or NF4's ~4.13 bits a weight
+            frozen = self.parameters - self.trainable
+            nf4 = self.cfg.adapter.quantize_base == "nf4"
+            state = {
+                f"frozen base ({'NF4' if nf4 else 'fp32'})": frozen * (4.13 / 8 if nf4 else 4.0),
+                "adapter weights, gradients, AdamW state": 16.0 * self.trainable,
+            }
         out = {
-            "weights, gradients, AdamW state": 16.0 * self.parameters,
+            **state,
             "activations": (m.L - redone) * per_layer
             + (redone * tokens * m.C * (2 if half else 4) + (per_layer if redone else 0)),
             "logits": min(tokens, chunk) * m.V * (4 if half and t.compile and tokens <= chunk else 12),
@@ -204,7 +215,9 @@ def phase_plan(
 ) -> PhasePlan:
     """The plan of one phase. `init_pending`: the earlier phase of a pipeline that writes its start checkpoint and
     has not yet."""
-    model = build_model(cfg.model, "meta")  # shapes only: no memory for the weights, however big the model
+    adapter = [lora_converter(cfg.adapter, cfg.model)] if cfg.adapter is not None else []
+    model = build_model(cfg.model, "meta", converters=adapter)  # shapes only: no memory, however big the model
+    trainable = sum(p.numel() for n, p in model.named_parameters() if is_adapter_name(n)) if adapter else None
     problems: list[str] = []
     start_step, start, found = 0, "fresh (random weights)", None
     try:  # where the run would resume, by the rule the run uses (training/start.py)
@@ -234,7 +247,8 @@ def phase_plan(
         cfg=cfg,
         processes=processes,
         parameters=model.num_params(),
-        checkpoint_bytes=checkpoint_bytes(model),
+        checkpoint_bytes=checkpoint_bytes(model) if trainable is None else 12 * trainable,  # fp32 + 2 moments
+        trainable=trainable,
         start_step=start_step,
         start=start,
         caches=_describe_caches(cfg, paths),
@@ -317,6 +331,15 @@ def format_phase_plan(
     lines += [
         f"model: {plan.parameters:,} parameters (V={cfg.model.V} T={cfg.model.T} C={cfg.model.C} L={cfg.model.L} "
         f"H={cfg.model.H} d_ff={cfg.model.d_ff}; {architecture(cfg.model)})",
+        *(
+            [
+                f"adapter: {plan.trainable:,} trainable parameters ({plan.trainable / plan.parameters:.2%}), LoRA r="
+                f"{cfg.adapter.r} alpha={cfg.adapter.alpha:g} on {', '.join(adapter_names(cfg))}; the base frozen"
+                + (" in NF4" if cfg.adapter.quantize_base == "nf4" else "")
+            ]
+            if plan.trainable is not None
+            else []
+        ),
         f"tokens: {plan.tokens_per_step:,} per step (B={t.B} x accum_steps={t.accum_steps} x "
         f"processes={plan.processes} "
         f"x T={cfg.seq_len}); {plan.steps_to_run:,} steps to run = {_si(plan.tokens_per_step * plan.steps_to_run)} "
@@ -353,6 +376,10 @@ def format_phase_plan(
         *(f"warning: {w}" for w in plan.warnings()),
     ]
     return "\n".join(lines)
+
+
+def adapter_names(cfg: PhaseConfig) -> list[str]:
+    return sorted({t.name for t in chosen_targets(cfg.adapter, cfg.model)})
 
 
 def _bytes(n: float) -> str:

@@ -108,7 +108,8 @@ def plan_phase(
 
     Which checkpoint to resume from is the main process's answer; then every process loads it."""
     resume = main_process_decides(acc, lambda: resume_point(cfg, paths, resume, auto_resume, phase.starts_from_a_model))
-    inputs, start = collect(lambda: check_phase_inputs(cfg, paths), lambda: start_point(cfg, resume, init))
+    base = paths.config_checkpoint(cfg.adapter.base) if cfg.adapter is not None and cfg.adapter.base else None
+    inputs, start = collect(lambda: check_phase_inputs(cfg, paths), lambda: start_point(cfg, resume, init, base))
     raise_if_any(same_tokenizer(start.initial, inputs.tokenizer))
     return inputs, start
 

@@ -257,12 +257,14 @@ def export_hf(
     approved: str | None = None,
     *,
     chat_model: Callable[[dict], bool],
+    load: Callable[[Path, str | None], LoadedCheckpoint] | None = None,
 ) -> dict[str, Any]:
     """Write the Hugging Face directory of a checkpoint directory or exported .pt; returns its record. One export
     at a time per --out: a second one's sweep would delete the first one's temporary directory. `verdict` gives
     the promotion verdict of the weights loaded from their sidecar (latest/ may have moved on since the command
     started); `approved`, the only weights a check made before the load allows; `chat_model`, whether the sidecar's
-    phase makes a chat model (phases/registry.is_chat_model), which ends its turns with the end-of-turn token."""
+    phase makes a chat model (phases/registry.is_chat_model), which ends its turns with the end-of-turn token;
+    `load(path, approved)`, how the weights are read (training/start.py's merges an adapter into its base)."""
     if Path(out).is_symlink():
         raise UserError(
             f"--out {out}: a symbolic link (to {os.readlink(out)}); an export replaces its directory "
@@ -279,7 +281,7 @@ def export_hf(
         f"--out {out}: another export is writing there; wait for it",
         remove=True,
     ):
-        return _export_hf(source, out, paths, tokenizer, verdict, approved, chat_model)
+        return _export_hf(source, out, paths, tokenizer, verdict, approved, chat_model, load)
 
 
 def _export_hf(
@@ -290,12 +292,13 @@ def _export_hf(
     verdict: Callable[[dict], str | None],
     approved: str | None,
     chat_model: Callable[[dict], bool],
+    load: Callable[[Path, str | None], LoadedCheckpoint] | None,
 ) -> dict[str, Any]:
     sweep_leftovers(out)  # first: an export set aside by a kill goes back in place, and its user files with it
     kept = check_out(out)
     if is_hf_dir(source):
         raise UserError(f"{source}: already a Hugging Face directory; nothing to export")
-    loaded = load_checkpoint(source, with_optimizer=False, approved=approved)
+    loaded = load(source, approved) if load else load_checkpoint(source, with_optimizer=False, approved=approved)
     cfg = loaded.meta["model_cfg"]
     mapping = families.writing(cfg)
     raise_if_any(

@@ -34,6 +34,7 @@ from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.fsio import loads
 from trainer_accel.hf.directory import EXPORT_RECORD, is_hf_dir, tokenizer_identity
 from trainer_accel.hf.export import find_tokenizer
+from trainer_accel.hf.peft import is_peft_dir, read_peft_base
 from trainer_accel.models.build import build_model
 from trainer_accel.models.config import ModelConfig, model_cfg_problems
 from trainer_accel.models.gpt import GPT
@@ -166,9 +167,11 @@ def load_model(
         raise UserError(f"--dtype {dtype}: half precision is for a GPU; on the CPU use fp32")
     loaded = load_start(source, None, with_optimizer=False)
     phase = loaded.meta.get("phase")
-    if is_hf_dir(source):
-        tok, chat = _hf_tokenizer_and_chat(source)
-        phase, folder = _export_phase(source), source
+    # a PEFT adapter directory holds no tokenizer: the Hugging Face base it names has it
+    hf_source = Path(read_peft_base(source) or source) if is_peft_dir(source) else source
+    if is_hf_dir(hf_source):
+        tok, chat = _hf_tokenizer_and_chat(hf_source)
+        phase, folder = _export_phase(hf_source), hf_source
     else:
         tok = find_tokenizer(
             loaded,

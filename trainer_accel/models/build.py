@@ -29,12 +29,15 @@ def build_model(
     converters: Sequence[Converter] = (),
     trains: Callable[[str], bool] | None = None,
     activation_checkpointing: int = 0,
+    after_load: Sequence[Converter] = (),
 ) -> GPT:
     """A model of `cfg`. Its initial weights are drawn on the CPU from torch's global generator (seeded by the
     caller), so a seed gives the same weights on every device; on the meta device nothing is drawn or allocated
     (shapes only, or a model to fill with `to_empty`). `state` is loaded strictly, then the model moves to
     `device` and `dtype`. `trains(name)` says which parameters train (None: all); `activation_checkpointing`
-    recomputes every k-th block in the backward pass (0: none), with no wrapper modules, so names are unchanged."""
+    recomputes every k-th block in the backward pass (0: none), with no wrapper modules, so names are unchanged.
+    A converter's own tensors (a fresh adapter) may be absent from `state`; `after_load` converters change the
+    loaded weights themselves (an NF4 base is quantized from the weights it holds)."""
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
             model = GPT(cfg)
@@ -42,12 +45,19 @@ def build_model(
             model = convert(model)
         return model.to(dtype) if dtype is not None else model
     model = GPT(cfg)
+    own = set(model.state_dict())
     for convert in converters:
         model = convert(model)
     if state is not None:
-        model.load_state_dict(state, strict=True)
+        # strict, except that what a converter added (a fresh adapter) may be absent and keeps its initial draw
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k in own]
+        if missing or unexpected:
+            raise RuntimeError(f"state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
+    for finish in after_load:
+        model = finish(model)
     if trains is not None:
         for name, p in model.named_parameters():
             p.requires_grad_(trains(name))

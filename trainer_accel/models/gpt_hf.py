@@ -64,6 +64,21 @@ def layout(L: int) -> list[tuple[str, str, bool]]:
     return out
 
 
+HF_BLOCKS = "transformer.h"  # block i's modules are transformer.h.i.*
+DEFAULT_ADAPTER_TARGETS = ("c_attn",)  # what PEFT adapts in a GPT-2 when no target_modules are given
+
+
+def adapter_targets(m: ModelConfig) -> list[tuple[str, str, int, int, str]]:
+    """(PEFT's name, our linear, first row, end row, Hugging Face module) of each linear of a block an adapter can
+    target. GPT-2 names both output projections c_proj, so that name adapts both, as PEFT's does."""
+    return [
+        ("c_attn", "attn.qkv", 0, (m.H + 2 * m.kv_heads) * m.hd, "attn.c_attn"),
+        ("c_proj", "attn.proj", 0, m.C, "attn.c_proj"),
+        ("c_fc", "mlp.up", 0, m.d_ff, "mlp.c_fc"),
+        ("c_proj", "mlp.down", 0, m.C, "mlp.c_proj"),
+    ]
+
+
 def unrepresentable(model_cfg: dict[str, Any]) -> list[str]:
     """Why a model cannot be written as GPT-2, one line per option (empty: it can)."""
     cfg, defaults = complete_model_cfg(model_cfg), complete_model_cfg({})

@@ -390,6 +390,25 @@ def _singles(m: ModelConfig) -> list[tuple[str, str]]:
     return out
 
 
+HF_BLOCKS = "model.layers"  # block i's modules are model.layers.i.*
+DEFAULT_ADAPTER_TARGETS = ("q_proj", "v_proj")  # what PEFT adapts in these families when none are given
+
+
+def adapter_targets(m: ModelConfig) -> list[tuple[str, str, int, int, str]]:
+    """(PEFT's name, our linear, first row, end row, Hugging Face module) of each linear of a block an adapter can
+    target: q, k and v are row slices of our stacked qkv, gate and up of our stacked up (_stacked's order)."""
+    q, kv = m.H * m.hd, m.kv_heads * m.hd
+    return [
+        ("q_proj", "attn.qkv", 0, q, "self_attn.q_proj"),
+        ("k_proj", "attn.qkv", q, q + kv, "self_attn.k_proj"),
+        ("v_proj", "attn.qkv", q + kv, q + 2 * kv, "self_attn.v_proj"),
+        ("o_proj", "attn.proj", 0, m.C, "self_attn.o_proj"),
+        ("gate_proj", "mlp.up", 0, m.d_ff, "mlp.gate_proj"),
+        ("up_proj", "mlp.up", m.d_ff, 2 * m.d_ff, "mlp.up_proj"),
+        ("down_proj", "mlp.down", 0, m.C, "mlp.down_proj"),
+    ]
+
+
 def state_to_hf(state: dict[str, torch.Tensor], model_cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Our full state dict -> the *ForCausalLM's, float32, contiguous, a tied head once."""
     m = ModelConfig(**complete_model_cfg(model_cfg))

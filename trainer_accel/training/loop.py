@@ -35,6 +35,7 @@ from trainer_accel.data.chat_template import ChatFormat
 from trainer_accel.devices.collective import main_process_decides
 from trainer_accel.devices.stopping import Interrupted, StopRequest
 from trainer_accel.errors import UserError
+from trainer_accel.models.lora import parameter_counts
 from trainer_accel.observability.compile_report import CompileWatch
 from trainer_accel.paths import Paths
 from trainer_accel.training.batches import Batch, Batches
@@ -172,8 +173,15 @@ class Trainer:
             "parent": self.parent,
             "wandb_run_id": self.state.run_id if "wandb" in cfg.tracking.log_with else None,
         }
+        self.trainable, total = parameter_counts(model)
+        self.adapter_meta = (
+            {"config": cfg.adapter.to_dict(), "base": start.base_record, "trainable_parameters": self.trainable}
+            if cfg.adapter is not None
+            else None
+        )
         run_info = {
-            "parameters": model.num_params(),
+            "parameters": total,
+            "trainable_parameters": self.trainable,
             "processes": self.world,
             "global_batch": self.global_batch,
             "tokenizer": data_info.get("tokenizer"),
@@ -345,6 +353,8 @@ class Trainer:
 
     def save(self, to_step_dir: bool, to_best: bool) -> None:
         meta = checkpoint_meta(self.cfg, self.state, self.acc, self.global_batch, self.data_info, self.parent)
+        if self.adapter_meta is not None:  # the checkpoint holds the adapter alone; this says on what and how
+            meta["adapter"] = self.adapter_meta
         self.saver.save(self.model, self.optimizer, meta, to_step_dir, to_best)
 
     def wait_for_save(self) -> None:
@@ -415,7 +425,7 @@ class Trainer:
             stage_id=self.phase.stage_id,
         )
         log.info(
-            "%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters",
+            "%s: steps %d -> %d, %d processes on %s, precision %s, %d CPU threads, %s tokens/step, %s parameters%s",
             self.cfg.phase,
             s.step,
             t.total_steps,
@@ -425,6 +435,9 @@ class Trainer:
             torch.get_num_threads(),
             f"{tokens_per_step:,}",
             f"{self.acc.unwrap_model(self.model).num_params():,}",
+            f" ({self.trainable:,} trainable: adapter rank {self.cfg.adapter.r} on a frozen base)"
+            if self.cfg.adapter
+            else "",
         )
         if s.step > t.total_steps:
             log.warning(

@@ -24,6 +24,7 @@ from trainer_accel.data.chat_template import ChatFormat
 from trainer_accel.devices.accelerator import HALF_PRECISION
 from trainer_accel.devices.collective import main_process_decides
 from trainer_accel.devices.hardware import fits_in_free_memory
+from trainer_accel.models.lora import adapter_state, lora_converter
 from trainer_accel.observability.manifest import code_version
 from trainer_accel.observability.metrics import MetricsLog
 from trainer_accel.observability.samples import write_samples
@@ -78,13 +79,15 @@ class Saver:
         # the main process's free space (it writes, and its writer thread may be using space right now) decides for
         # all, so all stop together rather than leave some waiting in the gather below
         main_process_decides(self.acc, self.wait)  # one save at a time; a failed one stops every process
-        needed = checkpoint_bytes(self.acc.unwrap_model(model, keep_torch_compile=False))
+        adapter = self.cfg.adapter is not None  # an adapter run's checkpoint holds the adapter alone
+        needed = checkpoint_bytes(self.acc.unwrap_model(model, keep_torch_compile=False), trainable_only=adapter)
         copies = int(to_step_dir) + int(to_best and not to_step_dir)
         main_process_decides(self.acc, lambda: writing.ensure_free_space(self.phase_dir, needed, copies=copies))
         model_state, tied = full_model_state(self.acc, model)  # collectives under FSDP: every process takes part
         opt_state = full_optimizer_state(self.acc, model, optimizer)
         if self.acc.is_main_process:
-            snapshot = Snapshot(writing.cpu_copy(model_state), tied, writing.cpu_copy(opt_state), meta)
+            saved, saved_tied = (adapter_state(model_state), {}) if adapter else (model_state, tied)
+            snapshot = Snapshot(writing.cpu_copy(saved), saved_tied, writing.cpu_copy(opt_state), meta)
             self.writer.submit(snapshot, to_step_dir, to_best)
             if to_step_dir:
                 self.write_samples(model, model_state, tied, meta["step"])
@@ -96,12 +99,15 @@ class Saver:
         if done is None:
             return
         meta, path = done
+        size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+        log.info("%s: checkpoint %s written, %.1f MB", self.cfg.phase, path, size / 1e6)
         self.events.write(
             "checkpoint",
             meta["step"],
             path=str(path),
             best_val_loss=meta["best_val_loss"],
             best_val_step=meta["best_val_step"],
+            size_mb=round(size / 1e6, 3),
         )
 
     def write_samples(self, model: torch.nn.Module, model_state: dict, tied: dict, step: int) -> None:
@@ -122,7 +128,8 @@ class Saver:
                     device,
                 )
                 device, dtype = torch.device("cpu"), torch.float32
-            plain = plain_model(self.cfg.model, model_state, tied, device, dtype)
+            adapter = [lora_converter(self.cfg.adapter, self.cfg.model)] if self.cfg.adapter is not None else []
+            plain = plain_model(self.cfg.model, model_state, tied, device, dtype, adapter)
         else:
             plain = self.acc.unwrap_model(model, keep_torch_compile=False)
         out = Path(self.paths.samples) / self.cfg.phase
