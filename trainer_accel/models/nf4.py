@@ -18,12 +18,15 @@ SCALER_BLOCK = 256  # block scales per second-level block (QLoRA's double quanti
 
 
 def _nf4():
-    try:
+    try:  # torchao 0.18 moved it here from torchao.dtypes.nf4tensor
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
     except ImportError:
-        raise UserError(
-            'adapter.quantize_base "nf4" needs torchao (pip install torchao, or the qlora extra of this package)'
-        ) from None
+        try:
+            from torchao.dtypes.nf4tensor import to_nf4
+        except ImportError:
+            raise UserError(
+                'adapter.quantize_base "nf4" needs torchao (pip install torchao, or the qlora extra of this package)'
+            ) from None
     return to_nf4
 
 
