@@ -15,7 +15,9 @@ that FSDP2 checkpoint read back by transformers (skipped, and said so, without t
 resume from a CPU checkpoint, flash attention under bf16, the masked (packed) attention kernel in bf16 and fp16
 with finite gradients at T % 128 == 64, the CPU test suite on this machine, and `trainer_accel.bench` on GPT-2
 small (MFU target 50% of the datasheet peak), a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model (activation
-checkpointing, the largest batch that fits). With two or more GPUs it adds DDP and FSDP across all of them. The
+checkpointing, the largest batch that fits). Adapters: LoRA SFT under bf16 + compile with a resume and a PEFT
+export, QLoRA (an NF4 base) under FSDP2 with a resume and a merged export, and the Llama-3.2-1B shape as QLoRA
+trains it at the largest batch whose step fits in 24 GiB (T=2048). With two or more GPUs it adds DDP and FSDP across all of them. The
 checks run at once with the test suite beside them, then the benches alone, one at a time. The last run's table
 (fewer checks: 6:47 on one H200 with 16 cores) is in docs/devices.md. On a machine without CUDA it says so in
 one line and exits 0.
@@ -179,18 +181,20 @@ class CheckFailed(Exception):
 # checks that read what the check before them in their chain wrote
 READS_THE_PREVIOUS = {
     "SFT bf16 + compile from that pretrain",
+    "LoRA SFT bf16 + compile from it, resume, PEFT export",
     "HF export of that FSDP2 checkpoint, read by transformers",
 }
 
 
 def selected(chain: list[tuple], only: str | None) -> list[tuple]:
     """The chain's checks whose label holds one of the comma-separated words of --only (every check without it),
-    with the check before each one that reads what it wrote."""
+    with the checks before each one that reads what they wrote."""
     if not only:
         return chain
     words = [w.strip().lower() for w in only.split(",") if w.strip()]
     keep = {i for i, (label, _) in enumerate(chain) if any(w in label.lower() for w in words)}
-    keep |= {i - 1 for i in keep if chain[i][0] in READS_THE_PREVIOUS}
+    while more := {i - 1 for i in keep if chain[i][0] in READS_THE_PREVIOUS} - keep:  # and what that one reads
+        keep |= more
     return [check for i, check in enumerate(chain) if i in keep]
 
 
@@ -617,6 +621,105 @@ def largest_batch(job: tuple[str, list[int], float]) -> dict:
     return {"B": None, "peak": None}
 
 
+def check_lora_compile(run: Runner) -> str:
+    """LoRA SFT (all-linear, dropout) from the bf16 pretrain under bf16 + compile: the adapter alone in the
+    checkpoint, a resume, and the PEFT export read back."""
+    init = run.workdir / "bf16/checkpoints/pretrain/best"
+    expect(init.is_dir(), f"{init} is missing (the bf16 pretrain check failed)")
+    adapter = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+    train = {"mixed_precision": "bf16", "compile": True, "base_lr": 2e-3}
+    cfg = run.config("lora", "sft", train=train, init_from=str(init), adapter=adapter)
+    r = run.run("lora", "--phase", "sft", "--config", str(cfg), env=COMPILE_LOGS)
+    expect("trainable: adapter rank 16" in r.stderr, "the run did not say its trainable parameters")
+    again = run.run("lora", "--phase", "sft", "--config", str(cfg), "--set", "train_cfg.total_steps=30")
+    expect("resumed from" in again.stderr and "at step 20" in again.stderr, "the adapter run did not resume at 20")
+    meta = run.meta("lora", "sft")
+    size = (run.workdir / "lora/checkpoints/sft/latest/model.safetensors").stat().st_size
+    expect("adapter" in meta, "the checkpoint records no adapter")
+    run.run("lora", "--checkpoint", str(run.workdir / "lora/checkpoints/sft/latest"), "--format", "peft", "--out",
+            str(run.workdir / "lora_peft"), module="export")  # fmt: skip
+    evals = [e["val/loss"] for e in run.events("lora", "eval") if e["phase"] == "sft"]
+    expect(evals[-1] < evals[0], f"LoRA SFT val loss did not fall: {evals}")
+    return f"val {evals[0]:.3f} -> {evals[-1]:.3f}, adapter file {size / 1e6:.2f} MB, recompiles {recompiles(r)}"
+
+
+def check_qlora_fsdp(run: Runner) -> str:
+    """QLoRA: the Llama-style base in NF4 under FSDP2 (one process) with bf16, trained, resumed and exported."""
+    if importlib.util.find_spec("torchao") is None:
+        raise Skipped("torchao is not installed (pip install -e '.[qlora]')")
+    base = run.config("qlora_base", model=LLAMA)
+    run.run("qlora", "--phase", "pretrain", "--config", str(base))
+    init = run.workdir / "qlora/checkpoints/pretrain/best"
+    adapter = {"r": 8, "alpha": 16, "target_modules": "all-linear", "quantize_base": "nf4"}
+    cfg = run.config("qlora", "sft", model=LLAMA, train={"mixed_precision": "bf16"}, init_from=str(init),
+                     adapter=adapter)  # fmt: skip
+    run.run("qlora", "--phase", "sft", "--config", str(cfg), launch=fsdp_launch(1))
+    again = run.run("qlora", "--phase", "sft", "--config", str(cfg), "--set", "train_cfg.total_steps=30",
+                    launch=fsdp_launch(1))  # fmt: skip
+    expect("at step 20" in again.stderr, "the QLoRA run did not resume at step 20")
+    run.run("qlora", "--checkpoint", str(run.workdir / "qlora/checkpoints/sft/latest"), "--out",
+            str(run.workdir / "qlora.pt"), module="export")  # fmt: skip
+    evals = [e["val/loss"] for e in run.events("qlora", "eval") if e["phase"] == "sft"]
+    return f"val {evals[0]:.3f} -> {evals[-1]:.3f}, resumed, merged best.pt written"
+
+
+QLORA_BUDGET = 24 * 2**30  # the card most people fine-tune on
+
+
+def qlora_largest_batch(job: tuple[str, list[int]]) -> dict:
+    """The Llama-3.2-1B-shaped model as QLoRA trains it (NF4 base, r 16 all-linear adapter, bf16, activation
+    checkpointing, T=2048): the largest B whose step fits in 24 GiB, with its step time."""
+    from trainer_accel.models.build import build_model
+    from trainer_accel.models.lora import AdapterConfig, is_adapter_name, lora_converter
+    from trainer_accel.models.nf4 import quantize_base
+    from trainer_accel.phases.registry import load_config
+
+    config, candidates = job
+    cfg = load_config(config, "pretrain")
+    torch.cuda.set_per_process_memory_fraction(
+        min(1.0, QLORA_BUDGET / torch.cuda.get_device_properties(0).total_memory)
+    )
+    adapter = AdapterConfig(r=16, alpha=32, dropout=0.05, target_modules="all-linear", quantize_base="nf4")
+    model = build_model(cfg.model, "cuda", converters=[lora_converter(adapter, cfg.model)], trains=is_adapter_name,
+                        activation_checkpointing=1, after_load=[quantize_base])  # fmt: skip
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, fused=True)
+    torch.cuda.reset_peak_memory_stats()  # the fp32 weights it was quantized from are gone
+    for B in candidates:
+        try:
+            x = torch.randint(0, cfg.model.V, (B, cfg.seq_len), device="cuda")
+            times = []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(x, targets=x)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            step = sorted(times[1:])[1]
+            return {"B": B, "peak": torch.cuda.max_memory_allocated(), "step_s": step,
+                    "tokens_per_s": B * cfg.seq_len / step, "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
+        except torch.OutOfMemoryError:
+            pass
+        x = loss = None
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    return {"B": None}
+
+
+def check_qlora_1b(run: Runner) -> str:
+    if importlib.util.find_spec("torchao") is None:
+        raise Skipped("torchao is not installed (pip install -e '.[qlora]')")
+    from trainer_accel.tools.bench import in_fresh_process
+
+    f = in_fresh_process(qlora_largest_batch, (str(REPO_ROOT / BENCHES["llama1b"][0]), BATCH_CANDIDATES))
+    expect(f["B"] is not None, "not even B=1 fits in 24 GiB")
+    return (f"B={f['B']} x T=2048 fits in 24 GiB (peak {f['peak'] / 2**30:.1f} GiB), {f['step_s']:.2f} s/step, "
+            f"{f['tokens_per_s']:,.0f} tokens/s, {f['trainable']:,} trainable")  # fmt: skip
+
+
 def bench_config(run: Runner, name: str) -> tuple[Path, str]:
     """The bench's config: as committed, or (llama1b) at the largest batch that fits, written to the work dir."""
     config = REPO_ROOT / BENCHES[name][0]
@@ -760,7 +863,9 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
         [
             ("bf16 + compile pretrain, ckpt at last step, resume", lambda: check_bf16_compile(run)),
             ("SFT bf16 + compile from that pretrain", lambda: check_sft_compile(run)),
+            ("LoRA SFT bf16 + compile from it, resume, PEFT export", lambda: check_lora_compile(run)),
         ],
+        [("QLoRA: NF4 base under FSDP2, bf16, resume, merged export", lambda: check_qlora_fsdp(run))],
         [("fp16, on_nonfinite stop", lambda: check_fp16_stop(run))],
         [("fp16, on_nonfinite skip, forced overflow", lambda: check_fp16_skip(run))],
         [("FSDP2 1 process: samples, resume, best.pt", lambda: check_fsdp(run, 1, "fsdp1"))]
@@ -794,6 +899,13 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
         results = [r for chain in done for r in chain] + missing
     if tests is not None:  # before the bench: its timings should not share the CPU with the tests
         results.append(tests_result(tests, workdir / "tests.log", tests_started, left()))
+    if not args.no_bench and selected([("QLoRA Llama-3.2-1B shape, largest batch in 24 GiB", None)], args.only):
+        try:
+            results.append(Result("QLoRA Llama-3.2-1B shape, largest batch in 24 GiB", "pass", check_qlora_1b(run)))
+        except Skipped as e:
+            results.append(Result("QLoRA Llama-3.2-1B shape, largest batch in 24 GiB", "skip", str(e)))
+        except Exception as e:
+            results.append(Result("QLoRA Llama-3.2-1B shape, largest batch in 24 GiB", "FAIL", failure(e)))
     for name in [] if args.no_bench else [b for b in args.bench.split(",") if b]:
         t0 = time.perf_counter()
         if left() < 60:
