@@ -148,6 +148,19 @@ def test_adapter_sft_checkpoints_hold_the_adapter_and_everything_reads_it(world)
     g = run_cli("generate", "--model", "checkpoints/sft/best", "--prompt", "The zordax", "--max-new-tokens", "4",
                 "--temperature", "0", cwd=world)  # fmt: skip
     assert g.returncode == 0, g.stderr
+    # --format peft: a user's directory is refused whole, an earlier export of ours is replaced
+    (world / "mine").mkdir()
+    (world / "mine/notes.txt").write_text("keep")
+    r = run_cli("export", "--format", "peft", "--checkpoint", "checkpoints/sft/best", "--out", "mine", cwd=world)
+    assert r.returncode == 2 and "not an earlier PEFT export" in r.stderr
+    assert (world / "mine/notes.txt").read_text() == "keep" and sorted(p.name for p in (world / "mine").iterdir()) == [
+        "notes.txt"
+    ]
+    for _ in range(2):
+        r = run_cli("export", "--format", "peft", "--checkpoint", "checkpoints/sft/best", "--out", "ours", cwd=world)
+        assert r.returncode == 0, r.stderr[-1500:]
+    r = run_cli("export", "--base-name", "meta-llama/Llama-3.2-1B", cwd=world)
+    assert r.returncode == 2 and "--base-name: only for --format peft" in r.stderr
     plan = run_cli("run", "--phase", "sft", "--config", "c/sft.json", "--plan", cwd=world)
     assert "adapter: " in plan.stdout and "trainable parameters" in plan.stdout, plan.stdout + plan.stderr
 

@@ -159,16 +159,18 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        pieces, at = [], 0
+        # one dropout mask for the targets of this linear (PEFT draws one per module; with q, k and v stacked here
+        # that would be three copies of x kept for the backward pass, for no difference in what dropout means)
+        seen = F.dropout(x, self.dropout, self.training) if self.dropout else x
         for name, (start, stop) in self.rows.items():
-            if start > at:
-                pieces.append(y.new_zeros(*y.shape[:-1], start - at))
-            seen = F.dropout(x, self.dropout, self.training) if self.dropout else x  # each target its own mask
-            pieces.append(F.linear(F.linear(seen, self.lora_A[name]), self.lora_B[name]) * self.scale)
-            at = stop
-        if at < self.out_features:
-            pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - at))
-        return y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1))
+            # the scale goes into B (r columns), not onto the (B, T, rows) output; the update is added in place,
+            # since the base matmul's backward needs its input and weight, not its output
+            delta = F.linear(F.linear(seen, self.lora_A[name]), self.lora_B[name] * self.scale)
+            if start == 0 and stop == self.out_features:
+                y = y.add_(delta)
+            else:
+                y[..., start:stop] += delta
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.rows)}, scale={self.scale:g}"

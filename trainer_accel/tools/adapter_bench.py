@@ -24,6 +24,7 @@ import os
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ def _config(args: argparse.Namespace, workdir: Path, adapter: bool) -> Path:
         "ckpt_every": steps,
         "eval_batches": 1,
         "log_every": steps,
+        "warmup_steps": min(cfg.get("train_cfg", {}).get("warmup_steps", 1), steps),
         **({"B": args.B} if args.B else {}),
     }
     cfg.update(init_from=str(workdir / "base"), sample_prompts=[], tracking={"log_with": []})
@@ -65,7 +67,7 @@ def _config(args: argparse.Namespace, workdir: Path, adapter: bool) -> Path:
 
 def ours(config: Path, workdir: Path, warmup: int, queue) -> None:
     """The trainer's own run of `config`, its optimizer steps timed."""
-    from trainer_accel import run
+    from trainer_accel.experiments import runner
     from trainer_accel.training import loop
 
     times, step = [], loop.Trainer._train_step
@@ -81,7 +83,8 @@ def ours(config: Path, workdir: Path, warmup: int, queue) -> None:
     os.environ["TRAINER_ARTIFACTS_DIR"] = str(workdir / config.stem)
     os.environ["TRAINER_CHECKPOINTS_DIR"] = str(workdir / config.stem / "checkpoints")
     with PeakMemory(torch.device("cpu")) as peak:
-        code = run.main(["--phase", "sft", "--config", str(config), "--device", "cpu"])
+        flags = {"resume": None, "no_resume": False, "sets": [], "plan": False, "result_json": None, "verbose": False}
+        code = runner.run(argparse.Namespace(phase="sft", config=config, device="cpu", **flags))  # `run`'s flags
     saved = workdir / config.stem / "checkpoints" / "sft" / "latest"
     queue.put(
         {
@@ -110,8 +113,8 @@ def peft_trainer(config: Path, workdir: Path, warmup: int, queue) -> None:
     rows = []
     for s in range(t.total_steps):
         b = batches.train_batch(s, 0, 0, 1, 1)
-        labels = torch.cat([torch.full_like(b.targets[:, :1], -100), b.targets[:, :-1]], dim=1)  # HF shifts them
-        rows += [{"input_ids": i, "labels": lab} for i, lab in zip(b.idx, labels)]
+        labels = torch.cat([torch.full_like(b.y_masked[:, :1], -100), b.y_masked[:, :-1]], dim=1)  # HF shifts them
+        rows += [{"input_ids": i, "labels": lab} for i, lab in zip(b.x, labels)]
     model = AutoModelForCausalLM.from_pretrained(workdir / "hf_base", dtype=torch.float32)
     a = cfg.adapter
     model = get_peft_model(
@@ -173,13 +176,22 @@ def peft_trainer(config: Path, workdir: Path, warmup: int, queue) -> None:
     )
 
 
+def _guarded(fn, args, queue) -> None:
+    try:
+        fn(*args, queue)
+    except BaseException as e:  # the parent waits for a result: it gets the failure instead
+        queue.put({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+
+
 def _fresh(fn, *args) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=fn, args=(*args, queue))
+    p = ctx.Process(target=_guarded, args=(fn, args, queue))
     p.start()
     result = queue.get()
     p.join()
+    if "error" in result:
+        raise RuntimeError(f"{fn.__name__} failed: {result['error']}\n{result['traceback']}")
     return result
 
 

@@ -17,10 +17,10 @@ with finite gradients at T % 128 == 64, the CPU test suite on this machine, and 
 small (MFU target 50% of the datasheet peak), a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model (activation
 checkpointing, the largest batch that fits). Adapters: LoRA SFT under bf16 + compile with a resume and a PEFT
 export, QLoRA (an NF4 base) under FSDP2 with a resume and a merged export, and the Llama-3.2-1B shape as QLoRA
-trains it at the largest batch whose step fits in 24 GiB (T=2048). With two or more GPUs it adds DDP and FSDP across all of them. The
-checks run at once with the test suite beside them, then the benches alone, one at a time. The last run's table
-(fewer checks: 6:47 on one H200 with 16 cores) is in docs/devices.md. On a machine without CUDA it says so in
-one line and exits 0.
+trains it at the largest batch whose step fits in 24 GiB (T=2048). With two or more GPUs it adds DDP and FSDP
+across all of them. The checks run at once with the test suite beside them, then the benches alone, one at a
+time. The last run's table (fewer checks: 6:47 on one H200 with 16 cores) is in docs/devices.md. On a machine
+without CUDA it says so in one line and exits 0.
 """
 
 from __future__ import annotations

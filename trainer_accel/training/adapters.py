@@ -46,7 +46,8 @@ def base_record(base: LoadedCheckpoint) -> dict[str, Any]:
     """What an adapter checkpoint records of its base: enough to find it again and to know it is the same."""
     source = Path(base.origin or base.source).resolve()
     return {
-        "source": str(source),
+        "source": str(source),  # the step directory behind a best/ or latest/: it does not move on
+        "given": str(Path(base.source).resolve()),  # as the run named it (if the step directory was pruned)
         "sha256": weights_sha256(base.model_state),
         "step": base.step,
         "phase": base.meta.get("phase"),
@@ -55,8 +56,10 @@ def base_record(base: LoadedCheckpoint) -> dict[str, Any]:
 
 
 def recorded_base(loaded: LoadedCheckpoint) -> Path | None:
-    source = (loaded.meta["adapter"].get("base") or {}).get("source")
-    return Path(source) if source else None
+    """Where the adapter's base was: its step directory, else the path the run named (the hash decides)."""
+    record = loaded.meta["adapter"].get("base") or {}
+    places = [Path(p) for p in (record.get("source"), record.get("given")) if p]
+    return next((p for p in places if p.exists()), places[0] if places else None)
 
 
 def base_problems(adapter: LoadedCheckpoint, base: LoadedCheckpoint, record: dict[str, Any]) -> list[str]:

@@ -11,6 +11,7 @@ checkpoints/loading.py.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ from trainer_accel.training.adapters import (
     settings_problems,
     weights_sha256,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -200,6 +203,12 @@ def with_adapter_merged(adapter: LoadedCheckpoint, base_path: Path | None = None
     if adapter.meta["adapter"]["base"].get("sha256") is not None:
         raise_if_any(base_problems(adapter, base, {"sha256": weights_sha256(base.model_state)}))
     settings = adapter_config_of(adapter)
+    if settings.quantize_base == "nf4":
+        log.info(
+            "%s: an adapter trained against the NF4 copy of its base, merged into the %s base (adapter.merge_into)",
+            adapter.source,
+            "NF4-dequantized" if settings.merge_into == "dequantized" else "original",
+        )
     merged = merged_state(merge_base(base.model_state, settings), adapter.model_state, settings, cfg)
     return LoadedCheckpoint(
         adapter.source, merged, None, adapter.step, adapter.best_val_loss, adapter.meta, adapter.origin
