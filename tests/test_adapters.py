@@ -103,8 +103,9 @@ def test_activation_checkpointing_gives_the_same_adapter_gradients_with_dropout(
 def pretrain_and_adapter_config(world, family="gpt2", adapter=ADAPTER, train=SHORT, **top):
     model = {"model_cfg": FAMILIES[family]}
     write_config(world / "c/pretrain.json", "pretrain", train, **model)
+    sft = {**train, "pack": True}  # packed rows, as the demo's SFT: block-diagonal attention under the adapter too
     write_config(
-        world / "c/sft.json", "sft", train, init_from="checkpoints/pretrain/best", adapter=adapter, **model, **top
+        world / "c/sft.json", "sft", sft, init_from="checkpoints/pretrain/best", adapter=adapter, **model, **top
     )
     (world / "c/pipeline.json").write_text(
         json.dumps({"pretrain_config_path": "pretrain.json", "sft_config_path": "sft.json"})
@@ -367,3 +368,37 @@ def test_adapter_under_ddp_and_fsdp2_equals_one_process(world):
         got = load_file(str(world / name / "checkpoints/sft/latest/model.safetensors"))
         assert got.keys() == ref.keys()
         assert all(torch.allclose(got[k], ref[k], atol=1e-6, rtol=1e-5) for k in ref), name
+
+
+def test_adapter_run_compiles_without_graph_breaks_and_trains_under_fp16(world):
+    """The loop's compile path (dynamo's eager backend standing in for inductor, as in test_scale_paths) with
+    adapters on every linear of a Llama-style model: one graph for the forward and the loss, no break, nothing
+    compiled after the warm-up. And fp16 with a loss scaler, as Accelerate sets it up on a GPU (tests/emulated_run.py):
+    the adapter trains and its losses stay finite."""
+    import os
+    import subprocess
+    import sys
+
+    write_config(world / "p.json", "pretrain", SHORT, model_cfg=FAMILIES["llama"])
+    assert run_cli("run", "--phase", "pretrain", "--config", "p.json", cwd=world).returncode == 0
+    top = {"init_from": "checkpoints/pretrain/best", "adapter": ADAPTER, "model_cfg": FAMILIES["llama"]}
+    cfg = write_config(world / "c.json", "sft", {**SHORT, "compile": True, "pack": True}, **top)
+    code = (
+        "import functools, sys, torch; torch.compile = functools.partial(torch.compile, backend='eager'); "
+        "from trainer_accel.run import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {**os.environ, "TRAINER_ARTIFACTS_DIR": str(world / "a"), "TRAINER_CHECKPOINTS_DIR": str(world / "a/ck")}
+    (world / "a/ck").mkdir(parents=True)
+    shutil.copytree(world / "checkpoints/pretrain", world / "a/ck/pretrain")
+    r = subprocess.run([sys.executable, "-c", code, "--phase", "sft", "--config", str(cfg)], cwd=world,
+                       capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    compiled = events(world / "a", "compile")
+    assert compiled and compiled[-1]["graph_breaks"] == 0 and compiled[-1]["compiled_later"] == 0, compiled
+    fp16 = write_config(world / "f.json", "sft", SHORT, **top)
+    r = subprocess.run([sys.executable, str(EMULATED), "fp16", "--phase", "sft", "--config", str(fp16)], cwd=world,
+                       capture_output=True, text=True, timeout=300, env={**os.environ})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [e["train/loss"] for e in events(world, "train") if e["phase"] == "sft"]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert all(lora.is_adapter_name(k) for k in load_file(str(world / "checkpoints/sft/latest/model.safetensors")))
