@@ -146,6 +146,10 @@ class Trainer:
                 cfg.model.L,
             )
         self.state = LoopState()
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        if frozen:  # an adapter's base: the same on every process already (built from the same weights), so DDP
+            # need not broadcast it at start, and must not: its copy into an NF4 weight quantizes it a second time
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # train_cfg.compile: the forward and the loss as one graph, after Accelerate's wrapping (as its own dynamo
         # plugin does). Compiled apart, the (B, T, V) logits would leave the model's graph in fp32 (Accelerate's
