@@ -84,6 +84,26 @@ def test_fresh_adapter_computes_the_base_and_targets_follow_peft_names():
     ]  # GPT-2 calls both output projections c_proj, and PEFT adapts both
 
 
+def test_a_merge_sums_in_fp32_and_casts_once_to_the_base_dtype():
+    """A bf16 base: each weight gets base + scale * B A computed in fp32 and rounded to bf16 once (adding the update
+    in bf16 rounds twice and lands elsewhere: torchtune#1101's merged model that disagreed with the unmerged one)."""
+    adapter = lora.AdapterConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
+    cfg, model = adapted("llama", adapter)
+    state = model.state_dict()
+    base = {k: v.to(torch.bfloat16) for k, v in state.items() if not lora.is_adapter_name(k)}
+    merged = lora.merged_state(base, lora.adapter_state(state), adapter, cfg)
+    for module, names in (("blocks.1.attn.qkv", ("q_proj", "v_proj")), ("blocks.1.mlp.down", ("down_proj",))):
+        want = base[f"{module}.weight"].float()
+        for t in lora.chosen_targets(adapter, cfg):
+            if t.name in names and f"blocks.1.{t.module}" == module:
+                a, b = state[f"{module}.lora_A.{t.name}"], state[f"{module}.lora_B.{t.name}"]
+                want[t.rows[0] : t.rows[1]] += (b @ a) * adapter.scale
+        assert merged[f"{module}.weight"].dtype == torch.bfloat16
+        assert torch.equal(merged[f"{module}.weight"], want.to(torch.bfloat16))
+    assert torch.equal(merged["blocks.1.attn.qkv.weight"][cfg.H * cfg.hd : (cfg.H + cfg.kv_heads) * cfg.hd],
+                       base["blocks.1.attn.qkv.weight"][cfg.H * cfg.hd : (cfg.H + cfg.kv_heads) * cfg.hd])  # fmt: skip
+
+
 def test_activation_checkpointing_gives_the_same_adapter_gradients_with_dropout():
     adapter = lora.AdapterConfig(r=4, alpha=8, dropout=0.3, target_modules="all-linear")
     grads = []
@@ -377,6 +397,16 @@ def test_adapter_under_ddp_and_fsdp2_equals_one_process(world, quantize):
         assert got.keys() == ref.keys()
         worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
         assert all(torch.allclose(got[k], ref[k], atol=1e-6, rtol=1e-5) for k in ref), (name, worst)
+    # 2 processes stopped after step 4 (as a crash after that checkpoint leaves them) resume bit for bit
+    shutil.copytree(world / "ddp", world / "cut")
+    for d in ("latest", "best", "step_0000006"):
+        shutil.rmtree(world / "cut/checkpoints/sft" / d, ignore_errors=True)
+    launch_file, target, launcher = runs["ddp"]
+    r = launch(world, launch_file, target, "--phase", "sft", "--config", str(two), artifacts="cut", launcher=launcher)
+    assert r.returncode == 0 and "at step 4" in r.stderr, r.stderr[-3000:]
+    a = load_file(str(world / "cut/checkpoints/sft/latest/model.safetensors"))
+    b = load_file(str(world / "ddp/checkpoints/sft/latest/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_adapter_run_compiles_without_graph_breaks_and_trains_under_fp16(world):

@@ -24,7 +24,7 @@ from trainer_accel.devices.ownership import in_use
 from trainer_accel.errors import UserError
 from trainer_accel.models.build import build_model
 from trainer_accel.models.gpt import LOGIT_CHUNK_BYTES
-from trainer_accel.models.lora import chosen_targets, is_adapter_name, lora_converter
+from trainer_accel.models.lora import chosen_targets, is_adapter_name, lora_converter, parameter_counts
 from trainer_accel.paths import STREAM, Paths
 from trainer_accel.phases.pipeline import load_pipeline
 from trainer_accel.phases.registry import PIPELINE, load_config, phase_named
@@ -216,8 +216,9 @@ def phase_plan(
     """The plan of one phase. `init_pending`: the earlier phase of a pipeline that writes its start checkpoint and
     has not yet."""
     adapter = [lora_converter(cfg.adapter, cfg.model)] if cfg.adapter is not None else []
-    model = build_model(cfg.model, "meta", converters=adapter)  # shapes only: no memory, however big the model
-    trainable = sum(p.numel() for n, p in model.named_parameters() if is_adapter_name(n)) if adapter else None
+    # shapes only: no memory, however big the model
+    model = build_model(cfg.model, "meta", converters=adapter, trains=is_adapter_name if adapter else None)
+    trainable = parameter_counts(model)[0] if adapter else None
     problems: list[str] = []
     start_step, start, found = 0, "fresh (random weights)", None
     try:  # where the run would resume, by the rule the run uses (training/start.py)
@@ -247,7 +248,7 @@ def phase_plan(
         cfg=cfg,
         processes=processes,
         parameters=model.num_params(),
-        checkpoint_bytes=checkpoint_bytes(model) if trainable is None else 12 * trainable,  # fp32 + 2 moments
+        checkpoint_bytes=checkpoint_bytes(model, trainable_only=bool(adapter)),  # an adapter run's: the adapter
         trainable=trainable,
         start_step=start_step,
         start=start,

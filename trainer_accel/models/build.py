@@ -43,6 +43,9 @@ def build_model(
             model = GPT(cfg)
         for convert in converters:
             model = convert(model)
+        if trains is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(trains(name))
         return model.to(dtype) if dtype is not None else model
     model = GPT(cfg)
     own = set(model.state_dict())
