@@ -602,16 +602,27 @@ def largest_batch(job: tuple[str, list[int], float]) -> dict:
     model = build_model(cfg.model, "cuda")
     model.checkpoint_every = cfg.train.activation_checkpointing
     opt = torch.optim.AdamW(model.parameters(), fused=True)
+    return first_batch_that_fits(model, opt, cfg, candidates, steps=1)
+
+
+def first_batch_that_fits(model, opt, cfg, candidates: list[int], steps: int) -> dict:
+    """The first B of `candidates` whose `steps` training steps (bf16 autocast) run without running out of memory:
+    B, the peak memory and (steps > 1) the median step time after the first."""
     for B in candidates:
         try:
             x = torch.randint(0, cfg.model.V, (B, cfg.seq_len), device="cuda")
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(x, targets=x)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            return {"B": B, "peak": torch.cuda.max_memory_allocated()}
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(x, targets=x)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            step = sorted(times[1:])[len(times[1:]) // 2] if steps > 1 else None
+            return {"B": B, "peak": torch.cuda.max_memory_allocated(), "step_s": step}
         except torch.OutOfMemoryError:
             pass
         # out of the except block: its traceback no longer holds the failed step's activations
@@ -685,28 +696,14 @@ def qlora_largest_batch(job: tuple[str, list[int]]) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, fused=True)
     torch.cuda.reset_peak_memory_stats()  # the fp32 weights it was quantized from are gone
-    for B in candidates:
-        try:
-            x = torch.randint(0, cfg.model.V, (B, cfg.seq_len), device="cuda")
-            times = []
-            for _ in range(4):
-                t0 = time.perf_counter()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(x, targets=x)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            step = sorted(times[1:])[1]
-            return {"B": B, "peak": torch.cuda.max_memory_allocated(), "step_s": step,
-                    "tokens_per_s": B * cfg.seq_len / step, "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
-        except torch.OutOfMemoryError:
-            pass
-        x = loss = None
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-    return {"B": None}
+    fit = first_batch_that_fits(model, opt, cfg, candidates, steps=4)
+    if fit["B"] is None:
+        return fit
+    return {
+        **fit,
+        "tokens_per_s": fit["B"] * cfg.seq_len / fit["step_s"],
+        "trainable": sum(p.numel() for p in trainable),
+    }
 
 
 def check_qlora_1b(run: Runner) -> str:
