@@ -134,7 +134,11 @@ def check_start_checkpoint(path: Path | None, cfg: PhaseConfig, with_optimizer: 
     """Load the checkpoint a phase starts from (if any) and check that its weights fit the model config."""
     if path is None:
         return None
-    loaded = load_start(path, cfg.model, with_optimizer)
+    return checked_weights(load_start(path, cfg.model, with_optimizer), path, cfg)
+
+
+def checked_weights(loaded: LoadedCheckpoint, path: Path, cfg: PhaseConfig) -> LoadedCheckpoint:
+    """Loaded weights that fit the model config: its shape, finite values, every tensor the model has."""
     check_model_cfg(loaded, cfg.model.to_dict())
     broken = [k for k, t in loaded.model_state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if broken:  # a run from them would diverge at its first step, and blame the learning rate
@@ -229,11 +233,12 @@ def adapter_start(cfg: PhaseConfig, resume: Path | None, init: Path | None, base
                 f"{resume}: a checkpoint of full training cannot resume an adapter run; set init_from to it to train "
                 "an adapter on it, or remove the adapter section to go on training it whole"
             )
-    if init is not None:
+    loaded_init = None
+    if init is not None:  # an adapter to go on training, or the base (read once, however big)
         loaded_init = load_start(init, cfg.model, with_optimizer=False, merge=False)
         if is_adapter(loaded_init):
             adapter = loaded_init if resumed is None else None
-            init = None
+            init = loaded_init = None
     continued = resumed or adapter
     base = base or init or (recorded_base(continued) if continued is not None else None)
     if base is None:
@@ -247,7 +252,10 @@ def adapter_start(cfg: PhaseConfig, resume: Path | None, init: Path | None, base
             require_adapter_base(loaded, base)
             problems += settings_problems(loaded, cfg.adapter, cfg.model)
     raise_if_any(problems)
-    base_loaded = check_start_checkpoint(base, cfg, with_optimizer=False)
+    if loaded_init is not None and base == init:
+        base_loaded = checked_weights(loaded_init, base, cfg)
+    else:
+        base_loaded = check_start_checkpoint(base, cfg, with_optimizer=False)
     record = base_record(base_loaded)
     for loaded in (resumed, adapter):
         if loaded is not None:
