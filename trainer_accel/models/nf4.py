@@ -8,6 +8,8 @@ function of them), so an adapter checkpoint never stores them: it records the ba
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
@@ -18,6 +20,8 @@ SCALER_BLOCK = 256  # block scales per second-level block (QLoRA's double quanti
 
 
 def _nf4():
+    # torchao's import warns of each optional compiled kernel it cannot load (mxfp8, cutlass): none is NF4's
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:  # torchao 0.18 moved it here from torchao.dtypes.nf4tensor
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
     except ImportError:
