@@ -30,6 +30,7 @@ FAMILIES = {  # each family's switches at a tiny size (models/llama_hf.py says w
                   mlp="gated", activation="silu", qk_norm=True, ln_eps=1e-6),
 }  # fmt: skip
 SHORT = {"total_steps": 6, "ckpt_every": 2, "eval_every": 2, "B": 2, "accum_steps": 2, "warmup_steps": 2}
+QUICK = {**SHORT, "total_steps": 2, "accum_steps": 1, "warmup_steps": 1}  # where a trained adapter is all it takes
 ADAPTER = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}
 
 
@@ -134,7 +135,9 @@ def pretrain_and_adapter_config(world, family="gpt2", adapter=ADAPTER, train=SHO
 
 
 def test_adapter_sft_checkpoints_hold_the_adapter_and_everything_reads_it(world):
-    args = pretrain_and_adapter_config(world, sample_prompts=[{"prompt": "Hi", "task": "chat", "max_new_tokens": 4}])
+    args = pretrain_and_adapter_config(
+        world, train=QUICK, sample_prompts=[{"prompt": "Hi", "task": "chat", "max_new_tokens": 4}]
+    )
     r = run_cli(*args, cwd=world)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainable: adapter rank 4 on a frozen base" in r.stderr
@@ -143,7 +146,7 @@ def test_adapter_sft_checkpoints_hold_the_adapter_and_everything_reads_it(world)
     assert tensors and all(lora.is_adapter_name(k) for k in tensors)
     meta = json.loads((best / "meta.json").read_text())
     base = meta["adapter"]["base"]
-    assert base["source"] == str((world / "checkpoints/pretrain/step_0000006").resolve()) and len(base["sha256"]) == 64
+    assert base["source"] == str((world / "checkpoints/pretrain/step_0000002").resolve()) and len(base["sha256"]) == 64
     assert meta["adapter"]["config"]["r"] == 4 and meta["adapter"]["trainable_parameters"] == sum(
         t.numel() for t in tensors.values()
     )
@@ -206,17 +209,17 @@ def test_adapter_run_killed_anywhere_resumes_exactly(world, family):
 
 
 def test_resume_on_another_base_and_wrong_adapter_settings_are_refused(world):
-    args = pretrain_and_adapter_config(world)
+    args = pretrain_and_adapter_config(world, train=QUICK)
     assert run_cli(*args, cwd=world).returncode == 0
     sft = ("run", "--phase", "sft", "--config", "c/sft.json", "--set", "train_cfg.total_steps=8")
     # another base: a pretrain of another seed, named by adapter.base
-    write_config(world / "c/other.json", "pretrain", {**SHORT, "seed": 99}, model_cfg=FAMILIES["gpt2"])
+    write_config(world / "c/other.json", "pretrain", {**QUICK, "seed": 99}, model_cfg=FAMILIES["gpt2"])
     other = {"TRAINER_CHECKPOINTS_DIR": str(world / "other")}
     assert run_cli("run", "--phase", "pretrain", "--config", "c/other.json", cwd=world, env=other).returncode == 0
     r = run_cli(*sft, "--set", f"adapter.base={world / 'other/pretrain/best'}", cwd=world)
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
-    assert "this adapter was trained on the base" in line and "step_0000006" in line and "other/pretrain/best" in line
+    assert "this adapter was trained on the base" in line and "step_0000002" in line and "other/pretrain/best" in line
     r = run_cli(*sft, "--set", "adapter.r=8", cwd=world)
     assert r.returncode == 2 and "r 4 vs 8" in r.stderr, r.stderr[-2000:]
     # a resumed run whose recorded base is gone says so, by path
@@ -226,7 +229,7 @@ def test_resume_on_another_base_and_wrong_adapter_settings_are_refused(world):
 
 
 def test_adapter_config_mistakes_are_one_line_each(world):
-    write_config(world / "p.json", "pretrain", SHORT)
+    write_config(world / "p.json", "pretrain", QUICK)
     assert run_cli("run", "--phase", "pretrain", "--config", "p.json", cwd=world).returncode == 0
     for adapter, message in (
         ({"r": 0}, "adapter.r: expected a rank >= 1"),
@@ -236,16 +239,16 @@ def test_adapter_config_mistakes_are_one_line_each(world):
         ({"rank": 4}, "rank"),
         ({"quantize_base": "int8"}, "adapter.quantize_base: expected null or nf4"),
     ):
-        cfg = write_config(world / "s.json", "sft", SHORT, adapter=adapter, init_from="checkpoints/pretrain/best")
+        cfg = write_config(world / "s.json", "sft", QUICK, adapter=adapter, init_from="checkpoints/pretrain/best")
         r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world)
         assert r.returncode == 2 and message in r.stderr, (adapter, r.stderr[-1500:])
-    cfg = write_config(world / "s.json", "sft", SHORT, adapter={})
+    cfg = write_config(world / "s.json", "sft", QUICK, adapter={})
     r = run_cli("run", "--phase", "sft", "--config", str(cfg), "--no-resume", cwd=world)
     assert r.returncode == 2 and "an adapter trains on a base model, and this config names none" in r.stderr
     # a checkpoint of full training does not resume an adapter run
-    full = write_config(world / "full.json", "sft", SHORT, init_from="checkpoints/pretrain/best")
+    full = write_config(world / "full.json", "sft", QUICK, init_from="checkpoints/pretrain/best")
     assert run_cli("run", "--phase", "sft", "--config", str(full), cwd=world).returncode == 0
-    cfg = write_config(world / "s.json", "sft", SHORT, adapter={}, init_from="checkpoints/pretrain/best")
+    cfg = write_config(world / "s.json", "sft", QUICK, adapter={}, init_from="checkpoints/pretrain/best")
     r = run_cli("run", "--phase", "sft", "--config", str(cfg), cwd=world)
     assert r.returncode == 2 and "a checkpoint of full training cannot resume an adapter run" in r.stderr
     r = run_cli("export", "--format", "peft", "--checkpoint", "checkpoints/sft/best", cwd=world)
@@ -254,7 +257,7 @@ def test_adapter_config_mistakes_are_one_line_each(world):
 
 def hf_base_and_peft(world, family):
     """The pipeline's base exported as a Hugging Face directory, and its adapter as PEFT's directory on it."""
-    args = pretrain_and_adapter_config(world, family)
+    args = pretrain_and_adapter_config(world, family, train=QUICK)
     assert run_cli(*args, cwd=world).returncode == 0
     r = run_cli("export", "--format", "hf", "--checkpoint", "checkpoints/pretrain/best", "--out", "base", cwd=world)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -317,13 +320,13 @@ def test_an_adapter_made_by_peft_imports_equal_and_trains_on(world):
         assert (theirs(x).logits - ours(x)).abs().max() < 1e-5
     adapter = {"r": 4, "alpha": 16, "rslora": True, "target_modules": ["q_proj", "o_proj", "down_proj"]}
     model = {"model_cfg_path": str(base_dir / "config.json"), "model_cfg": {"T": 32}}  # as a user names an HF base
-    cfg = write_config(world / "c/go_on.json", "sft", SHORT, **model, init_from=str(world / "made_by_peft"),
+    cfg = write_config(world / "c/go_on.json", "sft", QUICK, **model, init_from=str(world / "made_by_peft"),
                        adapter={**adapter, "base": str(base_dir)})  # fmt: skip
     r = run_cli("run", "--phase", "sft", "--config", str(cfg), "--no-resume", cwd=world)
     assert r.returncode == 0, r.stderr[-3000:]
     saved = json.loads((world / "checkpoints/sft/latest/meta.json").read_text())["adapter"]
     assert saved["config"]["rslora"] and saved["base"]["source"] == str(base_dir.resolve())
-    cfg2 = write_config(world / "c/wrong.json", "sft", SHORT, **model, init_from=str(world / "made_by_peft"),
+    cfg2 = write_config(world / "c/wrong.json", "sft", QUICK, **model, init_from=str(world / "made_by_peft"),
                         adapter={"r": 8, "base": str(base_dir)})  # fmt: skip
     r = run_cli("run", "--phase", "sft", "--config", str(cfg2), "--no-resume", cwd=world)
     assert r.returncode == 2 and "the adapter differs from the config's adapter section" in r.stderr
@@ -397,6 +400,8 @@ def test_adapter_under_ddp_and_fsdp2_equals_one_process(world, quantize):
         assert got.keys() == ref.keys()
         worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
         assert all(torch.allclose(got[k], ref[k], atol=1e-6, rtol=1e-5) for k in ref), (name, worst)
+    if quantize:  # the NF4 base resumes exactly in test_nf4_base_trains_resumes_and_exports
+        return
     # 2 processes stopped after step 4 (as a crash after that checkpoint leaves them) resume bit for bit
     shutil.copytree(world / "ddp", world / "cut")
     for d in ("latest", "best", "step_0000006"):

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from trainer_accel.errors import UserError
+from trainer_accel.models.lora import LoRALinear
 
 BLOCK = 64  # weights per quantization block (QLoRA's)
 SCALER_BLOCK = 256  # block scales per second-level block (QLoRA's double quantization)
@@ -52,7 +53,7 @@ def quantize_base(model: nn.Module) -> nn.Module:
     to_nf4 = _nf4()
     for name, module in model.blocks.named_modules():
         w = getattr(module, "weight", None)
-        if not isinstance(module, nn.Linear) and type(module).__name__ != "LoRALinear" or w is None:
+        if not isinstance(module, (nn.Linear, LoRALinear)) or w is None:
             continue
         if not quantizable(w):
             raise UserError(
