@@ -236,7 +236,7 @@ def test_adapter_config_mistakes_are_one_line_each(world):
         ({"target_modules": ["q_proj"]}, "q_proj is not a module of this model (it has c_attn, c_proj, c_fc"),
         ({"target_modules": "everything"}, 'expected a list of module names, "all-linear" or null'),
         ({"dropout": 1.5}, "adapter.dropout: expected a probability"),
-        ({"rank": 4}, "rank"),
+        ({"rank": 4}, "adapter.rank: unknown key (known: alpha, base, dropout"),
         ({"quantize_base": "int8"}, "adapter.quantize_base: expected null or nf4"),
     ):
         cfg = write_config(world / "s.json", "sft", QUICK, adapter=adapter, init_from="checkpoints/pretrain/best")
@@ -326,6 +326,14 @@ def test_an_adapter_made_by_peft_imports_equal_and_trains_on(world):
     assert r.returncode == 0, r.stderr[-3000:]
     saved = json.loads((world / "checkpoints/sft/latest/meta.json").read_text())["adapter"]
     assert saved["config"]["rslora"] and saved["base"]["source"] == str(base_dir.resolve())
+    # it went on from PEFT's matrices (2 AdamW steps at lr 3e-3 move each value by at most ~0.006), not from a
+    # fresh draw (Kaiming-uniform A, B zero: values up to 1/sqrt(C) ~ 0.18 away)
+    trained = load_file(str(world / "checkpoints/sft/latest/model.safetensors"))
+    made = load_file(str(world / "made_by_peft/adapter_model.safetensors"))
+    a = made["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
+    b = made["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+    assert (trained["blocks.1.attn.qkv.lora_A.q_proj"] - a).abs().max() < 0.01
+    assert (trained["blocks.1.mlp.down.lora_B.down_proj"] - b).abs().max() < 0.01 and b.abs().max() > 0.05
     cfg2 = write_config(world / "c/wrong.json", "sft", QUICK, **model, init_from=str(world / "made_by_peft"),
                         adapter={"r": 8, "base": str(base_dir)})  # fmt: skip
     r = run_cli("run", "--phase", "sft", "--config", str(cfg2), "--no-resume", cwd=world)

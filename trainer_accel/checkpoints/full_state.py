@@ -156,11 +156,9 @@ def scatter_sharded_optimizer_state(
     set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
 
-def checkpoint_bytes(model: torch.nn.Module, trainable_only: bool = False) -> int:
+def checkpoint_bytes(model: torch.nn.Module) -> int:
     """Bytes a checkpoint of this model takes (weights + AdamW's two fp32 moments), from parameter shapes alone,
-    so every process computes the same figure whether or not it holds the gathered state. `trainable_only`: an
-    adapter run's, which holds the adapter alone."""
-    kept = [p for p in model.parameters() if p.requires_grad or not trainable_only]  # tied weights counted once
-    weights = sum(p.numel() * p.element_size() for p in kept)
-    moments = sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    return weights + moments
+    so every process computes the same figure whether or not it holds the gathered state. A checkpoint holds what
+    trains: every weight, or an adapter run's adapter alone (its frozen base is recorded, not stored)."""
+    trained = [p for p in model.parameters() if p.requires_grad]  # tied weights counted once
+    return sum(p.numel() * (p.element_size() + 2 * 4) for p in trained)

@@ -152,8 +152,7 @@ def check_caches(paths: Paths, configs: list[PhaseConfig], quick: bool) -> list[
 def check_disk(paths: Paths, configs: list[PhaseConfig]) -> Check:
 
     from trainer_accel.checkpoints.full_state import checkpoint_bytes
-    from trainer_accel.models.build import build_model
-    from trainer_accel.models.lora import is_adapter_name, lora_converter
+    from trainer_accel.training.start import model_shapes
 
     probe = paths.checkpoints
     while not probe.exists():
@@ -168,9 +167,7 @@ def check_disk(paths: Paths, configs: list[PhaseConfig]) -> Check:
         )
     need = 0
     for cfg in configs:
-        adapter = [lora_converter(cfg.adapter, cfg.model)] if cfg.adapter is not None else []
-        model = build_model(cfg.model, "meta", converters=adapter, trains=is_adapter_name if adapter else None)
-        size = checkpoint_bytes(model, trainable_only=bool(adapter))  # an adapter run's hold the adapter alone
+        size = checkpoint_bytes(model_shapes(cfg))  # an adapter run's hold the adapter alone
         need += size * (cfg.train.keep_last_n + 2)  # kept step dirs, best/, one being written
     status = "ok" if free >= need else "fail"
     return Check(

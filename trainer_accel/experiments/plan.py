@@ -22,14 +22,13 @@ from trainer_accel.config import PhaseConfig
 from trainer_accel.data.cache import open_cache
 from trainer_accel.devices.ownership import in_use
 from trainer_accel.errors import UserError
-from trainer_accel.models.build import build_model
 from trainer_accel.models.gpt import LOGIT_CHUNK_BYTES
-from trainer_accel.models.lora import chosen_targets, is_adapter_name, lora_converter, parameter_counts
+from trainer_accel.models.lora import chosen_targets, parameter_counts
 from trainer_accel.paths import STREAM, Paths
 from trainer_accel.phases.pipeline import load_pipeline
 from trainer_accel.phases.registry import PIPELINE, load_config, phase_named
 from trainer_accel.training.inputs import check_phase_inputs, phase_cache_paths
-from trainer_accel.training.start import check_start_checkpoint, resume_point, same_tokenizer
+from trainer_accel.training.start import check_start_checkpoint, model_shapes, resume_point, same_tokenizer
 
 
 def flops_per_token(cfg: PhaseConfig) -> float:
@@ -215,10 +214,8 @@ def phase_plan(
 ) -> PhasePlan:
     """The plan of one phase. `init_pending`: the earlier phase of a pipeline that writes its start checkpoint and
     has not yet."""
-    adapter = [lora_converter(cfg.adapter, cfg.model)] if cfg.adapter is not None else []
-    # shapes only: no memory, however big the model
-    model = build_model(cfg.model, "meta", converters=adapter, trains=is_adapter_name if adapter else None)
-    trainable = parameter_counts(model)[0] if adapter else None
+    model = model_shapes(cfg)
+    trainable = parameter_counts(model)[0] if cfg.adapter is not None else None
     problems: list[str] = []
     start_step, start, found = 0, "fresh (random weights)", None
     try:  # where the run would resume, by the rule the run uses (training/start.py)
@@ -248,7 +245,7 @@ def phase_plan(
         cfg=cfg,
         processes=processes,
         parameters=model.num_params(),
-        checkpoint_bytes=checkpoint_bytes(model, trainable_only=bool(adapter)),  # an adapter run's: the adapter
+        checkpoint_bytes=checkpoint_bytes(model),
         trainable=trainable,
         start_step=start_step,
         start=start,

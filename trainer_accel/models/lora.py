@@ -13,9 +13,9 @@ has and their Hugging Face module names (models/gpt_hf.py, models/llama_hf.py: `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ QUANTIZATIONS = ("nf4",)
 MERGE_INTO = ("original", "dequantized")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     """A phase config's `adapter` section. Defaults are PEFT's LoraConfig (r 8, alpha 8, no dropout, and the
     family's default targets, as PEFT picks them: GPT-2's c_attn, the Llama family's q_proj and v_proj)."""
@@ -50,16 +50,7 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         tm = self.target_modules
-        return {
-            "r": self.r,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "target_modules": list(tm) if isinstance(tm, tuple) else tm,
-            "rslora": self.rslora,
-            "base": self.base,
-            "quantize_base": self.quantize_base,
-            "merge_into": self.merge_into,
-        }
+        return {**dataclasses.asdict(self), "target_modules": list(tm) if isinstance(tm, tuple) else tm}
 
     @classmethod
     def from_dict(cls, d: dict) -> AdapterConfig:
@@ -67,7 +58,7 @@ class AdapterConfig:
         return cls(**{**d, "target_modules": tuple(tm) if isinstance(tm, list) else tm})
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Target:
     """One module PEFT would adapt, as rows of one of our linears in every block."""
 
@@ -112,10 +103,8 @@ def adapter_problems(adapter: AdapterConfig, model: ModelConfig | None, where: s
         problems.append(f"{where}.alpha: expected a number > 0, got {adapter.alpha}")
     if not 0 <= adapter.dropout < 1:
         problems.append(f"{where}.dropout: expected a probability in [0, 1), got {adapter.dropout}")
-    tm = adapter.target_modules
-    if isinstance(tm, str) and tm != ALL_LINEAR:
-        problems.append(f'{where}.target_modules: expected a list of module names or "{ALL_LINEAR}", got "{tm}"')
-    elif isinstance(tm, tuple) and not tm:
+    tm = adapter.target_modules  # its type is config.parse_adapter's to check
+    if isinstance(tm, tuple) and not tm:
         problems.append(f"{where}.target_modules: empty (an adapter on nothing would train nothing)")
     elif model is not None:
         try:

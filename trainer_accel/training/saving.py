@@ -24,11 +24,12 @@ from trainer_accel.data.chat_template import ChatFormat
 from trainer_accel.devices.accelerator import HALF_PRECISION
 from trainer_accel.devices.collective import main_process_decides
 from trainer_accel.devices.hardware import fits_in_free_memory
-from trainer_accel.models.lora import adapter_state, lora_converter
+from trainer_accel.models.lora import adapter_state
 from trainer_accel.observability.manifest import code_version
 from trainer_accel.observability.metrics import MetricsLog
 from trainer_accel.observability.samples import write_samples
 from trainer_accel.paths import Paths
+from trainer_accel.training.start import adapter_converters
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Saver:
         # all, so all stop together rather than leave some waiting in the gather below
         main_process_decides(self.acc, self.wait)  # one save at a time; a failed one stops every process
         adapter = self.cfg.adapter is not None  # an adapter run's checkpoint holds the adapter alone
-        needed = checkpoint_bytes(self.acc.unwrap_model(model, keep_torch_compile=False), trainable_only=adapter)
+        needed = checkpoint_bytes(self.acc.unwrap_model(model, keep_torch_compile=False))
         copies = int(to_step_dir) + int(to_best and not to_step_dir)
         main_process_decides(self.acc, lambda: writing.ensure_free_space(self.phase_dir, needed, copies=copies))
         model_state, tied = full_model_state(self.acc, model)  # collectives under FSDP: every process takes part
@@ -128,8 +129,7 @@ class Saver:
                     device,
                 )
                 device, dtype = torch.device("cpu"), torch.float32
-            adapter = [lora_converter(self.cfg.adapter, self.cfg.model)] if self.cfg.adapter is not None else []
-            plain = plain_model(self.cfg.model, model_state, tied, device, dtype, adapter)
+            plain = plain_model(self.cfg.model, model_state, tied, device, dtype, adapter_converters(self.cfg))
         else:
             plain = self.acc.unwrap_model(model, keep_torch_compile=False)
         out = Path(self.paths.samples) / self.cfg.phase

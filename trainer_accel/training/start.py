@@ -68,6 +68,19 @@ class StartPoint:
         return self.resumed.meta.get("parent") if self.resumed is not None else None
 
 
+def adapter_converters(cfg: PhaseConfig) -> list:
+    """The converters models/build.py applies for a phase: its adapter's (none for full training)."""
+    return [lora_converter(cfg.adapter, cfg.model)] if cfg.adapter is not None else []
+
+
+def model_shapes(cfg: PhaseConfig) -> torch.nn.Module:
+    """The phase's model on the meta device (nothing allocated, however big): its parameters, which of them train,
+    and so what its checkpoints hold (checkpoints/full_state.checkpoint_bytes)."""
+    return build_model(
+        cfg.model, "meta", converters=adapter_converters(cfg), trains=is_adapter_name if cfg.adapter else None
+    )
+
+
 def model_for(cfg: PhaseConfig, start: StartPoint) -> torch.nn.Module:
     """The model a phase trains, on the CPU: its start point's weights, or random ones drawn from train_cfg.seed,
     so every process and every run of the config starts from the same weights. An adapter run: the frozen base
@@ -78,7 +91,7 @@ def model_for(cfg: PhaseConfig, start: StartPoint) -> torch.nn.Module:
         return build_model(
             cfg.model,
             state={**start.base.model_state, **(adapter.model_state if adapter is not None else {})},
-            converters=[lora_converter(cfg.adapter, cfg.model)],
+            converters=adapter_converters(cfg),
             trains=is_adapter_name,
             activation_checkpointing=cfg.train.activation_checkpointing,
             after_load=base_quantizers(cfg.adapter),
