@@ -318,9 +318,18 @@ def test_an_adapter_made_by_peft_imports_equal_and_trains_on(world):
     x = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         assert (theirs(x).logits - ours(x)).abs().max() < 1e-5
+    # as adapters come from the Hub: base_model_name_or_path a Hub id, which is no directory here
+    hub = world / "from_the_hub"
+    shutil.copytree(world / "made_by_peft", hub)
+    config = json.loads((hub / "adapter_config.json").read_text())
+    (hub / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "meta-llama/Llama-3.2-1B"})
+    )
+    r = run_cli("generate", "--model", str(hub), "--prompt", "Hi", "--max-new-tokens", "2", cwd=world)
+    assert r.returncode == 2 and "base_model_name_or_path (meta-llama/Llama-3.2-1B) is no directory here" in r.stderr
     adapter = {"r": 4, "alpha": 16, "rslora": True, "target_modules": ["q_proj", "o_proj", "down_proj"]}
     model = {"model_cfg_path": str(base_dir / "config.json"), "model_cfg": {"T": 32}}  # as a user names an HF base
-    cfg = write_config(world / "c/go_on.json", "sft", QUICK, **model, init_from=str(world / "made_by_peft"),
+    cfg = write_config(world / "c/go_on.json", "sft", QUICK, **model, init_from=str(hub),  # its base named here
                        adapter={**adapter, "base": str(base_dir)})  # fmt: skip
     r = run_cli("run", "--phase", "sft", "--config", str(cfg), "--no-resume", cwd=world)
     assert r.returncode == 0, r.stderr[-3000:]
