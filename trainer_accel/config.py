@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,10 @@ class PhaseKeys:
     replay: bool = False  # a `replay` object: stream caches mixed in, each a share of the rows
     packs: bool = False  # train_cfg.pack and pack_val mean something here
     no_packing: str = ""  # why not, when they do not
+    settings_key: str = ""  # the phase's own config section ("preference"), if it has one
+    # (the section's JSON or None, where, problems, the whole config) -> its settings object (PhaseConfig.settings)
+    settings: Callable[[Any, str, list[str], dict], Any] | None = None
+    settings_fields: frozenset[str] = frozenset()  # the section's keys, for --set
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,7 @@ class PhaseConfig:
     provenance: dict[str, str] = field(default_factory=dict, repr=False)  # dotted key -> default | file | override
     replay: dict[str, float] = field(default_factory=dict)  # stream caches mixed in, each a share of the rows
     adapter: AdapterConfig | None = None  # LoRA adapters on a frozen base (models/lora.py); null: every weight trains
+    settings: Any = None  # the phase's own section, as its PhaseKeys.settings read it (None: it has none)
 
     def mixture(self) -> dict[str, float]:
         """Each training cache's share of the rows ("streams/wiki", "sft/dolly"): the replay streams take their
@@ -178,6 +184,7 @@ class PhaseConfig:
             "val_source": self.val_source,
             "init_from": self.init_from,
             **({"adapter": self.adapter.to_dict()} if self.adapter is not None else {}),
+            **({self.keys.settings_key: self.settings.to_dict()} if self.keys.settings_key else {}),
             "sample_prompts": [p.to_dict() for p in self.sample_prompts],
             "sample_seed": self.sample_seed,
             "tracking": dataclasses.asdict(self.tracking),
@@ -360,7 +367,8 @@ RUN_MODEL_KEYS = ("T", "dropout")  # what a model_cfg file leaves to the run: th
 
 def phase_keys(keys: PhaseKeys) -> set[str]:
     """The top-level keys a phase's config may hold."""
-    return COMMON_KEYS | {keys.sources_key} | ({"replay"} if keys.replay else set())
+    own = {keys.sources_key} | ({"replay"} if keys.replay else set()) | ({keys.settings_key} - {""})
+    return COMMON_KEYS | own
 
 
 def phase_schema(keys: PhaseKeys) -> ov.Schema:
@@ -372,6 +380,8 @@ def phase_schema(keys: PhaseKeys) -> ov.Schema:
     for key in (keys.sources_key, "replay"):
         if key in schema:
             schema[key] = ov.MAPPING
+    if keys.settings_key:
+        schema[keys.settings_key] = keys.settings_fields
     return schema
 
 
@@ -450,6 +460,11 @@ def parse_phase_config(
     prompts = parse_sample_prompts(data.get("sample_prompts", []), f"{where}.sample_prompts", problems)
     tracking = parse_tracking(data.get("tracking", {}), f"{where}.tracking", problems)
     adapter = parse_adapter(data.get("adapter"), model, f"{where}.adapter", problems)
+    settings = (
+        keys.settings(data.get(keys.settings_key), f"{where}.{keys.settings_key}", problems, data)
+        if keys.settings is not None
+        else None
+    )
     sample_seed = data.get("sample_seed", 1234)
     if not type_ok(sample_seed, int):
         problems.append(f"{where}.sample_seed: expected an integer, got {json.dumps(sample_seed)}")
@@ -470,6 +485,7 @@ def parse_phase_config(
         overrides=tuple(o.text for o in overrides),
         replay={k: float(v) for k, v in replay.items()} if isinstance(replay, dict) else {},
         adapter=adapter,
+        settings=settings,
         provenance=model_provenance(ov.provenance(file_data, list(overrides), schema), data, model),
     )
 

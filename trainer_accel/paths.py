@@ -20,8 +20,9 @@ NAME_RULE = "a source name is 1-64 lowercase letters, digits and _"
 
 CACHE_NAMING = (
     "pretrain caches are {data}/cache/streams/{source}_{split}.bin, SFT caches {data}/cache/sft/{source}_{split}.bin, "
-    "split train|val, " + NAME_RULE + ", each with a {file}.meta.json beside it "
-    "(build them with: python -m trainer_accel.prepare --stream SOURCE=PATH --sft SOURCE=PATH)"
+    "preference caches {data}/cache/pref/{source}_{split}.bin, split train|val, " + NAME_RULE + ", each with a "
+    "{file}.meta.json beside it (build them with: python -m trainer_accel.prepare --stream SOURCE=PATH --sft "
+    "SOURCE=PATH --pref SOURCE=PATH)"
 )
 
 
@@ -32,11 +33,13 @@ def source_name_problem(name: object) -> str | None:
     return f"{name!r} is not a source name ({NAME_RULE})"
 
 
-# The two kinds of cache, and the folder each lives in: a token stream (documents back to back) and examples
-# (one conversation each, with an index of where each starts and the answers to learn). Phases name the kinds
-# they read (phases/); nothing else compares with these words.
-STREAM, EXAMPLES = "stream", "sft"
-KIND_FOLDERS = {STREAM: "streams", EXAMPLES: "sft"}
+# The kinds of cache, and the folder each lives in: a token stream (documents back to back), examples (one
+# conversation each, with an index of where each starts and the answers to learn) and preference pairs (two
+# conversations per pair, the same prompt with the chosen and the rejected last answer, indexed like examples).
+# Phases name the kinds they read (phases/); nothing else compares with these words.
+STREAM, EXAMPLES, PAIRS = "stream", "sft", "pref"
+KIND_FOLDERS = {STREAM: "streams", EXAMPLES: "sft", PAIRS: "pref"}
+INDEXED = (EXAMPLES, PAIRS)  # the kinds whose caches have an index of where each conversation starts
 FOLDER_KINDS = {folder: kind for kind, folder in KIND_FOLDERS.items()}
 
 

@@ -16,7 +16,7 @@ from trainer_accel.data.chat_template import (
 )
 from trainer_accel.data.prepare import MAX_SEED_DIGITS, Source, Split, parse_sources, prepare
 from trainer_accel.errors import CTRL_C_EXIT, UserError, exit_with, raise_if_any, report
-from trainer_accel.paths import EXAMPLES, STREAM, resolve_paths, unwritable
+from trainer_accel.paths import EXAMPLES, PAIRS, STREAM, resolve_paths, unwritable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,18 @@ def main(argv: list[str] | None = None) -> int:
         help="SFT examples: JSONL or Parquet rows (prompt/response, messages, or oasst1 messages), a saved "
         "Hugging Face dataset, or a folder of them (repeatable)",
     )
-    p.add_argument("--demo", action="store_true", help="write the built-in synthetic corpus and cache its six sources")
+    p.add_argument(
+        "--pref",
+        action="append",
+        default=[],
+        metavar="SOURCE=PATH",
+        help="preference pairs: JSONL or Parquet rows of prompt/chosen/rejected (strings or message lists; "
+        "UltraFeedback-binarized and Anthropic HH as published), a saved Hugging Face dataset, or a folder of "
+        "them (repeatable)",
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="write the built-in synthetic corpus and cache its sources and pairs"
+    )
     p.add_argument(
         "--documents",
         default="file",
@@ -90,12 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             langs=frozenset(x.strip() for x in args.lang.split(",") if x.strip()),
         )
         problems: list[str] = []
-        sources = parse_sources(args.stream, STREAM, "--stream", problems) + parse_sources(
-            args.sft, EXAMPLES, "--sft", problems
+        sources = (
+            parse_sources(args.stream, STREAM, "--stream", problems)
+            + parse_sources(args.sft, EXAMPLES, "--sft", problems)
+            + parse_sources(args.pref, PAIRS, "--pref", problems)
         )
         raise_if_any(problems)
         if not sources and not args.demo:
-            raise UserError("nothing to prepare: give --stream SOURCE=PATH, --sft SOURCE=PATH or --demo")
+            raise UserError(
+                "nothing to prepare: give --stream SOURCE=PATH, --sft SOURCE=PATH, --pref SOURCE=PATH or --demo"
+            )
         raise_if_any(
             unwritable(
                 [("caches", paths.data / "cache")]
@@ -105,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             from trainer_accel.data.demo import write_demo_corpus
 
-            streams, sfts = write_demo_corpus(paths.data / "raw" / "demo")
+            streams, sfts, prefs = write_demo_corpus(paths.data / "raw" / "demo")
             given = {(s.kind, s.name) for s in sources}
             sources = (
                 [Source(n, STREAM, (f,)) for n, f in streams.items() if (STREAM, n) not in given]
                 + [Source(n, EXAMPLES, (f,)) for n, f in sfts.items() if (EXAMPLES, n) not in given]
+                + [Source(n, PAIRS, (f,)) for n, f in prefs.items() if (PAIRS, n) not in given]
                 + sources
             )
         prepare(

@@ -7,7 +7,9 @@ little-endian, no header. `X.bin.meta.json` describes it:
     source_files, documents (input file -> what one document of it is: file, blank-lines, separator '...', row),
     split {rule: hash | tail, val_fraction, seed}, and for SFT caches num_examples and index {file, dtype, sha256}.
     Written by prepare.py through cache_writer.py.
-Streams are documents joined by <|endoftext|>. SFT caches are examples `<|user|> prompt <|assistant|> answer
+Streams are documents joined by <|endoftext|>. Preference caches ("pref") are written as SFT caches are, two
+examples per pair: the conversation ending in the chosen answer, then the one ending in the rejected answer
+(meta num_pairs, dropped: rows left out by reason). SFT caches are examples `<|user|> prompt <|assistant|> answer
 <|eot|>` (one turn pair after another for conversations), or in a model's own chat template when the meta has
 "chat" (its template, and the answer rule: chat_template.py), back to back; `X.bin.idx` (uint64, num_examples + 1
 offsets) says where each example starts, so examples never need to be found by scanning.
@@ -29,7 +31,7 @@ from trainer_accel.data.chat_template import AnswerRule, answer_positions
 from trainer_accel.data.tokenizer import ASST, EOT
 from trainer_accel.errors import UserError
 from trainer_accel.fsio import loads, sha256_file
-from trainer_accel.paths import EXAMPLES, STREAM
+from trainer_accel.paths import EXAMPLES, INDEXED, PAIRS, STREAM
 from trainer_accel.versions import upgrade
 
 CACHE_FORMAT = "trainer_accel.cache"
@@ -129,7 +131,7 @@ def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
     if meta["num_tokens"] == 0:
         raise UserError(f"{bin_path}: cache is empty")
     starts = None
-    if kind == EXAMPLES:
+    if kind in INDEXED:
         ip = index_path(bin_path)
         if not ip.is_file():
             raise UserError(f"{ip}: example index missing (prepare the SFT cache again)")
@@ -142,6 +144,8 @@ def open_cache(bin_path: Path, kind: str, verify_hash: bool = False) -> Cache:
             or np.any(np.diff(starts) <= 0)
         ):
             raise UserError(f"{ip}: example index does not match its cache ({n} examples, {meta['num_tokens']} tokens)")
+        if kind == PAIRS and n % 2:
+            raise UserError(f"{ip}: a preference cache holds two conversations per pair, its index has {n}")
     return Cache(path=bin_path, meta=meta, starts=starts)
 
 

@@ -31,7 +31,7 @@ from trainer_accel.data.tokenizer import Tokenizer
 from trainer_accel.errors import UserError
 from trainer_accel.faults import fault_point
 from trainer_accel.fsio import held_alone, loads, write_atomic
-from trainer_accel.paths import EXAMPLES
+from trainer_accel.paths import INDEXED
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class CacheWriter:
         self.file = open(self.tmp, "wb")
         self.sha = hashlib.sha256()
         self.num_tokens, self.max_id, self.items = 0, -1, 0  # items: documents or examples
-        self.idx_tmp = temp_name(index_path(final)) if kind == EXAMPLES else None
+        self.idx_tmp = temp_name(index_path(final)) if kind in INDEXED else None
         self.idx = open(self.idx_tmp, "wb") if self.idx_tmp else None
         self.meta_tmp = temp_name(meta_path(final))
         if self.idx:

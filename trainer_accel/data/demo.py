@@ -2,8 +2,9 @@
 
 Pretrain sources state the facts in many phrasings, so a tiny model learns them and its val loss falls
 clearly. SFT sources ask about the same facts in the chat template; the pretrained model knows the facts but
-not the question-answer form, so SFT visibly improves its answers. Everything is a pure function of a fixed
-seed: the demo is the same on every machine.
+not the question-answer form, so SFT visibly improves its answers. The preference pairs answer the same
+questions twice: rightly, and with another creature's fact or with the right fact rambling on past its end.
+Everything is a pure function of a fixed seed: the demo is the same on every machine.
 """
 
 from __future__ import annotations
@@ -124,10 +125,41 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_demo_corpus(out_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+def preference_rows(world: list[Creature], rng: random.Random) -> list[dict]:
+    """Each question with its right answer chosen and a worse one rejected: the same sentence with another
+    creature's fact (plausible, wrong) for every question, and for half of them also the right sentence rambling on
+    past its end. Half the rows are in TRL's conversational form, half plain strings: both shapes people publish."""
+    rows = []
+    for c in world:
+        for k, (q, a) in enumerate(QUESTIONS):
+            facts = _facts(c)
+            other = rng.choice([o for o in world if _facts(o)[FIELDS[k]] != facts[FIELDS[k]]])
+            right, question = a.format(**facts), q.format(**facts)
+            worse = [a.format(**{**facts, FIELDS[k]: _facts(other)[FIELDS[k]]})]
+            if rng.random() < 0.5:
+                worse.append(right + " " + " ".join(rng.choice(WIKI_TEMPLATES).format(**_facts(o)) for o in (c, other)))
+            for wrong in worse:
+                if rng.random() < 0.5:
+                    rows.append({"prompt": question, "chosen": right, "rejected": wrong})
+                else:
+                    rows.append(
+                        {
+                            "prompt": [{"role": "user", "content": question}],
+                            "chosen": [{"role": "assistant", "content": right}],
+                            "rejected": [{"role": "assistant", "content": wrong}],
+                        }
+                    )
+    rng.shuffle(rows)
+    return rows
+
+
+FIELDS = ["color", "place", "food", "legs"]  # the fact each of QUESTIONS asks about
+
+
+def write_demo_corpus(out_dir: Path) -> tuple[dict[str, Path], dict[str, Path], dict[str, Path]]:
     """Write the demo's inputs under out_dir in the formats users bring: pretraining text as JSONL rows with a
-    "text" field (one document each), SFT as prompt/response rows and oasst1 message trees. Returns the stream
-    and SFT sources, name -> file."""
+    "text" field (one document each), SFT as prompt/response rows and oasst1 message trees, preference pairs as
+    prompt/chosen/rejected rows. Returns the stream, SFT and preference sources, name -> file."""
     rng = random.Random(SEED)
     world = creatures(rng)
     streams = {
@@ -154,4 +186,5 @@ def write_demo_corpus(out_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         name: _write_jsonl(out_dir / "sft" / f"{name}.jsonl", rows)
         for name, rows in (("dolly", dolly), ("oasst1", oasst_rows(conversations)), ("primer", primer))
     }
-    return streams, sfts
+    prefs = {"facts": _write_jsonl(out_dir / "pref" / "facts.jsonl", preference_rows(world, rng))}
+    return streams, sfts, prefs

@@ -54,7 +54,7 @@ from trainer_accel.data.tokenizer import (
 )
 from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.fsio import loads
-from trainer_accel.paths import EXAMPLES, STREAM, Paths, source_name_problem
+from trainer_accel.paths import EXAMPLES, INDEXED, PAIRS, STREAM, Paths, source_name_problem
 
 log = logging.getLogger(__name__)
 
@@ -175,18 +175,19 @@ def _balance(src: Source, train: CacheWriter, val: CacheWriter, split: Split) ->
     if not train.num_tokens:
         train.final, val.final = val.final, train.final
         train, val = val, train
-    unit = "examples" if src.kind == EXAMPLES else "tokens"
-    n = train.items if src.kind == EXAMPLES else train.num_tokens
+    unit = {STREAM: "tokens", EXAMPLES: "examples", PAIRS: "pairs"}[src.kind]
+    per = 2 if src.kind == PAIRS else 1  # a pair is two examples of its cache, kept together
+    n = train.items // per if src.kind in INDEXED else train.num_tokens
     if n < 2:
         raise UserError(
             f"{src.name}: {n} {unit} in {', '.join(map(str, src.inputs))}; at least 2 are needed for a train/val split"
         )
     n_val = min(n - 1, max(1, round(n * split.val_fraction)))
-    train.move_tail_to(val, n - n_val)
+    train.move_tail_to(val, (n - n_val) * per)
     log.info(
         "%s: every %s fell on one side of the hash split; its last %d %s are val",
         src.name,
-        "example" if src.kind == EXAMPLES else "document",
+        {STREAM: "document", EXAMPLES: "example", PAIRS: "pair"}[src.kind],
         n_val,
         unit,
     )
@@ -205,16 +206,27 @@ def build(
     encoder: TemplateEncoder | None = None,
 ) -> list[tuple[Path, Path]]:
     """One source into its two temporary caches; returns the renames that publish them."""
-    cache = paths.stream_cache if src.kind == STREAM else paths.sft_cache
     train, val = (
-        CacheWriter(cache(src.name, "train"), src.kind, tok),
-        CacheWriter(cache(src.name, "val"), src.kind, tok),
+        CacheWriter(paths.cache(src.kind, src.name, "train"), src.kind, tok),
+        CacheWriter(paths.cache(src.kind, src.name, "val"), src.kind, tok),
     )
     writers += [train, val]
     files = [f for p in src.inputs for f in formats.input_files(p, src.kind)]
     batch: list = []
     chars = 0
-    if src.kind == STREAM:
+    dropped: dict[str, int] = {}  # preference rows left out, by why (formats/pairs.py)
+    if src.kind == PAIRS:
+        for f in files:
+            for key, chosen, rejected in formats.pairs(f, problems, progress.tick, dropped):
+                writer = val if split.is_val(key) else train
+                batch += [(chosen, writer), (rejected, writer)]  # one after the other: the pair's two examples
+                chars += sum(len(a) + len(b) for turns in (chosen, rejected) for a, b in turns)
+                if chars >= BATCH_CHARS:
+                    _encode_sft_batch(tok, batch, progress, encoder)
+                    batch, chars = [], 0
+        if batch:
+            _encode_sft_batch(tok, batch, progress, encoder)
+    elif src.kind == STREAM:
         writer = train
         for f in files:
             for piece in formats.document_pieces(f, options, problems, progress.tick):
@@ -245,12 +257,22 @@ def build(
         "source_files": [str(p) for p in src.inputs],
         "documents": {str(f): formats.unit_of(f, options) if src.kind == STREAM else "row" for f in files},
         "split": {"rule": rule, "val_fraction": split.val_fraction, "seed": split.seed},
-        **({"chat": chat_meta(encoder)} if encoder is not None and src.kind == EXAMPLES else {}),
+        **({"chat": chat_meta(encoder)} if encoder is not None and src.kind in INDEXED else {}),
+        **({"dropped": dropped} if src.kind == PAIRS else {}),
     }
+    if dropped:
+        log.info(
+            "%s: left out %d pairs that teach no preference: %s",
+            src.name,
+            sum(dropped.values()),
+            ", ".join(f"{n} with {why}" for why, n in sorted(dropped.items())),
+        )
     moves = []
     for name, w in (("train", train), ("val", val)):
-        moves += w.finish(meta)
-        what = f"{w.items:,} examples" if src.kind == EXAMPLES else f"{w.items:,} documents"
+        moves += w.finish({**meta, "num_pairs": w.items // 2} if src.kind == PAIRS else meta)
+        what = {STREAM: f"{w.items:,} documents", EXAMPLES: f"{w.items:,} examples"}.get(
+            src.kind, f"{w.items // 2:,} pairs"
+        )
         log.info("%s %s: %s, %s tokens -> %s", src.name, name, what, f"{w.num_tokens:,}", w.final)
     return moves
 
@@ -359,7 +381,7 @@ def prepare(
     tok = load_tokenizer(tokenizer, chat_tokens=template is None)
     if tokenizer is not None:
         say_added(tok, tokenizer)
-    encoder = template_encoder(tok, template) if any(s.kind == EXAMPLES for s in sources) else None
+    encoder = template_encoder(tok, template) if any(s.kind in INDEXED for s in sources) else None
     problems, total = _preflight(sources, options)
     raise_if_any(problems)
     cache_dir = paths.data / "cache"

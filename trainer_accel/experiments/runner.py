@@ -137,7 +137,16 @@ def run_phase(
     model = model_for(cfg, start)
     optimizer = build_optimizer(model, cfg.train, acc.device)
     trainer = Trainer(
-        acc, cfg, phase, inputs.batches, paths, model, optimizer, start, inputs.data_info(), inputs.chat_format()
+        acc,
+        cfg,
+        phase.for_config(cfg),
+        inputs.batches,
+        paths,
+        model,
+        optimizer,
+        start,
+        inputs.data_info(),
+        inputs.chat_format(),
     )
     outcome.started(trainer)
     result = trainer.fit()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from trainer_accel.config import PhaseKeys
+from trainer_accel.config import PhaseConfig, PhaseKeys
 from trainer_accel.training.batches import Batch
 from trainer_accel.training.losses import LossOut, counted_targets, token_cross_entropy
 
@@ -33,8 +33,16 @@ class Phase:
     loss: Callable[[torch.nn.Module, Batch], LossOut] = token_cross_entropy
     # the weight of a batch before any forward: the loop sums it over the step's micro-batches and processes first
     weight: Callable[[Batch], torch.Tensor] = counted_targets
-    needs_reference: bool = False  # whether its loss compares with a frozen reference model (none does yet)
+    needs_reference: bool = False  # whether its loss compares with a frozen reference model (the start model)
     gate: Gate | None = None  # run on the phase's best at its end; its verdict decides whether best.pt deploys
     chat_model: bool = False  # its result answers in the chat template its caches were written in
     starts_from_a_model: bool = False  # without init_from (or a pipeline's earlier phase) it starts from random
     doc: str = ""  # one line for --help and docs: what the phase trains
+    # the phase as one config's settings make it (its own config section: a loss and its weights), or None: the same
+    configure: Callable[[Phase, PhaseConfig], Phase] | None = None
+    # what it does once the model is ready, before the first step: (the Trainer, its StartPoint) -> None
+    # (preference: the reference log-probabilities of its pairs)
+    setup: Callable[[Any, Any], None] | None = None
+
+    def for_config(self, cfg: PhaseConfig) -> Phase:
+        return self if self.configure is None else self.configure(self, cfg)

@@ -18,10 +18,11 @@ from trainer_accel import overrides as ov
 from trainer_accel.config import COMMON_KEYS, PhaseConfig, load_phase_config
 from trainer_accel.errors import UserError
 from trainer_accel.phases.phase import Gate, Phase
+from trainer_accel.phases.preference import PREFERENCE
 from trainer_accel.phases.pretrain import PRETRAIN
 from trainer_accel.phases.sft import SFT
 
-BUILT_IN = (PRETRAIN, SFT)
+BUILT_IN = (PRETRAIN, SFT, PREFERENCE)
 ENTRY_POINTS = "trainer_accel.phases"
 PIPELINE = "pipeline"  # --phase pipeline: the phases a pipeline config lists, in order
 # what a pipeline.json of two keys (pretrain_config_path, sft_config_path) runs: the runner spec's two phases

@@ -23,7 +23,7 @@ from trainer_accel.data.cache import (
     draw_rows,
     masked_targets,
 )
-from trainer_accel.data.chat_template import AnswerRule
+from trainer_accel.data.chat_template import AnswerRule, answer_positions
 from trainer_accel.data.tokenizer import DOC
 from trainer_accel.paths import EXAMPLES, STREAM
 
@@ -34,7 +34,10 @@ VAL_SEED = 0  # validation batches are the same for every run, so val losses com
 class Batch:
     """x: (B, T) inputs; y: (B, T) next tokens; y_masked: y with -100 where the loss must not look; source: (B, T)
     the cache each target came from; row_source: (B,) the cache each row was drawn for; segments: (B, T) the packed
-    example of each input token, or None for rows of one example or window (the model's plain causal path)."""
+    example of each input token, or None for rows of one example or window (the model's plain causal path).
+    Preference pairs are 2B rows, the B chosen then the B rejected (PairSource); y_all: their targets with only the
+    padding masked (prompt and answer); ref_logps: (2B,) the reference model's log-probability of each row's
+    answer, when it was computed ahead (None: the phase computes it, or needs none)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -42,12 +45,17 @@ class Batch:
     source: torch.Tensor | None = None
     row_source: torch.Tensor | None = None
     segments: torch.Tensor | None = None
+    y_all: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         pin = device.type == "cuda"
         move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if pin else (lambda t: t.to(device))
         y = move(self.y)
-        rest = (None if t is None else move(t) for t in (self.source, self.row_source, self.segments))
+        rest = (
+            None if t is None else move(t)
+            for t in (self.source, self.row_source, self.segments, self.y_all, self.ref_logps)
+        )
         return Batch(move(self.x), y, y if self.y_masked is self.y else move(self.y_masked), *rest)
 
 
@@ -90,14 +98,103 @@ class RowSource:
         )
 
 
+def last_answer_start(ids: np.ndarray, rule: AnswerRule) -> int:
+    """Where a conversation's last answer begins (its first token after the last answer header): what a preference
+    loss scores is from there to the end, its end-of-turn token included; everything before is the prompt."""
+    inside = answer_positions(ids, rule)
+    opened = np.flatnonzero(inside & ~np.concatenate([[False], inside[:-1]]))
+    return int(opened[-1])
+
+
+def fit_pair(prompt: int, answers: tuple[int, int], room: int) -> tuple[int, int]:
+    """(prompt tokens kept, answer tokens kept) when a pair's rows must fit in `room` (T+1) tokens. The rule: a pair
+    that fits is kept whole; otherwise the prompt is cut from the left, down to half the row at most, and then
+    the answers from the right. So an answer always keeps at least half a row, and a prompt keeps its last tokens
+    (the question and the generation header just before the answer)."""
+    longest = max(answers)
+    if prompt + longest <= room:
+        return prompt, longest
+    keep = max(room - longest, min(prompt, room // 2))
+    return keep, room - keep
+
+
+@dataclass
+class PairSource:
+    """Preference pairs to draw from: each a prompt with a chosen and a rejected answer (two conversations of a
+    `pref` cache), as 2 rows each. `refs`: per cache, the reference log-probabilities of its pairs' answers,
+    (num_pairs, 2), once computed (training/reference.py); None before, or when the phase computes them live."""
+
+    caches: list[Cache]
+    probs: np.ndarray
+    T: int
+    names: list[str]
+    refs: list[np.ndarray] | None = None
+
+    @property
+    def answers(self) -> AnswerRule:
+        return answer_rule(self.caches[0].meta)
+
+    def pair_rows(self, cache: Cache, i: int) -> tuple[list[np.ndarray], list[int]]:
+        """The pair's two rows (truncated by fit_pair) and where each answer starts in its row."""
+        tokens = cache.tokens
+        seqs = [
+            np.asarray(tokens[cache.starts[2 * i + k] : cache.starts[2 * i + k + 1]], dtype=np.int64) for k in (0, 1)
+        ]
+        del tokens
+        starts = [last_answer_start(s, self.answers) for s in seqs]
+        prompt = min(starts)  # the same prompt tokens in both (prepare renders one conversation twice)
+        keep, room = fit_pair(prompt, (len(seqs[0]) - starts[0], len(seqs[1]) - starts[1]), self.T + 1)
+        return [s[a - keep : a + room] for s, a in zip(seqs, starts)], [keep, keep]
+
+    def batch(self, rng: np.random.Generator, n: int, keep: slice) -> Batch:
+        """n pairs drawn by address (a cache by its share, then a pair in it), this process's `keep` of them."""
+        which = rng.choice(len(self.probs), size=n, p=self.probs)
+        u = rng.random(n)
+        picked = np.arange(n)[keep]
+        return self.batch_of(
+            [(int(which[g]), int(u[g] * self.caches[int(which[g])].num_examples // 2)) for g in picked]
+        )
+
+    def batch_of(self, pairs: list[tuple[int, int]]) -> Batch:
+        """The rows of these (cache, pair) pairs: the chosen rows first, then the rejected ones."""
+        k = len(pairs)
+        pad = self.caches[0].meta["special_tokens"][DOC]
+        tokens = np.full((2 * k, self.T + 1), pad, dtype=np.int64)
+        answer = np.zeros((2 * k, self.T), dtype=bool)
+        real = np.zeros((2 * k, self.T), dtype=bool)
+        ref = np.zeros(2 * k, dtype=np.float32) if self.refs is not None else None
+        for r, (c, i) in enumerate(pairs):
+            rows, prompts = self.pair_rows(self.caches[c], i)
+            for side, (row, p) in enumerate(zip(rows, prompts)):
+                at = r + side * k
+                tokens[at, : len(row)] = row
+                answer[at, p - 1 : len(row) - 1] = True  # the targets that are answer tokens
+                real[at, : len(row) - 1] = True
+                if ref is not None:
+                    ref[at] = self.refs[c][i, side]
+        t = torch.from_numpy(tokens)
+        y = t[:, 1:]
+        which = np.array([c for c, _ in pairs] * 2, dtype=np.int64)
+        return Batch(
+            t[:, :-1],
+            y,
+            torch.where(torch.from_numpy(answer), y, IGNORE_INDEX),
+            torch.from_numpy(np.repeat(which[:, None], self.T, axis=1)),
+            torch.from_numpy(which),
+            None,
+            torch.where(torch.from_numpy(real), y, IGNORE_INDEX),
+            None if ref is None else torch.from_numpy(ref),
+        )
+
+
 class Batches:
     """Batches by address (seed, step, micro-step, rank) from a phase's training and validation rows."""
 
-    def __init__(self, train: RowSource, val: RowSource, B: int, seed: int):
+    def __init__(self, train: RowSource | PairSource, val: RowSource | PairSource, B: int, seed: int):
         self.train, self.val, self.B, self.seed = train, val, B, seed
 
     def _slice(
-        self, source: RowSource, rng: np.random.Generator, micro: int, rank: int, world: int, accum: int
+        self, source: RowSource | PairSource, rng: np.random.Generator, micro: int, rank: int, world: int, accum: int
     ) -> Batch:
         """Rows of one global batch are drawn together; this process keeps its own slice of B rows.
 

@@ -32,8 +32,8 @@ from trainer_accel.data.tokenizer import (
     tokenizer_from_meta,
 )
 from trainer_accel.errors import UserError, raise_if_any
-from trainer_accel.paths import CACHE_NAMING, EXAMPLES, FOLDER_KINDS, KIND_FOLDERS, STREAM, Paths
-from trainer_accel.training.batches import Batches, RowSource
+from trainer_accel.paths import CACHE_NAMING, EXAMPLES, FOLDER_KINDS, INDEXED, KIND_FOLDERS, PAIRS, STREAM, Paths
+from trainer_accel.training.batches import Batches, PairSource, RowSource, fit_pair, last_answer_start
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class PhaseInputs:
     def chat(self) -> dict | None:
         """The model's own chat template the SFT caches were written in (chat_template.chat_meta), or None: the
         built-in template (and for pretraining, which has no conversations)."""
-        return next((c.meta.get("chat") for c in self.caches if c.meta["kind"] == EXAMPLES), None)
+        return next((c.meta.get("chat") for c in self.caches if c.meta["kind"] in INDEXED), None)
 
     def chat_format(self) -> ChatFormat | None:
         """How to prompt the model for samples: in the template its SFT caches used (None without a tokenizer)."""
@@ -114,6 +114,8 @@ def phase_cache_paths(cfg: PhaseConfig, paths: Paths) -> tuple[list[CacheRef], l
     ]
     if keys.sources_kind == STREAM:
         return train, stream_val
+    if keys.sources_kind == PAIRS:  # pairs are validated on pairs: a stream has no preference to measure
+        return train, [CacheRef(r.source, r.kind, paths.cache(r.kind, r.source, "val"), r.key) for r in train]
     own_val = [
         CacheRef(r.source, r.kind, paths.cache(r.kind, r.source, "val"), r.key)
         for r in train
@@ -191,11 +193,13 @@ def _check_caches(cfg: PhaseConfig, caches: list[Cache]) -> list[str]:
                 "some were prepared by an older trainer that added tokens the model has its own of); "
                 "prepare them again together"
             )
-    sft = [c for c in caches if c.meta["kind"] == EXAMPLES]
+    sft = [c for c in caches if c.meta["kind"] in INDEXED]
     templates = {template_key(c.meta.get("chat")) for c in sft}
     if len(templates) > 1:
         per = "; ".join(f"{c.path.name}: {(c.meta.get('chat') or {}).get('template_source', 'built-in')}" for c in sft)
-        problems.append(f"SFT caches were written in different chat templates ({per}); prepare them with one")
+        problems.append(
+            f"SFT and preference caches were written in different chat templates ({per}); prepare them with one"
+        )
     return problems
 
 
@@ -242,10 +246,36 @@ def _check_answers(cfg: PhaseConfig, cache: Cache) -> str | None:
     return None
 
 
+def say_cut_pairs(cfg: PhaseConfig, cache: Cache) -> None:
+    """How many pairs of a preference cache do not fit in a row of T+1 tokens, and are cut by the stated rule
+    (batches.fit_pair: the prompt from the left first, to half the row at most, then the answers from the right)."""
+    n = cache.num_examples // 2
+    picked = range(n) if n <= ANSWER_SAMPLE else np.random.default_rng(0).choice(n, ANSWER_SAMPLE, replace=False)
+    tokens, rule = cache.tokens, answer_rule(cache.meta)
+    prompts_cut = answers_cut = 0
+    for i in picked:
+        seqs = [np.asarray(tokens[cache.starts[2 * i + k] : cache.starts[2 * i + k + 1]]) for k in (0, 1)]
+        starts = [last_answer_start(q, rule) for q in seqs]
+        answers = (len(seqs[0]) - starts[0], len(seqs[1]) - starts[1])
+        keep, room = fit_pair(min(starts), answers, cfg.seq_len + 1)
+        prompts_cut += keep < min(starts)
+        answers_cut += room < max(answers)
+    del tokens
+    if prompts_cut:
+        log.warning(
+            "%s: %d of %d pairs looked at are longer than T+1=%d tokens: their prompts are cut from the left%s",
+            cache.path,
+            prompts_cut,
+            len(picked),
+            cfg.seq_len + 1,
+            f", and {answers_cut} also lose the end of an answer" if answers_cut else "",
+        )
+
+
 def say_template(caches: list[Cache]) -> None:
     """A run in another template than the one the model came with (the one beside its tokenizer) says so at
     start: the model learns the template it is trained in, and its exports carry that one."""
-    sft = [c for c in caches if c.meta["kind"] == EXAMPLES]
+    sft = [c for c in caches if c.meta["kind"] in INDEXED]
     path = sft[0].meta.get("tokenizer_path") if sft else None
     if not path or not Path(path).is_file():
         return
@@ -285,6 +315,20 @@ def check_phase_inputs(cfg: PhaseConfig, paths: Paths) -> PhaseInputs:
     raise_if_any(_check_caches(cfg, caches))
     raise_if_any([p for c in caches if c.meta["kind"] == EXAMPLES and (p := _check_answers(cfg, c))])
     say_template(caches)
+    if cfg.keys.sources_kind == PAIRS:
+        for c in caches:
+            say_cut_pairs(cfg, c)
+        train = PairSource(
+            [opened[r.path] for r in train_refs],
+            np.array([cfg.sources[r.source] for r in train_refs]) / sum(cfg.sources[r.source] for r in train_refs),
+            cfg.seq_len,
+            [r.name for r in train_refs],
+        )
+        weights = np.array([cfg.sources[r.source] for r in val_refs])
+        val = PairSource(
+            [opened[r.path] for r in val_refs], weights / weights.sum(), cfg.seq_len, [r.name for r in val_refs]
+        )
+        return PhaseInputs(Batches(train, val, cfg.train.B, cfg.train.seed), caches, caches[0].meta["tokenizer"])
 
     probs = np.array(list(cfg.mixture().values()), dtype=np.float64)
     probs /= probs.sum()

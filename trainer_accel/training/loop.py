@@ -74,6 +74,13 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=t.base_lr, betas=(t.beta1, t.beta2), **extra)
 
 
+def metric_mean(summed: torch.Tensor, weight: torch.Tensor) -> float:
+    """A phase's metric over a step or an evaluation: its sum over the weight's first part, or, for a metric given
+    as a (sum, count) pair (a token mean beside a pair mean), the ratio of its own two sums."""
+    num, den = (summed[0], summed[1]) if summed.numel() == 2 else (summed[0], weight.view(-1)[0])
+    return float(num) / float(den) if den else float("nan")
+
+
 @dataclass
 class LoopState:
     """Everything besides weights and optimizer that a resumed run needs; stored in the checkpoint sidecar."""
@@ -127,7 +134,7 @@ class Trainer:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.phase_dir = paths.phase_dir(cfg.phase)
         start = start or StartPoint()
-        data_info = data_info or {}
+        data_info = self.data_info = data_info or {}
         if cfg.sample_prompts and chat is None:
             log.warning("%s: sample_prompts are set but the caches' tokenizer cannot be found; no samples", cfg.path)
         self.empty_micro_batches = torch.zeros((), dtype=torch.long, device=accelerator.device)  # since the last line
@@ -167,7 +174,8 @@ class Trainer:
                 start.initial.meta.get("run_id") or "not recorded",
             )
         self.parent = start.lineage()
-        self.data_info = data_info
+        if getattr(phase, "setup", None) is not None:  # what the phase does before its first step (its reference)
+            phase.setup(self, start)
         resumed_from = str(start.resumed.source) if start.resumed is not None else None
         facts = {
             "data_info": data_info,
@@ -260,16 +268,18 @@ class Trainer:
         ]
         counts = torch.stack([self.phase.weight(b) for b in batches])  # on the device: no host sync
         by_source = torch.stack([self.batches.count_by_source(b) for b in batches]).sum(0)  # (tokens, rows) x sources
-        self.empty_micro_batches += (counts == 0).sum()  # they add nothing to loss or gradient; reported in the log
-        counted = self.acc.reduce(counts.sum().float(), "sum").clamp_min(1.0)
-        loss_sum, metrics = torch.zeros((), device=device), {}
+        # a loss of several means (ORPO: pairs and tokens) has a weight per part; the first one counts what the
+        # micro-batch holds
+        self.empty_micro_batches += (counts.reshape(len(batches), -1)[:, 0] == 0).sum()
+        counted = self.acc.reduce(counts.sum(0).float(), "sum").clamp_min(1.0)
+        loss_sum, metrics = torch.zeros_like(counted), {}
         for m, batch in enumerate(batches):
             # dropout masks by address: the global slice (micro * processes + rank), so any split draws the same
             torch.manual_seed(address_seed(self.t.seed, DROPOUT_TAG, step, m * self.world + self.rank))
             sync = m == len(batches) - 1
             with contextlib.nullcontext() if sync else self.acc.no_sync(self.model), self._watched("train"):
                 out = self.loss(self.model, batch)
-                self.acc.backward(out.total * (self.world / counted))
+                self.acc.backward((out.total * (self.world / counted)).sum())
             loss_sum += out.total.detach()
             for name, value in out.metrics.items():
                 metrics[name] = metrics.get(name, 0) + value.detach()
@@ -331,27 +341,30 @@ class Trainer:
         process runs the same number of forward passes (FSDP gathers weights collectively in each).
         """
         self.model.eval()
-        total, names = None, []
+        total, names, widths = None, [], []
         for first in range(0, self.t.eval_batches, self.world):
             index = first + self.rank
             batch = self.batches.val_batch(index if index < self.t.eval_batches else 0)
             with self._watched("eval"):
                 out = self.loss(self.model, batch.to(self.acc.device))
             names = sorted(out.metrics)
-            sums = torch.stack([out.total.float(), out.weight.float(), *(out.metrics[m].float() for m in names)])
+            parts = [out.total.float().view(-1), out.weight.float().view(-1)]
+            parts += [out.metrics[m].float().view(-1) for m in names]
+            widths = [p.numel() for p in parts]
+            sums = torch.cat(parts)
             total = torch.zeros_like(sums) if total is None else total
             if index < self.t.eval_batches:
                 total += sums
         self.model.train()
-        loss_sum, count, *metrics = self.acc.reduce(total, "sum").tolist()
-        # the phase's own metrics (none for token losses), weighted as the loss is: logged beside val/loss
-        self.val_metrics = {f"val/{m}": v / count if count else float("nan") for m, v in zip(names, metrics)}
-        if count == 0:
+        values = self.acc.reduce(total, "sum").split(widths)
+        loss_sum, count, *metrics = values
+        self.val_metrics = {f"val/{m}": metric_mean(v, count) for m, v in zip(names, metrics)}
+        if count[0] == 0:
             log.warning(
                 "%s: the validation batches hold no counted tokens (every answer cut off by T?)", self.cfg.phase
             )
             return float("nan")
-        return loss_sum / count
+        return float((loss_sum.double() / count.double()).sum())  # in float64, as the loss has always been
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 

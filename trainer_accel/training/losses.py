@@ -10,11 +10,14 @@ byte-identical to what they were (a sum of the per-token values differs in the l
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
 from trainer_accel.data.cache import IGNORE_INDEX
+from trainer_accel.models.lora import adapter_off
 from trainer_accel.training.batches import Batch
 
 
@@ -43,3 +46,23 @@ def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tenso
     (preference tuning) reduce, from the model's per-token log-probabilities (0 where a target is not counted)."""
     per_token = model(batch.x, batch.segments, targets=batch.y_masked, reduction="none")  # (B, T)
     return per_token.sum(dim=1), (batch.y_masked != IGNORE_INDEX).sum(dim=1)
+
+
+def answer_logps(model: torch.nn.Module, batch: Batch, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, T) per-token log-probabilities of `targets` (0 where ignored; the answers, or with batch.y_all the
+    prompts too) and (2B,) each row's summed answer log-probability: what preference losses reduce."""
+    per_token = model(batch.x, batch.segments, targets=targets, reduction="none").float()
+    return per_token, torch.where(batch.y_masked != IGNORE_INDEX, per_token, 0.0).sum(dim=1)
+
+
+@contextlib.contextmanager
+def reference_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model as a preference loss's reference: its adapter off (the start model, for free), dropout off, no
+    graph; restored on exit."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), adapter_off(model):
+            yield
+    finally:
+        model.train(was)

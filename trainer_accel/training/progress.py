@@ -83,25 +83,28 @@ class Progress:
         """Every step's values to the event log and CSV; the window's summary to the progress line and trackers."""
         t, names = self.cfg.train, self.names
         metric_names = sorted(pending[0].metrics)
+        parts = [pending[0].loss_sum.numel()] + [pending[0].metrics[m].numel() for m in metric_names]
         local = torch.stack(
             [
                 torch.cat(
-                    [p.loss_sum.float().view(1)]
-                    + [p.metrics[m].float().view(1) for m in metric_names]
+                    [p.loss_sum.float().view(-1)]
+                    + [p.metrics[m].float().view(-1) for m in metric_names]
                     + [p.by_source.flatten()]
                 )
                 for p in pending
             ]
         )
         reduced = self.acc.reduce(local, "sum")  # loss sums and per-source counts: one collective per progress line
-        counted = torch.stack([p.counted.float() for p in pending])
-        losses = reduced[:, 0] / counted
-        extra = reduced[:, 1 : 1 + len(metric_names)] / counted[:, None]
+        counted = torch.stack([p.counted.float().view(-1) for p in pending])  # (lines, parts of the weight)
+        loss_parts, *metric_sums, counts = reduced.split(parts + [reduced.shape[1] - sum(parts)], dim=1)
+        losses = (loss_parts / counted).sum(1)  # a loss of several means is their sum
+        # a metric is a sum over the weight's first part, or a (sum, count) pair whose ratio it is
+        extra = [m[:, 0] / (m[:, 1] if m.shape[1] == 2 else counted[:, 0]) for m in metric_sums]
         rows = torch.cat(
             [
                 torch.stack([losses, torch.stack([p.grad_norm.float() for p in pending])], dim=1),
-                reduced[:, 1 + len(metric_names) :],
-                extra,
+                counts,
+                torch.stack(extra, dim=1) if extra else counts[:, :0],
             ],
             dim=1,
         ).tolist()  # one host sync

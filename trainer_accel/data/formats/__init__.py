@@ -8,8 +8,8 @@ An input is a file or a folder:
                                      a Hugging Face dataset saved with save_to_disk, every split   (`formats` extra)
     any other folder                 every file above inside it, in path order
 Streams take one document per row from its text field (`text`, or the one --text-field names). SFT takes the row
-shapes in chat.py, oasst1 message trees included. A row that does not fit is reported with its file and row, and
-reading goes on, so every bad row of a run is heard about at once.
+shapes in chat.py, oasst1 message trees included; preference pairs the shapes in pairs.py. A row that does not
+fit is reported with its file and row, and reading goes on, so every bad row of a run is heard about at once.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from trainer_accel.data.formats.chat import (
     is_oasst_tree,
     turns_of,
 )
+from trainer_accel.data.formats.pairs import Dropped, pair_of
 from trainer_accel.data.formats.rows import BadRow, is_saved_dataset, rows
 from trainer_accel.data.formats.text import (
     KEY_CHARS,
@@ -39,7 +40,7 @@ from trainer_accel.data.formats.text import (
     text_blocks,
 )
 from trainer_accel.errors import UserError
-from trainer_accel.paths import EXAMPLES, STREAM
+from trainer_accel.paths import EXAMPLES, PAIRS, STREAM
 
 __all__ = [
     "KEY_CHARS",
@@ -50,6 +51,7 @@ __all__ = [
     "document_pieces",
     "examples",
     "input_files",
+    "pairs",
     "parse_document_rule",
     "unit_of",
 ]
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md")
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-SUFFIXES = {STREAM: TEXT_SUFFIXES + ROW_SUFFIXES, EXAMPLES: ROW_SUFFIXES}
+SUFFIXES = {STREAM: TEXT_SUFFIXES + ROW_SUFFIXES, EXAMPLES: ROW_SUFFIXES, PAIRS: ROW_SUFFIXES}
 Tick = Callable[[int], None]
 
 
@@ -165,3 +167,17 @@ def examples(path: Path, options: ReadOptions, problems: list[str], tick: Tick) 
             "; left out: " + ", ".join(f"{n} {why}" for why, n in trees.dropped.items()) if trees.dropped else "",
         )
         yield from conversations
+
+
+def pairs(path: Path, problems: list[str], tick: Tick, dropped: dict[str, int]) -> Iterator[tuple[str, Turns, Turns]]:
+    """(split key, chosen, rejected) for every usable pair in one input file; bad rows are appended to `problems`,
+    pairs that teach nothing are counted in `dropped` by reason (pairs.py)."""
+    for where, row in _rows_or_problem(path, tick, problems):
+        try:
+            if isinstance(row, BadRow):
+                raise ValueError(row.problem)
+            yield pair_of(row)
+        except Dropped as why:
+            dropped[str(why)] = dropped.get(str(why), 0) + 1
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
