@@ -126,33 +126,45 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def preference_rows(world: list[Creature], rng: random.Random) -> list[dict]:
-    """Each question with its right answer chosen and a worse one rejected: the same sentence with another
-    creature's fact (plausible, wrong) for every question, and for half of them also the right sentence rambling on
-    past its end. Half the rows are in TRL's conversational form, half plain strings: both shapes people publish."""
+    """Questions with a better and a worse answer. Those SFT taught (a right answer against another creature's fact,
+    or against the right fact rambling on past its end), which the SFT model already ranks right; and yes/no
+    questions SFT never asked ("Is the zorba red?"), which it ranks by chance and preference tuning teaches, the
+    answer checked against the facts it learnt in pretraining. Half the rows are in TRL's conversational form, half
+    plain strings: both shapes people publish."""
     rows = []
+
+    def add(question: str, right: str, wrong: str) -> None:
+        if rng.random() < 0.5:
+            rows.append({"prompt": question, "chosen": right, "rejected": wrong})
+        else:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": question}],
+                    "chosen": [{"role": "assistant", "content": right}],
+                    "rejected": [{"role": "assistant", "content": wrong}],
+                }
+            )
+
     for c in world:
+        facts = _facts(c)
         for k, (q, a) in enumerate(QUESTIONS):
-            facts = _facts(c)
-            other = rng.choice([o for o in world if _facts(o)[FIELDS[k]] != facts[FIELDS[k]]])
+            field = FIELDS[k]
+            other = rng.choice([o for o in world if _facts(o)[field] != facts[field]])
             right, question = a.format(**facts), q.format(**facts)
-            worse = [a.format(**{**facts, FIELDS[k]: _facts(other)[FIELDS[k]]})]
+            add(question, right, a.format(**{**facts, field: _facts(other)[field]}))
             if rng.random() < 0.5:
-                worse.append(right + " " + " ".join(rng.choice(WIKI_TEMPLATES).format(**_facts(o)) for o in (c, other)))
-            for wrong in worse:
-                if rng.random() < 0.5:
-                    rows.append({"prompt": question, "chosen": right, "rejected": wrong})
-                else:
-                    rows.append(
-                        {
-                            "prompt": [{"role": "user", "content": question}],
-                            "chosen": [{"role": "assistant", "content": right}],
-                            "rejected": [{"role": "assistant", "content": wrong}],
-                        }
-                    )
+                ramble = " ".join(rng.choice(WIKI_TEMPLATES).format(**_facts(o)) for o in (c, other))
+                add(question, right, right + " " + ramble)
+            asked = YES_NO[k]
+            add(asked.format(**facts), f"Yes. {right}", f"No. {a.format(**{**facts, field: _facts(other)[field]})}")
+            wrong = {**facts, field: _facts(other)[field]}
+            add(asked.format(**wrong), f"No. {right}", f"Yes. {a.format(**wrong)}")
     rng.shuffle(rows)
     return rows
 
 
+YES_NO = ["Is the {name} {color}?", "Does the {name} live in {place}?", "Does the {name} eat {food}?",
+          "Does the {name} have {legs} legs?"]  # fmt: skip
 FIELDS = ["color", "place", "food", "legs"]  # the fact each of QUESTIONS asks about
 
 

@@ -27,16 +27,17 @@ from trainer_accel.data.cache import open_cache
 from trainer_accel.errors import UserError
 from trainer_accel.fsio import now_iso
 from trainer_accel.models.build import build_model
+from trainer_accel.models.generation import generate_ids
 from trainer_accel.models.gpt import GPT
 from trainer_accel.observability.manifest import (
     read_manifest,
     write_manifest,
 )
-from trainer_accel.paths import FOLDER_KINDS, STREAM, Paths
+from trainer_accel.paths import FOLDER_KINDS, PAIRS, STREAM, Paths
 from trainer_accel.phases.phase import Gate
-from trainer_accel.phases.registry import gate_of
-from trainer_accel.training.batches import Batches, RowSource
-from trainer_accel.training.losses import token_cross_entropy
+from trainer_accel.phases.registry import gate_of, phase_of
+from trainer_accel.training.batches import Batches, PairSource, RowSource, last_answer
+from trainer_accel.training.losses import answer_logps, token_cross_entropy
 from trainer_accel.training.start import load_start
 
 
@@ -46,13 +47,79 @@ def val_sets(paths: Paths, V: int, T: int, B: int) -> list[tuple[str, Batches]]:
     for kind, source, path in paths.caches("val"):
         if not path.is_file():
             continue
-        name = f"{path.parent.name}/{source}"  # streams/wiki, sft/dolly
+        name = f"{path.parent.name}/{source}"  # streams/wiki, sft/dolly, pref/facts
         cache = open_cache(path, kind)
         if cache.meta["vocab_size"] > V or (kind == STREAM and cache.meta["num_tokens"] < T + 1):
             continue  # another tokenizer's cache, or too short for one window: not comparable
-        source = RowSource([cache], np.ones(1), T, [kind], [name])
+        source = (
+            PairSource([cache], np.ones(1), T, [name])
+            if kind == PAIRS
+            else RowSource([cache], np.ones(1), T, [kind], [name])
+        )
         out.append((name, Batches(source, source, B, 0)))
     return out
+
+
+@torch.no_grad()
+def pair_scores(model: torch.nn.Module, rows: Batches, device: torch.device) -> list[float]:
+    """Each held-out pair's margin: the model's log-probability of the chosen answer minus the rejected one's
+    (summed over the answer's tokens, its end-of-turn token included). Every pair of the cache, in order."""
+    source: PairSource = rows.val
+    n = source.caches[0].num_examples // 2
+    out: list[float] = []
+    for a in range(0, n, rows.B):
+        batch = source.batch_of([(0, i) for i in range(a, min(a + rows.B, n))]).to(device)
+        logps = answer_logps(model, batch, batch.y_masked)[1]
+        k = logps.shape[0] // 2
+        out += (logps[:k] - logps[k:]).tolist()
+    return out
+
+
+GENERATED_PROMPTS = 32  # held-out prompts answered by both models in the length check
+GENERATED_TOKENS = 4  # each may write this many times its chosen answer's length (and at least 32 tokens)
+
+
+@torch.no_grad()
+def generation_lengths(model: GPT, rows: Batches) -> tuple[float, float]:
+    """(mean answer length in tokens, share of answers that end) of greedy answers to the first held-out prompts:
+    the length blow-up check of a preference gate. An answer ends when it writes the template's end of turn within
+    its budget (GENERATED_TOKENS times the chosen answer's length)."""
+    source: PairSource = rows.val
+    cache, rule = source.caches[0], source.answers
+    tokens = cache.tokens
+    prompts, budgets = [], []
+    for i in range(min(GENERATED_PROMPTS, cache.num_examples // 2)):
+        ids = np.asarray(tokens[cache.starts[2 * i] : cache.starts[2 * i + 1]], dtype=np.int64)
+        start, stop = last_answer(ids, rule)
+        if start < model.cfg.T - 1:
+            prompts.append(ids[:start].tolist())
+            budgets.append(max(32, GENERATED_TOKENS * (stop - start)))
+    del tokens
+    lengths, ended = [], []
+    for p, budget in zip(prompts, budgets):
+        new = generate_ids(model, [p], budget, stop_ids=frozenset({rule.end}))[0]
+        lengths.append(len(new))
+        ended.append(bool(new) and new[-1] == rule.end)
+    return (float(np.mean(lengths)), float(np.mean(ended))) if lengths else (0.0, 0.0)
+
+
+def compare_pairs(name: str, base: list[float], cand: list[float], generation: dict | None) -> dict[str, Any]:
+    """A preference set measured on both models: pair accuracy (the chosen answer more likely than the rejected
+    one) and the mean margin, and the generated answers' length and end rate."""
+    entry: dict[str, Any] = {"name": name, "kind": PAIRS, "pairs": len(base)}
+    if not base:
+        return {**entry, "measured": False, "why": "it holds no pairs"}
+    acc_b, acc_c = float(np.mean([m > 0 for m in base])), float(np.mean([m > 0 for m in cand]))
+    return {
+        **entry,
+        "measured": True,
+        "baseline": acc_b,
+        "candidate": acc_c,
+        "delta": acc_c - acc_b,
+        "baseline_margin": float(np.mean(base)),
+        "candidate_margin": float(np.mean(cand)),
+        **({"generation": generation} if generation is not None else {}),
+    }
 
 
 @torch.no_grad()
@@ -118,7 +185,20 @@ def eval_summary(
     T = min(mc["T"], mb["T"])
     sets = []
     cand_model, base_model = _model(candidate, device), _model(baseline, device)
+    phase = phase_of(candidate.meta)
+    judged_on_pairs = phase is not None and phase.keys.sources_kind == PAIRS
     for name, rows in val_sets(paths, min(mc["V"], mb["V"]), T, B):
+        if isinstance(rows.val, PairSource):
+            if not judged_on_pairs:  # pairs are a preference model's test; SFT and pretraining are judged without
+                continue
+            (bl, be), (cl, ce) = generation_lengths(base_model, rows), generation_lengths(cand_model, rows)
+            lengths = {"baseline_length": bl, "candidate_length": cl, "baseline_ended": be, "candidate_ended": ce}
+            sets.append(
+                compare_pairs(
+                    name, pair_scores(base_model, rows, device), pair_scores(cand_model, rows, device), lengths
+                )
+            )
+            continue
         sets.append(
             compare_set(
                 name, batch_losses(base_model, rows, batches, device), batch_losses(cand_model, rows, batches, device)
@@ -145,6 +225,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     for s in summary["sets"]:
         if not s.get("measured", True):
             lines.append(f"{s['name']:<18}{'not measured: ' + s['why']:>41}")
+            continue
+        if s["kind"] == PAIRS:  # pair accuracy, then the generated answers' length and end rate
+            lines.append(
+                f"{s['name'] + ' acc':<18}{s['baseline']:>10.3f}{s['candidate']:>11.3f}{s['delta']:>+10.3f}{'> 0':>10}"
+            )
+            g = s.get("generation")
+            if g:
+                lines.append(f"{'  answer length':<18}{g['baseline_length']:>10.1f}{g['candidate_length']:>11.1f}")
+                lines.append(f"{'  answers ended':<18}{g['baseline_ended']:>10.0%}{g['candidate_ended']:>11.0%}")
             continue
         need = f"{-s['needed']:>+10.4f}" if "needed" in s else f"{'<= ' + format(summary['tolerance'], 'g'):>10}"
         lines.append(f"{s['name']:<18}{s['baseline']:>10.4f}{s['candidate']:>11.4f}{s['delta']:>+10.4f}{need}")

@@ -98,12 +98,15 @@ class RowSource:
         )
 
 
-def last_answer_start(ids: np.ndarray, rule: AnswerRule) -> int:
-    """Where a conversation's last answer begins (its first token after the last answer header): what a preference
-    loss scores is from there to the end, its end-of-turn token included; everything before is the prompt."""
+def last_answer(ids: np.ndarray, rule: AnswerRule) -> tuple[int, int]:
+    """(start, stop) of a conversation's last answer: from its first token after the last answer header up to and
+    including its end-of-turn token. What a preference loss scores; everything before it is the prompt, and what
+    a template writes after it (Qwen's newline after <|im_end|>) is neither."""
     inside = answer_positions(ids, rule)
     opened = np.flatnonzero(inside & ~np.concatenate([[False], inside[:-1]]))
-    return int(opened[-1])
+    start = int(opened[-1])
+    closed = np.flatnonzero(~inside[start:])
+    return start, start + (int(closed[0]) if len(closed) else len(ids) - start)
 
 
 def fit_pair(prompt: int, answers: tuple[int, int], room: int) -> tuple[int, int]:
@@ -141,10 +144,10 @@ class PairSource:
             np.asarray(tokens[cache.starts[2 * i + k] : cache.starts[2 * i + k + 1]], dtype=np.int64) for k in (0, 1)
         ]
         del tokens
-        starts = [last_answer_start(s, self.answers) for s in seqs]
-        prompt = min(starts)  # the same prompt tokens in both (prepare renders one conversation twice)
-        keep, room = fit_pair(prompt, (len(seqs[0]) - starts[0], len(seqs[1]) - starts[1]), self.T + 1)
-        return [s[a - keep : a + room] for s, a in zip(seqs, starts)], [keep, keep]
+        spans = [last_answer(s, self.answers) for s in seqs]
+        prompt = min(a for a, _ in spans)  # the same prompt tokens in both (prepare renders one conversation twice)
+        keep, room = fit_pair(prompt, tuple(b - a for a, b in spans), self.T + 1)
+        return [s[a - keep : min(b, a + room)] for s, (a, b) in zip(seqs, spans)], [keep, keep]
 
     def batch(self, rng: np.random.Generator, n: int, keep: slice) -> Batch:
         """n pairs drawn by address (a cache by its share, then a pair in it), this process's `keep` of them."""
@@ -163,26 +166,28 @@ class PairSource:
         answer = np.zeros((2 * k, self.T), dtype=bool)
         real = np.zeros((2 * k, self.T), dtype=bool)
         ref = np.zeros(2 * k, dtype=np.float32) if self.refs is not None else None
+        width = 2
         for r, (c, i) in enumerate(pairs):
             rows, prompts = self.pair_rows(self.caches[c], i)
             for side, (row, p) in enumerate(zip(rows, prompts)):
                 at = r + side * k
+                width = max(width, len(row))
                 tokens[at, : len(row)] = row
                 answer[at, p - 1 : len(row) - 1] = True  # the targets that are answer tokens
                 real[at, : len(row) - 1] = True
                 if ref is not None:
                     ref[at] = self.refs[c][i, side]
-        t = torch.from_numpy(tokens)
+        t = torch.from_numpy(tokens[:, :width])  # as long as its longest row: padding to T is computed for nothing
         y = t[:, 1:]
         which = np.array([c for c, _ in pairs] * 2, dtype=np.int64)
         return Batch(
             t[:, :-1],
             y,
-            torch.where(torch.from_numpy(answer), y, IGNORE_INDEX),
-            torch.from_numpy(np.repeat(which[:, None], self.T, axis=1)),
+            torch.where(torch.from_numpy(answer[:, : width - 1]), y, IGNORE_INDEX),
+            torch.from_numpy(np.repeat(which[:, None], width - 1, axis=1)),
             torch.from_numpy(which),
             None,
-            torch.where(torch.from_numpy(real), y, IGNORE_INDEX),
+            torch.where(torch.from_numpy(real[:, : width - 1]), y, IGNORE_INDEX),
             None if ref is None else torch.from_numpy(ref),
         )
 

@@ -33,7 +33,7 @@ from trainer_accel.data.tokenizer import (
 )
 from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.paths import CACHE_NAMING, EXAMPLES, FOLDER_KINDS, INDEXED, KIND_FOLDERS, PAIRS, STREAM, Paths
-from trainer_accel.training.batches import Batches, PairSource, RowSource, fit_pair, last_answer_start
+from trainer_accel.training.batches import Batches, PairSource, RowSource, fit_pair, last_answer
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +255,10 @@ def say_cut_pairs(cfg: PhaseConfig, cache: Cache) -> None:
     prompts_cut = answers_cut = 0
     for i in picked:
         seqs = [np.asarray(tokens[cache.starts[2 * i + k] : cache.starts[2 * i + k + 1]]) for k in (0, 1)]
-        starts = [last_answer_start(q, rule) for q in seqs]
-        answers = (len(seqs[0]) - starts[0], len(seqs[1]) - starts[1])
-        keep, room = fit_pair(min(starts), answers, cfg.seq_len + 1)
-        prompts_cut += keep < min(starts)
+        spans = [last_answer(q, rule) for q in seqs]
+        answers = tuple(b - a for a, b in spans)
+        keep, room = fit_pair(min(a for a, _ in spans), answers, cfg.seq_len + 1)
+        prompts_cut += keep < min(a for a, _ in spans)
         answers_cut += room < max(answers)
     del tokens
     if prompts_cut:
