@@ -3,8 +3,10 @@
     python -m trainer_accel.compare RUN [RUN ...] --out compare.png
 
 A RUN is an artifacts directory (its metrics/events.jsonl is read) or an events file. The picture has train and
-val loss against step and against tokens seen, one colour per RUN and one line style per phase; the table has,
-per run id: phase, steps, tokens seen, best val loss and its step, mean tokens/s and wall time.
+val loss against step and against tokens seen, one colour per RUN and one line style per phase, and, when a run
+tuned preferences, a third row of its pair accuracy (`rewards/accuracies`) and reward margin (`rewards/margins`),
+train as lines and val as points, against step; the table has, per run id: phase, steps, tokens seen, best val
+loss and its step, mean tokens/s and wall time.
 The picture needs matplotlib (pip install -e '.[plot]'); without it the table is still printed (exit 2 only
 when --out asked for the picture). Exit codes: 0 done, 2 bad input.
 """
@@ -18,6 +20,7 @@ from trainer_accel.errors import UserError, raise_if_any
 from trainer_accel.observability.metrics import read_events
 
 LINE_STYLES = ("-", "--", "-.", ":")  # one per phase, in the order the phases first appear (pretrain, then SFT)
+PAIR_METRICS = ("rewards/accuracies", "rewards/margins")  # a preference run's, by TRL's names
 
 
 @dataclass
@@ -95,7 +98,10 @@ def plot(series: list[RunSeries], out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--out: drawing needs matplotlib (pip install -e '.[plot]')") from None
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey="row")
+    pairs = any(f"train/{PAIR_METRICS[0]}" in r for s in series for r in s.train)
+    fig, axes = plt.subplots(3 if pairs else 2, 2, figsize=(12, 12 if pairs else 8))
+    for row in (0, 1):  # a loss against steps and against tokens: one scale; the pair metrics keep their own
+        axes[row, 1].sharey(axes[row, 0])
     labels = list(dict.fromkeys(s.label for s in series))
     colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
     phases = list(dict.fromkeys(s.phase for s in series))
@@ -109,12 +115,24 @@ def plot(series: list[RunSeries], out: Path) -> None:
             axes[1, col].plot(
                 [x_of(e) for e in evals], [e["val/loss"] for e in evals], marker="o", markersize=3, **style
             )
+        for col, metric in enumerate(PAIR_METRICS if pairs else ()):
+            trained = [r for r in s.train if f"train/{metric}" in r]
+            axes[2, col].plot([r["step"] for r in trained], [r[f"train/{metric}"] for r in trained], **style)
+            measured = [e for e in s.evals if f"val/{metric}" in e]
+            axes[2, col].plot(
+                [e["step"] for e in measured], [e[f"val/{metric}"] for e in measured], marker="o", markersize=3,
+                linestyle="none", color=style["color"],
+            )  # fmt: skip
     for row, name in enumerate(("train loss", "val loss")):
         for col, xlabel in enumerate(("step", "tokens seen")):
             ax = axes[row, col]
             ax.set_xlabel(xlabel)
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
+    for col, metric in enumerate(PAIR_METRICS if pairs else ()):
+        axes[2, col].set_xlabel("step")
+        axes[2, col].set_ylabel(f"{metric} (train lines, val points)")
+        axes[2, col].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +142,7 @@ def plot(series: list[RunSeries], out: Path) -> None:
 
 def format_table(series: list[RunSeries]) -> str:
     head = (
-        f"{'run':<16} {'run_id':<12} {'phase':<8} {'steps':>7} {'tokens':>12} {'best val':>9} {'at step':>7} "
+        f"{'run':<16} {'run_id':<12} {'phase':<10} {'steps':>7} {'tokens':>12} {'best val':>9} {'at step':>7} "
         f"{'tok/s':>9} {'wall s':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -133,7 +151,7 @@ def format_table(series: list[RunSeries]) -> str:
         best = "-" if m["best_val_loss"] is None else f"{m['best_val_loss']:.4f}"
         tps = "-" if m["tokens_per_sec"] is None else f"{m['tokens_per_sec']:,.0f}"
         lines.append(
-            f"{m['run'][:16]:<16} {str(m['run_id'])[:12]:<12} {m['phase']:<8} {m['steps']:>7} {m['tokens']:>12,} "
+            f"{m['run'][:16]:<16} {str(m['run_id'])[:12]:<12} {m['phase']:<10} {m['steps']:>7} {m['tokens']:>12,} "
             f"{best:>9} {str(m['best_step'] if m['best_step'] is not None else '-'):>7} {tps:>9} {m['wall_s']:>8.1f}"
         )
     return "\n".join(lines)
