@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TINY_MODEL, events, run_cli, write_config
-from real_models import model_directory
 from safetensors.torch import load_file
 from test_numerics import launch
+from test_real_models import trained  # noqa: F401 (the session's real model directories, as a fixture)
 
 from trainer_accel.config import ModelConfig
 from trainer_accel.data.cache import open_cache
@@ -116,13 +115,28 @@ ROWS = [
 
 def test_prepare_reads_pairs_as_published_and_counts_what_it_leaves_out(world):
     data = jsonl(world / "pairs.jsonl", ROWS * 3)  # each shape thrice, so the hash split has both sides
-    r = run_cli("prepare", "--pref", f"mine={data}", "--val-fraction", "0.3", cwd=world)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # UltraFeedback-binarized as the Hub serves it: Parquet, the answers list<struct<content, role>> columns
+    uf = [
+        {
+            "prompt": (q := f"Name food {i}."),
+            "chosen": [{"content": q, "role": "user"}, {"content": "Plums.", "role": "assistant"}],
+            "rejected": [{"content": q, "role": "user"}, {"content": "Rocks.", "role": "assistant"}],
+            "score_chosen": 8.0,
+            "score_rejected": 2.0,
+        }
+        for i in range(4)
+    ]
+    pq.write_table(pa.Table.from_pylist(uf), world / "uf.parquet")
+    r = run_cli("prepare", "--pref", f"mine={data}", "--pref", "mine=uf.parquet", "--val-fraction", "0.3", cwd=world)
     assert r.returncode == 0, r.stderr
     assert "mine: left out 9 pairs that teach no preference: 3 with an empty answer, 3 with chosen and rejected " \
            "the same text, 3 with conversations that differ before their last answer" in r.stderr  # fmt: skip
     train_meta, train = pair_sequences(world / "data/cache/pref/mine_train.bin")
     val_meta, val = pair_sequences(world / "data/cache/pref/mine_val.bin")
-    assert train_meta["num_pairs"] + val_meta["num_pairs"] == 15 and len(train) + len(val) == 15
+    assert train_meta["num_pairs"] + val_meta["num_pairs"] == 19 and len(train) + len(val) == 19
     assert train_meta["dropped"] == {
         "an empty answer": 3,
         "chosen and rejected the same text": 3,
@@ -151,12 +165,13 @@ def test_prepare_reads_pairs_as_published_and_counts_what_it_leaves_out(world):
     assert (world / "data/cache/pref/mine_train.bin").read_bytes() == before  # nothing published
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama3"])
-def test_pair_tokens_are_the_sft_tokens_of_the_same_turns_in_real_templates(tmp_path, family):
+def test_pair_tokens_are_the_sft_tokens_of_the_same_turns_in_real_templates(tmp_path, trained):  # noqa: F811
     """Qwen3's official template (its think block on the last answer) and Llama 3.2's (its BOS and dated system
-    header): a pair's chosen conversation is token for token the SFT example of the same turns, one BOS, the
-    generation header once, and the answer scored from its first token to its end-of-turn token."""
-    model_directory(family, tmp_path / "model")
+    header), in the model directories test_real_models.py makes once per session: a pair's chosen conversation is
+    token for token the SFT example of the same turns, one BOS, the generation header once, and the answer scored
+    from its first token to its end-of-turn token."""
+    family, folder, _ = trained
+    (tmp_path / "model").symlink_to(folder / "model")
     conversation = [
         {"role": "user", "content": "Hi, I am Ann."},
         {"role": "assistant", "content": "Hello!"},
@@ -188,7 +203,9 @@ def test_pair_tokens_are_the_sft_tokens_of_the_same_turns_in_real_templates(tmp_
     for seq, answer in zip(pairs[0], (chosen, rejected)):
         text = tok.decode(seq, skip_special_tokens=False)
         if family == "llama3":
-            assert seq.count(tok.token_to_id("<|begin_of_text|>")) == 1 and seq[0] == tok.token_to_id("<|begin_of_text|>")
+            assert seq.count(tok.token_to_id("<|begin_of_text|>")) == 1 and seq[0] == tok.token_to_id(
+                "<|begin_of_text|>"
+            )
         start, stop = last_answer(np.array(seq), PairSource([sft], np.ones(1), 64, ["x"]).answers)
         assert seq[start - len(rule_start) : start] == rule_start  # the generation header, once before the answer
         assert seq[stop - 1] == rule_end and answer in tok.decode(seq[start:stop], skip_special_tokens=False)
@@ -363,14 +380,20 @@ def test_a_preference_config_says_each_mistake_in_one_line(world):
             load_config(path, "preference")
         return e.value.problems
 
-    assert problems({"loss": "kto"}) == [f"{world / 'p.json'}.preference.loss: expected one of dpo, ipo, simpo, orpo, got \"kto\""]
+    assert problems({"loss": "kto"}) == [
+        f'{world / "p.json"}.preference.loss: expected one of dpo, ipo, simpo, orpo, got "kto"'
+    ]
     assert problems({"loss": "dpo", "gamma": 1.0}) == [
         f"{world / 'p.json'}.preference.gamma: not a setting of loss dpo (it takes beta, reference); gamma is simpo's"
     ]
-    assert "use \"precomputed\"" in problems({"loss": "dpo", "reference": "live"})[0]
+    assert 'use "precomputed"' in problems({"loss": "dpo", "reference": "live"})[0]
     assert problems({"loss": "orpo", "lambda": -1})[0].endswith("preference.lambda: must be positive, got -1.0")
     cfg = load_config(pref_config(world / "ok.json", preference={"loss": "ipo"}, adapter={}), "preference")
-    assert cfg.settings.reference == "live" and cfg.resolved()["preference"] == {"loss": "ipo", "tau": 0.1, "reference": "live"}
+    assert cfg.settings.reference == "live" and cfg.resolved()["preference"] == {
+        "loss": "ipo",
+        "tau": 0.1,
+        "reference": "live",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,8 +435,19 @@ def test_dpo_starts_at_ln2_keeps_its_reference_and_resumes_exactly(world):
 
     # another T cuts other pairs: their reference is computed again, saying why
     other = pref_config(world / "t16.json", {"T": 16})
-    r = run_cli("run", "--phase", "preference", "--config", str(other), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "t16")})
-    assert r.returncode == 0 and "was computed for another start model, cache, tokenizer, template, T or precision" in r.stderr
+    r = run_cli(
+        "run",
+        "--phase",
+        "preference",
+        "--config",
+        str(other),
+        cwd=world,
+        env={"TRAINER_ARTIFACTS_DIR": str(world / "t16")},
+    )
+    assert (
+        r.returncode == 0
+        and "was computed for another start model, cache, tokenizer, template, T or precision" in r.stderr
+    )
 
 
 def test_orpo_on_two_processes_with_accumulation_equals_one_batch(world):
@@ -421,7 +455,15 @@ def test_orpo_on_two_processes_with_accumulation_equals_one_batch(world):
     the batch into micro-steps and processes trains the same model."""
     orpo = {"loss": "orpo", "nll_counts_prompt": True}
     one = pref_config(world / "one.json", {"B": 4, "accum_steps": 1}, orpo)
-    r = run_cli("run", "--phase", "preference", "--config", str(one), cwd=world, env={"TRAINER_ARTIFACTS_DIR": str(world / "one")})
+    r = run_cli(
+        "run",
+        "--phase",
+        "preference",
+        "--config",
+        str(one),
+        cwd=world,
+        env={"TRAINER_ARTIFACTS_DIR": str(world / "one")},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     two = pref_config(world / "two.json", {"B": 1, "accum_steps": 2}, orpo)
     r = launch(

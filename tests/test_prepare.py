@@ -130,7 +130,7 @@ def test_demo_is_deterministic(tmp_path, monkeypatch):
         monkeypatch.setenv("TRAINER_DATA_DIR", str(tmp_path / sub))
         assert prepare_command.main(["--demo"]) == 0
         metas = sorted((tmp_path / sub / "cache").rglob("*.meta.json"))
-        assert len(metas) == 12
+        assert len(metas) == 14  # 3 streams, 3 SFT sets and 1 pair set, each train and val
         hashes.append([json.loads(m.read_text())["sha256"] for m in metas])
     assert hashes[0] == hashes[1]
 

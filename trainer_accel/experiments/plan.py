@@ -24,7 +24,7 @@ from trainer_accel.devices.ownership import in_use
 from trainer_accel.errors import UserError
 from trainer_accel.models.gpt import LOGIT_CHUNK_BYTES
 from trainer_accel.models.lora import chosen_targets, parameter_counts
-from trainer_accel.paths import STREAM, Paths
+from trainer_accel.paths import PAIRS, STREAM, Paths
 from trainer_accel.phases.pipeline import load_pipeline
 from trainer_accel.phases.registry import PIPELINE, load_config, phase_named
 from trainer_accel.training.inputs import check_phase_inputs, phase_cache_paths
@@ -146,7 +146,7 @@ class PhasePlan:
 
     def passes(self) -> dict[str, float]:
         """How many times the run reads each training source over: rows drawn by its share, against the cache's
-        tokens (streams) or examples (SFT)."""
+        tokens (streams), examples (SFT) or pairs (preference)."""
         t, out, mixture = self.cfg.train, {}, self.cfg.mixture()
         for c in self.caches:
             share = mixture.get(c["name"], 0)
@@ -194,7 +194,10 @@ def _describe_caches(cfg: PhaseConfig, paths: Paths) -> list[dict[str, Any]]:
             if r.path.is_file():
                 try:
                     cache = open_cache(r.path, r.kind)
-                    row.update(status="found", tokens=cache.meta["num_tokens"], examples=cache.meta.get("num_examples"))
+                    pairs = r.kind == PAIRS  # a pair is two conversations of its cache, drawn as one
+                    count = cache.meta.get("num_pairs") if pairs else cache.meta.get("num_examples")
+                    row.update(status="found", tokens=cache.meta["num_tokens"], examples=count)
+                    row["unit"] = "pairs" if pairs else "examples"
                     if cache.starts is not None:  # examples longer than a row are cut at T+1 tokens, packed or not
                         row["cut"] = float(np.mean(np.diff(cache.starts) > cfg.seq_len + 1))
                 except UserError as e:
@@ -361,7 +364,7 @@ def format_phase_plan(
         *(
             f"  {c['split']:<5} {c['name']:<14} {c['status']:<8} {c['path']}"
             + (f"  {c['tokens']:,} tokens" if "tokens" in c else "")
-            + (f", {c['examples']:,} examples" if c.get("examples") else "")
+            + (f", {c['examples']:,} {c['unit']}" if c.get("examples") else "")
             + (f", {c['cut']:.0%} longer than T+1={cfg.seq_len + 1} and cut" if c.get("cut") else "")
             for c in plan.caches
         ),

@@ -17,7 +17,9 @@ with finite gradients at T % 128 == 64, the CPU test suite on this machine, and 
 small (MFU target 50% of the datasheet peak), a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model (activation
 checkpointing, the largest batch that fits). Adapters: LoRA SFT under bf16 + compile with a resume and a PEFT
 export, QLoRA (an NF4 base) under FSDP2 with a resume and a merged export, and the Llama-3.2-1B shape as QLoRA
-trains it at the largest batch whose step fits in 24 GiB (T=2048). With two or more GPUs it adds DDP and FSDP
+trains it at the largest batch whose step fits in 24 GiB (T=2048). Preference: DPO from the SFT best with its
+reference computed once and read back on resume, and a LoRA DPO under FSDP2 with the adapter off as its live
+reference. With two or more GPUs it adds DDP and FSDP
 across all of them. The checks run at once with the test suite beside them, then the benches alone, one at a
 time. The last run's table (fewer checks: 6:47 on one H200 with 16 cores) is in docs/devices.md. On a machine
 without CUDA it says so in one line and exits 0.
@@ -183,6 +185,7 @@ READS_THE_PREVIOUS = {
     "SFT bf16 + compile from that pretrain",
     "LoRA SFT bf16 + compile from it, resume, PEFT export",
     "HF export of that FSDP2 checkpoint, read by transformers",
+    "DPO from the SFT best: reference once, resume; LoRA DPO live under FSDP2",
 }
 
 
@@ -654,6 +657,30 @@ def check_lora_compile(run: Runner) -> str:
     return f"val {evals[0]:.3f} -> {evals[-1]:.3f}, adapter file {size / 1e6:.2f} MB, recompiles {recompiles(r)}"
 
 
+def check_preference(run: Runner) -> str:
+    """DPO from the bf16 SFT best under bf16: the reference computed once on the GPU (the first loss ln 2), a
+    resume that reads it back; then a LoRA DPO under FSDP2 whose reference is the adapter off, computed live on
+    the sharded model."""
+    init = run.workdir / "bf16/checkpoints/sft/best"
+    expect(init.is_dir(), f"{init} is missing (the SFT check failed)")
+    common = {"pref_sources": {"facts": 1.0}, "init_from": str(init), "preference": {"loss": "dpo"}}
+    cfg = run.config("dpo", "preference", train={"mixed_precision": "bf16", "base_lr": 1e-4}, **common)
+    r = run.run("dpo", "--phase", "preference", "--config", str(cfg))
+    expect("computing the reference" in r.stderr, "the reference log-probabilities were not computed")
+    first = run.events("dpo", "train")[0]["train/loss"]
+    expect(abs(first - 0.6931) < 0.02, f"the first DPO loss is {first:.4f}, not ln 2 (the policy is its reference)")
+    again = run.run("dpo", "--phase", "preference", "--config", str(cfg), "--set", "train_cfg.total_steps=30")
+    expect("at step 20" in again.stderr and "computing the reference" not in again.stderr, "no resume on the file")
+    adapter = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+    lora = run.config("dpo_lora", "preference", train={"mixed_precision": "bf16", "base_lr": 1e-3}, adapter=adapter,
+                      **common)  # fmt: skip
+    run.run("dpo_lora", "--phase", "preference", "--config", str(lora), launch=fsdp_launch(1))
+    acc = [e["val/rewards/accuracies"] for e in run.events("dpo_lora", "eval")]
+    margins = [e["val/rewards/margins"] for e in run.events("dpo_lora", "eval")]
+    expect(margins[-1] > margins[0], f"the LoRA DPO val margin did not rise: {margins}")
+    return f"first loss {first:.4f}; LoRA under FSDP2: val pair accuracy {acc[0]:.2f} -> {acc[-1]:.2f}"
+
+
 def check_qlora_fsdp(run: Runner) -> str:
     """QLoRA: the Llama-style base in NF4 under FSDP2 (one process) with bf16, trained, resumed and exported."""
     if importlib.util.find_spec("torchao") is None:
@@ -861,6 +888,7 @@ def run_checks(args: argparse.Namespace, workdir: Path) -> int:
             ("bf16 + compile pretrain, ckpt at last step, resume", lambda: check_bf16_compile(run)),
             ("SFT bf16 + compile from that pretrain", lambda: check_sft_compile(run)),
             ("LoRA SFT bf16 + compile from it, resume, PEFT export", lambda: check_lora_compile(run)),
+            ("DPO from the SFT best: reference once, resume; LoRA DPO live under FSDP2", lambda: check_preference(run)),
         ],
         [("QLoRA: NF4 base under FSDP2, bf16, resume, merged export", lambda: check_qlora_fsdp(run))],
         [("fp16, on_nonfinite stop", lambda: check_fp16_stop(run))],

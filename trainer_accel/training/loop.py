@@ -364,7 +364,7 @@ class Trainer:
                 "%s: the validation batches hold no counted tokens (every answer cut off by T?)", self.cfg.phase
             )
             return float("nan")
-        return float((loss_sum.double() / count.double()).sum())  # in float64, as the loss has always been
+        return float((loss_sum.double() / count.double().clamp_min(1.0)).sum())  # in float64, as it has always been
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
