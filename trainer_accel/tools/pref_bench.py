@@ -4,8 +4,9 @@ the same pairs and the same DPO settings, each way in a fresh process, one after
     python -m trainer_accel.tools.pref_bench --config configs/demo_pref/preference.json [--steps 20]
     python -m trainer_accel.tools.pref_bench --config configs/demo_pref/preference.json --model configs/llama/model.json
 
-Four ways, two pairs of them: full training (ours with the reference precomputed before the first step, as the
-phase does without an adapter; TRL with its default reference, a frozen copy of the model run live) and a LoRA
+Five ways: full training (ours with the reference precomputed before the first step, as the phase does without an
+adapter; TRL with its reference precomputed too, `precompute_ref_log_probs`, the like-for-like row, and with its
+default, a frozen copy of the model run live) and a LoRA
 adapter (the config's `adapter` section, or r 16 / alpha 32 / all-linear; ours with the adapter off as the live
 reference, TRL with PEFT's `disable_adapter`, as both do by default). All start from the same random weights (TRL's
 model gets them through our Hugging Face mapping) and see the same pairs: our batches by address, handed to TRL as
@@ -14,7 +15,8 @@ and its padding, completion masks and end-of-turn tokens are its own). Step time
 optimizer steps after `--warmup`; pairs/s is the pairs of a step over it. Peak memory is the process's resident
 set, sampled every 10 ms while it trains; the time ours spends computing the reference log-probabilities once is
 printed apart (not a per-step cost; the bench works on a copy of the caches, so a reference kept beside them is
-neither read nor replaced). Figures only: no threshold here (shared machines are noisy); they go to
+neither read nor replaced). Activation checkpointing is on for all five (every block), as TRL's configs default
+to `gradient_checkpointing=True`. Figures only: no threshold here (shared machines are noisy); they go to
 docs/preference.md with the machine.
 """
 
@@ -53,6 +55,7 @@ def _config(args: argparse.Namespace, workdir: Path, adapter: bool) -> Path:
         "log_every": steps,
         "accum_steps": 1,
         "warmup_steps": 1,
+        "activation_checkpointing": 1,  # TRL's default (its configs turn gradient_checkpointing on): the same setting
         **({"B": args.B} if args.B else {}),
     }
     cfg["preference"] = {"loss": "dpo", "beta": cfg.get("preference", {}).get("beta", 0.1)}
@@ -122,8 +125,9 @@ def _pairs(config: Path) -> tuple[list[dict], int]:
     return rows, cfg.train.B
 
 
-def trl(config: Path, workdir: Path, warmup: int, queue) -> None:
-    """TRL's DPOTrainer on the same weights and pairs, with PEFT's LoRA when the config has an adapter."""
+def trl(config: Path, workdir: Path, warmup: int, queue, precompute: bool = False) -> None:
+    """TRL's DPOTrainer on the same weights and pairs, with PEFT's LoRA when the config has an adapter; its
+    reference precomputed before training (`precompute_ref_log_probs`) or, by default, run live."""
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
@@ -184,6 +188,7 @@ def trl(config: Path, workdir: Path, warmup: int, queue) -> None:
         dataloader_num_workers=0,
         seed=t.seed,
         disable_tqdm=True,
+        precompute_ref_log_probs=precompute,
     )
     trainer = DPOTrainer(
         model=model,
@@ -195,7 +200,8 @@ def trl(config: Path, workdir: Path, warmup: int, queue) -> None:
     )
     with PeakMemory(torch.device("cpu")) as peak:
         trainer.train()
-    queue.put({"exit": 0, "step_s": statistics.median(times[warmup:]), "peak_rss": peak.peak, "reference_s": 0.0})
+    # TRL's own reference pass runs where it chooses (its dataset and dataloader set-up): not measured apart
+    queue.put({"exit": 0, "step_s": statistics.median(times[warmup:]), "peak_rss": peak.peak, "reference_s": None})
 
 
 def _base(config: Path, workdir: Path) -> dict:
@@ -220,6 +226,10 @@ def _base(config: Path, workdir: Path) -> dict:
     (hf / "config.json").write_text(json.dumps(mapping.hf_config(cfg.model.to_dict(), special, *["<|endoftext|>"] * 2)))
     save_file(mapping.state_to_hf(model.state_dict(), cfg.model.to_dict()), str(hf / "model.safetensors"))
     return {"parameters": model.num_params(), "model_cfg": cfg.model.to_dict(), "B": cfg.train.B}
+
+
+def trl_precomputed(config: Path, workdir: Path, warmup: int, queue) -> None:
+    trl(config, workdir, warmup, queue, precompute=True)
 
 
 def _copy_caches(config: str, workdir: Path) -> None:
@@ -256,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             facts = _base(full, workdir)
             results = {
                 "ours, full (precomputed ref)": _fresh(ours, full, workdir, args.warmup),
-                "TRL DPOTrainer, full (ref copy)": _fresh(trl, full, workdir, args.warmup),
+                "TRL DPOTrainer, full (precomputed ref)": _fresh(trl_precomputed, full, workdir, args.warmup),
+                "TRL DPOTrainer, full (ref copy, live)": _fresh(trl, full, workdir, args.warmup),
                 "ours, LoRA (adapter-off ref)": _fresh(ours, lora, workdir, args.warmup),
                 "TRL DPOTrainer + PEFT LoRA": _fresh(trl, lora, workdir, args.warmup),
             }
@@ -266,14 +277,17 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {facts['parameters']:,} parameters ({json.dumps(facts['model_cfg'])}); {facts['B']} pairs a step; "
         f"{torch.get_num_threads()} CPU threads"
     )
-    print(f"{'':<34}{'step (s)':>10}{'pairs/s':>9}{'vs TRL':>8}{'peak RSS':>12}{'vs TRL':>8}{'reference once':>16}")
-    names = list(results)
-    for i, name in enumerate(names):
-        r, theirs = results[name], results[names[i - i % 2 + 1]]
+    print(f"{'':<40}{'step (s)':>10}{'pairs/s':>9}{'vs TRL':>8}{'peak RSS':>12}{'vs TRL':>8}{'reference once':>16}")
+    against = {  # each row against TRL with the same reference (a TRL row against itself)
+        "ours, full (precomputed ref)": "TRL DPOTrainer, full (precomputed ref)",
+        "ours, LoRA (adapter-off ref)": "TRL DPOTrainer + PEFT LoRA",
+    }
+    for name, r in results.items():
+        theirs = results[against.get(name, name)]
         print(
-            f"{name:<34}{r['step_s']:>10.4f}{facts['B'] / r['step_s']:>9.1f}{theirs['step_s'] / r['step_s']:>7.2f}x"
+            f"{name:<40}{r['step_s']:>10.4f}{facts['B'] / r['step_s']:>9.1f}{theirs['step_s'] / r['step_s']:>7.2f}x"
             f"{r['peak_rss'] / MIB:>8,.0f} MiB{r['peak_rss'] / theirs['peak_rss']:>7.2f}x"
-            f"{r['reference_s']:>15.1f}s"
+            + (f"{r['reference_s']:>15.1f}s" if r["reference_s"] is not None else f"{'-':>16}")
         )
     return 0
 
