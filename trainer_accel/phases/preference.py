@@ -101,7 +101,9 @@ def parse_preference(value: Any, where: str, problems: list[str], adapter: bool)
                 + (f"; {key} is {owner}'s" if owner else "")
             )
     data = {("lambda_" if k == "lambda" else k): v for k, v in value.items() if k == "loss" or k in OWN_KEYS[loss]}
-    built = build_dataclass(PreferenceConfig, data, where, problems) or PreferenceConfig(loss=loss)
+    found: list[str] = []
+    built = build_dataclass(PreferenceConfig, data, where, found) or PreferenceConfig(loss=loss)
+    problems += [line.replace(f"{where}.lambda_:", f"{where}.lambda:") for line in found]  # as the user spells it
     cfg = dataclasses.replace(built, beta=built.beta if built.beta is not None else DEFAULT_BETA.get(loss))
     for key in ("beta", "tau", "lambda_"):
         v = getattr(cfg, key)
@@ -292,6 +294,8 @@ PREFERENCE = Phase(
         sources_kind=PAIRS,
         example="facts",
         missing='{"facts": 1.0}',
+        no_packing="packing is for SFT; a preference row is one side of a pair, scored whole, as long as the pair's "
+        "longest row",
         settings_key="preference",
         settings=_parse,
         settings_fields=frozenset({"loss", "beta", "tau", "gamma", "lambda", "nll_counts_prompt", "reference"}),
