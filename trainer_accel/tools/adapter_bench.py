@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from trainer_accel.errors import UserError, exit_with, report
 from trainer_accel.paths import resolve_paths
+from trainer_accel.tools.against import fresh, peft_lora, start_weights, step_clock
 from trainer_accel.tools.bench import MIB, PeakMemory
 
 
@@ -98,11 +97,10 @@ def ours(config: Path, workdir: Path, warmup: int, queue) -> None:
 
 def peft_trainer(config: Path, workdir: Path, warmup: int, queue) -> None:
     """PEFT's LoRA of the same settings on the same weights, trained by transformers' Trainer on the same rows."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from trainer_accel.config import load_phase_config
-    from trainer_accel.models.lora import chosen_targets
     from trainer_accel.phases.registry import phase_named
     from trainer_accel.training.inputs import check_phase_inputs
 
@@ -115,27 +113,10 @@ def peft_trainer(config: Path, workdir: Path, warmup: int, queue) -> None:
         b = batches.train_batch(s, 0, 0, 1, 1)
         labels = torch.cat([torch.full_like(b.y_masked[:, :1], -100), b.y_masked[:, :-1]], dim=1)  # HF shifts them
         rows += [{"input_ids": i, "labels": lab} for i, lab in zip(b.x, labels)]
-    model = AutoModelForCausalLM.from_pretrained(workdir / "hf_base", dtype=torch.float32)
-    a = cfg.adapter
     model = get_peft_model(
-        model,
-        LoraConfig(
-            r=a.r,
-            lora_alpha=a.alpha,
-            lora_dropout=a.dropout,
-            use_rslora=a.rslora,
-            target_modules=sorted({x.name for x in chosen_targets(a, cfg.model)}),
-            task_type="CAUSAL_LM",
-        ),
+        AutoModelForCausalLM.from_pretrained(workdir / "hf_base", dtype=torch.float32), peft_lora(cfg)
     )
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            times.append(time.perf_counter() - self.start)
 
     out = workdir / "peft_run"
     targs = TrainingArguments(
@@ -158,7 +139,7 @@ def peft_trainer(config: Path, workdir: Path, warmup: int, queue) -> None:
         seed=t.seed,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=rows, callbacks=[Clock()])
+    trainer = Trainer(model=model, args=targs, train_dataset=rows, callbacks=[step_clock(times)])
     with PeakMemory(torch.device("cpu")) as peak:
         trainer.train()
     model.save_pretrained(out / "adapter")
@@ -176,47 +157,15 @@ def peft_trainer(config: Path, workdir: Path, warmup: int, queue) -> None:
     )
 
 
-def _guarded(fn, args, queue) -> None:
-    try:
-        fn(*args, queue)
-    except BaseException as e:  # the parent waits for a result: it gets the failure instead
-        queue.put({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
-
-
-def _fresh(fn, *args) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_guarded, args=(fn, args, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    if "error" in result:
-        raise RuntimeError(f"{fn.__name__} failed: {result['error']}\n{result['traceback']}")
-    return result
-
-
 def _base(lora: Path, workdir: Path) -> tuple[dict, int, int]:
     """The random weights all three start from, as our checkpoint (.pt) and as a Hugging Face directory."""
     from trainer_accel.config import load_phase_config
-    from trainer_accel.models import families
     from trainer_accel.models.build import build_model
     from trainer_accel.models.lora import is_adapter_name, lora_converter, parameter_counts
     from trainer_accel.phases.registry import phase_named
 
     cfg = load_phase_config(lora, "sft", phase_named("sft").keys)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    blob = {"model_cfg": cfg.model.to_dict(), "train_cfg": cfg.train.to_dict(), "model_state": model.state_dict(),
-            "optimizer_state": None, "step": 0, "best_val_loss": None}  # fmt: skip
-    torch.save(blob, workdir / "base")
-    mapping = families.writing(cfg.model.to_dict())
-    hf = workdir / "hf_base"
-    hf.mkdir()
-    special = {"<|endoftext|>": 256}
-    (hf / "config.json").write_text(json.dumps(mapping.hf_config(cfg.model.to_dict(), special, *["<|endoftext|>"] * 2)))
-    from safetensors.torch import save_file
-
-    save_file(mapping.state_to_hf(model.state_dict(), cfg.model.to_dict()), str(hf / "model.safetensors"))
+    model = start_weights(cfg, workdir)
     adapted = build_model(cfg.model, "meta", converters=[lora_converter(cfg.adapter, cfg.model)])
     trainable = sum(p.numel() for n, p in adapted.named_parameters() if is_adapter_name(n))
     return cfg.model.to_dict(), trainable, parameter_counts(model)[1]
@@ -236,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             lora, full = _config(args, workdir, True), _config(args, workdir, False)
             model_cfg, trainable, total = _base(lora, workdir)
             results = {
-                "ours, LoRA": _fresh(ours, lora, workdir, args.warmup),
-                "ours, full fine-tuning": _fresh(ours, full, workdir, args.warmup),
-                "PEFT + transformers Trainer": _fresh(peft_trainer, lora, workdir, args.warmup),
+                "ours, LoRA": fresh(ours, lora, workdir, args.warmup),
+                "ours, full fine-tuning": fresh(ours, full, workdir, args.warmup),
+                "PEFT + transformers Trainer": fresh(peft_trainer, lora, workdir, args.warmup),
             }
     except UserError as e:
         return report(e)

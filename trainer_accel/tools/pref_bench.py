@@ -34,7 +34,7 @@ import torch
 
 from trainer_accel.errors import UserError, exit_with, report
 from trainer_accel.paths import resolve_paths
-from trainer_accel.tools.adapter_bench import _fresh
+from trainer_accel.tools.against import fresh, peft_lora, start_weights, step_clock
 from trainer_accel.tools.bench import MIB, PeakMemory
 
 DEFAULT_ADAPTER = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -130,7 +130,7 @@ def trl(config: Path, workdir: Path, warmup: int, queue, precompute: bool = Fals
     reference precomputed before training (`precompute_ref_log_probs`) or, by default, run live."""
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
 
     from trainer_accel.config import load_phase_config
@@ -144,28 +144,7 @@ def trl(config: Path, workdir: Path, warmup: int, queue, precompute: bool = Fals
     # every answer already ends with its end-of-turn token: TRL's eos, so it adds none
     tok = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t256", eos_token=rows[0]["chosen"].split()[-1])
     model = AutoModelForCausalLM.from_pretrained(workdir / "hf_base", dtype=torch.float32)
-    peft_config = None
-    if cfg.adapter is not None:
-        from peft import LoraConfig
-
-        from trainer_accel.models.lora import chosen_targets
-
-        a = cfg.adapter
-        peft_config = LoraConfig(
-            r=a.r,
-            lora_alpha=a.alpha,
-            lora_dropout=a.dropout,
-            target_modules=sorted({x.name for x in chosen_targets(a, cfg.model)}),
-            task_type="CAUSAL_LM",
-        )
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            times.append(time.perf_counter() - self.start)
 
     args = DPOConfig(
         output_dir=str(workdir / "trl_run"),
@@ -195,8 +174,8 @@ def trl(config: Path, workdir: Path, warmup: int, queue, precompute: bool = Fals
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
-        peft_config=peft_config,
-        callbacks=[Clock()],
+        peft_config=peft_lora(cfg) if cfg.adapter is not None else None,
+        callbacks=[step_clock(times)],
     )
     with PeakMemory(torch.device("cpu")) as peak:
         trainer.train()
@@ -205,26 +184,12 @@ def trl(config: Path, workdir: Path, warmup: int, queue, precompute: bool = Fals
 
 
 def _base(config: Path, workdir: Path) -> dict:
-    """The random weights every way starts from: our .pt and a Hugging Face directory."""
-    from safetensors.torch import save_file
-
+    """The random weights every way starts from."""
     from trainer_accel.config import load_phase_config
-    from trainer_accel.models import families
-    from trainer_accel.models.build import build_model
     from trainer_accel.phases.registry import phase_named
 
     cfg = load_phase_config(config, "preference", phase_named("preference").keys)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    blob = {"model_cfg": cfg.model.to_dict(), "train_cfg": cfg.train.to_dict(), "model_state": model.state_dict(),
-            "optimizer_state": None, "step": 0, "best_val_loss": None}  # fmt: skip
-    torch.save(blob, workdir / "base")
-    mapping = families.writing(cfg.model.to_dict())
-    hf = workdir / "hf_base"
-    hf.mkdir()
-    special = {"<|endoftext|>": 256}
-    (hf / "config.json").write_text(json.dumps(mapping.hf_config(cfg.model.to_dict(), special, *["<|endoftext|>"] * 2)))
-    save_file(mapping.state_to_hf(model.state_dict(), cfg.model.to_dict()), str(hf / "model.safetensors"))
+    model = start_weights(cfg, workdir)
     return {"parameters": model.num_params(), "model_cfg": cfg.model.to_dict(), "B": cfg.train.B}
 
 
@@ -265,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             full, lora = _config(args, workdir, False), _config(args, workdir, True)
             facts = _base(full, workdir)
             results = {
-                "ours, full (precomputed ref)": _fresh(ours, full, workdir, args.warmup),
-                "TRL DPOTrainer, full (precomputed ref)": _fresh(trl_precomputed, full, workdir, args.warmup),
-                "TRL DPOTrainer, full (ref copy, live)": _fresh(trl, full, workdir, args.warmup),
-                "ours, LoRA (adapter-off ref)": _fresh(ours, lora, workdir, args.warmup),
-                "TRL DPOTrainer + PEFT LoRA": _fresh(trl, lora, workdir, args.warmup),
+                "ours, full (precomputed ref)": fresh(ours, full, workdir, args.warmup),
+                "TRL DPOTrainer, full (precomputed ref)": fresh(trl_precomputed, full, workdir, args.warmup),
+                "TRL DPOTrainer, full (ref copy, live)": fresh(trl, full, workdir, args.warmup),
+                "ours, LoRA (adapter-off ref)": fresh(ours, lora, workdir, args.warmup),
+                "TRL DPOTrainer + PEFT LoRA": fresh(trl, lora, workdir, args.warmup),
             }
     except UserError as e:
         return report(e)
