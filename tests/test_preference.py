@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import TINY_MODEL, events, run_cli, write_config
 from safetensors.torch import load_file
+from test_device_paths import EMULATED
+from test_device_paths import launch as launch_with
 from test_numerics import launch
 from test_real_models import trained  # noqa: F401 (the session's real model directories, as a fixture)
 
@@ -476,16 +478,41 @@ def test_orpo_on_two_processes_with_accumulation_equals_one_batch(world):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     ends = [e for e in events(world / "two") if e["event"] == "train"][-1]
     assert 0 < ends["train/nll_loss"] and "train/nll_loss/answer" in ends and "train/log_odds_chosen" in ends
-    # two processes stopped after step 4 and resumed: the same bytes as never stopped
-    shutil.copytree(world / "two", world / "cut")
+
+
+def test_dpo_under_fsdp2_reads_one_processes_reference_and_resumes_recomputing_it(world):
+    """The reference is the same for any process count: FSDP2 on 2 processes reads the file one process wrote and
+    trains the same model; stopped after step 4 with the file gone, it recomputes it from the run's parent (the
+    sharded model's own state is never what is hashed) and ends bit for bit as never stopped."""
+    write_config(world / "base.json", "pretrain", {"total_steps": 1, "warmup_steps": 1})
+    assert run_cli("run", "--phase", "pretrain", "--config", "base.json", cwd=world).returncode == 0
+    base = {"init_from": str(world / "checkpoints/pretrain/latest")}
+    one = pref_config(world / "one.json", {"B": 2, "accum_steps": 2, "grad_clip": 0.0}, **base)
+    r = run_cli(
+        "run",
+        "--phase",
+        "preference",
+        "--config",
+        str(one),
+        cwd=world,
+        env={"TRAINER_ARTIFACTS_DIR": str(world / "one")},
+    )
+    assert r.returncode == 0 and "computing the reference" in r.stderr, r.stderr[-2000:]
+    two = pref_config(world / "two.json", {"B": 1, "accum_steps": 2, "grad_clip": 0.0}, **base)
+    fsdp = {"launcher": ("--num_processes", "2", "--mixed_precision", "no")}
+    emulated = ("fsdp.yaml", [str(EMULATED), "fsdp"], "--phase", "preference", "--config", str(two))
+    r = launch_with(world, *emulated, artifacts="fsdp", **fsdp)
+    assert r.returncode == 0 and "computing the reference" not in r.stderr, r.stderr[-3000:]
+    a, b = weights(world, "one"), weights(world, "fsdp")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    shutil.copytree(world / "fsdp", world / "cut")
     for d in ("latest", "best", "step_0000006"):
         shutil.rmtree(world / "cut/checkpoints/preference" / d, ignore_errors=True)
-    r = launch(
-        world, "cpu_2proc.yaml", "--phase", "preference", "--config", str(two), "--device", "cpu",
-        env={"TRAINER_ARTIFACTS_DIR": str(world / "cut")},
-    )  # fmt: skip
-    assert r.returncode == 0 and "at step 4" in r.stderr, r.stderr[-3000:]
-    assert all(torch.equal(a, b) for a, b in zip(weights(world, "cut").values(), weights(world, "two").values()))
+    for f in (world / "data/cache/pref").glob("*.ref.safetensors"):
+        f.unlink()
+    r = launch_with(world, *emulated, artifacts="cut", **fsdp)
+    assert r.returncode == 0 and "at step 4" in r.stderr and "computing the reference" in r.stderr, r.stderr[-3000:]
+    assert all(torch.equal(x, y) for x, y in zip(weights(world, "cut").values(), weights(world, "fsdp").values()))
 
 
 def test_an_adapters_live_reference_equals_the_precomputed_one_and_resumes_exactly(world):

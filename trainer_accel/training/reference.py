@@ -107,9 +107,10 @@ def compute_reference(acc, model: torch.nn.Module, source: PairSource, c: int, B
     return out
 
 
-def reference_weights(cfg: PhaseConfig, start: StartPoint, model: torch.nn.Module) -> str:
-    """The identity of the reference weights: the start model's (recorded by the run when it resumes), the base's
-    with its quantization for an adapter run."""
+def reference_weights(cfg: PhaseConfig, start: StartPoint) -> str:
+    """The identity of the reference weights: the start model's, hashed as loaded (under FSDP the model's own state
+    is sharded), or its seed and shape when it starts from random weights (model_for draws them from the seed);
+    recorded by the run, and read back when it resumes; the base's with its quantization for an adapter run."""
     if cfg.adapter is not None:
         return f"{start.base_record['sha256']}|{cfg.adapter.quantize_base}"
     if start.resumed is not None:
@@ -120,16 +121,14 @@ def reference_weights(cfg: PhaseConfig, start: StartPoint, model: torch.nn.Modul
                 "(written by another trainer version?); start the phase again with --no-resume"
             )
         return recorded
-    return weights_sha256(model.state_dict())
+    if start.initial is not None:
+        return weights_sha256(start.initial.model_state)
+    return "random:" + fingerprint({"seed": cfg.train.seed, "model_cfg": cfg.model.to_dict()})
 
 
-def reference_model(
-    cfg: PhaseConfig, start: StartPoint, model: torch.nn.Module, weights: str, device
-) -> torch.nn.Module:
-    """The model whose log-probabilities are the reference: the one about to train, unless it resumes a full run
-    (then the run's start, read again from its parent checkpoint and checked to be the same weights)."""
-    if cfg.adapter is not None or start.resumed is None:
-        return model
+def reference_model(cfg: PhaseConfig, start: StartPoint, weights: str, device) -> torch.nn.Module:
+    """The start model of a resumed full run, whose reference must be computed again: read from the run's parent
+    checkpoint and checked to be the same weights (a plain model on this process's device)."""
     parent = start.resumed.meta.get("parent") or {}
     path = Path(parent["checkpoint"]) if parent.get("checkpoint") else None
     loaded = load_start(path, cfg.model, with_optimizer=False) if path is not None and path.exists() else None
@@ -145,8 +144,7 @@ def reference_model(
 def attach_reference(trainer, start: StartPoint) -> None:
     """Fill every pair source's reference values (trainer.batches) before the first step; record what they are."""
     acc, cfg, batches = trainer.acc, trainer.cfg, trainer.batches
-    raw = acc.unwrap_model(trainer.model)
-    weights = reference_weights(cfg, start, raw)
+    weights = reference_weights(cfg, start)
     found: dict[str, str] = {}
     computing_model = None
     for source in [batches.train] + ([batches.val] if batches.val is not batches.train else []):
@@ -166,7 +164,7 @@ def attach_reference(trainer, start: StartPoint) -> None:
                 computing_model = (
                     trainer.model
                     if cfg.adapter is not None or start.resumed is None
-                    else reference_model(cfg, start, raw, weights, acc.device)
+                    else reference_model(cfg, start, weights, acc.device)
                 )
             logps = compute_reference(acc, computing_model, source, c, cfg.train.B)
             if acc.is_main_process:
