@@ -34,7 +34,7 @@ from trainer_accel.models.build import build_model
 from trainer_accel.training.adapters import weights_sha256
 from trainer_accel.training.batches import PairSource
 from trainer_accel.training.losses import answer_logps, reference_mode
-from trainer_accel.training.start import StartPoint, load_start
+from trainer_accel.training.start import StartPoint, load_start, model_for
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def compute_reference(acc, model: torch.nn.Module, source: PairSource, c: int, B
     for r in range(rounds):
         k = r * world + rank
         pairs = chunks[k] if k < len(chunks) else chunks[0]
-        pairs = pairs + [pairs[-1]] * (B - len(pairs))  # one shape for every chunk: the same values in any split
+        pairs = pairs + [pairs[-1]] * (B - len(pairs))  # the same rows for a chunk in any split: the same values
         batch = source.batch_of([(c, i) for i in pairs]).to(acc.device)
         with reference_mode(model), acc.autocast():
             mine[r] = answer_logps(model, batch, batch.y_masked)[1]
@@ -127,8 +127,11 @@ def reference_weights(cfg: PhaseConfig, start: StartPoint) -> str:
 
 
 def reference_model(cfg: PhaseConfig, start: StartPoint, weights: str, device) -> torch.nn.Module:
-    """The start model of a resumed full run, whose reference must be computed again: read from the run's parent
-    checkpoint and checked to be the same weights (a plain model on this process's device)."""
+    """The start model of a resumed full run, whose reference must be computed again: drawn from the seed again
+    when it started from random weights, else read from the run's parent checkpoint and checked to be the same
+    weights (a plain model on this process's device)."""
+    if weights.startswith("random:"):
+        return model_for(cfg, StartPoint()).to(device)
     parent = start.resumed.meta.get("parent") or {}
     path = Path(parent["checkpoint"]) if parent.get("checkpoint") else None
     loaded = load_start(path, cfg.model, with_optimizer=False) if path is not None and path.exists() else None
