@@ -32,6 +32,7 @@ from trainer_accel.config import PhaseConfig, PhaseKeys
 from trainer_accel.data.cache import IGNORE_INDEX
 from trainer_accel.paths import EXAMPLES, PAIRS, STREAM
 from trainer_accel.phases.phase import Phase
+from trainer_accel.phases.sft import rose, unmeasured
 from trainer_accel.schema import build_dataclass
 from trainer_accel.training.batches import Batch
 from trainer_accel.training.losses import LossOut, answer_logps, reference_mode
@@ -230,11 +231,7 @@ def preference_gate(sets: list[dict], tolerance: float, min_improvement: float =
     """Pass when the held-out pair accuracy rose on every preference set, no SFT set's answers got worse and no
     stream's loss rose beyond the tolerance, and the generated answers neither grew past LENGTH_RATIO times the
     start model's nor stopped ending (END_RATE_DROP)."""
-    reasons = [
-        f"{s['name']}: not measured ({s['why']}), so nothing shows what preference tuning did to it"
-        for s in sets
-        if not s.get("measured", True)
-    ]
+    reasons = unmeasured(sets, "preference tuning")
     measured = [s for s in sets if s.get("measured", True)]
     pairs = [s for s in measured if s["kind"] == PAIRS]
     if not pairs:
@@ -256,15 +253,7 @@ def preference_gate(sets: list[dict], tolerance: float, min_improvement: float =
             reasons.append(
                 f"{s['name']}: answers that end fell from {g['baseline_ended']:.0%} to {g['candidate_ended']:.0%}"
             )
-    for s in measured:
-        if s["kind"] == EXAMPLES and not s["delta"] <= tolerance:
-            reasons.append(
-                f"{s['name']}: SFT val loss rose by {s['delta']:+.4f}, more than the tolerance {tolerance:g}"
-            )
-        if s["kind"] == STREAM and not s["delta"] <= tolerance:
-            reasons.append(
-                f"{s['name']}: pretrain val loss rose by {s['delta']:+.4f}, more than the tolerance {tolerance:g}"
-            )
+    reasons += rose(sets, EXAMPLES, "SFT", tolerance) + rose(sets, STREAM, "pretrain", tolerance)
     return ("pass" if not reasons else "fail"), reasons
 
 

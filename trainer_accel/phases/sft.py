@@ -20,14 +20,27 @@ def needed_improvement(s: dict[str, Any], min_improvement: float) -> float:
     return max(min_improvement, 2 * s["stderr"]) if s.get("stderr") is not None else min_improvement
 
 
-def promotion_gate(sets: list[dict], tolerance: float, min_improvement: float = 0.0) -> tuple[str, list[str]]:
-    """A set that could not be measured fails the gate: a source never measured is never certified. Each SFT set
-    judged is noted with the fall it `needed`."""
-    reasons = [
-        f"{s['name']}: not measured ({s['why']}), so nothing shows what SFT did to it"
+def unmeasured(sets: list[dict], phase: str) -> list[str]:
+    """A set that could not be measured fails a gate: a source never measured is never certified."""
+    return [
+        f"{s['name']}: not measured ({s['why']}), so nothing shows what {phase} did to it"
         for s in sets
         if not s.get("measured", True)
     ]
+
+
+def rose(sets: list[dict], kind: str, what: str, tolerance: float) -> list[str]:
+    """Each measured set of `kind` whose val loss rose by more than the tolerance (forgetting)."""
+    return [
+        f"{s['name']}: {what} val loss rose by {s['delta']:+.4f}, more than the tolerance {tolerance:g}"
+        for s in sets
+        if s.get("measured", True) and s["kind"] == kind and not s["delta"] <= tolerance
+    ]
+
+
+def promotion_gate(sets: list[dict], tolerance: float, min_improvement: float = 0.0) -> tuple[str, list[str]]:
+    """A set that could not be measured fails the gate. Each SFT set judged is noted with the fall it `needed`."""
+    reasons = unmeasured(sets, "SFT")
     measured = [s for s in sets if s.get("measured", True)]
     answers = [s for s in measured if s["kind"] == EXAMPLES]
     if not answers:
@@ -39,11 +52,7 @@ def promotion_gate(sets: list[dict], tolerance: float, min_improvement: float = 
                 f"{s['name']}: SFT val loss did not improve by more than {need:.4g} "
                 f"({s['baseline']:.4f} -> {s['candidate']:.4f}, delta {s['delta']:+.4g})"
             )
-    for s in measured:
-        if s["kind"] == STREAM and not s["delta"] <= tolerance:
-            reasons.append(
-                f"{s['name']}: pretrain val loss rose by {s['delta']:+.4f}, more than the tolerance {tolerance:g}"
-            )
+    reasons += rose(sets, STREAM, "pretrain", tolerance)
     return ("pass" if not reasons else "fail"), reasons
 
 
