@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL, events, run_cli, write_config
+from real_models import model_directory
 from safetensors.torch import load_file
 from test_device_paths import EMULATED
 from test_device_paths import launch as launch_with
 from test_numerics import launch
-from test_real_models import trained  # noqa: F401 (the session's real model directories, as a fixture)
 
 from trainer_accel.config import ModelConfig
 from trainer_accel.data.cache import open_cache
@@ -167,13 +167,14 @@ def test_prepare_reads_pairs_as_published_and_counts_what_it_leaves_out(world):
     assert (world / "data/cache/pref/mine_train.bin").read_bytes() == before  # nothing published
 
 
-def test_pair_tokens_are_the_sft_tokens_of_the_same_turns_in_real_templates(tmp_path, trained):  # noqa: F811
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_pair_tokens_are_the_sft_tokens_of_the_same_turns_in_real_templates(tmp_path, family):
     """Qwen3's official template (its think block on the last answer) and Llama 3.2's (its BOS and dated system
-    header), in the model directories test_real_models.py makes once per session: a pair's chosen conversation is
-    token for token the SFT example of the same turns, one BOS, the generation header once, and the answer scored
-    from its first token to its end-of-turn token."""
-    family, folder, _ = trained
-    (tmp_path / "model").symlink_to(folder / "model")
+    header), in model directories as published (tests/real_models.py; not the session's trained ones, whose lock
+    would keep a worker waiting): a pair's chosen conversation is token for token the SFT example of the same
+    turns, one BOS, the generation header once, and the answer scored from its first token to its end-of-turn
+    token."""
+    model_directory(family, tmp_path / "model")
     conversation = [
         {"role": "user", "content": "Hi, I am Ann."},
         {"role": "assistant", "content": "Hello!"},
