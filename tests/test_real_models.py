@@ -25,6 +25,9 @@ from trainer_accel.data.cache import answer_mask, answer_rule
 from trainer_accel.models.config import ModelConfig
 from trainer_accel.models.gpt import GPT
 
+# one worker runs these: the two model directories are trained once each, under a lock the other worker would wait on
+pytestmark = pytest.mark.xdist_group("real_models")
+
 transformers.logging.set_verbosity_error()
 DATE = "26 Jul 2024"  # Llama 3.2's template dates its system header with today's date unless told one
 ARGS = {"qwen3": [], "llama3": ["--template-arg", f"date_string={DATE}"]}
