@@ -16,6 +16,7 @@ from real_models import model_directory
 from safetensors.torch import load_file
 from test_device_paths import EMULATED
 from test_device_paths import launch as launch_with
+from test_exact_resume import LLAMA_MODEL
 from test_numerics import launch
 
 from trainer_accel.config import ModelConfig
@@ -33,20 +34,7 @@ from trainer_accel.training.batches import Batch, PairSource, fit_pair, last_ans
 
 LN2 = math.log(2)
 TRAIN = {"total_steps": 6, "B": 2, "accum_steps": 2, "ckpt_every": 2, "eval_every": 2, "warmup_steps": 2}
-LLAMA = {
-    "V": 260,
-    "T": 32,
-    "C": 32,
-    "L": 2,
-    "H": 4,
-    "n_kv_heads": 2,
-    "d_ff": 48,
-    "position": "rope",
-    "norm": "rmsnorm",
-    "mlp": "gated",
-    "activation": "silu",
-    "tie_embeddings": False,
-}
+LLAMA = {**LLAMA_MODEL["model_cfg"], "dropout": 0.0}  # test_exact_resume's Llama-style shape, no dropout
 
 
 def pref_config(path: Path, train: dict | None = None, preference: dict | None = None, **top) -> Path:
