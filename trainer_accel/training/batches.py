@@ -137,14 +137,15 @@ class PairSource:
     def answers(self) -> AnswerRule:
         return answer_rule(self.caches[0].meta)
 
-    def pair_rows(self, cache: Cache, i: int) -> tuple[list[np.ndarray], list[int]]:
-        """The pair's two rows (truncated by fit_pair) and where each answer starts in its row."""
-        tokens = cache.tokens
+    def pair_rows(
+        self, cache: Cache, tokens: np.ndarray, i: int, rule: AnswerRule
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """The pair's two rows (truncated by fit_pair) and where each answer starts in its row; `tokens`: the cache's
+        map, opened once for the batch."""
         seqs = [
             np.asarray(tokens[cache.starts[2 * i + k] : cache.starts[2 * i + k + 1]], dtype=np.int64) for k in (0, 1)
         ]
-        del tokens
-        spans = [last_answer(s, self.answers) for s in seqs]
+        spans = [last_answer(s, rule) for s in seqs]
         prompt = min(a for a, _ in spans)  # the same prompt tokens in both (prepare renders one conversation twice)
         keep, room = fit_pair(prompt, tuple(b - a for a, b in spans), self.T + 1)
         return [s[a - keep : min(b, a + room)] for s, (a, b) in zip(seqs, spans)], [keep, keep]
@@ -166,9 +167,12 @@ class PairSource:
         answer = np.zeros((2 * k, self.T), dtype=bool)
         real = np.zeros((2 * k, self.T), dtype=bool)
         ref = np.zeros(2 * k, dtype=np.float32) if self.refs is not None else None
-        width = 2
+        width, rule = 2, self.answers
+        maps: dict[int, np.ndarray] = {}  # one map per cache for this batch only (as draw_rows)
         for r, (c, i) in enumerate(pairs):
-            rows, prompts = self.pair_rows(self.caches[c], i)
+            if c not in maps:
+                maps[c] = self.caches[c].tokens
+            rows, prompts = self.pair_rows(self.caches[c], maps[c], i, rule)
             for side, (row, p) in enumerate(zip(rows, prompts)):
                 at = r + side * k
                 width = max(width, len(row))
